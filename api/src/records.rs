@@ -1,0 +1,279 @@
+//! Records kept in the replicated store, one JSON document per key.
+//!
+//! | bucket      | key            | value             |
+//! |-------------|----------------|-------------------|
+//! | `network`   | `config`       | [`NetworkRecord`] |
+//! | `machines`  | machine id     | [`MachineRecord`] |
+//! | `subnets`   | `10-101-3-0`   | [`SubnetClaim`]   |
+//! | `invites`   | invite id      | [`InviteRecord`]  |
+//! | `instances` | `svc.machine.n`| [`InstanceRecord`]|
+//!
+//! Keys are valid JetStream KV keys so a standard NATS client can read them.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+pub const BUCKET_NETWORK: &str = "network";
+pub const BUCKET_MACHINES: &str = "machines";
+pub const BUCKET_SUBNETS: &str = "subnets";
+pub const BUCKET_INVITES: &str = "invites";
+pub const BUCKET_INSTANCES: &str = "instances";
+pub const NETWORK_KEY: &str = "config";
+
+/// Default cluster overlay range; each machine gets a /24 out of it.
+pub const DEFAULT_CLUSTER_CIDR: &str = "10.101.0.0/16";
+/// Default WireGuard listen port.
+pub const DEFAULT_WG_PORT: u16 = 51820;
+/// Default invite lifetime.
+pub const DEFAULT_INVITE_TTL_SECS: u64 = 600;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkRecord {
+    pub network_id: String,
+    pub name: String,
+    /// Overlay range, e.g. `10.101.0.0/16`.
+    pub cidr: String,
+    /// Machine that created the network.
+    pub founder: String,
+    /// Size of the storage (Raft voter) set the operator asked for.
+    pub storage_replicas: u8,
+    pub created_at_ms: u64,
+}
+
+/// Where a machine is in its lifecycle. Only `active` machines take new
+/// placements.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifecycle {
+    /// Enrolled in the store, not yet confirmed up (transitional).
+    Joining,
+    Active,
+    Draining,
+    Standby,
+    /// Being removed (transitional).
+    Leaving,
+}
+
+impl Lifecycle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifecycle::Joining => "joining",
+            Lifecycle::Active => "active",
+            Lifecycle::Draining => "draining",
+            Lifecycle::Standby => "standby",
+            Lifecycle::Leaving => "leaving",
+        }
+    }
+
+    /// Whether the scheduler may place new workloads here.
+    pub fn accepts_placements(self) -> bool {
+        self == Lifecycle::Active
+    }
+}
+
+impl fmt::Display for Lifecycle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether the machine holds the store (a Raft voter) or reaches it through
+/// a storage machine.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Authority {
+    Storage,
+    Compute,
+}
+
+impl Authority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Authority::Storage => "storage",
+            Authority::Compute => "compute",
+        }
+    }
+}
+
+impl fmt::Display for Authority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A machine's role inside its region: the first machine of a region is its
+/// `primary`, later ones are `member`s.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum RegionRole {
+    Primary,
+    Member,
+}
+
+impl RegionRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RegionRole::Primary => "primary",
+            RegionRole::Member => "member",
+        }
+    }
+}
+
+impl fmt::Display for RegionRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MachineRecord {
+    pub id: String,
+    pub hostname: String,
+    pub lifecycle: Lifecycle,
+    pub authority: Authority,
+    pub region: String,
+    pub region_role: RegionRole,
+    pub overlay_ip: String,
+    /// The machine's workload slice, e.g. `10.101.1.0/24`.
+    pub subnet: String,
+    pub version: String,
+    pub runtime: String,
+    /// Ed25519 identity key (base64url), used to verify what this machine signs.
+    pub identity_key: String,
+    /// WireGuard public key (standard base64, as `wg` prints it).
+    pub wg_public_key: String,
+    /// Underlay endpoint candidates `ip:port`, best first.
+    pub endpoints: Vec<String>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// Claim on one /24 of the cluster range; the key is the subnet with `.` and
+/// `/` replaced so it is a single KV token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SubnetClaim {
+    pub subnet: String,
+    pub machine_id: String,
+}
+
+/// What the store knows of an invite. The token itself is never stored: only
+/// its id and a hash of its nonce, so a leaked store cannot mint joins.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InviteRecord {
+    pub invite_id: String,
+    pub issuer: String,
+    pub nonce_sha256: String,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    #[serde(default)]
+    pub revoked_at_ms: Option<u64>,
+    #[serde(default)]
+    pub consumed_by: Option<String>,
+    #[serde(default)]
+    pub consumed_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InviteStatus {
+    Active,
+    Consumed,
+    Revoked,
+    Expired,
+}
+
+impl InviteStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InviteStatus::Active => "active",
+            InviteStatus::Consumed => "consumed",
+            InviteStatus::Revoked => "revoked",
+            InviteStatus::Expired => "expired",
+        }
+    }
+}
+
+impl fmt::Display for InviteStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl InviteRecord {
+    /// Status at `now_ms`. Consumed and revoked are final and win over expiry.
+    pub fn status(&self, now_ms: u64) -> InviteStatus {
+        if self.consumed_by.is_some() {
+            InviteStatus::Consumed
+        } else if self.revoked_at_ms.is_some() {
+            InviteStatus::Revoked
+        } else if now_ms >= self.expires_at_ms {
+            InviteStatus::Expired
+        } else {
+            InviteStatus::Active
+        }
+    }
+}
+
+/// State of one workload instance, reported by the machine that runs it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    Pending,
+    Running,
+    Stopped,
+    Failed,
+}
+
+/// One placed instance of a service.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InstanceRecord {
+    pub service: String,
+    pub machine: String,
+    pub state: InstanceState,
+    #[serde(default)]
+    pub overlay_ip: Option<String>,
+}
+
+impl InstanceRecord {
+    /// Whether the instance occupies its machine (blocks a plain standby).
+    pub fn is_live(&self) -> bool {
+        matches!(self.state, InstanceState::Pending | InstanceState::Running)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invite() -> InviteRecord {
+        InviteRecord {
+            invite_id: "i1".into(),
+            issuer: "m1".into(),
+            nonce_sha256: String::new(),
+            created_at_ms: 0,
+            expires_at_ms: 1000,
+            revoked_at_ms: None,
+            consumed_by: None,
+            consumed_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn invite_status_precedence() {
+        let mut i = invite();
+        assert_eq!(i.status(999), InviteStatus::Active);
+        assert_eq!(i.status(1000), InviteStatus::Expired);
+        i.revoked_at_ms = Some(5);
+        assert_eq!(i.status(10), InviteStatus::Revoked);
+        assert_eq!(i.status(5000), InviteStatus::Revoked);
+        i.consumed_by = Some("m2".into());
+        assert_eq!(i.status(5000), InviteStatus::Consumed);
+    }
+
+    #[test]
+    fn enums_are_snake_case() {
+        assert_eq!(serde_json::to_string(&Lifecycle::Draining).unwrap(), "\"draining\"");
+        assert_eq!(serde_json::to_string(&Authority::Storage).unwrap(), "\"storage\"");
+        assert_eq!(serde_json::to_string(&InviteStatus::Expired).unwrap(), "\"expired\"");
+    }
+}

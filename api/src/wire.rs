@@ -1,0 +1,339 @@
+//! The local API: one JSON object per line over the daemon's Unix socket.
+//! The client writes a [`Request`], the daemon answers with a [`Reply`].
+//! A connection may carry several request/reply pairs in sequence.
+
+use crate::records::*;
+use crate::time::rfc3339;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Everything the daemon can be asked, as one enum (the daemon's core
+/// dispatches on it; nothing else reaches it from outside).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Create a network with this machine as its founder.
+    MeshInit {
+        network: String,
+        #[serde(default)]
+        region: Option<String>,
+        #[serde(default)]
+        cidr: Option<String>,
+    },
+    MeshStatus,
+    MachineList,
+    Lifecycle {
+        machine: String,
+        action: LifecycleAction,
+        #[serde(default)]
+        force: bool,
+    },
+    InviteCreate {
+        ttl_secs: u64,
+    },
+    InviteList,
+    InviteRevoke {
+        invite_id: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LifecycleAction {
+    Activate,
+    Drain,
+    Standby,
+}
+
+impl LifecycleAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LifecycleAction::Activate => "activate",
+            LifecycleAction::Drain => "drain",
+            LifecycleAction::Standby => "standby",
+        }
+    }
+}
+
+impl fmt::Display for LifecycleAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The daemon's answer: exactly one of `ok` or `error`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Ok(Response),
+    Error(ApiError),
+}
+
+impl From<Result<Response, ApiError>> for Reply {
+    fn from(r: Result<Response, ApiError>) -> Self {
+        match r {
+            Ok(v) => Reply::Ok(v),
+            Err(e) => Reply::Error(e),
+        }
+    }
+}
+
+/// Successful answers. `ployzctl --json` prints the inner value as it is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Status(MeshStatus),
+    Machines(MachineList),
+    Machine(LifecycleResult),
+    InviteCreated(InviteCreated),
+    Invites(InviteList),
+    Invite(InviteView),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MeshStatus {
+    pub machine_id: String,
+    pub version: String,
+    pub network: Option<NetworkView>,
+    pub machine: Option<MachineView>,
+    pub store: StoreStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkView {
+    pub network_id: String,
+    pub name: String,
+    pub cidr: String,
+    pub founder: String,
+    pub storage_replicas: u8,
+    pub created_at: String,
+}
+
+impl From<&NetworkRecord> for NetworkView {
+    fn from(n: &NetworkRecord) -> Self {
+        NetworkView {
+            network_id: n.network_id.clone(),
+            name: n.name.clone(),
+            cidr: n.cidr.clone(),
+            founder: n.founder.clone(),
+            storage_replicas: n.storage_replicas,
+            created_at: rfc3339(n.created_at_ms),
+        }
+    }
+}
+
+/// The local replica's view of the Raft group.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: String,
+    pub leader: Option<String>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub last_applied: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub voters: Vec<String>,
+}
+
+/// `machine ls --json`: `{"machines":[...]}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MachineList {
+    pub machines: Vec<MachineView>,
+}
+
+/// One machine as `machine ls` shows it. Field names are a stable contract.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MachineView {
+    pub id: String,
+    pub hostname: String,
+    pub lifecycle: Lifecycle,
+    pub authority: Authority,
+    pub region: String,
+    pub region_role: RegionRole,
+    pub overlay_ip: String,
+    pub subnet: String,
+    pub version: String,
+    pub runtime: String,
+    pub endpoints: Vec<String>,
+    pub wg_public_key: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&MachineRecord> for MachineView {
+    fn from(m: &MachineRecord) -> Self {
+        MachineView {
+            id: m.id.clone(),
+            hostname: m.hostname.clone(),
+            lifecycle: m.lifecycle,
+            authority: m.authority,
+            region: m.region.clone(),
+            region_role: m.region_role,
+            overlay_ip: m.overlay_ip.clone(),
+            subnet: m.subnet.clone(),
+            version: m.version.clone(),
+            runtime: m.runtime.clone(),
+            endpoints: m.endpoints.clone(),
+            wg_public_key: m.wg_public_key.clone(),
+            created_at: rfc3339(m.created_at_ms),
+            updated_at: rfc3339(m.updated_at_ms),
+        }
+    }
+}
+
+/// Outcome of `activate`/`drain`/`standby`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LifecycleResult {
+    pub machine: MachineView,
+    pub previous: Lifecycle,
+    /// False when the machine already was in the requested state.
+    pub changed: bool,
+    /// Live workloads left running on the machine (for `standby --force`
+    /// and `drain`: they keep running until migrated or removed).
+    pub workloads: Vec<String>,
+}
+
+/// `invite create --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InviteCreated {
+    pub invite_id: String,
+    pub token: String,
+    pub expires_at: String,
+}
+
+/// `invite list --json`: `{"invites":[...]}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InviteList {
+    pub invites: Vec<InviteView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InviteView {
+    pub invite_id: String,
+    pub status: InviteStatus,
+    pub issuer: String,
+    pub created_at: String,
+    pub expires_at: String,
+    pub consumed_by: Option<String>,
+    pub revoked_at: Option<String>,
+}
+
+impl InviteView {
+    pub fn of(r: &InviteRecord, now_ms: u64) -> Self {
+        InviteView {
+            invite_id: r.invite_id.clone(),
+            status: r.status(now_ms),
+            issuer: r.issuer.clone(),
+            created_at: rfc3339(r.created_at_ms),
+            expires_at: rfc3339(r.expires_at_ms),
+            consumed_by: r.consumed_by.clone(),
+            revoked_at: r.revoked_at_ms.map(rfc3339),
+        }
+    }
+}
+
+/// Why a request failed. `ployzctl` maps `code` to its exit status.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request itself is wrong (bad name, bad range, bad flag value).
+    InvalidArgument,
+    /// A machine, invite or other named thing does not exist.
+    NotFound,
+    /// The request is valid but the cluster's state forbids it now.
+    Refused,
+    /// This machine is not in a network yet (run `mesh init` or join).
+    NoNetwork,
+    /// This machine already belongs to a network.
+    AlreadyInNetwork,
+    /// The store cannot serve the request now (no leader, no quorum).
+    Unavailable,
+    /// The caller may not use this socket.
+    PermissionDenied,
+    /// A bug or an unexpected failure; the daemon log has details.
+    Internal,
+}
+
+impl ErrorCode {
+    /// `ployzctl`'s exit status for this error (see the README).
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ErrorCode::Internal => 1,
+            ErrorCode::NotFound => 4,
+            ErrorCode::Refused | ErrorCode::AlreadyInNetwork => 5,
+            ErrorCode::InvalidArgument => 6,
+            ErrorCode::NoNetwork | ErrorCode::Unavailable => 7,
+            ErrorCode::PermissionDenied => 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    /// What failed and why.
+    pub message: String,
+    /// What to do next, when there is something to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(h) = &self.hint {
+            write!(f, "\nhint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_shape() {
+        let r = Request::Lifecycle {
+            machine: "abc".into(),
+            action: LifecycleAction::Standby,
+            force: true,
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"op":"lifecycle","machine":"abc","action":"standby","force":true}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        let s = serde_json::to_string(&Request::MachineList).unwrap();
+        assert_eq!(s, r#"{"op":"machine_list"}"#);
+    }
+
+    #[test]
+    fn reply_wire_shape() {
+        let e = Reply::Error(ApiError::new(ErrorCode::NotFound, "no machine x"));
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"error":{"code":"not_found","message":"no machine x"}}"#
+        );
+        let ok = Reply::Ok(Response::Machines(MachineList { machines: vec![] }));
+        assert_eq!(
+            serde_json::to_string(&ok).unwrap(),
+            r#"{"ok":{"machines":{"machines":[]}}}"#
+        );
+    }
+}
