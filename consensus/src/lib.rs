@@ -1,1 +1,91 @@
-//! placeholder
+//! Ployz's Raft-replicated key-value store: openraft over sled.
+//!
+//! # Data model ([`kv`])
+//!
+//! JetStream-KV shaped: named **buckets**, each with a [`kv::BucketConfig`] (history depth, max
+//! value size) and its own monotonically increasing sequence. Every write to a bucket (put,
+//! delete or purge tombstone) gets the next sequence number as its **revision**, across all keys
+//! of the bucket, like a JetStream stream sequence. A key keeps at most `history` entries;
+//! a purge also drops all of the key's older entries. The single replicated command is a
+//! [`kv::Txn`]: a list of ops applied all-or-nothing, with compare-and-set
+//! ([`kv::Expect::Revision`]) and create-if-absent ([`kv::Expect::Absent`]) preconditions.
+//! A refused op is a normal replicated outcome ([`kv::TxnResult::Rejected`]) that changes
+//! nothing. The rules are a pure function ([`kv::plan`]) from a read-only view to a list of
+//! mutations; the sled state machine only executes them.
+//!
+//! # Durability invariant
+//!
+//! * A log append or vote is reported durable to Raft only after `sled::Db::flush_async`
+//!   returned, so an acknowledged entry survives a crash (sled alone would flush every 500 ms).
+//! * Applying an entry writes its data mutations **and** `last_applied`/`last_membership` in one
+//!   atomic sled batch: after a crash the state machine is exactly the state after some applied
+//!   prefix of the log, and Raft re-applies the rest from the (durable) log.
+//! * The current snapshot is stored in the same sled tree and flushed before it is reported;
+//!   installing a snapshot replaces the state, `last_applied` and the stored snapshot in one
+//!   batch. Logs are purged only up to a persisted snapshot (see [`NodeConfig`] for the policy).
+//!
+//! # Layout
+//!
+//! [`kv`] (pure rules), [`store`] (sled storage implementing openraft's v2 storage traits),
+//! [`network`] (length-prefixed JSON over TCP), [`Node`] (the facade the daemon uses).
+
+pub mod kv;
+pub mod network;
+mod node;
+pub mod store;
+
+use std::io::Cursor;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+pub use kv::BucketConfig;
+pub use kv::BucketInfo;
+pub use kv::Entry;
+pub use kv::EntryOp;
+pub use kv::Expect;
+pub use kv::KvEvent;
+pub use kv::Op;
+pub use kv::Rejection;
+pub use kv::Txn;
+pub use kv::TxnResult;
+pub use network::serve_raft;
+pub use network::TcpNetworkFactory;
+pub use node::InitError;
+pub use node::MembershipError;
+pub use node::Node;
+pub use node::NodeConfig;
+pub use node::OpenError;
+pub use node::ReadError;
+pub use node::ShutdownError;
+pub use node::WriteError;
+pub use store::LogStore;
+pub use store::StateMachineStore;
+pub use store::StoreError;
+
+/// Raft node id.
+pub type NodeId = u64;
+
+/// What the cluster knows about a member.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PloyzNode {
+    /// The machine's stable identity.
+    pub machine_id: String,
+    /// Raft RPC address, `ip:port`.
+    pub addr: String,
+}
+
+openraft::declare_raft_types!(
+    /// openraft type configuration of the Ployz store.
+    pub TypeConfig:
+        D = Txn,
+        R = TxnResult,
+        NodeId = NodeId,
+        Node = PloyzNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// Raft handle of this store.
+pub type Raft = openraft::Raft<TypeConfig>;

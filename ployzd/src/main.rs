@@ -1,1 +1,151 @@
-fn main() {}
+//! `ployzd`: parse flags, start the daemon, serve until SIGTERM/SIGINT.
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use ployz_provision::{Env, Layout, ServiceMode};
+use ployz_runtime::RuntimeKind;
+use ployzd::daemon::{Daemon, DaemonConfig};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "ployzd", version, about = "The Ployz machine daemon")]
+struct Cli {
+    /// State directory (identity, store). Default depends on --service-mode.
+    #[arg(long, global = true, env = "PLOYZ_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Local API socket. Default depends on --service-mode.
+    #[arg(long, global = true, env = "PLOYZ_SOCKET")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground.
+    Run {
+        /// Workload runtime of this machine.
+        #[arg(long, default_value = "host")]
+        runtime: RuntimeKind,
+        /// system (root; /var/lib/ployz, /run/ployz) or user (~/.local/share/ployz, $XDG_RUNTIME_DIR/ployz).
+        #[arg(long)]
+        service_mode: Option<ServiceMode>,
+        /// Region this machine is in (shown in `machine ls`).
+        #[arg(long, default_value = "default")]
+        region: String,
+        /// WireGuard UDP listen port (advertised in endpoints).
+        #[arg(long, default_value_t = ployz_api::DEFAULT_WG_PORT)]
+        wg_port: u16,
+        /// Raft log entries between snapshots (log compaction).
+        #[arg(long, default_value_t = 5000, hide = true)]
+        snapshot_every: u64,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ployzd: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ployzd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Hold an exclusive lock on the data directory for the daemon's lifetime.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join("ployzd.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another ployzd is already using the data directory {}; stop it first or pass a different --data-dir",
+            dir.display()
+        );
+    }
+    Ok(f)
+}
+
+fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict the data directory {}", dir.display()))?;
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let Command::Run {
+        runtime,
+        service_mode,
+        region,
+        wg_port,
+        snapshot_every,
+    } = cli.command;
+    let env = Env::current();
+    let layout = match service_mode {
+        Some(m) => Layout::for_mode(m, &env),
+        None => Layout::default_for(&env),
+    };
+    let data_dir = cli.data_dir.unwrap_or(layout.data_dir);
+    let socket = cli.socket.unwrap_or(layout.socket);
+    ployzd::daemon::validate_region(&region).map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    prepare_data_dir(&data_dir)?;
+    let _lock = lock_data_dir(&data_dir)?;
+    let listener = ployzd::server::bind(&socket).await?;
+    let daemon = Arc::new(
+        Daemon::open(DaemonConfig {
+            data_dir: data_dir.clone(),
+            runtime,
+            region,
+            wg_port,
+            snapshot_every,
+        })
+        .await?,
+    );
+    tracing::info!(
+        machine = daemon.machine_id(),
+        data_dir = %data_dir.display(),
+        socket = %socket.display(),
+        version = ployzd::daemon::VERSION,
+        "ployzd ready"
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(ployzd::server::serve(listener, daemon.clone(), stop_rx));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    daemon.shutdown().await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}

@@ -1,1 +1,193 @@
-//! placeholder
+//! Test harness: real `ployzd` processes driven by the real `ployzctl`.
+//!
+//! Each [`Machine`] owns a private temp directory (data dir and socket) and
+//! its child process; dropping it kills the process and removes the
+//! directory, also when a test fails. Binaries are found next to the test
+//! executable's target directory (build them first: `cargo build --bins`),
+//! or in `$PLOYZ_BIN_DIR`.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory holding the built `ployzd` and `ployzctl`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("PLOYZ_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // target/<profile>/deps/<test-exe>
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    profile_dir.to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build the binaries first (`cargo build --bins`) or set PLOYZ_BIN_DIR",
+        p.display()
+    );
+    p
+}
+
+/// A ployzd process with its own data directory and socket.
+pub struct Machine {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+}
+
+impl Machine {
+    /// Start a fresh machine and wait until its socket answers.
+    pub fn start() -> Machine {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Machine {
+        let dir = tempfile::Builder::new()
+            .prefix("ployz-test-")
+            .tempdir()
+            .expect("tempdir");
+        let mut m = Machine {
+            dir,
+            child: None,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        m.spawn();
+        m
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("run/ployzd.sock")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("ployzd.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let child = Command::new(bin("ployzd"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("run")
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn ployzd");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("ployzd exited early ({status}); log:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ployzd did not open its socket in 30 s; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL the daemon: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().expect("wait")
+    }
+
+    /// Start the daemon again on the same data directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the daemon first");
+        self.spawn();
+    }
+
+    /// Run `ployzctl --socket <ours> ARGS`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        ctl_at(&self.socket(), args)
+    }
+
+    /// Run `ployzctl --json ARGS`, assert success and parse stdout.
+    pub fn ctl_json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.ctl(&a);
+        assert!(
+            out.status.success(),
+            "ployzctl {args:?} failed ({}):\nstdout: {}\nstderr: {}\nlog:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        serde_json::from_slice(&out.stdout).expect("ployzctl --json prints JSON")
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn ctl_at(socket: &Path, args: &[&str]) -> Output {
+    Command::new(bin("ployzctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .env_remove("PLOYZ_SOCKET")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ployzctl")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

@@ -1,0 +1,331 @@
+//! The replicated data model: buckets of keys with per-bucket revisions, JetStream KV style.
+//!
+//! Everything in this module is plain data and pure functions: no IO, no clock. The rules that
+//! decide what a [`Txn`] does live in [`rules`] and run over a read-only [`KvView`]; they return
+//! the [`Mutation`]s to write, which the sled layer (`crate::store`) or the in-memory
+//! [`MemState`] execute.
+
+mod mem;
+mod names;
+mod rules;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+pub use mem::MemState;
+pub use names::validate_bucket_name;
+pub use names::validate_key;
+pub use rules::plan;
+pub use rules::KvView;
+pub use rules::Mutation;
+pub use rules::Plan;
+
+/// Largest allowed [`BucketConfig::history`] (JetStream's `max_msgs_per_subject` limit for KV).
+pub const MAX_HISTORY: u8 = 64;
+
+/// Configuration of a bucket, fixed at creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketConfig {
+    /// How many entries (puts and tombstones) are kept per key, `1..=64`.
+    pub history: u8,
+    /// Largest accepted value in bytes for a put, `None` for no limit.
+    pub max_value_size: Option<u32>,
+}
+
+impl Default for BucketConfig {
+    fn default() -> Self {
+        Self {
+            history: 1,
+            max_value_size: None,
+        }
+    }
+}
+
+impl BucketConfig {
+    /// Checks the limits; the error says which field is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.history == 0 || self.history > MAX_HISTORY {
+            return Err(format!(
+                "history must be between 1 and {MAX_HISTORY}, got {}",
+                self.history
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What an [`Entry`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EntryOp {
+    /// A value was written.
+    Put,
+    /// The key was deleted; the entry is a tombstone, older history is kept.
+    Delete,
+    /// The key was purged; the entry is a tombstone and all older history was dropped.
+    Purge,
+}
+
+/// One stored revision of a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub bucket: String,
+    pub key: String,
+    /// The value; empty for tombstones. Serialized as base64.
+    #[serde(with = "base64_bytes")]
+    pub value: Vec<u8>,
+    /// The bucket sequence at which this entry was written (JetStream stream sequence).
+    pub revision: u64,
+    /// Proposer's wall clock at the time of the write, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    pub op: EntryOp,
+}
+
+impl Entry {
+    /// `true` for delete and purge markers.
+    pub fn is_tombstone(&self) -> bool {
+        self.op != EntryOp::Put
+    }
+}
+
+/// A precondition on a key's latest entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Expect {
+    /// No precondition.
+    #[default]
+    Any,
+    /// Create-if-absent (JetStream `create`): the key never existed or its latest entry is a
+    /// delete/purge tombstone.
+    Absent,
+    /// Compare-and-set: the key's latest revision (tombstones included) must equal this value;
+    /// `0` means the key must have no entry at all.
+    Revision(u64),
+}
+
+/// One operation of a [`Txn`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Create a bucket. Idempotent when it exists with the same config.
+    CreateBucket { bucket: String, config: BucketConfig },
+    /// Delete a bucket with all its entries; its sequence restarts if it is created again.
+    DeleteBucket { bucket: String },
+    /// Write a value.
+    Put {
+        bucket: String,
+        key: String,
+        #[serde(with = "base64_bytes")]
+        value: Vec<u8>,
+        expect: Expect,
+    },
+    /// Write a delete (or, with `purge`, a purge) tombstone.
+    Delete {
+        bucket: String,
+        key: String,
+        expect: Expect,
+        purge: bool,
+    },
+}
+
+impl Op {
+    pub fn create_bucket(bucket: impl Into<String>, config: BucketConfig) -> Self {
+        Op::CreateBucket {
+            bucket: bucket.into(),
+            config,
+        }
+    }
+
+    pub fn delete_bucket(bucket: impl Into<String>) -> Self {
+        Op::DeleteBucket {
+            bucket: bucket.into(),
+        }
+    }
+
+    /// Unconditional put.
+    pub fn put(bucket: impl Into<String>, key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        Self::put_expect(bucket, key, value, Expect::Any)
+    }
+
+    pub fn put_expect(
+        bucket: impl Into<String>,
+        key: impl Into<String>,
+        value: impl Into<Vec<u8>>,
+        expect: Expect,
+    ) -> Self {
+        Op::Put {
+            bucket: bucket.into(),
+            key: key.into(),
+            value: value.into(),
+            expect,
+        }
+    }
+
+    /// Unconditional delete (tombstone, history kept).
+    pub fn delete(bucket: impl Into<String>, key: impl Into<String>) -> Self {
+        Op::Delete {
+            bucket: bucket.into(),
+            key: key.into(),
+            expect: Expect::Any,
+            purge: false,
+        }
+    }
+
+    /// Unconditional purge (tombstone, older history dropped).
+    pub fn purge(bucket: impl Into<String>, key: impl Into<String>) -> Self {
+        Op::Delete {
+            bucket: bucket.into(),
+            key: key.into(),
+            expect: Expect::Any,
+            purge: true,
+        }
+    }
+}
+
+/// The replicated command: applied all-or-nothing, in order; later ops see earlier ops' effects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Txn {
+    pub ops: Vec<Op>,
+    /// Proposer's wall clock, milliseconds since the Unix epoch; becomes `Entry::created_ms`.
+    /// Carried in the command so that applying it is deterministic on every node.
+    pub now_ms: u64,
+}
+
+impl Txn {
+    pub fn new(ops: Vec<Op>, now_ms: u64) -> Self {
+        Self { ops, now_ms }
+    }
+
+    /// A transaction stamped with this machine's wall clock (call it on the proposer only).
+    pub fn now(ops: Vec<Op>) -> Self {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        Self { ops, now_ms }
+    }
+}
+
+/// Outcome of a [`Txn`]. A rejection is a normal, replicated outcome that changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnResult {
+    /// All ops were applied. One revision per op; `0` for bucket create/delete.
+    Applied { revisions: Vec<u64> },
+    /// Op `op_index` was refused; no op of the transaction was applied.
+    Rejected { op_index: usize, reason: Rejection },
+}
+
+impl TxnResult {
+    pub fn is_applied(&self) -> bool {
+        matches!(self, TxnResult::Applied { .. })
+    }
+
+    /// The revisions of an applied transaction.
+    pub fn revisions(&self) -> Option<&[u64]> {
+        match self {
+            TxnResult::Applied { revisions } => Some(revisions),
+            TxnResult::Rejected { .. } => None,
+        }
+    }
+}
+
+/// Why an op was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("no such bucket")]
+    NoSuchBucket,
+    #[error("bucket exists with a different config: {existing:?}")]
+    BucketConfigMismatch { existing: BucketConfig },
+    #[error("wrong last revision: expected {expected}, current {current}")]
+    WrongLastRevision { expected: u64, current: u64 },
+    #[error("key exists at revision {revision}")]
+    KeyExists { revision: u64 },
+    #[error("invalid name: {0}")]
+    InvalidName(String),
+    #[error("invalid bucket config: {0}")]
+    InvalidConfig(String),
+    #[error("value of {size} bytes exceeds the bucket's max_value_size of {max}")]
+    ValueTooLarge { size: u64, max: u32 },
+}
+
+/// Persistent per-bucket record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketState {
+    pub config: BucketConfig,
+    /// The bucket sequence: revision of the last entry written, `0` before the first.
+    pub last_seq: u64,
+    /// `now_ms` of the transaction that created the bucket.
+    pub created_ms: u64,
+}
+
+/// Bucket statistics, JetStream `StreamInfo` style.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketInfo {
+    pub bucket: String,
+    pub config: BucketConfig,
+    pub created_ms: u64,
+    /// Lowest stored revision; `last_seq + 1` when nothing is stored (`0` for a new bucket).
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Keys whose latest entry is a put.
+    pub live_keys: u64,
+    /// Stored entries, history and tombstones included.
+    pub entries: u64,
+}
+
+/// JetStream's first sequence: the lowest stored revision, or `last_seq + 1` when nothing is
+/// stored (`0` for a bucket that was never written).
+pub(crate) fn first_seq(lowest_stored: Option<u64>, last_seq: u64) -> u64 {
+    match lowest_stored {
+        Some(first) => first,
+        None if last_seq == 0 => 0,
+        None => last_seq + 1,
+    }
+}
+
+/// A change notification, sent after the change is applied to the local state machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvEvent {
+    /// An entry was written (put or tombstone).
+    Entry(Entry),
+    BucketCreated {
+        bucket: String,
+        config: BucketConfig,
+    },
+    BucketDeleted {
+        bucket: String,
+    },
+    /// The whole state was replaced by a snapshot from the leader: watchers must re-read.
+    Reset,
+}
+
+impl fmt::Display for EntryOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            EntryOp::Put => "PUT",
+            EntryOp::Delete => "DEL",
+            EntryOp::Purge => "PURGE",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Serde helper: `Vec<u8>` as a standard base64 string.
+pub(crate) mod base64_bytes {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use serde::Deserialize;
+    use serde::Deserializer;
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom)
+    }
+}

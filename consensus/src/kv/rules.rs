@@ -1,0 +1,348 @@
+//! The transaction rules: `(view, txn) -> Plan`, a pure function.
+//!
+//! [`plan`] reads the current state through a [`KvView`], layers the effects of each op over it
+//! (so later ops see earlier ones), and returns either the list of [`Mutation`]s and
+//! [`KvEvent`]s to execute, or the first op's [`Rejection`] with no mutations at all.
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+
+use super::names::validate_bucket_name;
+use super::names::validate_key;
+use super::BucketConfig;
+use super::BucketState;
+use super::Entry;
+use super::EntryOp;
+use super::Expect;
+use super::KvEvent;
+use super::Op;
+use super::Rejection;
+use super::Txn;
+use super::TxnResult;
+
+/// Read-only access to the committed state the rules run against.
+pub trait KvView {
+    type Error;
+
+    fn bucket(&self, bucket: &str) -> Result<Option<BucketState>, Self::Error>;
+
+    /// The key's latest entry (a put or a tombstone), if the key has any entry.
+    fn latest(&self, bucket: &str, key: &str) -> Result<Option<Entry>, Self::Error>;
+
+    /// Revisions of the key's stored entries, ascending (the last one is the latest).
+    fn revisions(&self, bucket: &str, key: &str) -> Result<Vec<u64>, Self::Error>;
+}
+
+/// A write to execute, in order. Executors apply a whole plan atomically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    /// Create or update a bucket record.
+    PutBucket { bucket: String, state: BucketState },
+    /// Drop the bucket record and every entry of the bucket (as of before this mutation).
+    RemoveBucket { bucket: String },
+    /// Store an entry in the key's history and make it the key's latest entry.
+    PutEntry(Entry),
+    /// Drop one history entry (never the latest).
+    RemoveHistory {
+        bucket: String,
+        key: String,
+        revision: u64,
+    },
+}
+
+/// What a transaction does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub result: TxnResult,
+    /// Empty for a rejected transaction.
+    pub mutations: Vec<Mutation>,
+    /// Notifications to publish once the mutations are applied; empty when rejected.
+    pub events: Vec<KvEvent>,
+}
+
+/// Decides the outcome of `txn` against `view`. Only a failing read of `view` is an error; a
+/// refused op is an `Ok` plan with [`TxnResult::Rejected`].
+pub fn plan<V: KvView>(view: &V, txn: &Txn) -> Result<Plan, V::Error> {
+    let mut ov = Overlay {
+        view,
+        buckets: BTreeMap::new(),
+        wiped: BTreeSet::new(),
+        keys: BTreeMap::new(),
+    };
+    let mut out = Output::default();
+    let mut revisions = Vec::with_capacity(txn.ops.len());
+    for (op_index, op) in txn.ops.iter().enumerate() {
+        match apply_op(&mut ov, op, txn.now_ms, &mut out)? {
+            Ok(revision) => revisions.push(revision),
+            Err(reason) => {
+                return Ok(Plan {
+                    result: TxnResult::Rejected { op_index, reason },
+                    mutations: Vec::new(),
+                    events: Vec::new(),
+                })
+            }
+        }
+    }
+    Ok(Plan {
+        result: TxnResult::Applied { revisions },
+        mutations: out.mutations,
+        events: out.events,
+    })
+}
+
+#[derive(Default)]
+struct Output {
+    mutations: Vec<Mutation>,
+    events: Vec<KvEvent>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct KeyState {
+    latest: Option<Entry>,
+    revisions: Vec<u64>,
+}
+
+/// The view plus the effects of the ops planned so far.
+struct Overlay<'v, V> {
+    view: &'v V,
+    /// Buckets touched by this transaction; `None` = deleted (its old entries are gone too).
+    buckets: BTreeMap<String, Option<BucketState>>,
+    /// Buckets deleted earlier in this transaction: the view's entries of these buckets no
+    /// longer exist, even if the bucket was created again since.
+    wiped: BTreeSet<String>,
+    /// Keys touched by this transaction.
+    keys: BTreeMap<(String, String), KeyState>,
+}
+
+impl<V: KvView> Overlay<'_, V> {
+    fn bucket(&self, bucket: &str) -> Result<Option<BucketState>, V::Error> {
+        match self.buckets.get(bucket) {
+            Some(state) => Ok(*state),
+            None => self.view.bucket(bucket),
+        }
+    }
+
+    fn key(&mut self, bucket: &str, key: &str) -> Result<&mut KeyState, V::Error> {
+        let id = (bucket.to_string(), key.to_string());
+        if !self.keys.contains_key(&id) {
+            let state = if self.wiped.contains(bucket) {
+                KeyState::default()
+            } else {
+                KeyState {
+                    latest: self.view.latest(bucket, key)?,
+                    revisions: self.view.revisions(bucket, key)?,
+                }
+            };
+            self.keys.insert(id.clone(), state);
+        }
+        Ok(self.keys.entry(id).or_default())
+    }
+
+    fn delete_bucket(&mut self, bucket: &str) {
+        self.buckets.insert(bucket.to_string(), None);
+        self.keys.retain(|(b, _), _| b != bucket);
+        self.wiped.insert(bucket.to_string());
+    }
+}
+
+fn apply_op<V: KvView>(
+    ov: &mut Overlay<'_, V>,
+    op: &Op,
+    now_ms: u64,
+    out: &mut Output,
+) -> Result<Result<u64, Rejection>, V::Error> {
+    match op {
+        Op::CreateBucket { bucket, config } => create_bucket(ov, bucket, config, now_ms, out),
+        Op::DeleteBucket { bucket } => {
+            if let Err(e) = validate_bucket_name(bucket) {
+                return Ok(Err(Rejection::InvalidName(e)));
+            }
+            if ov.bucket(bucket)?.is_none() {
+                return Ok(Err(Rejection::NoSuchBucket));
+            }
+            ov.delete_bucket(bucket);
+            out.mutations.push(Mutation::RemoveBucket {
+                bucket: bucket.clone(),
+            });
+            out.events.push(KvEvent::BucketDeleted {
+                bucket: bucket.clone(),
+            });
+            Ok(Ok(0))
+        }
+        Op::Put {
+            bucket,
+            key,
+            value,
+            expect,
+        } => write_entry(
+            ov,
+            Write {
+                bucket,
+                key,
+                value,
+                op: EntryOp::Put,
+                expect: *expect,
+                now_ms,
+            },
+            out,
+        ),
+        Op::Delete {
+            bucket,
+            key,
+            expect,
+            purge,
+        } => write_entry(
+            ov,
+            Write {
+                bucket,
+                key,
+                value: &[],
+                op: if *purge {
+                    EntryOp::Purge
+                } else {
+                    EntryOp::Delete
+                },
+                expect: *expect,
+                now_ms,
+            },
+            out,
+        ),
+    }
+}
+
+fn create_bucket<V: KvView>(
+    ov: &mut Overlay<'_, V>,
+    bucket: &str,
+    config: &BucketConfig,
+    now_ms: u64,
+    out: &mut Output,
+) -> Result<Result<u64, Rejection>, V::Error> {
+    if let Err(e) = validate_bucket_name(bucket) {
+        return Ok(Err(Rejection::InvalidName(e)));
+    }
+    if let Err(e) = config.validate() {
+        return Ok(Err(Rejection::InvalidConfig(e)));
+    }
+    match ov.bucket(bucket)? {
+        Some(existing) if existing.config == *config => Ok(Ok(0)),
+        Some(existing) => Ok(Err(Rejection::BucketConfigMismatch {
+            existing: existing.config,
+        })),
+        None => {
+            let state = BucketState {
+                config: *config,
+                last_seq: 0,
+                created_ms: now_ms,
+            };
+            ov.buckets.insert(bucket.to_string(), Some(state));
+            out.mutations.push(Mutation::PutBucket {
+                bucket: bucket.to_string(),
+                state,
+            });
+            out.events.push(KvEvent::BucketCreated {
+                bucket: bucket.to_string(),
+                config: *config,
+            });
+            Ok(Ok(0))
+        }
+    }
+}
+
+struct Write<'a> {
+    bucket: &'a str,
+    key: &'a str,
+    value: &'a [u8],
+    op: EntryOp,
+    expect: Expect,
+    now_ms: u64,
+}
+
+fn write_entry<V: KvView>(
+    ov: &mut Overlay<'_, V>,
+    w: Write<'_>,
+    out: &mut Output,
+) -> Result<Result<u64, Rejection>, V::Error> {
+    if let Err(e) = validate_bucket_name(w.bucket) {
+        return Ok(Err(Rejection::InvalidName(e)));
+    }
+    if let Err(e) = validate_key(w.key) {
+        return Ok(Err(Rejection::InvalidName(e)));
+    }
+    let Some(mut state) = ov.bucket(w.bucket)? else {
+        return Ok(Err(Rejection::NoSuchBucket));
+    };
+    if let Some(max) = state.config.max_value_size {
+        if w.value.len() > max as usize {
+            return Ok(Err(Rejection::ValueTooLarge {
+                size: w.value.len() as u64,
+                max,
+            }));
+        }
+    }
+
+    let ks = ov.key(w.bucket, w.key)?;
+    if let Err(r) = check_expect(w.expect, ks.latest.as_ref()) {
+        return Ok(Err(r));
+    }
+
+    let revision = state.last_seq + 1;
+    let entry = Entry {
+        bucket: w.bucket.to_string(),
+        key: w.key.to_string(),
+        value: w.value.to_vec(),
+        revision,
+        created_ms: w.now_ms,
+        op: w.op,
+    };
+
+    let mut dropped = if w.op == EntryOp::Purge {
+        std::mem::take(&mut ks.revisions)
+    } else {
+        Vec::new()
+    };
+    ks.revisions.push(revision);
+    let limit = usize::from(state.config.history.max(1));
+    if ks.revisions.len() > limit {
+        let excess = ks.revisions.len() - limit;
+        dropped.extend(ks.revisions.drain(..excess));
+    }
+    ks.latest = Some(entry.clone());
+
+    for old in dropped {
+        out.mutations.push(Mutation::RemoveHistory {
+            bucket: w.bucket.to_string(),
+            key: w.key.to_string(),
+            revision: old,
+        });
+    }
+    out.mutations.push(Mutation::PutEntry(entry.clone()));
+
+    state.last_seq = revision;
+    ov.buckets.insert(w.bucket.to_string(), Some(state));
+    out.mutations.push(Mutation::PutBucket {
+        bucket: w.bucket.to_string(),
+        state,
+    });
+    out.events.push(KvEvent::Entry(entry));
+    Ok(Ok(revision))
+}
+
+fn check_expect(expect: Expect, latest: Option<&Entry>) -> Result<(), Rejection> {
+    match expect {
+        Expect::Any => Ok(()),
+        Expect::Absent => match latest {
+            Some(e) if !e.is_tombstone() => Err(Rejection::KeyExists {
+                revision: e.revision,
+            }),
+            _ => Ok(()),
+        },
+        Expect::Revision(expected) => {
+            let current = latest.map_or(0, |e| e.revision);
+            if current == expected {
+                Ok(())
+            } else {
+                Err(Rejection::WrongLastRevision { expected, current })
+            }
+        }
+    }
+}

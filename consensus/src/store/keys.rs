@@ -1,0 +1,69 @@
+//! Key layout of the `state_machine` tree.
+//!
+//! Bucket names never contain `\0` or `:`, keys never contain `\0`, so the separators are
+//! unambiguous and a prefix scan never crosses into another bucket or key.
+//!
+//! | key | value |
+//! |---|---|
+//! | `m:last_applied` | `LogId` |
+//! | `m:last_membership` | `StoredMembership` |
+//! | `s:current` | the current snapshot (meta + data) |
+//! | `b:{bucket}` | `BucketState` |
+//! | `l:{bucket}\0{key}` | latest `Entry` of the key |
+//! | `h:{bucket}\0{key}\0{revision u64 BE}` | every stored `Entry` of the key (latest included) |
+
+pub const LAST_APPLIED: &[u8] = b"m:last_applied";
+pub const LAST_MEMBERSHIP: &[u8] = b"m:last_membership";
+pub const SNAPSHOT: &[u8] = b"s:current";
+pub const BUCKETS: &[u8] = b"b:";
+pub const LATEST: &[u8] = b"l:";
+pub const HISTORY: &[u8] = b"h:";
+
+fn join(parts: &[&[u8]]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        v.extend_from_slice(p);
+    }
+    v
+}
+
+pub fn bucket(bucket: &str) -> Vec<u8> {
+    join(&[BUCKETS, bucket.as_bytes()])
+}
+
+pub fn bucket_name(key: &[u8]) -> Option<&str> {
+    std::str::from_utf8(key.strip_prefix(BUCKETS)?).ok()
+}
+
+pub fn latest_prefix(bucket: &str) -> Vec<u8> {
+    join(&[LATEST, bucket.as_bytes(), b"\0"])
+}
+
+pub fn latest(bucket: &str, key: &str) -> Vec<u8> {
+    join(&[LATEST, bucket.as_bytes(), b"\0", key.as_bytes()])
+}
+
+pub fn history_bucket_prefix(bucket: &str) -> Vec<u8> {
+    join(&[HISTORY, bucket.as_bytes(), b"\0"])
+}
+
+pub fn history_prefix(bucket: &str, key: &str) -> Vec<u8> {
+    join(&[HISTORY, bucket.as_bytes(), b"\0", key.as_bytes(), b"\0"])
+}
+
+pub fn history(bucket: &str, key: &str, revision: u64) -> Vec<u8> {
+    join(&[
+        HISTORY,
+        bucket.as_bytes(),
+        b"\0",
+        key.as_bytes(),
+        b"\0",
+        &revision.to_be_bytes(),
+    ])
+}
+
+/// The revision at the end of a `h:` key.
+pub fn history_revision(key: &[u8]) -> Option<u64> {
+    let tail = key.len().checked_sub(8).map(|at| &key[at..])?;
+    Some(u64::from_be_bytes(tail.try_into().ok()?))
+}

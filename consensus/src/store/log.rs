@@ -1,0 +1,243 @@
+//! The Raft log and vote on sled.
+
+use std::fmt::Debug;
+use std::ops::Bound;
+use std::ops::RangeBounds;
+use std::sync::Arc;
+
+use openraft::storage::LogFlushed;
+use openraft::storage::RaftLogStorage;
+use openraft::AnyError;
+use openraft::LogId;
+use openraft::LogState;
+use openraft::RaftLogReader;
+use openraft::StorageError;
+use openraft::StorageIOError;
+use openraft::Vote;
+
+use super::decode;
+use super::encode;
+use super::DbHandle;
+use super::StoreError;
+use crate::NodeId;
+use crate::TypeConfig;
+
+type LogEntry = openraft::Entry<TypeConfig>;
+
+const VOTE: &[u8] = b"vote";
+const LAST_PURGED: &[u8] = b"last_purged";
+const COMMITTED: &[u8] = b"committed";
+
+/// Raft log storage: entries, vote, last purged log id and committed log id.
+///
+/// Cloning is cheap; clones share the database (the log reader is a clone).
+#[derive(Clone)]
+pub struct LogStore {
+    handle: Arc<DbHandle>,
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl LogStore {
+    pub(crate) fn new(handle: Arc<DbHandle>, log: sled::Tree, meta: sled::Tree) -> Self {
+        Self { handle, log, meta }
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.handle.db.flush_async().await?;
+        Ok(())
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<T>, StoreError> {
+        self.meta
+            .get(key)?
+            .map(|v| decode(what, &v))
+            .transpose()
+    }
+
+    fn last_purged(&self) -> Result<Option<LogId<NodeId>>, StoreError> {
+        self.read_meta(LAST_PURGED, "last purged log id")
+    }
+
+    fn last_entry(&self) -> Result<Option<LogEntry>, StoreError> {
+        self.log
+            .last()?
+            .map(|(_, v)| decode("log entry", &v))
+            .transpose()
+    }
+
+    fn entries(&self, start: u64, end: Option<u64>) -> Result<Vec<LogEntry>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.log.range(start.to_be_bytes()..) {
+            let (k, v) = item?;
+            let index = index_of(&k)?;
+            if end.is_some_and(|end| index >= end) {
+                break;
+            }
+            out.push(decode::<LogEntry>("log entry", &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Removes every entry with index `>= from` (`None` = up to the end) and `< to`.
+    fn remove_range(&self, from: u64, to: Option<u64>) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(from.to_be_bytes()..) {
+            let (k, _) = item?;
+            if to.is_some_and(|to| index_of(&k).is_ok_and(|i| i >= to)) {
+                break;
+            }
+            batch.remove(k);
+        }
+        self.log.apply_batch(batch)?;
+        Ok(())
+    }
+}
+
+fn index_of(key: &[u8]) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] = key
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("log key of {} bytes, expected 8", key.len())))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+fn read_err(e: StoreError) -> StorageError<NodeId> {
+    StorageIOError::read_logs(AnyError::new(&e)).into()
+}
+
+fn write_err(e: StoreError) -> StorageError<NodeId> {
+    StorageIOError::write_logs(AnyError::new(&e)).into()
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<LogEntry>, StorageError<NodeId>> {
+        let start = match range.start_bound() {
+            Bound::Included(&n) => n,
+            Bound::Excluded(&n) => match n.checked_add(1) {
+                Some(n) => n,
+                None => return Ok(Vec::new()),
+            },
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&n) => n.checked_add(1),
+            Bound::Excluded(&n) => Some(n),
+            Bound::Unbounded => None,
+        };
+        self.entries(start, end).map_err(read_err)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        let last_purged_log_id = self.last_purged().map_err(read_err)?;
+        let last_log_id = match self.last_entry().map_err(read_err)? {
+            Some(e) => Some(e.log_id),
+            None => last_purged_log_id,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let res: Result<(), StoreError> = async {
+            self.meta.insert(VOTE, encode("vote", vote)?)?;
+            self.flush().await
+        }
+        .await;
+        res.map_err(|e| StorageIOError::write_vote(AnyError::new(&e)).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        self.read_meta(VOTE, "vote")
+            .map_err(|e| StorageIOError::read_vote(AnyError::new(&e)).into())
+    }
+
+    /// Persisted without a flush: a committed id lost in a crash only makes Raft re-learn it.
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let res: Result<(), StoreError> = (|| {
+            match &committed {
+                Some(c) => self.meta.insert(COMMITTED, encode("committed", c)?)?,
+                None => self.meta.remove(COMMITTED)?,
+            };
+            Ok(())
+        })();
+        res.map_err(write_err)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        self.read_meta(COMMITTED, "committed log id")
+            .map_err(read_err)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = LogEntry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let bytes = encode("log entry", &entry).map_err(write_err)?;
+            batch.insert(&entry.log_id.index.to_be_bytes(), bytes);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| write_err(e.into()))?;
+        // Durable only once sled has flushed; only then may Raft count this node's ack.
+        let flushed = self.flush().await;
+        match flushed {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(write_err(e))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let res: Result<(), StoreError> = async {
+            self.remove_range(log_id.index, None)?;
+            self.flush().await
+        }
+        .await;
+        res.map_err(write_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let res: Result<(), StoreError> = async {
+            // Record the purge point first: a crash in between leaves extra entries below it,
+            // which are never read (the log starts after `last_purged`), never a hole.
+            self.meta
+                .insert(LAST_PURGED, encode("last purged log id", &log_id)?)?;
+            self.remove_range(0, log_id.index.checked_add(1))?;
+            self.flush().await
+        }
+        .await;
+        res.map_err(write_err)
+    }
+}

@@ -1,0 +1,75 @@
+//! sled-backed storage implementing openraft's v2 storage traits.
+//!
+//! One sled database per node, three trees:
+//!
+//! * `raft_log`: log entries keyed by big-endian `u64` index (JSON values);
+//! * `raft_meta`: `vote`, `last_purged`, `committed`;
+//! * `state_machine`: the key-value state, `last_applied`, `last_membership` and the current
+//!   snapshot, all in one tree so a single `apply_batch` updates them together (key layout in
+//!   [`keys`]).
+
+pub(crate) mod keys;
+mod log;
+mod sm;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use log::LogStore;
+pub use sm::SnapshotBuilder;
+pub use sm::StateMachineStore;
+
+const LOG_TREE: &str = "raft_log";
+const META_TREE: &str = "raft_meta";
+const SM_TREE: &str = "state_machine";
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sled database error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("failed to encode {what}: {source}")]
+    Encode {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("corrupt {what} record in the database (decode failed: {source}); restore this node from a snapshot or re-join it")]
+    Decode {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("corrupt database: {0}")]
+    Corrupt(String),
+}
+
+pub(crate) fn encode<T: serde::Serialize>(
+    what: &'static str,
+    value: &T,
+) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Encode { what, source })
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Decode { what, source })
+}
+
+/// Shared ownership of the database; its strong count tells when every user is gone.
+pub(crate) struct DbHandle {
+    pub(crate) db: sled::Db,
+}
+
+/// Opens (or creates) the database in `dir` and returns the log store and the state machine.
+pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let db = sled::Config::new().path(dir).open()?;
+    let handle = Arc::new(DbHandle { db });
+    let log = handle.db.open_tree(LOG_TREE)?;
+    let meta = handle.db.open_tree(META_TREE)?;
+    let sm = handle.db.open_tree(SM_TREE)?;
+    Ok((
+        LogStore::new(handle.clone(), log, meta),
+        StateMachineStore::new(handle, sm),
+    ))
+}

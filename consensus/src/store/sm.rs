@@ -1,0 +1,558 @@
+//! The state machine on sled: applies [`Txn`]s with the [`kv`](crate::kv) rules, builds and
+//! installs snapshots, publishes [`KvEvent`]s.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::sync::RwLock;
+use std::sync::RwLockReadGuard;
+use std::sync::RwLockWriteGuard;
+
+use openraft::storage::RaftStateMachine;
+use openraft::AnyError;
+use openraft::EntryPayload;
+use openraft::LogId;
+use openraft::RaftSnapshotBuilder;
+use openraft::Snapshot;
+use openraft::SnapshotMeta;
+use openraft::StorageError;
+use openraft::StorageIOError;
+use openraft::StoredMembership;
+use serde::Deserialize;
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use super::decode;
+use super::encode;
+use super::keys;
+use super::DbHandle;
+use super::StoreError;
+use crate::kv;
+use crate::kv::BucketInfo;
+use crate::kv::BucketState;
+use crate::kv::Entry;
+use crate::kv::KvEvent;
+use crate::kv::KvView;
+use crate::kv::Mutation;
+use crate::kv::TxnResult;
+use crate::NodeId;
+use crate::PloyzNode;
+use crate::TypeConfig;
+
+type LogEntry = openraft::Entry<TypeConfig>;
+type Membership = StoredMembership<NodeId, PloyzNode>;
+type Meta = SnapshotMeta<NodeId, PloyzNode>;
+
+/// How many events a slow subscriber may fall behind before it gets `RecvError::Lagged`.
+const EVENT_CAPACITY: usize = 4096;
+
+/// The replicated key-value state machine.
+///
+/// Cloning is cheap; clones share the database, the apply lock and the event channel, so a clone
+/// kept outside openraft serves local reads.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    handle: Arc<DbHandle>,
+    tree: sled::Tree,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Writers (apply, install, snapshot persist) take it exclusively; multi-key readers shared,
+    /// so a read never observes half of an applied transaction.
+    lock: RwLock<()>,
+    events: broadcast::Sender<KvEvent>,
+}
+
+/// The current snapshot as stored under [`keys::SNAPSHOT`].
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: Meta,
+    #[serde(with = "crate::kv::base64_bytes")]
+    data: Vec<u8>,
+}
+
+/// Snapshot data: the whole state machine.
+#[derive(Serialize, Deserialize)]
+struct SnapshotPayload {
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: Membership,
+    buckets: BTreeMap<String, BucketState>,
+    /// Every stored entry (history and tombstones included), in key order.
+    entries: Vec<Entry>,
+}
+
+impl StateMachineStore {
+    pub(crate) fn new(handle: Arc<DbHandle>, tree: sled::Tree) -> Self {
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        Self {
+            handle,
+            tree,
+            shared: Arc::new(Shared {
+                lock: RwLock::new(()),
+                events,
+            }),
+        }
+    }
+
+    /// How many handles (stores, readers, snapshot builders) still hold the database open.
+    pub(crate) fn db_users(&self) -> usize {
+        Arc::strong_count(&self.handle)
+    }
+
+    /// Flushes the whole database to disk.
+    pub(crate) async fn flush(&self) -> Result<(), StoreError> {
+        self.handle.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Subscribes to changes applied from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<KvEvent> {
+        self.shared.events.subscribe()
+    }
+
+    fn read_lock(&self) -> RwLockReadGuard<'_, ()> {
+        // The lock guards no data, so a poisoned lock is still usable.
+        self.shared.lock.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_lock(&self) -> RwLockWriteGuard<'_, ()> {
+        self.shared.lock.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn view(&self) -> SledView<'_> {
+        SledView { tree: &self.tree }
+    }
+
+    // ---- local reads (not linearizable by themselves) ----
+
+    /// The key's latest entry, tombstones included.
+    pub fn get(&self, bucket: &str, key: &str) -> Result<Option<Entry>, StoreError> {
+        let _g = self.read_lock();
+        self.view().latest(bucket, key)
+    }
+
+    /// Latest entry per key, live keys only, sorted by key.
+    pub fn list(&self, bucket: &str) -> Result<Vec<Entry>, StoreError> {
+        let _g = self.read_lock();
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(keys::latest_prefix(bucket)) {
+            let (_, v) = item?;
+            let e: Entry = decode("entry", &v)?;
+            if !e.is_tombstone() {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stored entries of a key, oldest first.
+    pub fn history(&self, bucket: &str, key: &str) -> Result<Vec<Entry>, StoreError> {
+        let _g = self.read_lock();
+        self.tree
+            .scan_prefix(keys::history_prefix(bucket, key))
+            .map(|item| decode("entry", &item?.1))
+            .collect()
+    }
+
+    /// Names of all buckets, sorted.
+    pub fn buckets(&self) -> Result<Vec<String>, StoreError> {
+        let _g = self.read_lock();
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(keys::BUCKETS) {
+            let (k, _) = item?;
+            let name = keys::bucket_name(&k)
+                .ok_or_else(|| StoreError::Corrupt("bucket key is not UTF-8".into()))?;
+            out.push(name.to_string());
+        }
+        Ok(out)
+    }
+
+    /// Bucket statistics; scans the bucket, so cost is linear in its stored entries.
+    pub fn bucket_info(&self, bucket: &str) -> Result<Option<BucketInfo>, StoreError> {
+        let _g = self.read_lock();
+        let Some(state) = self.view().bucket(bucket)? else {
+            return Ok(None);
+        };
+        let mut entries = 0u64;
+        let mut first: Option<u64> = None;
+        for item in self.tree.scan_prefix(keys::history_bucket_prefix(bucket)) {
+            let (k, _) = item?;
+            let rev = keys::history_revision(&k)
+                .ok_or_else(|| StoreError::Corrupt("short history key".into()))?;
+            entries += 1;
+            first = Some(first.map_or(rev, |f| f.min(rev)));
+        }
+        let mut live_keys = 0u64;
+        for item in self.tree.scan_prefix(keys::latest_prefix(bucket)) {
+            let e: Entry = decode("entry", &item?.1)?;
+            if !e.is_tombstone() {
+                live_keys += 1;
+            }
+        }
+        Ok(Some(BucketInfo {
+            bucket: bucket.to_string(),
+            config: state.config,
+            created_ms: state.created_ms,
+            first_seq: kv::first_seq(first, state.last_seq),
+            last_seq: state.last_seq,
+            live_keys,
+            entries,
+        }))
+    }
+
+    // ---- apply ----
+
+    fn applied_state_inner(&self) -> Result<(Option<LogId<NodeId>>, Membership), StoreError> {
+        let last_applied = self
+            .tree
+            .get(keys::LAST_APPLIED)?
+            .map(|v| decode("last applied log id", &v))
+            .transpose()?;
+        let membership = self
+            .tree
+            .get(keys::LAST_MEMBERSHIP)?
+            .map(|v| decode("last membership", &v))
+            .transpose()?
+            .unwrap_or_default();
+        Ok((last_applied, membership))
+    }
+
+    /// Applies one log entry in one atomic batch; returns the result and the events to publish.
+    fn apply_entry(&self, entry: &LogEntry) -> Result<(TxnResult, Vec<KvEvent>), StoreError> {
+        let _g = self.write_lock();
+        let mut batch = PendingBatch::default();
+        batch.put(
+            keys::LAST_APPLIED.to_vec(),
+            encode("last applied log id", &entry.log_id)?,
+        );
+        let out = match &entry.payload {
+            EntryPayload::Blank => (TxnResult::Applied { revisions: vec![] }, vec![]),
+            EntryPayload::Membership(m) => {
+                let stored = Membership::new(Some(entry.log_id), m.clone());
+                batch.put(
+                    keys::LAST_MEMBERSHIP.to_vec(),
+                    encode("last membership", &stored)?,
+                );
+                (TxnResult::Applied { revisions: vec![] }, vec![])
+            }
+            EntryPayload::Normal(txn) => {
+                let plan = kv::plan(&self.view(), txn)?;
+                for m in &plan.mutations {
+                    batch.execute(&self.tree, m)?;
+                }
+                (plan.result, plan.events)
+            }
+        };
+        self.tree.apply_batch(batch.into_batch())?;
+        Ok(out)
+    }
+
+    // ---- snapshots ----
+
+    fn capture(&self) -> Result<(SnapshotPayload, Vec<u8>), StoreError> {
+        let _g = self.read_lock();
+        let (last_applied, last_membership) = self.applied_state_inner()?;
+        let mut buckets = BTreeMap::new();
+        for item in self.tree.scan_prefix(keys::BUCKETS) {
+            let (k, v) = item?;
+            let name = keys::bucket_name(&k)
+                .ok_or_else(|| StoreError::Corrupt("bucket key is not UTF-8".into()))?;
+            buckets.insert(name.to_string(), decode("bucket", &v)?);
+        }
+        let entries = self
+            .tree
+            .scan_prefix(keys::HISTORY)
+            .map(|item| decode("entry", &item?.1))
+            .collect::<Result<Vec<Entry>, _>>()?;
+        let payload = SnapshotPayload {
+            last_applied,
+            last_membership,
+            buckets,
+            entries,
+        };
+        let bytes = encode("snapshot", &payload)?;
+        Ok((payload, bytes))
+    }
+
+    fn current_snapshot(&self) -> Result<Option<StoredSnapshot>, StoreError> {
+        self.tree
+            .get(keys::SNAPSHOT)?
+            .map(|v| decode("snapshot", &v))
+            .transpose()
+    }
+
+    /// Stores a freshly built snapshot unless a newer one (e.g. installed meanwhile) is there.
+    async fn persist_built(&self, snap: &StoredSnapshot) -> Result<(), StoreError> {
+        {
+            let _g = self.write_lock();
+            let newer_exists = self
+                .current_snapshot()?
+                .is_some_and(|cur| cur.meta.last_log_id > snap.meta.last_log_id);
+            if !newer_exists {
+                self.tree
+                    .insert(keys::SNAPSHOT, encode("snapshot", snap)?)?;
+            }
+        }
+        self.flush().await
+    }
+
+    async fn install(&self, meta: &Meta, data: Vec<u8>) -> Result<(), StoreError> {
+        let payload: SnapshotPayload = decode("snapshot", &data)?;
+        {
+            let _g = self.write_lock();
+            let mut batch = PendingBatch::default();
+            for item in self.tree.iter() {
+                batch.remove(item?.0.to_vec());
+            }
+            for (name, state) in &payload.buckets {
+                batch.put(keys::bucket(name), encode("bucket", state)?);
+            }
+            let mut latest: BTreeMap<(&str, &str), &Entry> = BTreeMap::new();
+            for e in &payload.entries {
+                batch.put(
+                    keys::history(&e.bucket, &e.key, e.revision),
+                    encode("entry", e)?,
+                );
+                let slot = latest.entry((&e.bucket, &e.key)).or_insert(e);
+                if e.revision > slot.revision {
+                    *slot = e;
+                }
+            }
+            for ((bucket, key), e) in latest {
+                batch.put(keys::latest(bucket, key), encode("entry", e)?);
+            }
+            // The meta is authoritative for the log position of the snapshot.
+            if let Some(last) = &meta.last_log_id {
+                batch.put(
+                    keys::LAST_APPLIED.to_vec(),
+                    encode("last applied log id", last)?,
+                );
+            }
+            batch.put(
+                keys::LAST_MEMBERSHIP.to_vec(),
+                encode("last membership", &meta.last_membership)?,
+            );
+            let stored = StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            };
+            batch.put(keys::SNAPSHOT.to_vec(), encode("snapshot", &stored)?);
+            self.tree.apply_batch(batch.into_batch())?;
+        }
+        self.flush().await?;
+        let _ = self.shared.events.send(KvEvent::Reset);
+        Ok(())
+    }
+}
+
+/// Reads the committed state for [`kv::plan`].
+struct SledView<'a> {
+    tree: &'a sled::Tree,
+}
+
+impl KvView for SledView<'_> {
+    type Error = StoreError;
+
+    fn bucket(&self, bucket: &str) -> Result<Option<BucketState>, StoreError> {
+        self.tree
+            .get(keys::bucket(bucket))?
+            .map(|v| decode("bucket", &v))
+            .transpose()
+    }
+
+    fn latest(&self, bucket: &str, key: &str) -> Result<Option<Entry>, StoreError> {
+        self.tree
+            .get(keys::latest(bucket, key))?
+            .map(|v| decode("entry", &v))
+            .transpose()
+    }
+
+    fn revisions(&self, bucket: &str, key: &str) -> Result<Vec<u64>, StoreError> {
+        self.tree
+            .scan_prefix(keys::history_prefix(bucket, key))
+            .keys()
+            .map(|k| {
+                keys::history_revision(&k?)
+                    .ok_or_else(|| StoreError::Corrupt("short history key".into()))
+            })
+            .collect()
+    }
+}
+
+/// Writes accumulated in key order, last write per key wins, applied as one sled batch.
+#[derive(Default)]
+struct PendingBatch {
+    ops: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl PendingBatch {
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.insert(key, Some(value));
+    }
+
+    fn remove(&mut self, key: Vec<u8>) {
+        self.ops.insert(key, None);
+    }
+
+    /// Removes every key with `prefix`, both in the tree and pending in this batch.
+    fn remove_prefix(&mut self, tree: &sled::Tree, prefix: &[u8]) -> Result<(), StoreError> {
+        for k in self.ops.keys().filter(|k| k.starts_with(prefix)).cloned().collect::<Vec<_>>() {
+            self.ops.insert(k, None);
+        }
+        for k in tree.scan_prefix(prefix).keys() {
+            self.ops.insert(k?.to_vec(), None);
+        }
+        Ok(())
+    }
+
+    fn execute(&mut self, tree: &sled::Tree, m: &Mutation) -> Result<(), StoreError> {
+        match m {
+            Mutation::PutBucket { bucket, state } => {
+                self.put(keys::bucket(bucket), encode("bucket", state)?);
+            }
+            Mutation::RemoveBucket { bucket } => {
+                self.remove(keys::bucket(bucket));
+                self.remove_prefix(tree, &keys::latest_prefix(bucket))?;
+                self.remove_prefix(tree, &keys::history_bucket_prefix(bucket))?;
+            }
+            Mutation::PutEntry(e) => {
+                let bytes = encode("entry", e)?;
+                self.put(keys::history(&e.bucket, &e.key, e.revision), bytes.clone());
+                self.put(keys::latest(&e.bucket, &e.key), bytes);
+            }
+            Mutation::RemoveHistory {
+                bucket,
+                key,
+                revision,
+            } => self.remove(keys::history(bucket, key, *revision)),
+        }
+        Ok(())
+    }
+
+    fn into_batch(self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (k, v) in self.ops {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        batch
+    }
+}
+
+fn sm_read_err(e: StoreError) -> StorageError<NodeId> {
+    StorageIOError::read_state_machine(AnyError::new(&e)).into()
+}
+
+fn sm_write_err(e: StoreError) -> StorageError<NodeId> {
+    StorageIOError::write_state_machine(AnyError::new(&e)).into()
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
+        let _g = self.read_lock();
+        self.applied_state_inner().map_err(sm_read_err)
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<TxnResult>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = LogEntry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut results = Vec::new();
+        for entry in entries {
+            let (result, events) = self
+                .apply_entry(&entry)
+                .map_err(|e| StorageIOError::apply(entry.log_id, AnyError::new(&e)))?;
+            for ev in events {
+                // No subscriber is not an error.
+                let _ = self.shared.events.send(ev);
+            }
+            results.push(result);
+        }
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        SnapshotBuilder {
+            sm: self.clone(),
+            captured: Some(self.capture().map(|(p, bytes)| (p.last_applied, p.last_membership, bytes))),
+        }
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        tracing::info!(snapshot = %meta, "installing snapshot");
+        self.install(meta, snapshot.into_inner())
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e)).into())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let cur = {
+            let _g = self.read_lock();
+            self.current_snapshot()
+        }
+        .map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&e)))?;
+        Ok(cur.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
+
+/// Builds a snapshot from the state captured when openraft asked for the builder, so the
+/// snapshot is consistent even though applies continue while it is being written.
+pub struct SnapshotBuilder {
+    sm: StateMachineStore,
+    captured: Option<Result<(Option<LogId<NodeId>>, Membership, Vec<u8>), StoreError>>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let captured = match self.captured.take() {
+            Some(c) => c,
+            None => self
+                .sm
+                .capture()
+                .map(|(p, bytes)| (p.last_applied, p.last_membership, bytes)),
+        };
+        let (last_applied, last_membership, data) = captured.map_err(sm_read_err)?;
+        let id = self.sm.handle.db.generate_id().map_err(|e| sm_write_err(e.into()))?;
+        let snapshot_id = match &last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, id),
+            None => format!("none-{id}"),
+        };
+        let meta = Meta {
+            last_log_id: last_applied,
+            last_membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot { meta, data };
+        self.sm.persist_built(&stored).await.map_err(|e| {
+            StorageIOError::write_snapshot(Some(stored.meta.signature()), AnyError::new(&e))
+        })?;
+        tracing::info!(snapshot = %stored.meta, bytes = stored.data.len(), "built snapshot");
+        Ok(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
+    }
+}

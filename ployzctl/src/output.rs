@@ -1,0 +1,227 @@
+//! Rendering: aligned tables for people, the API's own JSON for scripts.
+
+use crate::client::ClientError;
+use ployz_api::*;
+use serde::Serialize;
+
+fn print_json<T: Serialize>(v: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("responses serialise")
+    );
+}
+
+/// Print rows as left-aligned columns separated by three spaces.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}   ", w = *w));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(headers.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn opt(s: &Option<String>) -> String {
+    s.clone().unwrap_or_else(|| "-".into())
+}
+
+pub fn print_response(resp: &Response, json: bool) {
+    match resp {
+        Response::Status(s) => {
+            if json {
+                return print_json(s);
+            }
+            println!("machine:   {} (ployzd {})", s.machine_id, s.version);
+            match &s.network {
+                Some(n) => {
+                    println!("network:   {} ({})", n.name, n.network_id);
+                    println!("range:     {}", n.cidr);
+                    println!("founder:   {}", n.founder);
+                    println!("replicas:  {}", n.storage_replicas);
+                    println!("created:   {}", n.created_at);
+                }
+                None => println!(
+                    "network:   none (create one with `ployzctl mesh init <network>` or join with `ployzctl machine invite import --token <token>`)"
+                ),
+            }
+            if let Some(m) = &s.machine {
+                println!(
+                    "this:      {} {} overlay {} subnet {}",
+                    m.lifecycle, m.authority, m.overlay_ip, m.subnet
+                );
+            }
+            let st = &s.store;
+            println!(
+                "store:     {} term {} leader {} applied {} snapshot {} voters [{}]",
+                st.role,
+                st.term,
+                opt(&st.leader),
+                st.last_applied.map_or("-".into(), |i| i.to_string()),
+                st.snapshot_index.map_or("-".into(), |i| i.to_string()),
+                st.voters.join(", ")
+            );
+        }
+        Response::Machines(list) => {
+            if json {
+                return print_json(list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .machines
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.id.clone(),
+                        m.lifecycle.to_string(),
+                        m.authority.to_string(),
+                        m.region.clone(),
+                        m.region_role.to_string(),
+                        m.overlay_ip.clone(),
+                        m.subnet.clone(),
+                        m.version.clone(),
+                        m.created_at.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &[
+                        "ID",
+                        "LIFECYCLE",
+                        "AUTHORITY",
+                        "REGION",
+                        "REGION ROLE",
+                        "OVERLAY IP",
+                        "SUBNET",
+                        "VERSION",
+                        "CREATED"
+                    ],
+                    &rows
+                )
+            );
+        }
+        Response::Machine(r) => {
+            if json {
+                return print_json(r);
+            }
+            if r.changed {
+                println!("machine {}: {} -> {}", r.machine.id, r.previous, r.machine.lifecycle);
+            } else {
+                println!("machine {} is already {}", r.machine.id, r.machine.lifecycle);
+            }
+            if !r.workloads.is_empty() {
+                println!(
+                    "still running there (not moved): {}",
+                    r.workloads.join(", ")
+                );
+            }
+        }
+        Response::InviteCreated(i) => {
+            if json {
+                return print_json(i);
+            }
+            println!("invite:  {}", i.invite_id);
+            println!("expires: {}", i.expires_at);
+            println!("token:   {}", i.token);
+            println!();
+            println!("On the joining machine run:");
+            println!("  ployzctl machine invite import --token {}", i.token);
+        }
+        Response::Invites(list) => {
+            if json {
+                return print_json(list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .invites
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.invite_id.clone(),
+                        i.status.to_string(),
+                        i.expires_at.clone(),
+                        opt(&i.consumed_by),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(&["INVITE ID", "STATUS", "EXPIRES AT", "CONSUMED BY"], &rows)
+            );
+        }
+        Response::Invite(i) => {
+            if json {
+                return print_json(i);
+            }
+            println!("invite {} is {}", i.invite_id, i.status);
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct JsonError<'a> {
+    error: &'a ApiError,
+}
+
+pub fn print_error(e: &ApiError, json: bool) {
+    if json {
+        print_json(&JsonError { error: e });
+    } else {
+        eprintln!("error: {}", e.message);
+        if let Some(h) = &e.hint {
+            eprintln!("hint: {h}");
+        }
+    }
+}
+
+pub fn print_client_error(e: &ClientError, json: bool) {
+    let code = match e {
+        ClientError::NoDaemon { .. } => "no_daemon",
+        ClientError::Denied { .. } => "permission_denied",
+        ClientError::Protocol(_) => "internal",
+    };
+    if json {
+        print_json(&serde_json::json!({
+            "error": { "code": code, "message": e.message(), "hint": e.hint() }
+        }));
+    } else {
+        eprintln!("error: {}", e.message());
+        if let Some(h) = e.hint() {
+            eprintln!("hint: {h}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            &["ID", "STATE"],
+            &[
+                vec!["a".into(), "active".into()],
+                vec!["long-id".into(), "x".into()],
+            ],
+        );
+        assert_eq!(t, "ID        STATE\na         active\nlong-id   x\n");
+    }
+}

@@ -1,0 +1,12 @@
+//! ployzd: the daemon every machine of a Ployz cluster runs.
+//!
+//! [`daemon::Daemon`] is the core: it owns the machine identity and the
+//! replicated store, and answers one [`ployz_api::Request`] enum. The Unix
+//! socket ([`server`]) is one way in; the binary (`main.rs`) only parses
+//! flags, starts things and maps errors to exit codes.
+
+pub mod daemon;
+pub mod identity;
+pub mod rules;
+pub mod server;
+pub mod store;

@@ -1,0 +1,191 @@
+//! Lifecycle rules as a pure function: `(state, request) -> decision or
+//! refusal`. No store, no clock; the daemon reads what the rule needs, asks,
+//! and writes the result with compare-and-set.
+//!
+//! | from \ action | activate | drain    | standby                         |
+//! |---------------|----------|----------|---------------------------------|
+//! | active        | (same)   | draining | standby, refused if workloads*  |
+//! | draining      | active   | (same)   | standby, refused if workloads*  |
+//! | standby       | active   | draining | (same)                          |
+//! | joining       | refused  | refused  | refused                         |
+//! | leaving       | refused  | refused  | refused                         |
+//!
+//! `*` unless `--force`: workloads are never moved by a lifecycle change,
+//! so a plain standby with live workloads names them and stops.
+
+use ployz_api::{Lifecycle, LifecycleAction};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub next: Lifecycle,
+    pub changed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("machine {machine} is {state}: it cannot be changed until it has finished {doing}")]
+    InTransition {
+        machine: String,
+        state: Lifecycle,
+        doing: &'static str,
+    },
+    #[error("machine {machine} still runs {} workload(s): {}; standby does not move workloads", workloads.len(), workloads.join(", "))]
+    WorkloadsRunning {
+        machine: String,
+        workloads: Vec<String>,
+    },
+}
+
+impl Refusal {
+    /// The command that would clear the blocker.
+    pub fn hint(&self) -> String {
+        match self {
+            Refusal::InTransition { machine, state, .. } => match state {
+                Lifecycle::Joining => format!(
+                    "wait for the join to finish, or remove the half-joined record with `ployzctl machine rm --force {machine}`"
+                ),
+                _ => format!(
+                    "wait for the removal to finish, or finish it with `ployzctl machine rm --force {machine}`"
+                ),
+            },
+            Refusal::WorkloadsRunning { machine, workloads } => format!(
+                "migrate or remove them first (`ployzctl service migrate {} --to <machine>`), or keep them running and use `ployzctl machine standby --force {machine}`",
+                workloads.first().map(String::as_str).unwrap_or("<service>")
+            ),
+        }
+    }
+}
+
+/// Decide a lifecycle change for `machine`, currently `current`, with
+/// `live_workloads` (names of workloads running or starting there).
+pub fn decide(
+    machine: &str,
+    current: Lifecycle,
+    action: LifecycleAction,
+    force: bool,
+    live_workloads: &[String],
+) -> Result<Decision, Refusal> {
+    let doing = match current {
+        Lifecycle::Joining => Some("joining"),
+        Lifecycle::Leaving => Some("leaving"),
+        _ => None,
+    };
+    if let Some(doing) = doing {
+        return Err(Refusal::InTransition {
+            machine: machine.to_string(),
+            state: current,
+            doing,
+        });
+    }
+    let next = match action {
+        LifecycleAction::Activate => Lifecycle::Active,
+        LifecycleAction::Drain => Lifecycle::Draining,
+        LifecycleAction::Standby => {
+            if current != Lifecycle::Standby && !force && !live_workloads.is_empty() {
+                return Err(Refusal::WorkloadsRunning {
+                    machine: machine.to_string(),
+                    workloads: live_workloads.to_vec(),
+                });
+            }
+            Lifecycle::Standby
+        }
+    };
+    Ok(Decision {
+        next,
+        changed: next != current,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Lifecycle::*;
+    use LifecycleAction::*;
+
+    const ALL_STATES: [Lifecycle; 5] = [Joining, Active, Draining, Standby, Leaving];
+    const ALL_ACTIONS: [LifecycleAction; 3] = [Activate, Drain, Standby];
+
+    fn ok(from: Lifecycle, a: LifecycleAction) -> Decision {
+        decide("m1", from, a, false, &[]).unwrap()
+    }
+
+    #[test]
+    fn allowed_transitions_without_workloads() {
+        let table = [
+            (Active, Activate, Active, false),
+            (Active, Drain, Draining, true),
+            (Active, LifecycleAction::Standby, Lifecycle::Standby, true),
+            (Draining, Activate, Active, true),
+            (Draining, Drain, Draining, false),
+            (Draining, LifecycleAction::Standby, Lifecycle::Standby, true),
+            (Lifecycle::Standby, Activate, Active, true),
+            (Lifecycle::Standby, Drain, Draining, true),
+            (Lifecycle::Standby, LifecycleAction::Standby, Lifecycle::Standby, false),
+        ];
+        for (from, action, next, changed) in table {
+            assert_eq!(
+                ok(from, action),
+                Decision { next, changed },
+                "{from} --{action}-->"
+            );
+        }
+    }
+
+    #[test]
+    fn transitional_states_refuse_everything() {
+        for from in [Joining, Leaving] {
+            for action in ALL_ACTIONS {
+                for force in [false, true] {
+                    let e = decide("m1", from, action, force, &[]).unwrap_err();
+                    assert!(matches!(e, Refusal::InTransition { .. }));
+                    assert!(e.to_string().contains("m1"), "{e}");
+                    assert!(e.to_string().contains(from.as_str()), "{e}");
+                    assert!(e.hint().contains("machine rm --force m1"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn standby_with_workloads_is_refused_naming_them() {
+        let w = vec!["web".to_string(), "db".to_string()];
+        for from in [Active, Draining] {
+            let e = decide("m1", from, LifecycleAction::Standby, false, &w).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains("web") && msg.contains("db") && msg.contains("m1"), "{msg}");
+            assert!(e.hint().contains("standby --force m1"), "{}", e.hint());
+            assert!(e.hint().contains("service migrate web"), "{}", e.hint());
+        }
+    }
+
+    #[test]
+    fn force_standby_keeps_workloads_running() {
+        let w = vec!["web".to_string()];
+        let d = decide("m1", Active, LifecycleAction::Standby, true, &w).unwrap();
+        assert_eq!(d, Decision { next: Lifecycle::Standby, changed: true });
+    }
+
+    #[test]
+    fn workloads_do_not_block_placement_only_changes() {
+        let w = vec!["web".to_string()];
+        for from in [Active, Draining, Lifecycle::Standby] {
+            assert!(decide("m1", from, Drain, false, &w).is_ok());
+            assert!(decide("m1", from, Activate, false, &w).is_ok());
+        }
+        // Already in standby: nothing to refuse.
+        assert!(decide("m1", Lifecycle::Standby, LifecycleAction::Standby, false, &w).is_ok());
+    }
+
+    #[test]
+    fn every_pair_has_an_answer() {
+        for from in ALL_STATES {
+            for action in ALL_ACTIONS {
+                let r = decide("m1", from, action, false, &[]);
+                match from {
+                    Joining | Leaving => assert!(r.is_err()),
+                    _ => assert!(r.is_ok()),
+                }
+            }
+        }
+    }
+}

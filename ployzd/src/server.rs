@@ -1,0 +1,171 @@
+//! The local API socket. Only root, or the user ployzd runs as, may connect:
+//! the socket is created mode 0600 in a directory we make 0700, and every
+//! connection's peer credentials are checked again.
+
+use crate::daemon::Daemon;
+use ployz_api::{ApiError, ErrorCode, Reply, Request};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Longest request line accepted.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("another ployzd is already serving {0}; stop it first (or pass a different --socket)")]
+    InUse(PathBuf),
+    #[error("cannot prepare the socket directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Bind the API socket at `path`, replacing a stale socket file left by a
+/// crashed daemon but never one that a live daemon still answers on.
+pub async fn bind(path: &Path) -> Result<UnixListener, ServeError> {
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|source| ServeError::Dir {
+                path: dir.into(),
+                source,
+            })?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+                |source| ServeError::Dir {
+                    path: dir.into(),
+                    source,
+                },
+            )?;
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(ServeError::InUse(path.into()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    // Create the socket with no access for others from the first instant.
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above; restores the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = listener.map_err(|source| ServeError::Bind {
+        path: path.into(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        ServeError::Bind {
+            path: path.into(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+/// Accept connections until `shutdown` fires.
+pub async fn serve(
+    listener: UnixListener,
+    daemon: Arc<Daemon>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let daemon = daemon.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = connection(stream, daemon, me).await {
+                            tracing::debug!("api connection ended: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("api accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+fn allowed(peer_uid: u32, daemon_uid: u32) -> bool {
+    peer_uid == 0 || peer_uid == daemon_uid
+}
+
+async fn connection(stream: UnixStream, daemon: Arc<Daemon>, me: u32) -> std::io::Result<()> {
+    let uid = stream.peer_cred()?.uid();
+    let (rd, mut wr) = stream.into_split();
+    if !allowed(uid, me) {
+        let reply = Reply::Error(ApiError::new(
+            ErrorCode::PermissionDenied,
+            format!("uid {uid} may not use this ployzd: only root or the daemon's own user may"),
+        ));
+        return write_reply(&mut wr, &reply).await;
+    }
+    let mut rd = BufReader::new(rd);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut rd)
+            .take(MAX_REQUEST_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() > MAX_REQUEST_BYTES {
+            let reply = Reply::Error(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("request longer than {MAX_REQUEST_BYTES} bytes"),
+            ));
+            return write_reply(&mut wr, &reply).await;
+        }
+        let reply = match serde_json::from_slice::<Request>(&line) {
+            Ok(req) => {
+                tracing::debug!(?req, "api request");
+                Reply::from(daemon.handle(req).await)
+            }
+            Err(e) => Reply::Error(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("malformed request: {e}; is ployzctl the same version as ployzd ({})?", crate::daemon::VERSION),
+            )),
+        };
+        write_reply(&mut wr, &reply).await?;
+    }
+}
+
+async fn write_reply(
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    reply: &Reply,
+) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec(reply).expect("replies serialise");
+    bytes.push(b'\n');
+    wr.write_all(&bytes).await?;
+    wr.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_root_or_owner() {
+        assert!(allowed(0, 1000));
+        assert!(allowed(1000, 1000));
+        assert!(!allowed(1001, 1000));
+        assert!(allowed(0, 0));
+        assert!(!allowed(1000, 0));
+    }
+}
