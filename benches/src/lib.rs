@@ -1,1 +1,2 @@
-//! placeholder
+//! Criterion benchmarks live in `benches/benches/`; run them with
+//! `cargo bench -p ployz-benches`. Results worth keeping go to BENCHMARKS.md.

@@ -6,6 +6,8 @@
 //! executable's target directory (build them first: `cargo build --bins`),
 //! or in `$PLOYZ_BIN_DIR`.
 
+pub mod netns;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
