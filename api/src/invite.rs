@@ -41,7 +41,9 @@ pub enum TokenError {
     Malformed(String),
     #[error("the invite token's signature does not verify: it was altered or not issued by this network")]
     BadSignature,
-    #[error("the invite token uses format version {0}, this ployzd understands version {TOKEN_VERSION}")]
+    #[error(
+        "the invite token uses format version {0}, this ployzd understands version {TOKEN_VERSION}"
+    )]
     UnsupportedVersion(u8),
 }
 
@@ -80,7 +82,8 @@ pub fn decode(token: &str) -> Result<InviteClaims, TokenError> {
     if claims.v != TOKEN_VERSION {
         return Err(TokenError::UnsupportedVersion(claims.v));
     }
-    let sig_bytes = b64url_decode(sig).map_err(|e| TokenError::Malformed(format!("signature: {e}")))?;
+    let sig_bytes =
+        b64url_decode(sig).map_err(|e| TokenError::Malformed(format!("signature: {e}")))?;
     let sig = Signature::from_slice(&sig_bytes).map_err(|_| TokenError::BadSignature)?;
     let key = verifying_key(&claims.issuer_key).ok_or(TokenError::BadSignature)?;
     key.verify(body.as_bytes(), &sig)

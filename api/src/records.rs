@@ -272,8 +272,17 @@ mod tests {
 
     #[test]
     fn enums_are_snake_case() {
-        assert_eq!(serde_json::to_string(&Lifecycle::Draining).unwrap(), "\"draining\"");
-        assert_eq!(serde_json::to_string(&Authority::Storage).unwrap(), "\"storage\"");
-        assert_eq!(serde_json::to_string(&InviteStatus::Expired).unwrap(), "\"expired\"");
+        assert_eq!(
+            serde_json::to_string(&Lifecycle::Draining).unwrap(),
+            "\"draining\""
+        );
+        assert_eq!(
+            serde_json::to_string(&Authority::Storage).unwrap(),
+            "\"storage\""
+        );
+        assert_eq!(
+            serde_json::to_string(&InviteStatus::Expired).unwrap(),
+            "\"expired\""
+        );
     }
 }

@@ -82,9 +82,9 @@ impl From<Result<Response, ApiError>> for Reply {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
-    Status(MeshStatus),
+    Status(Box<MeshStatus>),
     Machines(MachineList),
-    Machine(LifecycleResult),
+    Machine(Box<LifecycleResult>),
     InviteCreated(InviteCreated),
     Invites(InviteList),
     Invite(InviteView),
@@ -317,7 +317,10 @@ mod tests {
             force: true,
         };
         let s = serde_json::to_string(&r).unwrap();
-        assert_eq!(s, r#"{"op":"lifecycle","machine":"abc","action":"standby","force":true}"#);
+        assert_eq!(
+            s,
+            r#"{"op":"lifecycle","machine":"abc","action":"standby","force":true}"#
+        );
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
         let s = serde_json::to_string(&Request::MachineList).unwrap();
         assert_eq!(s, r#"{"op":"machine_list"}"#);

@@ -67,17 +67,16 @@ fn single_node(c: &mut Criterion) {
 
 fn kv_rules(c: &mut Criterion) {
     let mut state = MemState::default();
-    state
-        .apply(&Txn {
-            ops: vec![Op::CreateBucket {
-                bucket: "bench".into(),
-                config: BucketConfig {
-                    history: 5,
-                    max_value_size: None,
-                },
-            }],
-            now_ms: 1,
-        });
+    state.apply(&Txn {
+        ops: vec![Op::CreateBucket {
+            bucket: "bench".into(),
+            config: BucketConfig {
+                history: 5,
+                max_value_size: None,
+            },
+        }],
+        now_ms: 1,
+    });
     let value = vec![7u8; 256];
     let mut i = 0u64;
     c.bench_function("kv_apply_put_in_memory", |b| {

@@ -59,6 +59,7 @@ pub use node::OpenError;
 pub use node::ReadError;
 pub use node::ShutdownError;
 pub use node::WriteError;
+pub use node::DEFAULT_REQUEST_TIMEOUT;
 pub use store::LogStore;
 pub use store::StateMachineStore;
 pub use store::StoreError;

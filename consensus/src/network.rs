@@ -68,7 +68,9 @@ pub enum RaftRequest {
 pub enum RaftResponse {
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
-    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
 }
 
 /// Writes one frame and flushes.
@@ -152,8 +154,6 @@ pub struct TcpNetwork {
 enum CallError {
     #[error("cannot reach raft peer at {addr}: {source}")]
     Unreachable { addr: String, source: io::Error },
-    #[error("raft rpc to {addr} failed: {source}")]
-    Network { addr: String, source: io::Error },
     #[error("raft rpc to {addr}: bad message: {source}")]
     Codec {
         addr: String,
@@ -220,21 +220,18 @@ impl TcpNetwork {
         let mut conn = self.connect().await?;
         // A fresh connection that fails mid-request is treated as unreachable so openraft
         // backs off instead of retrying in a tight loop against a peer that drops us.
-        let resp = Self::roundtrip(&mut conn, req)
-            .await
-            .map_err(|source| CallError::Unreachable {
-                addr: self.node.addr.clone(),
-                source,
-            })?;
+        let resp =
+            Self::roundtrip(&mut conn, req)
+                .await
+                .map_err(|source| CallError::Unreachable {
+                    addr: self.node.addr.clone(),
+                    source,
+                })?;
         self.put_idle(conn);
         Ok(resp)
     }
 
-    async fn call(
-        &self,
-        req: &RaftRequest,
-        ttl: Duration,
-    ) -> Result<RaftResponse, CallError> {
+    async fn call(&self, req: &RaftRequest, ttl: Duration) -> Result<RaftResponse, CallError> {
         let codec = |source| CallError::Codec {
             addr: self.node.addr.clone(),
             source,
@@ -266,7 +263,11 @@ impl TcpNetwork {
     }
 
     fn remote<E: std::error::Error>(&self, e: E) -> RPCError<NodeId, PloyzNode, E> {
-        RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e))
+        RPCError::RemoteError(RemoteError::new_with_node(
+            self.target,
+            self.node.clone(),
+            e,
+        ))
     }
 
     fn mismatch(&self, sent: RPCTypes, got: &RaftResponse) -> CallError {
@@ -359,14 +360,16 @@ async fn serve_conn(stream: TcpStream, raft: Raft) -> io::Result<()> {
         let req: RaftRequest = serde_json::from_slice(&frame)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let resp = match req {
-            RaftRequest::AppendEntries(rpc) => RaftResponse::AppendEntries(raft.append_entries(rpc).await),
+            RaftRequest::AppendEntries(rpc) => {
+                RaftResponse::AppendEntries(raft.append_entries(rpc).await)
+            }
             RaftRequest::Vote(rpc) => RaftResponse::Vote(raft.vote(rpc).await),
             RaftRequest::InstallSnapshot(rpc) => {
                 RaftResponse::InstallSnapshot(raft.install_snapshot(rpc).await)
             }
         };
-        let bytes = serde_json::to_vec(&resp)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let bytes =
+            serde_json::to_vec(&resp).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         write_frame(&mut conn, &bytes).await?;
     }
     Ok(())

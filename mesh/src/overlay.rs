@@ -47,7 +47,9 @@ impl fmt::Display for Ipv4Net {
 impl FromStr for Ipv4Net {
     type Err = CidrError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (a, p) = s.split_once('/').ok_or_else(|| CidrError::Syntax(s.into()))?;
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| CidrError::Syntax(s.into()))?;
         let addr: Ipv4Addr = a.parse().map_err(|_| CidrError::Syntax(s.into()))?;
         let prefix: u8 = p.parse().map_err(|_| CidrError::Syntax(s.into()))?;
         if prefix > 32 {
@@ -153,10 +155,22 @@ mod tests {
 
     #[test]
     fn bad_ranges() {
-        assert!(matches!(ClusterRange::parse("10.101.0.0"), Err(CidrError::Syntax(_))));
-        assert!(matches!(ClusterRange::parse("10.101.0.0/33"), Err(CidrError::Syntax(_))));
-        assert!(matches!(ClusterRange::parse("10.101.0.0/24"), Err(CidrError::Size(_))));
-        assert!(matches!(ClusterRange::parse("0.0.0.0/4"), Err(CidrError::Size(_))));
+        assert!(matches!(
+            ClusterRange::parse("10.101.0.0"),
+            Err(CidrError::Syntax(_))
+        ));
+        assert!(matches!(
+            ClusterRange::parse("10.101.0.0/33"),
+            Err(CidrError::Syntax(_))
+        ));
+        assert!(matches!(
+            ClusterRange::parse("10.101.0.0/24"),
+            Err(CidrError::Size(_))
+        ));
+        assert!(matches!(
+            ClusterRange::parse("0.0.0.0/4"),
+            Err(CidrError::Size(_))
+        ));
         match ClusterRange::parse("10.101.3.0/16") {
             Err(CidrError::HostBits(_, n)) => assert_eq!(n.to_string(), "10.101.0.0/16"),
             other => panic!("{other:?}"),

@@ -40,10 +40,9 @@ impl ClientError {
 
     pub fn message(&self) -> String {
         match self {
-            ClientError::NoDaemon { socket, why } => format!(
-                "cannot reach ployzd at {} ({why})",
-                socket.display()
-            ),
+            ClientError::NoDaemon { socket, why } => {
+                format!("cannot reach ployzd at {} ({why})", socket.display())
+            }
             ClientError::Denied { socket } => {
                 format!("permission denied on {}", socket.display())
             }

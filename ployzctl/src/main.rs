@@ -17,7 +17,12 @@ pub mod exit {
 }
 
 #[derive(Parser)]
-#[command(name = "ployzctl", version, about = "Drive a Ployz cluster", propagate_version = true)]
+#[command(
+    name = "ployzctl",
+    version,
+    about = "Drive a Ployz cluster",
+    propagate_version = true
+)]
 struct Cli {
     /// ployzd's API socket [default: /run/ployz/ployzd.sock as root, else $XDG_RUNTIME_DIR/ployz/ployzd.sock]
     #[arg(long, global = true, env = "PLOYZ_SOCKET")]
@@ -134,7 +139,11 @@ fn main() {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
             let _ = e.print();
             std::process::exit(code);
         }

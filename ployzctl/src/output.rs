@@ -123,9 +123,15 @@ pub fn print_response(resp: &Response, json: bool) {
                 return print_json(r);
             }
             if r.changed {
-                println!("machine {}: {} -> {}", r.machine.id, r.previous, r.machine.lifecycle);
+                println!(
+                    "machine {}: {} -> {}",
+                    r.machine.id, r.previous, r.machine.lifecycle
+                );
             } else {
-                println!("machine {} is already {}", r.machine.id, r.machine.lifecycle);
+                println!(
+                    "machine {} is already {}",
+                    r.machine.id, r.machine.lifecycle
+                );
             }
             if !r.workloads.is_empty() {
                 println!(

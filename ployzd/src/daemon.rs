@@ -151,7 +151,10 @@ impl Daemon {
                 region,
                 cidr,
             } => self.mesh_init(network, region, cidr).await,
-            Request::MeshStatus => self.mesh_status().await.map(Response::Status),
+            Request::MeshStatus => self
+                .mesh_status()
+                .await
+                .map(|s| Response::Status(Box::new(s))),
             Request::MachineList => self.machine_list().await.map(Response::Machines),
             Request::Lifecycle {
                 machine,
@@ -160,10 +163,11 @@ impl Daemon {
             } => self
                 .lifecycle(&machine, action, force)
                 .await
-                .map(Response::Machine),
-            Request::InviteCreate { ttl_secs } => {
-                self.invite_create(ttl_secs).await.map(Response::InviteCreated)
-            }
+                .map(|r| Response::Machine(Box::new(r))),
+            Request::InviteCreate { ttl_secs } => self
+                .invite_create(ttl_secs)
+                .await
+                .map(Response::InviteCreated),
             Request::InviteList => self.invite_list().await.map(Response::Invites),
             Request::InviteRevoke { invite_id } => {
                 self.invite_revoke(&invite_id).await.map(Response::Invite)
@@ -282,7 +286,9 @@ impl Daemon {
             )));
         }
         tracing::info!(network = %net.name, machine = %id, "founded network");
-        self.mesh_status().await.map(Response::Status)
+        self.mesh_status()
+            .await
+            .map(|s| Response::Status(Box::new(s)))
     }
 
     async fn mesh_status(&self) -> Result<MeshStatus, ApiError> {
@@ -457,9 +463,7 @@ impl Daemon {
             .store
             .get::<MachineRecord>(BUCKET_MACHINES, &self.identity.machine_id)
             .await?
-            .ok_or_else(|| {
-                internal("this machine has no record in its own network's store")
-            })?
+            .ok_or_else(|| internal("this machine has no record in its own network's store"))?
             .value;
         let range = ClusterRange::parse(&net.cidr).map_err(|e| internal(e.to_string()))?;
         let now = now_ms();
@@ -494,7 +498,12 @@ impl Daemon {
         };
         match self
             .store
-            .txn(vec![put(BUCKET_INVITES, &invite_id, &record, Expect::Absent)])
+            .txn(vec![put(
+                BUCKET_INVITES,
+                &invite_id,
+                &record,
+                Expect::Absent,
+            )])
             .await?
         {
             Ok(_) => Ok(InviteCreated {
@@ -516,7 +525,8 @@ impl Daemon {
             .into_iter()
             .map(|v| v.value)
             .collect();
-        invites.sort_by(|a, b| (a.created_at_ms, &a.invite_id).cmp(&(b.created_at_ms, &b.invite_id)));
+        invites
+            .sort_by(|a, b| (a.created_at_ms, &a.invite_id).cmp(&(b.created_at_ms, &b.invite_id)));
         Ok(InviteList {
             invites: invites.iter().map(|r| InviteView::of(r, now)).collect(),
         })
@@ -530,11 +540,10 @@ impl Daemon {
                 .get::<InviteRecord>(BUCKET_INVITES, invite_id)
                 .await?
             else {
-                return Err(ApiError::new(
-                    ErrorCode::NotFound,
-                    format!("no invite `{invite_id}`"),
-                )
-                .with_hint("`ployzctl machine invite list` shows the invite ids"));
+                return Err(
+                    ApiError::new(ErrorCode::NotFound, format!("no invite `{invite_id}`"))
+                        .with_hint("`ployzctl machine invite list` shows the invite ids"),
+                );
             };
             let now = now_ms();
             if let Some(by) = &cur.value.consumed_by {
@@ -562,7 +571,9 @@ impl Daemon {
                 Ok(_) => return Ok(InviteView::of(&next, now)),
                 Err((_, Rejection::WrongLastRevision { .. })) => continue,
                 Err((_, other)) => {
-                    return Err(internal(format!("revoking the invite was rejected: {other}")))
+                    return Err(internal(format!(
+                        "revoking the invite was rejected: {other}"
+                    )))
                 }
             }
         }

@@ -99,11 +99,11 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use Lifecycle::*;
-    use LifecycleAction::*;
+    use Lifecycle::{Active, Draining, Joining, Leaving};
+    use LifecycleAction::{Activate, Drain};
 
-    const ALL_STATES: [Lifecycle; 5] = [Joining, Active, Draining, Standby, Leaving];
-    const ALL_ACTIONS: [LifecycleAction; 3] = [Activate, Drain, Standby];
+    const ALL_STATES: [Lifecycle; 5] = [Joining, Active, Draining, Lifecycle::Standby, Leaving];
+    const ALL_ACTIONS: [LifecycleAction; 3] = [Activate, Drain, LifecycleAction::Standby];
 
     fn ok(from: Lifecycle, a: LifecycleAction) -> Decision {
         decide("m1", from, a, false, &[]).unwrap()
@@ -120,7 +120,12 @@ mod tests {
             (Draining, LifecycleAction::Standby, Lifecycle::Standby, true),
             (Lifecycle::Standby, Activate, Active, true),
             (Lifecycle::Standby, Drain, Draining, true),
-            (Lifecycle::Standby, LifecycleAction::Standby, Lifecycle::Standby, false),
+            (
+                Lifecycle::Standby,
+                LifecycleAction::Standby,
+                Lifecycle::Standby,
+                false,
+            ),
         ];
         for (from, action, next, changed) in table {
             assert_eq!(
@@ -152,7 +157,10 @@ mod tests {
         for from in [Active, Draining] {
             let e = decide("m1", from, LifecycleAction::Standby, false, &w).unwrap_err();
             let msg = e.to_string();
-            assert!(msg.contains("web") && msg.contains("db") && msg.contains("m1"), "{msg}");
+            assert!(
+                msg.contains("web") && msg.contains("db") && msg.contains("m1"),
+                "{msg}"
+            );
             assert!(e.hint().contains("standby --force m1"), "{}", e.hint());
             assert!(e.hint().contains("service migrate web"), "{}", e.hint());
         }
@@ -162,7 +170,13 @@ mod tests {
     fn force_standby_keeps_workloads_running() {
         let w = vec!["web".to_string()];
         let d = decide("m1", Active, LifecycleAction::Standby, true, &w).unwrap();
-        assert_eq!(d, Decision { next: Lifecycle::Standby, changed: true });
+        assert_eq!(
+            d,
+            Decision {
+                next: Lifecycle::Standby,
+                changed: true
+            }
+        );
     }
 
     #[test]
@@ -173,7 +187,14 @@ mod tests {
             assert!(decide("m1", from, Activate, false, &w).is_ok());
         }
         // Already in standby: nothing to refuse.
-        assert!(decide("m1", Lifecycle::Standby, LifecycleAction::Standby, false, &w).is_ok());
+        assert!(decide(
+            "m1",
+            Lifecycle::Standby,
+            LifecycleAction::Standby,
+            false,
+            &w
+        )
+        .is_ok());
     }
 
     #[test]

@@ -139,7 +139,10 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>, me: u32) -> std::io
             }
             Err(e) => Reply::Error(ApiError::new(
                 ErrorCode::InvalidArgument,
-                format!("malformed request: {e}; is ployzctl the same version as ployzd ({})?", crate::daemon::VERSION),
+                format!(
+                    "malformed request: {e}; is ployzctl the same version as ployzd ({})?",
+                    crate::daemon::VERSION
+                ),
             )),
         };
         write_reply(&mut wr, &reply).await?;

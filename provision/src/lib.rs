@@ -186,6 +186,10 @@ mod tests {
     #[test]
     fn modes_parse() {
         assert_eq!("user".parse::<ServiceMode>().unwrap(), ServiceMode::User);
-        assert!("root".parse::<ServiceMode>().unwrap_err().to_string().contains("`root`"));
+        assert!("root"
+            .parse::<ServiceMode>()
+            .unwrap_err()
+            .to_string()
+            .contains("`root`"));
     }
 }

@@ -51,7 +51,10 @@ mod tests {
     #[test]
     fn parse() {
         assert_eq!("host".parse::<RuntimeKind>().unwrap(), RuntimeKind::Host);
-        assert_eq!("docker".parse::<RuntimeKind>().unwrap(), RuntimeKind::Docker);
+        assert_eq!(
+            "docker".parse::<RuntimeKind>().unwrap(),
+            RuntimeKind::Docker
+        );
         let e = "podman".parse::<RuntimeKind>().unwrap_err();
         assert!(e.to_string().contains("`podman`"));
     }

@@ -113,7 +113,11 @@ impl Machine {
             if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
                 return;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("ployzd exited early ({status}); log:\n{}", self.log());
             }
             assert!(

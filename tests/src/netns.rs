@@ -53,7 +53,16 @@ impl Host {
         for chain in ["INPUT", "OUTPUT"] {
             let iface = if chain == "INPUT" { "-i" } else { "-o" };
             must(&[
-                "ip", "netns", "exec", &self.netns, "iptables", "-A", chain, iface, "eth0", "-j",
+                "ip",
+                "netns",
+                "exec",
+                &self.netns,
+                "iptables",
+                "-A",
+                chain,
+                iface,
+                "eth0",
+                "-j",
                 "DROP",
             ]);
         }
@@ -64,7 +73,16 @@ impl Host {
         for chain in ["INPUT", "OUTPUT"] {
             let iface = if chain == "INPUT" { "-i" } else { "-o" };
             let _ = run(&[
-                "ip", "netns", "exec", &self.netns, "iptables", "-D", chain, iface, "eth0", "-j",
+                "ip",
+                "netns",
+                "exec",
+                &self.netns,
+                "iptables",
+                "-D",
+                chain,
+                iface,
+                "eth0",
+                "-j",
                 "DROP",
             ]);
         }
@@ -119,8 +137,7 @@ impl Testbed {
                 ip,
             });
             must(&[
-                "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
-                &netns,
+                "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns,
             ]);
             must(&["ip", "link", "set", &veth, "master", &tb.bridge, "up"]);
             let ns = |args: &[&str]| {
@@ -144,7 +161,10 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         for h in &self.hosts {
             // Kill whatever still runs in the namespace, then remove it.
-            if let Ok(out) = Command::new("ip").args(["netns", "pids", &h.netns]).output() {
+            if let Ok(out) = Command::new("ip")
+                .args(["netns", "pids", &h.netns])
+                .output()
+            {
                 for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                     if let Ok(pid) = pid.parse::<i32>() {
                         // SAFETY: kill(2) on a pid inside our own test namespace.
@@ -158,7 +178,15 @@ impl Drop for Testbed {
             let _ = run(&["ip", "link", "del", &format!("{}v{i}", self.prefix)]);
         }
         let _ = run(&[
-            "iptables", "-D", "FORWARD", "-i", &self.bridge, "-o", &self.bridge, "-j", "ACCEPT",
+            "iptables",
+            "-D",
+            "FORWARD",
+            "-i",
+            &self.bridge,
+            "-o",
+            &self.bridge,
+            "-j",
+            "ACCEPT",
         ]);
         let _ = run(&["ip", "link", "del", &self.bridge]);
         let _ = std::fs::remove_file(&self.slot_lock);

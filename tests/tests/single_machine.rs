@@ -124,7 +124,10 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(o.status.code(), Some(4));
     let err: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(err["error"]["code"], "not_found");
-    assert!(err["error"]["message"].as_str().unwrap().contains("inv-nope"));
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("inv-nope"));
     assert!(m.ctl_json(&["machine", "invite", "list"])["invites"]
         .as_array()
         .unwrap()
@@ -237,7 +240,10 @@ fn second_daemon_on_same_data_or_socket_is_refused() {
 fn unprivileged_user_cannot_use_the_socket() {
     let m = founded();
     // Open the directories so only the socket's own mode stands in the way.
-    for dir in [m.socket().parent().unwrap(), m.socket().parent().unwrap().parent().unwrap()] {
+    for dir in [
+        m.socket().parent().unwrap(),
+        m.socket().parent().unwrap().parent().unwrap(),
+    ] {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     // Run ployzctl as `nobody`; the socket is root-only.

@@ -27,6 +27,9 @@ fn hosts_reach_each_other_and_are_cleaned_up() {
     }
     let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&list.stdout).contains(&netns));
-    let link = Command::new("ip").args(["link", "show", &bridge]).output().unwrap();
+    let link = Command::new("ip")
+        .args(["link", "show", &bridge])
+        .output()
+        .unwrap();
     assert!(!link.status.success(), "bridge {bridge} left behind");
 }

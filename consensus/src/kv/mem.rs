@@ -33,25 +33,29 @@ impl KvView for MemState {
     }
 
     fn revisions(&self, bucket: &str, key: &str) -> Result<Vec<u64>, Infallible> {
-        Ok(self.history(bucket, key).iter().map(|e| e.revision).collect())
+        Ok(self
+            .history(bucket, key)
+            .iter()
+            .map(|e| e.revision)
+            .collect())
     }
 }
 
 impl MemState {
     /// Plans and applies `txn`, returning the plan (result, mutations and events).
-    pub fn apply_txn(&mut self, txn: &Txn) -> Plan {
+    pub fn apply(&mut self, txn: &Txn) -> Plan {
         let p = match plan(self, txn) {
             Ok(p) => p,
             Err(never) => match never {},
         };
         if let TxnResult::Applied { .. } = p.result {
-            self.apply(&p.mutations);
+            self.apply_mutations(&p.mutations);
         }
         p
     }
 
     /// Executes mutations in order.
-    pub fn apply(&mut self, mutations: &[Mutation]) {
+    pub fn apply_mutations(&mut self, mutations: &[Mutation]) {
         for m in mutations {
             match m {
                 Mutation::PutBucket { bucket, state } => {
@@ -113,7 +117,11 @@ impl MemState {
     pub fn bucket_info(&self, bucket: &str) -> Option<BucketInfo> {
         let state = self.buckets.get(bucket)?;
         let keys = self.entries.get(bucket);
-        let all = || keys.into_iter().flat_map(|k| k.values()).flat_map(|h| h.keys());
+        let all = || {
+            keys.into_iter()
+                .flat_map(|k| k.values())
+                .flat_map(|h| h.keys())
+        };
         let entries = all().count() as u64;
         let first_seq = super::first_seq(all().min().copied(), state.last_seq);
         Some(BucketInfo {

@@ -1,7 +1,8 @@
 //! The replicated data model: buckets of keys with per-bucket revisions, JetStream KV style.
 //!
-//! Everything in this module is plain data and pure functions: no IO, no clock. The rules that
-//! decide what a [`Txn`] does live in [`rules`] and run over a read-only [`KvView`]; they return
+//! Everything in this module is plain data and pure functions: no IO, and the rules never read a
+//! clock (timestamps come from the proposer inside the [`Txn`]). The rules that decide what a
+//! [`Txn`] does ([`plan`]) run over a read-only [`KvView`]; they return
 //! the [`Mutation`]s to write, which the sled layer (`crate::store`) or the in-memory
 //! [`MemState`] execute.
 
@@ -90,6 +91,11 @@ impl Entry {
     pub fn is_tombstone(&self) -> bool {
         self.op != EntryOp::Put
     }
+
+    /// `true` for puts: the key holds this value.
+    pub fn is_live(&self) -> bool {
+        self.op == EntryOp::Put
+    }
 }
 
 /// A precondition on a key's latest entry.
@@ -110,7 +116,10 @@ pub enum Expect {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     /// Create a bucket. Idempotent when it exists with the same config.
-    CreateBucket { bucket: String, config: BucketConfig },
+    CreateBucket {
+        bucket: String,
+        config: BucketConfig,
+    },
     /// Delete a bucket with all its entries; its sequence restarts if it is created again.
     DeleteBucket { bucket: String },
     /// Write a value.
@@ -145,7 +154,11 @@ impl Op {
     }
 
     /// Unconditional put.
-    pub fn put(bucket: impl Into<String>, key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+    pub fn put(
+        bucket: impl Into<String>,
+        key: impl Into<String>,
+        value: impl Into<Vec<u8>>,
+    ) -> Self {
         Self::put_expect(bucket, key, value, Expect::Any)
     }
 
@@ -326,6 +339,8 @@ pub(crate) mod base64_bytes {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = String::deserialize(d)?;
-        STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom)
+        STANDARD
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)
     }
 }

@@ -21,9 +21,10 @@ pub fn validate_key(key: &str) -> Result<(), String> {
     if key.is_empty() {
         return Err("key is empty".to_string());
     }
-    if let Some(c) = key.chars().find(|c| {
-        !(c.is_ascii_alphanumeric() || matches!(c, '-' | '/' | '_' | '=' | '.'))
-    }) {
+    if let Some(c) = key
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '/' | '_' | '=' | '.')))
+    {
         return Err(format!(
             "key {key:?} contains {c:?}; allowed are A-Z a-z 0-9 - / _ = ."
         ));

@@ -14,7 +14,7 @@ fn txn(ops: Vec<Op>) -> Txn {
 /// A state with bucket `b` (given history) created.
 fn state_with(history: u8) -> MemState {
     let mut s = MemState::default();
-    let p = s.apply_txn(&txn(vec![Op::create_bucket("b", cfg(history))]));
+    let p = s.apply(&txn(vec![Op::create_bucket("b", cfg(history))]));
     assert_eq!(p.result, TxnResult::Applied { revisions: vec![0] });
     s
 }
@@ -40,18 +40,21 @@ fn rejected(p: &Plan) -> (usize, Rejection) {
 #[test]
 fn revisions_are_per_bucket_and_span_keys() {
     let mut s = state_with(1);
-    s.apply_txn(&txn(vec![Op::create_bucket("c", cfg(1))]));
-    assert_eq!(applied(&s.apply_txn(&txn(vec![Op::put("b", "k1", "a")]))), [1]);
-    assert_eq!(applied(&s.apply_txn(&txn(vec![Op::put("b", "k2", "a")]))), [2]);
-    assert_eq!(applied(&s.apply_txn(&txn(vec![Op::put("c", "k1", "a")]))), [1]);
+    s.apply(&txn(vec![Op::create_bucket("c", cfg(1))]));
+    assert_eq!(applied(&s.apply(&txn(vec![Op::put("b", "k1", "a")]))), [1]);
+    assert_eq!(applied(&s.apply(&txn(vec![Op::put("b", "k2", "a")]))), [2]);
+    assert_eq!(applied(&s.apply(&txn(vec![Op::put("c", "k1", "a")]))), [1]);
     assert_eq!(
-        applied(&s.apply_txn(&txn(vec![Op::put("b", "k1", "b"), Op::delete("b", "k2")]))),
+        applied(&s.apply(&txn(vec![Op::put("b", "k1", "b"), Op::delete("b", "k2")]))),
         [3, 4]
     );
     assert_eq!(s.buckets["b"].last_seq, 4);
     assert_eq!(s.buckets["c"].last_seq, 1);
     let e = s.latest("b", "k1").unwrap().unwrap();
-    assert_eq!((e.revision, e.value.as_slice(), e.op), (3, &b"b"[..], EntryOp::Put));
+    assert_eq!(
+        (e.revision, e.value.as_slice(), e.op),
+        (3, &b"b"[..], EntryOp::Put)
+    );
     assert_eq!(e.created_ms, 1_000);
 }
 
@@ -60,10 +63,20 @@ fn compare_and_set() {
     let mut s = state_with(5);
     // 0 = must not exist.
     assert_eq!(
-        applied(&s.apply_txn(&txn(vec![Op::put_expect("b", "k", "v1", Expect::Revision(0))]))),
+        applied(&s.apply(&txn(vec![Op::put_expect(
+            "b",
+            "k",
+            "v1",
+            Expect::Revision(0)
+        )]))),
         [1]
     );
-    let p = s.apply_txn(&txn(vec![Op::put_expect("b", "k", "v2", Expect::Revision(0))]));
+    let p = s.apply(&txn(vec![Op::put_expect(
+        "b",
+        "k",
+        "v2",
+        Expect::Revision(0),
+    )]));
     assert_eq!(
         rejected(&p),
         (
@@ -74,7 +87,12 @@ fn compare_and_set() {
             }
         )
     );
-    let p = s.apply_txn(&txn(vec![Op::put_expect("b", "k", "v2", Expect::Revision(7))]));
+    let p = s.apply(&txn(vec![Op::put_expect(
+        "b",
+        "k",
+        "v2",
+        Expect::Revision(7),
+    )]));
     assert_eq!(
         rejected(&p).1,
         Rejection::WrongLastRevision {
@@ -83,12 +101,22 @@ fn compare_and_set() {
         }
     );
     assert_eq!(
-        applied(&s.apply_txn(&txn(vec![Op::put_expect("b", "k", "v2", Expect::Revision(1))]))),
+        applied(&s.apply(&txn(vec![Op::put_expect(
+            "b",
+            "k",
+            "v2",
+            Expect::Revision(1)
+        )]))),
         [2]
     );
     // A tombstone is the latest revision too.
-    s.apply_txn(&txn(vec![Op::delete("b", "k")]));
-    let p = s.apply_txn(&txn(vec![Op::put_expect("b", "k", "v3", Expect::Revision(2))]));
+    s.apply(&txn(vec![Op::delete("b", "k")]));
+    let p = s.apply(&txn(vec![Op::put_expect(
+        "b",
+        "k",
+        "v3",
+        Expect::Revision(2),
+    )]));
     assert_eq!(
         rejected(&p).1,
         Rejection::WrongLastRevision {
@@ -96,7 +124,7 @@ fn compare_and_set() {
             current: 3
         }
     );
-    let p = s.apply_txn(&txn(vec![Op::Delete {
+    let p = s.apply(&txn(vec![Op::Delete {
         bucket: "b".into(),
         key: "k".into(),
         expect: Expect::Revision(3),
@@ -109,17 +137,17 @@ fn compare_and_set() {
 fn create_if_absent_including_after_delete_and_purge() {
     let mut s = state_with(3);
     let create = |v: &str| txn(vec![Op::put_expect("b", "k", v, Expect::Absent)]);
-    assert_eq!(applied(&s.apply_txn(&create("1"))), [1]);
+    assert_eq!(applied(&s.apply(&create("1"))), [1]);
     assert_eq!(
-        rejected(&s.apply_txn(&create("2"))),
+        rejected(&s.apply(&create("2"))),
         (0, Rejection::KeyExists { revision: 1 })
     );
-    s.apply_txn(&txn(vec![Op::delete("b", "k")]));
-    assert_eq!(applied(&s.apply_txn(&create("3"))), [3]);
-    s.apply_txn(&txn(vec![Op::purge("b", "k")]));
-    assert_eq!(applied(&s.apply_txn(&create("4"))), [5]);
+    s.apply(&txn(vec![Op::delete("b", "k")]));
+    assert_eq!(applied(&s.apply(&create("3"))), [3]);
+    s.apply(&txn(vec![Op::purge("b", "k")]));
+    assert_eq!(applied(&s.apply(&create("4"))), [5]);
     assert_eq!(
-        rejected(&s.apply_txn(&create("5"))).1,
+        rejected(&s.apply(&create("5"))).1,
         Rejection::KeyExists { revision: 5 }
     );
 }
@@ -127,8 +155,8 @@ fn create_if_absent_including_after_delete_and_purge() {
 #[test]
 fn delete_leaves_tombstone_and_keeps_history() {
     let mut s = state_with(5);
-    s.apply_txn(&txn(vec![Op::put("b", "k", "1"), Op::put("b", "k", "2")]));
-    assert_eq!(applied(&s.apply_txn(&txn(vec![Op::delete("b", "k")]))), [3]);
+    s.apply(&txn(vec![Op::put("b", "k", "1"), Op::put("b", "k", "2")]));
+    assert_eq!(applied(&s.apply(&txn(vec![Op::delete("b", "k")]))), [3]);
     let h = s.history("b", "k");
     assert_eq!(
         h.iter().map(|e| (e.revision, e.op)).collect::<Vec<_>>(),
@@ -137,18 +165,21 @@ fn delete_leaves_tombstone_and_keeps_history() {
     assert!(h[2].value.is_empty());
     assert!(s.list("b").is_empty(), "deleted keys are not listed");
     let info = s.bucket_info("b").unwrap();
-    assert_eq!((info.entries, info.live_keys, info.first_seq, info.last_seq), (3, 0, 1, 3));
+    assert_eq!(
+        (info.entries, info.live_keys, info.first_seq, info.last_seq),
+        (3, 0, 1, 3)
+    );
 }
 
 #[test]
 fn purge_drops_history() {
     let mut s = state_with(10);
-    s.apply_txn(&txn(vec![
+    s.apply(&txn(vec![
         Op::put("b", "k", "1"),
         Op::put("b", "k", "2"),
         Op::put("b", "other", "x"),
     ]));
-    let p = s.apply_txn(&txn(vec![Op::purge("b", "k")]));
+    let p = s.apply(&txn(vec![Op::purge("b", "k")]));
     assert_eq!(applied(&p), [4]);
     assert!(p.mutations.contains(&Mutation::RemoveHistory {
         bucket: "b".into(),
@@ -167,18 +198,18 @@ fn purge_drops_history() {
 fn history_is_trimmed_to_config() {
     let mut s = state_with(3);
     for i in 0..5 {
-        s.apply_txn(&txn(vec![Op::put("b", "k", format!("v{i}"))]));
+        s.apply(&txn(vec![Op::put("b", "k", format!("v{i}"))]));
     }
     let revs: Vec<u64> = s.history("b", "k").iter().map(|e| e.revision).collect();
     assert_eq!(revs, [3, 4, 5]);
 
     let mut one = state_with(1);
-    one.apply_txn(&txn(vec![Op::put("b", "k", "a"), Op::put("b", "k", "b")]));
+    one.apply(&txn(vec![Op::put("b", "k", "a"), Op::put("b", "k", "b")]));
     let h = one.history("b", "k");
     assert_eq!(h.len(), 1);
     assert_eq!((h[0].revision, h[0].value.as_slice()), (2, &b"b"[..]));
     // The tombstone counts toward history too.
-    one.apply_txn(&txn(vec![Op::delete("b", "k")]));
+    one.apply(&txn(vec![Op::delete("b", "k")]));
     assert_eq!(one.history("b", "k").len(), 1);
     assert_eq!(one.history("b", "k")[0].op, EntryOp::Delete);
 }
@@ -187,7 +218,7 @@ fn history_is_trimmed_to_config() {
 fn rejected_later_op_leaves_earlier_ops_unapplied() {
     let mut s = state_with(1);
     let before = s.clone();
-    let p = s.apply_txn(&txn(vec![
+    let p = s.apply(&txn(vec![
         Op::create_bucket("new", cfg(1)),
         Op::put("b", "k", "v"),
         Op::put("new", "k", "v"),
@@ -200,7 +231,7 @@ fn rejected_later_op_leaves_earlier_ops_unapplied() {
 #[test]
 fn later_ops_see_earlier_ops() {
     let mut s = MemState::default();
-    let p = s.apply_txn(&txn(vec![
+    let p = s.apply(&txn(vec![
         Op::create_bucket("b", cfg(2)),
         Op::put_expect("b", "k", "1", Expect::Absent),
         Op::put_expect("b", "k", "2", Expect::Revision(1)),
@@ -209,7 +240,7 @@ fn later_ops_see_earlier_ops() {
     assert_eq!(rejected(&p), (3, Rejection::KeyExists { revision: 2 }));
     assert!(s.buckets.is_empty());
 
-    let p = s.apply_txn(&txn(vec![
+    let p = s.apply(&txn(vec![
         Op::create_bucket("b", cfg(2)),
         Op::put_expect("b", "k", "1", Expect::Absent),
         Op::put_expect("b", "k", "2", Expect::Revision(1)),
@@ -221,8 +252,8 @@ fn later_ops_see_earlier_ops() {
 #[test]
 fn delete_and_recreate_bucket_in_one_txn_starts_fresh() {
     let mut s = state_with(5);
-    s.apply_txn(&txn(vec![Op::put("b", "k", "1"), Op::put("b", "j", "1")]));
-    let p = s.apply_txn(&txn(vec![
+    s.apply(&txn(vec![Op::put("b", "k", "1"), Op::put("b", "j", "1")]));
+    let p = s.apply(&txn(vec![
         Op::delete_bucket("b"),
         Op::create_bucket("b", cfg(2)),
         Op::put_expect("b", "k", "fresh", Expect::Revision(0)),
@@ -247,7 +278,7 @@ fn delete_and_recreate_bucket_in_one_txn_starts_fresh() {
 #[test]
 fn put_then_delete_bucket_in_one_txn_leaves_nothing() {
     let mut s = state_with(1);
-    let p = s.apply_txn(&txn(vec![Op::put("b", "k", "v"), Op::delete_bucket("b")]));
+    let p = s.apply(&txn(vec![Op::put("b", "k", "v"), Op::delete_bucket("b")]));
     assert_eq!(applied(&p), [1, 0]);
     assert!(s.buckets.is_empty());
     assert!(s.entries.is_empty());
@@ -256,37 +287,40 @@ fn put_then_delete_bucket_in_one_txn_leaves_nothing() {
 #[test]
 fn bucket_create_is_idempotent_and_detects_mismatch() {
     let mut s = state_with(1);
-    let p = s.apply_txn(&txn(vec![Op::create_bucket("b", cfg(1))]));
+    let p = s.apply(&txn(vec![Op::create_bucket("b", cfg(1))]));
     assert_eq!(applied(&p), [0]);
     assert!(p.mutations.is_empty() && p.events.is_empty(), "no-op");
-    let p = s.apply_txn(&txn(vec![Op::create_bucket("b", cfg(4))]));
+    let p = s.apply(&txn(vec![Op::create_bucket("b", cfg(4))]));
     assert_eq!(
         rejected(&p).1,
         Rejection::BucketConfigMismatch { existing: cfg(1) }
     );
-    let p = s.apply_txn(&txn(vec![Op::create_bucket("x", cfg(0))]));
+    let p = s.apply(&txn(vec![Op::create_bucket("x", cfg(0))]));
     assert!(matches!(rejected(&p).1, Rejection::InvalidConfig(_)));
-    let p = s.apply_txn(&txn(vec![Op::create_bucket("x", cfg(65))]));
+    let p = s.apply(&txn(vec![Op::create_bucket("x", cfg(65))]));
     assert!(matches!(rejected(&p).1, Rejection::InvalidConfig(_)));
-    let p = s.apply_txn(&txn(vec![Op::delete_bucket("x")]));
+    let p = s.apply(&txn(vec![Op::delete_bucket("x")]));
     assert_eq!(rejected(&p).1, Rejection::NoSuchBucket);
 }
 
 #[test]
 fn value_size_limit() {
     let mut s = MemState::default();
-    s.apply_txn(&txn(vec![Op::create_bucket(
+    s.apply(&txn(vec![Op::create_bucket(
         "b",
         BucketConfig {
             history: 1,
             max_value_size: Some(4),
         },
     )]));
-    assert_eq!(applied(&s.apply_txn(&txn(vec![Op::put("b", "k", "1234")]))), [1]);
-    let p = s.apply_txn(&txn(vec![Op::put("b", "k", "12345")]));
+    assert_eq!(
+        applied(&s.apply(&txn(vec![Op::put("b", "k", "1234")]))),
+        [1]
+    );
+    let p = s.apply(&txn(vec![Op::put("b", "k", "12345")]));
     assert_eq!(rejected(&p).1, Rejection::ValueTooLarge { size: 5, max: 4 });
     // Tombstones are empty, never too large.
-    assert_eq!(applied(&s.apply_txn(&txn(vec![Op::delete("b", "k")]))), [2]);
+    assert_eq!(applied(&s.apply(&txn(vec![Op::delete("b", "k")]))), [2]);
 }
 
 #[test]
@@ -305,11 +339,14 @@ fn name_validation() {
     }
 
     let mut s = state_with(1);
-    let p = s.apply_txn(&txn(vec![Op::put("b", "ok", "v"), Op::put("b", "bad key", "v")]));
+    let p = s.apply(&txn(vec![
+        Op::put("b", "ok", "v"),
+        Op::put("b", "bad key", "v"),
+    ]));
     assert!(matches!(rejected(&p), (1, Rejection::InvalidName(_))));
-    let p = s.apply_txn(&txn(vec![Op::put("b*", "k", "v")]));
+    let p = s.apply(&txn(vec![Op::put("b*", "k", "v")]));
     assert!(matches!(rejected(&p), (0, Rejection::InvalidName(_))));
-    let p = s.apply_txn(&txn(vec![Op::create_bucket("b.c", cfg(1))]));
+    let p = s.apply(&txn(vec![Op::create_bucket("b.c", cfg(1))]));
     assert!(matches!(rejected(&p), (0, Rejection::InvalidName(_))));
 }
 
@@ -317,11 +354,11 @@ fn name_validation() {
 fn no_such_bucket_for_writes() {
     let mut s = MemState::default();
     assert_eq!(
-        rejected(&s.apply_txn(&txn(vec![Op::put("b", "k", "v")]))).1,
+        rejected(&s.apply(&txn(vec![Op::put("b", "k", "v")]))).1,
         Rejection::NoSuchBucket
     );
     assert_eq!(
-        rejected(&s.apply_txn(&txn(vec![Op::delete("b", "k")]))).1,
+        rejected(&s.apply(&txn(vec![Op::delete("b", "k")]))).1,
         Rejection::NoSuchBucket
     );
 }
@@ -329,7 +366,7 @@ fn no_such_bucket_for_writes() {
 #[test]
 fn events_match_writes() {
     let mut s = state_with(1);
-    let p = s.apply_txn(&txn(vec![Op::put("b", "k", "v"), Op::purge("b", "k")]));
+    let p = s.apply(&txn(vec![Op::put("b", "k", "v"), Op::purge("b", "k")]));
     let kinds: Vec<_> = p
         .events
         .iter()

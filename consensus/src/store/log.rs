@@ -53,10 +53,7 @@ impl LogStore {
         key: &[u8],
         what: &'static str,
     ) -> Result<Option<T>, StoreError> {
-        self.meta
-            .get(key)?
-            .map(|v| decode(what, &v))
-            .transpose()
+        self.meta.get(key)?.map(|v| decode(what, &v)).transpose()
     }
 
     fn last_purged(&self) -> Result<Option<LogId<NodeId>>, StoreError> {

@@ -6,7 +6,7 @@
 //! * `raft_meta`: `vote`, `last_purged`, `committed`;
 //! * `state_machine`: the key-value state, `last_applied`, `last_membership` and the current
 //!   snapshot, all in one tree so a single `apply_batch` updates them together (key layout in
-//!   [`keys`]).
+//!   `store/keys.rs`).
 
 pub(crate) mod keys;
 mod log;

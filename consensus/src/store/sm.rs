@@ -250,7 +250,7 @@ impl StateMachineStore {
 
     // ---- snapshots ----
 
-    fn capture(&self) -> Result<(SnapshotPayload, Vec<u8>), StoreError> {
+    fn capture(&self) -> Result<Captured, StoreError> {
         let _g = self.read_lock();
         let (last_applied, last_membership) = self.applied_state_inner()?;
         let mut buckets = BTreeMap::new();
@@ -271,8 +271,12 @@ impl StateMachineStore {
             buckets,
             entries,
         };
-        let bytes = encode("snapshot", &payload)?;
-        Ok((payload, bytes))
+        let data = encode("snapshot", &payload)?;
+        Ok(Captured {
+            last_applied: payload.last_applied,
+            last_membership: payload.last_membership,
+            data,
+        })
     }
 
     fn current_snapshot(&self) -> Result<Option<StoredSnapshot>, StoreError> {
@@ -397,7 +401,13 @@ impl PendingBatch {
 
     /// Removes every key with `prefix`, both in the tree and pending in this batch.
     fn remove_prefix(&mut self, tree: &sled::Tree, prefix: &[u8]) -> Result<(), StoreError> {
-        for k in self.ops.keys().filter(|k| k.starts_with(prefix)).cloned().collect::<Vec<_>>() {
+        for k in self
+            .ops
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect::<Vec<_>>()
+        {
             self.ops.insert(k, None);
         }
         for k in tree.scan_prefix(prefix).keys() {
@@ -482,7 +492,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         SnapshotBuilder {
             sm: self.clone(),
-            captured: Some(self.capture().map(|(p, bytes)| (p.last_applied, p.last_membership, bytes))),
+            captured: Some(self.capture()),
         }
     }
 
@@ -500,7 +510,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         tracing::info!(snapshot = %meta, "installing snapshot");
         self.install(meta, snapshot.into_inner())
             .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e)).into())
+            .map_err(|e| {
+                StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e)).into()
+            })
     }
 
     async fn get_current_snapshot(
@@ -522,20 +534,33 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 /// snapshot is consistent even though applies continue while it is being written.
 pub struct SnapshotBuilder {
     sm: StateMachineStore,
-    captured: Option<Result<(Option<LogId<NodeId>>, Membership, Vec<u8>), StoreError>>,
+    captured: Option<Result<Captured, StoreError>>,
+}
+
+/// The state captured for a snapshot: its log position and the serialized payload.
+struct Captured {
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: Membership,
+    data: Vec<u8>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let captured = match self.captured.take() {
             Some(c) => c,
-            None => self
-                .sm
-                .capture()
-                .map(|(p, bytes)| (p.last_applied, p.last_membership, bytes)),
+            None => self.sm.capture(),
         };
-        let (last_applied, last_membership, data) = captured.map_err(sm_read_err)?;
-        let id = self.sm.handle.db.generate_id().map_err(|e| sm_write_err(e.into()))?;
+        let Captured {
+            last_applied,
+            last_membership,
+            data,
+        } = captured.map_err(sm_read_err)?;
+        let id = self
+            .sm
+            .handle
+            .db
+            .generate_id()
+            .map_err(|e| sm_write_err(e.into()))?;
         let snapshot_id = match &last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, id),
             None => format!("none-{id}"),

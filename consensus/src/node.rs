@@ -1,0 +1,579 @@
+//! [`Node`]: one member of the replicated store, as the daemon uses it.
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use openraft::error::ChangeMembershipError;
+use openraft::error::CheckIsLeaderError;
+use openraft::error::ClientWriteError;
+use openraft::error::Fatal;
+use openraft::error::ForwardToLeader;
+use openraft::error::InitializeError;
+use openraft::error::QuorumNotEnough;
+use openraft::error::RaftError;
+use openraft::Config;
+use openraft::RaftNetworkFactory;
+use openraft::ServerState;
+use openraft::SnapshotPolicy;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::kv::BucketInfo;
+use crate::kv::Entry;
+use crate::kv::KvEvent;
+use crate::kv::Txn;
+use crate::kv::TxnResult;
+use crate::network::serve_raft;
+use crate::network::TcpNetworkFactory;
+use crate::store;
+use crate::store::StateMachineStore;
+use crate::store::StoreError;
+use crate::NodeId;
+use crate::PloyzNode;
+use crate::Raft;
+
+/// How long [`Node::write`] and the linearizable reads wait for a leader and a quorum.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long [`Node::shutdown`] waits for openraft's tasks to release the database.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Logs kept after a snapshot, at most, so a briefly lagging follower catches up from the log
+/// instead of receiving a whole snapshot.
+const MAX_LOGS_KEPT_AFTER_SNAPSHOT: u64 = 1000;
+
+/// How a node is opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    /// This node as known at open time (identifies it in logs). The cluster membership records
+    /// what [`Node::initialize_single`] or the leader's [`Node::add_learner`] were given, and
+    /// peers dial that `addr`.
+    pub node: PloyzNode,
+    /// The sled database lives here.
+    pub dir: PathBuf,
+    /// Snapshot policy (`SnapshotPolicy::LogsSinceLast`): build a snapshot once this many logs
+    /// were applied since the last one; the log is then purged up to the snapshot, keeping
+    /// `min(snapshot_logs_since_last, 1000)` entries for lagging followers. Must be > 0.
+    pub snapshot_logs_since_last: u64,
+}
+
+impl NodeConfig {
+    pub const DEFAULT_SNAPSHOT_LOGS_SINCE_LAST: u64 = 5000;
+
+    pub fn new(node_id: NodeId, node: PloyzNode, dir: impl Into<PathBuf>) -> Self {
+        Self {
+            node_id,
+            node,
+            dir: dir.into(),
+            snapshot_logs_since_last: Self::DEFAULT_SNAPSHOT_LOGS_SINCE_LAST,
+        }
+    }
+
+    /// The openraft configuration derived from this config.
+    ///
+    /// Timing is sized for a WAN overlay: 300 ms heartbeats (also the AppendEntries timeout),
+    /// elections after 1.5–3 s of silence, 1 MiB snapshot chunks with 5 s each.
+    pub fn raft_config(&self) -> Result<Config, Box<openraft::ConfigError>> {
+        Config {
+            cluster_name: "ployz".to_string(),
+            heartbeat_interval: 300,
+            election_timeout_min: 1500,
+            election_timeout_max: 3000,
+            install_snapshot_timeout: 5000,
+            // 1 MiB of snapshot per RPC (about 4 MiB of JSON), well within the 5 s chunk timeout.
+            snapshot_max_chunk_size: 1024 * 1024,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: self
+                .snapshot_logs_since_last
+                .min(MAX_LOGS_KEPT_AFTER_SNAPSHOT),
+            ..Config::default()
+        }
+        .validate()
+        .map_err(Box::new)
+    }
+}
+
+/// Opening a node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("invalid node config: {0}")]
+    InvalidConfig(String),
+    #[error("cannot create the data directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the raft database in {path} (is another ployzd using it?): {source}")]
+    Store { path: PathBuf, source: StoreError },
+    #[error("invalid raft config: {0}")]
+    RaftConfig(Box<openraft::ConfigError>),
+    #[error("raft failed to start: {0}")]
+    Raft(Box<Fatal<NodeId>>),
+}
+
+/// [`Node::initialize_single`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("this node is already initialized (it has a log or has voted); nothing to do")]
+    AlreadyInitialized,
+    #[error("initialized, but this node did not become leader within {timeout:?}")]
+    Timeout { timeout: Duration },
+    #[error("raft refused to initialize: {0}")]
+    Refused(String),
+    #[error("raft stopped: {0}")]
+    Fatal(Box<Fatal<NodeId>>),
+}
+
+/// [`Node::write`] failed. On `Timeout` the outcome is unknown: the transaction may still commit.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("this node is not part of a cluster yet: initialize it or add it to one")]
+    NotInitialized,
+    #[error("this node is not the leader; send the write to node {leader_id}")]
+    ForwardToLeader {
+        leader_id: NodeId,
+        leader_node: Option<PloyzNode>,
+    },
+    #[error("no leader or no quorum within {timeout:?}; the write may or may not be applied")]
+    Timeout { timeout: Duration },
+    #[error("raft refused the write: {0}")]
+    Refused(String),
+    #[error("raft stopped: {0}")]
+    Fatal(Box<Fatal<NodeId>>),
+}
+
+/// A read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("this node is not part of a cluster yet: initialize it or add it to one")]
+    NotInitialized,
+    #[error("linearizable reads are served by the leader, node {leader_id}")]
+    ForwardToLeader {
+        leader_id: NodeId,
+        leader_node: Option<PloyzNode>,
+    },
+    #[error("the leader could not confirm its leadership with a quorum: {0}")]
+    NoQuorum(QuorumNotEnough<NodeId>),
+    #[error("no leader or no quorum within {timeout:?}")]
+    Timeout { timeout: Duration },
+    #[error("no such bucket: {bucket}")]
+    NoSuchBucket { bucket: String },
+    #[error("reading the local state machine failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("raft stopped: {0}")]
+    Fatal(Box<Fatal<NodeId>>),
+}
+
+/// A membership change failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    #[error("this node is not part of a cluster yet: initialize it first")]
+    NotInitialized,
+    #[error("membership changes are made on the leader, node {leader_id}")]
+    ForwardToLeader {
+        leader_id: NodeId,
+        leader_node: Option<PloyzNode>,
+    },
+    #[error("no leader is known right now; retry once one is elected")]
+    NoLeader,
+    #[error(transparent)]
+    Change(#[from] ChangeMembershipError<NodeId>),
+    #[error("raft stopped: {0}")]
+    Fatal(Box<Fatal<NodeId>>),
+}
+
+/// [`Node::shutdown`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ShutdownError {
+    #[error("raft core task failed while stopping: {0}")]
+    Raft(String),
+    #[error("raft tasks still hold the database after {timeout:?} ({users} handles)")]
+    DatabaseBusy { users: usize, timeout: Duration },
+    #[error("final flush failed: {0}")]
+    Store(#[from] StoreError),
+}
+
+macro_rules! from_fatal {
+    ($($t:ty),*) => {$(
+        impl From<Fatal<NodeId>> for $t {
+            fn from(f: Fatal<NodeId>) -> Self {
+                Self::Fatal(Box::new(f))
+            }
+        }
+    )*};
+}
+from_fatal!(InitError, WriteError, ReadError, MembershipError);
+
+/// Where a request should go when this node cannot serve it.
+enum Redirect {
+    NotInitialized,
+    Leader(NodeId, Option<PloyzNode>),
+    /// No leader known (election in progress): wait and retry.
+    Wait,
+}
+
+/// A member of the replicated store.
+///
+/// Call [`Node::shutdown`] before dropping it: Raft's tasks keep running (and keep the database
+/// open) until then.
+pub struct Node {
+    id: NodeId,
+    raft: Raft,
+    sm: StateMachineStore,
+    servers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Node {
+    /// Opens the database in `cfg.dir` and starts Raft with the TCP network.
+    pub async fn open(cfg: NodeConfig) -> Result<Node, OpenError> {
+        let network = TcpNetworkFactory::new(cfg.node_id);
+        Self::open_with_network(cfg, network).await
+    }
+
+    /// Like [`Node::open`] with another transport.
+    pub async fn open_with_network<N>(cfg: NodeConfig, network: N) -> Result<Node, OpenError>
+    where
+        N: RaftNetworkFactory<crate::TypeConfig>,
+    {
+        if cfg.snapshot_logs_since_last == 0 {
+            return Err(OpenError::InvalidConfig(
+                "snapshot_logs_since_last must be > 0".to_string(),
+            ));
+        }
+        let config = cfg.raft_config().map_err(OpenError::RaftConfig)?;
+        std::fs::create_dir_all(&cfg.dir).map_err(|source| OpenError::CreateDir {
+            path: cfg.dir.clone(),
+            source,
+        })?;
+        let (log, sm) = store::open(&cfg.dir).map_err(|source| OpenError::Store {
+            path: cfg.dir.clone(),
+            source,
+        })?;
+        let raft = Raft::new(cfg.node_id, Arc::new(config), network, log, sm.clone())
+            .await
+            .map_err(|f| OpenError::Raft(Box::new(f)))?;
+        tracing::info!(
+            node_id = cfg.node_id,
+            machine_id = %cfg.node.machine_id,
+            dir = %cfg.dir.display(),
+            "raft node opened"
+        );
+        Ok(Node {
+            id: cfg.node_id,
+            raft,
+            sm,
+            servers: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Answers Raft RPCs on `listener` (bound to this node's `addr`) until shutdown.
+    pub fn serve(&self, listener: TcpListener) {
+        let task = tokio::spawn(serve_raft(listener, self.raft.clone()));
+        self.servers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
+    }
+
+    /// Founds a cluster whose only member is this node, advertised as `me` (its address may
+    /// only be known now, e.g. once the overlay is up), and waits until it leads.
+    pub async fn initialize_single(&self, me: PloyzNode) -> Result<(), InitError> {
+        let members = BTreeMap::from([(self.id, me)]);
+        match self.raft.initialize(members).await {
+            Ok(()) => {}
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                return Err(InitError::AlreadyInitialized)
+            }
+            Err(RaftError::APIError(e @ InitializeError::NotInMembers(_))) => {
+                return Err(InitError::Refused(e.to_string()))
+            }
+            Err(RaftError::Fatal(f)) => return Err(f.into()),
+        }
+        let timeout = DEFAULT_REQUEST_TIMEOUT;
+        self.raft
+            .wait(Some(timeout))
+            .metrics(|m| m.state == ServerState::Leader, "founder becomes leader")
+            .await
+            .map_err(|_| InitError::Timeout { timeout })?;
+        Ok(())
+    }
+
+    /// Whether this node belongs to a cluster (it has a log or a vote).
+    pub async fn is_initialized(&self) -> bool {
+        self.raft.is_initialized().await.unwrap_or(false)
+    }
+
+    /// Proposes `txn` and waits until it is applied here, up to [`DEFAULT_REQUEST_TIMEOUT`].
+    pub async fn write(&self, txn: Txn) -> Result<TxnResult, WriteError> {
+        self.write_timeout(txn, DEFAULT_REQUEST_TIMEOUT).await
+    }
+
+    /// [`Node::write`] with an explicit timeout; waits for a leader election if needed.
+    pub async fn write_timeout(
+        &self,
+        txn: Txn,
+        timeout: Duration,
+    ) -> Result<TxnResult, WriteError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let res = tokio::time::timeout_at(deadline, self.raft.client_write(txn.clone()))
+                .await
+                .map_err(|_| WriteError::Timeout { timeout })?;
+            let forward = match res {
+                Ok(resp) => return Ok(resp.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f,
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                    return Err(WriteError::Refused(e.to_string()))
+                }
+                Err(RaftError::Fatal(f)) => return Err(f.into()),
+            };
+            match self.redirect(forward).await {
+                Redirect::NotInitialized => return Err(WriteError::NotInitialized),
+                Redirect::Leader(leader_id, leader_node) => {
+                    return Err(WriteError::ForwardToLeader {
+                        leader_id,
+                        leader_node,
+                    })
+                }
+                Redirect::Wait => {
+                    if !self.wait_for_leader(deadline).await {
+                        return Err(WriteError::Timeout { timeout });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Linearizable read of a key's latest entry (a tombstone if it was deleted last).
+    pub async fn get(&self, bucket: &str, key: &str) -> Result<Option<Entry>, ReadError> {
+        self.linearize().await?;
+        self.get_local(bucket, key)
+    }
+
+    /// Linearizable list of the latest entry of every live key, sorted by key.
+    pub async fn list(&self, bucket: &str) -> Result<Vec<Entry>, ReadError> {
+        self.linearize().await?;
+        self.list_local(bucket)
+    }
+
+    /// Linearizable history of a key, oldest first.
+    pub async fn history(&self, bucket: &str, key: &str) -> Result<Vec<Entry>, ReadError> {
+        self.linearize().await?;
+        self.history_local(bucket, key)
+    }
+
+    /// Linearizable bucket statistics; `None` if the bucket does not exist.
+    pub async fn bucket(&self, bucket: &str) -> Result<Option<BucketInfo>, ReadError> {
+        self.linearize().await?;
+        self.bucket_local(bucket)
+    }
+
+    /// Reads this node's state machine without asking the leader (may be stale).
+    pub fn get_local(&self, bucket: &str, key: &str) -> Result<Option<Entry>, ReadError> {
+        self.require_bucket(bucket)?;
+        Ok(self.sm.get(bucket, key)?)
+    }
+
+    /// Local, possibly stale [`Node::list`].
+    pub fn list_local(&self, bucket: &str) -> Result<Vec<Entry>, ReadError> {
+        self.require_bucket(bucket)?;
+        Ok(self.sm.list(bucket)?)
+    }
+
+    /// Local, possibly stale [`Node::history`].
+    pub fn history_local(&self, bucket: &str, key: &str) -> Result<Vec<Entry>, ReadError> {
+        self.require_bucket(bucket)?;
+        Ok(self.sm.history(bucket, key)?)
+    }
+
+    /// Local, possibly stale [`Node::bucket`].
+    pub fn bucket_local(&self, bucket: &str) -> Result<Option<BucketInfo>, ReadError> {
+        Ok(self.sm.bucket_info(bucket)?)
+    }
+
+    /// Local list of bucket names.
+    pub fn buckets_local(&self) -> Result<Vec<String>, ReadError> {
+        Ok(self.sm.buckets()?)
+    }
+
+    /// Changes applied on this node from now on. A receiver that falls more than 4096 events
+    /// behind gets `RecvError::Lagged` and should re-read; [`KvEvent::Reset`] means the state
+    /// was replaced by a snapshot.
+    pub fn subscribe(&self) -> broadcast::Receiver<KvEvent> {
+        self.sm.subscribe()
+    }
+
+    /// Adds a non-voting member; with `blocking`, waits until it has caught up with the log.
+    pub async fn add_learner(
+        &self,
+        node_id: NodeId,
+        node: PloyzNode,
+        blocking: bool,
+    ) -> Result<(), MembershipError> {
+        let res = self.raft.add_learner(node_id, node, blocking).await;
+        self.membership_result(res).await
+    }
+
+    /// Makes `voters` the voting members (they must be learners or voters already); removed
+    /// voters leave the cluster entirely.
+    pub async fn change_membership(&self, voters: BTreeSet<NodeId>) -> Result<(), MembershipError> {
+        let res = self.raft.change_membership(voters, false).await;
+        self.membership_result(res).await
+    }
+
+    /// Stops serving RPCs, stops Raft, waits for its tasks to release the database and flushes
+    /// it. After this the node only answers local reads; drop it to reopen the directory.
+    pub async fn shutdown(&self) -> Result<(), ShutdownError> {
+        for task in self
+            .servers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| ShutdownError::Raft(e.to_string()))?;
+        // Our own handle is the one left once openraft's tasks (core, state machine worker,
+        // replication, snapshot builds) have dropped theirs.
+        let deadline = Instant::now() + RELEASE_TIMEOUT;
+        while self.sm.db_users() > 1 {
+            if Instant::now() >= deadline {
+                return Err(ShutdownError::DatabaseBusy {
+                    users: self.sm.db_users() - 1,
+                    timeout: RELEASE_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.sm.flush().await?;
+        tracing::info!(node_id = self.id, "raft node shut down");
+        Ok(())
+    }
+
+    // ---- helpers ----
+
+    fn require_bucket(&self, bucket: &str) -> Result<(), ReadError> {
+        match self.sm.bucket_info(bucket)? {
+            Some(_) => Ok(()),
+            None => Err(ReadError::NoSuchBucket {
+                bucket: bucket.to_string(),
+            }),
+        }
+    }
+
+    async fn redirect(&self, f: ForwardToLeader<NodeId, PloyzNode>) -> Redirect {
+        match f.leader_id {
+            Some(id) if id != self.id => Redirect::Leader(id, f.leader_node),
+            _ if !self.is_initialized().await => Redirect::NotInitialized,
+            _ => Redirect::Wait,
+        }
+    }
+
+    /// Waits until a leader is known (and, if it is us, until we act as leader). `false` when
+    /// the deadline passed first.
+    async fn wait_for_leader(&self, deadline: Instant) -> bool {
+        let id = self.id;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let ok = self
+            .raft
+            .wait(Some(remaining))
+            .metrics(
+                move |m| match m.current_leader {
+                    Some(l) if l == id => m.state == ServerState::Leader,
+                    Some(_) => true,
+                    None => false,
+                },
+                "leader known",
+            )
+            .await
+            .is_ok();
+        // Metrics can run slightly ahead of the core; do not spin.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        ok && Instant::now() < deadline
+    }
+
+    async fn linearize(&self) -> Result<(), ReadError> {
+        let timeout = DEFAULT_REQUEST_TIMEOUT;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let res = tokio::time::timeout_at(deadline, self.raft.ensure_linearizable())
+                .await
+                .map_err(|_| ReadError::Timeout { timeout })?;
+            let forward = match res {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => f,
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
+                    return Err(ReadError::NoQuorum(q))
+                }
+                Err(RaftError::Fatal(f)) => return Err(f.into()),
+            };
+            match self.redirect(forward).await {
+                Redirect::NotInitialized => return Err(ReadError::NotInitialized),
+                Redirect::Leader(leader_id, leader_node) => {
+                    return Err(ReadError::ForwardToLeader {
+                        leader_id,
+                        leader_node,
+                    })
+                }
+                Redirect::Wait => {
+                    if !self.wait_for_leader(deadline).await {
+                        return Err(ReadError::Timeout { timeout });
+                    }
+                }
+            }
+        }
+    }
+
+    async fn membership_result<T>(
+        &self,
+        res: Result<T, RaftError<NodeId, ClientWriteError<NodeId, PloyzNode>>>,
+    ) -> Result<(), MembershipError> {
+        let forward = match res {
+            Ok(_) => return Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f,
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                return Err(e.into())
+            }
+            Err(RaftError::Fatal(f)) => return Err(f.into()),
+        };
+        Err(match self.redirect(forward).await {
+            Redirect::NotInitialized => MembershipError::NotInitialized,
+            Redirect::Leader(leader_id, leader_node) => MembershipError::ForwardToLeader {
+                leader_id,
+                leader_node,
+            },
+            Redirect::Wait => MembershipError::NoLeader,
+        })
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for task in self
+            .servers
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+}

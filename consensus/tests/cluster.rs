@@ -1,0 +1,152 @@
+//! Three nodes in one process over TCP on 127.0.0.1.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use ployz_consensus::BucketConfig;
+use ployz_consensus::KvEvent;
+use ployz_consensus::Node;
+use ployz_consensus::NodeConfig;
+use ployz_consensus::Op;
+use ployz_consensus::PloyzNode;
+use ployz_consensus::ReadError;
+use ployz_consensus::Txn;
+use ployz_consensus::TxnResult;
+use ployz_consensus::WriteError;
+use tokio::net::TcpListener;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn start(id: u64, dir: &Path) -> (Node, PloyzNode) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let me = PloyzNode {
+        machine_id: format!("machine-{id}"),
+        addr: listener.local_addr().unwrap().to_string(),
+    };
+    let node = Node::open(NodeConfig {
+        node_id: id,
+        node: me.clone(),
+        dir: dir.join(format!("n{id}")),
+        // Small, so that a late joiner has to receive a snapshot.
+        snapshot_logs_since_last: 20,
+    })
+    .await
+    .unwrap();
+    node.serve(listener);
+    (node, me)
+}
+
+async fn write(node: &Node, ops: Vec<Op>) -> Vec<u64> {
+    match node.write(Txn::new(ops, 7)).await.expect("write") {
+        TxnResult::Applied { revisions } => revisions,
+        other => panic!("rejected: {other:?}"),
+    }
+}
+
+async fn wait_applied(node: &Node, index: u64) {
+    node.raft()
+        .wait(Some(WAIT))
+        .applied_index_at_least(Some(index), "replicated")
+        .await
+        .expect("follower catches up");
+}
+
+/// The leader's commit index: covers every write it has acknowledged.
+async fn leader_committed(node: &Node) -> u64 {
+    node.raft()
+        .ensure_linearizable()
+        .await
+        .expect("leader")
+        .expect("leader committed something")
+        .index
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_replicate_over_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, m1) = start(1, dir.path()).await;
+    let (n2, m2) = start(2, dir.path()).await;
+    let (n3, m3) = start(3, dir.path()).await;
+
+    n1.initialize_single(m1).await.unwrap();
+    n1.add_learner(2, m2, true).await.unwrap();
+    n1.change_membership(BTreeSet::from([1, 2])).await.unwrap();
+
+    let mut events3 = n3.subscribe();
+    write(&n1, vec![Op::create_bucket("cfg", BucketConfig::default())]).await;
+    for i in 0..60u64 {
+        let revs = write(
+            &n1,
+            vec![Op::put("cfg", format!("k{i:02}"), format!("{i}"))],
+        )
+        .await;
+        assert_eq!(revs, [i + 1]);
+    }
+    let idx = leader_committed(&n1).await;
+    wait_applied(&n2, idx).await;
+    assert_eq!(n2.list_local("cfg").unwrap().len(), 60);
+
+    // The log was compacted on the leader, so node 3 must be brought up by a snapshot.
+    n1.raft()
+        .wait(Some(WAIT))
+        .metrics(|m| m.purged.is_some(), "leader purged its log")
+        .await
+        .unwrap();
+    n1.add_learner(3, m3, true).await.unwrap();
+    n1.change_membership(BTreeSet::from([1, 2, 3]))
+        .await
+        .unwrap();
+    let voters: BTreeSet<u64> = n1
+        .raft()
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    assert_eq!(voters, BTreeSet::from([1, 2, 3]));
+
+    let revs = write(&n1, vec![Op::put("cfg", "after", "join")]).await;
+    assert_eq!(revs, [61]);
+    let idx = leader_committed(&n1).await;
+    for n in [&n2, &n3] {
+        wait_applied(n, idx).await;
+        let e = n.get_local("cfg", "after").unwrap().unwrap();
+        assert_eq!((e.value.as_slice(), e.revision), (&b"join"[..], 61));
+        assert_eq!(n.list_local("cfg").unwrap().len(), 61);
+        assert_eq!(n.bucket_local("cfg").unwrap().unwrap().last_seq, 61);
+    }
+    // Node 3 started from a snapshot: it saw a reset, then the live entry.
+    let mut saw_reset = false;
+    let mut saw_after = false;
+    while let Ok(ev) = events3.try_recv() {
+        match ev {
+            KvEvent::Reset => saw_reset = true,
+            KvEvent::Entry(e) if e.key == "after" => saw_after = true,
+            _ => {}
+        }
+    }
+    assert!(saw_reset && saw_after);
+
+    // Followers redirect writes and linearizable reads to the leader.
+    match n2.write(Txn::new(vec![Op::put("cfg", "x", "y")], 0)).await {
+        Err(WriteError::ForwardToLeader {
+            leader_id,
+            leader_node,
+        }) => {
+            assert_eq!(leader_id, 1);
+            assert_eq!(leader_node.unwrap().machine_id, "machine-1");
+        }
+        other => panic!("expected ForwardToLeader, got {other:?}"),
+    }
+    assert!(matches!(
+        n3.get("cfg", "after").await,
+        Err(ReadError::ForwardToLeader { leader_id: 1, .. })
+    ));
+    assert_eq!(n1.get("cfg", "after").await.unwrap().unwrap().revision, 61);
+
+    for n in [&n1, &n2, &n3] {
+        n.shutdown().await.unwrap();
+    }
+}
