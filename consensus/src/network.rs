@@ -10,6 +10,7 @@
 //! `install_snapshot` RPC (chunk size `Config::snapshot_max_chunk_size`).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -109,44 +110,100 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Ve
     Ok(Some(buf))
 }
 
-type Conn = BufReader<BufWriter<TcpStream>>;
-type Pool = Arc<Mutex<HashMap<(NodeId, String), Vec<Conn>>>>;
-
-/// Creates TCP clients for openraft; clones share the connection pool.
-#[derive(Clone)]
-pub struct TcpNetworkFactory {
-    self_id: NodeId,
-    pool: Pool,
+/// A framed, request/response connection to a peer. The plain TCP one is [`TcpConn`]; the
+/// daemon supplies an authenticated, encrypted one.
+pub trait FrameConn: Send + 'static {
+    /// Send one frame.
+    fn send(&mut self, frame: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+    /// Receive one frame; `None` when the peer closed the connection cleanly.
+    fn recv(&mut self) -> impl Future<Output = io::Result<Option<Vec<u8>>>> + Send;
 }
 
-impl TcpNetworkFactory {
+/// Opens [`FrameConn`]s to a peer address.
+pub trait Dialer: Clone + Send + Sync + 'static {
+    type Conn: FrameConn;
+    fn dial(&self, addr: &str) -> impl Future<Output = io::Result<Self::Conn>> + Send;
+}
+
+/// Length-prefixed frames over a plain TCP stream.
+pub struct TcpConn(BufReader<BufWriter<TcpStream>>);
+
+impl TcpConn {
+    pub fn new(stream: TcpStream) -> io::Result<Self> {
+        stream.set_nodelay(true)?;
+        Ok(TcpConn(BufReader::new(BufWriter::new(stream))))
+    }
+}
+
+impl FrameConn for TcpConn {
+    async fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        write_frame(&mut self.0, frame).await
+    }
+
+    async fn recv(&mut self) -> io::Result<Option<Vec<u8>>> {
+        read_frame(&mut self.0).await
+    }
+}
+
+/// Dials plain TCP (tests, and anything already inside an encrypted network).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlainTcp;
+
+impl Dialer for PlainTcp {
+    type Conn = TcpConn;
+
+    async fn dial(&self, addr: &str) -> io::Result<TcpConn> {
+        TcpConn::new(TcpStream::connect(addr).await?)
+    }
+}
+
+type Pool<C> = Arc<Mutex<HashMap<(NodeId, String), Vec<C>>>>;
+
+/// Creates Raft clients for openraft over a [`Dialer`]; clones share the connection pool.
+#[derive(Clone)]
+pub struct TcpNetworkFactory<D: Dialer = PlainTcp> {
+    self_id: NodeId,
+    dialer: D,
+    pool: Pool<D::Conn>,
+}
+
+impl TcpNetworkFactory<PlainTcp> {
     pub fn new(self_id: NodeId) -> Self {
+        Self::with_dialer(self_id, PlainTcp)
+    }
+}
+
+impl<D: Dialer> TcpNetworkFactory<D> {
+    pub fn with_dialer(self_id: NodeId, dialer: D) -> Self {
         Self {
             self_id,
+            dialer,
             pool: Arc::default(),
         }
     }
 }
 
-impl RaftNetworkFactory<TypeConfig> for TcpNetworkFactory {
-    type Network = TcpNetwork;
+impl<D: Dialer> RaftNetworkFactory<TypeConfig> for TcpNetworkFactory<D> {
+    type Network = TcpNetwork<D>;
 
-    async fn new_client(&mut self, target: NodeId, node: &PloyzNode) -> TcpNetwork {
+    async fn new_client(&mut self, target: NodeId, node: &PloyzNode) -> TcpNetwork<D> {
         TcpNetwork {
             self_id: self.self_id,
             target,
             node: node.clone(),
+            dialer: self.dialer.clone(),
             pool: self.pool.clone(),
         }
     }
 }
 
 /// A client for one peer.
-pub struct TcpNetwork {
+pub struct TcpNetwork<D: Dialer = PlainTcp> {
     self_id: NodeId,
     target: NodeId,
     node: PloyzNode,
-    pool: Pool,
+    dialer: D,
+    pool: Pool<D::Conn>,
 }
 
 /// Why an RPC got no answer.
@@ -169,17 +226,17 @@ enum CallError {
     Timeout,
 }
 
-impl TcpNetwork {
+impl<D: Dialer> TcpNetwork<D> {
     fn pool_key(&self) -> (NodeId, String) {
         (self.target, self.node.addr.clone())
     }
 
-    fn take_idle(&self) -> Option<Conn> {
+    fn take_idle(&self) -> Option<D::Conn> {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         pool.get_mut(&self.pool_key()).and_then(Vec::pop)
     }
 
-    fn put_idle(&self, conn: Conn) {
+    fn put_idle(&self, conn: D::Conn) {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         let idle = pool.entry(self.pool_key()).or_default();
         if idle.len() < MAX_IDLE_PER_PEER {
@@ -187,21 +244,19 @@ impl TcpNetwork {
         }
     }
 
-    async fn connect(&self) -> Result<Conn, CallError> {
-        let unreachable = |source| CallError::Unreachable {
-            addr: self.node.addr.clone(),
-            source,
-        };
-        let stream = TcpStream::connect(&self.node.addr)
+    async fn connect(&self) -> Result<D::Conn, CallError> {
+        self.dialer
+            .dial(&self.node.addr)
             .await
-            .map_err(unreachable)?;
-        stream.set_nodelay(true).map_err(unreachable)?;
-        Ok(BufReader::new(BufWriter::new(stream)))
+            .map_err(|source| CallError::Unreachable {
+                addr: self.node.addr.clone(),
+                source,
+            })
     }
 
-    async fn roundtrip(conn: &mut Conn, req: &[u8]) -> io::Result<Vec<u8>> {
-        write_frame(conn, req).await?;
-        read_frame(conn).await?.ok_or_else(|| {
+    async fn roundtrip(conn: &mut D::Conn, req: &[u8]) -> io::Result<Vec<u8>> {
+        conn.send(req).await?;
+        conn.recv().await?.ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "peer closed the connection before answering",
@@ -283,7 +338,7 @@ impl TcpNetwork {
     }
 }
 
-impl RaftNetwork<TypeConfig> for TcpNetwork {
+impl<D: Dialer> RaftNetwork<TypeConfig> for TcpNetwork<D> {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
@@ -354,23 +409,31 @@ pub async fn serve_raft(listener: TcpListener, raft: Raft) {
 }
 
 async fn serve_conn(stream: TcpStream, raft: Raft) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    let mut conn = BufReader::new(BufWriter::new(stream));
-    while let Some(frame) = read_frame(&mut conn).await? {
+    serve_frames(TcpConn::new(stream)?, &raft).await
+}
+
+/// Answer Raft RPCs on an established connection until the peer closes it.
+pub async fn serve_frames<C: FrameConn>(mut conn: C, raft: &Raft) -> io::Result<()> {
+    while let Some(frame) = conn.recv().await? {
         let req: RaftRequest = serde_json::from_slice(&frame)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let resp = match req {
-            RaftRequest::AppendEntries(rpc) => {
-                RaftResponse::AppendEntries(raft.append_entries(rpc).await)
-            }
-            RaftRequest::Vote(rpc) => RaftResponse::Vote(raft.vote(rpc).await),
-            RaftRequest::InstallSnapshot(rpc) => {
-                RaftResponse::InstallSnapshot(raft.install_snapshot(rpc).await)
-            }
-        };
+        let resp = handle(raft, req).await;
         let bytes =
             serde_json::to_vec(&resp).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        write_frame(&mut conn, &bytes).await?;
+        conn.send(&bytes).await?;
     }
     Ok(())
+}
+
+/// Answer one Raft RPC.
+pub async fn handle(raft: &Raft, req: RaftRequest) -> RaftResponse {
+    match req {
+        RaftRequest::AppendEntries(rpc) => {
+            RaftResponse::AppendEntries(raft.append_entries(rpc).await)
+        }
+        RaftRequest::Vote(rpc) => RaftResponse::Vote(raft.vote(rpc).await),
+        RaftRequest::InstallSnapshot(rpc) => {
+            RaftResponse::InstallSnapshot(raft.install_snapshot(rpc).await)
+        }
+    }
 }

@@ -8,5 +8,6 @@
 pub mod daemon;
 pub mod identity;
 pub mod rules;
+pub mod seal;
 pub mod server;
 pub mod store;

@@ -1,0 +1,1 @@
+//! NATS server IO (in progress).
