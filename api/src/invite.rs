@@ -33,6 +33,8 @@ pub struct InviteClaims {
     pub issuer_endpoints: Vec<String>,
     pub issuer_overlay_ip: String,
     pub issuer_wg_public_key: String,
+    /// Where the joiner reaches the issuer's ployzd for the join handshake.
+    pub issuer_peer_addrs: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -114,6 +116,7 @@ mod tests {
             issuer_endpoints: vec!["192.0.2.1:51820".into()],
             issuer_overlay_ip: "10.101.1.1".into(),
             issuer_wg_public_key: "wg".into(),
+            issuer_peer_addrs: vec!["192.0.2.1:7101".into()],
         }
     }
 

@@ -144,6 +144,9 @@ pub struct MachineRecord {
     pub wg_public_key: String,
     /// Underlay endpoint candidates `ip:port`, best first.
     pub endpoints: Vec<String>,
+    /// Where this machine's ployzd answers peers (Raft, forwarded requests), `ip:port`.
+    #[serde(default)]
+    pub peer_addr: String,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
 }

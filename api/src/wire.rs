@@ -35,6 +35,21 @@ pub enum Request {
     InviteRevoke {
         invite_id: String,
     },
+    /// Join the network an invite token is for (run on the joining machine).
+    InviteImport {
+        token: String,
+    },
+    /// Add machines to the storage (Raft voter) set.
+    StoragePromote {
+        replicas: u8,
+        machines: Vec<String>,
+    },
+    /// Remove a machine from the network.
+    MachineRm {
+        machine: String,
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -88,6 +103,38 @@ pub enum Response {
     InviteCreated(InviteCreated),
     Invites(InviteList),
     Invite(InviteView),
+    Promoted(PromoteReport),
+    Removed(RemoveReport),
+}
+
+/// `machine storage promote --json`: one result per target.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PromoteReport {
+    pub replicas: u8,
+    pub voters: Vec<String>,
+    pub results: Vec<TargetResult>,
+}
+
+/// Outcome for one target of a multi-target command.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TargetResult {
+    pub machine: String,
+    pub ok: bool,
+    /// The step that failed (absent on success).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// What happened, or why it failed.
+    pub message: String,
+}
+
+/// `machine rm --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemoveReport {
+    pub machine: String,
+    /// Whether the machine itself cleaned up (false with `--force`).
+    pub cleaned_up: bool,
+    /// Whether it was a storage machine and left the voter set.
+    pub left_storage: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -155,6 +202,7 @@ pub struct MachineView {
     pub version: String,
     pub runtime: String,
     pub endpoints: Vec<String>,
+    pub peer_addr: String,
     pub wg_public_key: String,
     pub created_at: String,
     pub updated_at: String,
@@ -174,6 +222,7 @@ impl From<&MachineRecord> for MachineView {
             version: m.version.clone(),
             runtime: m.runtime.clone(),
             endpoints: m.endpoints.clone(),
+            peer_addr: m.peer_addr.clone(),
             wg_public_key: m.wg_public_key.clone(),
             created_at: rfc3339(m.created_at_ms),
             updated_at: rfc3339(m.updated_at_ms),

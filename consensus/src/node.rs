@@ -371,6 +371,14 @@ impl Node {
         self.list_local(bucket)
     }
 
+    /// Linearizable list of the latest entry of every key, tombstones included, sorted by key
+    /// (what a JetStream `last_per_subject` consumer delivers).
+    pub async fn list_all(&self, bucket: &str) -> Result<Vec<Entry>, ReadError> {
+        self.linearize().await?;
+        self.require_bucket(bucket)?;
+        Ok(self.sm.list_all(bucket)?)
+    }
+
     /// Linearizable history of a key, oldest first.
     pub async fn history(&self, bucket: &str, key: &str) -> Result<Vec<Entry>, ReadError> {
         self.linearize().await?;

@@ -4,6 +4,11 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use x25519_dalek::{PublicKey, StaticSecret};
 
+/// Decode a standard-base64 WireGuard public key.
+pub fn decode_public(s: &str) -> Option<[u8; 32]> {
+    STANDARD.decode(s).ok()?.try_into().ok()
+}
+
 pub struct WgKeyPair {
     secret: StaticSecret,
 }
@@ -23,6 +28,14 @@ impl WgKeyPair {
 
     pub fn secret_bytes(&self) -> [u8; 32] {
         self.secret.to_bytes()
+    }
+
+    pub fn static_secret(&self) -> &StaticSecret {
+        &self.secret
+    }
+
+    pub fn public_bytes(&self) -> [u8; 32] {
+        PublicKey::from(&self.secret).to_bytes()
     }
 
     pub fn public_base64(&self) -> String {

@@ -14,6 +14,8 @@ pub mod exit {
     pub const INTERNAL: i32 = 1;
     pub const USAGE: i32 = 2;
     pub const NO_DAEMON: i32 = 3;
+    /// A multi-target command where some targets failed.
+    pub const PARTIAL: i32 = 9;
 }
 
 #[derive(Parser)]
@@ -80,6 +82,28 @@ enum MachineCmd {
     /// Single-use join tokens.
     #[command(subcommand)]
     Invite(InviteCmd),
+    /// The storage (Raft voter) set.
+    #[command(subcommand)]
+    Storage(StorageCmd),
+    /// Remove a machine from the network.
+    Rm {
+        /// Only delete the membership record; do not ask the machine to clean up.
+        #[arg(long)]
+        force: bool,
+        machine: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum StorageCmd {
+    /// Add machines to the storage set so it holds `--replicas` machines.
+    Promote {
+        /// Size of the storage set after promotion: 3 or 5.
+        #[arg(long)]
+        replicas: u8,
+        #[arg(required = true)]
+        machines: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -95,6 +119,11 @@ enum InviteCmd {
     List,
     /// Revoke an unused invite.
     Revoke { invite_id: String },
+    /// Join the network of an invite (run on the joining machine).
+    Import {
+        #[arg(long)]
+        token: String,
+    },
 }
 
 fn request_of(cmd: Top) -> Request {
@@ -132,6 +161,13 @@ fn request_of(cmd: Top) -> Request {
         Top::Machine(MachineCmd::Invite(InviteCmd::Revoke { invite_id })) => {
             Request::InviteRevoke { invite_id }
         }
+        Top::Machine(MachineCmd::Invite(InviteCmd::Import { token })) => {
+            Request::InviteImport { token }
+        }
+        Top::Machine(MachineCmd::Storage(StorageCmd::Promote { replicas, machines })) => {
+            Request::StoragePromote { replicas, machines }
+        }
+        Top::Machine(MachineCmd::Rm { force, machine }) => Request::MachineRm { machine, force },
     }
 }
 
@@ -154,7 +190,11 @@ fn main() {
     let code = match client::call(&socket, &request) {
         Ok(Ok(resp)) => {
             output::print_response(&resp, json);
-            exit::OK
+            if output::has_failures(&resp) {
+                exit::PARTIAL
+            } else {
+                exit::OK
+            }
         }
         Ok(Err(api)) => {
             output::print_error(&api, json);

@@ -178,6 +178,57 @@ pub fn print_response(resp: &Response, json: bool) {
             }
             println!("invite {} is {}", i.invite_id, i.status);
         }
+        Response::Promoted(r) => {
+            if json {
+                return print_json(r);
+            }
+            let rows: Vec<Vec<String>> = r
+                .results
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.machine.clone(),
+                        if t.ok { "ok".into() } else { "FAILED".into() },
+                        t.step.clone().unwrap_or_else(|| "-".into()),
+                        t.message.clone(),
+                    ]
+                })
+                .collect();
+            print!("{}", table(&["MACHINE", "RESULT", "STEP", "DETAIL"], &rows));
+            println!(
+                "storage set ({} of --replicas {}): {}",
+                r.voters.len(),
+                r.replicas,
+                r.voters.join(", ")
+            );
+        }
+        Response::Removed(r) => {
+            if json {
+                return print_json(r);
+            }
+            println!(
+                "machine {} removed{}{}",
+                r.machine,
+                if r.cleaned_up {
+                    " (it stopped its workloads, left the mesh and deleted its state)"
+                } else {
+                    " (record only: the machine itself was not cleaned up)"
+                },
+                if r.left_storage {
+                    "; it left the storage set"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+}
+
+/// Whether a multi-target answer reports a failed target.
+pub fn has_failures(resp: &Response) -> bool {
+    match resp {
+        Response::Promoted(r) => r.results.iter().any(|t| !t.ok),
+        _ => false,
     }
 }
 

@@ -1,28 +1,42 @@
 //! The daemon core: one [`Request`] in, one reply out. Everything the socket
-//! (and later the control plane) asks of a machine goes through
-//! [`Daemon::handle`].
+//! and the peers ask of a machine goes through [`Daemon::handle`].
+//!
+//! Store access goes through [`Daemon::write`], [`Daemon::get`] and
+//! [`Daemon::list`]: served by the local Raft replica when it can, otherwise
+//! forwarded over the peer channel to the leader (or, on a compute machine,
+//! to any storage machine, which forwards in turn).
 
 use crate::identity::Identity;
+use crate::peer::{self, ClusterSecret, PeerRequest, PeerResponse, SecretSlot};
 use crate::rules;
-use crate::store::{self, put, Store, Versioned};
+use crate::store::{self, put, Versioned};
 use ployz_api::invite::{self, InviteClaims};
 use ployz_api::time::now_ms;
 use ployz_api::*;
-use ployz_consensus::kv::{Expect, Rejection};
-use ployz_consensus::{InitError, Node, NodeConfig, PloyzNode};
+use ployz_consensus::{
+    Entry, Expect, InitError, Node, NodeConfig, PloyzNode, ReadError, Rejection, TcpNetworkFactory,
+    Txn, TxnResult, WriteError,
+};
 use ployz_mesh::overlay::ClusterRange;
 use ployz_runtime::RuntimeKind;
 use rand::RngCore;
+use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::RwLock;
+use std::time::Duration;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-/// Raft traffic port on a machine's overlay address.
-pub const RAFT_PORT: u16 = 7101;
 /// Longest invite lifetime accepted (7 days).
 pub const MAX_INVITE_TTL_SECS: u64 = 7 * 24 * 3600;
 /// Compare-and-set retries before a contended update gives up.
-const CAS_RETRIES: usize = 8;
+pub(crate) const CAS_RETRIES: usize = 16;
+/// Forwarding hops before a request is considered looping.
+const MAX_HOPS: u8 = 3;
+/// Deadline of one forwarded call.
+pub(crate) const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// File with the network secret and the storage machines, 0600.
+pub const CLUSTER_FILE: &str = "cluster.json";
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -30,17 +44,33 @@ pub struct DaemonConfig {
     pub runtime: RuntimeKind,
     pub region: String,
     pub wg_port: u16,
+    /// Where peers reach this ployzd, `ip:port` (advertised in records).
+    pub peer_addr: String,
     /// Log entries between snapshots.
     pub snapshot_every: u64,
 }
 
+/// What a machine keeps about its network outside the store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ClusterFile {
+    pub secret: ClusterSecret,
+    pub network_name: String,
+    /// Storage machines as `(machine_id, peer_addr)`, refreshed as they change.
+    pub storage_peers: Vec<(String, String)>,
+}
+
 pub struct Daemon {
-    cfg: DaemonConfig,
-    identity: Identity,
-    store: Store,
-    hostname: String,
-    /// Serialises `mesh init` so two concurrent calls cannot both found.
-    init_lock: tokio::sync::Mutex<()>,
+    pub(crate) cfg: DaemonConfig,
+    pub(crate) identity: Identity,
+    pub(crate) node: Node,
+    pub(crate) secret: SecretSlot,
+    pub(crate) cluster: RwLock<Option<ClusterFile>>,
+    pub(crate) hostname: String,
+    /// Serialises `mesh init` and `invite import` so a machine founds or
+    /// joins at most one network.
+    pub(crate) init_lock: tokio::sync::Mutex<()>,
+    /// Set when the network asked this machine to leave: main exits.
+    pub(crate) exit: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,14 +82,20 @@ pub enum StartError {
         dir: PathBuf,
         source: ployz_consensus::OpenError,
     },
+    #[error("{path} is corrupt ({why}); restore it or remove the data directory to start afresh")]
+    ClusterFile { path: PathBuf, why: String },
 }
 
-fn invalid(msg: impl Into<String>) -> ApiError {
+pub(crate) fn invalid(msg: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::InvalidArgument, msg)
 }
 
-fn internal(msg: impl Into<String>) -> ApiError {
+pub(crate) fn internal(msg: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::Internal, msg)
+}
+
+pub(crate) fn refused(msg: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::Refused, msg)
 }
 
 /// Network names: DNS-label-like, so they fit in hostnames and KV keys.
@@ -95,7 +131,7 @@ pub fn validate_region(region: &str) -> Result<(), ApiError> {
     }
 }
 
-fn random_hex(bytes: usize) -> String {
+pub(crate) fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     rand::rngs::OsRng.fill_bytes(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -110,27 +146,55 @@ fn hostname() -> String {
 impl Daemon {
     pub async fn open(cfg: DaemonConfig) -> Result<Daemon, StartError> {
         let identity = Identity::load_or_create(&cfg.data_dir)?;
+        let cluster_path = cfg.data_dir.join(CLUSTER_FILE);
+        let cluster: Option<ClusterFile> = match std::fs::read(&cluster_path) {
+            Ok(bytes) => {
+                Some(
+                    serde_json::from_slice(&bytes).map_err(|e| StartError::ClusterFile {
+                        path: cluster_path.clone(),
+                        why: e.to_string(),
+                    })?,
+                )
+            }
+            Err(_) => None,
+        };
+        let secret = SecretSlot::default();
+        secret.set(cluster.as_ref().map(|c| c.secret.clone()));
         let store_dir = cfg.data_dir.join("store");
-        let node = Node::open(NodeConfig {
-            node_id: identity.node_id,
-            node: PloyzNode {
-                machine_id: identity.machine_id.clone(),
-                addr: String::new(),
+        let network = TcpNetworkFactory::with_dialer(
+            identity.node_id,
+            peer::RaftDialer {
+                secret: secret.clone(),
+                me: identity.machine_id.clone(),
             },
-            dir: store_dir.clone(),
-            snapshot_logs_since_last: cfg.snapshot_every,
-        })
+        );
+        let node = Node::open_with_network(
+            NodeConfig {
+                node_id: identity.node_id,
+                node: PloyzNode {
+                    machine_id: identity.machine_id.clone(),
+                    addr: cfg.peer_addr.clone(),
+                },
+                dir: store_dir.clone(),
+                snapshot_logs_since_last: cfg.snapshot_every,
+            },
+            network,
+        )
         .await
         .map_err(|source| StartError::Store {
             dir: store_dir,
             source,
         })?;
+        let (exit, _) = tokio::sync::watch::channel(false);
         Ok(Daemon {
             cfg,
             identity,
-            store: Store::new(node),
+            node,
+            secret,
+            cluster: RwLock::new(cluster),
             hostname: hostname(),
             init_lock: tokio::sync::Mutex::new(()),
+            exit,
         })
     }
 
@@ -138,13 +202,59 @@ impl Daemon {
         &self.identity.machine_id
     }
 
+    /// Resolves when the network has asked this machine to leave.
+    pub fn exit_requested(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.exit.subscribe()
+    }
+
     pub async fn shutdown(&self) {
-        if let Err(e) = self.store.node().shutdown().await {
+        if let Err(e) = self.node.shutdown().await {
             tracing::warn!("store shutdown: {e}");
         }
     }
 
+    pub(crate) fn cluster_file(&self) -> Option<ClusterFile> {
+        self.cluster
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn save_cluster_file(&self, file: Option<ClusterFile>) -> Result<(), ApiError> {
+        let path = self.cfg.data_dir.join(CLUSTER_FILE);
+        match &file {
+            Some(f) => crate::identity::write_private_atomic(
+                &path,
+                &serde_json::to_vec_pretty(f).expect("cluster file serialises"),
+            )
+            .map_err(|e| internal(format!("cannot write {}: {e}", path.display())))?,
+            None => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        self.secret.set(file.as_ref().map(|f| f.secret.clone()));
+        *self.cluster.write().unwrap_or_else(|e| e.into_inner()) = file;
+        Ok(())
+    }
+
+    /// Remember the current storage machines (for forwarding from a
+    /// machine that holds no replica).
+    pub(crate) fn set_storage_peers(&self, peers: Vec<(String, String)>) {
+        let mut file = match self.cluster_file() {
+            Some(f) if f.storage_peers != peers && !peers.is_empty() => f,
+            _ => return,
+        };
+        file.storage_peers = peers;
+        if let Err(e) = self.save_cluster_file(Some(file)) {
+            tracing::warn!("{e}");
+        }
+    }
+
     pub async fn handle(&self, req: Request) -> Result<Response, ApiError> {
+        self.handle_hops(req, 0).await
+    }
+
+    pub(crate) async fn handle_hops(&self, req: Request, hops: u8) -> Result<Response, ApiError> {
         match req {
             Request::MeshInit {
                 network,
@@ -172,25 +282,246 @@ impl Daemon {
             Request::InviteRevoke { invite_id } => {
                 self.invite_revoke(&invite_id).await.map(Response::Invite)
             }
+            Request::InviteImport { token } => self
+                .invite_import(&token)
+                .await
+                .map(|s| Response::Status(Box::new(s))),
+            Request::StoragePromote { replicas, machines } => self
+                .storage_promote(replicas, machines, hops)
+                .await
+                .map(Response::Promoted),
+            Request::MachineRm { machine, force } => self
+                .machine_rm(&machine, force, hops)
+                .await
+                .map(Response::Removed),
         }
     }
 
-    async fn network(&self) -> Result<Option<NetworkRecord>, ApiError> {
-        if !self.store.node().is_initialized().await {
+    // -----------------------------------------------------------------------
+    // Store access with forwarding
+
+    async fn forward(&self, addr: &str, req: PeerRequest) -> Result<PeerResponse, ApiError> {
+        let secret = self.secret.get().ok_or_else(store::no_network)?;
+        peer::call(addr, &secret, self.machine_id(), &req, PEER_CALL_TIMEOUT)
+            .await
+            .map_err(|e| store::unavailable(format!("forwarding to {addr} failed: {e}")))
+    }
+
+    /// Forward to the storage machines this one knows, first answer wins.
+    async fn forward_any(&self, req: PeerRequest) -> Result<PeerResponse, ApiError> {
+        let peers = match self.cluster_file() {
+            Some(f) => f.storage_peers,
+            None => return Err(store::no_network()),
+        };
+        let mut errors = Vec::new();
+        for (id, addr) in peers.iter().filter(|(id, _)| id != self.machine_id()) {
+            match self.forward(addr, req.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(e) => errors.push(format!("{id} ({addr}): {}", e.message)),
+            }
+        }
+        Err(store::unavailable(format!(
+            "no storage machine answered [{}]",
+            errors.join("; ")
+        )))
+    }
+
+    async fn route(
+        &self,
+        leader: Option<PloyzNode>,
+        req: PeerRequest,
+        hops: u8,
+    ) -> Result<PeerResponse, ApiError> {
+        if hops >= MAX_HOPS {
+            return Err(store::unavailable(
+                "the request was forwarded too many times (leadership is changing); retry",
+            ));
+        }
+        match leader {
+            Some(n) if !n.addr.is_empty() && n.machine_id != self.identity.machine_id => {
+                self.forward(&n.addr, req).await
+            }
+            Some(_) => Err(store::unavailable(
+                "no storage leader is elected right now (an election is in progress, or a majority of storage machines is unreachable)",
+            )),
+            None => self.forward_any(req).await,
+        }
+    }
+
+    pub(crate) async fn write_txn(&self, txn: Txn, hops: u8) -> Result<TxnResult, ApiError> {
+        let leader = match self.node.write(txn.clone()).await {
+            Ok(r) => return Ok(r),
+            Err(WriteError::ForwardToLeader { leader_node, .. }) => {
+                Some(leader_node.unwrap_or_default())
+            }
+            Err(WriteError::NotInitialized) => None,
+            Err(e) => return Err(store::map_write(e)),
+        };
+        match self
+            .route(
+                leader,
+                PeerRequest::Write {
+                    txn,
+                    hops: hops + 1,
+                },
+                hops,
+            )
+            .await?
+        {
+            PeerResponse::Written(r) => Ok(r),
+            PeerResponse::Error(e) => Err(e),
+            other => Err(internal(format!("unexpected peer answer {other:?}"))),
+        }
+    }
+
+    pub(crate) async fn get_entry(
+        &self,
+        bucket: &str,
+        key: &str,
+        hops: u8,
+    ) -> Result<Option<Entry>, ApiError> {
+        let leader = match self.node.get(bucket, key).await {
+            Ok(e) => return Ok(e),
+            Err(ReadError::NoSuchBucket { .. }) => return Ok(None),
+            Err(ReadError::ForwardToLeader { leader_node, .. }) => {
+                Some(leader_node.unwrap_or_default())
+            }
+            Err(ReadError::NotInitialized) => None,
+            Err(e) => return Err(store::map_read(e)),
+        };
+        let req = PeerRequest::Get {
+            bucket: bucket.into(),
+            key: key.into(),
+            hops: hops + 1,
+        };
+        match self.route(leader, req, hops).await? {
+            PeerResponse::Entry(e) => Ok(e),
+            PeerResponse::Error(e) => Err(e),
+            other => Err(internal(format!("unexpected peer answer {other:?}"))),
+        }
+    }
+
+    pub(crate) async fn list_entries(
+        &self,
+        bucket: &str,
+        hops: u8,
+    ) -> Result<Vec<Entry>, ApiError> {
+        let leader = match self.node.list(bucket).await {
+            Ok(e) => return Ok(e),
+            Err(ReadError::NoSuchBucket { .. }) => return Ok(Vec::new()),
+            Err(ReadError::ForwardToLeader { leader_node, .. }) => {
+                Some(leader_node.unwrap_or_default())
+            }
+            Err(ReadError::NotInitialized) => None,
+            Err(e) => return Err(store::map_read(e)),
+        };
+        let req = PeerRequest::List {
+            bucket: bucket.into(),
+            hops: hops + 1,
+        };
+        match self.route(leader, req, hops).await? {
+            PeerResponse::Entries(e) => Ok(e),
+            PeerResponse::Error(e) => Err(e),
+            other => Err(internal(format!("unexpected peer answer {other:?}"))),
+        }
+    }
+
+    /// Apply `ops` atomically. `Ok(Err(..))` is a replicated rejection: the
+    /// store is fine, a precondition did not hold, nothing changed.
+    pub(crate) async fn txn(
+        &self,
+        ops: Vec<ployz_consensus::Op>,
+    ) -> Result<Result<Vec<u64>, (usize, Rejection)>, ApiError> {
+        let txn = Txn {
+            ops,
+            now_ms: now_ms(),
+        };
+        match self.write_txn(txn, 0).await? {
+            TxnResult::Applied { revisions } => Ok(Ok(revisions)),
+            TxnResult::Rejected { op_index, reason } => Ok(Err((op_index, reason))),
+        }
+    }
+
+    pub(crate) async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<Versioned<T>>, ApiError> {
+        match self.get_entry(bucket, key, 0).await? {
+            Some(e) if e.is_live() => store::decode(&e).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    pub(crate) async fn list<T: serde::de::DeserializeOwned>(
+        &self,
+        bucket: &str,
+    ) -> Result<Vec<Versioned<T>>, ApiError> {
+        self.list_entries(bucket, 0)
+            .await?
+            .iter()
+            .filter(|e| e.is_live())
+            .map(store::decode)
+            .collect()
+    }
+
+    /// Whether this machine is in a network (founded or joined).
+    pub(crate) async fn in_network(&self) -> bool {
+        self.cluster_file().is_some() || self.node.is_initialized().await
+    }
+
+    /// The Raft voters as `(machine_id, peer_addr)`, from this replica's view.
+    pub(crate) fn voters(&self) -> Vec<(u64, PloyzNode)> {
+        let m = self.node.raft().metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        membership
+            .voter_ids()
+            .filter_map(|id| membership.get_node(&id).map(|n| (id, n.clone())))
+            .collect()
+    }
+
+    /// Answer a peer's `rpc` request.
+    pub async fn peer_rpc(&self, req: PeerRequest) -> PeerResponse {
+        match req {
+            PeerRequest::Ping => PeerResponse::Pong {
+                machine_id: self.machine_id().to_string(),
+            },
+            PeerRequest::Write { txn, hops } => match self.write_txn(txn, hops).await {
+                Ok(r) => PeerResponse::Written(r),
+                Err(e) => PeerResponse::Error(e),
+            },
+            PeerRequest::Get { bucket, key, hops } => {
+                match self.get_entry(&bucket, &key, hops).await {
+                    Ok(e) => PeerResponse::Entry(e),
+                    Err(e) => PeerResponse::Error(e),
+                }
+            }
+            PeerRequest::List { bucket, hops } => match self.list_entries(&bucket, hops).await {
+                Ok(e) => PeerResponse::Entries(e),
+                Err(e) => PeerResponse::Error(e),
+            },
+            PeerRequest::Api { request, hops } => {
+                PeerResponse::Api(Reply::from(Box::pin(self.handle_hops(request, hops)).await))
+            }
+            PeerRequest::Leave { by } => self.leave(&by).await,
+        }
+    }
+
+    pub(crate) async fn network(&self) -> Result<Option<NetworkRecord>, ApiError> {
+        if !self.in_network().await {
             return Ok(None);
         }
         Ok(self
-            .store
             .get::<NetworkRecord>(BUCKET_NETWORK, NETWORK_KEY)
             .await?
             .map(|v| v.value))
     }
 
-    async fn require_network(&self) -> Result<NetworkRecord, ApiError> {
+    pub(crate) async fn require_network(&self) -> Result<NetworkRecord, ApiError> {
         self.network().await?.ok_or_else(store::no_network)
     }
 
-    fn endpoints(&self, range: &ClusterRange) -> Vec<String> {
+    pub(crate) fn endpoints(&self, range: &ClusterRange) -> Vec<String> {
         let addrs = match ployz_mesh::endpoints::local_addrs() {
             Ok(a) => a,
             Err(e) => {
@@ -203,6 +534,27 @@ impl Daemon {
             IpAddr::V4(v4) => net.contains(v4),
             IpAddr::V6(_) => false,
         })
+    }
+
+    /// Addresses a joiner may use to reach this machine's peer port: the
+    /// advertised one first, then the other endpoint candidates.
+    fn peer_addrs(&self, range: &ClusterRange) -> Vec<String> {
+        let port = self
+            .cfg
+            .peer_addr
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.port())
+            .unwrap_or(peer::DEFAULT_PEER_PORT);
+        let mut out = vec![self.cfg.peer_addr.clone()];
+        for e in self.endpoints(range) {
+            if let Ok(a) = e.parse::<std::net::SocketAddr>() {
+                let s = std::net::SocketAddr::new(a.ip(), port).to_string();
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+        }
+        out
     }
 
     async fn mesh_init(
@@ -231,11 +583,11 @@ impl Daemon {
         // The founder always takes the first slice: the store is empty.
         let slice = range.slice(1).expect("a valid range has slice 1");
         let overlay_ip = slice.overlay_ip();
-        let node = self.store.node();
+        let node = &self.node;
         match node
             .initialize_single(PloyzNode {
                 machine_id: self.identity.machine_id.clone(),
-                addr: format!("{overlay_ip}:{RAFT_PORT}"),
+                addr: self.cfg.peer_addr.clone(),
             })
             .await
         {
@@ -269,6 +621,7 @@ impl Daemon {
             identity_key: self.identity.identity_key_b64(),
             wg_public_key: self.identity.wg.public_base64(),
             endpoints: self.endpoints(&range),
+            peer_addr: self.cfg.peer_addr.clone(),
             created_at_ms: now,
             updated_at_ms: now,
         };
@@ -280,22 +633,26 @@ impl Daemon {
         ops.push(put(BUCKET_NETWORK, NETWORK_KEY, &net, Expect::Absent));
         ops.push(put(BUCKET_SUBNETS, &slice.key(), &claim, Expect::Absent));
         ops.push(put(BUCKET_MACHINES, id, &machine, Expect::Absent));
-        if let Err((i, why)) = self.store.txn(ops).await? {
+        if let Err((i, why)) = self.txn(ops).await? {
             return Err(internal(format!(
                 "founding the network was rejected by the store at step {i}: {why}"
             )));
         }
+        self.save_cluster_file(Some(ClusterFile {
+            secret: ClusterSecret::generate(net.network_id.clone()),
+            network_name: net.name.clone(),
+            storage_peers: vec![(id.clone(), self.cfg.peer_addr.clone())],
+        }))?;
         tracing::info!(network = %net.name, machine = %id, "founded network");
         self.mesh_status()
             .await
             .map(|s| Response::Status(Box::new(s)))
     }
 
-    async fn mesh_status(&self) -> Result<MeshStatus, ApiError> {
+    pub(crate) async fn mesh_status(&self) -> Result<MeshStatus, ApiError> {
         let network = self.network().await?;
         let machine = match &network {
             Some(_) => self
-                .store
                 .get::<MachineRecord>(BUCKET_MACHINES, &self.identity.machine_id)
                 .await?
                 .map(|v| MachineView::from(&v.value)),
@@ -311,7 +668,7 @@ impl Daemon {
     }
 
     fn store_status(&self) -> StoreStatus {
-        let m = self.store.node().raft().metrics().borrow().clone();
+        let m = self.node.raft().metrics().borrow().clone();
         let name = |id: u64| crate::identity::machine_id_of(id);
         StoreStatus {
             role: format!("{:?}", m.state).to_lowercase(),
@@ -329,9 +686,9 @@ impl Daemon {
         }
     }
 
-    async fn machines(&self) -> Result<Vec<Versioned<MachineRecord>>, ApiError> {
+    pub(crate) async fn machines(&self) -> Result<Vec<Versioned<MachineRecord>>, ApiError> {
         self.require_network().await?;
-        let mut ms = self.store.list::<MachineRecord>(BUCKET_MACHINES).await?;
+        let mut ms = self.list::<MachineRecord>(BUCKET_MACHINES).await?;
         ms.sort_by(|a, b| {
             (a.value.created_at_ms, &a.value.id).cmp(&(b.value.created_at_ms, &b.value.id))
         });
@@ -350,7 +707,10 @@ impl Daemon {
     }
 
     /// Resolve a machine by its id or a unique prefix of it.
-    async fn resolve_machine(&self, wanted: &str) -> Result<Versioned<MachineRecord>, ApiError> {
+    pub(crate) async fn resolve_machine(
+        &self,
+        wanted: &str,
+    ) -> Result<Versioned<MachineRecord>, ApiError> {
         if wanted.is_empty() {
             return Err(invalid("a machine id is required"));
         }
@@ -382,7 +742,6 @@ impl Daemon {
 
     async fn live_workloads_on(&self, machine: &str) -> Result<Vec<String>, ApiError> {
         let mut names: Vec<String> = self
-            .store
             .list::<InstanceRecord>(BUCKET_INSTANCES)
             .await?
             .into_iter()
@@ -430,7 +789,7 @@ impl Daemon {
                 &next,
                 Expect::Revision(current.revision),
             );
-            match self.store.txn(vec![op]).await? {
+            match self.txn(vec![op]).await? {
                 Ok(_) => {
                     tracing::info!(machine = %next.id, from = %previous, to = %next.lifecycle, "lifecycle changed");
                     return Ok(LifecycleResult {
@@ -460,7 +819,6 @@ impl Daemon {
         }
         let net = self.require_network().await?;
         let me = self
-            .store
             .get::<MachineRecord>(BUCKET_MACHINES, &self.identity.machine_id)
             .await?
             .ok_or_else(|| internal("this machine has no record in its own network's store"))?
@@ -484,6 +842,7 @@ impl Daemon {
             issuer_endpoints: self.endpoints(&range),
             issuer_overlay_ip: me.overlay_ip.clone(),
             issuer_wg_public_key: self.identity.wg.public_base64(),
+            issuer_peer_addrs: self.peer_addrs(&range),
         };
         let token = invite::encode(&claims, &self.identity.signing_key);
         let record = InviteRecord {
@@ -497,7 +856,6 @@ impl Daemon {
             consumed_at_ms: None,
         };
         match self
-            .store
             .txn(vec![put(
                 BUCKET_INVITES,
                 &invite_id,
@@ -519,7 +877,6 @@ impl Daemon {
         self.require_network().await?;
         let now = now_ms();
         let mut invites: Vec<InviteRecord> = self
-            .store
             .list::<InviteRecord>(BUCKET_INVITES)
             .await?
             .into_iter()
@@ -535,11 +892,7 @@ impl Daemon {
     async fn invite_revoke(&self, invite_id: &str) -> Result<InviteView, ApiError> {
         self.require_network().await?;
         for _ in 0..CAS_RETRIES {
-            let Some(cur) = self
-                .store
-                .get::<InviteRecord>(BUCKET_INVITES, invite_id)
-                .await?
-            else {
+            let Some(cur) = self.get::<InviteRecord>(BUCKET_INVITES, invite_id).await? else {
                 return Err(
                     ApiError::new(ErrorCode::NotFound, format!("no invite `{invite_id}`"))
                         .with_hint("`ployzctl machine invite list` shows the invite ids"),
@@ -559,7 +912,6 @@ impl Daemon {
             let mut next = cur.value.clone();
             next.revoked_at_ms = Some(now);
             match self
-                .store
                 .txn(vec![put(
                     BUCKET_INVITES,
                     invite_id,
@@ -619,5 +971,35 @@ mod tests {
             sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+}
+
+/// Periodic upkeep: keep the list of storage machines fresh so a machine
+/// without a replica can fail over between them.
+pub async fn background(
+    daemon: std::sync::Arc<Daemon>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if daemon.cluster_file().is_none() {
+            continue;
+        }
+        if daemon.node.is_initialized().await {
+            daemon.refresh_storage_peers();
+        } else if let Ok(ms) = daemon.list::<MachineRecord>(BUCKET_MACHINES).await {
+            let peers: Vec<(String, String)> = ms
+                .into_iter()
+                .filter(|m| {
+                    m.value.authority == Authority::Storage && !m.value.peer_addr.is_empty()
+                })
+                .map(|m| (m.value.id, m.value.peer_addr))
+                .collect();
+            daemon.set_storage_peers(peers);
+        }
     }
 }

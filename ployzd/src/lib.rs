@@ -7,6 +7,9 @@
 
 pub mod daemon;
 pub mod identity;
+pub mod join;
+pub mod ops;
+pub mod peer;
 pub mod rules;
 pub mod seal;
 pub mod server;

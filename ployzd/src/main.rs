@@ -38,6 +38,12 @@ enum Command {
         /// WireGuard UDP listen port (advertised in endpoints).
         #[arg(long, default_value_t = ployz_api::DEFAULT_WG_PORT)]
         wg_port: u16,
+        /// TCP port peers reach this ployzd on (Raft, forwarded requests, joins); 0 picks a free one.
+        #[arg(long, default_value_t = ployzd::peer::DEFAULT_PEER_PORT)]
+        peer_port: u16,
+        /// Address peers should use for this machine [default: its best endpoint candidate].
+        #[arg(long)]
+        advertise_ip: Option<std::net::IpAddr>,
         /// Raft log entries between snapshots (log compaction).
         #[arg(long, default_value_t = 5000, hide = true)]
         snapshot_every: u64,
@@ -106,6 +112,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         service_mode,
         region,
         wg_port,
+        peer_port,
+        advertise_ip,
         snapshot_every,
     } = cli.command;
     let env = Env::current();
@@ -120,12 +128,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     prepare_data_dir(&data_dir)?;
     let _lock = lock_data_dir(&data_dir)?;
     let listener = ployzd::server::bind(&socket).await?;
+    let peer_listener = tokio::net::TcpListener::bind(("0.0.0.0", peer_port))
+        .await
+        .with_context(|| format!("cannot listen for peers on TCP port {peer_port} (is another ployzd running? pick another with --peer-port)"))?;
+    let advertise_ip = advertise_ip.unwrap_or_else(default_advertise_ip);
+    let peer_addr =
+        std::net::SocketAddr::new(advertise_ip, peer_listener.local_addr()?.port()).to_string();
     let daemon = Arc::new(
         Daemon::open(DaemonConfig {
             data_dir: data_dir.clone(),
             runtime,
             region,
             wg_port,
+            peer_addr: peer_addr.clone(),
             snapshot_every,
         })
         .await?,
@@ -135,20 +150,74 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         data_dir = %data_dir.display(),
         socket = %socket.display(),
         version = ployzd::daemon::VERSION,
+        peer = %peer_addr,
         "ployzd ready"
     );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(ployzd::server::serve(listener, daemon.clone(), stop_rx));
+    let server = tokio::spawn(ployzd::server::serve(
+        listener,
+        daemon.clone(),
+        stop_rx.clone(),
+    ));
+    let peers = tokio::spawn(ployzd::peer::serve(
+        peer_listener,
+        daemon.clone(),
+        stop_rx.clone(),
+    ));
+    let background = tokio::spawn(ployzd::daemon::background(daemon.clone(), stop_rx));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-    }
+    let mut leave = daemon.exit_requested();
+    let leaving = tokio::select! {
+        _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); false }
+        _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); false }
+        _ = leave.changed() => { tracing::warn!("removed from the network: stopping and deleting this machine's state"); true }
+    };
     let _ = stop_tx.send(true);
     let _ = server.await;
+    let _ = peers.await;
+    let _ = background.await;
     daemon.shutdown().await;
     let _ = std::fs::remove_file(&socket);
+    if leaving {
+        wipe_data_dir(&data_dir);
+    }
     Ok(())
+}
+
+/// After `machine rm`: delete everything this machine held of the network
+/// (identity, store, cluster secret). The lock file goes last.
+fn wipe_data_dir(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.file_name().is_some_and(|n| n == "ployzd.lock") {
+                continue;
+            }
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            if let Err(err) = r {
+                tracing::warn!("cannot delete {}: {err}", p.display());
+            }
+        }
+    }
+    let _ = std::fs::remove_file(dir.join("ployzd.lock"));
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// The best underlay address of this host, or loopback on a host without one.
+fn default_advertise_ip() -> std::net::IpAddr {
+    ployz_mesh::endpoints::local_addrs()
+        .ok()
+        .and_then(|addrs| {
+            ployz_mesh::endpoints::candidates(&addrs, 0, |_| false)
+                .first()
+                .and_then(|s| s.parse::<std::net::SocketAddr>().ok())
+                .map(|a| a.ip())
+        })
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
 }

@@ -96,6 +96,120 @@ pub fn decide(
     })
 }
 
+/// Why removing a storage machine would endanger the store.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuorumRefusal {
+    #[error("machine {target} is the last storage machine: removing it would delete the cluster's store")]
+    LastStorage { target: String },
+    #[error("removing storage machine {target} would leave {remaining} storage machine(s) of which only {live} can be reached ({down} down): no majority could write")]
+    NoMajority {
+        target: String,
+        remaining: usize,
+        live: usize,
+        down: String,
+    },
+}
+
+impl QuorumRefusal {
+    pub fn hint(&self) -> String {
+        match self {
+            QuorumRefusal::LastStorage { .. } => {
+                "promote other machines first (`ployzctl machine storage promote --replicas 3 <ids>`)".into()
+            }
+            QuorumRefusal::NoMajority { down, .. } => format!(
+                "bring the down storage machine(s) back ({down}), or promote a replacement first (`ployzctl machine storage promote`), then remove"
+            ),
+        }
+    }
+}
+
+/// Would the voter set keep a reachable majority without `target`?
+/// `reachable` are the voters known to be up right now.
+pub fn removal_keeps_quorum(
+    voters: &[String],
+    target: &str,
+    reachable: &[String],
+) -> Result<(), QuorumRefusal> {
+    let remaining: Vec<&String> = voters.iter().filter(|v| *v != target).collect();
+    if remaining.is_empty() {
+        return Err(QuorumRefusal::LastStorage {
+            target: target.into(),
+        });
+    }
+    let live = remaining.iter().filter(|v| reachable.contains(v)).count();
+    if live * 2 <= remaining.len() {
+        let down: Vec<&str> = remaining
+            .iter()
+            .filter(|v| !reachable.contains(v))
+            .map(|v| v.as_str())
+            .collect();
+        return Err(QuorumRefusal::NoMajority {
+            target: target.into(),
+            remaining: remaining.len(),
+            live,
+            down: down.join(", "),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod quorum_tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn healthy_three_can_lose_one() {
+        assert!(removal_keeps_quorum(&s(&["a", "b", "c"]), "c", &s(&["a", "b", "c"])).is_ok());
+        // Removing the down one is how you recover.
+        assert!(removal_keeps_quorum(&s(&["a", "b", "c"]), "c", &s(&["a", "b"])).is_ok());
+    }
+
+    #[test]
+    fn refuses_when_the_rest_has_no_majority() {
+        let e = removal_keeps_quorum(&s(&["a", "b", "c"]), "a", &s(&["a", "b"])).unwrap_err();
+        assert!(matches!(
+            e,
+            QuorumRefusal::NoMajority {
+                remaining: 2,
+                live: 1,
+                ..
+            }
+        ));
+        assert!(e.to_string().contains("(c down)"), "{e}");
+        assert!(e.hint().contains("bring the down"));
+        let e = removal_keeps_quorum(&s(&["a", "b", "c", "d", "e"]), "a", &s(&["a", "b", "c"]))
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            QuorumRefusal::NoMajority {
+                remaining: 4,
+                live: 2,
+                ..
+            }
+        ));
+        assert!(
+            removal_keeps_quorum(&s(&["a", "b", "c", "d", "e"]), "a", &s(&["b", "c", "d"])).is_ok()
+        );
+    }
+
+    #[test]
+    fn never_removes_the_last_storage_machine() {
+        let e = removal_keeps_quorum(&s(&["a"]), "a", &s(&["a"])).unwrap_err();
+        assert!(matches!(e, QuorumRefusal::LastStorage { .. }));
+        assert!(e.hint().contains("promote"));
+    }
+
+    #[test]
+    fn two_to_one_is_allowed_when_the_survivor_is_up() {
+        assert!(removal_keeps_quorum(&s(&["a", "b"]), "b", &s(&["a"])).is_ok());
+        assert!(removal_keeps_quorum(&s(&["a", "b"]), "b", &s(&[])).is_err());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@
 //!
 //! ChaCha20-Poly1305 with HKDF-SHA256 throughout.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use hkdf::Hkdf;
 use sha2::Sha256;

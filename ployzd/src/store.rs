@@ -1,9 +1,8 @@
-//! Typed access to the replicated store: JSON records in KV buckets, with
-//! store failures turned into API errors that say what to do.
+//! Records in the replicated store: JSON documents in KV buckets, and store
+//! failures turned into API errors that say what to do.
 
 use ployz_api::{ApiError, ErrorCode};
-use ployz_consensus::kv::{BucketConfig, Entry, Expect, Op, Rejection, Txn, TxnResult};
-use ployz_consensus::{Node, ReadError, WriteError};
+use ployz_consensus::{BucketConfig, Entry, Expect, Op, ReadError, WriteError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -12,10 +11,6 @@ use serde::Serialize;
 pub struct Versioned<T> {
     pub value: T,
     pub revision: u64,
-}
-
-pub struct Store {
-    node: Node,
 }
 
 /// Buckets the control plane uses, with how much history each keeps.
@@ -49,7 +44,16 @@ pub fn put<T: Serialize>(bucket: &str, key: &str, value: &T, expect: Expect) -> 
     }
 }
 
-fn decode<T: DeserializeOwned>(e: &Entry) -> Result<Versioned<T>, ApiError> {
+pub fn delete(bucket: &str, key: &str, expect: Expect) -> Op {
+    Op::Delete {
+        bucket: bucket.to_string(),
+        key: key.to_string(),
+        expect,
+        purge: true,
+    }
+}
+
+pub fn decode<T: DeserializeOwned>(e: &Entry) -> Result<Versioned<T>, ApiError> {
     serde_json::from_slice(&e.value)
         .map(|value| Versioned {
             value,
@@ -71,17 +75,22 @@ pub fn unavailable(what: impl std::fmt::Display) -> ApiError {
         ErrorCode::Unavailable,
         format!("the cluster store cannot serve this request: {what}"),
     )
-    .with_hint("check `ployzctl mesh status` on the storage machines; a majority of them must be up and reachable")
+    .with_hint("a majority of the storage machines must be up and reachable; check `ployzctl machine ls` and `ployzctl mesh status` on them")
 }
 
-fn map_read(e: ReadError) -> ApiError {
+pub fn no_network() -> ApiError {
+    ApiError::new(ErrorCode::NoNetwork, "this machine is not part of a network yet")
+        .with_hint("create one with `ployzctl mesh init <network>`, or join one with `ployzctl machine invite import --token <token>`")
+}
+
+pub fn map_read(e: ReadError) -> ApiError {
     match e {
         ReadError::NotInitialized => no_network(),
         other => unavailable(other),
     }
 }
 
-fn map_write(e: WriteError) -> ApiError {
+pub fn map_write(e: WriteError) -> ApiError {
     match e {
         WriteError::NotInitialized => no_network(),
         WriteError::Fatal(f) => ApiError::new(
@@ -90,60 +99,5 @@ fn map_write(e: WriteError) -> ApiError {
         )
         .with_hint("see the ployzd log; restart ployzd"),
         other => unavailable(other),
-    }
-}
-
-pub fn no_network() -> ApiError {
-    ApiError::new(ErrorCode::NoNetwork, "this machine is not part of a network yet")
-        .with_hint("create one with `ployzctl mesh init <network>`, or join one with `ployzctl machine invite import --token <token>`")
-}
-
-impl Store {
-    pub fn new(node: Node) -> Store {
-        Store { node }
-    }
-
-    pub fn node(&self) -> &Node {
-        &self.node
-    }
-
-    pub async fn get<T: DeserializeOwned>(
-        &self,
-        bucket: &str,
-        key: &str,
-    ) -> Result<Option<Versioned<T>>, ApiError> {
-        match self.node.get(bucket, key).await.map_err(map_read)? {
-            Some(e) if e.is_live() => decode(&e).map(Some),
-            _ => Ok(None),
-        }
-    }
-
-    pub async fn list<T: DeserializeOwned>(
-        &self,
-        bucket: &str,
-    ) -> Result<Vec<Versioned<T>>, ApiError> {
-        self.node
-            .list(bucket)
-            .await
-            .map_err(map_read)?
-            .iter()
-            .map(decode)
-            .collect()
-    }
-
-    /// Apply `ops` atomically. `Ok(Err(..))` is a replicated rejection: the
-    /// store is fine, a precondition did not hold, nothing changed.
-    pub async fn txn(
-        &self,
-        ops: Vec<Op>,
-    ) -> Result<Result<Vec<u64>, (usize, Rejection)>, ApiError> {
-        let txn = Txn {
-            ops,
-            now_ms: ployz_api::time::now_ms(),
-        };
-        match self.node.write(txn).await.map_err(map_write)? {
-            TxnResult::Applied { revisions } => Ok(Ok(revisions)),
-            TxnResult::Rejected { op_index, reason } => Ok(Err((op_index, reason))),
-        }
     }
 }

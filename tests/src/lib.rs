@@ -42,6 +42,7 @@ pub struct Machine {
     dir: tempfile::TempDir,
     child: Option<Child>,
     extra_args: Vec<String>,
+    netns: Option<String>,
 }
 
 impl Machine {
@@ -50,7 +51,23 @@ impl Machine {
         Self::start_with(&[])
     }
 
+    /// A machine in the root namespace: several share the host, so each
+    /// takes a free peer port on loopback.
     pub fn start_with(extra: &[&str]) -> Machine {
+        let mut args = vec!["--peer-port", "0", "--advertise-ip", "127.0.0.1"];
+        args.extend_from_slice(extra);
+        Self::launch(None, &args)
+    }
+
+    /// A machine inside a namespace host (default peer port, its own address).
+    pub fn start_in(host: &netns::Host, extra: &[&str]) -> Machine {
+        let ip = host.ip.to_string();
+        let mut args = vec!["--advertise-ip", ip.as_str()];
+        args.extend_from_slice(extra);
+        Self::launch(Some(host.netns.clone()), &args)
+    }
+
+    fn launch(netns: Option<String>, extra: &[&str]) -> Machine {
         let dir = tempfile::Builder::new()
             .prefix("ployz-test-")
             .tempdir()
@@ -59,9 +76,18 @@ impl Machine {
             dir,
             child: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            netns,
         };
         m.spawn();
         m
+    }
+
+    /// This machine's id (from `mesh status`).
+    pub fn id(&self) -> String {
+        self.ctl_json(&["mesh", "status"])["machine_id"]
+            .as_str()
+            .expect("machine_id")
+            .to_string()
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -90,7 +116,15 @@ impl Machine {
             .append(true)
             .open(self.log_path())
             .expect("log file");
-        let child = Command::new(bin("ployzd"))
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("ployzd"));
+                c
+            }
+            None => Command::new(bin("ployzd")),
+        };
+        let child = cmd
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--socket")
@@ -112,6 +146,9 @@ impl Machine {
         loop {
             if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
                 return;
+            }
+            if self.child.is_none() {
+                panic!("not running");
             }
             if let Some(status) = self
                 .child
@@ -149,6 +186,29 @@ impl Machine {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the daemon first");
         self.spawn();
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().ok().flatten().is_none(),
+            None => false,
+        }
+    }
+
+    /// Wait for the process to exit on its own (e.g. after `machine rm`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    self.child = None;
+                    return Some(st);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// Run `ployzctl --socket <ours> ARGS`.
@@ -196,4 +256,18 @@ pub fn stdout(o: &Output) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Poll `f` until it returns `Some` or `timeout` passes.
+pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -146,6 +146,15 @@ impl StateMachineStore {
         Ok(out)
     }
 
+    /// Latest entry of every key of a bucket, tombstones included, sorted by key.
+    pub fn list_all(&self, bucket: &str) -> Result<Vec<Entry>, StoreError> {
+        let _g = self.read_lock();
+        self.tree
+            .scan_prefix(keys::latest_prefix(bucket))
+            .map(|item| decode("entry", &item?.1))
+            .collect()
+    }
+
     /// Stored entries of a key, oldest first.
     pub fn history(&self, bucket: &str, key: &str) -> Result<Vec<Entry>, StoreError> {
         let _g = self.read_lock();
