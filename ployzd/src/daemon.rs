@@ -848,7 +848,7 @@ impl Daemon {
         let record = InviteRecord {
             invite_id: invite_id.clone(),
             issuer: me.id.clone(),
-            nonce_sha256: sha256_hex(nonce.as_bytes()),
+            nonce_sha256: crate::join::sha256_hex(nonce.as_bytes()),
             created_at_ms: now,
             expires_at_ms,
             revoked_at_ms: None,
@@ -935,45 +935,6 @@ impl Daemon {
     }
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn network_names() {
-        for ok in ["demo", "my-cluster", "a", "x1-2"] {
-            validate_network_name(ok).unwrap();
-        }
-        for bad in ["", "-a", "a-", "My", "a_b", "a.b", &"a".repeat(64)] {
-            let e = validate_network_name(bad).unwrap_err();
-            assert_eq!(e.code, ErrorCode::InvalidArgument);
-        }
-    }
-
-    #[test]
-    fn regions() {
-        validate_region("eu-west_1").unwrap();
-        assert!(validate_region("eu west").is_err());
-        assert!(validate_region("").is_err());
-    }
-
-    #[test]
-    fn sha256_known_vector() {
-        assert_eq!(
-            sha256_hex(b"abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-    }
-}
-
 /// Periodic upkeep: keep the list of storage machines fresh so a machine
 /// without a replica can fail over between them.
 pub async fn background(
@@ -1001,5 +962,36 @@ pub async fn background(
                 .collect();
             daemon.set_storage_peers(peers);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_names() {
+        for ok in ["demo", "my-cluster", "a", "x1-2"] {
+            validate_network_name(ok).unwrap();
+        }
+        for bad in ["", "-a", "a-", "My", "a_b", "a.b", &"a".repeat(64)] {
+            let e = validate_network_name(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument);
+        }
+    }
+
+    #[test]
+    fn regions() {
+        validate_region("eu-west_1").unwrap();
+        assert!(validate_region("eu west").is_err());
+        assert!(validate_region("").is_err());
+    }
+
+    #[test]
+    fn sha256_known_vector() {
+        assert_eq!(
+            crate::join::sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

@@ -1,0 +1,356 @@
+//! A real multi-machine cluster on namespace hosts: joins by invite, storage
+//! promotion, removal, and faults (kill -9, partitions, full restarts).
+
+use ployz_tests::netns::Testbed;
+use ployz_tests::{eventually, stderr, stdout, Machine};
+use serde_json::Value;
+use std::time::Duration;
+
+/// Founder on host 0, the rest joined by invite.
+struct Cluster {
+    machines: Vec<Machine>,
+    // Dropped last: the machines die with their namespaces.
+    tb: Testbed,
+}
+
+impl Cluster {
+    fn new(n: usize) -> Cluster {
+        let tb = Testbed::new(n);
+        let mut machines = Vec::new();
+        let founder = Machine::start_in(&tb.hosts[0], &[]);
+        founder.ctl_json(&["mesh", "init", "test"]);
+        machines.push(founder);
+        for h in &tb.hosts[1..] {
+            let m = Machine::start_in(h, &[]);
+            let token = invite(&machines[0]);
+            let s = m.ctl_json(&["machine", "invite", "import", "--token", &token]);
+            assert_eq!(s["machine"]["lifecycle"], "active", "{s}");
+            machines.push(m);
+        }
+        Cluster { machines, tb }
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.machines.iter().map(|m| m.id()).collect()
+    }
+
+    fn promote_all(&self) {
+        let ids = self.ids();
+        let mut args = vec!["machine", "storage", "promote", "--replicas", "3"];
+        args.extend(ids[1..].iter().map(String::as_str));
+        let r = self.machines[0].ctl_json(&args);
+        for t in r["results"].as_array().unwrap() {
+            assert_eq!(t["ok"], true, "{r}");
+        }
+        assert_eq!(r["voters"].as_array().unwrap().len(), 3, "{r}");
+    }
+}
+
+fn invite(m: &Machine) -> String {
+    m.ctl_json(&["machine", "invite", "create"])["token"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn machines(m: &Machine) -> Vec<Value> {
+    m.ctl_json(&["machine", "ls"])["machines"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn three_machines_join_by_invite_and_promote_to_three_replicas() {
+    let c = Cluster::new(3);
+    let ids = c.ids();
+    let mut ips = std::collections::HashSet::new();
+    for m in &c.machines {
+        let list = machines(m);
+        assert_eq!(list.len(), 3, "{list:?}");
+        for x in &list {
+            assert_eq!(x["lifecycle"], "active");
+            ips.insert(x["overlay_ip"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(ips.len(), 3, "distinct overlay IPs");
+    c.promote_all();
+    for m in &c.machines {
+        for x in machines(m) {
+            assert_eq!(x["authority"], "storage", "{x}");
+        }
+        let s = m.ctl_json(&["mesh", "status"]);
+        assert_eq!(s["network"]["storage_replicas"], 3);
+    }
+    // Lifecycle commands work from any machine on any machine.
+    let r = c.machines[2].ctl_json(&["machine", "drain", &ids[0]]);
+    assert_eq!(r["machine"]["lifecycle"], "draining");
+    let list = machines(&c.machines[1]);
+    assert!(list
+        .iter()
+        .any(|x| x["id"] == ids[0].as_str() && x["lifecycle"] == "draining"));
+    c.machines[1].ctl_json(&["machine", "activate", &ids[0]]);
+    // Promoting again to a size that does not add up is refused, nothing changes.
+    let o = c.machines[1].ctl(&["machine", "storage", "promote", "--replicas", "5", &ids[1]]);
+    assert!(!o.status.success());
+}
+
+/// The store's leader as seen by `m`.
+fn leader_of(m: &Machine) -> Option<String> {
+    m.ctl_json(&["mesh", "status"])["store"]["leader"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Create an invite through `m`; `Some(id)` when the write was acknowledged.
+fn try_invite(m: &Machine) -> Option<String> {
+    let o = m.ctl(&["--json", "machine", "invite", "create"]);
+    if !o.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&o.stdout).ok()?;
+    v["invite_id"].as_str().map(str::to_string)
+}
+
+fn assert_all_present(m: &Machine, acked: &[String]) {
+    let list = m.ctl_json(&["machine", "invite", "list"]);
+    let have: std::collections::HashSet<&str> = list["invites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["invite_id"].as_str().unwrap())
+        .collect();
+    for id in acked {
+        assert!(have.contains(id.as_str()), "acknowledged invite {id} lost");
+    }
+}
+
+#[test]
+fn writes_survive_killing_the_leader() {
+    let mut c = Cluster::new(3);
+    c.promote_all();
+    let ids = c.ids();
+    let leader = leader_of(&c.machines[0]).expect("a leader");
+    let li = ids.iter().position(|i| *i == leader).unwrap();
+    let writer = (li + 1) % 3;
+    let mut acked = Vec::new();
+    for _ in 0..10 {
+        acked.extend(try_invite(&c.machines[writer]));
+    }
+    assert_eq!(acked.len(), 10, "healthy cluster acknowledges every write");
+    c.machines[li].kill9();
+    // Keep writing through a survivor until writes flow again after the election.
+    let mut failed = 0;
+    let after = eventually(Duration::from_secs(30), || {
+        match try_invite(&c.machines[writer]) {
+            Some(id) => {
+                acked.push(id);
+                (acked.len() >= 20).then_some(())
+            }
+            None => {
+                failed += 1;
+                None
+            }
+        }
+    });
+    assert!(
+        after.is_some(),
+        "writes did not resume after the leader died ({failed} failed)"
+    );
+    let new_leader = leader_of(&c.machines[writer]).expect("new leader");
+    assert_ne!(new_leader, leader);
+    c.machines[li].restart();
+    for m in &c.machines {
+        assert_all_present(m, &acked);
+    }
+}
+
+#[test]
+fn minority_refuses_majority_writes_and_healed_machine_catches_up() {
+    let c = Cluster::new(3);
+    c.promote_all();
+    let ids = c.ids();
+    let leader = leader_of(&c.machines[0]).expect("leader");
+    let cut = (0..3).find(|i| ids[*i] != leader).unwrap();
+    let majority = (0..3).find(|i| *i != cut).unwrap();
+    c.tb.hosts[cut].cut();
+    let mut acked = Vec::new();
+    for _ in 0..5 {
+        acked.push(try_invite(&c.machines[majority]).expect("majority keeps writing"));
+    }
+    let o = c.machines[cut].ctl(&["machine", "invite", "create"]);
+    assert_eq!(
+        o.status.code(),
+        Some(7),
+        "minority must refuse: {}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("cannot serve"), "{}", stderr(&o));
+    c.tb.hosts[cut].heal();
+    // The healed machine's own replica catches up with the leader's.
+    let caught_up = eventually(Duration::from_secs(20), || {
+        let l =
+            c.machines[majority].ctl_json(&["mesh", "status"])["store"]["last_applied"].as_u64()?;
+        let s = c.machines[cut].ctl_json(&["mesh", "status"])["store"]["last_applied"].as_u64()?;
+        (s >= l).then_some(())
+    });
+    assert!(caught_up.is_some(), "healed machine did not catch up");
+    assert_all_present(&c.machines[cut], &acked);
+}
+
+#[test]
+fn killing_every_storage_machine_loses_no_acknowledged_write() {
+    let mut c = Cluster::new(3);
+    c.promote_all();
+    let mut acked = Vec::new();
+    for i in 0..15 {
+        acked.extend(try_invite(&c.machines[i % 3]));
+    }
+    assert_eq!(acked.len(), 15);
+    for m in c.machines.iter_mut() {
+        m.kill9();
+    }
+    for m in c.machines.iter_mut() {
+        m.restart();
+    }
+    let back = eventually(Duration::from_secs(30), || leader_of(&c.machines[0]));
+    assert!(back.is_some(), "no leader after restart");
+    for m in &c.machines {
+        assert_all_present(m, &acked);
+    }
+}
+
+#[test]
+fn one_token_two_importers_exactly_one_joins() {
+    let tb = Testbed::new(3);
+    let founder = Machine::start_in(&tb.hosts[0], &[]);
+    founder.ctl_json(&["mesh", "init", "race"]);
+    let token = invite(&founder);
+    let a = Machine::start_in(&tb.hosts[1], &[]);
+    let b = Machine::start_in(&tb.hosts[2], &[]);
+    let (ra, rb) = std::thread::scope(|s| {
+        let ha = s.spawn(|| a.ctl(&["machine", "invite", "import", "--token", &token]));
+        let hb = s.spawn(|| b.ctl(&["machine", "invite", "import", "--token", &token]));
+        (ha.join().unwrap(), hb.join().unwrap())
+    });
+    let oks = [&ra, &rb].iter().filter(|o| o.status.success()).count();
+    assert_eq!(
+        oks,
+        1,
+        "a: {} {}\nb: {} {}",
+        stdout(&ra),
+        stderr(&ra),
+        stdout(&rb),
+        stderr(&rb)
+    );
+    let loser = if ra.status.success() { &rb } else { &ra };
+    assert!(stderr(loser).contains("already used"), "{}", stderr(loser));
+    assert_eq!(machines(&founder).len(), 2);
+    // The loser changed nothing on its side either: it is in no network.
+    let lm = if ra.status.success() { &b } else { &a };
+    assert!(lm.ctl_json(&["mesh", "status"])["network"].is_null());
+}
+
+#[test]
+fn five_concurrent_joins_get_distinct_addresses() {
+    let tb = Testbed::new(6);
+    let founder = Machine::start_in(&tb.hosts[0], &[]);
+    founder.ctl_json(&["mesh", "init", "five"]);
+    let joiners: Vec<Machine> = tb.hosts[1..]
+        .iter()
+        .map(|h| Machine::start_in(h, &[]))
+        .collect();
+    let tokens: Vec<String> = joiners.iter().map(|_| invite(&founder)).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = joiners
+            .iter()
+            .zip(&tokens)
+            .map(|(m, t)| s.spawn(move || m.ctl(&["machine", "invite", "import", "--token", t])))
+            .collect();
+        for h in handles {
+            let o = h.join().unwrap();
+            assert!(o.status.success(), "{}", stderr(&o));
+        }
+    });
+    let list = machines(&founder);
+    assert_eq!(list.len(), 6);
+    let ips: std::collections::HashSet<_> =
+        list.iter().map(|m| m["overlay_ip"].to_string()).collect();
+    let subnets: std::collections::HashSet<_> =
+        list.iter().map(|m| m["subnet"].to_string()).collect();
+    assert_eq!(ips.len(), 6, "{list:?}");
+    assert_eq!(subnets.len(), 6, "{list:?}");
+    for m in &list {
+        assert_eq!(m["lifecycle"], "active");
+    }
+}
+
+#[test]
+fn rm_cleans_up_the_target_and_force_only_deletes_the_record() {
+    let mut c = Cluster::new(3);
+    let ids = c.ids();
+    // Removing yourself is refused.
+    let o = c.machines[0].ctl(&["machine", "rm", &ids[0]]);
+    assert_eq!(o.status.code(), Some(5));
+    assert!(
+        stderr(&o).contains("cannot remove itself"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Plain rm: machine 1 cleans up, exits and forgets everything.
+    let r = c.machines[0].ctl_json(&["machine", "rm", &ids[1]]);
+    assert_eq!(r["cleaned_up"], true);
+    assert!(
+        c.machines[1].wait_exit(Duration::from_secs(10)).is_some(),
+        "removed ployzd kept running"
+    );
+    assert!(
+        !c.machines[1].data_dir().join("identity.json").exists(),
+        "state left behind"
+    );
+    for m in [&c.machines[0], &c.machines[2]] {
+        let list = machines(m);
+        assert_eq!(list.len(), 2);
+        assert!(list.iter().all(|x| x["id"] != ids[1].as_str()));
+    }
+
+    // An unreachable machine: plain rm refuses and points at --force.
+    c.tb.hosts[2].cut();
+    let o = c.machines[0].ctl(&["machine", "rm", &ids[2]]);
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert_eq!(machines(&c.machines[0]).len(), 2, "nothing removed");
+    let r = c.machines[0].ctl_json(&["machine", "rm", "--force", &ids[2]]);
+    assert_eq!(r["cleaned_up"], false);
+    assert_eq!(machines(&c.machines[0]).len(), 1);
+    // Its subnet is free again for the next joiner.
+    c.tb.hosts[2].heal();
+}
+
+#[test]
+fn removal_that_would_break_storage_quorum_is_refused() {
+    let mut c = Cluster::new(3);
+    c.promote_all();
+    let ids = c.ids();
+    // Machine 2 goes down; removing machine 1 would leave {0, 2} with 2 down.
+    c.machines[2].kill9();
+    let dead = ids[2].clone();
+    let live_leader = eventually(Duration::from_secs(20), || {
+        leader_of(&c.machines[0]).filter(|l| *l != dead)
+    });
+    assert!(live_leader.is_some(), "no leader among the survivors");
+    let o = c.machines[0].ctl(&["machine", "rm", "--force", &ids[1]]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("no majority") && e.contains(&ids[2]), "{e}");
+    assert!(e.contains("bring the down"), "{e}");
+    assert_eq!(machines(&c.machines[0]).len(), 3, "nothing removed");
+    // Removing the dead machine itself is the way out, and keeps quorum.
+    let r = c.machines[0].ctl_json(&["machine", "rm", "--force", &ids[2]]);
+    assert_eq!(r["left_storage"], true);
+    let s = c.machines[1].ctl_json(&["mesh", "status"]);
+    assert_eq!(s["store"]["voters"].as_array().unwrap().len(), 2, "{s}");
+    // The two survivors still write.
+    assert!(try_invite(&c.machines[1]).is_some());
+}
