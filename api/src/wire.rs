@@ -135,6 +135,12 @@ pub struct RemoveReport {
     pub cleaned_up: bool,
     /// Whether it was a storage machine and left the voter set.
     pub left_storage: bool,
+    /// The storage set afterwards (machine ids).
+    #[serde(default)]
+    pub storage_set: Vec<String>,
+    /// The storage set size the network asks for (`storage promote --replicas`).
+    #[serde(default)]
+    pub storage_replicas: u8,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -180,6 +186,10 @@ pub struct StoreStatus {
     pub last_applied: Option<u64>,
     pub snapshot_index: Option<u64>,
     pub voters: Vec<String>,
+    /// Storage machines this machine sends store requests to when its own
+    /// replica cannot serve them (all of them on a compute machine).
+    #[serde(default)]
+    pub storage_peers: Vec<String>,
 }
 
 /// `machine ls --json`: `{"machines":[...]}`.

@@ -683,6 +683,10 @@ impl Daemon {
                 .voter_ids()
                 .map(name)
                 .collect(),
+            storage_peers: self
+                .cluster_file()
+                .map(|f| f.storage_peers.into_iter().map(|(id, _)| id).collect())
+                .unwrap_or_default(),
         }
     }
 

@@ -392,6 +392,8 @@ impl Daemon {
                 machine: target.to_string(),
                 cleaned_up: false,
                 left_storage: left,
+                storage_set: Vec::new(),
+                storage_replicas: 0,
             });
         }
         let target = self.resolve_machine(wanted).await?;
@@ -483,10 +485,20 @@ impl Daemon {
             )));
         }
         tracing::info!(machine = %id, force, "removed");
+        let storage_set = self
+            .list::<MachineRecord>(BUCKET_MACHINES)
+            .await?
+            .into_iter()
+            .filter(|m| m.value.authority == Authority::Storage)
+            .map(|m| m.value.id)
+            .collect();
+        let storage_replicas = self.require_network().await?.storage_replicas;
         Ok(RemoveReport {
             machine: id,
             cleaned_up,
             left_storage,
+            storage_set,
+            storage_replicas,
         })
     }
 }

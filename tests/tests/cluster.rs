@@ -354,3 +354,51 @@ fn removal_that_would_break_storage_quorum_is_refused() {
     // The two survivors still write.
     assert!(try_invite(&c.machines[1]).is_some());
 }
+
+#[test]
+fn compute_machine_fails_over_between_storage_machines() {
+    let mut c = Cluster::new(4);
+    let ids = c.ids();
+    let r = c.machines[0].ctl_json(&[
+        "machine",
+        "storage",
+        "promote",
+        "--replicas",
+        "3",
+        &ids[1],
+        &ids[2],
+    ]);
+    assert_eq!(r["voters"].as_array().unwrap().len(), 3, "{r}");
+    let compute = &c.machines[3];
+    let me = machines(compute);
+    let mine = me.iter().find(|m| m["id"] == ids[3].as_str()).unwrap();
+    assert_eq!(mine["authority"], "compute");
+    assert!(try_invite(compute).is_some());
+    // It learns the new storage set in the background.
+    let learned = eventually(Duration::from_secs(15), || {
+        let s = compute.ctl_json(&["mesh", "status"]);
+        (s["store"]["storage_peers"].as_array()?.len() == 3).then_some(())
+    });
+    assert!(
+        learned.is_some(),
+        "compute machine never learned the storage set: {}\nlog:\n{}",
+        compute.ctl_json(&["mesh", "status"]),
+        compute.log()
+    );
+    // Kill storage machines one at a time (never two: that would lose quorum);
+    // the compute machine keeps writing through whichever is left.
+    for victim in [0usize, 1] {
+        c.machines[victim].kill9();
+        let ok = eventually(Duration::from_secs(30), || try_invite(&c.machines[3]));
+        assert!(
+            ok.is_some(),
+            "compute machine lost the store after machine {victim} died"
+        );
+        c.machines[victim].restart();
+        let back = eventually(Duration::from_secs(30), || {
+            let s = c.machines[victim].ctl_json(&["mesh", "status"]);
+            s["store"]["leader"].as_str().map(|_| ())
+        });
+        assert!(back.is_some());
+    }
+}
