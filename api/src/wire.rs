@@ -44,6 +44,8 @@ pub enum Request {
         replicas: u8,
         machines: Vec<String>,
     },
+    /// How a standard NATS client connects to this machine's control plane.
+    NatsUrl,
     /// Remove a machine from the network.
     MachineRm {
         machine: String,
@@ -105,6 +107,18 @@ pub enum Response {
     Invite(InviteView),
     Promoted(PromoteReport),
     Removed(RemoveReport),
+    Nats(NatsInfo),
+}
+
+/// `nats url --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NatsInfo {
+    /// `nats://user:password@127.0.0.1:4222`.
+    pub url: String,
+    pub user: String,
+    pub password: String,
+    /// Addresses this machine's server listens on.
+    pub servers: Vec<String>,
 }
 
 /// `machine storage promote --json`: one result per target.

@@ -44,6 +44,15 @@ enum Top {
     /// Machines of the network.
     #[command(subcommand)]
     Machine(MachineCmd),
+    /// The NATS control plane.
+    #[command(subcommand)]
+    Nats(NatsCmd),
+}
+
+#[derive(Subcommand)]
+enum NatsCmd {
+    /// Print a URL (credentials included) a standard NATS client can connect with.
+    Url,
 }
 
 #[derive(Subcommand)]
@@ -138,6 +147,7 @@ fn request_of(cmd: Top) -> Request {
             cidr: Some(cidr),
         },
         Top::Mesh(MeshCmd::Status) => Request::MeshStatus,
+        Top::Nats(NatsCmd::Url) => Request::NatsUrl,
         Top::Machine(MachineCmd::Ls) => Request::MachineList,
         Top::Machine(MachineCmd::Activate { machine }) => Request::Lifecycle {
             machine,

@@ -178,6 +178,12 @@ pub fn print_response(resp: &Response, json: bool) {
             }
             println!("invite {} is {}", i.invite_id, i.status);
         }
+        Response::Nats(n) => {
+            if json {
+                return print_json(n);
+            }
+            println!("{}", n.url);
+        }
         Response::Promoted(r) => {
             if json {
                 return print_json(r);

@@ -7,7 +7,9 @@
 //! to any storage machine, which forwards in turn).
 
 use crate::identity::Identity;
-use crate::peer::{self, ClusterSecret, PeerRequest, PeerResponse, SecretSlot};
+use crate::peer::{
+    self, ClusterSecret, KvRead, KvReadResult, PeerRequest, PeerResponse, SecretSlot,
+};
 use crate::rules;
 use crate::store::{self, put, Versioned};
 use ployz_api::invite::{self, InviteClaims};
@@ -48,6 +50,8 @@ pub struct DaemonConfig {
     pub peer_addr: String,
     /// Log entries between snapshots.
     pub snapshot_every: u64,
+    /// NATS client port (0: any free one).
+    pub nats_port: u16,
 }
 
 /// What a machine keeps about its network outside the store.
@@ -71,6 +75,11 @@ pub struct Daemon {
     pub(crate) init_lock: tokio::sync::Mutex<()>,
     /// Set when the network asked this machine to leave: main exits.
     pub(crate) exit: tokio::sync::watch::Sender<bool>,
+    /// The embedded NATS server, started once the machine is in a network.
+    pub(crate) nats: std::sync::OnceLock<crate::nats::Nats>,
+    /// Store change events relayed from a storage machine, for a machine
+    /// without a replica of its own.
+    pub(crate) remote_events: tokio::sync::broadcast::Sender<ployz_consensus::KvEvent>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +195,7 @@ impl Daemon {
             source,
         })?;
         let (exit, _) = tokio::sync::watch::channel(false);
+        let (remote_events, _) = tokio::sync::broadcast::channel(4096);
         Ok(Daemon {
             cfg,
             identity,
@@ -195,6 +205,8 @@ impl Daemon {
             hostname: hostname(),
             init_lock: tokio::sync::Mutex::new(()),
             exit,
+            nats: std::sync::OnceLock::new(),
+            remote_events,
         })
     }
 
@@ -208,6 +220,9 @@ impl Daemon {
     }
 
     pub async fn shutdown(&self) {
+        if let Some(n) = self.nats.get() {
+            n.shutdown().await;
+        }
         if let Err(e) = self.node.shutdown().await {
             tracing::warn!("store shutdown: {e}");
         }
@@ -290,6 +305,7 @@ impl Daemon {
                 .storage_promote(replicas, machines, hops)
                 .await
                 .map(Response::Promoted),
+            Request::NatsUrl => self.nats_url().map(Response::Nats),
             Request::MachineRm { machine, force } => self
                 .machine_rm(&machine, force, hops)
                 .await
@@ -374,55 +390,82 @@ impl Daemon {
         }
     }
 
-    pub(crate) async fn get_entry(
-        &self,
-        bucket: &str,
-        key: &str,
-        hops: u8,
-    ) -> Result<Option<Entry>, ApiError> {
-        let leader = match self.node.get(bucket, key).await {
-            Ok(e) => return Ok(e),
-            Err(ReadError::NoSuchBucket { .. }) => return Ok(None),
+    /// A linearizable read, from the local replica when it can serve it,
+    /// else forwarded towards the leader.
+    pub(crate) async fn read(&self, read: KvRead, hops: u8) -> Result<KvReadResult, ApiError> {
+        let local = match &read {
+            KvRead::Get { bucket, key } => {
+                self.node.get(bucket, key).await.map(KvReadResult::Entry)
+            }
+            KvRead::List { bucket } => self.node.list(bucket).await.map(KvReadResult::Entries),
+            KvRead::ListAll { bucket } => {
+                self.node.list_all(bucket).await.map(KvReadResult::Entries)
+            }
+            KvRead::History { bucket, key } => self
+                .node
+                .history(bucket, key)
+                .await
+                .map(KvReadResult::Entries),
+            KvRead::Bucket { bucket } => self.node.bucket(bucket).await.map(KvReadResult::Bucket),
+            KvRead::Buckets => {
+                if self.node.is_initialized().await {
+                    self.node.buckets_local().map(KvReadResult::Buckets)
+                } else {
+                    Err(ReadError::NotInitialized)
+                }
+            }
+        };
+        let leader = match local {
+            Ok(r) => return Ok(r),
+            Err(ReadError::NoSuchBucket { bucket }) => {
+                return Ok(KvReadResult::NoSuchBucket(bucket))
+            }
             Err(ReadError::ForwardToLeader { leader_node, .. }) => {
                 Some(leader_node.unwrap_or_default())
             }
             Err(ReadError::NotInitialized) => None,
             Err(e) => return Err(store::map_read(e)),
         };
-        let req = PeerRequest::Get {
-            bucket: bucket.into(),
-            key: key.into(),
+        let req = PeerRequest::Read {
+            read,
             hops: hops + 1,
         };
         match self.route(leader, req, hops).await? {
-            PeerResponse::Entry(e) => Ok(e),
+            PeerResponse::Read(r) => Ok(r),
             PeerResponse::Error(e) => Err(e),
             other => Err(internal(format!("unexpected peer answer {other:?}"))),
         }
     }
 
-    pub(crate) async fn list_entries(
+    pub(crate) async fn get_entry(
         &self,
         bucket: &str,
-        hops: u8,
-    ) -> Result<Vec<Entry>, ApiError> {
-        let leader = match self.node.list(bucket).await {
-            Ok(e) => return Ok(e),
-            Err(ReadError::NoSuchBucket { .. }) => return Ok(Vec::new()),
-            Err(ReadError::ForwardToLeader { leader_node, .. }) => {
-                Some(leader_node.unwrap_or_default())
-            }
-            Err(ReadError::NotInitialized) => None,
-            Err(e) => return Err(store::map_read(e)),
-        };
-        let req = PeerRequest::List {
+        key: &str,
+    ) -> Result<Option<Entry>, ApiError> {
+        let read = KvRead::Get {
             bucket: bucket.into(),
-            hops: hops + 1,
+            key: key.into(),
         };
-        match self.route(leader, req, hops).await? {
-            PeerResponse::Entries(e) => Ok(e),
-            PeerResponse::Error(e) => Err(e),
-            other => Err(internal(format!("unexpected peer answer {other:?}"))),
+        match self.read(read, 0).await? {
+            KvReadResult::Entry(e) => Ok(e),
+            KvReadResult::NoSuchBucket(_) => Ok(None),
+            other => Err(internal(format!("unexpected read result {other:?}"))),
+        }
+    }
+
+    pub(crate) async fn list_entries(&self, bucket: &str) -> Result<Vec<Entry>, ApiError> {
+        match self
+            .read(
+                KvRead::List {
+                    bucket: bucket.into(),
+                },
+                0,
+            )
+            .await?
+        {
+            KvReadResult::Entries(e) => Ok(e),
+            KvReadResult::NoSuchBucket(_) => Ok(Vec::new()),
+            other => Err(internal(format!("unexpected read result {other:?}"))),
         }
     }
 
@@ -447,7 +490,7 @@ impl Daemon {
         bucket: &str,
         key: &str,
     ) -> Result<Option<Versioned<T>>, ApiError> {
-        match self.get_entry(bucket, key, 0).await? {
+        match self.get_entry(bucket, key).await? {
             Some(e) if e.is_live() => store::decode(&e).map(Some),
             _ => Ok(None),
         }
@@ -457,7 +500,7 @@ impl Daemon {
         &self,
         bucket: &str,
     ) -> Result<Vec<Versioned<T>>, ApiError> {
-        self.list_entries(bucket, 0)
+        self.list_entries(bucket)
             .await?
             .iter()
             .filter(|e| e.is_live())
@@ -480,6 +523,79 @@ impl Daemon {
             .collect()
     }
 
+    /// Whether this machine holds a replica of the store (voter or learner).
+    pub(crate) fn has_replica(&self) -> bool {
+        let m = self.node.raft().metrics().borrow().clone();
+        let id = self.identity.node_id;
+        m.membership_config.membership().get_node(&id).is_some()
+    }
+
+    /// Store change events: the local replica's, or those relayed from a
+    /// storage machine.
+    pub(crate) fn kv_events(&self) -> tokio::sync::broadcast::Receiver<ployz_consensus::KvEvent> {
+        if self.has_replica() {
+            self.node.subscribe()
+        } else {
+            self.remote_events.subscribe()
+        }
+    }
+
+    /// The network's NATS password, derived from its secret.
+    pub(crate) fn nats_password(&self) -> Option<String> {
+        use hkdf::Hkdf;
+        let secret = self.secret.get()?;
+        let key = ployz_api::invite::b64url_decode(&secret.key).ok()?;
+        let mut out = [0u8; 24];
+        Hkdf::<sha2::Sha256>::new(Some(secret.network_id.as_bytes()), &key)
+            .expand(b"ployz nats password v1", &mut out)
+            .ok()?;
+        Some(ployz_api::invite::b64url(&out))
+    }
+
+    fn nats_url(&self) -> Result<NatsInfo, ApiError> {
+        let n = self.nats.get().ok_or_else(|| {
+            if self.cluster_file().is_none() {
+                store::no_network()
+            } else {
+                store::unavailable("the NATS server is starting; retry in a moment")
+            }
+        })?;
+        let password = self.nats_password().ok_or_else(store::no_network)?;
+        let mut servers = vec![format!("127.0.0.1:{}", n.port)];
+        let adv = self.advertise_ip();
+        if !adv.is_loopback() {
+            servers.push(std::net::SocketAddr::new(adv, n.port).to_string());
+        }
+        Ok(NatsInfo {
+            url: format!(
+                "nats://{}:{password}@127.0.0.1:{}",
+                crate::nats::NATS_USER,
+                n.port
+            ),
+            user: crate::nats::NATS_USER.into(),
+            password,
+            servers,
+        })
+    }
+
+    pub(crate) fn advertise_ip(&self) -> IpAddr {
+        self.cfg
+            .peer_addr
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+    }
+
+    /// Accept a NATS route that arrived over the peer channel.
+    pub(crate) fn accept_route(&self, stream: tokio::io::DuplexStream, from: String) {
+        match self.nats.get() {
+            Some(n) => {
+                n.server.attach_route(stream, from);
+            }
+            None => tracing::debug!(%from, "route refused: NATS not started yet"),
+        }
+    }
+
     /// Answer a peer's `rpc` request.
     pub async fn peer_rpc(&self, req: PeerRequest) -> PeerResponse {
         match req {
@@ -490,14 +606,8 @@ impl Daemon {
                 Ok(r) => PeerResponse::Written(r),
                 Err(e) => PeerResponse::Error(e),
             },
-            PeerRequest::Get { bucket, key, hops } => {
-                match self.get_entry(&bucket, &key, hops).await {
-                    Ok(e) => PeerResponse::Entry(e),
-                    Err(e) => PeerResponse::Error(e),
-                }
-            }
-            PeerRequest::List { bucket, hops } => match self.list_entries(&bucket, hops).await {
-                Ok(e) => PeerResponse::Entries(e),
+            PeerRequest::Read { read, hops } => match self.read(read, hops).await {
+                Ok(r) => PeerResponse::Read(r),
                 Err(e) => PeerResponse::Error(e),
             },
             PeerRequest::Api { request, hops } => {
@@ -939,24 +1049,56 @@ impl Daemon {
     }
 }
 
-/// Periodic upkeep: keep the list of storage machines fresh so a machine
-/// without a replica can fail over between them.
+/// Periodic upkeep: start the NATS server once in a network, keep its
+/// routes and the list of storage machines fresh, and relay store events to
+/// a machine without a replica.
 pub async fn background(
     daemon: std::sync::Arc<Daemon>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(3));
+    let relay = tokio::spawn(relay_events(daemon.clone()));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.changed() => break,
             _ = tick.tick() => {}
         }
         if daemon.cluster_file().is_none() {
             continue;
         }
-        if daemon.node.is_initialized().await {
+        if daemon.nats.get().is_none() {
+            if let Some(password) = daemon.nats_password() {
+                match crate::nats::Nats::start(
+                    std::sync::Arc::downgrade(&daemon),
+                    daemon.machine_id().to_string(),
+                    password,
+                    daemon.cfg.nats_port,
+                    daemon.advertise_ip(),
+                )
+                .await
+                {
+                    Ok(n) => {
+                        tracing::info!(port = n.port, "NATS control plane listening");
+                        let _ = daemon.nats.set(n);
+                    }
+                    Err(e) => tracing::warn!("cannot start the NATS server: {e}"),
+                }
+            }
+        }
+        let Ok(ms) = daemon.list::<MachineRecord>(BUCKET_MACHINES).await else {
+            continue;
+        };
+        if let Some(n) = daemon.nats.get() {
+            let peers: Vec<(String, String)> = ms
+                .iter()
+                .filter(|m| m.value.id != daemon.machine_id())
+                .map(|m| (m.value.id.clone(), m.value.peer_addr.clone()))
+                .collect();
+            n.sync_routes(&daemon, &peers);
+        }
+        if daemon.has_replica() {
             daemon.refresh_storage_peers();
-        } else if let Ok(ms) = daemon.list::<MachineRecord>(BUCKET_MACHINES).await {
+        } else {
             let peers: Vec<(String, String)> = ms
                 .into_iter()
                 .filter(|m| {
@@ -965,6 +1107,43 @@ pub async fn background(
                 .map(|m| (m.value.id, m.value.peer_addr))
                 .collect();
             daemon.set_storage_peers(peers);
+        }
+    }
+    relay.abort();
+}
+
+/// On a machine without a replica: follow a storage machine's change events
+/// (failing over between them) and republish them locally. Every
+/// (re)connection first announces `Reset`, so watchers re-read.
+async fn relay_events(daemon: std::sync::Arc<Daemon>) {
+    use ployz_consensus::FrameConn as _;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if daemon.has_replica() {
+            continue;
+        }
+        let (Some(secret), Some(file)) = (daemon.secret.get(), daemon.cluster_file()) else {
+            continue;
+        };
+        for (_, addr) in file.storage_peers {
+            let Ok(mut conn) =
+                peer::dial(&addr, peer::Service::Watch, &secret, daemon.machine_id()).await
+            else {
+                continue;
+            };
+            let _ = daemon.remote_events.send(ployz_consensus::KvEvent::Reset);
+            while let Ok(Some(frame)) = conn.recv().await {
+                match serde_json::from_slice::<ployz_consensus::KvEvent>(&frame) {
+                    Ok(ev) => {
+                        let _ = daemon.remote_events.send(ev);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let _ = daemon.remote_events.send(ployz_consensus::KvEvent::Reset);
+            if daemon.has_replica() {
+                break;
+            }
         }
     }
 }

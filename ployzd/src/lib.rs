@@ -8,6 +8,7 @@
 pub mod daemon;
 pub mod identity;
 pub mod join;
+pub mod nats;
 pub mod ops;
 pub mod peer;
 pub mod rules;

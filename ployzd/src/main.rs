@@ -44,6 +44,9 @@ enum Command {
         /// Address peers should use for this machine [default: its best endpoint candidate].
         #[arg(long)]
         advertise_ip: Option<std::net::IpAddr>,
+        /// NATS client port, served on loopback and the advertised address; 0 picks a free one.
+        #[arg(long, default_value_t = ployzd::nats::DEFAULT_NATS_PORT)]
+        nats_port: u16,
         /// Raft log entries between snapshots (log compaction).
         #[arg(long, default_value_t = 5000, hide = true)]
         snapshot_every: u64,
@@ -114,6 +117,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         wg_port,
         peer_port,
         advertise_ip,
+        nats_port,
         snapshot_every,
     } = cli.command;
     let env = Env::current();
@@ -142,6 +146,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             wg_port,
             peer_addr: peer_addr.clone(),
             snapshot_every,
+            nats_port,
         })
         .await?,
     );

@@ -533,6 +533,14 @@ impl peer::PeerHandler for Daemon {
     async fn rpc(&self, req: PeerRequest) -> PeerResponse {
         self.peer_rpc(req).await
     }
+
+    fn route(&self, stream: tokio::io::DuplexStream, from: String) {
+        self.accept_route(stream, from);
+    }
+
+    fn raft_events(&self) -> tokio::sync::broadcast::Receiver<ployz_consensus::KvEvent> {
+        self.node.subscribe()
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 use crate::seal::{self, JoinClient, JoinServer, Sealer};
 use ployz_api::invite::{b64url, b64url_decode};
 use ployz_api::{ApiError, MachineRecord, NetworkRecord, Reply, Request};
+pub use ployz_consensus::network::read_frame as read_raw_frame;
 use ployz_consensus::network::{read_frame, write_frame};
 use ployz_consensus::{Dialer, Entry, FrameConn, Txn, TxnResult};
 use rand::RngCore;
@@ -36,6 +37,10 @@ pub enum Service {
     Join,
     Raft,
     Rpc,
+    /// A NATS route between the control-plane servers of two machines.
+    Route,
+    /// A stream of the store's change events, for a machine without a replica.
+    Watch,
 }
 
 impl Service {
@@ -44,6 +49,8 @@ impl Service {
             Service::Join => "join",
             Service::Raft => "raft",
             Service::Rpc => "rpc",
+            Service::Route => "route",
+            Service::Watch => "watch",
         }
     }
 }
@@ -130,15 +137,9 @@ pub enum PeerRequest {
         txn: Txn,
         hops: u8,
     },
-    /// Linearizable read of one key.
-    Get {
-        bucket: String,
-        key: String,
-        hops: u8,
-    },
-    /// Linearizable read of a bucket's live entries.
-    List {
-        bucket: String,
+    /// A linearizable read.
+    Read {
+        read: KvRead,
         hops: u8,
     },
     /// A whole API request, relayed (e.g. to the Raft leader).
@@ -157,11 +158,46 @@ pub enum PeerRequest {
 pub enum PeerResponse {
     Pong { machine_id: String },
     Written(TxnResult),
-    Entry(Option<Entry>),
-    Entries(Vec<Entry>),
+    Read(KvReadResult),
     Api(Reply),
     Left,
     Error(ApiError),
+}
+
+/// Reads a machine without a usable replica forwards to the storage machines.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvRead {
+    Get {
+        bucket: String,
+        key: String,
+    },
+    /// Latest live entry of every key.
+    List {
+        bucket: String,
+    },
+    /// Latest entry of every key, tombstones included.
+    ListAll {
+        bucket: String,
+    },
+    History {
+        bucket: String,
+        key: String,
+    },
+    Bucket {
+        bucket: String,
+    },
+    Buckets,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvReadResult {
+    Entry(Option<Entry>),
+    Entries(Vec<Entry>),
+    Bucket(Option<ployz_consensus::BucketInfo>),
+    Buckets(Vec<String>),
+    NoSuchBucket(String),
 }
 
 /// A joiner's description of itself.
@@ -422,6 +458,53 @@ pub trait PeerHandler: Send + Sync + 'static {
     fn raft(&self) -> &ployz_consensus::Raft;
     fn join(&self, req: JoinRequest) -> impl std::future::Future<Output = JoinResponse> + Send;
     fn rpc(&self, req: PeerRequest) -> impl std::future::Future<Output = PeerResponse> + Send;
+    /// A NATS route from machine `from`, as a byte stream.
+    fn route(&self, stream: tokio::io::DuplexStream, from: String);
+    /// The local replica's change events (for `watch` sessions).
+    fn raft_events(&self) -> tokio::sync::broadcast::Receiver<ployz_consensus::KvEvent>;
+}
+
+/// Size of the in-memory pipe between a byte-stream user and its sealed frames.
+const PIPE_BYTES: usize = 256 * 1024;
+/// Largest chunk sealed into one frame.
+const CHUNK: usize = 64 * 1024;
+
+/// Carry a byte stream over a sealed connection: what is written to the
+/// returned end goes out as sealed frames, and frames that arrive are read
+/// from it. The pump ends when either side closes.
+pub fn byte_stream(conn: SecureConn) -> tokio::io::DuplexStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
+    let SecureConn { stream, tx, rx } = conn;
+    let (rd, wr) = tokio::io::split(stream);
+    let (mut pipe_rd, mut pipe_wr) = tokio::io::split(ours);
+    let mut up = (wr, tx);
+    let mut down = (rd, rx);
+    tokio::spawn(async move {
+        let outbound = async {
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let n = pipe_rd.read(&mut buf).await?;
+                if n == 0 {
+                    return io::Result::Ok(());
+                }
+                let sealed = up.1.seal(&buf[..n]).map_err(|e| bad(e.to_string()))?;
+                write_frame(&mut up.0, &sealed).await?;
+            }
+        };
+        let inbound = async {
+            while let Some(f) = read_frame(&mut down.0).await? {
+                let plain = down.1.open(&f).map_err(|e| bad(e.to_string()))?;
+                pipe_wr.write_all(&plain).await?;
+            }
+            io::Result::Ok(())
+        };
+        tokio::select! {
+            r = outbound => if let Err(e) = r { tracing::debug!("route pump out: {e}") },
+            r = inbound => if let Err(e) = r { tracing::debug!("route pump in: {e}") },
+        }
+    });
+    theirs
 }
 
 /// Accept peer connections until `shutdown` fires.
@@ -520,6 +603,24 @@ async fn serve_conn<H: PeerHandler>(stream: TcpStream, handler: Arc<H>) -> io::R
                     .await?;
             }
             Ok(())
+        }
+        Service::Route => {
+            handler.route(byte_stream(conn), hello.from);
+            Ok(())
+        }
+        Service::Watch => {
+            let mut events = handler.raft_events();
+            loop {
+                let ev = match events.recv().await {
+                    Ok(ev) => ev,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        ployz_consensus::KvEvent::Reset
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+                };
+                conn.send(&serde_json::to_vec(&ev).map_err(|e| bad(e.to_string()))?)
+                    .await?;
+            }
         }
         Service::Join => unreachable!("handled above"),
     }

@@ -123,6 +123,15 @@ impl Testbed {
         };
         must(&["ip", "link", "add", &tb.bridge, "type", "bridge"]);
         must(&["ip", "link", "set", &tb.bridge, "up"]);
+        // The root namespace (the test process) reaches the hosts at .254.
+        must(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.231.{slot}.254/24"),
+            "dev",
+            &tb.bridge,
+        ]);
         // dockerd's br_netfilter + FORWARD DROP would eat bridged traffic.
         let _ = run(&[
             "iptables", "-I", "FORWARD", "-i", &tb.bridge, "-o", &tb.bridge, "-j", "ACCEPT",

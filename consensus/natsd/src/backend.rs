@@ -43,8 +43,10 @@ pub trait KvBackend: Send + Sync + 'static {
         key: &str,
     ) -> impl Future<Output = Result<Vec<Entry>, BackendError>> + Send;
     /// Latest entry of every key, tombstones included, read atomically.
-    fn list_all(&self, bucket: &str)
-        -> impl Future<Output = Result<Vec<Entry>, BackendError>> + Send;
+    fn list_all(
+        &self,
+        bucket: &str,
+    ) -> impl Future<Output = Result<Vec<Entry>, BackendError>> + Send;
     /// Bucket statistics; `None` if it does not exist.
     fn bucket(
         &self,

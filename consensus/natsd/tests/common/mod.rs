@@ -1,0 +1,291 @@
+//! Test targets: our server (in-process, over a real single-node Raft store) and a real
+//! `nats-server` process, both on loopback ports chosen by the OS, both cleaned up on drop.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ployz_consensus::{Node, NodeConfig, PloyzNode};
+use ployz_natsd::{Credentials, Server, ServerConfig};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const USER: &str = "ployz";
+pub const PASS: &str = "s3cret";
+pub const WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Ployzd,
+    NatsServer,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Opts {
+    pub max_pending: Option<usize>,
+    pub kv: bool,
+}
+
+/// A `nats-server` child process, killed on drop.
+pub struct NatsProcess {
+    child: Child,
+}
+
+impl Drop for NatsProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Target {
+    pub kind: Kind,
+    pub addr: SocketAddr,
+    pub server: Option<Server>,
+    node: Option<std::sync::Arc<Node>>,
+    process: Option<NatsProcess>,
+    _dir: tempfile::TempDir,
+}
+
+pub fn node_me() -> PloyzNode {
+    PloyzNode {
+        machine_id: "m1".into(),
+        addr: "127.0.0.1:1".into(),
+    }
+}
+
+pub async fn open_node(dir: &std::path::Path) -> Node {
+    let node = Node::open(NodeConfig::new(1, node_me(), dir.join("raft")))
+        .await
+        .expect("open raft node");
+    node.initialize_single(node_me())
+        .await
+        .expect("initialize raft node");
+    node
+}
+
+pub fn our_config(name: &str, max_pending: Option<usize>) -> ServerConfig {
+    let mut cfg = ServerConfig {
+        server_name: name.to_string(),
+        credentials: Some(Credentials::UserPassword {
+            user: USER.into(),
+            password: PASS.into(),
+        }),
+        route_ping_interval: Duration::from_secs(1),
+        ..ServerConfig::default()
+    };
+    if let Some(m) = max_pending {
+        cfg.max_pending = m;
+    }
+    cfg
+}
+
+/// Starts one of our servers serving on a fresh loopback port.
+pub async fn start_ours(
+    name: &str,
+    cfg: ServerConfig,
+    node: Option<std::sync::Arc<Node>>,
+) -> (Server, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = match node {
+        Some(n) => Server::with_kv(cfg, n),
+        None => Server::new(cfg),
+    };
+    let s = server.clone();
+    tokio::spawn(async move { s.serve(listener).await });
+    let _ = name;
+    (server, addr)
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+impl Target {
+    pub async fn start(kind: Kind, opts: Opts) -> Target {
+        let dir = tempfile::tempdir().expect("tempdir");
+        match kind {
+            Kind::Ployzd => {
+                let node = if opts.kv {
+                    Some(std::sync::Arc::new(open_node(dir.path()).await))
+                } else {
+                    None
+                };
+                let (server, addr) = start_ours(
+                    "ployzd-test",
+                    our_config("ployzd-test", opts.max_pending),
+                    node.clone(),
+                )
+                .await;
+                Target {
+                    kind,
+                    addr,
+                    server: Some(server),
+                    node,
+                    process: None,
+                    _dir: dir,
+                }
+            }
+            Kind::NatsServer => {
+                let port = free_port();
+                let store = dir.path().join("js");
+                let mut cmd = Command::new("nats-server");
+                cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
+                    .args(["--user", USER, "--pass", PASS])
+                    .args(["-js", "-sd"])
+                    .arg(&store)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                if let Some(m) = opts.max_pending {
+                    let conf = dir.path().join("nats.conf");
+                    // nats-server refuses max_payload > max_pending.
+                    let payload = m.min(1024 * 1024) / 2;
+                    std::fs::write(&conf, format!("max_pending: {m}\nmax_payload: {payload}\n"))
+                        .expect("write conf");
+                    cmd.arg("-c").arg(&conf);
+                }
+                let child = cmd
+                    .spawn()
+                    .expect("nats-server must be installed (scripts/setup installs it)");
+                let process = NatsProcess { child };
+                let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+                let deadline = tokio::time::Instant::now() + WAIT;
+                while TcpStream::connect(addr).await.is_err() {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "nats-server did not start"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Target {
+                    kind,
+                    addr,
+                    server: None,
+                    node: None,
+                    process: Some(process),
+                    _dir: dir,
+                }
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://{}", self.addr)
+    }
+
+    pub async fn connect(&self) -> async_nats::Client {
+        connect_to(self.addr).await
+    }
+
+    pub fn is_ours(&self) -> bool {
+        self.kind == Kind::Ployzd
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+        if let Some(n) = self.node.take() {
+            let _ = n.shutdown().await;
+        }
+    }
+}
+
+pub fn opts() -> async_nats::ConnectOptions {
+    async_nats::ConnectOptions::with_user_and_password(USER.into(), PASS.into())
+        .request_timeout(Some(Duration::from_secs(5)))
+}
+
+pub async fn connect_to(addr: SocketAddr) -> async_nats::Client {
+    opts()
+        .connect(format!("nats://{addr}"))
+        .await
+        .expect("connect")
+}
+
+/// A raw protocol client for what async-nats cannot express.
+pub struct Raw {
+    rd: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    wr: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> (Raw, String) {
+        let s = TcpStream::connect(addr).await.expect("connect");
+        Self::from_stream(s).await
+    }
+
+    pub async fn from_stream(s: TcpStream) -> (Raw, String) {
+        let (rd, wr) = s.into_split();
+        let mut raw = Raw {
+            rd: BufReader::new(rd),
+            wr,
+        };
+        let info = raw.line().await;
+        assert!(info.starts_with("INFO "), "{info}");
+        (raw, info)
+    }
+
+    pub async fn send(&mut self, s: &str) {
+        self.wr.write_all(s.as_bytes()).await.expect("write");
+    }
+
+    pub async fn send_bytes(&mut self, b: &[u8]) {
+        self.wr.write_all(b).await.expect("write");
+    }
+
+    /// Next line without CRLF; panics after a timeout.
+    pub async fn line(&mut self) -> String {
+        let mut l = String::new();
+        let n = tokio::time::timeout(WAIT, self.rd.read_line(&mut l))
+            .await
+            .expect("line timeout")
+            .expect("read");
+        assert!(n > 0, "connection closed while waiting for a line");
+        l.trim_end_matches("\r\n").to_string()
+    }
+
+    /// Next line, skipping server PINGs (answered).
+    pub async fn line_skip_ping(&mut self) -> String {
+        loop {
+            let l = self.line().await;
+            if l == "PING" {
+                self.send("PONG\r\n").await;
+                continue;
+            }
+            return l;
+        }
+    }
+
+    /// Reads until EOF (true) or the timeout (false).
+    pub async fn closed_within(&mut self, t: Duration) -> bool {
+        let mut buf = vec![0u8; 64 * 1024];
+        let deadline = tokio::time::Instant::now() + t;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rd.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    pub fn connect_line(extra: &str) -> String {
+        format!(
+            "CONNECT {{\"verbose\":false,\"pedantic\":false,\"user\":\"{USER}\",\"pass\":\"{PASS}\",\"protocol\":1,\"headers\":true{extra}}}\r\n"
+        )
+    }
+}
+
+/// Polls `f` until it returns true.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,693 @@
+//! NATS compatibility suite: every scenario runs against ployzd's server **and** against a real
+//! `nats-server`, so a check that would pass on a broken server is caught. Where nats-server
+//! (Debian's 2.9.10) cannot do something, the test asserts that known failure explicitly.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use common::{Kind, Opts, Raw, Target, PASS, USER, WAIT};
+use futures::StreamExt;
+
+/// Runs a scenario against both servers.
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn ployzd() {
+                super::$name(super::Kind::Ployzd).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nats_server() {
+                super::$name(super::Kind::NatsServer).await;
+            }
+        }
+    )*};
+}
+
+both!(
+    pub_sub,
+    wildcards,
+    queue_groups,
+    unsubscribe_max,
+    request_reply,
+    no_responders,
+    headers,
+    echo_false,
+    verbose_ok_and_errors,
+    auth,
+    slow_consumer,
+    kv_bucket_create_and_status,
+    kv_put_get,
+    kv_create_only_if_absent,
+    kv_update_with_revision,
+    kv_delete_and_purge,
+    kv_keys,
+    kv_watch,
+    kv_history,
+);
+
+async fn next_msg(sub: &mut async_nats::Subscriber) -> async_nats::Message {
+    tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("message timeout")
+        .expect("subscription ended")
+}
+
+async fn no_msg(sub: &mut async_nats::Subscriber, within: Duration) {
+    if let Ok(Some(m)) = tokio::time::timeout(within, sub.next()).await {
+        panic!("unexpected message on {}", m.subject);
+    }
+}
+
+async fn pub_sub(kind: Kind) {
+    let t = Target::start(kind, Opts::default()).await;
+    let a = t.connect().await;
+    let b = t.connect().await;
+    let mut sub = a.subscribe("greet.joe").await.unwrap();
+    a.flush().await.unwrap();
+    b.publish("greet.joe", "hello".into()).await.unwrap();
+    b.publish("greet.sue", "nope".into()).await.unwrap();
+    b.flush().await.unwrap();
+    let m = next_msg(&mut sub).await;
+    assert_eq!(m.subject.as_str(), "greet.joe");
+    assert_eq!(&m.payload[..], b"hello");
+    no_msg(&mut sub, Duration::from_millis(100)).await;
+    t.stop().await;
+}
+
+async fn wildcards(kind: Kind) {
+    let t = Target::start(kind, Opts::default()).await;
+    let c = t.connect().await;
+    let mut star = c.subscribe("a.*").await.unwrap();
+    let mut gt = c.subscribe("a.>").await.unwrap();
+    let mut mid = c.subscribe("a.*.c").await.unwrap();
+    c.flush().await.unwrap();
+    for s in ["a.b", "a.b.c", "a", "b.c"] {
+        c.publish(s, s.to_string().into()).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    assert_eq!(next_msg(&mut star).await.subject.as_str(), "a.b");
+    no_msg(&mut star, Duration::from_millis(100)).await;
+    assert_eq!(next_msg(&mut gt).await.subject.as_str(), "a.b");
+    assert_eq!(next_msg(&mut gt).await.subject.as_str(), "a.b.c");
+    no_msg(&mut gt, Duration::from_millis(50)).await;
+    assert_eq!(next_msg(&mut mid).await.subject.as_str(), "a.b.c");
+    no_msg(&mut mid, Duration::from_millis(50)).await;
+    t.stop().await;
+}
+
+/// Collects payloads from queue subscribers until `n` arrived, then checks nothing more comes.
+async fn collect_queue(subs: &mut [async_nats::Subscriber], n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while got.len() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "got {} of {n}",
+            got.len()
+        );
+        for s in subs.iter_mut() {
+            while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(5), s.next()).await {
+                got.push(String::from_utf8_lossy(&m.payload).to_string());
+            }
+        }
+    }
+    for s in subs.iter_mut() {
+        no_msg(s, Duration::from_millis(100)).await;
+    }
+    got
+}
+
+async fn queue_groups(kind: Kind) {
+    let t = Target::start(kind, Opts::default()).await;
+    let mut subs = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let c = t.connect().await;
+        subs.push(c.queue_subscribe("work", "workers".into()).await.unwrap());
+        c.flush().await.unwrap();
+        clients.push(c);
+    }
+    // A plain subscriber still gets every message.
+    let mut plain = clients[0].subscribe("work").await.unwrap();
+    clients[0].flush().await.unwrap();
+    let p = t.connect().await;
+    const N: usize = 200;
+    for i in 0..N {
+        p.publish("work", i.to_string().into()).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    let got = collect_queue(&mut subs, N).await;
+    assert_eq!(got.len(), N);
+    let unique: BTreeSet<_> = got.iter().collect();
+    assert_eq!(
+        unique.len(),
+        N,
+        "each message exactly once across the group"
+    );
+    for _ in 0..N {
+        next_msg(&mut plain).await;
+    }
+    t.stop().await;
+}
+
+async fn unsubscribe_max(kind: Kind) {
+    let t = Target::start(kind, Opts::default()).await;
+    let c = t.connect().await;
+    let mut sub = c.subscribe("count").await.unwrap();
+    sub.unsubscribe_after(3).await.unwrap();
+    c.flush().await.unwrap();
+    for i in 0..5 {
+        c.publish("count", i.to_string().into()).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    for i in 0..3 {
+        assert_eq!(next_msg(&mut sub).await.payload, i.to_string());
+    }
+    let end = tokio::time::timeout(WAIT, sub.next()).await.expect("end");
+    assert!(end.is_none(), "subscription ends after its max");
+    t.stop().await;
+}
+
+async fn request_reply(kind: Kind) {
+    let t = Target::start(kind, Opts::default()).await;
+    let responder = t.connect().await;
+    let mut sub = responder.subscribe("svc.echo").await.unwrap();
+    responder.flush().await.unwrap();
+    let r2 = responder.clone();
+    let task = tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            if let Some(reply) = m.reply {
+                let mut body = b"echo:".to_vec();
+                body.extend_from_slice(&m.payload);
+                r2.publish(reply, body.into()).await.unwrap();
+            }
+        }
+    });
+    let c = t.connect().await;
+    for i in 0..10 {
+        let resp = c.request("svc.echo", i.to_string().into()).await.unwrap();
+        assert_eq!(resp.payload, format!("echo:{i}"));
+    }
+    task.abort();
+    t.stop().await;
+}
+
+async fn no_responders(kind: Kind) {
+    let t = Target::start(kind, Opts::default()).await;
+    let c = t.connect().await;
+    let err = c
+        .request("nobody.home", "?".into())
+        .await
+        .expect_err("no responders");
+    assert_eq!(err.kind(), async_nats::RequestErrorKind::NoResponders);
+    // Raw: the 503 status as nats-server formats it.
+    let (mut raw, _) = Raw::connect(t.addr).await;
+    raw.send(&Raw::connect_line(",\"no_responders\":true"))
+        .await;
+    raw.send("SUB _INBOX.x.* 1\r\nPUB nobody.home _INBOX.x.1 0\r\n\r\nPING\r\n")
+        .await;
+    let l = raw.line_skip_ping().await;
+    assert!(l.starts_with("HMSG _INBOX.x.1 1 "), "{l}");
+    assert_eq!(raw.line().await, "NATS/1.0 503");
+    t.stop().await;
+}
+
+async fn headers(kind: Kind) {
+    let t = Target::start(kind, Opts::default()).await;
+    let c = t.connect().await;
+    let mut sub = c.subscribe("h").await.unwrap();
+    c.flush().await.unwrap();
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("X-Trace", "abc");
+    h.append("X-Multi", "1");
+    h.append("X-Multi", "2");
+    c.publish_with_headers("h", h, "body".into()).await.unwrap();
+    c.flush().await.unwrap();
+    let m = next_msg(&mut sub).await;
+    let got = m.headers.expect("headers");
+    assert_eq!(got.get("X-Trace").map(|v| v.as_str()), Some("abc"));
+    let multi: Vec<&str> = got.get_all("X-Multi").map(|v| v.as_str()).collect();
+    assert_eq!(multi, ["1", "2"]);
+    assert_eq!(&m.payload[..], b"body");
+    t.stop().await;
+}
+
+async fn echo_false(kind: Kind) {
+    let t = Target::start(kind, Opts::default()).await;
+    let quiet = common::opts().no_echo().connect(t.url()).await.unwrap();
+    let other = t.connect().await;
+    let mut sub = quiet.subscribe("e").await.unwrap();
+    quiet.flush().await.unwrap();
+    quiet.publish("e", "mine".into()).await.unwrap();
+    quiet.flush().await.unwrap();
+    other.publish("e", "theirs".into()).await.unwrap();
+    other.flush().await.unwrap();
+    assert_eq!(&next_msg(&mut sub).await.payload[..], b"theirs");
+    no_msg(&mut sub, Duration::from_millis(100)).await;
+    // Raw: echo false, publish to own subscription, PONG arrives without a MSG before it.
+    let (mut raw, _) = Raw::connect(t.addr).await;
+    raw.send(&Raw::connect_line(",\"echo\":false")).await;
+    raw.send("SUB e 1\r\nPUB e 2\r\nhi\r\nPING\r\n").await;
+    assert_eq!(raw.line_skip_ping().await, "PONG");
+    t.stop().await;
+}
+
+async fn verbose_ok_and_errors(kind: Kind) {
+    let t = Target::start(kind, Opts::default()).await;
+    let (mut raw, info) = Raw::connect(t.addr).await;
+    assert!(info.contains("\"auth_required\":true"), "{info}");
+    assert!(info.contains("\"headers\":true"), "{info}");
+    raw.send(&format!(
+        "CONNECT {{\"verbose\":true,\"pedantic\":false,\"user\":\"{USER}\",\"pass\":\"{PASS}\"}}\r\n"
+    ))
+    .await;
+    assert_eq!(raw.line_skip_ping().await, "+OK");
+    raw.send("SUB foo 1\r\n").await;
+    assert_eq!(raw.line_skip_ping().await, "+OK");
+    raw.send("PUB foo 2\r\nhi\r\n").await;
+    // +OK for the PUB, and the message itself (order as nats-server: +OK first).
+    assert_eq!(raw.line_skip_ping().await, "+OK");
+    assert_eq!(raw.line_skip_ping().await, "MSG foo 1 2");
+    assert_eq!(raw.line_skip_ping().await, "hi");
+    raw.send("SUB foo..bar 2\r\n").await;
+    assert_eq!(raw.line_skip_ping().await, "-ERR 'Invalid Subject'");
+    raw.send("PING\r\n").await;
+    assert_eq!(raw.line_skip_ping().await, "PONG");
+    raw.send("FOO bar\r\n").await;
+    assert_eq!(
+        raw.line_skip_ping().await,
+        "-ERR 'Unknown Protocol Operation'"
+    );
+    assert!(
+        raw.closed_within(WAIT).await,
+        "closed after a protocol error"
+    );
+
+    let (mut raw, _) = Raw::connect(t.addr).await;
+    raw.send(&Raw::connect_line("")).await;
+    raw.send("PUB foo 2000000\r\n").await;
+    assert_eq!(
+        raw.line_skip_ping().await,
+        "-ERR 'Maximum Payload Violation'"
+    );
+    assert!(raw.closed_within(WAIT).await);
+    t.stop().await;
+}
+
+async fn auth(kind: Kind) {
+    let t = Target::start(kind, Opts::default()).await;
+    let err = async_nats::ConnectOptions::with_user_and_password(USER.into(), "wrong".into())
+        .connect(t.url())
+        .await
+        .expect_err("wrong password refused");
+    assert_eq!(
+        err.kind(),
+        async_nats::ConnectErrorKind::AuthorizationViolation
+    );
+    let err = async_nats::ConnectOptions::new()
+        .connect(t.url())
+        .await
+        .expect_err("missing credentials refused");
+    assert_eq!(
+        err.kind(),
+        async_nats::ConnectErrorKind::AuthorizationViolation
+    );
+    // Raw: no credentials.
+    let (mut raw, _) = Raw::connect(t.addr).await;
+    raw.send("CONNECT {\"verbose\":false}\r\nPING\r\n").await;
+    assert_eq!(raw.line().await, "-ERR 'Authorization Violation'");
+    assert!(raw.closed_within(WAIT).await);
+    // Raw: an operation before CONNECT.
+    let (mut raw, _) = Raw::connect(t.addr).await;
+    raw.send("SUB foo 1\r\n").await;
+    assert_eq!(raw.line().await, "-ERR 'Authorization Violation'");
+    assert!(raw.closed_within(WAIT).await);
+    // Right credentials work.
+    let c = t.connect().await;
+    c.flush().await.unwrap();
+    t.stop().await;
+}
+
+async fn slow_consumer(kind: Kind) {
+    const MAX_PENDING: usize = 256 * 1024;
+    let t = Target::start(
+        kind,
+        Opts {
+            max_pending: Some(MAX_PENDING),
+            ..Opts::default()
+        },
+    )
+    .await;
+    // A subscriber that never reads, with a tiny receive buffer.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(t.addr).await.unwrap();
+    let (mut raw, _) = Raw::from_stream(stream).await;
+    raw.send(&Raw::connect_line("")).await;
+    raw.send("SUB firehose 1\r\nPING\r\n").await;
+    assert_eq!(raw.line_skip_ping().await, "PONG");
+
+    let p = t.connect().await;
+    let chunk = Bytes::from(vec![b'x'; 32 * 1024]);
+    let mut max_seen = 0usize;
+    for _ in 0..1024 {
+        p.publish("firehose", chunk.clone()).await.unwrap();
+        if let Some(s) = &t.server {
+            max_seen = max_seen.max(s.stats().pending_bytes);
+        }
+    }
+    p.flush().await.unwrap();
+    if let Some(s) = &t.server {
+        assert!(
+            max_seen <= MAX_PENDING,
+            "server buffered {max_seen} bytes for one client"
+        );
+        let s = s.clone();
+        common::eventually("slow consumer dropped", || s.stats().clients == 1).await;
+    }
+    assert!(
+        raw.closed_within(Duration::from_secs(20)).await,
+        "slow consumer is disconnected"
+    );
+    // The publisher is unaffected.
+    p.flush().await.unwrap();
+    t.stop().await;
+}
+
+// ---------------------------------------------------------------- KV
+
+/// Creates a bucket. On nats-server 2.9.10, async-nats 0.51's `create_key_value` cannot work
+/// (its account info lacks `reserved_memory`/`reserved_storage`): assert that known failure,
+/// then create the same KV stream through the stream API and open it with `get_key_value`, so
+/// the rest of the KV scenario still runs against the real server.
+async fn make_bucket(t: &Target, js: &jetstream::Context, bucket: &str, history: i64) -> kv::Store {
+    let cfg = kv::Config {
+        bucket: bucket.to_string(),
+        history,
+        ..Default::default()
+    };
+    match t.kind {
+        Kind::Ployzd => js.create_key_value(cfg).await.expect("create bucket"),
+        Kind::NatsServer => {
+            let err = js
+                .create_key_value(cfg)
+                .await
+                .expect_err("known: async-nats 0.51 cannot parse nats-server 2.9.10 account info");
+            assert_eq!(
+                err.kind(),
+                jetstream::context::CreateKeyValueErrorKind::JetStream,
+                "{err}"
+            );
+            js.create_stream(jetstream::stream::Config {
+                name: format!("KV_{bucket}"),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: history,
+                max_messages: -1,
+                max_bytes: -1,
+                max_consumers: -1,
+                max_message_size: -1,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: jetstream::stream::DiscardPolicy::New,
+                num_replicas: 1,
+                storage: jetstream::stream::StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .expect("create KV stream");
+            js.get_key_value(bucket).await.expect("open bucket")
+        }
+    }
+}
+
+async fn kv_target(kind: Kind) -> (Target, jetstream::Context) {
+    let t = Target::start(
+        kind,
+        Opts {
+            kv: true,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let js = jetstream::new(t.connect().await);
+    (t, js)
+}
+
+async fn kv_bucket_create_and_status(kind: Kind) {
+    let (t, js) = kv_target(kind).await;
+    let store = make_bucket(&t, &js, "cfg", 5).await;
+    let status = store.status().await.unwrap();
+    assert_eq!(status.bucket(), "cfg");
+    assert_eq!(status.history(), 5);
+    assert_eq!(status.values(), 0);
+    store.put("a", "1".into()).await.unwrap();
+    // Re-opening reads fresh stream info.
+    let again = js.get_key_value("cfg").await.unwrap();
+    let status = again.status().await.unwrap();
+    assert_eq!(status.values(), 1);
+    let info = js.get_stream("KV_cfg").await.unwrap().cached_info().clone();
+    assert_eq!(info.config.subjects, vec!["$KV.cfg.>".to_string()]);
+    assert!(info.config.allow_direct);
+    assert_eq!(info.config.max_messages_per_subject, 5);
+    assert_eq!(info.state.last_sequence, 1);
+    // Opening a missing bucket fails.
+    assert!(js.get_key_value("missing").await.is_err());
+    t.stop().await;
+}
+
+async fn kv_put_get(kind: Kind) {
+    let (t, js) = kv_target(kind).await;
+    let store = make_bucket(&t, &js, "pg", 1).await;
+    assert_eq!(store.put("k.one", "v1".into()).await.unwrap(), 1);
+    assert_eq!(store.put("k.two", "v2".into()).await.unwrap(), 2);
+    assert_eq!(store.put("k.one", "v3".into()).await.unwrap(), 3);
+    assert_eq!(store.get("k.one").await.unwrap(), Some(Bytes::from("v3")));
+    let e = store.entry("k.two").await.unwrap().expect("entry");
+    assert_eq!((e.revision, e.operation), (2, kv::Operation::Put));
+    assert_eq!(e.value, Bytes::from("v2"));
+    assert_eq!(store.get("nope").await.unwrap(), None);
+    // A second client sees the write (linearizable, acknowledged after commit).
+    let other = jetstream::new(t.connect().await)
+        .get_key_value("pg")
+        .await
+        .unwrap();
+    assert_eq!(other.get("k.one").await.unwrap(), Some(Bytes::from("v3")));
+    t.stop().await;
+}
+
+async fn kv_create_only_if_absent(kind: Kind) {
+    let (t, js) = kv_target(kind).await;
+    let store = make_bucket(&t, &js, "cr", 3).await;
+    let r = store.create("k", "1".into()).await.unwrap();
+    let err = store.create("k", "2".into()).await.expect_err("exists");
+    assert_eq!(err.kind(), kv::CreateErrorKind::AlreadyExists);
+    store.delete("k").await.unwrap();
+    let r2 = store
+        .create("k", "3".into())
+        .await
+        .expect("create after delete");
+    assert!(r2 > r);
+    assert_eq!(store.get("k").await.unwrap(), Some(Bytes::from("3")));
+    t.stop().await;
+}
+
+async fn kv_update_with_revision(kind: Kind) {
+    let (t, js) = kv_target(kind).await;
+    let store = make_bucket(&t, &js, "up", 3).await;
+    let r1 = store.put("k", "1".into()).await.unwrap();
+    let r2 = store.update("k", "2".into(), r1).await.unwrap();
+    let err = store
+        .update("k", "3".into(), r1)
+        .await
+        .expect_err("stale revision");
+    assert_eq!(err.kind(), kv::UpdateErrorKind::WrongLastRevision);
+    assert_eq!(store.get("k").await.unwrap(), Some(Bytes::from("2")));
+    // The raw error as nats-server words it.
+    let c = t.connect().await;
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(
+        "Nats-Expected-Last-Subject-Sequence",
+        r1.to_string().as_str(),
+    );
+    let resp = c
+        .request_with_headers("$KV.up.k", h, "x".into())
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&resp.payload).unwrap();
+    assert_eq!(v["error"]["err_code"], 10071, "{v}");
+    assert_eq!(v["error"]["code"], 400, "{v}");
+    assert_eq!(
+        v["error"]["description"],
+        format!("wrong last sequence: {r2}"),
+        "{v}"
+    );
+    t.stop().await;
+}
+
+async fn kv_delete_and_purge(kind: Kind) {
+    let (t, js) = kv_target(kind).await;
+    let store = make_bucket(&t, &js, "dp", 10).await;
+    store.put("d", "1".into()).await.unwrap();
+    store.put("d", "2".into()).await.unwrap();
+    store.delete("d").await.unwrap();
+    assert_eq!(store.get("d").await.unwrap(), None);
+    let e = store.entry("d").await.unwrap().expect("tombstone");
+    assert_eq!(e.operation, kv::Operation::Delete);
+    let hist: Vec<kv::Entry> = store
+        .history("d")
+        .await
+        .unwrap()
+        .map(|e| e.unwrap())
+        .collect()
+        .await;
+    assert_eq!(hist.len(), 3, "delete keeps history");
+
+    store.put("p", "1".into()).await.unwrap();
+    store.put("p", "2".into()).await.unwrap();
+    store.purge("p").await.unwrap();
+    assert_eq!(store.get("p").await.unwrap(), None);
+    let hist: Vec<kv::Entry> = store
+        .history("p")
+        .await
+        .unwrap()
+        .map(|e| e.unwrap())
+        .collect()
+        .await;
+    assert_eq!(hist.len(), 1, "purge drops history");
+    assert_eq!(hist[0].operation, kv::Operation::Purge);
+    t.stop().await;
+}
+
+async fn kv_keys(kind: Kind) {
+    let (t, js) = kv_target(kind).await;
+    let store = make_bucket(&t, &js, "ks", 1).await;
+    let keys: Vec<String> = store
+        .keys()
+        .await
+        .unwrap()
+        .map(|k| k.unwrap())
+        .collect()
+        .await;
+    assert!(keys.is_empty());
+    for k in ["a", "b.x", "c"] {
+        store.put(k, "v".into()).await.unwrap();
+    }
+    store.put("a", "v2".into()).await.unwrap();
+    store.delete("c").await.unwrap();
+    let mut keys: Vec<String> = store
+        .keys()
+        .await
+        .unwrap()
+        .map(|k| k.unwrap())
+        .collect()
+        .await;
+    keys.sort();
+    assert_eq!(keys, ["a", "b.x"]);
+    t.stop().await;
+}
+
+async fn next_entry(w: &mut kv::Watch) -> kv::Entry {
+    tokio::time::timeout(WAIT, w.next())
+        .await
+        .expect("watch timeout")
+        .expect("watch ended")
+        .expect("watch error")
+}
+
+async fn kv_watch(kind: Kind) {
+    let (t, js) = kv_target(kind).await;
+    let store = make_bucket(&t, &js, "w", 5).await;
+    store.put("old", "0".into()).await.unwrap();
+    store.put("gone", "x".into()).await.unwrap();
+    store.delete("gone").await.unwrap();
+
+    // watch_all: only new changes.
+    let mut all = store.watch_all().await.unwrap();
+    // watch_with_history on a key: its latest value first, then changes.
+    let mut one = store.watch_with_history("old").await.unwrap();
+    let first = next_entry(&mut one).await;
+    assert_eq!((first.key.as_str(), &first.value[..]), ("old", &b"0"[..]));
+
+    // Initial state of every key, tombstones included.
+    let mut hist = store.watch_all_from_revision(1).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let e = next_entry(&mut hist).await;
+        seen.push((e.key.clone(), e.operation, e.revision));
+    }
+    assert_eq!(
+        seen,
+        [
+            ("old".to_string(), kv::Operation::Put, 1),
+            ("gone".to_string(), kv::Operation::Put, 2),
+            ("gone".to_string(), kv::Operation::Delete, 3),
+        ]
+    );
+
+    // Live updates.
+    let other = jetstream::new(t.connect().await)
+        .get_key_value("w")
+        .await
+        .unwrap();
+    other.put("old", "1".into()).await.unwrap();
+    other.put("new", "2".into()).await.unwrap();
+    other.purge("new").await.unwrap();
+    let e = next_entry(&mut all).await;
+    assert_eq!(
+        (e.key.as_str(), &e.value[..], e.revision),
+        ("old", &b"1"[..], 4)
+    );
+    let e = next_entry(&mut all).await;
+    assert_eq!((e.key.as_str(), e.operation), ("new", kv::Operation::Put));
+    let e = next_entry(&mut all).await;
+    assert_eq!((e.key.as_str(), e.operation), ("new", kv::Operation::Purge));
+    let e = next_entry(&mut one).await;
+    assert_eq!((e.key.as_str(), &e.value[..]), ("old", &b"1"[..]));
+    let e = next_entry(&mut hist).await;
+    assert_eq!(e.revision, 4);
+    drop(all);
+    drop(one);
+    drop(hist);
+    if let Some(s) = &t.server {
+        // Consumers go away once nobody listens on their deliver subjects.
+        let s = s.clone();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while s.stats().consumers > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "consumers not deleted"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    t.stop().await;
+}
+
+async fn kv_history(kind: Kind) {
+    let (t, js) = kv_target(kind).await;
+    let store = make_bucket(&t, &js, "h", 3).await;
+    for v in ["1", "2", "3", "4"] {
+        store.put("k", v.to_string().into()).await.unwrap();
+    }
+    store.put("other", "x".into()).await.unwrap();
+    let hist: Vec<kv::Entry> = store
+        .history("k")
+        .await
+        .unwrap()
+        .map(|e| e.unwrap())
+        .collect()
+        .await;
+    let values: Vec<&[u8]> = hist.iter().map(|e| &e.value[..]).collect();
+    assert_eq!(values, [&b"2"[..], b"3", b"4"], "history keeps the last 3");
+    let revs: Vec<u64> = hist.iter().map(|e| e.revision).collect();
+    assert_eq!(revs, [2, 3, 4]);
+    t.stop().await;
+}

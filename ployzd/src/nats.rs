@@ -1,0 +1,210 @@
+//! The control plane clients see: every ployzd embeds a NATS server
+//! (`ployz-natsd`). Its JetStream KV is the replicated store, reached through
+//! [`DaemonKv`], which forwards like every other store access, so a client
+//! of any machine reads and writes the same buckets. Servers of one network
+//! are joined by NATS routes carried over the encrypted peer channel; the
+//! machine with the smaller id dials.
+
+use crate::daemon::Daemon;
+use crate::peer::{self, KvRead, KvReadResult, Service};
+use ployz_consensus::{BucketInfo, Entry, KvEvent, Txn, TxnResult};
+use ployz_natsd::{BackendError, Credentials, KvBackend, Server, ServerConfig};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Mutex, Weak};
+
+pub const DEFAULT_NATS_PORT: u16 = 4222;
+pub const NATS_USER: &str = "ployz";
+
+/// The store as the NATS server's JetStream sees it.
+pub struct DaemonKv {
+    daemon: Weak<Daemon>,
+}
+
+fn gone() -> BackendError {
+    BackendError::Unavailable("ployzd is shutting down".into())
+}
+
+impl DaemonKv {
+    async fn read(&self, read: KvRead) -> Result<KvReadResult, BackendError> {
+        let d = self.daemon.upgrade().ok_or_else(gone)?;
+        match d.read(read, 0).await {
+            Ok(KvReadResult::NoSuchBucket(b)) => Err(BackendError::NoSuchBucket(b)),
+            Ok(r) => Ok(r),
+            Err(e) => Err(BackendError::Unavailable(e.message)),
+        }
+    }
+}
+
+fn unexpected(r: KvReadResult) -> BackendError {
+    BackendError::Unavailable(format!("unexpected read result {r:?}"))
+}
+
+impl KvBackend for DaemonKv {
+    async fn write(&self, txn: Txn) -> Result<TxnResult, BackendError> {
+        let d = self.daemon.upgrade().ok_or_else(gone)?;
+        d.write_txn(txn, 0)
+            .await
+            .map_err(|e| BackendError::Unavailable(e.message))
+    }
+
+    async fn get(&self, bucket: &str, key: &str) -> Result<Option<Entry>, BackendError> {
+        match self
+            .read(KvRead::Get {
+                bucket: bucket.into(),
+                key: key.into(),
+            })
+            .await?
+        {
+            KvReadResult::Entry(e) => Ok(e),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn history(&self, bucket: &str, key: &str) -> Result<Vec<Entry>, BackendError> {
+        match self
+            .read(KvRead::History {
+                bucket: bucket.into(),
+                key: key.into(),
+            })
+            .await?
+        {
+            KvReadResult::Entries(e) => Ok(e),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn list_all(&self, bucket: &str) -> Result<Vec<Entry>, BackendError> {
+        match self
+            .read(KvRead::ListAll {
+                bucket: bucket.into(),
+            })
+            .await?
+        {
+            KvReadResult::Entries(e) => Ok(e),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn bucket(&self, bucket: &str) -> Result<Option<BucketInfo>, BackendError> {
+        match self
+            .read(KvRead::Bucket {
+                bucket: bucket.into(),
+            })
+            .await
+        {
+            Ok(KvReadResult::Bucket(b)) => Ok(b),
+            Err(BackendError::NoSuchBucket(_)) => Ok(None),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn buckets(&self) -> Result<Vec<String>, BackendError> {
+        match self.read(KvRead::Buckets).await? {
+            KvReadResult::Buckets(b) => Ok(b),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<KvEvent> {
+        match self.daemon.upgrade() {
+            Some(d) => d.kv_events(),
+            // A closed channel: consumers see the end and stop.
+            None => tokio::sync::broadcast::channel(1).1,
+        }
+    }
+}
+
+/// The running NATS server of this machine and its routes.
+pub struct Nats {
+    pub server: Server,
+    pub port: u16,
+    /// Dialing tasks of the routes this machine keeps, by peer machine id.
+    routes: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+impl Nats {
+    /// Start the server on loopback and on `advertise` (never on every
+    /// interface), with the network's credentials.
+    pub async fn start(
+        daemon: Weak<Daemon>,
+        name: String,
+        password: String,
+        port: u16,
+        advertise: IpAddr,
+    ) -> std::io::Result<Nats> {
+        let loopback = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        let port = loopback.local_addr()?.port();
+        let cfg = ServerConfig {
+            server_name: name,
+            host: advertise.to_string(),
+            port,
+            credentials: Some(Credentials::UserPassword {
+                user: NATS_USER.into(),
+                password,
+            }),
+            ..ServerConfig::default()
+        };
+        let server = Server::with_kv(cfg, DaemonKv { daemon });
+        let s = server.clone();
+        tokio::spawn(async move { s.serve(loopback).await });
+        if !advertise.is_loopback() {
+            let l = tokio::net::TcpListener::bind(SocketAddr::new(advertise, port)).await?;
+            let s = server.clone();
+            tokio::spawn(async move { s.serve(l).await });
+        }
+        Ok(Nats {
+            server,
+            port,
+            routes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Keep a route to each machine in `peers` (id, peer address) whose id
+    /// is larger than ours; drop routes to machines no longer listed.
+    pub fn sync_routes(&self, daemon: &std::sync::Arc<Daemon>, peers: &[(String, String)]) {
+        let me = daemon.machine_id().to_string();
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.retain(|id, task| {
+            let keep = peers.iter().any(|(p, _)| p == id);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (id, addr) in peers {
+            if *id <= me || addr.is_empty() || routes.contains_key(id) {
+                continue;
+            }
+            let secret = daemon.secret.clone();
+            let me = me.clone();
+            let addr = addr.clone();
+            let task = self.server.maintain_route(id.clone(), move || {
+                let secret = secret.get();
+                let me = me.clone();
+                let addr = addr.clone();
+                async move {
+                    let secret = secret.ok_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::NotConnected, "no network")
+                    })?;
+                    let conn = peer::dial(&addr, Service::Route, &secret, &me).await?;
+                    Ok(peer::byte_stream(conn))
+                }
+            });
+            routes.insert(id.clone(), task);
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        for (_, t) in self
+            .routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+        {
+            t.abort();
+        }
+        self.server.shutdown().await;
+    }
+}
