@@ -9,6 +9,16 @@ pub fn decode_public(s: &str) -> Option<[u8; 32]> {
     STANDARD.decode(s).ok()?.try_into().ok()
 }
 
+/// Standard-base64 form of a public key, as `wg` prints it.
+pub fn encode_public(key: &[u8; 32]) -> String {
+    STANDARD.encode(key)
+}
+
+/// Decode a standard-base64 WireGuard private key.
+pub fn decode_private(s: &str) -> Option<[u8; 32]> {
+    decode_public(s)
+}
+
 pub struct WgKeyPair {
     secret: StaticSecret,
 }

@@ -77,6 +77,8 @@ pub struct Daemon {
     pub(crate) exit: tokio::sync::watch::Sender<bool>,
     /// The embedded NATS server, started once the machine is in a network.
     pub(crate) nats: std::sync::OnceLock<crate::nats::Nats>,
+    /// This daemon's own client of the control plane.
+    pub(crate) bus: std::sync::OnceLock<std::sync::Arc<crate::bus::Bus>>,
     /// Store change events relayed from a storage machine, for a machine
     /// without a replica of its own.
     pub(crate) remote_events: tokio::sync::broadcast::Sender<ployz_consensus::KvEvent>,
@@ -206,6 +208,7 @@ impl Daemon {
             init_lock: tokio::sync::Mutex::new(()),
             exit,
             nats: std::sync::OnceLock::new(),
+            bus: std::sync::OnceLock::new(),
             remote_events,
         })
     }
@@ -584,6 +587,38 @@ impl Daemon {
             .parse::<std::net::SocketAddr>()
             .map(|a| a.ip())
             .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+    }
+
+    /// Ask machine `id` something over the control plane (request/reply).
+    pub(crate) async fn call_machine(
+        &self,
+        id: &str,
+        req: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let body = serde_json::to_vec(req).expect("requests serialise");
+        let subject = crate::bus::subject_for(id);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            // Right after start or join the client and the routes take a
+            // moment; "nobody answers" is only final at the deadline.
+            let not_yet = match self.bus.get() {
+                None => "this machine's control plane is still starting".to_string(),
+                Some(bus) => match bus.request(&subject, &body, left).await {
+                    Ok(answer) => {
+                        return serde_json::from_slice(&answer)
+                            .map_err(|e| format!("malformed answer: {e}"))
+                    }
+                    Err(e @ crate::bus::BusError::NoResponders(_)) => e.to_string(),
+                    Err(e) => return Err(e.to_string()),
+                },
+            };
+            if tokio::time::Instant::now() + Duration::from_millis(200) >= deadline {
+                return Err(not_yet);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Accept a NATS route that arrived over the peer channel.
@@ -1085,6 +1120,19 @@ pub async fn background(
                 }
             }
         }
+        if daemon.bus.get().is_none() {
+            if let (Some(n), Some(password)) = (daemon.nats.get(), daemon.nats_password()) {
+                match crate::bus::Bus::connect(&n.server, crate::nats::NATS_USER, &password).await {
+                    Ok(bus) => match serve_machine_rpc(daemon.clone(), bus.clone()).await {
+                        Ok(()) => {
+                            let _ = daemon.bus.set(bus);
+                        }
+                        Err(e) => tracing::warn!("cannot subscribe to machine requests: {e}"),
+                    },
+                    Err(e) => tracing::warn!("cannot connect to the control plane: {e}"),
+                }
+            }
+        }
         let Ok(ms) = daemon.list::<MachineRecord>(BUCKET_MACHINES).await else {
             continue;
         };
@@ -1110,6 +1158,36 @@ pub async fn background(
         }
     }
     relay.abort();
+}
+
+/// Answer requests addressed to this machine over the control plane.
+async fn serve_machine_rpc(
+    daemon: std::sync::Arc<Daemon>,
+    bus: std::sync::Arc<crate::bus::Bus>,
+) -> Result<(), crate::bus::BusError> {
+    let (_, mut rx) = bus
+        .subscribe(&crate::bus::subject_for(daemon.machine_id()))
+        .await?;
+    tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            let Some(reply) = msg.reply else { continue };
+            let daemon = daemon.clone();
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                let resp = match serde_json::from_slice::<PeerRequest>(&msg.payload) {
+                    Ok(req) => daemon.peer_rpc(req).await,
+                    Err(e) => {
+                        PeerResponse::Error(invalid(format!("malformed machine request: {e}")))
+                    }
+                };
+                let body = serde_json::to_vec(&resp).expect("responses serialise");
+                if let Err(e) = bus.publish(&reply, None, &body).await {
+                    tracing::debug!("answering a machine request: {e}");
+                }
+            });
+        }
+    });
+    Ok(())
 }
 
 /// On a machine without a replica: follow a storage machine's change events

@@ -5,6 +5,7 @@
 //! socket ([`server`]) is one way in; the binary (`main.rs`) only parses
 //! flags, starts things and maps errors to exit codes.
 
+pub mod bus;
 pub mod daemon;
 pub mod identity;
 pub mod join;

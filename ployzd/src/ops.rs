@@ -314,20 +314,14 @@ impl Daemon {
         Err(store::unavailable("the network record kept changing"))
     }
 
-    async fn ping(&self, addr: &str) -> Result<String, String> {
-        let secret = self.secret.get().ok_or("no network")?;
-        match peer::call(
-            addr,
-            &secret,
-            self.machine_id(),
-            &PeerRequest::Ping,
-            PING_TIMEOUT,
-        )
-        .await
+    /// Whether machine `id` answers over the control plane.
+    async fn ping(&self, id: &str) -> Result<(), String> {
+        match self
+            .call_machine(id, &PeerRequest::Ping, PING_TIMEOUT)
+            .await?
         {
-            Ok(PeerResponse::Pong { machine_id }) => Ok(machine_id),
-            Ok(other) => Err(format!("unexpected answer {other:?}")),
-            Err(e) => Err(e.to_string()),
+            PeerResponse::Pong { machine_id } if machine_id == id => Ok(()),
+            other => Err(format!("unexpected answer {other:?}")),
         }
     }
 
@@ -359,7 +353,7 @@ impl Daemon {
             if *id == self.identity.node_id || *id == node_id {
                 continue;
             }
-            if self.ping(&n.addr).await.is_ok() {
+            if self.ping(&n.machine_id).await.is_ok() {
                 reachable.push(n.machine_id.clone());
             }
         }
@@ -407,13 +401,10 @@ impl Daemon {
             )));
         }
         if !force {
-            if let Err(e) = self.ping(&target.value.peer_addr).await {
+            if let Err(e) = self.ping(&id).await {
                 return Err(ApiError::new(
                     ErrorCode::Unavailable,
-                    format!(
-                        "machine {id} at {} is unreachable ({e}), so it cannot clean itself up",
-                        target.value.peer_addr
-                    ),
+                    format!("machine {id} is unreachable ({e}), so it cannot clean itself up"),
                 )
                 .with_hint(format!(
                     "bring it back and retry, or delete only its membership record with `ployzctl machine rm --force {id}`"
@@ -437,17 +428,15 @@ impl Daemon {
         }
         let mut cleaned_up = false;
         if !force {
-            let secret = self.secret.get().ok_or_else(store::no_network)?;
-            match peer::call(
-                &target.value.peer_addr,
-                &secret,
-                self.machine_id(),
-                &PeerRequest::Leave {
-                    by: self.machine_id().to_string(),
-                },
-                PEER_CALL_TIMEOUT,
-            )
-            .await
+            match self
+                .call_machine(
+                    &id,
+                    &PeerRequest::Leave {
+                        by: self.machine_id().to_string(),
+                    },
+                    PEER_CALL_TIMEOUT,
+                )
+                .await
             {
                 Ok(PeerResponse::Left) => cleaned_up = true,
                 Ok(other) => {
