@@ -46,6 +46,8 @@ pub enum Request {
     },
     /// How a standard NATS client connects to this machine's control plane.
     NatsUrl,
+    /// The RTT matrix of the mesh.
+    MachineRtt,
     /// Remove a machine from the network.
     MachineRm {
         machine: String,
@@ -79,7 +81,7 @@ impl fmt::Display for LifecycleAction {
 }
 
 /// The daemon's answer: exactly one of `ok` or `error`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
     Ok(Response),
@@ -96,7 +98,7 @@ impl From<Result<Response, ApiError>> for Reply {
 }
 
 /// Successful answers. `ployzctl --json` prints the inner value as it is.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Status(Box<MeshStatus>),
@@ -108,6 +110,26 @@ pub enum Response {
     Promoted(PromoteReport),
     Removed(RemoveReport),
     Nats(NatsInfo),
+    Rtt(RttReport),
+}
+
+/// `machine rtt --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RttReport {
+    pub rows: Vec<RttRow>,
+    /// Every pair that could not be probed, never a silent gap.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RttRow {
+    pub machine: String,
+    pub peer: String,
+    pub median_ms: Option<f64>,
+    pub stddev_ms: Option<f64>,
+    pub samples: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `nats url --json`.
@@ -204,6 +226,10 @@ pub struct StoreStatus {
     /// replica cannot serve them (all of them on a compute machine).
     #[serde(default)]
     pub storage_peers: Vec<String>,
+    /// Why the store could not be asked (then `network` and `machine` are
+    /// this machine's last known copies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `machine ls --json`: `{"machines":[...]}`.

@@ -94,6 +94,8 @@ enum MachineCmd {
     /// The storage (Raft voter) set.
     #[command(subcommand)]
     Storage(StorageCmd),
+    /// Round-trip times between every pair of machines over the mesh.
+    Rtt,
     /// Remove a machine from the network.
     Rm {
         /// Only delete the membership record; do not ask the machine to clean up.
@@ -178,6 +180,7 @@ fn request_of(cmd: Top) -> Request {
             Request::StoragePromote { replicas, machines }
         }
         Top::Machine(MachineCmd::Rm { force, machine }) => Request::MachineRm { machine, force },
+        Top::Machine(MachineCmd::Rtt) => Request::MachineRtt,
     }
 }
 

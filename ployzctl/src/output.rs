@@ -78,6 +78,9 @@ pub fn print_response(resp: &Response, json: bool) {
                 st.snapshot_index.map_or("-".into(), |i| i.to_string()),
                 st.voters.join(", ")
             );
+            if let Some(e) = &st.error {
+                println!("warning:   {e} (network and machine above are this machine's last known copies)");
+            }
         }
         Response::Machines(list) => {
             if json {
@@ -177,6 +180,27 @@ pub fn print_response(resp: &Response, json: bool) {
                 return print_json(i);
             }
             println!("invite {} is {}", i.invite_id, i.status);
+        }
+        Response::Rtt(r) => {
+            if json {
+                return print_json(r);
+            }
+            let rows: Vec<Vec<String>> = r
+                .rows
+                .iter()
+                .map(|x| {
+                    vec![
+                        x.machine.clone(),
+                        x.peer.clone(),
+                        x.median_ms.map_or("-".into(), |m| format!("{m:.1}ms")),
+                        x.stddev_ms.map_or("-".into(), |s| format!("±{s:.1}ms")),
+                    ]
+                })
+                .collect();
+            print!("{}", table(&["MACHINE", "PEER", "MEDIAN", "STDDEV"], &rows));
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
         }
         Response::Nats(n) => {
             if json {

@@ -52,6 +52,12 @@ pub struct DaemonConfig {
     pub snapshot_every: u64,
     /// NATS client port (0: any free one).
     pub nats_port: u16,
+    /// Run the WireGuard mesh (off only where machines already share a
+    /// private network, e.g. several daemons on one test host).
+    pub mesh: bool,
+    pub wg_interface: String,
+    /// Addresses the NATS server listens on besides loopback and the overlay.
+    pub nats_listen: Vec<IpAddr>,
 }
 
 /// What a machine keeps about its network outside the store.
@@ -61,6 +67,12 @@ pub(crate) struct ClusterFile {
     pub network_name: String,
     /// Storage machines as `(machine_id, peer_addr)`, refreshed as they change.
     pub storage_peers: Vec<(String, String)>,
+    /// Last known network record and machines: enough to bring the mesh up
+    /// after a restart before the store (reached over the mesh) answers.
+    #[serde(default)]
+    pub network: Option<NetworkRecord>,
+    #[serde(default)]
+    pub machines: Vec<MachineRecord>,
 }
 
 pub struct Daemon {
@@ -82,6 +94,9 @@ pub struct Daemon {
     /// Store change events relayed from a storage machine, for a machine
     /// without a replica of its own.
     pub(crate) remote_events: tokio::sync::broadcast::Sender<ployz_consensus::KvEvent>,
+    /// The WireGuard mesh, once this machine has an overlay address.
+    pub(crate) overlay: std::sync::OnceLock<crate::overlay::Overlay>,
+    pub(crate) mesh_lock: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +211,12 @@ impl Daemon {
             dir: store_dir,
             source,
         })?;
+        if cfg.mesh && cluster.is_some() {
+            // Peers are reached over the mesh, which comes up a moment after
+            // start: no election until then, or a restarted follower would
+            // depose a healthy leader it simply had not heard from yet.
+            node.raft().runtime_config().elect(false);
+        }
         let (exit, _) = tokio::sync::watch::channel(false);
         let (remote_events, _) = tokio::sync::broadcast::channel(4096);
         Ok(Daemon {
@@ -210,6 +231,8 @@ impl Daemon {
             nats: std::sync::OnceLock::new(),
             bus: std::sync::OnceLock::new(),
             remote_events,
+            overlay: std::sync::OnceLock::new(),
+            mesh_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -253,6 +276,36 @@ impl Daemon {
         self.secret.set(file.as_ref().map(|f| f.secret.clone()));
         *self.cluster.write().unwrap_or_else(|e| e.into_inner()) = file;
         Ok(())
+    }
+
+    /// Where peers reach a machine with `overlay_ip` whose ployzd listens on
+    /// `port`: over the mesh when it runs, else the advertised underlay.
+    pub(crate) fn control_addr(&self, overlay_ip: &str, underlay: &str) -> String {
+        if self.cfg.mesh {
+            let port = underlay
+                .parse::<std::net::SocketAddr>()
+                .map(|a| a.port())
+                .unwrap_or(peer::DEFAULT_PEER_PORT);
+            format!("{overlay_ip}:{port}")
+        } else {
+            underlay.to_string()
+        }
+    }
+
+    /// Remember the machines (for the mesh after a restart).
+    pub(crate) fn cache_machines(&self, net: Option<NetworkRecord>, machines: Vec<MachineRecord>) {
+        let Some(mut file) = self.cluster_file() else {
+            return;
+        };
+        let net = net.or(file.network.clone());
+        if file.machines == machines && file.network == net {
+            return;
+        }
+        file.machines = machines;
+        file.network = net;
+        if let Err(e) = self.save_cluster_file(Some(file)) {
+            tracing::warn!("{e}");
+        }
     }
 
     /// Remember the current storage machines (for forwarding from a
@@ -309,6 +362,7 @@ impl Daemon {
                 .await
                 .map(Response::Promoted),
             Request::NatsUrl => self.nats_url().map(Response::Nats),
+            Request::MachineRtt => self.machine_rtt().await.map(Response::Rtt),
             Request::MachineRm { machine, force } => self
                 .machine_rm(&machine, force, hops)
                 .await
@@ -565,9 +619,17 @@ impl Daemon {
         })?;
         let password = self.nats_password().ok_or_else(store::no_network)?;
         let mut servers = vec![format!("127.0.0.1:{}", n.port)];
-        let adv = self.advertise_ip();
-        if !adv.is_loopback() {
-            servers.push(std::net::SocketAddr::new(adv, n.port).to_string());
+        let mut ips = vec![self
+            .overlay
+            .get()
+            .map(|o| IpAddr::V4(o.address))
+            .unwrap_or_else(|| self.advertise_ip())];
+        ips.extend_from_slice(&self.cfg.nats_listen);
+        for ip in ips {
+            let s = std::net::SocketAddr::new(ip, n.port).to_string();
+            if !ip.is_loopback() && !servers.contains(&s) {
+                servers.push(s);
+            }
         }
         Ok(NatsInfo {
             url: format!(
@@ -649,6 +711,7 @@ impl Daemon {
                 PeerResponse::Api(Reply::from(Box::pin(self.handle_hops(request, hops)).await))
             }
             PeerRequest::Leave { by } => self.leave(&by).await,
+            PeerRequest::Rtt => PeerResponse::Rtt(self.rtt_rows()),
         }
     }
 
@@ -729,10 +792,11 @@ impl Daemon {
         let slice = range.slice(1).expect("a valid range has slice 1");
         let overlay_ip = slice.overlay_ip();
         let node = &self.node;
+        let control = self.control_addr(&overlay_ip.to_string(), &self.cfg.peer_addr);
         match node
             .initialize_single(PloyzNode {
                 machine_id: self.identity.machine_id.clone(),
-                addr: self.cfg.peer_addr.clone(),
+                addr: control.clone(),
             })
             .await
         {
@@ -766,7 +830,7 @@ impl Daemon {
             identity_key: self.identity.identity_key_b64(),
             wg_public_key: self.identity.wg.public_base64(),
             endpoints: self.endpoints(&range),
-            peer_addr: self.cfg.peer_addr.clone(),
+            peer_addr: control.clone(),
             created_at_ms: now,
             updated_at_ms: now,
         };
@@ -786,29 +850,58 @@ impl Daemon {
         self.save_cluster_file(Some(ClusterFile {
             secret: ClusterSecret::generate(net.network_id.clone()),
             network_name: net.name.clone(),
-            storage_peers: vec![(id.clone(), self.cfg.peer_addr.clone())],
+            storage_peers: vec![(id.clone(), control.clone())],
+            network: Some(net.clone()),
+            machines: vec![machine.clone()],
         }))?;
+        self.ensure_mesh(&net, &machine).await.map_err(|e| {
+            internal(format!("the network was founded, but {e}"))
+                .with_hint("see the ployzd log; ployzd retries bringing the mesh up every second")
+        })?;
         tracing::info!(network = %net.name, machine = %id, "founded network");
         self.mesh_status()
             .await
             .map(|s| Response::Status(Box::new(s)))
     }
 
+    /// Always answers, also without a store majority (it is what one runs
+    /// to find out why the store does not answer): then the network and
+    /// machine records are this machine's last known copies and
+    /// `store_error` says why the store could not be asked.
     pub(crate) async fn mesh_status(&self) -> Result<MeshStatus, ApiError> {
-        let network = self.network().await?;
-        let machine = match &network {
-            Some(_) => self
-                .get::<MachineRecord>(BUCKET_MACHINES, &self.identity.machine_id)
-                .await?
-                .map(|v| MachineView::from(&v.value)),
-            None => None,
+        let cached = self.cluster_file();
+        let fresh = async {
+            let network = self.network().await?;
+            let machine = match &network {
+                Some(_) => self
+                    .get::<MachineRecord>(BUCKET_MACHINES, &self.identity.machine_id)
+                    .await?
+                    .map(|v| v.value),
+                None => None,
+            };
+            Ok::<_, ApiError>((network, machine))
         };
+        let (network, machine, store_error) = match fresh.await {
+            Ok((n, m)) => (n, m, None),
+            Err(e) => {
+                let n = cached.as_ref().and_then(|c| c.network.clone());
+                let m = cached.as_ref().and_then(|c| {
+                    c.machines
+                        .iter()
+                        .find(|m| m.id == self.identity.machine_id)
+                        .cloned()
+                });
+                (n, m, Some(e.message))
+            }
+        };
+        let mut store = self.store_status();
+        store.error = store_error;
         Ok(MeshStatus {
             machine_id: self.identity.machine_id.clone(),
             version: VERSION.to_string(),
             network: network.as_ref().map(NetworkView::from),
-            machine,
-            store: self.store_status(),
+            machine: machine.as_ref().map(MachineView::from),
+            store,
         })
     }
 
@@ -832,6 +925,7 @@ impl Daemon {
                 .cluster_file()
                 .map(|f| f.storage_peers.into_iter().map(|(id, _)| id).collect())
                 .unwrap_or_default(),
+            error: None,
         }
     }
 
@@ -1092,23 +1186,46 @@ pub async fn background(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let relay = tokio::spawn(relay_events(daemon.clone()));
+    // A change to the machines bucket (a join, a removal, a new endpoint)
+    // runs the loop at once instead of at the next tick.
+    let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let watcher = tokio::spawn(watch_machines(daemon.clone(), changed.clone()));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             _ = tick.tick() => {}
+            _ = changed.notified() => {}
         }
-        if daemon.cluster_file().is_none() {
+        let Some(file) = daemon.cluster_file() else {
             continue;
+        };
+        // The mesh first: on a machine without a replica the store is only
+        // reachable through it. Cached records bring it up after a restart.
+        if daemon.overlay.get().is_none() {
+            if let (Some(net), Some(me)) = (
+                &file.network,
+                file.machines.iter().find(|m| m.id == daemon.machine_id()),
+            ) {
+                if let Err(e) = daemon.ensure_mesh(net, me).await {
+                    tracing::warn!("{e}");
+                }
+                daemon.sync_mesh(&file.machines);
+            }
         }
-        if daemon.nats.get().is_none() {
+        if daemon.nats.get().is_none() && (!daemon.cfg.mesh || daemon.overlay.get().is_some()) {
             if let Some(password) = daemon.nats_password() {
                 match crate::nats::Nats::start(
                     std::sync::Arc::downgrade(&daemon),
                     daemon.machine_id().to_string(),
                     password,
                     daemon.cfg.nats_port,
-                    daemon.advertise_ip(),
+                    daemon
+                        .overlay
+                        .get()
+                        .map(|o| std::net::IpAddr::V4(o.address))
+                        .unwrap_or_else(|| daemon.advertise_ip()),
+                    &daemon.cfg.nats_listen,
                 )
                 .await
                 {
@@ -1133,9 +1250,45 @@ pub async fn background(
                 }
             }
         }
-        let Ok(ms) = daemon.list::<MachineRecord>(BUCKET_MACHINES).await else {
-            continue;
+        // The mesh follows this replica's own copy when it has one: that
+        // needs no leader, so voters keep (and re-establish) their tunnels
+        // to each other exactly when an election needs them.
+        let local = if daemon.has_replica() {
+            daemon.node.list_local(BUCKET_MACHINES).ok().map(|es| {
+                es.iter()
+                    .filter(|e| e.is_live())
+                    .filter_map(|e| store::decode::<MachineRecord>(e).ok())
+                    .collect::<Vec<_>>()
+            })
+        } else {
+            None
         };
+        if let Some(ms) = &local {
+            let records: Vec<MachineRecord> = ms.iter().map(|m| m.value.clone()).collect();
+            daemon.sync_mesh(&records);
+        }
+        let ms = match daemon.list::<MachineRecord>(BUCKET_MACHINES).await {
+            Ok(ms) => ms,
+            Err(e) => {
+                tracing::debug!("background: cannot list machines: {}", e.message);
+                continue;
+            }
+        };
+        let records: Vec<MachineRecord> = ms.iter().map(|m| m.value.clone()).collect();
+        if daemon.overlay.get().is_none() {
+            let net = daemon
+                .get::<NetworkRecord>(BUCKET_NETWORK, NETWORK_KEY)
+                .await;
+            if let (Ok(Some(net)), Some(me)) =
+                (net, records.iter().find(|m| m.id == daemon.machine_id()))
+            {
+                if let Err(e) = daemon.ensure_mesh(&net.value, me).await {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+        daemon.sync_mesh(&records);
+        daemon.cache_machines(None, records);
         if let Some(n) = daemon.nats.get() {
             let peers: Vec<(String, String)> = ms
                 .iter()
@@ -1158,6 +1311,35 @@ pub async fn background(
         }
     }
     relay.abort();
+    watcher.abort();
+}
+
+/// Wake the background loop on every change to the machines bucket (from
+/// the local replica, or relayed from a storage machine).
+async fn watch_machines(
+    daemon: std::sync::Arc<Daemon>,
+    changed: std::sync::Arc<tokio::sync::Notify>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        // Re-subscribe now and then: the event source changes when this
+        // machine gains or loses its replica.
+        let replica = daemon.has_replica();
+        let mut rx = daemon.kv_events();
+        while daemon.has_replica() == replica {
+            match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+                Ok(Ok(ployz_consensus::KvEvent::Entry(e))) if e.bucket == BUCKET_MACHINES => {
+                    changed.notify_one()
+                }
+                Ok(Ok(ployz_consensus::KvEvent::Reset)) | Ok(Err(RecvError::Lagged(_))) => {
+                    changed.notify_one()
+                }
+                Ok(Ok(_)) | Err(_) => {}
+                Ok(Err(RecvError::Closed)) => break,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Answer requests addressed to this machine over the control plane.

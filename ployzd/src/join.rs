@@ -78,6 +78,7 @@ impl Daemon {
                 version: crate::daemon::VERSION.to_string(),
                 runtime: self.cfg.runtime.to_string(),
                 region: self.cfg.region.clone(),
+                mesh: self.cfg.mesh,
             },
             proof: b64url(
                 &me.signing_key
@@ -117,7 +118,17 @@ impl Daemon {
             secret: a.secret.clone(),
             network_name: a.network.name.clone(),
             storage_peers: a.storage_peers.clone(),
+            network: Some(a.network.clone()),
+            machines: a.machines.clone(),
         }))?;
+        self.ensure_mesh(&a.network, &a.machine)
+            .await
+            .map_err(|e| {
+                internal(format!("joined, but {e}")).with_hint(
+                    "see the ployzd log; ployzd retries bringing the mesh up every second",
+                )
+            })?;
+        self.sync_mesh(&a.machines);
         tracing::info!(network = %a.network.name, "joined; confirming");
         self.confirm_active().await?;
         self.mesh_status().await
@@ -128,7 +139,8 @@ impl Daemon {
     async fn confirm_active(&self) -> Result<(), ApiError> {
         let id = self.machine_id().to_string();
         let mut last = None;
-        for attempt in 0..CAS_RETRIES {
+        // The first handshakes over the new mesh take a moment.
+        for attempt in 0..60 {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
@@ -233,7 +245,8 @@ impl Daemon {
                 InviteStatus::Consumed if inv.value.consumed_by.as_deref() == Some(&j.machine_id) => {
                     // The same joiner retrying after a lost answer: answer again.
                     if let Some(m) = existing {
-                        return Ok(self.accepted(net, m.value.clone()));
+                        let all = machines.iter().map(|m| m.value.clone()).collect();
+                        return Ok(self.accepted(net, m.value.clone(), all));
                     }
                 }
                 InviteStatus::Consumed => {
@@ -299,7 +312,11 @@ impl Daemon {
                 identity_key: j.identity_key.clone(),
                 wg_public_key: j.wg_public_key.clone(),
                 endpoints: j.endpoints.clone(),
-                peer_addr: j.peer_addr.clone(),
+                peer_addr: if j.mesh {
+                    self.control_addr(&slice.overlay_ip().to_string(), &j.peer_addr)
+                } else {
+                    j.peer_addr.clone()
+                },
                 created_at_ms: now,
                 updated_at_ms: now,
             };
@@ -323,7 +340,12 @@ impl Daemon {
             match self.txn(ops).await? {
                 Ok(_) => {
                     tracing::info!(machine = %record.id, subnet = %record.subnet, invite = %claims.invite_id, "enrolled");
-                    return Ok(self.accepted(net, record));
+                    // Peer with the joiner at once: it is about to call in over the mesh.
+                    let mut all: Vec<MachineRecord> =
+                        machines.into_iter().map(|m| m.value).collect();
+                    all.push(record.clone());
+                    self.sync_mesh(&all);
+                    return Ok(self.accepted(net, record, all));
                 }
                 // Lost a race on the invite, the subnet or the id: look again.
                 Err((_, Rejection::WrongLastRevision { .. } | Rejection::KeyExists { .. })) => {
@@ -335,11 +357,17 @@ impl Daemon {
         Err(store::unavailable("too many concurrent joins; retry"))
     }
 
-    fn accepted(&self, network: NetworkRecord, machine: MachineRecord) -> JoinAccepted {
+    fn accepted(
+        &self,
+        network: NetworkRecord,
+        machine: MachineRecord,
+        machines: Vec<MachineRecord>,
+    ) -> JoinAccepted {
         JoinAccepted {
             network,
             secret: self.secret.get().expect("a member has the cluster secret"),
             machine,
+            machines,
             storage_peers: self
                 .voters()
                 .into_iter()

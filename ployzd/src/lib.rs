@@ -11,6 +11,7 @@ pub mod identity;
 pub mod join;
 pub mod nats;
 pub mod ops;
+pub mod overlay;
 pub mod peer;
 pub mod rules;
 pub mod seal;

@@ -47,6 +47,17 @@ enum Command {
         /// NATS client port, served on loopback and the advertised address; 0 picks a free one.
         #[arg(long, default_value_t = ployzd::nats::DEFAULT_NATS_PORT)]
         nats_port: u16,
+        /// Also serve NATS clients on this address (repeatable); by default only
+        /// loopback and the overlay address.
+        #[arg(long)]
+        nats_listen: Vec<std::net::IpAddr>,
+        /// Do not run the WireGuard mesh: peers talk over the advertised address
+        /// (only where machines already share a private network, e.g. tests on one host).
+        #[arg(long)]
+        no_mesh: bool,
+        /// Name of the WireGuard interface.
+        #[arg(long, default_value = "plz0")]
+        wg_interface: String,
         /// Raft log entries between snapshots (log compaction).
         #[arg(long, default_value_t = 5000, hide = true)]
         snapshot_every: u64,
@@ -118,6 +129,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         peer_port,
         advertise_ip,
         nats_port,
+        nats_listen,
+        no_mesh,
+        wg_interface,
         snapshot_every,
     } = cli.command;
     let env = Env::current();
@@ -147,6 +161,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             peer_addr: peer_addr.clone(),
             snapshot_every,
             nats_port,
+            mesh: !no_mesh,
+            wg_interface,
+            nats_listen,
         })
         .await?,
     );

@@ -125,14 +125,16 @@ pub struct Nats {
 }
 
 impl Nats {
-    /// Start the server on loopback and on `advertise` (never on every
-    /// interface), with the network's credentials.
+    /// Start the server on loopback, on `advertise` (the overlay address)
+    /// and on any `extra` addresses the operator configured — never on
+    /// every interface unless told to — with the network's credentials.
     pub async fn start(
         daemon: Weak<Daemon>,
         name: String,
         password: String,
         port: u16,
         advertise: IpAddr,
+        extra: &[IpAddr],
     ) -> std::io::Result<Nats> {
         let loopback = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let port = loopback.local_addr()?.port();
@@ -149,8 +151,12 @@ impl Nats {
         let server = Server::with_kv(cfg, DaemonKv { daemon });
         let s = server.clone();
         tokio::spawn(async move { s.serve(loopback).await });
-        if !advertise.is_loopback() {
-            let l = tokio::net::TcpListener::bind(SocketAddr::new(advertise, port)).await?;
+        let mut addrs = vec![advertise];
+        addrs.extend_from_slice(extra);
+        addrs.retain(|a| !a.is_loopback());
+        addrs.dedup();
+        for a in addrs {
+            let l = tokio::net::TcpListener::bind(SocketAddr::new(a, port)).await?;
             let s = server.clone();
             tokio::spawn(async move { s.serve(l).await });
         }

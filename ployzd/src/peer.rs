@@ -151,6 +151,8 @@ pub enum PeerRequest {
     Leave {
         by: String,
     },
+    /// This machine's RTT rows.
+    Rtt,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,6 +163,7 @@ pub enum PeerResponse {
     Read(KvReadResult),
     Api(Reply),
     Left,
+    Rtt(Vec<ployz_api::RttRow>),
     Error(ApiError),
 }
 
@@ -212,6 +215,10 @@ pub struct JoinerInfo {
     pub version: String,
     pub runtime: String,
     pub region: String,
+    /// Whether the joiner runs the WireGuard mesh (then peers reach it on
+    /// its overlay address).
+    #[serde(default)]
+    pub mesh: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -231,6 +238,8 @@ pub struct JoinAccepted {
     pub machine: MachineRecord,
     /// Storage machines as `(machine_id, peer_addr)`.
     pub storage_peers: Vec<(String, String)>,
+    /// Every machine of the network, the joiner included: its mesh peers.
+    pub machines: Vec<MachineRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

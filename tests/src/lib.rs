@@ -54,7 +54,13 @@ impl Machine {
     /// A machine in the root namespace: several share the host, so each
     /// takes a free peer port on loopback.
     pub fn start_with(extra: &[&str]) -> Machine {
-        let mut args = vec!["--peer-port", "0", "--advertise-ip", "127.0.0.1"];
+        let mut args = vec![
+            "--peer-port",
+            "0",
+            "--advertise-ip",
+            "127.0.0.1",
+            "--no-mesh",
+        ];
         args.extend_from_slice(extra);
         Self::launch(None, &args)
     }
@@ -117,9 +123,14 @@ impl Machine {
             .open(self.log_path())
             .expect("log file");
         let mut cmd = match &self.netns {
+            // `ip netns exec` gives the process its own mount namespace; a
+            // private tmpfs on /run/wireguard keeps each host's WireGuard
+            // control socket (`plz0.sock`) its own, as on a real machine.
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin("ployzd"));
+                c.args(["netns", "exec", ns, "sh", "-c"])
+                    .arg("mkdir -p /run/wireguard && mount -t tmpfs ployz-wg /run/wireguard && exec \"$0\" \"$@\"")
+                    .arg(bin("ployzd"));
                 c
             }
             None => Command::new(bin("ployzd")),
@@ -186,6 +197,17 @@ impl Machine {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the daemon first");
         self.spawn();
+    }
+
+    /// Run a command in this machine's network and mount namespaces (e.g.
+    /// `wg show plz0`, which reads the private /run/wireguard).
+    pub fn exec(&self, program: &str, args: &[&str]) -> Output {
+        let pid = self.pid().to_string();
+        Command::new("nsenter")
+            .args(["-t", &pid, "-m", "-n", program])
+            .args(args)
+            .output()
+            .expect("nsenter")
     }
 
     /// Whether the process is still running.

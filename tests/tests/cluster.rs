@@ -113,7 +113,14 @@ fn try_invite(m: &Machine) -> Option<String> {
 }
 
 fn assert_all_present(m: &Machine, acked: &[String]) {
-    let list = m.ctl_json(&["machine", "invite", "list"]);
+    // Right after restarts the store may still be electing: wait for it.
+    let list = eventually(Duration::from_secs(30), || {
+        let o = m.ctl(&["--json", "machine", "invite", "list"]);
+        o.status
+            .success()
+            .then(|| serde_json::from_slice::<Value>(&o.stdout).unwrap())
+    })
+    .unwrap_or_else(|| m.ctl_json(&["machine", "invite", "list"]));
     let have: std::collections::HashSet<&str> = list["invites"]
         .as_array()
         .unwrap()
@@ -153,10 +160,17 @@ fn writes_survive_killing_the_leader() {
             }
         }
     });
-    assert!(
-        after.is_some(),
-        "writes did not resume after the leader died ({failed} failed)"
-    );
+    if after.is_none() {
+        let last = c.machines[writer].ctl(&["machine", "invite", "create"]);
+        let others: Vec<String> = (0..3)
+            .filter(|i| *i != li)
+            .map(|i| c.machines[i].ctl_json(&["mesh", "status"])["store"].to_string())
+            .collect();
+        panic!(
+            "writes did not resume after the leader died ({failed} failed); last error: {}\nsurvivors' stores: {others:?}",
+            stderr(&last)
+        );
+    }
     let new_leader = leader_of(&c.machines[writer]).expect("new leader");
     assert_ne!(new_leader, leader);
     c.machines[li].restart();

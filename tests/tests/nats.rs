@@ -83,13 +83,16 @@ async fn cluster_state_is_readable_as_jetstream_kv() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_cross_machines() {
     let tb = Testbed::new(2);
-    let a = Machine::start_in(&tb.hosts[0], &[]);
+    // The test process is outside the namespaces: let it reach the NATS
+    // servers on the hosts' own addresses (by default: loopback + overlay).
+    let (ipa, ipb) = (tb.hosts[0].ip.to_string(), tb.hosts[1].ip.to_string());
+    let a = Machine::start_in(&tb.hosts[0], &["--nats-listen", &ipa]);
     a.ctl_json(&["mesh", "init", "natsdemo"]);
     let token = a.ctl_json(&["machine", "invite", "create"])["token"]
         .as_str()
         .unwrap()
         .to_string();
-    let b = Machine::start_in(&tb.hosts[1], &[]);
+    let b = Machine::start_in(&tb.hosts[1], &["--nats-listen", &ipb]);
     b.ctl_json(&["machine", "invite", "import", "--token", &token]);
     let ia = nats_info(&a);
     let ib = nats_info(&b);

@@ -1,0 +1,207 @@
+//! The machine's place in the WireGuard mesh: bring up `plz0` with the
+//! overlay address from its record, and keep its peers equal to the other
+//! machine records (a join adds a peer everywhere, `rm` removes it, an
+//! endpoint change is picked up). The QUIC RTT prober rides the overlay.
+
+use crate::daemon::Daemon;
+use ployz_api::{MachineRecord, NetworkRecord};
+use ployz_mesh::overlay::Ipv4Net;
+use ployz_mesh::{Mesh, MeshConfig, PeerConfig, Prober};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+/// UDP port of the RTT prober on overlay addresses.
+pub const PROBE_PORT: u16 = 7102;
+/// WireGuard MTU on the overlay.
+pub const MTU: u16 = 1420;
+/// After the mesh comes up, how long a restarted machine listens for a
+/// leader before it may call an election.
+const ELECTION_GRACE: Duration = Duration::from_secs(3);
+/// Keepalive so NAT mappings and handshakes stay fresh.
+pub const KEEPALIVE_SECS: u16 = 5;
+
+/// The running mesh of this machine.
+pub struct Overlay {
+    pub mesh: Mesh,
+    pub prober: Option<Prober>,
+    pub address: Ipv4Addr,
+}
+
+/// Peer configuration for every other machine.
+pub fn peers_of(me: &str, machines: &[MachineRecord]) -> Vec<PeerConfig> {
+    machines
+        .iter()
+        .filter(|m| m.id != me)
+        .filter_map(|m| {
+            let key = ployz_mesh::keys::decode_public(&m.wg_public_key)?;
+            let subnet: Ipv4Net = m.subnet.parse().ok()?;
+            let endpoint = m
+                .endpoints
+                .iter()
+                .find_map(|e| e.parse::<SocketAddr>().ok());
+            Some(PeerConfig {
+                public_key: key,
+                endpoint,
+                allowed_ips: vec![subnet],
+                persistent_keepalive: Some(KEEPALIVE_SECS),
+            })
+        })
+        .collect()
+}
+
+/// Probe targets: every other machine's overlay address.
+pub fn probe_targets(me: &str, machines: &[MachineRecord]) -> Vec<(String, SocketAddr)> {
+    machines
+        .iter()
+        .filter(|m| m.id != me)
+        .filter_map(|m| {
+            let ip: Ipv4Addr = m.overlay_ip.parse().ok()?;
+            Some((m.id.clone(), SocketAddr::new(ip.into(), PROBE_PORT)))
+        })
+        .collect()
+}
+
+impl Daemon {
+    /// Start the mesh for this machine's record if it is not up yet.
+    pub(crate) async fn ensure_mesh(
+        &self,
+        net: &NetworkRecord,
+        me: &MachineRecord,
+    ) -> Result<(), String> {
+        if !self.cfg.mesh || self.overlay.get().is_some() {
+            return Ok(());
+        }
+        let _guard = self.mesh_lock.lock().await;
+        if self.overlay.get().is_some() {
+            return Ok(());
+        }
+        let address: Ipv4Addr = me
+            .overlay_ip
+            .parse()
+            .map_err(|e| format!("bad overlay address {}: {e}", me.overlay_ip))?;
+        let cluster: Ipv4Net = net
+            .cidr
+            .parse()
+            .map_err(|e| format!("bad cluster range {}: {e}", net.cidr))?;
+        let cfg = MeshConfig {
+            ifname: self.cfg.wg_interface.clone(),
+            private_key: self.identity.wg.secret_bytes(),
+            listen_port: self.cfg.wg_port,
+            address,
+            cluster,
+            mtu: MTU,
+        };
+        let mesh = tokio::task::spawn_blocking(move || Mesh::start(cfg))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot bring up the WireGuard interface: {e}"))?;
+        let prober = match Prober::start(SocketAddr::new(address.into(), PROBE_PORT)) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!("RTT prober not started: {e}");
+                None
+            }
+        };
+        tracing::info!(%address, interface = %self.cfg.wg_interface, "mesh up");
+        // Elections resume once the leader's heartbeats could have arrived
+        // over the new tunnels (see Daemon::open).
+        let raft = self.node.raft().clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ELECTION_GRACE).await;
+            raft.runtime_config().elect(true);
+        });
+        let _ = self.overlay.set(Overlay {
+            mesh,
+            prober,
+            address,
+        });
+        Ok(())
+    }
+
+    /// Make the mesh's peers match `machines`.
+    pub(crate) fn sync_mesh(&self, machines: &[MachineRecord]) {
+        let Some(o) = self.overlay.get() else { return };
+        if let Err(e) = o.mesh.set_peers(peers_of(self.machine_id(), machines)) {
+            tracing::warn!("updating mesh peers: {e}");
+        }
+        if let Some(p) = &o.prober {
+            p.set_targets(probe_targets(self.machine_id(), machines));
+        }
+    }
+
+    /// This machine's RTT rows (to every peer it probes).
+    pub(crate) fn rtt_rows(&self) -> Vec<ployz_api::RttRow> {
+        let Some(p) = self.overlay.get().and_then(|o| o.prober.as_ref()) else {
+            return Vec::new();
+        };
+        p.snapshot()
+            .into_iter()
+            .map(|r| ployz_api::RttRow {
+                machine: self.machine_id().to_string(),
+                peer: r.peer,
+                median_ms: r.median_ms,
+                stddev_ms: r.stddev_ms,
+                samples: r.samples,
+                error: r.last_error,
+            })
+            .collect()
+    }
+
+    /// The full matrix: every machine's rows, collected over the control plane.
+    pub(crate) async fn machine_rtt(&self) -> Result<ployz_api::RttReport, ployz_api::ApiError> {
+        let machines = self.machines().await?;
+        let mut rows = Vec::new();
+        let mut warnings = Vec::new();
+        for m in &machines {
+            let id = &m.value.id;
+            let got = if id == self.machine_id() {
+                Ok(self.rtt_rows())
+            } else {
+                match self
+                    .call_machine(id, &crate::peer::PeerRequest::Rtt, Duration::from_secs(3))
+                    .await
+                {
+                    Ok(crate::peer::PeerResponse::Rtt(r)) => Ok(r),
+                    Ok(other) => Err(format!("unexpected answer {other:?}")),
+                    Err(e) => Err(e),
+                }
+            };
+            match got {
+                Ok(rs) => {
+                    for other in machines.iter().filter(|o| o.value.id != *id) {
+                        match rs.iter().find(|r| r.peer == other.value.id) {
+                            Some(r) if r.samples > 0 && r.error.is_none() => rows.push(r.clone()),
+                            // The latest probe failed: the pair is down now,
+                            // whatever older samples say.
+                            Some(r) if r.samples > 0 => warnings.push(format!(
+                                "{id} -> {}: unreachable now ({}); last median {:.1}ms over {} samples",
+                                other.value.id,
+                                r.error.clone().unwrap_or_default(),
+                                r.median_ms.unwrap_or(0.0),
+                                r.samples
+                            )),
+                            Some(r) => warnings.push(format!(
+                                "{id} -> {}: no RTT samples ({})",
+                                other.value.id,
+                                r.error.clone().unwrap_or_else(|| "not probed yet".into())
+                            )),
+                            None => warnings.push(format!(
+                                "{id} -> {}: not probed yet",
+                                other.value.id
+                            )),
+                        }
+                    }
+                }
+                Err(e) => {
+                    for other in machines.iter().filter(|o| o.value.id != *id) {
+                        warnings.push(format!(
+                            "{id} -> {}: machine {id} did not report ({e})",
+                            other.value.id
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(ployz_api::RttReport { rows, warnings })
+    }
+}
