@@ -38,6 +38,14 @@ pub struct NetworkRecord {
     /// Size of the storage (Raft voter) set the operator asked for.
     pub storage_replicas: u8,
     pub created_at_ms: u64,
+    /// Whether machines talk over the WireGuard mesh (set by the founder;
+    /// every machine that joins follows it).
+    #[serde(default = "mesh_default")]
+    pub mesh: bool,
+}
+
+fn mesh_default() -> bool {
+    true
 }
 
 /// Where a machine is in its lifecycle. Only `active` machines take new
@@ -147,6 +155,9 @@ pub struct MachineRecord {
     /// Where this machine's ployzd answers peers (Raft, forwarded requests), `ip:port`.
     #[serde(default)]
     pub peer_addr: String,
+    /// `user@host[:port]` it was provisioned through (for `machine update`).
+    #[serde(default)]
+    pub ssh_target: Option<String>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
 }

@@ -44,6 +44,19 @@ pub enum Request {
         replicas: u8,
         machines: Vec<String>,
     },
+    /// Provision machines over SSH and join them (`machine init` / `add`).
+    MachineAdd(Box<AddRequest>),
+    /// Upgrade ployzd on machines provisioned over SSH.
+    MachineUpdate {
+        #[serde(default)]
+        version: Option<String>,
+        #[serde(default)]
+        machines: Vec<String>,
+        #[serde(default)]
+        release_url: Option<String>,
+        #[serde(default)]
+        identity: Option<String>,
+    },
     /// How a standard NATS client connects to this machine's control plane.
     NatsUrl,
     /// The RTT matrix of the mesh.
@@ -54,6 +67,32 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+}
+
+/// `machine init` / `machine add`: every flag of the page.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct AddRequest {
+    /// `user@host[:port]` targets, provisioned in sequence.
+    pub targets: Vec<String>,
+    /// Name of the network to join: must be this machine's network.
+    pub network: String,
+    #[serde(default)]
+    pub runtime: Option<String>,
+    #[serde(default)]
+    pub service_mode: Option<String>,
+    #[serde(default)]
+    pub install_source: Option<String>,
+    #[serde(default)]
+    pub install_version: Option<String>,
+    #[serde(default)]
+    pub install_git_url: Option<String>,
+    #[serde(default)]
+    pub install_git_ref: Option<String>,
+    #[serde(default)]
+    pub release_url: Option<String>,
+    /// SSH private key (absolute path, resolved by ployzctl).
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -86,6 +125,16 @@ impl fmt::Display for LifecycleAction {
 pub enum Reply {
     Ok(Response),
     Error(ApiError),
+    /// Live progress of a long request; more lines follow, the last one is
+    /// `ok` or `error`.
+    Progress(Progress),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Progress {
+    pub target: String,
+    pub step: String,
+    pub message: String,
 }
 
 impl From<Result<Response, ApiError>> for Reply {
@@ -111,6 +160,13 @@ pub enum Response {
     Removed(RemoveReport),
     Nats(NatsInfo),
     Rtt(RttReport),
+    /// `machine init/add/update --json`: one result per target.
+    Targets(TargetsReport),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TargetsReport {
+    pub results: Vec<TargetResult>,
 }
 
 /// `machine rtt --json`.
@@ -156,6 +212,9 @@ pub struct PromoteReport {
 pub struct TargetResult {
     pub machine: String,
     pub ok: bool,
+    /// The SSH target, for provisioning results.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
     /// The step that failed (absent on success).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,

@@ -89,20 +89,26 @@ pub fn call(socket: &Path, req: &Request) -> Result<Result<Response, ApiError>, 
     stream
         .write_all(&line)
         .map_err(|e| ClientError::Protocol(format!("sending the request failed: {e}")))?;
-    let mut reply = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut reply)
-        .map_err(|e| ClientError::Protocol(format!("reading the reply failed: {e}")))?;
-    if reply.is_empty() {
-        return Err(ClientError::Protocol(
-            "ployzd closed the connection without answering".into(),
-        ));
-    }
-    match serde_json::from_str::<Reply>(&reply) {
-        Ok(Reply::Ok(r)) => Ok(Ok(r)),
-        Ok(Reply::Error(e)) => Ok(Err(e)),
-        Err(e) => Err(ClientError::Protocol(format!(
-            "ployzd's reply does not parse: {e}"
-        ))),
+    let mut rd = BufReader::new(&stream);
+    loop {
+        let mut reply = String::new();
+        rd.read_line(&mut reply)
+            .map_err(|e| ClientError::Protocol(format!("reading the reply failed: {e}")))?;
+        if reply.is_empty() {
+            return Err(ClientError::Protocol(
+                "ployzd closed the connection without answering".into(),
+            ));
+        }
+        match serde_json::from_str::<Reply>(&reply) {
+            Ok(Reply::Ok(r)) => return Ok(Ok(r)),
+            Ok(Reply::Error(e)) => return Ok(Err(e)),
+            // Live progress goes to stderr; stdout stays the result.
+            Ok(Reply::Progress(p)) => eprintln!("[{}] {} {}", p.target, p.step, p.message),
+            Err(e) => {
+                return Err(ClientError::Protocol(format!(
+                    "ployzd's reply does not parse: {e}"
+                )))
+            }
+        }
     }
 }

@@ -19,12 +19,7 @@ pub mod exit {
 }
 
 #[derive(Parser)]
-#[command(
-    name = "ployzctl",
-    version,
-    about = "Drive a Ployz cluster",
-    propagate_version = true
-)]
+#[command(name = "ployzctl", version, about = "Drive a Ployz cluster")]
 struct Cli {
     /// ployzd's API socket [default: /run/ployz/ployzd.sock as root, else $XDG_RUNTIME_DIR/ployz/ployzd.sock]
     #[arg(long, global = true, env = "PLOYZ_SOCKET")]
@@ -47,6 +42,54 @@ enum Top {
     /// The NATS control plane.
     #[command(subcommand)]
     Nats(NatsCmd),
+    /// Release locations for `--install-source release`.
+    #[command(subcommand)]
+    Release(ReleaseCmd),
+}
+
+#[derive(Subcommand)]
+enum ReleaseCmd {
+    /// Lay out a release location (for `--release-url file://DIR` or a web server)
+    /// from the ployzd and ployzctl next to this ployzctl.
+    Pack {
+        #[arg(long)]
+        out: PathBuf,
+        /// Version name [default: this build's version].
+        #[arg(long = "version", id = "release_version")]
+        version: Option<String>,
+    },
+}
+
+/// Install and SSH flags shared by `machine init` and `machine add`.
+#[derive(clap::Args)]
+struct InstallFlags {
+    /// Name of the cluster network to join.
+    #[arg(long)]
+    network: String,
+    /// Container runtime: docker or host.
+    #[arg(long)]
+    runtime: Option<String>,
+    /// How ployzd runs: user or system.
+    #[arg(long)]
+    service_mode: Option<String>,
+    /// Where to pull the binary from: release or git [default: inferred].
+    #[arg(long)]
+    install_source: Option<String>,
+    /// Release version to install [default: latest].
+    #[arg(long)]
+    install_version: Option<String>,
+    /// Git remote URL (with --install-source git).
+    #[arg(long)]
+    install_git_url: Option<String>,
+    /// Git ref to build (with --install-source git).
+    #[arg(long)]
+    install_git_ref: Option<String>,
+    /// Release location: https://… or file:///DIR.
+    #[arg(long, env = "PLOYZ_RELEASE_URL")]
+    release_url: Option<String>,
+    /// SSH private key [default: ~/.ssh/id_ed25519, then ~/.ssh/id_rsa].
+    #[arg(long)]
+    identity: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -96,6 +139,31 @@ enum MachineCmd {
     Storage(StorageCmd),
     /// Round-trip times between every pair of machines over the mesh.
     Rtt,
+    /// Provision a fresh host over SSH and join it.
+    Init {
+        /// `user@host[:port]`.
+        target: String,
+        #[command(flatten)]
+        install: InstallFlags,
+    },
+    /// Provision and join several hosts, in sequence.
+    Add {
+        #[command(flatten)]
+        install: InstallFlags,
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// Upgrade ployzd on machines (all when none is named).
+    Update {
+        /// Version to install [default: latest].
+        #[arg(long = "version", id = "target_version")]
+        version: Option<String>,
+        #[arg(long, env = "PLOYZ_RELEASE_URL")]
+        release_url: Option<String>,
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        machines: Vec<String>,
+    },
     /// Remove a machine from the network.
     Rm {
         /// Only delete the membership record; do not ask the machine to clean up.
@@ -137,8 +205,50 @@ enum InviteCmd {
     },
 }
 
+/// The SSH key to send: the flag, or the first default that exists, as an
+/// absolute path (the daemon runs elsewhere and as another user).
+fn identity(flag: Option<PathBuf>) -> Option<String> {
+    let path = flag.or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        ployz_provision::ssh::default_identities(home.as_deref())
+            .into_iter()
+            .find(|p| p.exists())
+    })?;
+    let abs = std::fs::canonicalize(&path).unwrap_or(path);
+    Some(abs.display().to_string())
+}
+
+fn add_request(targets: Vec<String>, f: InstallFlags) -> Request {
+    Request::MachineAdd(Box::new(ployz_api::AddRequest {
+        targets,
+        network: f.network,
+        runtime: f.runtime,
+        service_mode: f.service_mode,
+        install_source: f.install_source,
+        install_version: f.install_version,
+        install_git_url: f.install_git_url,
+        install_git_ref: f.install_git_ref,
+        release_url: f.release_url,
+        identity: identity(f.identity),
+    }))
+}
+
 fn request_of(cmd: Top) -> Request {
     match cmd {
+        Top::Release(_) => unreachable!("handled locally"),
+        Top::Machine(MachineCmd::Init { target, install }) => add_request(vec![target], install),
+        Top::Machine(MachineCmd::Add { install, targets }) => add_request(targets, install),
+        Top::Machine(MachineCmd::Update {
+            version,
+            release_url,
+            identity: id,
+            machines,
+        }) => Request::MachineUpdate {
+            version,
+            machines,
+            release_url,
+            identity: identity(id),
+        },
         Top::Mesh(MeshCmd::Init {
             network,
             region,
@@ -199,6 +309,9 @@ fn main() {
     };
     let socket = cli.socket.clone().unwrap_or_else(client::default_socket);
     let json = cli.json;
+    if let Top::Release(ReleaseCmd::Pack { out, version }) = cli.command {
+        std::process::exit(release_pack(&out, version, json));
+    }
     let request = request_of(cli.command);
     let code = match client::call(&socket, &request) {
         Ok(Ok(resp)) => {
@@ -219,4 +332,57 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// `release pack`: a local file operation, no daemon involved.
+fn release_pack(out: &std::path::Path, version: Option<String>, json: bool) -> i32 {
+    let version = version.unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string());
+    let dir = match std::env::current_exe() {
+        Ok(p) => p
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default(),
+        Err(e) => {
+            eprintln!("error: cannot find this executable: {e}");
+            return exit::INTERNAL;
+        }
+    };
+    let ployzd = dir.join("ployzd");
+    let ployzctl = dir.join("ployzctl");
+    if !ployzd.exists() {
+        eprintln!(
+            "error: no ployzd next to ployzctl (looked for {})",
+            ployzd.display()
+        );
+        eprintln!("hint: run the ployzctl that sits beside the ployzd you want to publish");
+        return 6;
+    }
+    let triple = ployz_provision::release::host_triple();
+    match ployz_provision::release::pack_release(
+        out,
+        &version,
+        &triple,
+        &[
+            ("ployzd", ployzd.as_path()),
+            ("ployzctl", ployzctl.as_path()),
+        ],
+    ) {
+        Ok(p) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"url": p.url, "version": p.version, "latest": p.latest,
+                        "files": p.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>()})
+                );
+            } else {
+                println!("packed ployzd {} ({triple}) at {}", p.version, p.url);
+                println!("use it with: --release-url {}", p.url);
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::INTERNAL
+        }
+    }
 }

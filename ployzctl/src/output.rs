@@ -181,6 +181,28 @@ pub fn print_response(resp: &Response, json: bool) {
             }
             println!("invite {} is {}", i.invite_id, i.status);
         }
+        Response::Targets(r) => {
+            if json {
+                return print_json(r);
+            }
+            let rows: Vec<Vec<String>> = r
+                .results
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.target.clone().unwrap_or_else(|| "-".into()),
+                        t.machine.clone(),
+                        if t.ok { "ok".into() } else { "FAILED".into() },
+                        t.step.clone().unwrap_or_else(|| "-".into()),
+                        t.message.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(&["TARGET", "MACHINE", "RESULT", "STEP", "DETAIL"], &rows)
+            );
+        }
         Response::Rtt(r) => {
             if json {
                 return print_json(r);
@@ -258,6 +280,7 @@ pub fn print_response(resp: &Response, json: bool) {
 pub fn has_failures(resp: &Response) -> bool {
     match resp {
         Response::Promoted(r) => r.results.iter().any(|t| !t.ok),
+        Response::Targets(r) => r.results.iter().any(|t| !t.ok),
         _ => false,
     }
 }

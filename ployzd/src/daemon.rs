@@ -211,7 +211,11 @@ impl Daemon {
             dir: store_dir,
             source,
         })?;
-        if cfg.mesh && cluster.is_some() {
+        if cluster
+            .as_ref()
+            .and_then(|c| c.network.as_ref())
+            .is_some_and(|n| n.mesh)
+        {
             // Peers are reached over the mesh, which comes up a moment after
             // start: no election until then, or a restarted follower would
             // depose a healthy leader it simply had not heard from yet.
@@ -280,8 +284,8 @@ impl Daemon {
 
     /// Where peers reach a machine with `overlay_ip` whose ployzd listens on
     /// `port`: over the mesh when it runs, else the advertised underlay.
-    pub(crate) fn control_addr(&self, overlay_ip: &str, underlay: &str) -> String {
-        if self.cfg.mesh {
+    pub(crate) fn control_addr(&self, mesh: bool, overlay_ip: &str, underlay: &str) -> String {
+        if mesh {
             let port = underlay
                 .parse::<std::net::SocketAddr>()
                 .map(|a| a.port())
@@ -322,11 +326,33 @@ impl Daemon {
     }
 
     pub async fn handle(&self, req: Request) -> Result<Response, ApiError> {
-        self.handle_hops(req, 0).await
+        let (sink, _) = tokio::sync::mpsc::unbounded_channel();
+        self.handle_with(req, 0, &sink).await
     }
 
     pub(crate) async fn handle_hops(&self, req: Request, hops: u8) -> Result<Response, ApiError> {
+        let (sink, _) = tokio::sync::mpsc::unbounded_channel();
+        self.handle_with(req, hops, &sink).await
+    }
+
+    /// Handle a request, sending live progress of long ones to `sink`.
+    pub async fn handle_with(
+        &self,
+        req: Request,
+        hops: u8,
+        sink: &crate::provisioning::ProgressSink,
+    ) -> Result<Response, ApiError> {
         match req {
+            Request::MachineAdd(add) => self.machine_add(*add, sink).await.map(Response::Targets),
+            Request::MachineUpdate {
+                version,
+                machines,
+                release_url,
+                identity,
+            } => self
+                .machine_update(version, machines, release_url, identity, sink)
+                .await
+                .map(Response::Targets),
             Request::MeshInit {
                 network,
                 region,
@@ -792,7 +818,8 @@ impl Daemon {
         let slice = range.slice(1).expect("a valid range has slice 1");
         let overlay_ip = slice.overlay_ip();
         let node = &self.node;
-        let control = self.control_addr(&overlay_ip.to_string(), &self.cfg.peer_addr);
+        let control =
+            self.control_addr(self.cfg.mesh, &overlay_ip.to_string(), &self.cfg.peer_addr);
         match node
             .initialize_single(PloyzNode {
                 machine_id: self.identity.machine_id.clone(),
@@ -815,6 +842,7 @@ impl Daemon {
             founder: id.clone(),
             storage_replicas: 1,
             created_at_ms: now,
+            mesh: self.cfg.mesh,
         };
         let machine = MachineRecord {
             id: id.clone(),
@@ -831,6 +859,7 @@ impl Daemon {
             wg_public_key: self.identity.wg.public_base64(),
             endpoints: self.endpoints(&range),
             peer_addr: control.clone(),
+            ssh_target: None,
             created_at_ms: now,
             updated_at_ms: now,
         };
@@ -1054,7 +1083,7 @@ impl Daemon {
         )))
     }
 
-    async fn invite_create(&self, ttl_secs: u64) -> Result<InviteCreated, ApiError> {
+    pub(crate) async fn invite_create(&self, ttl_secs: u64) -> Result<InviteCreated, ApiError> {
         if ttl_secs == 0 || ttl_secs > MAX_INVITE_TTL_SECS {
             return Err(invalid(format!(
                 "--ttl-secs {ttl_secs} is out of range: use 1 to {MAX_INVITE_TTL_SECS} (7 days)"
@@ -1132,7 +1161,7 @@ impl Daemon {
         })
     }
 
-    async fn invite_revoke(&self, invite_id: &str) -> Result<InviteView, ApiError> {
+    pub(crate) async fn invite_revoke(&self, invite_id: &str) -> Result<InviteView, ApiError> {
         self.require_network().await?;
         for _ in 0..CAS_RETRIES {
             let Some(cur) = self.get::<InviteRecord>(BUCKET_INVITES, invite_id).await? else {
@@ -1213,7 +1242,8 @@ pub async fn background(
                 daemon.sync_mesh(&file.machines);
             }
         }
-        if daemon.nats.get().is_none() && (!daemon.cfg.mesh || daemon.overlay.get().is_some()) {
+        let mesh = file.network.as_ref().is_none_or(|n| n.mesh);
+        if daemon.nats.get().is_none() && (!mesh || daemon.overlay.get().is_some()) {
             if let Some(password) = daemon.nats_password() {
                 match crate::nats::Nats::start(
                     std::sync::Arc::downgrade(&daemon),

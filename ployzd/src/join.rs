@@ -78,7 +78,6 @@ impl Daemon {
                 version: crate::daemon::VERSION.to_string(),
                 runtime: self.cfg.runtime.to_string(),
                 region: self.cfg.region.clone(),
-                mesh: self.cfg.mesh,
             },
             proof: b64url(
                 &me.signing_key
@@ -312,11 +311,14 @@ impl Daemon {
                 identity_key: j.identity_key.clone(),
                 wg_public_key: j.wg_public_key.clone(),
                 endpoints: j.endpoints.clone(),
-                peer_addr: if j.mesh {
-                    self.control_addr(&slice.overlay_ip().to_string(), &j.peer_addr)
-                } else {
-                    j.peer_addr.clone()
-                },
+                // The network decides: on a mesh network peers reach the
+                // joiner on its overlay address.
+                peer_addr: self.control_addr(
+                    net.mesh,
+                    &slice.overlay_ip().to_string(),
+                    &j.peer_addr,
+                ),
+                ssh_target: None,
                 created_at_ms: now,
                 updated_at_ms: now,
             };

@@ -13,6 +13,7 @@ pub mod nats;
 pub mod ops;
 pub mod overlay;
 pub mod peer;
+pub mod provisioning;
 pub mod rules;
 pub mod seal;
 pub mod server;

@@ -10,7 +10,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "ployzd", version, about = "The Ployz machine daemon")]
+#[command(
+    name = "ployzd",
+    version,
+    about = "The Ployz machine daemon",
+    args_override_self = true
+)]
 struct Cli {
     /// State directory (identity, store). Default depends on --service-mode.
     #[arg(long, global = true, env = "PLOYZ_DATA_DIR")]
@@ -51,8 +56,9 @@ enum Command {
         /// loopback and the overlay address.
         #[arg(long)]
         nats_listen: Vec<std::net::IpAddr>,
-        /// Do not run the WireGuard mesh: peers talk over the advertised address
-        /// (only where machines already share a private network, e.g. tests on one host).
+        /// Found networks without the WireGuard mesh: peers talk over the advertised
+        /// address (only where machines already share a private network, e.g. tests
+        /// on one host). Joining machines follow the network's choice.
         #[arg(long)]
         no_mesh: bool,
         /// Name of the WireGuard interface.

@@ -25,6 +25,7 @@ fn fail(machine: &str, step: &str, message: impl Into<String>) -> TargetResult {
     TargetResult {
         machine: machine.to_string(),
         ok: false,
+        target: None,
         step: Some(step.to_string()),
         message: message.into(),
     }
@@ -34,6 +35,7 @@ fn ok(machine: &str, message: impl Into<String>) -> TargetResult {
     TargetResult {
         machine: machine.to_string(),
         ok: true,
+        target: None,
         step: None,
         message: message.into(),
     }

@@ -68,7 +68,7 @@ impl Daemon {
         net: &NetworkRecord,
         me: &MachineRecord,
     ) -> Result<(), String> {
-        if !self.cfg.mesh || self.overlay.get().is_some() {
+        if !net.mesh || self.overlay.get().is_some() {
             return Ok(());
         }
         let _guard = self.mesh_lock.lock().await;

@@ -215,10 +215,6 @@ pub struct JoinerInfo {
     pub version: String,
     pub runtime: String,
     pub region: String,
-    /// Whether the joiner runs the WireGuard mesh (then peers reach it on
-    /// its overlay address).
-    #[serde(default)]
-    pub mesh: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

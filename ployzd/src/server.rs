@@ -135,7 +135,16 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>, me: u32) -> std::io
         let reply = match serde_json::from_slice::<Request>(&line) {
             Ok(req) => {
                 tracing::debug!(?req, "api request");
-                Reply::from(daemon.handle(req).await)
+                // Long requests report progress while they run.
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let work = daemon.handle_with(req, 0, &tx);
+                tokio::pin!(work);
+                loop {
+                    tokio::select! {
+                        r = &mut work => break Reply::from(r),
+                        Some(p) = rx.recv() => write_reply(&mut wr, &Reply::Progress(p)).await?,
+                    }
+                }
             }
             Err(e) => Reply::Error(ApiError::new(
                 ErrorCode::InvalidArgument,

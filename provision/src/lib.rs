@@ -1,8 +1,26 @@
 //! Provisioning: how ployzd is laid out on a machine in each service mode,
-//! and the systemd unit that runs it.
+//! the systemd unit that runs it, and installing it on other machines over
+//! SSH.
+//!
+//! - [`ssh`]: the [`ssh::Transport`] seam (russh, and a recording fake),
+//!   host keys trusted on first use ([`known_hosts`]).
+//! - [`preflight`]: what a target must offer, checked before anything is
+//!   touched; parsing is pure and tested with the fake.
+//! - [`release`]: release locations (`file://`, `http(s)://`), checksums,
+//!   [`release::pack_release`]; [`git`]: building a ref with cargo.
+//! - [`provision`]: [`provision::provision_machine`] (init/add) and
+//!   [`provision::update_machine`] (update with rollback).
+
+pub mod git;
+pub mod known_hosts;
+pub mod preflight;
+pub mod provision;
+pub mod release;
+pub mod ssh;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -98,6 +116,11 @@ impl Layout {
         }
     }
 
+    /// `ployzctl`, installed next to `ployzd`.
+    pub fn ctl_binary(&self) -> PathBuf {
+        self.binary.with_file_name("ployzctl")
+    }
+
     /// The default mode for the calling user: root runs the system service.
     pub fn default_for(env: &Env) -> Layout {
         let mode = if env.uid == 0 {
@@ -109,12 +132,87 @@ impl Layout {
     }
 }
 
+/// The flags of `ployzd run` a unit carries besides the layout's paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonArgs {
+    /// Workload runtime: `host` or `docker`.
+    pub runtime: String,
+    /// The address peers reach this machine on (`--advertise-ip`).
+    pub advertise_ip: Option<IpAddr>,
+    /// `--region`; `None` keeps ployzd's default.
+    pub region: Option<String>,
+    /// Ports; only those differing from ployzd's defaults are written.
+    pub ports: Ports,
+}
+
+impl DaemonArgs {
+    pub fn new(runtime: &str) -> DaemonArgs {
+        DaemonArgs {
+            runtime: runtime.to_string(),
+            advertise_ip: None,
+            region: None,
+            ports: Ports::default(),
+        }
+    }
+}
+
+/// The ports ployzd listens on (checked free by preflight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    /// Peer channel (Raft, joins), TCP.
+    pub peer: u16,
+    /// NATS client port, TCP.
+    pub nats: u16,
+    /// WireGuard, UDP.
+    pub wireguard: u16,
+}
+
+impl Ports {
+    pub const DEFAULT: Ports = Ports {
+        peer: 7101,
+        nats: 4222,
+        wireguard: 51820,
+    };
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports::DEFAULT
+    }
+}
+
 /// The systemd unit for ployzd.
 pub fn render_unit(mode: ServiceMode, layout: &Layout, runtime: &str) -> String {
+    render_unit_with(mode, layout, &DaemonArgs::new(runtime))
+}
+
+/// The systemd unit for ployzd, with the runtime, advertised address,
+/// region and non-default ports on its command line.
+pub fn render_unit_with(mode: ServiceMode, layout: &Layout, args: &DaemonArgs) -> String {
     let wanted_by = match mode {
         ServiceMode::System => "multi-user.target",
         ServiceMode::User => "default.target",
     };
+    let mut run = format!(
+        "--runtime {} --service-mode {mode}",
+        unit_word(&args.runtime)
+    );
+    if let Some(ip) = args.advertise_ip {
+        run.push_str(&format!(" --advertise-ip {ip}"));
+    }
+    if let Some(region) = &args.region {
+        run.push_str(&format!(" --region {}", unit_word(region)));
+    }
+    let d = Ports::DEFAULT;
+    if args.ports.peer != d.peer {
+        run.push_str(&format!(" --peer-port {}", args.ports.peer));
+    }
+    if args.ports.nats != d.nats {
+        run.push_str(&format!(" --nats-port {}", args.ports.nats));
+    }
+    if args.ports.wireguard != d.wireguard {
+        run.push_str(&format!(" --wg-port {}", args.ports.wireguard));
+    }
     format!(
         "[Unit]\n\
          Description=Ployz machine daemon\n\
@@ -124,7 +222,7 @@ pub fn render_unit(mode: ServiceMode, layout: &Layout, runtime: &str) -> String 
          \n\
          [Service]\n\
          Type=simple\n\
-         ExecStart={bin} --data-dir {data} --socket {sock} run --runtime {runtime} --service-mode {mode}\n\
+         ExecStart={bin} --data-dir {data} --socket {sock} run {run}\n\
          Restart=on-failure\n\
          RestartSec=2\n\
          KillMode=mixed\n\
@@ -136,6 +234,10 @@ pub fn render_unit(mode: ServiceMode, layout: &Layout, runtime: &str) -> String 
         data = quote(&layout.data_dir),
         sock = quote(&layout.socket),
     )
+}
+
+fn unit_word(s: &str) -> String {
+    quote(Path::new(s))
 }
 
 fn quote(p: &Path) -> String {
@@ -181,6 +283,30 @@ mod tests {
         let u = render_unit(ServiceMode::System, &l, "docker");
         assert!(u.contains("ExecStart=/usr/local/bin/ployzd --data-dir /var/lib/ployz --socket /run/ployz/ployzd.sock run --runtime docker --service-mode system\n"));
         assert!(u.contains("WantedBy=multi-user.target"));
+    }
+
+    #[test]
+    fn unit_carries_advertise_ip_region_and_non_default_ports() {
+        let env = Env {
+            home: Some("/home/ann".into()),
+            xdg_runtime_dir: None,
+            uid: 1000,
+        };
+        let l = Layout::for_mode(ServiceMode::User, &env);
+        let mut args = DaemonArgs::new("host");
+        args.advertise_ip = Some("10.0.1.20".parse().unwrap());
+        args.region = Some("eu west".into());
+        args.ports.nats = 4333;
+        let u = render_unit_with(ServiceMode::User, &l, &args);
+        assert!(
+            u.contains("ExecStart=/home/ann/.local/bin/ployzd --data-dir /home/ann/.local/share/ployz --socket /run/user/1000/ployz/ployzd.sock run --runtime host --service-mode user --advertise-ip 10.0.1.20 --region \"eu west\" --nats-port 4333\n"),
+            "{u}"
+        );
+        assert!(u.contains("WantedBy=default.target"));
+        assert_eq!(
+            l.ctl_binary(),
+            PathBuf::from("/home/ann/.local/bin/ployzctl")
+        );
     }
 
     #[test]

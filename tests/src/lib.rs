@@ -6,6 +6,7 @@
 //! executable's target directory (build them first: `cargo build --bins`),
 //! or in `$PLOYZ_BIN_DIR`.
 
+pub mod fresh;
 pub mod netns;
 
 use serde_json::Value;

@@ -1,0 +1,307 @@
+//! `machine init` / `add` / `update`: SSH provisioning driven by the daemon.
+//! Targets go in sequence, each with its own invite; one failing target
+//! never stops the others, and every target gets a result naming the step
+//! that failed and why. Progress streams to the caller as it happens.
+
+use crate::daemon::{invalid, Daemon, CAS_RETRIES};
+use crate::store::put;
+use ployz_api::time::now_ms;
+use ployz_api::*;
+use ployz_consensus::Expect;
+use ployz_provision::provision::{
+    provision_machine, update_machine, InstallSource, ProvisionOptions, UpdateOptions,
+};
+use ployz_provision::release::ReleaseLocation;
+use ployz_provision::ssh::{SshOptions, SshTarget};
+use ployz_provision::ServiceMode;
+use std::path::PathBuf;
+
+/// Where progress lines go (the API connection).
+pub type ProgressSink = tokio::sync::mpsc::UnboundedSender<Progress>;
+
+fn note(sink: &ProgressSink, target: &str, step: &str, message: impl Into<String>) {
+    let _ = sink.send(Progress {
+        target: target.to_string(),
+        step: step.to_string(),
+        message: message.into(),
+    });
+}
+
+fn result(
+    target: &str,
+    machine: &str,
+    ok: bool,
+    step: Option<&str>,
+    message: String,
+) -> TargetResult {
+    TargetResult {
+        machine: machine.to_string(),
+        ok,
+        target: Some(target.to_string()),
+        step: step.map(str::to_string),
+        message,
+    }
+}
+
+/// Pick the install source from the flags: a version implies `release`,
+/// git flags imply `git` (as the page describes).
+pub fn install_source(req: &AddRequest) -> Result<InstallSource, ApiError> {
+    let git = req.install_git_url.is_some() || req.install_git_ref.is_some();
+    let source = match req.install_source.as_deref() {
+        Some(s) => s.to_string(),
+        None if git => "git".into(),
+        None => "release".into(),
+    };
+    match source.as_str() {
+        "release" => {
+            if git {
+                return Err(invalid(
+                    "--install-git-url/--install-git-ref need --install-source git",
+                ));
+            }
+            let location = ReleaseLocation::from_flag_or_env(req.release_url.as_deref())
+                .map_err(|e| invalid(e.to_string()))?;
+            Ok(InstallSource::Release {
+                location,
+                version: req
+                    .install_version
+                    .clone()
+                    .unwrap_or_else(|| "latest".into()),
+            })
+        }
+        "git" => {
+            let url = req.install_git_url.clone().ok_or_else(|| {
+                invalid("--install-source git needs --install-git-url (and optionally --install-git-ref)")
+            })?;
+            Ok(InstallSource::Git(ployz_provision::git::GitSource {
+                url,
+                reference: req.install_git_ref.clone().unwrap_or_else(|| "main".into()),
+                cargo_target_dir: None,
+            }))
+        }
+        other => Err(invalid(format!(
+            "unknown --install-source `{other}`: use `release` or `git`"
+        ))),
+    }
+}
+
+impl Daemon {
+    fn ssh_options(&self, identity: Option<&str>) -> SshOptions {
+        let mut o = SshOptions::new(self.cfg.data_dir.join("known_hosts"));
+        o.identity = identity.map(PathBuf::from);
+        o
+    }
+
+    pub(crate) async fn machine_add(
+        &self,
+        req: AddRequest,
+        sink: &ProgressSink,
+    ) -> Result<TargetsReport, ApiError> {
+        let net = self.require_network().await?;
+        if req.network != net.name {
+            return Err(invalid(format!(
+                "--network {} does not match this machine's network `{}`",
+                req.network, net.name
+            ))
+            .with_hint("run `ployzctl machine add` on a machine of the network you want to grow"));
+        }
+        if req.targets.is_empty() {
+            return Err(invalid("name at least one target (`user@host`)"));
+        }
+        let targets: Vec<(String, Result<SshTarget, String>)> = req
+            .targets
+            .iter()
+            .map(|t| (t.clone(), t.parse::<SshTarget>().map_err(|e| e.to_string())))
+            .collect();
+        let install = install_source(&req)?;
+        let mode: ServiceMode = req
+            .service_mode
+            .as_deref()
+            .unwrap_or("system")
+            .parse()
+            .map_err(|e: ployz_provision::UnknownServiceMode| invalid(e.to_string()))?;
+        let runtime: ployz_runtime::RuntimeKind = req
+            .runtime
+            .as_deref()
+            .unwrap_or("host")
+            .parse()
+            .map_err(|e: ployz_runtime::UnknownRuntime| invalid(e.to_string()))?;
+        let mut results = Vec::new();
+        for (name, parsed) in targets {
+            let target = match parsed {
+                Ok(t) => t,
+                Err(e) => {
+                    results.push(result(&name, "-", false, Some("target"), e));
+                    continue;
+                }
+            };
+            note(sink, &name, "invite", "issuing a single-use invite");
+            let invite = match self.invite_create(600).await {
+                Ok(i) => i,
+                Err(e) => {
+                    results.push(result(&name, "-", false, Some("invite"), e.message));
+                    continue;
+                }
+            };
+            let mut opts = ProvisionOptions::new(
+                target.clone(),
+                self.ssh_options(req.identity.as_deref()),
+                install.clone(),
+            );
+            opts.service_mode = mode;
+            opts.runtime = runtime.to_string();
+            opts.region = Some(self.cfg.region.clone());
+            let started = std::time::Instant::now();
+            let progress = {
+                let sink = sink.clone();
+                let name = name.clone();
+                move |step: ployz_provision::provision::Step| {
+                    note(
+                        &sink,
+                        &name,
+                        step.as_str(),
+                        format!("{:.1}s", started.elapsed().as_secs_f64()),
+                    );
+                }
+            };
+            match provision_machine(&opts, &invite.token, progress).await {
+                Ok(p) => {
+                    if let Err(e) = self.remember_ssh_target(&p.machine_id, &name).await {
+                        tracing::warn!(
+                            "recording the SSH target of {}: {}",
+                            p.machine_id,
+                            e.message
+                        );
+                    }
+                    results.push(result(
+                        &name,
+                        &p.machine_id,
+                        true,
+                        None,
+                        format!(
+                            "joined as {} ({} {}, ployzd {}) in {:.1}s",
+                            p.machine_id,
+                            p.os,
+                            p.arch,
+                            p.version,
+                            started.elapsed().as_secs_f64()
+                        ),
+                    ));
+                }
+                Err(e) => {
+                    // Nothing joined with it: the invite must not linger.
+                    let _ = self.invite_revoke(&invite.invite_id).await;
+                    results.push(result(
+                        &name,
+                        "-",
+                        false,
+                        Some(e.step().as_str()),
+                        e.to_string(),
+                    ));
+                }
+            }
+        }
+        Ok(TargetsReport { results })
+    }
+
+    async fn remember_ssh_target(&self, id: &str, target: &str) -> Result<(), ApiError> {
+        for _ in 0..CAS_RETRIES {
+            let Some(cur) = self.get::<MachineRecord>(BUCKET_MACHINES, id).await? else {
+                return Ok(());
+            };
+            let mut next = cur.value.clone();
+            next.ssh_target = Some(target.to_string());
+            next.updated_at_ms = now_ms();
+            if self
+                .txn(vec![put(
+                    BUCKET_MACHINES,
+                    id,
+                    &next,
+                    Expect::Revision(cur.revision),
+                )])
+                .await?
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn machine_update(
+        &self,
+        version: Option<String>,
+        wanted: Vec<String>,
+        release_url: Option<String>,
+        identity: Option<String>,
+        sink: &ProgressSink,
+    ) -> Result<TargetsReport, ApiError> {
+        let location = ReleaseLocation::from_flag_or_env(release_url.as_deref())
+            .map_err(|e| invalid(e.to_string()))?;
+        let machines = if wanted.is_empty() {
+            self.machines().await?
+        } else {
+            let mut v = Vec::new();
+            for w in &wanted {
+                v.push(self.resolve_machine(w).await?);
+            }
+            v
+        };
+        let mut results = Vec::new();
+        for m in machines {
+            let id = m.value.id.clone();
+            let Some(target) = m.value.ssh_target.clone() else {
+                results.push(result(
+                    "-",
+                    &id,
+                    false,
+                    Some("target"),
+                    format!("machine {id} was not provisioned over SSH, so there is no way in to update it; update its binary on the machine and restart ployzd"),
+                ));
+                continue;
+            };
+            let parsed = match target.parse::<SshTarget>() {
+                Ok(t) => t,
+                Err(e) => {
+                    results.push(result(&target, &id, false, Some("target"), e.to_string()));
+                    continue;
+                }
+            };
+            let mut opts = UpdateOptions::new(
+                parsed,
+                self.ssh_options(identity.as_deref()),
+                location.clone(),
+            );
+            if let Some(v) = &version {
+                opts.version = v.clone();
+            }
+            let progress = {
+                let sink = sink.clone();
+                let target = target.clone();
+                move |step: ployz_provision::provision::Step| {
+                    note(&sink, &target, step.as_str(), "")
+                }
+            };
+            match update_machine(&opts, progress).await {
+                Ok(u) => results.push(result(
+                    &target,
+                    &id,
+                    true,
+                    None,
+                    format!(
+                        "updated {} -> {} (release {})",
+                        u.old_version, u.new_version, u.release
+                    ),
+                )),
+                Err(e) => results.push(result(
+                    &target,
+                    &id,
+                    false,
+                    Some(e.step().as_str()),
+                    e.to_string(),
+                )),
+            }
+        }
+        Ok(TargetsReport { results })
+    }
+}

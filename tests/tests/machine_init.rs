@@ -1,0 +1,149 @@
+//! `ployzctl machine init` / `machine add` end to end through the CLI: the
+//! daemon provisions fresh Debian containers (systemd + sshd) over SSH from
+//! a release location made with `ployzctl release pack`.
+
+use ployz_tests::fresh::{self, FreshHost, HostDaemon};
+use ployz_tests::{stderr, stdout};
+use serde_json::Value;
+
+fn lifecycle_of(f: &HostDaemon, id: &str) -> Option<String> {
+    f.ctl_json(&["machine", "ls"])["machines"]
+        .as_array()?
+        .iter()
+        .find(|m| m["id"] == id)
+        .and_then(|m| m["lifecycle"].as_str())
+        .map(str::to_string)
+}
+
+#[test]
+fn init_one_host_then_add_three_with_one_bad() {
+    let key = fresh::image();
+    let key = key.to_str().unwrap();
+    let a = FreshHost::start();
+    let b = FreshHost::start();
+    let c = FreshHost::start();
+    let f = HostDaemon::start(a.gateway);
+    f.ctl_json(&["mesh", "init", "clitest"]);
+
+    // An offline release location, as an air-gapped operator would make it.
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(ployz_tests::bin("ployzctl"))
+        .args(["--json", "release", "pack", "--out"])
+        .arg(dir.path().join("release"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let packed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let url = packed["url"].as_str().unwrap().to_string();
+    assert!(url.starts_with("file://"), "{url}");
+
+    // A wrong network name is refused before anything is touched.
+    let o = f.ctl(&[
+        "machine",
+        "init",
+        &a.root_target(),
+        "--network",
+        "other",
+        "--release-url",
+        &url,
+        "--identity",
+        key,
+    ]);
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    assert!(stderr(&o).contains("does not match"), "{}", stderr(&o));
+
+    let started = std::time::Instant::now();
+    let o = f.ctl(&[
+        "--json",
+        "machine",
+        "init",
+        &a.root_target(),
+        "--network",
+        "clitest",
+        "--runtime",
+        "host",
+        "--service-mode",
+        "system",
+        "--install-source",
+        "release",
+        "--install-version",
+        "latest",
+        "--release-url",
+        &url,
+        "--identity",
+        key,
+    ]);
+    println!("machine init took {:?}", started.elapsed());
+    assert!(
+        o.status.success(),
+        "{}\n{}\nfounder log:\n{}",
+        stdout(&o),
+        stderr(&o),
+        f.log()
+    );
+    // Live progress went to stderr, step by step.
+    let progress = stderr(&o);
+    for step in ["connect", "preflight", "upload", "start", "join"] {
+        assert!(
+            progress.contains(&format!("] {step}")),
+            "no {step} progress: {progress}"
+        );
+    }
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let id = r["results"][0]["machine"].as_str().unwrap().to_string();
+    assert_eq!(a.exec_ok("systemctl is-active ployzd").trim(), "active");
+    assert_eq!(lifecycle_of(&f, &id).as_deref(), Some("active"));
+    // Visible from the new machine's side too.
+    let theirs = a.exec_ok("ployzctl --json machine ls");
+    assert!(
+        theirs.contains(&id) && theirs.contains("\"active\""),
+        "{theirs}"
+    );
+
+    // add: two good targets and one unreachable one.
+    let bad = format!("root@{}", fresh::unreachable_ip(a.gateway));
+    let o = f.ctl(&[
+        "--json",
+        "machine",
+        "add",
+        "--network",
+        "clitest",
+        "--release-url",
+        &url,
+        "--identity",
+        key,
+        &b.root_target(),
+        &bad,
+        &c.root_target(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(9),
+        "partial failure exits 9: {}",
+        stderr(&o)
+    );
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0]["ok"], true, "{r}");
+    assert_eq!(results[2]["ok"], true, "{r}");
+    assert_eq!(results[1]["ok"], false);
+    assert_eq!(results[1]["step"], "connect");
+    assert_eq!(results[1]["target"], bad.as_str());
+    assert!(
+        results[1]["message"].as_str().unwrap().contains(&bad),
+        "{r}"
+    );
+    let ls = f.ctl_json(&["machine", "ls"]);
+    assert_eq!(ls["machines"].as_array().unwrap().len(), 4, "{ls}");
+    // The failed target's invite did not linger.
+    let invites = f.ctl_json(&["machine", "invite", "list"]);
+    assert!(
+        invites["invites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["status"] != "active"),
+        "{invites}"
+    );
+}
