@@ -100,6 +100,71 @@ fn init_one_host_then_add_three_with_one_bad() {
         "{theirs}"
     );
 
+    // update through the CLI: a new release (the same build under a new
+    // name) is installed, restarted and reported; the machine stays active.
+    let out = std::process::Command::new(ployz_tests::bin("ployzctl"))
+        .args([
+            "--json",
+            "release",
+            "pack",
+            "--version",
+            "0.1.0-next",
+            "--out",
+        ])
+        .arg(dir.path().join("release"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let o = f.ctl(&[
+        "--json",
+        "machine",
+        "update",
+        "--version",
+        "0.1.0-next",
+        "--release-url",
+        &url,
+        "--identity",
+        key,
+        &id,
+    ]);
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["results"][0]["ok"], true, "{r}");
+    assert!(
+        r["results"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("0.1.0-next"),
+        "{r}"
+    );
+    // The founder itself was not provisioned over SSH: a clear per-machine refusal.
+    let o = f.ctl(&[
+        "--json",
+        "machine",
+        "update",
+        "--release-url",
+        &url,
+        "--identity",
+        key,
+    ]);
+    assert_eq!(o.status.code(), Some(9), "{}", stderr(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let refused: Vec<&Value> = r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["ok"] == false)
+        .collect();
+    assert_eq!(refused.len(), 1, "{r}");
+    assert!(
+        refused[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not provisioned over SSH"),
+        "{r}"
+    );
+    assert_eq!(lifecycle_of(&f, &id).as_deref(), Some("active"));
+
     // add: two good targets and one unreachable one.
     let bad = format!("root@{}", fresh::unreachable_ip(a.gateway));
     let o = f.ctl(&[
