@@ -591,6 +591,39 @@ impl Daemon {
             .collect()
     }
 
+    /// Read-modify-write of machine `id`'s record, compare-and-set on the
+    /// revision read and retried on conflict. `change` edits the record and
+    /// says whether anything changed. `Ok(None)`: no such machine.
+    pub(crate) async fn update_machine_record(
+        &self,
+        id: &str,
+        mut change: impl FnMut(&mut MachineRecord) -> bool,
+    ) -> Result<Option<MachineRecord>, ApiError> {
+        for _ in 0..CAS_RETRIES {
+            let Some(cur) = self.get::<MachineRecord>(BUCKET_MACHINES, id).await? else {
+                return Ok(None);
+            };
+            let mut next = cur.value.clone();
+            if !change(&mut next) {
+                return Ok(Some(next));
+            }
+            next.updated_at_ms = now_ms();
+            let op = put(BUCKET_MACHINES, id, &next, Expect::Revision(cur.revision));
+            match self.txn(vec![op]).await? {
+                Ok(_) => return Ok(Some(next)),
+                Err((_, Rejection::WrongLastRevision { .. })) => continue,
+                Err((_, other)) => {
+                    return Err(internal(format!(
+                        "updating machine {id} was rejected: {other}"
+                    )))
+                }
+            }
+        }
+        Err(store::unavailable(format!(
+            "machine {id} kept changing under {CAS_RETRIES} attempts to update it"
+        )))
+    }
+
     /// Whether this machine is in a network (founded or joined).
     pub(crate) async fn in_network(&self) -> bool {
         self.cluster_file().is_some() || self.node.is_initialized().await

@@ -5,7 +5,6 @@ use crate::identity::{machine_id_of, node_id_of};
 use crate::peer::{self, PeerRequest, PeerResponse};
 use crate::rules;
 use crate::store::{self, put, Versioned};
-use ployz_api::time::now_ms;
 use ployz_api::*;
 use ployz_consensus::{Expect, MembershipError, PloyzNode};
 use std::collections::BTreeSet;
@@ -261,33 +260,14 @@ impl Daemon {
     }
 
     async fn set_authority(&self, id: &str, authority: Authority) -> Result<(), ApiError> {
-        for _ in 0..CAS_RETRIES {
-            let Some(cur) = self.get::<MachineRecord>(BUCKET_MACHINES, id).await? else {
-                return Err(ApiError::new(
-                    ErrorCode::NotFound,
-                    format!("no machine `{id}`"),
-                ));
-            };
-            if cur.value.authority == authority {
-                return Ok(());
-            }
-            let mut next = cur.value.clone();
-            next.authority = authority;
-            next.updated_at_ms = now_ms();
-            if self
-                .txn(vec![put(
-                    BUCKET_MACHINES,
-                    id,
-                    &next,
-                    Expect::Revision(cur.revision),
-                )])
-                .await?
-                .is_ok()
-            {
-                return Ok(());
-            }
-        }
-        Err(store::unavailable(format!("machine {id} kept changing")))
+        self.update_machine_record(id, |m| {
+            let changed = m.authority != authority;
+            m.authority = authority;
+            changed
+        })
+        .await?
+        .map(|_| ())
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no machine `{id}`")))
     }
 
     async fn set_replicas(&self, replicas: u8) -> Result<(), ApiError> {
@@ -415,19 +395,11 @@ impl Daemon {
         }
         let left_storage = self.remove_voter(&id, hops).await?;
         // Show the removal honestly while it runs.
-        if let Some(cur) = self.get::<MachineRecord>(BUCKET_MACHINES, &id).await? {
-            let mut next = cur.value.clone();
-            next.lifecycle = Lifecycle::Leaving;
-            next.updated_at_ms = now_ms();
-            let _ = self
-                .txn(vec![put(
-                    BUCKET_MACHINES,
-                    &id,
-                    &next,
-                    Expect::Revision(cur.revision),
-                )])
-                .await?;
-        }
+        self.update_machine_record(&id, |m| {
+            m.lifecycle = Lifecycle::Leaving;
+            true
+        })
+        .await?;
         let mut cleaned_up = false;
         if !force {
             match self

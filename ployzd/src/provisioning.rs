@@ -3,11 +3,8 @@
 //! never stops the others, and every target gets a result naming the step
 //! that failed and why. Progress streams to the caller as it happens.
 
-use crate::daemon::{invalid, Daemon, CAS_RETRIES};
-use crate::store::put;
-use ployz_api::time::now_ms;
+use crate::daemon::{invalid, Daemon};
 use ployz_api::*;
-use ployz_consensus::Expect;
 use ployz_provision::provision::{
     provision_machine, update_machine, InstallSource, ProvisionOptions, UpdateOptions,
 };
@@ -205,27 +202,12 @@ impl Daemon {
     }
 
     async fn remember_ssh_target(&self, id: &str, target: &str) -> Result<(), ApiError> {
-        for _ in 0..CAS_RETRIES {
-            let Some(cur) = self.get::<MachineRecord>(BUCKET_MACHINES, id).await? else {
-                return Ok(());
-            };
-            let mut next = cur.value.clone();
-            next.ssh_target = Some(target.to_string());
-            next.updated_at_ms = now_ms();
-            if self
-                .txn(vec![put(
-                    BUCKET_MACHINES,
-                    id,
-                    &next,
-                    Expect::Revision(cur.revision),
-                )])
-                .await?
-                .is_ok()
-            {
-                return Ok(());
-            }
-        }
-        Ok(())
+        self.update_machine_record(id, |m| {
+            m.ssh_target = Some(target.to_string());
+            true
+        })
+        .await
+        .map(|_| ())
     }
 
     pub(crate) async fn machine_update(

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# create+start+wait+delete of one busybox bundle running /bin/true, N times each with
+# ployz's host runtime (runtime/examples/rt.rs on libcontainer), crun and runc.
+# Prints the median wall time per runtime and the ratios ours/crun, ours/runc.
+#
+# Needs root, busybox-static, runc, crun, python3, and the example built:
+#   cargo build --release -p ployz-runtime --example rt
+# usage: runtime/bench/create-start-delete.sh [N]      (RT_BIN=path/to/rt to override)
+#
+# crun 1.8 refuses this host's hybrid cgroup layout (v1 controllers plus a cgroup2
+# mount at /sys/fs/cgroup/unified), so all three runtimes run alike in a private
+# mount namespace whose /sys/fs/cgroup holds only the v1 hierarchies.
+set -euo pipefail
+
+N=${1:-20}
+HERE=$(cd "$(dirname "$0")" && pwd)
+TARGET=${CARGO_TARGET_DIR:-$HERE/../../target}
+RT_BIN=${RT_BIN:-$TARGET/release/examples/rt}
+
+if [[ -z "${PLOYZ_BENCH_IN_NS:-}" ]]; then
+  [[ $EUID -eq 0 ]] || { echo "run as root" >&2; exit 1; }
+  for tool in runc crun python3 /bin/busybox; do
+    command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y runc crun busybox-static python3" >&2; exit 1; }
+  done
+  [[ -x $RT_BIN ]] || { echo "missing $RT_BIN: cargo build --release -p ployz-runtime --example rt" >&2; exit 1; }
+  export PLOYZ_BENCH_IN_NS=1 RT_BIN
+  exec unshare -m --propagation private "$0" "$N"
+fi
+
+# Inside the private mount namespace: a fresh /sys/fs/cgroup holding only the v1
+# hierarchies (unmounting /sys/fs/cgroup/unified is not enough: crun still sees the
+# directory and picks hybrid mode).
+old=$(mktemp -d /tmp/ployz-bench-cg.XXXXXX)
+mount --rbind /sys/fs/cgroup "$old"
+mount -t tmpfs -o mode=755 ployz-bench-cgroup /sys/fs/cgroup
+for c in $(awk -v o="$old/" '$3 == "cgroup" && index($2, o) == 1 {print substr($2, length(o) + 1)}' /proc/self/mounts); do
+  mkdir -p "/sys/fs/cgroup/$c"
+  mount --bind "$old/$c" "/sys/fs/cgroup/$c"
+done
+umount -l "$old" && rmdir "$old"
+
+work=$(mktemp -d /tmp/ployz-bench.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+bundle=$work/bundle
+mkdir -p "$bundle"/rootfs/{bin,proc,dev,sys,tmp}
+cp /bin/busybox "$bundle/rootfs/bin/busybox"
+for t in sh true; do ln -s busybox "$bundle/rootfs/bin/$t"; done
+(cd "$bundle" && runc spec)
+python3 - "$bundle/config.json" <<'PY'
+import json, sys
+p = sys.argv[1]
+c = json.load(open(p))
+c["process"]["args"] = ["/bin/true"]
+c["process"]["terminal"] = False
+json.dump(c, open(p, "w"), indent=2)
+PY
+
+now() { date +%s%N; }
+declare -A median
+run_one() { # name, command...
+  local name=$1; shift
+  local times=() i t0 t1
+  for ((i = 0; i < N; i++)); do
+    t0=$(now)
+    "$@" "bench-$name-$i" </dev/null >/dev/null
+    t1=$(now)
+    times+=($(( (t1 - t0) / 1000 )))
+  done
+  median[$name]=$(printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : int((a[NR/2] + a[NR/2+1]) / 2)}')
+  printf '%-6s median %8.2f ms  (N=%d, min %.2f ms, max %.2f ms)\n' "$name" \
+    "$(awk -v m="${median[$name]}" 'BEGIN {print m / 1000}')" "$N" \
+    "$(printf '%s\n' "${times[@]}" | sort -n | head -1 | awk '{print $1/1000}')" \
+    "$(printf '%s\n' "${times[@]}" | sort -n | tail -1 | awk '{print $1/1000}')"
+}
+
+ours() { "$RT_BIN" "$work/ours" "$1" "$bundle"; }
+crun_() { crun --root "$work/crun" run --bundle "$bundle" "$1"; }
+runc_() { runc --root "$work/runc" run --bundle "$bundle" "$1"; }
+
+run_one ours ours
+run_one crun crun_
+run_one runc runc_
+
+awk -v o="${median[ours]}" -v c="${median[crun]}" -v r="${median[runc]}" \
+  'BEGIN { printf "ratio ours/crun %.2f\nratio ours/runc %.2f\n", o / c, o / r }'

@@ -1,0 +1,494 @@
+//! Host backend: OCI bundles run in-process with youki's libcontainer.
+//!
+//! Layout under the runtime's root directory:
+//! - `state/<id>/`   libcontainer's container state (its `root_path`)
+//! - `bundles/<id>/` the generated `config.json` (the rootfs is used in place)
+//! - `logs/<id>.log` the workload's stdout and stderr
+//!
+//! libcontainer clones the calling process and runs Rust in the child, so all of
+//! its calls happen on one dedicated OS thread ([`HostRuntime`]) or in a
+//! single-threaded program that drives a [`HostEngine`] itself (see
+//! `examples/rt.rs`). The process becomes a child subreaper so the workloads'
+//! init processes are re-parented to it: that is how exit codes are collected
+//! (stopped vs failed) and how zombies are reaped.
+
+mod bundle;
+
+pub use bundle::oci_spec;
+
+use crate::{Image, Runtime, RuntimeError, RuntimeKind, State, WorkloadSpec, WorkloadStatus};
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::{Container, ContainerStatus};
+use libcontainer::error::LibcontainerError;
+use libcontainer::signal::Signal;
+use libcontainer::syscall::syscall::SyscallType;
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> RuntimeError + 'a {
+    move |source| RuntimeError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn lc_err<'a>(
+    op: &'static str,
+    id: &'a str,
+) -> impl FnOnce(LibcontainerError) -> RuntimeError + 'a {
+    move |source| RuntimeError::Container {
+        op,
+        id: id.to_string(),
+        source: Box::new(source),
+    }
+}
+
+/// The blocking core of the host backend. Not `Sync`: drive it from one thread
+/// that is not a tokio worker.
+pub struct HostEngine {
+    root: PathBuf,
+    /// Exit status (code, or 128+signal) of workloads we reaped.
+    exits: HashMap<String, i64>,
+    /// Workloads ended through `kill` (stop/delete) rather than on their own.
+    stop_requested: HashSet<String>,
+}
+
+impl HostEngine {
+    /// Creates the directory layout under `root` and makes this process a
+    /// child subreaper (so workload exit codes can be collected).
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, RuntimeError> {
+        let root = root.into();
+        for sub in ["state", "bundles", "logs"] {
+            let dir = root.join(sub);
+            fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        }
+        // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes one integer argument
+        // and only changes this process's re-parenting behaviour.
+        let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        if rc != 0 {
+            return Err(RuntimeError::Io {
+                what: "become child subreaper (prctl) for",
+                path: root,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(HostEngine {
+            root,
+            exits: HashMap::new(),
+            stop_requested: HashSet::new(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.root.join("state")
+    }
+
+    fn bundle_dir(&self, id: &str) -> PathBuf {
+        self.root.join("bundles").join(id)
+    }
+
+    /// Path of the workload's stdout/stderr log.
+    pub fn log_path(&self, id: &str) -> PathBuf {
+        self.root.join("logs").join(format!("{id}.log"))
+    }
+
+    fn load(&self, id: &str) -> Result<Container, RuntimeError> {
+        crate::validate_id(id)?;
+        let dir = self.state_dir().join(id);
+        if !dir.join("state.json").exists() {
+            return Err(RuntimeError::NotFound(id.to_string()));
+        }
+        Container::load(dir).map_err(lc_err("load state", id))
+    }
+
+    /// Writes the bundle for `spec` and creates the container (not started).
+    pub fn create(&mut self, spec: &WorkloadSpec) -> Result<(), RuntimeError> {
+        spec.validate()?;
+        let rootfs = match &spec.image {
+            Image::Rootfs(p) => p,
+            Image::Reference(r) => {
+                return Err(RuntimeError::UnsupportedImage {
+                    runtime: "host",
+                    id: spec.id.clone(),
+                    image: format!("image reference `{r}`"),
+                    hint: "give Image::Rootfs(<directory>) (unpack the image first) or use the docker runtime",
+                })
+            }
+        };
+        let rootfs = fs::canonicalize(rootfs).map_err(io_err("find rootfs", rootfs))?;
+        for m in &spec.mounts {
+            if !m.source.is_dir() {
+                return Err(RuntimeError::InvalidSpec {
+                    id: spec.id.clone(),
+                    reason: format!(
+                        "volume directory {} does not exist: create it first",
+                        m.source.display()
+                    ),
+                });
+            }
+        }
+        if self.state_dir().join(&spec.id).exists() {
+            return Err(RuntimeError::AlreadyExists(spec.id.clone()));
+        }
+        let oci = oci_spec(spec, &rootfs)?;
+        let bundle = self.bundle_dir(&spec.id);
+        fs::create_dir_all(&bundle).map_err(io_err("create bundle directory", &bundle))?;
+        let config = bundle.join("config.json");
+        oci.save(&config).map_err(|e| RuntimeError::Spec {
+            id: spec.id.clone(),
+            reason: format!("writing {}: {e}", config.display()),
+        })?;
+        let res = self.create_from_bundle(&spec.id, &bundle);
+        if res.is_err() {
+            let _ = fs::remove_dir_all(&bundle);
+        }
+        res
+    }
+
+    /// Creates container `id` from an existing OCI bundle directory.
+    pub fn create_from_bundle(&mut self, id: &str, bundle: &Path) -> Result<(), RuntimeError> {
+        crate::validate_id(id)?;
+        if self.state_dir().join(id).exists() {
+            return Err(RuntimeError::AlreadyExists(id.to_string()));
+        }
+        let log_path = self.log_path(id);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err("open log file", &log_path))?;
+        let log2 = log
+            .try_clone()
+            .map_err(io_err("duplicate log file", &log_path))?;
+        let null = File::open("/dev/null").map_err(io_err("open", Path::new("/dev/null")))?;
+        self.exits.remove(id);
+        self.stop_requested.remove(id);
+        let res = serialized(|| {
+            ContainerBuilder::new(id.to_string(), SyscallType::default())
+                .with_root_path(self.state_dir())
+                .and_then(|b| {
+                    b.with_stdin(null)
+                        .with_stdout(log)
+                        .with_stderr(log2)
+                        .validate_id()
+                })
+                .and_then(|b| {
+                    b.as_init(bundle)
+                        .with_systemd(false)
+                        .with_detach(true)
+                        .build()
+                })
+        });
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // libcontainer may leave a half-created state dir behind.
+                let _ = fs::remove_dir_all(self.state_dir().join(id));
+                Err(lc_err("create", id)(e))
+            }
+        }
+    }
+
+    pub fn start(&mut self, id: &str) -> Result<(), RuntimeError> {
+        let mut c = self.load(id)?;
+        if !c.can_start() {
+            let state = self.map_status(id, &c);
+            return Err(RuntimeError::InvalidState {
+                id: id.to_string(),
+                op: "start",
+                state,
+            });
+        }
+        serialized(|| c.start()).map_err(lc_err("start", id))
+    }
+
+    /// Sends `signal` to the workload's init process; a workload that is not
+    /// running is left alone. Marks the workload as stopped on request.
+    pub fn kill(&mut self, id: &str, signal: i32) -> Result<(), RuntimeError> {
+        let mut c = self.load(id)?;
+        if !c.can_kill() {
+            return Ok(());
+        }
+        self.stop_requested.insert(id.to_string());
+        let sig = to_signal(id, signal)?;
+        serialized(|| c.kill(sig, false)).map_err(lc_err("kill", id))
+    }
+
+    pub fn state(&mut self, id: &str) -> Result<State, RuntimeError> {
+        let c = self.load(id)?;
+        Ok(self.map_status(id, &c))
+    }
+
+    fn map_status(&mut self, id: &str, c: &Container) -> State {
+        match c.status() {
+            ContainerStatus::Creating | ContainerStatus::Created => State::Created,
+            ContainerStatus::Running | ContainerStatus::Paused => State::Running,
+            ContainerStatus::Stopped => {
+                if let Some(pid) = c.pid() {
+                    if !self.exits.contains_key(id) {
+                        if let Some(code) = reap(pid.as_raw(), false) {
+                            self.exits.insert(id.to_string(), code);
+                        }
+                    }
+                }
+                State::from_exit(
+                    self.exits.get(id).copied(),
+                    self.stop_requested.contains(id),
+                )
+            }
+        }
+    }
+
+    /// Blocks until the workload's init process exits; returns its exit code
+    /// (128+signal when killed). `None` when it is not our child (already reaped).
+    pub fn wait(&mut self, id: &str) -> Result<Option<i64>, RuntimeError> {
+        if let Some(code) = self.exits.get(id) {
+            return Ok(Some(*code));
+        }
+        let c = self.load(id)?;
+        let Some(pid) = c.pid() else { return Ok(None) };
+        let code = reap(pid.as_raw(), true);
+        if let Some(code) = code {
+            self.exits.insert(id.to_string(), code);
+        }
+        Ok(code)
+    }
+
+    /// Kills the workload if needed, removes its cgroup, state, bundle and log.
+    pub fn delete(&mut self, id: &str) -> Result<(), RuntimeError> {
+        let mut c = self.load(id)?;
+        if c.can_kill() {
+            let sig = to_signal(id, libc::SIGKILL)?;
+            serialized(|| c.kill(sig, false)).map_err(lc_err("kill", id))?;
+        }
+        if let Some(pid) = c.pid() {
+            if !self.exits.contains_key(id) {
+                // SIGKILLed (or already exited): reaping cannot block for long.
+                reap(pid.as_raw(), true);
+            }
+        }
+        serialized(|| c.delete(true)).map_err(lc_err("delete", id))?;
+        self.exits.remove(id);
+        self.stop_requested.remove(id);
+        let bundle = self.bundle_dir(id);
+        if bundle.exists() {
+            fs::remove_dir_all(&bundle).map_err(io_err("remove bundle", &bundle))?;
+        }
+        let log = self.log_path(id);
+        match fs::remove_file(&log) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io_err("remove log", &log)(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn list(&mut self) -> Result<Vec<WorkloadStatus>, RuntimeError> {
+        let dir = self.state_dir();
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err("read state directory", &dir))? {
+            let entry = entry.map_err(io_err("read state directory", &dir))?;
+            let Some(id) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            match self.state(&id) {
+                Ok(state) => out.push(WorkloadStatus { id, state }),
+                // Deleted concurrently or a stray directory: not a workload.
+                Err(RuntimeError::NotFound(_)) | Err(RuntimeError::InvalidId(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn to_signal(id: &str, signal: i32) -> Result<Signal, RuntimeError> {
+    Signal::try_from(signal).map_err(|e| RuntimeError::InvalidSpec {
+        id: id.to_string(),
+        reason: format!("signal {signal} is not a valid signal: {e}"),
+    })
+}
+
+/// waitpid on one pid; returns the exit code (128+signal when killed), or
+/// `None` when it is still running (non-blocking) or not our child.
+fn reap(pid: i32, block: bool) -> Option<i64> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes only to `status`, a valid local.
+        let rc = unsafe { libc::waitpid(pid, &mut status, if block { 0 } else { libc::WNOHANG }) };
+        if rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        if rc != pid {
+            return None;
+        }
+        if libc::WIFEXITED(status) {
+            return Some(libc::WEXITSTATUS(status) as i64);
+        }
+        if libc::WIFSIGNALED(status) {
+            return Some(128 + libc::WTERMSIG(status) as i64);
+        }
+        return None;
+    }
+}
+
+/// libcontainer clones this process; two clones racing from two threads of
+/// one process deadlock or fail (seen in tests). Every libcontainer call in
+/// the process goes through this lock.
+static LIBCONTAINER: Mutex<()> = Mutex::new(());
+
+fn serialized<T>(f: impl FnOnce() -> T) -> T {
+    let _guard = LIBCONTAINER.lock().unwrap_or_else(|p| p.into_inner());
+    f()
+}
+
+type Job = Box<dyn FnOnce(&mut HostEngine) + Send>;
+
+/// The host backend for async callers: a [`HostEngine`] on its own OS thread.
+pub struct HostRuntime {
+    tx: Mutex<mpsc::Sender<Job>>,
+    root: PathBuf,
+}
+
+impl HostRuntime {
+    /// Starts the worker thread; `root` holds state, bundles and logs
+    /// (e.g. `<data-dir>/runtime`).
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, RuntimeError> {
+        let root = root.into();
+        let mut engine = HostEngine::new(root.clone())?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("ployz-host-runtime".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job(&mut engine);
+                }
+            })
+            .map_err(io_err("spawn the worker thread for", &root))?;
+        Ok(HostRuntime {
+            tx: Mutex::new(tx),
+            root,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut HostEngine) -> Result<T, RuntimeError> + Send + 'static,
+    ) -> Result<T, RuntimeError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |engine| {
+            let _ = tx.send(f(engine));
+        });
+        self.tx
+            .lock()
+            .map_err(|_| RuntimeError::WorkerGone)?
+            .send(job)
+            .map_err(|_| RuntimeError::WorkerGone)?;
+        rx.await.map_err(|_| RuntimeError::WorkerGone)?
+    }
+}
+
+const STOP_POLL: Duration = Duration::from_millis(20);
+const KILL_GRACE: Duration = Duration::from_secs(10);
+
+impl Runtime for HostRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Host
+    }
+
+    async fn create(&self, spec: &WorkloadSpec) -> Result<(), RuntimeError> {
+        let spec = spec.clone();
+        self.call(move |e| e.create(&spec)).await
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let id = id.to_string();
+        self.call(move |e| e.start(&id)).await
+    }
+
+    async fn stop(&self, id: &str, timeout: Duration) -> Result<(), RuntimeError> {
+        let owned = id.to_string();
+        let state = self.call(move |e| e.state(&owned)).await?;
+        if state != State::Running {
+            // Created: nothing runs yet, but it must never start: kill its init.
+            if state == State::Created {
+                let owned = id.to_string();
+                self.call(move |e| e.kill(&owned, libc::SIGKILL)).await?;
+            }
+            return Ok(());
+        }
+        let owned = id.to_string();
+        self.call(move |e| e.kill(&owned, libc::SIGTERM)).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let owned = id.to_string();
+            if self.call(move |e| e.state(&owned)).await? != State::Running {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(STOP_POLL).await;
+        }
+        let owned = id.to_string();
+        self.call(move |e| e.kill(&owned, libc::SIGKILL)).await?;
+        let deadline = tokio::time::Instant::now() + KILL_GRACE;
+        loop {
+            let owned = id.to_string();
+            let state = self.call(move |e| e.state(&owned)).await?;
+            if state != State::Running {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RuntimeError::InvalidState {
+                    id: id.to_string(),
+                    op: "stop (still alive 10 s after SIGKILL; check for a process stuck in D state)",
+                    state,
+                });
+            }
+            tokio::time::sleep(STOP_POLL).await;
+        }
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), RuntimeError> {
+        let id = id.to_string();
+        self.call(move |e| e.delete(&id)).await
+    }
+
+    async fn state(&self, id: &str) -> Result<State, RuntimeError> {
+        let id = id.to_string();
+        self.call(move |e| e.state(&id)).await
+    }
+
+    async fn list(&self) -> Result<Vec<WorkloadStatus>, RuntimeError> {
+        self.call(|e| e.list()).await
+    }
+
+    async fn logs(&self, id: &str) -> Result<String, RuntimeError> {
+        crate::validate_id(id)?;
+        let path = self.root.join("logs").join(format!("{id}.log"));
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(RuntimeError::NotFound(id.to_string()))
+            }
+            Err(e) => Err(io_err("read log", &path)(e)),
+        }
+    }
+}

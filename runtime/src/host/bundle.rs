@@ -1,0 +1,137 @@
+//! Pure translation of a [`WorkloadSpec`] into an OCI runtime spec.
+
+use crate::{RuntimeError, WorkloadSpec};
+use libcontainer::oci_spec::runtime::{
+    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceType, MountBuilder, RootBuilder, Spec,
+};
+use std::path::{Path, PathBuf};
+
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Builds the `config.json` for `spec`, rooted at the (absolute) `rootfs`.
+///
+/// Starts from oci-spec's defaults (pid, ipc, uts, mount and cgroup namespaces,
+/// the usual /proc, /dev, /sys mounts, masked paths, default capabilities) and
+/// shares the host's network namespace: workload networking is not set up by
+/// this crate yet. The cgroup is `/ployz/<id>` in every v1 hierarchy.
+pub fn oci_spec(spec: &WorkloadSpec, rootfs: &Path) -> Result<Spec, RuntimeError> {
+    let id = &spec.id;
+    let bad = |what: &str, e: &dyn std::fmt::Display| RuntimeError::Spec {
+        id: id.clone(),
+        reason: format!("{what}: {e}"),
+    };
+    let mut oci = Spec::default();
+    oci.set_hostname(Some(spec.hostname.clone().unwrap_or_else(|| id.clone())));
+    oci.set_root(Some(
+        RootBuilder::default()
+            .path(rootfs.to_path_buf())
+            .readonly(false)
+            .build()
+            .map_err(|e| bad("root", &e))?,
+    ));
+
+    let mut process = oci.process().clone().unwrap_or_default();
+    process.set_terminal(Some(false));
+    process.set_args(Some(spec.args.clone()));
+    let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !spec.env.iter().any(|(k, _)| k == "PATH") {
+        env.insert(0, DEFAULT_PATH.to_string());
+    }
+    process.set_env(Some(env));
+    oci.set_process(Some(process));
+
+    let mut mounts = oci.mounts().clone().unwrap_or_default();
+    for m in &spec.mounts {
+        let mode = if m.read_only { "ro" } else { "rw" };
+        mounts.push(
+            MountBuilder::default()
+                .destination(m.target.clone())
+                .typ("bind")
+                .source(m.source.clone())
+                .options(vec!["rbind".to_string(), mode.to_string()])
+                .build()
+                .map_err(|e| bad("volume mount", &e))?,
+        );
+    }
+    oci.set_mounts(Some(mounts));
+
+    let mut linux = oci.linux().clone().unwrap_or_default();
+    if let Some(ns) = linux.namespaces_mut() {
+        ns.retain(|n| n.typ() != LinuxNamespaceType::Network);
+    }
+    linux.set_cgroups_path(Some(PathBuf::from(format!("/ployz/{id}"))));
+    let mut resources = linux.resources().clone().unwrap_or_default();
+    if let Some(limit) = spec.memory_limit {
+        let limit = i64::try_from(limit).map_err(|e| bad("memory_limit", &e))?;
+        resources.set_memory(Some(
+            LinuxMemoryBuilder::default()
+                .limit(limit)
+                .build()
+                .map_err(|e| bad("memory", &e))?,
+        ));
+    }
+    if let Some(shares) = spec.cpu_shares {
+        resources.set_cpu(Some(
+            LinuxCpuBuilder::default()
+                .shares(shares)
+                .build()
+                .map_err(|e| bad("cpu", &e))?,
+        ));
+    }
+    linux.set_resources(Some(resources));
+    oci.set_linux(Some(linux));
+    Ok(oci)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Image, VolumeMount};
+
+    #[test]
+    fn translates_spec() {
+        let mut s = WorkloadSpec::new(
+            "web",
+            Image::Rootfs("/r".into()),
+            vec!["sh".into(), "-c".into(), "true".into()],
+        );
+        s.env.push(("A".into(), "1".into()));
+        s.memory_limit = Some(64 << 20);
+        s.cpu_shares = Some(512);
+        s.mounts.push(VolumeMount {
+            source: "/var/lib/v".into(),
+            target: "/data".into(),
+            read_only: true,
+        });
+        let oci = oci_spec(&s, Path::new("/r")).unwrap();
+        assert_eq!(oci.hostname().as_deref(), Some("web"));
+        assert_eq!(oci.root().as_ref().unwrap().path(), Path::new("/r"));
+        let p = oci.process().as_ref().unwrap();
+        assert_eq!(p.args().as_ref().unwrap(), &s.args);
+        let env = p.env().as_ref().unwrap();
+        assert!(env[0].starts_with("PATH="));
+        assert!(env.contains(&"A=1".to_string()));
+        let m = oci
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == Path::new("/data"))
+            .unwrap();
+        assert_eq!(m.options().as_ref().unwrap(), &["rbind", "ro"]);
+        let linux = oci.linux().as_ref().unwrap();
+        assert_eq!(
+            linux.cgroups_path().as_deref(),
+            Some(Path::new("/ployz/web"))
+        );
+        assert!(!linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|n| n.typ() == LinuxNamespaceType::Network));
+        let r = linux.resources().as_ref().unwrap();
+        assert_eq!(r.memory().as_ref().unwrap().limit(), Some(64 << 20));
+        assert_eq!(r.cpu().as_ref().unwrap().shares(), Some(512));
+    }
+}
