@@ -210,8 +210,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     if leaving {
         wipe_data_dir(&data_dir);
+        if let Some(mode) = service_mode {
+            uninstall_service(mode, &env);
+        }
     }
     Ok(())
+}
+
+/// After `machine rm` of a provisioned machine: take out the systemd unit
+/// and the binaries `machine init` installed. Only when this process is the
+/// installed binary, so a hand-started ployzd never deletes anything else.
+/// Exiting 0 afterwards leaves the unit stopped (Restart=on-failure).
+fn uninstall_service(mode: ServiceMode, env: &Env) {
+    let layout = Layout::for_mode(mode, env);
+    let me = std::env::current_exe().ok();
+    if me.as_deref() != Some(layout.binary.as_path()) {
+        return;
+    }
+    let user = mode == ServiceMode::User;
+    let systemctl = |args: &[&str]| {
+        let mut c = std::process::Command::new("systemctl");
+        if user {
+            c.arg("--user");
+        }
+        match c.args(args).status() {
+            Ok(st) if st.success() => {}
+            Ok(st) => tracing::warn!("systemctl {args:?}: {st}"),
+            Err(e) => tracing::warn!("systemctl {args:?}: {e}"),
+        }
+    };
+    systemctl(&["disable", "ployzd.service"]);
+    for path in [&layout.unit, &layout.binary, &layout.ctl_binary()] {
+        match std::fs::remove_file(path) {
+            Ok(()) => tracing::info!(path = %path.display(), "removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
+        }
+    }
+    systemctl(&["daemon-reload"]);
 }
 
 /// After `machine rm`: delete everything this machine held of the network

@@ -201,6 +201,26 @@ fn init_one_host_then_add_three_with_one_bad() {
     );
     let ls = f.ctl_json(&["machine", "ls"]);
     assert_eq!(ls["machines"].as_array().unwrap().len(), 4, "{ls}");
+    // rm of a provisioned machine: it stops, forgets the network and takes
+    // out what `machine add` installed (unit and binaries).
+    let b_id = results[0]["machine"].as_str().unwrap().to_string();
+    let r = f.ctl_json(&["machine", "rm", &b_id]);
+    assert_eq!(r["cleaned_up"], true, "{r}");
+    let gone = ployz_tests::eventually(std::time::Duration::from_secs(15), || {
+        let o = b.exec("test -e /etc/systemd/system/ployzd.service || test -e /usr/local/bin/ployzd || systemctl is-active --quiet ployzd");
+        (!o.status.success()).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "unit/binary/daemon left on the removed host: {}",
+        b.exec_ok(
+            "ls -la /usr/local/bin /etc/systemd/system; systemctl status ployzd --no-pager || true"
+        )
+    );
+    assert!(!b
+        .exec_ok("ls /var/lib/ployz 2>/dev/null || true")
+        .contains("identity.json"));
+
     // The failed target's invite did not linger.
     let invites = f.ctl_json(&["machine", "invite", "list"]);
     assert!(
