@@ -631,7 +631,8 @@ impl Daemon {
 
     /// The Raft voters as `(machine_id, peer_addr)`, from this replica's view.
     pub(crate) fn voters(&self) -> Vec<(u64, PloyzNode)> {
-        let m = self.node.raft().metrics().borrow().clone();
+        let metrics = self.node.raft().metrics();
+        let m = metrics.borrow();
         let membership = m.membership_config.membership();
         membership
             .voter_ids()
@@ -641,9 +642,15 @@ impl Daemon {
 
     /// Whether this machine holds a replica of the store (voter or learner).
     pub(crate) fn has_replica(&self) -> bool {
-        let m = self.node.raft().metrics().borrow().clone();
+        let metrics = self.node.raft().metrics();
         let id = self.identity.node_id;
-        m.membership_config.membership().get_node(&id).is_some()
+        let found = metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some();
+        found
     }
 
     /// Store change events: the local replica's, or those relayed from a
@@ -771,6 +778,12 @@ impl Daemon {
             }
             PeerRequest::Leave { by } => self.leave(&by).await,
             PeerRequest::Rtt => PeerResponse::Rtt(self.rtt_rows()),
+            PeerRequest::RemoveVoter { machine, hops } => {
+                match Box::pin(self.remove_voter(&machine, hops)).await {
+                    Ok(left) => PeerResponse::VoterRemoved(left),
+                    Err(e) => PeerResponse::Error(e),
+                }
+            }
         }
     }
 

@@ -42,13 +42,33 @@ fn ok(machine: &str, message: impl Into<String>) -> TargetResult {
 
 impl Daemon {
     pub(crate) fn is_leader(&self) -> bool {
-        let m = self.node.raft().metrics().borrow().clone();
+        let metrics = self.node.raft().metrics();
+        let m = metrics.borrow();
         m.current_leader == Some(self.identity.node_id) && m.state.is_leader()
     }
 
     /// Relay a request to the Raft leader (through a storage machine when
     /// this one holds no replica).
     async fn relay_to_leader(&self, request: Request, hops: u8) -> Result<Response, ApiError> {
+        let req = PeerRequest::Api {
+            request,
+            hops: hops + 1,
+        };
+        match self.relay_peer_to_leader(req, hops).await? {
+            PeerResponse::Api(Reply::Ok(r)) => Ok(r),
+            PeerResponse::Api(Reply::Error(e)) => Err(e),
+            other => Err(internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Send a peer request to the Raft leader (through a storage machine
+    /// when this one holds no replica). A `PeerResponse::Error` is returned
+    /// as the error.
+    async fn relay_peer_to_leader(
+        &self,
+        req: PeerRequest,
+        hops: u8,
+    ) -> Result<PeerResponse, ApiError> {
         if hops >= 3 {
             return Err(store::unavailable(
                 "no stable storage leader to run this on; retry",
@@ -58,10 +78,6 @@ impl Daemon {
         let leader = m
             .current_leader
             .and_then(|id| m.membership_config.membership().get_node(&id).cloned());
-        let req = PeerRequest::Api {
-            request,
-            hops: hops + 1,
-        };
         let secret = self.secret.get().ok_or_else(store::no_network)?;
         let targets: Vec<String> = match leader {
             Some(n) if n.machine_id != self.identity.machine_id => vec![n.addr],
@@ -81,9 +97,8 @@ impl Daemon {
             )
             .await
             {
-                Ok(PeerResponse::Api(Reply::Ok(r))) => return Ok(r),
-                Ok(PeerResponse::Api(Reply::Error(e))) => return Err(e),
-                Ok(other) => errors.push(format!("{addr}: unexpected answer {other:?}")),
+                Ok(PeerResponse::Error(e)) => return Err(e),
+                Ok(r) => return Ok(r),
                 Err(e) => errors.push(format!("{addr}: {e}")),
             }
         }
@@ -310,25 +325,22 @@ impl Daemon {
     /// Leader: drop `target` from the voter set if the rest keeps a
     /// reachable majority.
     pub(crate) async fn remove_voter(&self, target: &str, hops: u8) -> Result<bool, ApiError> {
-        let voters = self.voters();
         let node_id = node_id_of(target).ok_or_else(|| invalid("malformed machine id"))?;
-        if !voters.iter().any(|(id, _)| *id == node_id) {
-            return Ok(false);
-        }
+        // Only the leader's view of the voter set counts (a machine without
+        // a replica has none at all).
         if !self.is_leader() {
-            return match self
-                .relay_to_leader(
-                    Request::MachineRm {
-                        machine: format!("{REMOVE_VOTER_PREFIX}{target}"),
-                        force: true,
-                    },
-                    hops,
-                )
-                .await?
-            {
-                Response::Removed(r) => Ok(r.left_storage),
+            let req = PeerRequest::RemoveVoter {
+                machine: target.to_string(),
+                hops: hops + 1,
+            };
+            return match self.relay_peer_to_leader(req, hops).await? {
+                PeerResponse::VoterRemoved(left) => Ok(left),
                 other => Err(internal(format!("unexpected answer {other:?}"))),
             };
+        }
+        let voters = self.voters();
+        if !voters.iter().any(|(id, _)| *id == node_id) {
+            return Ok(false);
         }
         let mut reachable = vec![self.machine_id().to_string()];
         for (id, n) in &voters {
@@ -361,17 +373,6 @@ impl Daemon {
         force: bool,
         hops: u8,
     ) -> Result<RemoveReport, ApiError> {
-        // Internal form used to run the voter change on the leader.
-        if let Some(target) = wanted.strip_prefix(REMOVE_VOTER_PREFIX) {
-            let left = self.remove_voter(target, hops).await?;
-            return Ok(RemoveReport {
-                machine: target.to_string(),
-                cleaned_up: false,
-                left_storage: left,
-                storage_set: Vec::new(),
-                storage_replicas: 0,
-            });
-        }
         let target = self.resolve_machine(wanted).await?;
         let id = target.value.id.clone();
         if id == self.machine_id() {
@@ -465,9 +466,6 @@ impl Daemon {
         })
     }
 }
-
-/// Marks the internal relayed form of a voter removal.
-const REMOVE_VOTER_PREFIX: &str = "voter:";
 
 impl peer::PeerHandler for Daemon {
     fn machine_id(&self) -> &str {

@@ -14,7 +14,6 @@
 use crate::seal::{self, JoinClient, JoinServer, Sealer};
 use ployz_api::invite::{b64url, b64url_decode};
 use ployz_api::{ApiError, MachineRecord, NetworkRecord, Reply, Request};
-pub use ployz_consensus::network::read_frame as read_raw_frame;
 use ployz_consensus::network::{read_frame, write_frame};
 use ployz_consensus::{Dialer, Entry, FrameConn, Txn, TxnResult};
 use rand::RngCore;
@@ -153,17 +152,26 @@ pub enum PeerRequest {
     },
     /// This machine's RTT rows.
     Rtt,
+    /// Leader: drop a machine from the voter set if quorum allows.
+    RemoveVoter {
+        machine: String,
+        hops: u8,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PeerResponse {
-    Pong { machine_id: String },
+    Pong {
+        machine_id: String,
+    },
     Written(TxnResult),
     Read(KvReadResult),
     Api(Reply),
     Left,
     Rtt(Vec<ployz_api::RttRow>),
+    /// Whether the machine was a voter (and now is not).
+    VoterRemoved(bool),
     Error(ApiError),
 }
 

@@ -416,3 +416,27 @@ fn compute_machine_fails_over_between_storage_machines() {
         assert!(back.is_some());
     }
 }
+
+#[test]
+fn removing_a_storage_machine_from_a_compute_machine_changes_the_voter_set() {
+    let mut c = Cluster::new(4);
+    let ids = c.ids();
+    c.machines[0].ctl_json(&[
+        "machine",
+        "storage",
+        "promote",
+        "--replicas",
+        "3",
+        &ids[1],
+        &ids[2],
+    ]);
+    // Machine 3 holds no replica: the voter change must run on the leader.
+    let r = c.machines[3].ctl_json(&["machine", "rm", &ids[2]]);
+    assert_eq!(r["left_storage"], true, "{r}");
+    assert!(c.machines[2].wait_exit(Duration::from_secs(10)).is_some());
+    let s = c.machines[0].ctl_json(&["mesh", "status"]);
+    let voters = s["store"]["voters"].as_array().unwrap();
+    assert_eq!(voters.len(), 2, "{s}");
+    assert!(!voters.iter().any(|v| *v == ids[2].as_str()), "{s}");
+    assert!(try_invite(&c.machines[3]).is_some());
+}
