@@ -8,7 +8,8 @@
 //! whenever it changes. `--status-file` is rewritten every 250 ms with
 //! `peer` and `rtt` lines.
 //!
-//! `meshnode tcp-check <ip:port>` connects, sends a line, expects it back.
+//! `meshnode tcp-check <ip:port> [--bytes N]` connects, sends a line (or N
+//! bytes), expects it back.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -32,7 +33,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     Run(RunArgs),
-    TcpCheck { addr: SocketAddr },
+    TcpCheck {
+        addr: SocketAddr,
+        /// Bytes to send and expect back (default: one short line).
+        #[arg(long, default_value_t = 0)]
+        bytes: usize,
+    },
 }
 
 #[derive(Parser)]
@@ -172,16 +178,25 @@ async fn tcp_echo(addr: SocketAddr) -> Result<()> {
     }
 }
 
-async fn tcp_check(addr: SocketAddr) -> Result<()> {
-    let msg = b"ployz mesh tcp check\n";
-    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+/// Send `bytes` (or one line when 0) and expect them echoed back intact:
+/// a bulk check exercises segmentation and coalescing on both ends.
+async fn tcp_check(addr: SocketAddr, bytes: usize) -> Result<()> {
+    let msg: Vec<u8> = if bytes == 0 {
+        b"ployz mesh tcp check\n".to_vec()
+    } else {
+        (0..bytes).map(|i| (i % 251) as u8).collect()
+    };
+    let s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
         .await
         .context("connect timed out")??;
-    s.write_all(msg).await?;
+    let (mut rd, mut wr) = s.into_split();
+    let out = msg.clone();
+    let writer = tokio::spawn(async move { wr.write_all(&out).await });
     let mut got = vec![0u8; msg.len()];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+    tokio::time::timeout(Duration::from_secs(30), rd.read_exact(&mut got))
         .await
         .context("echo timed out")??;
+    writer.await??;
     if got != msg {
         bail!("echo mismatch");
     }
@@ -278,6 +293,6 @@ async fn run(a: RunArgs) -> Result<()> {
 async fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Run(a) => run(a).await,
-        Cmd::TcpCheck { addr } => tcp_check(addr).await,
+        Cmd::TcpCheck { addr, bytes } => tcp_check(addr, bytes).await,
     }
 }

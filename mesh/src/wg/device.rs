@@ -1,12 +1,16 @@
 //! The userspace WireGuard device: a TUN interface, one UDP socket, the peer
-//! table, and four threads: TUN→UDP (encrypt), UDP→TUN (decrypt), timers
-//! (handshakes, keepalives, rekeys via `Tunn::update_timers`) and the UAPI
-//! control socket so `wg show <if>` and `wg set <if>` work.
+//! table, and three threads: the data path (TUN→encrypt→UDP and
+//! UDP→decrypt→TUN on one thread, so a lone packet wakes nobody else),
+//! timers (handshakes, keepalives, rekeys via `Tunn::update_timers`) and
+//! the UAPI control socket so `wg show <if>` and `wg set <if>` work.
 //!
 //! The protocol itself is boringtun's `noise::Tunn`: it touches no IO; this
 //! file only moves bytes between it, the TUN and the socket. No allocation
-//! per packet: each thread owns its buffers; UDP IO is batched
-//! (`recvmmsg`/`sendmmsg`).
+//! per packet: the data thread owns its buffers. Offloads, each negotiated
+//! and skipped (logged) when the kernel refuses: TSO from the TUN (64 KB
+//! TCP super-packets we cut into segments, [`super::offload`]), coalesced
+//! writes to it (GRO), UDP GSO on send and UDP GRO on receive; UDP IO is
+//! batched (`recvmmsg`/`sendmmsg`).
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Write};
@@ -26,8 +30,9 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
 use super::allowed::{AllowedIp, RouteTable};
-use super::batch::{RecvBatch, SendBatch, SLOT};
-use super::tun::{wait_readable, Tun};
+use super::batch::{self, RecvBatch, SendBatch, SLOT};
+use super::offload::{self, Gro, VnetHdr, VNET_HDR_LEN};
+use super::tun::{wait_any, wait_readable, Tun};
 use super::uapi::{self, DeviceInfo, PeerInfo, SetRequest};
 
 /// How often idle worker threads look at the stop flag.
@@ -38,6 +43,12 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// Largest datagram / packet we read; per-thread, allocated once.
 const BUF: usize = 65_536;
+/// A TUN read: a 64 KB TSO super-packet after its virtio_net_hdr.
+const TUN_BUF: usize = 65_536 + VNET_HDR_LEN;
+/// TUN reads per round before the socket gets its turn.
+const TUN_READS: usize = 64;
+/// Decrypted packets of one receive round, written (coalesced) at its end.
+const RX_ARENA: usize = 1 << 20;
 /// Room for the WireGuard header and tag around a packet.
 const OVERHEAD: usize = 64;
 /// Socket buffers: large enough to ride out a scheduling hiccup at Gbit/s.
@@ -181,7 +192,7 @@ impl Device {
         if UnixStream::connect(&socket_path).is_ok() {
             return Err(DeviceError::AlreadyRunning { path: socket_path });
         }
-        let tun = Tun::open(&cfg.ifname).map_err(|source| DeviceError::Tun {
+        let tun = Tun::open_offload(&cfg.ifname).map_err(|source| DeviceError::Tun {
             ifname: cfg.ifname.clone(),
             source,
         })?;
@@ -219,8 +230,7 @@ impl Device {
             socket_path,
         };
         let name = cfg.ifname;
-        dev.spawn(format!("{name}-tun"), |s| s.tun_loop())?;
-        dev.spawn(format!("{name}-udp"), |s| s.udp_loop())?;
+        dev.spawn(format!("{name}-data"), |s| s.data_loop())?;
         dev.spawn(format!("{name}-timers"), |s| s.timer_loop())?;
         dev.spawn(format!("{name}-uapi"), move |s| s.uapi_loop(&listener))?;
         Ok(dev)
@@ -357,6 +367,34 @@ fn is_cookie_reply(out: &[u8]) -> bool {
     out.first() == Some(&3)
 }
 
+/// Buffers of the data thread, allocated once.
+struct Worker {
+    tun_buf: Vec<u8>,
+    /// One segment of a super-packet being cut.
+    scratch: Vec<u8>,
+    tx: SendBatch,
+    rx: RecvBatch,
+    arena: Vec<u8>,
+    gro: Gro,
+}
+
+impl Worker {
+    fn new(shared: &Shared) -> Worker {
+        let fd = shared.udp.as_raw_fd();
+        let gso = batch::probe_gso(fd);
+        let gro = batch::enable_gro(fd);
+        tracing::debug!(vnet = shared.tun.vnet(), gso, gro, "data path offloads");
+        Worker {
+            tun_buf: vec![0; TUN_BUF],
+            scratch: vec![0; TUN_BUF],
+            tx: SendBatch::new(gso),
+            rx: RecvBatch::new(gro),
+            arena: vec![0; RX_ARENA],
+            gro: Gro::default(),
+        }
+    }
+}
+
 impl Shared {
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
@@ -384,47 +422,92 @@ impl Shared {
         }
     }
 
-    fn tun_loop(&self) {
-        let mut src = vec![0u8; BUF];
-        let mut batch = SendBatch::default();
-        let fd = self.tun.as_raw_fd();
-        let udp = self.udp.as_raw_fd();
+    /// The data path, one thread: TUN → encrypt → UDP and UDP → decrypt →
+    /// TUN, each batch handled to the end before blocking in `poll` on
+    /// both descriptors. A lone packet (a ping) thus crosses no queue and
+    /// wakes no other thread; a reply the kernel queues on the TUN while
+    /// we write the request is picked up by the same loop.
+    fn data_loop(&self) {
+        let mut w = Worker::new(self);
+        let fds = [self.tun.as_raw_fd(), self.udp.as_raw_fd()];
+        let mut busy = true;
         while !self.stopped() {
-            // Drain the TUN into one batch, then one sendmmsg.
-            let mut idle = false;
-            while !batch.is_full() {
-                match self.tun.read(&mut src) {
-                    Ok(n) => self.outbound(&src[..n], &mut batch),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        idle = true;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "TUN read failed");
-                        std::thread::sleep(TICK);
-                        idle = true;
-                        break;
-                    }
+            if !busy {
+                if let Err(e) = wait_any(&fds, TICK) {
+                    tracing::warn!(error = %e, "poll failed");
+                    std::thread::sleep(TICK);
                 }
             }
-            if !batch.is_empty() {
-                batch.flush(udp);
-            }
-            if idle {
-                self.idle(fd);
-            }
+            let tun = self.tun_batch(&mut w);
+            let udp = self.udp_batch(&mut w);
+            busy = tun || udp;
         }
     }
 
-    /// A packet from the TUN: find the peer by destination, encrypt into
-    /// the next slot of the batch.
-    fn outbound(&self, packet: &[u8], batch: &mut SendBatch) {
-        if packet.len() + OVERHEAD > SLOT {
-            tracing::debug!(len = packet.len(), "packet larger than the device supports");
-            return;
+    /// Read what the TUN has (up to a batch), encrypt, send. True if any
+    /// packet was read.
+    fn tun_batch(&self, w: &mut Worker) -> bool {
+        let mut any = false;
+        let mut reads = 0;
+        // Room for one more super-packet's worth of datagrams.
+        while reads < TUN_READS && w.tx.has_room(TUN_BUF + 128 * OVERHEAD, 128) {
+            let n = match self.tun.read(&mut w.tun_buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "TUN read failed");
+                    std::thread::sleep(TICK);
+                    break;
+                }
+            };
+            reads += 1;
+            any = true;
+            let Worker {
+                tun_buf,
+                scratch,
+                tx,
+                ..
+            } = w;
+            if !self.tun.vnet() {
+                self.outbound(&tun_buf[..n], None, scratch, tx);
+                continue;
+            }
+            // The packet follows its virtio_net_hdr: finish a partial
+            // checksum, or cut a TCP super-packet into segments.
+            let Some(hdr) = VnetHdr::parse(&tun_buf[..n]) else {
+                continue;
+            };
+            let pkt = &mut tun_buf[VNET_HDR_LEN..n];
+            if hdr.gso_type != offload::GSO_NONE {
+                self.outbound(pkt, Some(&hdr), scratch, tx);
+                continue;
+            }
+            if hdr.flags & offload::F_NEEDS_CSUM != 0 {
+                if let Err(e) = offload::finish_checksum(&hdr, pkt) {
+                    tracing::debug!(error = %e, "dropped a packet from the TUN");
+                    continue;
+                }
+            }
+            self.outbound(pkt, None, scratch, tx);
         }
-        let Some(ip) = Tunn::dst_address(packet) else {
+        if !w.tx.is_empty() {
+            w.tx.flush(self.udp.as_raw_fd());
+        }
+        any
+    }
+
+    /// A packet from the TUN (a TCP super-packet to segment when `gso`):
+    /// find the peer by destination, encrypt into the send batch. The peer
+    /// lock is taken once for all segments.
+    fn outbound(
+        &self,
+        pkt: &[u8],
+        gso: Option<&VnetHdr>,
+        scratch: &mut [u8],
+        batch: &mut SendBatch,
+    ) {
+        let Some(ip) = Tunn::dst_address(pkt) else {
             return;
         };
         let table = read(&self.table);
@@ -432,44 +515,91 @@ impl Shared {
             return;
         };
         let mut st = lock(&peer.state);
-        let endpoint = st.endpoint;
-        match st.tunn.encapsulate(packet, batch.slot()) {
-            TunnResult::WriteToNetwork(out) => {
-                let len = out.len();
-                drop(st);
-                if let Some(ep) = endpoint {
-                    peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                    batch.push(len, self.wire_addr(ep));
-                }
+        let endpoint = st.endpoint.map(|ep| self.wire_addr(ep));
+        let mut sent = 0u64;
+        let mut seal = |packet: &[u8]| {
+            if packet.len() + OVERHEAD > SLOT || batch.is_full() {
+                tracing::debug!(
+                    len = packet.len(),
+                    "packet dropped: too large or batch full"
+                );
+                return;
             }
-            TunnResult::Err(e) => tracing::debug!(error = ?e, "encapsulate failed"),
-            _ => {}
-        }
-    }
-
-    fn udp_loop(&self) {
-        let mut rx = RecvBatch::default();
-        let mut dst = vec![0u8; BUF + OVERHEAD];
-        let fd = self.udp.as_raw_fd();
-        while !self.stopped() {
-            match rx.recv(fd) {
-                Ok(n) => {
-                    for i in 0..n {
-                        if let Some((datagram, from)) = rx.get(i) {
-                            self.inbound(datagram, unmap(from), &mut dst);
-                        }
+            match st.tunn.encapsulate(packet, batch.slot()) {
+                TunnResult::WriteToNetwork(out) => {
+                    let len = out.len();
+                    if let Some(ep) = endpoint {
+                        sent += len as u64;
+                        batch.push(len, ep);
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.idle(fd),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // ICMP errors surface as ECONNREFUSED etc. on the next call.
-                Err(e) => tracing::trace!(error = %e, "UDP receive error"),
+                TunnResult::Err(e) => tracing::debug!(error = ?e, "encapsulate failed"),
+                _ => {}
+            }
+        };
+        match gso {
+            None => seal(pkt),
+            Some(hdr) => {
+                if let Err(e) = offload::tcp_segment(hdr, pkt, scratch, &mut seal) {
+                    tracing::debug!(error = %e, "dropped a super-packet from the TUN");
+                }
             }
         }
+        drop(st);
+        peer.tx_bytes.fetch_add(sent, Ordering::Relaxed);
     }
 
-    /// A datagram from the network: find the peer, decrypt, deliver.
-    fn inbound(&self, datagram: &[u8], from: SocketAddr, dst: &mut [u8]) {
+    /// Receive a batch from the socket, decrypt, write to the TUN
+    /// (coalesced when the TUN takes vnet headers). True if any arrived.
+    fn udp_batch(&self, w: &mut Worker) -> bool {
+        let fd = self.udp.as_raw_fd();
+        let n = match w.rx.recv(fd) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
+            // ICMP errors surface as ECONNREFUSED etc. on the next call.
+            Err(e) => {
+                tracing::trace!(error = %e, "UDP receive error");
+                return true;
+            }
+        };
+        let Worker { rx, arena, gro, .. } = w;
+        let mut used = 0;
+        for i in 0..n {
+            let Some((msg, from, seg)) = rx.get(i) else {
+                continue;
+            };
+            let from = unmap(from);
+            for datagram in msg.chunks(seg) {
+                if used + datagram.len() + OVERHEAD > arena.len() {
+                    self.write_tun(arena, gro);
+                    used = 0;
+                }
+                if let Some(len) = self.inbound(datagram, from, &mut arena[used..]) {
+                    if self.tun.vnet() {
+                        gro.push(arena, used, len);
+                        used += len;
+                    } else if let Err(e) = self.tun.write(&arena[used..used + len]) {
+                        tracing::debug!(error = %e, "TUN write failed");
+                    }
+                }
+            }
+        }
+        self.write_tun(arena, gro);
+        true
+    }
+
+    fn write_tun(&self, arena: &mut [u8], gro: &mut Gro) {
+        gro.flush(arena, |iov| {
+            if let Err(e) = self.tun.writev(iov) {
+                tracing::debug!(error = %e, "TUN write failed");
+            }
+        });
+    }
+
+    /// A datagram from the network: find the peer, decrypt into `dst`.
+    /// Returns the length of a packet for the TUN now at the start of `dst`.
+    fn inbound(&self, datagram: &[u8], from: SocketAddr, dst: &mut [u8]) -> Option<usize> {
         let table = read(&self.table);
         let peer = match Tunn::parse_incoming_packet(datagram) {
             Ok(Packet::HandshakeInit(_)) => {
@@ -493,17 +623,19 @@ impl Shared {
             Ok(Packet::PacketData(p)) => table.by_index.get(&(p.receiver_idx >> 8)),
             Err(_) => None,
         };
-        let Some(peer) = peer else {
-            return;
-        };
+        let peer = peer?;
         let mut st = lock(&peer.state);
-        match st.tunn.decapsulate(Some(from.ip()), datagram, dst) {
+        let (len, src) = match st.tunn.decapsulate(Some(from.ip()), datagram, dst) {
             TunnResult::Done => {
                 st.endpoint = Some(from);
                 peer.rx_bytes
                     .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+                return None;
             }
-            TunnResult::Err(e) => tracing::trace!(error = ?e, "decapsulate failed"),
+            TunnResult::Err(e) => {
+                tracing::trace!(error = ?e, "decapsulate failed");
+                return None;
+            }
             TunnResult::WriteToNetwork(out) => {
                 if !is_cookie_reply(out) {
                     st.endpoint = Some(from);
@@ -516,32 +648,25 @@ impl Shared {
                     sent += self.send_to(out, from).map(|n| n as u64).unwrap_or(0);
                 }
                 peer.tx_bytes.fetch_add(sent, Ordering::Relaxed);
+                return None;
             }
-            TunnResult::WriteToTunnelV4(out, src) => {
-                st.endpoint = Some(from);
-                drop(st);
-                self.deliver(&table, peer, out, IpAddr::V4(src), datagram.len());
-            }
-            TunnResult::WriteToTunnelV6(out, src) => {
-                st.endpoint = Some(from);
-                drop(st);
-                self.deliver(&table, peer, out, IpAddr::V6(src), datagram.len());
-            }
-        }
+            TunnResult::WriteToTunnelV4(out, src) => (out.len(), IpAddr::V4(src)),
+            TunnResult::WriteToTunnelV6(out, src) => (out.len(), IpAddr::V6(src)),
+        };
+        st.endpoint = Some(from);
+        drop(st);
+        self.admit(&table, peer, src, datagram.len()).then_some(len)
     }
 
     /// Cryptokey routing: accept a decrypted packet only if its source
     /// address belongs to the peer that sent it.
-    fn deliver(&self, table: &Table, peer: &Arc<Peer>, packet: &[u8], src: IpAddr, wire: usize) {
+    fn admit(&self, table: &Table, peer: &Arc<Peer>, src: IpAddr, wire: usize) -> bool {
         peer.rx_bytes.fetch_add(wire as u64, Ordering::Relaxed);
         match table.routes.lookup(src) {
-            Some(owner) if Arc::ptr_eq(owner, peer) => {
-                if let Err(e) = self.tun.write(packet) {
-                    tracing::debug!(error = %e, "TUN write failed");
-                }
-            }
+            Some(owner) if Arc::ptr_eq(owner, peer) => true,
             _ => {
-                tracing::debug!(%src, "dropped packet from a source outside the peer's allowed IPs")
+                tracing::debug!(%src, "dropped packet from a source outside the peer's allowed IPs");
+                false
             }
         }
     }

@@ -4,5 +4,6 @@
 pub mod allowed;
 pub mod batch;
 pub mod device;
+pub mod offload;
 pub mod tun;
 pub mod uapi;
