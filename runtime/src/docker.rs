@@ -1,9 +1,23 @@
 //! Docker backend: the Docker Engine API through bollard. Images must already
 //! be in dockerd's local store (no pulls). Every container ployz creates is
 //! labelled `ployz.managed=true`; `list` only sees those.
+//!
+//! Networks: a workload bridge is a docker bridge network of the same name
+//! with a fixed subnet and gateway, no masquerading, and gateway mode
+//! `nat-unprotected` (docker ≥ 28 otherwise drops routed traffic to
+//! containers arriving on other interfaces, such as the mesh). An iptables
+//! rule in `DOCKER-USER` accepts forwarded traffic to the subnet, which
+//! dockerd's FORWARD rules would drop.
 
-use crate::{Image, Runtime, RuntimeError, RuntimeKind, State, WorkloadSpec, WorkloadStatus};
-use bollard::models::{ContainerCreateBody, ContainerStateStatusEnum, HostConfig};
+use crate::host::net::{iptables_ensure, iptables_remove};
+use crate::host::serialized;
+use crate::{
+    BridgeNetwork, Image, Runtime, RuntimeError, RuntimeKind, State, WorkloadSpec, WorkloadStatus,
+};
+use bollard::models::{
+    ContainerCreateBody, ContainerStateStatusEnum, EndpointIpamConfig, EndpointSettings,
+    HostConfig, Ipam, IpamConfig, NetworkCreateRequest, NetworkingConfig,
+};
 use bollard::query_parameters::{
     CreateContainerOptions, InspectContainerOptions, ListContainersOptions, LogsOptions,
     RemoveContainerOptions, StopContainerOptions,
@@ -101,6 +115,24 @@ impl DockerRuntime {
                 )
             })
             .collect();
+        let (network_mode, networking_config) = match &spec.network {
+            None => ("none".to_string(), None),
+            Some(att) => (
+                att.bridge.clone(),
+                Some(NetworkingConfig {
+                    endpoints_config: Some(HashMap::from([(
+                        att.bridge.clone(),
+                        EndpointSettings {
+                            ipam_config: Some(EndpointIpamConfig {
+                                ipv4_address: Some(att.address.to_string()),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                    )])),
+                }),
+            ),
+        };
         Ok(ContainerCreateBody {
             image: Some(image),
             cmd: Some(spec.args.clone()),
@@ -114,11 +146,95 @@ impl DockerRuntime {
                 binds: Some(binds),
                 memory: spec.memory_limit.map(|m| m as i64),
                 cpu_shares: spec.cpu_shares.map(|c| c as i64),
+                network_mode: Some(network_mode),
                 ..Default::default()
             }),
+            networking_config,
             ..Default::default()
         })
     }
+
+    /// The body of `POST /networks/create` for `net`.
+    pub fn network_body(net: &BridgeNetwork) -> NetworkCreateRequest {
+        let opt = |k: &str, v: &str| (format!("com.docker.network.bridge.{k}"), v.to_string());
+        NetworkCreateRequest {
+            name: net.bridge.clone(),
+            driver: Some("bridge".into()),
+            ipam: Some(Ipam {
+                config: Some(vec![IpamConfig {
+                    subnet: Some(net.subnet()),
+                    gateway: Some(net.gateway.to_string()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            options: Some(HashMap::from([
+                opt("name", &net.bridge),
+                opt("enable_ip_masquerade", "false"),
+                opt("gateway_mode_ipv4", "nat-unprotected"),
+            ])),
+            labels: Some(HashMap::from([(
+                MANAGED_LABEL.to_string(),
+                "true".to_string(),
+            )])),
+            ..Default::default()
+        }
+    }
+
+    /// The IPv4 subnets of docker network `name`, `None` when it does not exist.
+    async fn network_subnets(&self, name: &str) -> Result<Option<Vec<String>>, RuntimeError> {
+        match self.docker.inspect_network(name, None).await {
+            Ok(info) => Ok(Some(
+                info.ipam
+                    .and_then(|i| i.config)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|c| c.subnet)
+                    .filter(|s| !s.contains(':'))
+                    .collect(),
+            )),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(docker_err("inspect network", name)(e)),
+        }
+    }
+}
+
+/// Accepts forwarded traffic to `subnet` ahead of dockerd's own rules
+/// (`DOCKER-USER`; plain `FORWARD` when dockerd made no such chain).
+async fn allow_subnet(bridge: &str, subnet: String) -> Result<(), RuntimeError> {
+    let res = tokio::task::spawn_blocking(move || {
+        serialized(|| {
+            iptables_ensure("DOCKER-USER", &["-d", &subnet, "-j", "ACCEPT"])
+                .or_else(|_| iptables_ensure("FORWARD", &["-d", &subnet, "-j", "ACCEPT"]))
+        })
+    })
+    .await;
+    match res {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(RuntimeError::Network {
+            runtime: "docker",
+            what: format!("accept forwarded traffic to network {bridge}"),
+            reason: e.to_string(),
+        }),
+        Err(e) => Err(RuntimeError::Network {
+            runtime: "docker",
+            what: format!("accept forwarded traffic to network {bridge}"),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+async fn disallow_subnet(subnet: String) {
+    let _ = tokio::task::spawn_blocking(move || {
+        serialized(|| {
+            for chain in ["DOCKER-USER", "FORWARD"] {
+                let _ = iptables_remove(chain, &["-d", &subnet, "-j", "ACCEPT"]);
+            }
+        })
+    })
+    .await;
 }
 
 fn map_state(
@@ -252,6 +368,53 @@ impl Runtime for DockerRuntime {
         }
         Ok(String::from_utf8_lossy(&out).into_owned())
     }
+
+    async fn ensure_network(&self, net: &BridgeNetwork) -> Result<(), RuntimeError> {
+        net.validate()?;
+        let subnet = net.subnet();
+        match self.network_subnets(&net.bridge).await? {
+            Some(subnets) if subnets.contains(&subnet) => {}
+            Some(subnets) => {
+                return Err(RuntimeError::Network {
+                    runtime: "docker",
+                    what: format!("use docker network {} for {subnet}", net.bridge),
+                    reason: format!(
+                        "it exists with subnets {subnets:?}: remove it (docker network rm {}) \
+                         or choose another bridge name",
+                        net.bridge
+                    ),
+                })
+            }
+            None => {
+                match self.docker.create_network(Self::network_body(net)).await {
+                    // Created concurrently: fine, it is checked next time.
+                    Err(bollard::errors::Error::DockerResponseServerError {
+                        status_code: 409,
+                        ..
+                    }) => {}
+                    r => {
+                        r.map_err(docker_err("create network", &net.bridge))?;
+                    }
+                }
+            }
+        }
+        allow_subnet(&net.bridge, subnet).await
+    }
+
+    async fn remove_network(&self, bridge: &str) -> Result<(), RuntimeError> {
+        let Some(subnets) = self.network_subnets(bridge).await? else {
+            return Ok(());
+        };
+        for subnet in subnets {
+            disallow_subnet(subnet).await;
+        }
+        match self.docker.remove_network(bridge).await {
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            r => r.map_err(docker_err("remove network", bridge)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -276,7 +439,36 @@ mod tests {
         let hc = b.host_config.unwrap();
         assert_eq!(hc.binds.unwrap(), vec!["/v:/data:rw"]);
         assert_eq!(hc.memory, Some(1 << 26));
+        assert_eq!(hc.network_mode.as_deref(), Some("none"));
+        assert!(b.networking_config.is_none());
         assert_eq!(b.labels.unwrap()[MANAGED_LABEL], "true");
+        s.network = Some(crate::NetworkAttachment {
+            bridge: "plzbr0".into(),
+            address: "10.101.3.9".parse().unwrap(),
+            prefix: 24,
+            gateway: "10.101.3.1".parse().unwrap(),
+        });
+        let b = DockerRuntime::create_body(&s).unwrap();
+        assert_eq!(
+            b.host_config.unwrap().network_mode.as_deref(),
+            Some("plzbr0")
+        );
+        let ep = &b.networking_config.unwrap().endpoints_config.unwrap()["plzbr0"];
+        assert_eq!(
+            ep.ipam_config.as_ref().unwrap().ipv4_address.as_deref(),
+            Some("10.101.3.9")
+        );
+        let n = DockerRuntime::network_body(&BridgeNetwork {
+            bridge: "plzbr0".into(),
+            gateway: "10.101.3.1".parse().unwrap(),
+            prefix: 24,
+        });
+        let ipam = &n.ipam.unwrap().config.unwrap()[0];
+        assert_eq!(ipam.subnet.as_deref(), Some("10.101.3.0/24"));
+        assert_eq!(ipam.gateway.as_deref(), Some("10.101.3.1"));
+        let o = n.options.unwrap();
+        assert_eq!(o["com.docker.network.bridge.name"], "plzbr0");
+        assert_eq!(o["com.docker.network.bridge.enable_ip_masquerade"], "false");
         s.image = Image::Rootfs("/r".into());
         assert!(matches!(
             DockerRuntime::create_body(&s),

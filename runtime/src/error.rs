@@ -54,6 +54,16 @@ pub enum RuntimeError {
     #[error("host runtime: cannot build the OCI spec for workload `{id}`: {reason}")]
     Spec { id: String, reason: String },
 
+    #[error("network `{bridge}` is invalid: {reason}")]
+    InvalidNetwork { bridge: String, reason: String },
+
+    #[error("{runtime} runtime: cannot {what}: {reason}")]
+    Network {
+        runtime: &'static str,
+        what: String,
+        reason: String,
+    },
+
     #[error("host runtime worker thread has stopped: restart ployzd (earlier errors say why)")]
     WorkerGone,
 

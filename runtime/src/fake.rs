@@ -1,8 +1,10 @@
 //! A recording in-memory [`Runtime`] for unit tests of callers' pure logic
 //! (never a substitute for the real backends in this crate's tests).
 
-use crate::{Runtime, RuntimeError, RuntimeKind, State, WorkloadSpec, WorkloadStatus};
-use std::collections::BTreeMap;
+use crate::{
+    BridgeNetwork, Runtime, RuntimeError, RuntimeKind, State, WorkloadSpec, WorkloadStatus,
+};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -13,6 +15,8 @@ pub enum FakeCall {
     Start(String),
     Stop(String, Duration),
     Delete(String),
+    EnsureNetwork(BridgeNetwork),
+    RemoveNetwork(String),
 }
 
 #[derive(Default)]
@@ -24,6 +28,7 @@ pub struct FakeRuntime {
 struct Inner {
     calls: Vec<FakeCall>,
     workloads: BTreeMap<String, State>,
+    bridges: BTreeSet<String>,
 }
 
 impl FakeRuntime {
@@ -68,6 +73,17 @@ impl Runtime for FakeRuntime {
         g.calls.push(FakeCall::Create(spec.id.clone()));
         if g.workloads.contains_key(&spec.id) {
             return Err(RuntimeError::AlreadyExists(spec.id.clone()));
+        }
+        if let Some(att) = &spec.network {
+            if !g.bridges.contains(&att.bridge) {
+                return Err(RuntimeError::InvalidSpec {
+                    id: spec.id.clone(),
+                    reason: format!(
+                        "bridge {} does not exist: call ensure_network for it first",
+                        att.bridge
+                    ),
+                });
+            }
         }
         g.workloads.insert(spec.id.clone(), State::Created);
         Ok(())
@@ -128,12 +144,51 @@ impl Runtime for FakeRuntime {
     async fn logs(&self, id: &str) -> Result<String, RuntimeError> {
         self.with(id, |_| Ok(String::new()))
     }
+
+    async fn ensure_network(&self, net: &BridgeNetwork) -> Result<(), RuntimeError> {
+        net.validate()?;
+        let mut g = self.lock();
+        g.calls.push(FakeCall::EnsureNetwork(net.clone()));
+        g.bridges.insert(net.bridge.clone());
+        Ok(())
+    }
+
+    async fn remove_network(&self, bridge: &str) -> Result<(), RuntimeError> {
+        let mut g = self.lock();
+        g.calls.push(FakeCall::RemoveNetwork(bridge.to_string()));
+        g.bridges.remove(bridge);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::Image;
+
+    #[tokio::test]
+    async fn networks_must_exist_before_attaching() {
+        let rt = FakeRuntime::new();
+        let net = BridgeNetwork {
+            bridge: "plzbr0".into(),
+            gateway: "10.101.3.1".parse().unwrap(),
+            prefix: 24,
+        };
+        let mut spec = WorkloadSpec::new("w", Image::Rootfs("/r".into()), vec!["true".into()]);
+        spec.network = Some(crate::NetworkAttachment {
+            bridge: "plzbr0".into(),
+            address: "10.101.3.2".parse().unwrap(),
+            prefix: 24,
+            gateway: net.gateway,
+        });
+        let e = rt.create(&spec).await.unwrap_err();
+        assert!(e.to_string().contains("ensure_network"), "{e}");
+        rt.ensure_network(&net).await.unwrap();
+        rt.create(&spec).await.unwrap();
+        rt.remove_network("plzbr0").await.unwrap();
+        assert_eq!(rt.calls()[1], FakeCall::EnsureNetwork(net));
+        assert_eq!(rt.calls()[3], FakeCall::RemoveNetwork("plzbr0".into()));
+    }
 
     #[tokio::test]
     async fn records_calls_and_tracks_state() {

@@ -5,6 +5,10 @@
 //! - `bundles/<id>/` the generated `config.json` (the rootfs is used in place)
 //! - `logs/<id>.log` the workload's stdout and stderr
 //!
+//! Every workload gets its own network namespace: only `lo` without a
+//! [`NetworkAttachment`](crate::NetworkAttachment), else also `eth0` on a veth
+//! pair whose other end is on the bridge (see `net`).
+//!
 //! libcontainer clones the calling process and runs Rust in the child, so all of
 //! its calls happen on one dedicated OS thread ([`HostRuntime`]) or in a
 //! single-threaded program that drives a [`HostEngine`] itself (see
@@ -13,15 +17,19 @@
 //! (stopped vs failed) and how zombies are reaped.
 
 mod bundle;
+pub mod net;
 
 pub use bundle::oci_spec;
 
-use crate::{Image, Runtime, RuntimeError, RuntimeKind, State, WorkloadSpec, WorkloadStatus};
+use crate::{
+    BridgeNetwork, Image, Runtime, RuntimeError, RuntimeKind, State, WorkloadSpec, WorkloadStatus,
+};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::{Container, ContainerStatus};
 use libcontainer::error::LibcontainerError;
 use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
+use net::{IpCommand, NetConfig, NetConfigError};
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -51,10 +59,20 @@ fn lc_err<'a>(
     }
 }
 
+fn net_err(what: String) -> impl FnOnce(NetConfigError) -> RuntimeError {
+    move |e| RuntimeError::Network {
+        runtime: "host",
+        what,
+        reason: e.to_string(),
+    }
+}
+
 /// The blocking core of the host backend. Not `Sync`: drive it from one thread
-/// that is not a tokio worker.
+/// that is not a tokio worker. Its network changes apply to the network
+/// namespace of that thread.
 pub struct HostEngine {
     root: PathBuf,
+    net: Box<dyn NetConfig>,
     /// Exit status (code, or 128+signal) of workloads we reaped.
     exits: HashMap<String, i64>,
     /// Workloads ended through `kill` (stop/delete) rather than on their own.
@@ -70,6 +88,8 @@ impl HostEngine {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
         }
+        // Stable across restarts and spellings: it names the workloads' veths.
+        let root = fs::canonicalize(&root).map_err(io_err("resolve", &root))?;
         // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes one integer argument
         // and only changes this process's re-parenting behaviour.
         let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
@@ -82,6 +102,7 @@ impl HostEngine {
         }
         Ok(HostEngine {
             root,
+            net: Box::new(IpCommand),
             exits: HashMap::new(),
             stop_requested: HashSet::new(),
         })
@@ -113,7 +134,14 @@ impl HostEngine {
         Container::load(dir).map_err(lc_err("load state", id))
     }
 
-    /// Writes the bundle for `spec` and creates the container (not started).
+    /// Replaces the kernel network seam (tests: a recording fake).
+    pub fn with_net_config(mut self, net: Box<dyn NetConfig>) -> Self {
+        self.net = net;
+        self
+    }
+
+    /// Writes the bundle for `spec` and creates the container (not started)
+    /// with its network configured.
     pub fn create(&mut self, spec: &WorkloadSpec) -> Result<(), RuntimeError> {
         spec.validate()?;
         let rootfs = match &spec.image {
@@ -142,19 +170,101 @@ impl HostEngine {
         if self.state_dir().join(&spec.id).exists() {
             return Err(RuntimeError::AlreadyExists(spec.id.clone()));
         }
-        let oci = oci_spec(spec, &rootfs)?;
+        if let Some(att) = &spec.network {
+            if !self.net.link_exists(&att.bridge) {
+                return Err(RuntimeError::InvalidSpec {
+                    id: spec.id.clone(),
+                    reason: format!(
+                        "bridge {} does not exist: call ensure_network for it first",
+                        att.bridge
+                    ),
+                });
+            }
+        }
         let bundle = self.bundle_dir(&spec.id);
-        fs::create_dir_all(&bundle).map_err(io_err("create bundle directory", &bundle))?;
+        let res = self.create_in(spec, &rootfs, &bundle);
+        if res.is_err() {
+            let _ = fs::remove_dir_all(&bundle);
+            return res;
+        }
+        if let Err(e) = self.configure_network(spec) {
+            let _ = self.delete(&spec.id);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn create_in(
+        &mut self,
+        spec: &WorkloadSpec,
+        rootfs: &Path,
+        bundle: &Path,
+    ) -> Result<(), RuntimeError> {
+        let oci = oci_spec(spec, rootfs)?;
+        fs::create_dir_all(bundle).map_err(io_err("create bundle directory", bundle))?;
         let config = bundle.join("config.json");
         oci.save(&config).map_err(|e| RuntimeError::Spec {
             id: spec.id.clone(),
             reason: format!("writing {}: {e}", config.display()),
         })?;
-        let res = self.create_from_bundle(&spec.id, &bundle);
-        if res.is_err() {
-            let _ = fs::remove_dir_all(&bundle);
+        self.create_from_bundle(&spec.id, bundle)
+    }
+
+    /// Brings up the created workload's network namespace: `lo`, and `eth0`
+    /// on the bridge when it has an attachment.
+    fn configure_network(&mut self, spec: &WorkloadSpec) -> Result<(), RuntimeError> {
+        let id = &spec.id;
+        let pid = self
+            .load(id)?
+            .pid()
+            .ok_or_else(|| RuntimeError::Network {
+                runtime: "host",
+                what: format!("configure the network of workload `{id}`"),
+                reason: "libcontainer recorded no init pid".into(),
+            })?
+            .as_raw();
+        let steps = match &spec.network {
+            None => vec![net::loopback_plan(pid)],
+            Some(att) => net::attach_plan(pid, &self.veth_name(id), att).into(),
+        };
+        for (ns, ops) in steps {
+            self.net
+                .apply(ns, &ops)
+                .map_err(net_err(match &spec.network {
+                    Some(att) => format!("attach workload `{id}` to bridge {}", att.bridge),
+                    None => format!("bring up loopback of workload `{id}`"),
+                }))?;
         }
-        res
+        Ok(())
+    }
+
+    fn veth_name(&self, id: &str) -> String {
+        net::host_veth_name(&self.root, id)
+    }
+
+    /// Creates or repairs the bridge (see [`Runtime::ensure_network`]) in
+    /// this thread's network namespace.
+    pub fn ensure_network(&mut self, network: &BridgeNetwork) -> Result<(), RuntimeError> {
+        network.validate()?;
+        let exists = self.net.link_exists(&network.bridge);
+        self.net
+            .apply(net::Netns::Runtime, &net::bridge_plan(network, exists))
+            .map_err(net_err(format!(
+                "set up bridge {} ({})",
+                network.bridge,
+                network.subnet()
+            )))
+    }
+
+    /// Removes the bridge and its forwarding rules; a missing bridge is fine.
+    pub fn remove_network(&mut self, bridge: &str) -> Result<(), RuntimeError> {
+        let exists = self.net.link_exists(bridge);
+        self.net
+            .apply(
+                net::Netns::Runtime,
+                &net::remove_bridge_plan(bridge, exists),
+            )
+            .map_err(net_err(format!("remove bridge {bridge}")))
     }
 
     /// Creates container `id` from an existing OCI bundle directory.
@@ -266,9 +376,18 @@ impl HostEngine {
         Ok(code)
     }
 
-    /// Kills the workload if needed, removes its cgroup, state, bundle and log.
+    /// Kills the workload if needed, removes its network, cgroup, state,
+    /// bundle and log. Leftovers of a workload whose state is
+    /// already gone are removed too (and `NotFound` returned).
     pub fn delete(&mut self, id: &str) -> Result<(), RuntimeError> {
-        let mut c = self.load(id)?;
+        let mut c = match self.load(id) {
+            Ok(c) => c,
+            Err(RuntimeError::NotFound(_)) => {
+                let _ = self.remove_leftovers(id);
+                return Err(RuntimeError::NotFound(id.to_string()));
+            }
+            Err(e) => return Err(e),
+        };
         if c.can_kill() {
             let sig = to_signal(id, libc::SIGKILL)?;
             serialized(|| c.kill(sig, false)).map_err(lc_err("kill", id))?;
@@ -279,9 +398,36 @@ impl HostEngine {
                 reap(pid.as_raw(), true);
             }
         }
+        // The namespace dies with the workload and takes the veth pair with
+        // it, but asynchronously: remove it now so the name is free again.
+        self.remove_veth(id)?;
         serialized(|| c.delete(true)).map_err(lc_err("delete", id))?;
         self.exits.remove(id);
         self.stop_requested.remove(id);
+        self.remove_leftovers(id)
+    }
+
+    fn remove_veth(&mut self, id: &str) -> Result<(), RuntimeError> {
+        let veth = self.veth_name(id);
+        if !self.net.link_exists(&veth) {
+            return Ok(());
+        }
+        let res = self.net.apply(
+            net::Netns::Runtime,
+            &[net::NetOp::DeleteLink {
+                ifname: veth.clone(),
+            }],
+        );
+        match res {
+            // Gone meanwhile (the namespace's teardown won the race).
+            Err(_) if !self.net.link_exists(&veth) => Ok(()),
+            r => r.map_err(net_err(format!("remove veth {veth} of workload `{id}`"))),
+        }
+    }
+
+    /// Everything of workload `id` outside libcontainer's state.
+    fn remove_leftovers(&mut self, id: &str) -> Result<(), RuntimeError> {
+        self.remove_veth(id)?;
         let bundle = self.bundle_dir(id);
         if bundle.exists() {
             fs::remove_dir_all(&bundle).map_err(io_err("remove bundle", &bundle))?;
@@ -347,9 +493,15 @@ fn reap(pid: i32, block: bool) -> Option<i64> {
 /// libcontainer clones this process; two clones racing from two threads of
 /// one process deadlock or fail (seen in tests). Every libcontainer call in
 /// the process goes through this lock.
+///
+/// So does every command this crate runs with pipes (`ip`, `iptables`): a
+/// clone (a fork that does not exec until `start`) made while such a pipe is
+/// open keeps its write end, and reading the command's output to EOF then
+/// hangs until that workload starts (seen in tests: two creates, each
+/// holding the other's `ip` pipe).
 static LIBCONTAINER: Mutex<()> = Mutex::new(());
 
-fn serialized<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn serialized<T>(f: impl FnOnce() -> T) -> T {
     let _guard = LIBCONTAINER.lock().unwrap_or_else(|p| p.into_inner());
     f()
 }
@@ -478,6 +630,16 @@ impl Runtime for HostRuntime {
 
     async fn list(&self) -> Result<Vec<WorkloadStatus>, RuntimeError> {
         self.call(|e| e.list()).await
+    }
+
+    async fn ensure_network(&self, net: &BridgeNetwork) -> Result<(), RuntimeError> {
+        let net = net.clone();
+        self.call(move |e| e.ensure_network(&net)).await
+    }
+
+    async fn remove_network(&self, bridge: &str) -> Result<(), RuntimeError> {
+        let bridge = bridge.to_string();
+        self.call(move |e| e.remove_network(&bridge)).await
     }
 
     async fn logs(&self, id: &str) -> Result<String, RuntimeError> {

@@ -16,6 +16,7 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::future::Future;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -24,6 +25,7 @@ pub mod docker;
 mod error;
 pub mod fake;
 pub mod host;
+pub mod image;
 
 pub use docker::DockerRuntime;
 pub use error::RuntimeError;
@@ -110,6 +112,11 @@ pub struct WorkloadSpec {
     pub cpu_shares: Option<u64>,
     #[serde(default)]
     pub hostname: Option<String>,
+    /// Where the workload's `eth0` plugs in. `None`: no network beyond its own
+    /// loopback (host: a private network namespace with only `lo`; docker:
+    /// network mode `none`).
+    #[serde(default)]
+    pub network: Option<NetworkAttachment>,
 }
 
 impl WorkloadSpec {
@@ -124,6 +131,7 @@ impl WorkloadSpec {
             memory_limit: None,
             cpu_shares: None,
             hostname: None,
+            network: None,
         }
     }
 
@@ -153,8 +161,131 @@ impl WorkloadSpec {
                 });
             }
         }
+        if let Some(net) = &self.network {
+            net.validate().map_err(|reason| RuntimeError::InvalidSpec {
+                id: self.id.clone(),
+                reason,
+            })?;
+        }
         Ok(())
     }
+}
+
+/// The machine's workload bridge: it holds `gateway/prefix` (e.g. 10.101.3.1/24,
+/// the machine's slice of the cluster range; the mesh interface may hold the
+/// same address) and the kernel forwards between it and the mesh.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BridgeNetwork {
+    /// Interface name (1-15 chars of `[A-Za-z0-9_.-]`), e.g. `plzbr0`. The
+    /// docker backend also uses it as the docker network's name.
+    pub bridge: String,
+    pub gateway: Ipv4Addr,
+    /// Prefix length of the bridge subnet, 8..=30 (usually 24).
+    pub prefix: u8,
+}
+
+impl BridgeNetwork {
+    /// The subnet's network address (`10.101.3.0` for `10.101.3.1/24`).
+    pub fn network_address(&self) -> Ipv4Addr {
+        network_address(self.gateway, self.prefix)
+    }
+
+    /// The subnet in CIDR notation, e.g. `10.101.3.0/24`.
+    pub fn subnet(&self) -> String {
+        format!("{}/{}", self.network_address(), self.prefix)
+    }
+
+    pub fn validate(&self) -> Result<(), RuntimeError> {
+        let bad = |reason: String| RuntimeError::InvalidNetwork {
+            bridge: self.bridge.clone(),
+            reason,
+        };
+        validate_ifname(&self.bridge).map_err(bad)?;
+        check_prefix(self.prefix).map_err(bad)?;
+        check_host_address(self.gateway, self.prefix, "gateway").map_err(bad)
+    }
+}
+
+/// How one workload plugs into a [`BridgeNetwork`]: `eth0` with
+/// `address/prefix` and a default route via `gateway`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkAttachment {
+    /// The bridge (see [`BridgeNetwork::bridge`]); it must exist
+    /// ([`Runtime::ensure_network`]) before the workload is created.
+    pub bridge: String,
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+}
+
+impl NetworkAttachment {
+    fn validate(&self) -> Result<(), String> {
+        validate_ifname(&self.bridge)?;
+        check_prefix(self.prefix)?;
+        check_host_address(self.address, self.prefix, "address")?;
+        check_host_address(self.gateway, self.prefix, "gateway")?;
+        if network_address(self.address, self.prefix) != network_address(self.gateway, self.prefix)
+        {
+            return Err(format!(
+                "gateway {} is outside the subnet of address {}/{}",
+                self.gateway, self.address, self.prefix
+            ));
+        }
+        if self.address == self.gateway {
+            return Err(format!(
+                "address {} is the gateway's: give the workload its own",
+                self.address
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn network_address(addr: Ipv4Addr, prefix: u8) -> Ipv4Addr {
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    Ipv4Addr::from(u32::from(addr) & mask)
+}
+
+fn check_prefix(prefix: u8) -> Result<(), String> {
+    if (8..=30).contains(&prefix) {
+        Ok(())
+    } else {
+        Err(format!("prefix /{prefix} is outside /8../30"))
+    }
+}
+
+/// Neither the network nor the broadcast address of `addr/prefix`.
+fn check_host_address(addr: Ipv4Addr, prefix: u8, what: &str) -> Result<(), String> {
+    let host_bits = u32::from(addr) & !u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    let all_ones = (1u32 << (32 - u32::from(prefix))) - 1;
+    if host_bits == 0 || host_bits == all_ones {
+        return Err(format!(
+            "{what} {addr} is the network or broadcast address of its /{prefix}"
+        ));
+    }
+    Ok(())
+}
+
+/// A Linux interface name we create or attach to: 1-15 chars of `[A-Za-z0-9_.-]`.
+fn validate_ifname(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if !ok {
+        return Err(format!(
+            "bridge name `{name}` is invalid: use 1-15 characters of [A-Za-z0-9_.-]"
+        ));
+    }
+    if matches!(name, "bridge" | "host" | "none" | "default") {
+        return Err(format!(
+            "bridge name `{name}` is reserved by docker: choose another, e.g. plzbr0"
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a workload id: 1–64 chars of `[A-Za-z0-9_.-]`, starting alphanumeric
@@ -246,6 +377,17 @@ pub trait Runtime: Send + Sync {
     fn list(&self) -> impl Future<Output = Result<Vec<WorkloadStatus>, RuntimeError>> + Send;
     /// Everything the workload wrote to stdout and stderr so far (lossy UTF-8).
     fn logs(&self, id: &str) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    /// Creates the workload bridge if it is missing and makes sure it holds the
+    /// gateway address, is up, and that the kernel forwards to and from it
+    /// (ip_forward, firewall accept rules). Idempotent: call it at every start.
+    fn ensure_network(
+        &self,
+        net: &BridgeNetwork,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Removes the bridge and the forwarding rules [`Runtime::ensure_network`]
+    /// added. Best effort (for tests and cleanup): a missing bridge is not an error.
+    fn remove_network(&self, bridge: &str)
+        -> impl Future<Output = Result<(), RuntimeError>> + Send;
 }
 
 /// Either backend, chosen when ployzd starts.
@@ -287,6 +429,12 @@ impl Runtime for AnyRuntime {
     }
     async fn logs(&self, id: &str) -> Result<String, RuntimeError> {
         dispatch!(self, r => r.logs(id).await)
+    }
+    async fn ensure_network(&self, net: &BridgeNetwork) -> Result<(), RuntimeError> {
+        dispatch!(self, r => r.ensure_network(net).await)
+    }
+    async fn remove_network(&self, bridge: &str) -> Result<(), RuntimeError> {
+        dispatch!(self, r => r.remove_network(bridge).await)
     }
 }
 
@@ -339,6 +487,62 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not absolute"));
+    }
+
+    #[test]
+    fn network_validation() {
+        let net = BridgeNetwork {
+            bridge: "plzbr0".into(),
+            gateway: Ipv4Addr::new(10, 101, 3, 1),
+            prefix: 24,
+        };
+        net.validate().unwrap();
+        assert_eq!(net.subnet(), "10.101.3.0/24");
+        for (bridge, prefix, gw) in [
+            ("plzbr0-too-long!", 24, [10, 101, 3, 1]),
+            ("bridge", 24, [10, 101, 3, 1]),
+            ("a/b", 24, [10, 101, 3, 1]),
+            ("plzbr0", 31, [10, 101, 3, 1]),
+            ("plzbr0", 24, [10, 101, 3, 0]),
+            ("plzbr0", 24, [10, 101, 3, 255]),
+        ] {
+            let n = BridgeNetwork {
+                bridge: bridge.into(),
+                gateway: Ipv4Addr::from(gw),
+                prefix,
+            };
+            assert!(
+                matches!(n.validate(), Err(RuntimeError::InvalidNetwork { .. })),
+                "{n:?}"
+            );
+        }
+
+        let mut s = WorkloadSpec::new("w", Image::Rootfs("/r".into()), vec!["true".into()]);
+        let att = NetworkAttachment {
+            bridge: "plzbr0".into(),
+            address: Ipv4Addr::new(10, 101, 3, 2),
+            prefix: 24,
+            gateway: Ipv4Addr::new(10, 101, 3, 1),
+        };
+        s.network = Some(att.clone());
+        s.validate().unwrap();
+        for (addr, gw, why) in [
+            ([10, 101, 3, 1], [10, 101, 3, 1], "gateway's"),
+            ([10, 101, 3, 2], [10, 101, 4, 1], "outside the subnet"),
+            ([10, 101, 3, 255], [10, 101, 3, 1], "broadcast"),
+        ] {
+            s.network = Some(NetworkAttachment {
+                address: Ipv4Addr::from(addr),
+                gateway: Ipv4Addr::from(gw),
+                ..att.clone()
+            });
+            let e = s.validate().unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
+        // Old records without the field still parse.
+        let json = r#"{"id":"w","image":{"rootfs":"/r"},"args":["true"]}"#;
+        let old: WorkloadSpec = serde_json::from_str(json).unwrap();
+        assert_eq!(old.network, None);
     }
 
     #[test]

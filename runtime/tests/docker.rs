@@ -2,10 +2,13 @@
 
 mod common;
 
-use common::{busybox_rootfs, eventually, unique};
+use common::{busybox_rootfs, eventually, rand_u32, run_ok, unique, wget, TestNetns};
 use ployz_runtime::{
-    DockerRuntime, Image, Runtime, RuntimeError, State, VolumeMount, WorkloadSpec,
+    BridgeNetwork, DockerRuntime, Image, NetworkAttachment, Runtime, RuntimeError, State,
+    VolumeMount, WorkloadSpec,
 };
+use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -42,10 +45,14 @@ fn ensure_dockerd() {
     panic!("dockerd did not come up in 30 s: see /var/log/dockerd.log");
 }
 
-/// Removes the test's containers and image, also on panic.
+/// Removes the test's containers, networks (with their iptables rules),
+/// root-namespace links and image, also on panic.
 struct Cleanup {
     containers: Vec<String>,
     image: String,
+    /// (docker network name, subnet)
+    networks: Vec<(String, String)>,
+    links: Vec<String>,
 }
 
 impl Drop for Cleanup {
@@ -53,10 +60,49 @@ impl Drop for Cleanup {
         for c in &self.containers {
             let _ = Command::new("docker").args(["rm", "-f", c]).output();
         }
-        let _ = Command::new("docker")
-            .args(["rmi", "-f", &self.image])
-            .output();
+        for (name, subnet) in &self.networks {
+            let _ = Command::new("docker")
+                .args(["network", "rm", name])
+                .output();
+            for chain in ["DOCKER-USER", "FORWARD"] {
+                while Command::new("iptables")
+                    .args(["-D", chain, "-d", subnet, "-j", "ACCEPT"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+                {}
+            }
+        }
+        for l in &self.links {
+            let _ = Command::new("ip").args(["link", "del", l]).output();
+        }
+        if !self.image.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rmi", "-f", &self.image])
+                .output();
+        }
     }
+}
+
+/// `docker import`s the busybox rootfs at `rootfs` as `tag`.
+fn import_busybox(rootfs: &Path, tag: &str) {
+    let tar = rootfs.with_extension("tar");
+    assert!(Command::new("tar")
+        .arg("-C")
+        .arg(rootfs)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success());
+    assert!(Command::new("docker")
+        .arg("import")
+        .arg(&tar)
+        .arg(tag)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,25 +118,10 @@ async fn docker_lifecycle() {
     let _cleanup = Cleanup {
         containers: vec![id.clone(), bad.clone()],
         image: tag.clone(),
+        networks: Vec::new(),
+        links: Vec::new(),
     };
-    let tar = tmp.path().join("rootfs.tar");
-    assert!(Command::new("tar")
-        .arg("-C")
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap()
-        .success());
-    assert!(Command::new("docker")
-        .arg("import")
-        .arg(&tar)
-        .arg(&tag)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap()
-        .success());
+    import_busybox(&rootfs, &tag);
 
     let rt = DockerRuntime::connect().unwrap();
     let mut spec = WorkloadSpec::new(
@@ -156,4 +187,114 @@ async fn docker_lifecycle() {
     rt.start(&bad).await.unwrap();
     assert!(eventually(10, async || rt.state(&bad).await.unwrap() == State::Failed).await);
     rt.delete(&bad).await.unwrap();
+}
+
+/// A container on a ployz bridge network at a fixed address answers the
+/// host and a peer namespace routed through the host (standing in for
+/// another machine on the mesh): dockerd's FORWARD and raw-table rules must
+/// not drop that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_network_fixed_address_is_routable() {
+    ensure_dockerd();
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
+    std::fs::create_dir_all(rootfs.join("www")).unwrap();
+    std::fs::write(rootfs.join("www/index.html"), "hello from docker\n").unwrap();
+    let tag = format!("ployz-test-busybox:{}", unique("n"));
+    let r = rand_u32();
+    let (x, y) = (200 + (r % 50) as u8, (r >> 8) as u8);
+    let bridge = format!("plzd{:08x}", r);
+    let subnet = format!("10.{x}.{y}.0/24");
+    let id = unique("ployz-dk-net");
+    let veth = format!("plzdv{:08x}", r);
+    let mut cleanup = Cleanup {
+        containers: vec![id.clone()],
+        image: tag.clone(),
+        networks: vec![(bridge.clone(), subnet.clone())],
+        links: vec![veth.clone()],
+    };
+    import_busybox(&rootfs, &tag);
+
+    let rt = DockerRuntime::connect().unwrap();
+    let gateway = Ipv4Addr::new(10, x, y, 1);
+    let net = BridgeNetwork {
+        bridge: bridge.clone(),
+        gateway,
+        prefix: 24,
+    };
+    rt.ensure_network(&net).await.unwrap();
+    rt.ensure_network(&net).await.unwrap(); // idempotent
+    run_ok(
+        "iptables",
+        &["-C", "DOCKER-USER", "-d", &subnet, "-j", "ACCEPT"],
+    );
+    let rules = run_ok("iptables", &["-S", "DOCKER-USER"]);
+    assert_eq!(rules.matches(&subnet).count(), 1, "{rules}");
+    // The docker network's bridge carries the requested name.
+    run_ok("ip", &["link", "show", "dev", &bridge]);
+
+    let addr = Ipv4Addr::new(10, x, y, 5);
+    let mut spec = WorkloadSpec::new(
+        &id,
+        Image::Reference(tag.clone()),
+        vec![
+            "httpd".into(),
+            "-f".into(),
+            "-p".into(),
+            "80".into(),
+            "-h".into(),
+            "/www".into(),
+        ],
+    );
+    spec.network = Some(NetworkAttachment {
+        bridge: bridge.clone(),
+        address: addr,
+        prefix: 24,
+        gateway,
+    });
+    rt.create(&spec).await.unwrap();
+    rt.start(&id).await.unwrap();
+
+    let url = format!("http://{addr}/");
+    assert_eq!(
+        wget(None, &url, 10).expect("host -> container"),
+        "hello from docker\n"
+    );
+
+    // A "remote machine": a namespace behind a veth, routing the subnet via us.
+    let peer = TestNetns::new("plzt-dpeer");
+    let (ha, pa) = (Ipv4Addr::new(10, 234, y, 1), Ipv4Addr::new(10, 234, y, 2));
+    run_ok(
+        "ip",
+        &[
+            "link", "add", &veth, "type", "veth", "peer", "name", "mesh0", "netns", &peer.name,
+        ],
+    );
+    run_ok("ip", &["addr", "add", &format!("{ha}/30"), "dev", &veth]);
+    run_ok("ip", &["link", "set", &veth, "up"]);
+    peer.exec_ok(&["ip", "addr", "add", &format!("{pa}/30"), "dev", "mesh0"]);
+    peer.exec_ok(&["ip", "link", "set", "mesh0", "up"]);
+    peer.exec_ok(&["ip", "route", "add", &subnet, "via", &ha.to_string()]);
+    assert_eq!(
+        wget(Some(&peer), &url, 10).expect("routed peer -> container"),
+        "hello from docker\n"
+    );
+
+    rt.delete(&id).await.unwrap();
+    rt.remove_network(&bridge).await.unwrap();
+    assert!(!Command::new("iptables")
+        .args(["-C", "DOCKER-USER", "-d", &subnet, "-j", "ACCEPT"])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success());
+    assert!(!Command::new("docker")
+        .args(["network", "inspect", &bridge])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success());
+    rt.remove_network(&bridge).await.unwrap(); // best effort, no error
+    cleanup.networks.clear();
 }

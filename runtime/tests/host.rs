@@ -2,25 +2,60 @@
 
 mod common;
 
-use common::{busybox_rootfs, eventually, unique};
+use common::{busybox_rootfs, eventually, in_netns, rand_u32, unique, wget, TestNetns};
 use ployz_runtime::host::HostEngine;
-use ployz_runtime::{HostRuntime, Image, Runtime, RuntimeError, State, VolumeMount, WorkloadSpec};
-use std::path::PathBuf;
+use ployz_runtime::{
+    BridgeNetwork, HostRuntime, Image, NetworkAttachment, Runtime, RuntimeError, State,
+    VolumeMount, WorkloadSpec,
+};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Deletes the workload even when the test panics.
 struct Cleanup {
     root: PathBuf,
     id: String,
+    /// The network namespace the runtime ran in (`ip netns` name).
+    netns: Option<String>,
+}
+
+impl Cleanup {
+    fn new(root: &Path, id: &str) -> Self {
+        Cleanup {
+            root: root.to_path_buf(),
+            id: id.to_string(),
+            netns: None,
+        }
+    }
+
+    fn in_netns(root: &Path, id: &str, ns: &TestNetns) -> Self {
+        Cleanup {
+            root: root.to_path_buf(),
+            id: id.to_string(),
+            netns: Some(ns.name.clone()),
+        }
+    }
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        // Deleting never clones, so it is fine on this thread.
-        if let Ok(mut engine) = HostEngine::new(&self.root) {
-            let _ = engine.delete(&self.id);
+        // Deleting never clones, so it is fine on any thread.
+        let (root, id) = (self.root.clone(), self.id.clone());
+        let delete = move || {
+            if let Ok(mut engine) = HostEngine::new(&root) {
+                let _ = engine.delete(&id);
+            }
+        };
+        match &self.netns {
+            Some(ns) => in_netns(ns, delete),
+            None => delete(),
         }
     }
+}
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script.into()]
 }
 
 fn memory_cgroup(id: &str) -> PathBuf {
@@ -36,10 +71,7 @@ async fn lifecycle_logs_limits_and_volume() {
     let root = tmp.path().join("rt");
     let rt = HostRuntime::new(&root).unwrap();
     let id = unique("host");
-    let _cleanup = Cleanup {
-        root: root.clone(),
-        id: id.clone(),
-    };
+    let _cleanup = Cleanup::new(&root, &id);
 
     let mut spec = WorkloadSpec::new(
         &id,
@@ -76,10 +108,10 @@ async fn lifecycle_logs_limits_and_volume() {
         "logs: {:?}",
         rt.logs(&id).await
     );
-    assert!(eventually(10, async || vol.join("out.txt").exists()).await);
-    assert_eq!(
-        std::fs::read_to_string(vol.join("out.txt")).unwrap(),
-        "from-inside\n"
+    assert!(
+        eventually(10, async || std::fs::read_to_string(vol.join("out.txt"))
+            .is_ok_and(|s| s == "from-inside\n"))
+        .await
     );
 
     let limit = std::fs::read_to_string(memory_cgroup(&id).join("memory.limit_in_bytes")).unwrap();
@@ -111,14 +143,8 @@ async fn exit_codes_map_to_stopped_and_failed() {
     let rt = HostRuntime::new(&root).unwrap();
     let ok = unique("ok");
     let bad = unique("bad");
-    let _c1 = Cleanup {
-        root: root.clone(),
-        id: ok.clone(),
-    };
-    let _c2 = Cleanup {
-        root: root.clone(),
-        id: bad.clone(),
-    };
+    let _c1 = Cleanup::new(&root, &ok);
+    let _c2 = Cleanup::new(&root, &bad);
     for (id, cmd) in [(&ok, "exit 0"), (&bad, "echo oops >&2; exit 3")] {
         let spec = WorkloadSpec::new(
             id.as_str(),
@@ -154,4 +180,179 @@ async fn refuses_bad_input_with_helpful_errors() {
         rt.state("../etc").await,
         Err(RuntimeError::InvalidId(_))
     ));
+}
+
+/// Two workloads on one bridge inside a test network namespace (standing in
+/// for the machine), and a peer namespace behind it standing in for another
+/// machine on the mesh: workload to workload, machine to workload, and
+/// routed peer to workload (forwarding, default route via the gateway) all work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_on_a_bridge_reach_each_other_and_the_mesh() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
+    std::fs::create_dir_all(rootfs.join("www")).unwrap();
+    std::fs::write(rootfs.join("www/index.html"), "hello from a\n").unwrap();
+    let root = tmp.path().join("rt");
+
+    let r = rand_u32();
+    let (x, y) = (20 + (r % 200) as u8, (r >> 8) as u8);
+    let machine = TestNetns::new("plzt-machine");
+    let peer = TestNetns::new("plzt-peer");
+    // The "mesh": a veth between machine and peer, peer routes the bridge
+    // subnet via the machine (as the TUN route would).
+    let (ma, pa) = (Ipv4Addr::new(10, 233, y, 1), Ipv4Addr::new(10, 233, y, 2));
+    common::run_ok(
+        "ip",
+        &[
+            "link",
+            "add",
+            "mesh0",
+            "netns",
+            &machine.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "mesh0",
+            "netns",
+            &peer.name,
+        ],
+    );
+    machine.exec_ok(&["ip", "addr", "add", &format!("{ma}/30"), "dev", "mesh0"]);
+    machine.exec_ok(&["ip", "link", "set", "mesh0", "up"]);
+    peer.exec_ok(&["ip", "addr", "add", &format!("{pa}/30"), "dev", "mesh0"]);
+    peer.exec_ok(&["ip", "link", "set", "mesh0", "up"]);
+    let subnet = format!("10.{x}.{y}.0/24");
+    peer.exec_ok(&["ip", "route", "add", &subnet, "via", &ma.to_string()]);
+
+    // New namespaces may inherit forwarding from the host: start without it.
+    machine.exec_ok(&["sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"]);
+
+    let root2 = root.clone();
+    let rt = machine.enter(move || HostRuntime::new(root2).unwrap());
+    let gateway = Ipv4Addr::new(10, x, y, 1);
+    let bridge = format!("plzt{:08x}", r);
+    let net = BridgeNetwork {
+        bridge: bridge.clone(),
+        gateway,
+        prefix: 24,
+    };
+    rt.ensure_network(&net).await.unwrap();
+    rt.ensure_network(&net).await.unwrap(); // idempotent
+    assert_eq!(
+        machine
+            .exec_ok(&["cat", "/proc/sys/net/ipv4/ip_forward"])
+            .trim(),
+        "1"
+    );
+    let addrs = machine.exec_ok(&["ip", "-4", "-o", "addr", "show", "dev", &bridge]);
+    assert!(addrs.contains(&format!("{gateway}/24")), "{addrs}");
+
+    let attach = |last: u8| NetworkAttachment {
+        bridge: bridge.clone(),
+        address: Ipv4Addr::new(10, x, y, last),
+        prefix: 24,
+        gateway,
+    };
+    let a = unique("net-a");
+    let b = unique("net-b");
+    let _ca = Cleanup::in_netns(&root, &a, &machine);
+    let _cb = Cleanup::in_netns(&root, &b, &machine);
+    let a_ip = Ipv4Addr::new(10, x, y, 2);
+    let mut spec_a = WorkloadSpec::new(
+        &a,
+        Image::Rootfs(rootfs.clone()),
+        sh("exec httpd -f -p 80 -h /www"),
+    );
+    spec_a.network = Some(attach(2));
+    let mut spec_b = WorkloadSpec::new(
+        &b,
+        Image::Rootfs(rootfs.clone()),
+        sh(&format!(
+            "i=0; while [ $i -lt 100 ]; do \
+               wget -q -O - http://{a_ip}/ && exit 0; i=$((i+1)); sleep 0.1; \
+             done; exit 1"
+        )),
+    );
+    spec_b.network = Some(attach(3));
+
+    // Attaching to a bridge that does not exist is refused up front.
+    let mut stray = spec_b.clone();
+    stray.id = unique("net-stray");
+    stray.network.as_mut().unwrap().bridge = "plznope0".into();
+    let e = rt.create(&stray).await.unwrap_err();
+    assert!(e.to_string().contains("ensure_network"), "{e}");
+
+    rt.create(&spec_a).await.unwrap();
+    rt.create(&spec_b).await.unwrap();
+    let ports = machine.exec_ok(&["ip", "-o", "link", "show", "master", &bridge]);
+    assert_eq!(ports.lines().count(), 2, "{ports}");
+    rt.start(&a).await.unwrap();
+    rt.start(&b).await.unwrap();
+
+    assert!(
+        eventually(20, async || rt.state(&b).await.unwrap() != State::Running).await,
+        "b still running"
+    );
+    assert_eq!(
+        rt.state(&b).await.unwrap(),
+        State::Stopped,
+        "b could not fetch from a: {}",
+        rt.logs(&b).await.unwrap()
+    );
+    assert!(rt.logs(&b).await.unwrap().contains("hello from a"));
+
+    let url = format!("http://{a_ip}/");
+    let body = wget(Some(&machine), &url, 10).expect("machine -> workload");
+    assert_eq!(body, "hello from a\n");
+    let body = wget(Some(&peer), &url, 10).expect("peer over the mesh -> workload");
+    assert_eq!(body, "hello from a\n");
+
+    rt.delete(&a).await.unwrap();
+    rt.delete(&b).await.unwrap();
+    let ports = machine.exec_ok(&["ip", "-o", "link", "show", "master", &bridge]);
+    assert_eq!(ports.trim(), "", "veths left behind");
+
+    rt.remove_network(&bridge).await.unwrap();
+    assert!(!machine
+        .exec(&["ip", "link", "show", "dev", &bridge])
+        .status
+        .success());
+    let rules = machine.exec_ok(&["iptables", "-S", "FORWARD"]);
+    assert!(!rules.contains(&bridge), "{rules}");
+    rt.remove_network(&bridge).await.unwrap(); // best effort, no error
+}
+
+/// Without an attachment a workload has its own namespace with only `lo`, up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unattached_workload_has_only_loopback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
+    std::fs::create_dir_all(rootfs.join("www")).unwrap();
+    std::fs::write(rootfs.join("www/index.html"), "via loopback\n").unwrap();
+    let root = tmp.path().join("rt");
+    let rt = HostRuntime::new(&root).unwrap();
+    let id = unique("lo");
+    let _c = Cleanup::new(&root, &id);
+    let spec = WorkloadSpec::new(
+        &id,
+        Image::Rootfs(rootfs),
+        sh(
+            "httpd -p 127.0.0.1:8080 -h /www && wget -q -O - http://127.0.0.1:8080/ \
+            && cat /proc/net/dev",
+        ),
+    );
+    rt.create(&spec).await.unwrap();
+    rt.start(&id).await.unwrap();
+    assert!(eventually(10, async || rt.state(&id).await.unwrap() != State::Running).await);
+    let logs = rt.logs(&id).await.unwrap();
+    assert_eq!(rt.state(&id).await.unwrap(), State::Stopped, "{logs}");
+    assert!(logs.contains("via loopback"), "{logs}");
+    let ifaces: Vec<&str> = logs
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(name, _)| name.trim()))
+        .filter(|n| !n.contains(' ') && !n.is_empty() && !n.contains('|'))
+        .collect();
+    assert_eq!(ifaces, ["lo"], "{logs}");
+    rt.delete(&id).await.unwrap();
 }

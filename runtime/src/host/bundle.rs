@@ -2,18 +2,19 @@
 
 use crate::{RuntimeError, WorkloadSpec};
 use libcontainer::oci_spec::runtime::{
-    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceType, MountBuilder, RootBuilder, Spec,
+    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, MountBuilder,
+    RootBuilder, Spec,
 };
 use std::path::{Path, PathBuf};
 
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Builds the `config.json` for `spec`, rooted at the (absolute) `rootfs`.
+/// Builds the `config.json` for `spec` on `rootfs` (absolute paths).
 ///
-/// Starts from oci-spec's defaults (pid, ipc, uts, mount and cgroup namespaces,
-/// the usual /proc, /dev, /sys mounts, masked paths, default capabilities) and
-/// shares the host's network namespace: workload networking is not set up by
-/// this crate yet. The cgroup is `/ployz/<id>` in every v1 hierarchy.
+/// Starts from oci-spec's defaults (pid, ipc, uts, mount, network and cgroup
+/// namespaces, the usual /proc, /dev, /sys mounts, masked paths, default
+/// capabilities). The network namespace is a new one, configured after
+/// create (see `host::net`). The cgroup is `/ployz/<id>` in every v1 hierarchy.
 pub fn oci_spec(spec: &WorkloadSpec, rootfs: &Path) -> Result<Spec, RuntimeError> {
     let id = &spec.id;
     let bad = |what: &str, e: &dyn std::fmt::Display| RuntimeError::Spec {
@@ -56,9 +57,19 @@ pub fn oci_spec(spec: &WorkloadSpec, rootfs: &Path) -> Result<Spec, RuntimeError
     oci.set_mounts(Some(mounts));
 
     let mut linux = oci.linux().clone().unwrap_or_default();
-    if let Some(ns) = linux.namespaces_mut() {
-        ns.retain(|n| n.typ() != LinuxNamespaceType::Network);
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    if !namespaces
+        .iter()
+        .any(|n| n.typ() == LinuxNamespaceType::Network)
+    {
+        namespaces.push(
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::Network)
+                .build()
+                .map_err(|e| bad("network namespace", &e))?,
+        );
     }
+    linux.set_namespaces(Some(namespaces));
     linux.set_cgroups_path(Some(PathBuf::from(format!("/ployz/{id}"))));
     let mut resources = linux.resources().clone().unwrap_or_default();
     if let Some(limit) = spec.memory_limit {
@@ -105,7 +116,9 @@ mod tests {
         });
         let oci = oci_spec(&s, Path::new("/r")).unwrap();
         assert_eq!(oci.hostname().as_deref(), Some("web"));
-        assert_eq!(oci.root().as_ref().unwrap().path(), Path::new("/r"));
+        let root = oci.root().as_ref().unwrap();
+        assert_eq!(root.path(), Path::new("/r"));
+        assert_eq!(root.readonly(), Some(false));
         let p = oci.process().as_ref().unwrap();
         assert_eq!(p.args().as_ref().unwrap(), &s.args);
         let env = p.env().as_ref().unwrap();
@@ -124,12 +137,14 @@ mod tests {
             linux.cgroups_path().as_deref(),
             Some(Path::new("/ployz/web"))
         );
-        assert!(!linux
+        let netns = linux
             .namespaces()
             .as_ref()
             .unwrap()
             .iter()
-            .any(|n| n.typ() == LinuxNamespaceType::Network));
+            .find(|n| n.typ() == LinuxNamespaceType::Network)
+            .expect("a private network namespace");
+        assert_eq!(netns.path(), &None);
         let r = linux.resources().as_ref().unwrap();
         assert_eq!(r.memory().as_ref().unwrap().limit(), Some(64 << 20));
         assert_eq!(r.cpu().as_ref().unwrap().shares(), Some(512));
