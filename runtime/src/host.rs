@@ -2,7 +2,9 @@
 //!
 //! Layout under the runtime's root directory:
 //! - `state/<id>/`   libcontainer's container state (its `root_path`)
-//! - `bundles/<id>/` the generated `config.json` (the rootfs is used in place)
+//! - `bundles/<id>/` the generated `config.json`
+//! - `rootfs/<id>/`  the workload's writable layer (`upper/`, `work/`) and its
+//!   overlay mount (`merged/`) over the shared image rootfs (see `rootfs`)
 //! - `logs/<id>.log` the workload's stdout and stderr
 //!
 //! Every workload gets its own network namespace: only `lo` without a
@@ -18,6 +20,7 @@
 
 mod bundle;
 pub mod net;
+pub mod rootfs;
 
 pub use bundle::oci_spec;
 
@@ -30,6 +33,7 @@ use libcontainer::error::LibcontainerError;
 use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
 use net::{IpCommand, NetConfig, NetConfigError};
+use rootfs::RootfsPlan;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -67,6 +71,12 @@ fn net_err(what: String) -> impl FnOnce(NetConfigError) -> RuntimeError {
     }
 }
 
+/// A warning an operator must see though nothing failed.
+// FIXME(deps): tracing::warn! once ployz-runtime depends on `tracing`.
+fn warn(msg: &str) {
+    eprintln!("WARN ployz_runtime::host: {msg}");
+}
+
 /// The blocking core of the host backend. Not `Sync`: drive it from one thread
 /// that is not a tokio worker. Its network changes apply to the network
 /// namespace of that thread.
@@ -84,7 +94,7 @@ impl HostEngine {
     /// child subreaper (so workload exit codes can be collected).
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, RuntimeError> {
         let root = root.into();
-        for sub in ["state", "bundles", "logs"] {
+        for sub in ["state", "bundles", "logs", "rootfs"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
         }
@@ -140,8 +150,8 @@ impl HostEngine {
         self
     }
 
-    /// Writes the bundle for `spec` and creates the container (not started)
-    /// with its network configured.
+    /// Writes the bundle for `spec`, gives the workload its writable layer and
+    /// creates the container (not started) with its network configured.
     pub fn create(&mut self, spec: &WorkloadSpec) -> Result<(), RuntimeError> {
         spec.validate()?;
         let rootfs = match &spec.image {
@@ -181,10 +191,19 @@ impl HostEngine {
                 });
             }
         }
+        let (plan, overlay_failure) = rootfs::prepare(&self.root, &spec.id, &rootfs)?;
+        if let Some(reason) = overlay_failure {
+            warn(&format!(
+                "workload `{}` runs on a read-only rootfs with tmpfs on /tmp and /run: \
+                 no private writable layer ({reason})",
+                spec.id
+            ));
+        }
         let bundle = self.bundle_dir(&spec.id);
-        let res = self.create_in(spec, &rootfs, &bundle);
+        let res = self.create_in(spec, &plan, &bundle);
         if res.is_err() {
             let _ = fs::remove_dir_all(&bundle);
+            let _ = rootfs::remove(&self.root, &spec.id);
             return res;
         }
         if let Err(e) = self.configure_network(spec) {
@@ -197,10 +216,10 @@ impl HostEngine {
     fn create_in(
         &mut self,
         spec: &WorkloadSpec,
-        rootfs: &Path,
+        plan: &RootfsPlan,
         bundle: &Path,
     ) -> Result<(), RuntimeError> {
-        let oci = oci_spec(spec, rootfs)?;
+        let oci = oci_spec(spec, plan)?;
         fs::create_dir_all(bundle).map_err(io_err("create bundle directory", bundle))?;
         let config = bundle.join("config.json");
         oci.save(&config).map_err(|e| RuntimeError::Spec {
@@ -377,7 +396,7 @@ impl HostEngine {
     }
 
     /// Kills the workload if needed, removes its network, cgroup, state,
-    /// bundle and log. Leftovers of a workload whose state is
+    /// writable layer, bundle and log. Leftovers of a workload whose state is
     /// already gone are removed too (and `NotFound` returned).
     pub fn delete(&mut self, id: &str) -> Result<(), RuntimeError> {
         let mut c = match self.load(id) {
@@ -428,6 +447,7 @@ impl HostEngine {
     /// Everything of workload `id` outside libcontainer's state.
     fn remove_leftovers(&mut self, id: &str) -> Result<(), RuntimeError> {
         self.remove_veth(id)?;
+        rootfs::remove(&self.root, id)?;
         let bundle = self.bundle_dir(id);
         if bundle.exists() {
             fs::remove_dir_all(&bundle).map_err(io_err("remove bundle", &bundle))?;

@@ -356,3 +356,127 @@ async fn unattached_workload_has_only_loopback() {
     assert_eq!(ifaces, ["lo"], "{logs}");
     rt.delete(&id).await.unwrap();
 }
+
+/// Workloads of one image each write to their own overlay layer: never to
+/// each other's, never to the shared image directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_workload_writes_to_its_own_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
+    let root = tmp.path().join("rt");
+    let rt = HostRuntime::new(&root).unwrap();
+    let a = unique("layer-a");
+    let b = unique("layer-b");
+    let _ca = Cleanup::new(&root, &a);
+    let _cb = Cleanup::new(&root, &b);
+    let run =
+        |id: &str, script: &str| WorkloadSpec::new(id, Image::Rootfs(rootfs.clone()), sh(script));
+    rt.create(&run(
+        &a,
+        "echo mine > /written-by-a && echo t > /tmp/a && rm /bin/cat && echo a-done",
+    ))
+    .await
+    .unwrap();
+    rt.start(&a).await.unwrap();
+    assert!(eventually(10, async || rt.state(&a).await.unwrap() != State::Running).await);
+    let logs = rt.logs(&a).await.unwrap();
+    assert_eq!(rt.state(&a).await.unwrap(), State::Stopped, "{logs}");
+    assert!(logs.contains("a-done"), "{logs}");
+    let layer = root.join("rootfs").join(&a);
+    assert!(layer.join("upper/written-by-a").exists());
+
+    rt.create(&run(
+        &b,
+        "test ! -e /written-by-a && test ! -e /tmp/a && test -e /bin/cat && echo b-clean",
+    ))
+    .await
+    .unwrap();
+    rt.start(&b).await.unwrap();
+    assert!(eventually(10, async || rt.state(&b).await.unwrap() != State::Running).await);
+    let logs = rt.logs(&b).await.unwrap();
+    assert!(logs.contains("b-clean"), "{logs}");
+
+    assert!(
+        !rootfs.join("written-by-a").exists(),
+        "wrote into the image"
+    );
+    assert!(!rootfs.join("tmp/a").exists(), "wrote into the image");
+    assert!(rootfs.join("bin/cat").exists(), "deleted from the image");
+
+    rt.delete(&a).await.unwrap();
+    rt.delete(&b).await.unwrap();
+    assert!(!layer.exists(), "layer left behind");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(root.to_str().unwrap()),
+        "mount left behind: {mounts}"
+    );
+}
+
+/// Unmounts a test mount on drop.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// When overlayfs cannot be used (here: the layer directory is itself on
+/// overlayfs, which it refuses as an upper layer) the workload still runs:
+/// read-only root, writable tmpfs /tmp and /run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_overlayfs_the_root_is_read_only_with_tmpfs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
+    let root = tmp.path().join("rt");
+    let layers = root.join("rootfs");
+    let ovl = tmp.path().join("ovl");
+    for d in [&layers, &ovl.join("l"), &ovl.join("u"), &ovl.join("w")] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        ovl.join("l").display(),
+        ovl.join("u").display(),
+        ovl.join("w").display()
+    );
+    common::run_ok(
+        "mount",
+        &[
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            &opts,
+            layers.to_str().unwrap(),
+        ],
+    );
+    let _unmount = Unmount(layers.clone());
+    let rt = HostRuntime::new(&root).unwrap();
+    let id = unique("ro");
+    let _c = Cleanup::new(&root, &id);
+    let spec = WorkloadSpec::new(
+        &id,
+        Image::Rootfs(rootfs.clone()),
+        sh(
+            "echo t > /tmp/t && cat /tmp/t && touch /run/r && echo run-ok; \
+            if echo x > /root-write 2>/dev/null; then echo WRITABLE; else echo read-only; fi",
+        ),
+    );
+    rt.create(&spec).await.unwrap();
+    rt.start(&id).await.unwrap();
+    assert!(eventually(10, async || rt.state(&id).await.unwrap() != State::Running).await);
+    let logs = rt.logs(&id).await.unwrap();
+    assert_eq!(rt.state(&id).await.unwrap(), State::Stopped, "{logs}");
+    assert!(
+        logs.contains("run-ok") && logs.contains("read-only"),
+        "{logs}"
+    );
+    assert!(!rootfs.join("root-write").exists());
+    assert!(!rootfs.join("tmp/t").exists());
+    rt.delete(&id).await.unwrap();
+}

@@ -1,11 +1,12 @@
 //! Pure translation of a [`WorkloadSpec`] into an OCI runtime spec.
 
+use super::rootfs::RootfsPlan;
 use crate::{RuntimeError, WorkloadSpec};
 use libcontainer::oci_spec::runtime::{
     LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, MountBuilder,
     RootBuilder, Spec,
 };
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -14,8 +15,9 @@ const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
 /// Starts from oci-spec's defaults (pid, ipc, uts, mount, network and cgroup
 /// namespaces, the usual /proc, /dev, /sys mounts, masked paths, default
 /// capabilities). The network namespace is a new one, configured after
-/// create (see `host::net`). The cgroup is `/ployz/<id>` in every v1 hierarchy.
-pub fn oci_spec(spec: &WorkloadSpec, rootfs: &Path) -> Result<Spec, RuntimeError> {
+/// create (see `host::net`). A read-only root gets tmpfs on /tmp and /run.
+/// The cgroup is `/ployz/<id>` in every v1 hierarchy.
+pub fn oci_spec(spec: &WorkloadSpec, rootfs: &RootfsPlan) -> Result<Spec, RuntimeError> {
     let id = &spec.id;
     let bad = |what: &str, e: &dyn std::fmt::Display| RuntimeError::Spec {
         id: id.clone(),
@@ -25,8 +27,8 @@ pub fn oci_spec(spec: &WorkloadSpec, rootfs: &Path) -> Result<Spec, RuntimeError
     oci.set_hostname(Some(spec.hostname.clone().unwrap_or_else(|| id.clone())));
     oci.set_root(Some(
         RootBuilder::default()
-            .path(rootfs.to_path_buf())
-            .readonly(false)
+            .path(rootfs.path().to_path_buf())
+            .readonly(matches!(rootfs, RootfsPlan::ReadOnly(_)))
             .build()
             .map_err(|e| bad("root", &e))?,
     ));
@@ -42,6 +44,19 @@ pub fn oci_spec(spec: &WorkloadSpec, rootfs: &Path) -> Result<Spec, RuntimeError
     oci.set_process(Some(process));
 
     let mut mounts = oci.mounts().clone().unwrap_or_default();
+    if let RootfsPlan::ReadOnly(_) = rootfs {
+        for dir in ["/tmp", "/run"] {
+            mounts.push(
+                MountBuilder::default()
+                    .destination(dir)
+                    .typ("tmpfs")
+                    .source("tmpfs")
+                    .options(["nosuid", "nodev", "mode=1777"].map(String::from).to_vec())
+                    .build()
+                    .map_err(|e| bad("tmpfs mount", &e))?,
+            );
+        }
+    }
     for m in &spec.mounts {
         let mode = if m.read_only { "ro" } else { "rw" };
         mounts.push(
@@ -98,6 +113,7 @@ pub fn oci_spec(spec: &WorkloadSpec, rootfs: &Path) -> Result<Spec, RuntimeError
 mod tests {
     use super::*;
     use crate::{Image, VolumeMount};
+    use std::path::Path;
 
     #[test]
     fn translates_spec() {
@@ -114,7 +130,7 @@ mod tests {
             target: "/data".into(),
             read_only: true,
         });
-        let oci = oci_spec(&s, Path::new("/r")).unwrap();
+        let oci = oci_spec(&s, &RootfsPlan::Overlay("/r".into())).unwrap();
         assert_eq!(oci.hostname().as_deref(), Some("web"));
         let root = oci.root().as_ref().unwrap();
         assert_eq!(root.path(), Path::new("/r"));
@@ -148,5 +164,30 @@ mod tests {
         let r = linux.resources().as_ref().unwrap();
         assert_eq!(r.memory().as_ref().unwrap().limit(), Some(64 << 20));
         assert_eq!(r.cpu().as_ref().unwrap().shares(), Some(512));
+        assert!(!oci
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.typ().as_deref() == Some("tmpfs") && m.destination() == Path::new("/tmp")));
+    }
+
+    #[test]
+    fn read_only_fallback_gets_tmpfs() {
+        let s = WorkloadSpec::new("w", Image::Rootfs("/img".into()), vec!["true".into()]);
+        let oci = oci_spec(&s, &RootfsPlan::ReadOnly("/img".into())).unwrap();
+        let root = oci.root().as_ref().unwrap();
+        assert_eq!(root.path(), Path::new("/img"));
+        assert_eq!(root.readonly(), Some(true));
+        for dir in ["/tmp", "/run"] {
+            let m = oci
+                .mounts()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|m| m.destination() == Path::new(dir))
+                .unwrap_or_else(|| panic!("no mount on {dir}"));
+            assert_eq!(m.typ().as_deref(), Some("tmpfs"));
+        }
     }
 }
