@@ -1,6 +1,7 @@
 //! Docker backend: the Docker Engine API through bollard. Images must already
-//! be in dockerd's local store (no pulls). Every container ployz creates is
-//! labelled `ployz.managed=true`; `list` only sees those.
+//! be in dockerd's local store (no pulls): [`DockerRuntime::load_image`] puts
+//! them there from an archive. Every container ployz creates is labelled
+//! `ployz.managed=true`; `list` only sees those.
 //!
 //! Networks: a workload bridge is a docker bridge network of the same name
 //! with a fixed subnet and gateway, no masquerading, and gateway mode
@@ -19,14 +20,16 @@ use bollard::models::{
     HostConfig, Ipam, IpamConfig, NetworkCreateRequest, NetworkingConfig,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, LogsOptions,
-    RemoveContainerOptions, StopContainerOptions,
+    CreateContainerOptions, ImportImageOptions, InspectContainerOptions, ListContainersOptions,
+    LogsOptions, RemoveContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
+use tokio::io::AsyncReadExt;
 
 /// Label on every container ployz manages.
 pub const MANAGED_LABEL: &str = "ployz.managed";
@@ -86,6 +89,63 @@ impl DockerRuntime {
             } else {
                 s.remove(id);
             }
+        }
+    }
+
+    /// Loads the images of a `docker save` (or OCI layout) tar archive into
+    /// dockerd, streaming the file to `POST /images/load`.
+    pub async fn load_image(&self, archive: &Path) -> Result<(), RuntimeError> {
+        let fail = |reason: String| RuntimeError::ImageLoad {
+            archive: archive.to_path_buf(),
+            reason,
+        };
+        let file = tokio::fs::File::open(archive)
+            .await
+            .map_err(|e| fail(format!("cannot open it: {e}")))?;
+        let chunks = futures_util::stream::unfold(Some(file), |file| async move {
+            let mut file = file?;
+            let mut buf = vec![0u8; 256 << 10];
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(buf.into()), Some(file)))
+                }
+                // Ends the body: dockerd then reports a truncated archive.
+                Err(e) => Some((Err::<_, std::io::Error>(e), None)),
+            }
+        });
+        let opts = ImportImageOptions {
+            quiet: true,
+            ..Default::default()
+        };
+        let mut progress = self.docker.import_image_stream(opts, chunks, None);
+        let mut loaded = Vec::new();
+        while let Some(item) = progress.next().await {
+            let info = item.map_err(|e| fail(e.to_string()))?;
+            if let Some(line) = info.stream {
+                loaded.push(line.trim().to_string());
+            }
+        }
+        if loaded.iter().any(|l| l.starts_with("Loaded image")) || loaded.is_empty() {
+            Ok(())
+        } else {
+            Err(fail(format!(
+                "dockerd loaded nothing from it: {}",
+                loaded.join("; ")
+            )))
+        }
+    }
+
+    /// Whether dockerd has the image `reference` (a `name[:tag]` or an id
+    /// `sha256:...`) in its local store.
+    pub async fn has_image(&self, reference: &str) -> Result<bool, RuntimeError> {
+        match self.docker.inspect_image(reference).await {
+            Ok(_) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(false),
+            Err(e) => Err(docker_err("inspect image", reference)(e)),
         }
     }
 

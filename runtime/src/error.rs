@@ -64,6 +64,9 @@ pub enum RuntimeError {
         reason: String,
     },
 
+    #[error("docker runtime: cannot load images from archive {}: {reason}", archive.display())]
+    ImageLoad { archive: PathBuf, reason: String },
+
     #[error("host runtime worker thread has stopped: restart ployzd (earlier errors say why)")]
     WorkerGone,
 

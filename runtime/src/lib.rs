@@ -76,7 +76,9 @@ impl FromStr for RuntimeKind {
 pub enum Image {
     /// A root filesystem directory (host runtime). It is used in place, not copied.
     Rootfs(PathBuf),
-    /// An image reference already in dockerd's local store (docker runtime).
+    /// An image already in dockerd's local store (docker runtime): a name
+    /// (`busybox`, `registry/app:1.2`) or an image id (`sha256:<hex>`), e.g.
+    /// after [`DockerRuntime::load_image`].
     Reference(String),
 }
 

@@ -298,3 +298,60 @@ async fn docker_network_fixed_address_is_routable() {
     rt.remove_network(&bridge).await.unwrap(); // best effort, no error
     cleanup.networks.clear();
 }
+
+/// `docker save` of a test image, removed from dockerd, loaded back through
+/// `load_image`, then run by tag and by image id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_saved_image_and_run_it() {
+    ensure_dockerd();
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
+    let tag = format!("ployz-test-busybox:{}", unique("load"));
+    let by_tag = unique("ployz-dk-tag");
+    let by_id = unique("ployz-dk-id");
+    let _cleanup = Cleanup {
+        containers: vec![by_tag.clone(), by_id.clone()],
+        image: tag.clone(),
+        networks: Vec::new(),
+        links: Vec::new(),
+    };
+    import_busybox(&rootfs, &tag);
+    let rt = DockerRuntime::connect().unwrap();
+    let image_id = rt.client().inspect_image(&tag).await.unwrap().id.unwrap();
+    assert!(image_id.starts_with("sha256:"), "{image_id}");
+    let archive = tmp.path().join("saved.tar");
+    run_ok("docker", &["save", "-o", archive.to_str().unwrap(), &tag]);
+    run_ok("docker", &["rmi", &tag]);
+    assert!(!rt.has_image(&tag).await.unwrap());
+    assert!(!rt.has_image(&image_id).await.unwrap());
+
+    rt.load_image(&archive).await.unwrap();
+    assert!(rt.has_image(&tag).await.unwrap());
+    assert!(rt.has_image(&image_id).await.unwrap());
+    rt.load_image(&archive).await.unwrap(); // loading twice is fine
+
+    for (id, reference) in [(&by_tag, &tag), (&by_id, &image_id)] {
+        let spec = WorkloadSpec::new(
+            id.as_str(),
+            Image::Reference(reference.clone()),
+            vec!["echo".into(), format!("ran {reference}")],
+        );
+        rt.create(&spec).await.unwrap();
+        rt.start(id).await.unwrap();
+        assert!(eventually(10, async || rt.state(id).await.unwrap() == State::Stopped).await);
+        assert!(rt.logs(id).await.unwrap().contains("ran "));
+        rt.delete(id).await.unwrap();
+    }
+
+    // Errors name the archive.
+    let missing = tmp.path().join("missing.tar");
+    let e = rt.load_image(&missing).await.unwrap_err();
+    assert!(e.to_string().contains("missing.tar"), "{e}");
+    let garbage = tmp.path().join("garbage.tar");
+    std::fs::write(&garbage, b"this is not a tar archive").unwrap();
+    let e = rt.load_image(&garbage).await.unwrap_err();
+    assert!(
+        matches!(e, RuntimeError::ImageLoad { .. }) && e.to_string().contains("garbage.tar"),
+        "{e}"
+    );
+}
