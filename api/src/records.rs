@@ -6,6 +6,7 @@
 //! | `machines`  | machine id     | [`MachineRecord`] |
 //! | `subnets`   | `10-101-3-0`   | [`SubnetClaim`]   |
 //! | `invites`   | invite id      | [`InviteRecord`]  |
+//! | `services`  | service name   | [`ServiceRecord`] |
 //! | `instances` | `svc.machine.n`| [`InstanceRecord`]|
 //!
 //! Keys are valid JetStream KV keys so a standard NATS client can read them.
@@ -18,6 +19,7 @@ pub const BUCKET_MACHINES: &str = "machines";
 pub const BUCKET_SUBNETS: &str = "subnets";
 pub const BUCKET_INVITES: &str = "invites";
 pub const BUCKET_INSTANCES: &str = "instances";
+pub const BUCKET_SERVICES: &str = "services";
 pub const NETWORK_KEY: &str = "config";
 
 /// Default cluster overlay range; each machine gets a /24 out of it.
@@ -238,7 +240,7 @@ pub enum InstanceState {
     Failed,
 }
 
-/// One placed instance of a service.
+/// One placed instance of a service, written by the machine that runs it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct InstanceRecord {
     pub service: String,
@@ -246,6 +248,17 @@ pub struct InstanceRecord {
     pub state: InstanceState,
     #[serde(default)]
     pub overlay_ip: Option<String>,
+    /// Placement slot within the service (see [`Placement::slot`]).
+    #[serde(default)]
+    pub slot: u32,
+    /// The service generation this instance runs.
+    #[serde(default)]
+    pub generation: u64,
+    /// Why the instance is not running, when it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub updated_at_ms: u64,
 }
 
 impl InstanceRecord {
@@ -253,6 +266,69 @@ impl InstanceRecord {
     pub fn is_live(&self) -> bool {
         matches!(self.state, InstanceState::Pending | InstanceState::Running)
     }
+
+    /// The store key: `<service>.<machine>.<slot>`.
+    pub fn key(service: &str, machine: &str, slot: u32) -> String {
+        format!("{service}.{machine}.{slot}")
+    }
+}
+
+/// Where a service's image comes from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceImage {
+    /// What the user asked for (a path or a name), for display.
+    pub reference: String,
+    /// sha256 of the image archive when ployz ships it between machines;
+    /// `None` for a name every machine must already have.
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// sha256 of the image config (docker's image id).
+    #[serde(default)]
+    pub image_id: Option<String>,
+    #[serde(default)]
+    pub size: u64,
+    /// Machines holding the archive, to fetch it from.
+    #[serde(default)]
+    pub sources: Vec<String>,
+}
+
+/// A named volume mounted into a service's workloads.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeSpec {
+    pub name: String,
+    /// Absolute path inside the workload.
+    pub target: String,
+}
+
+/// One replica of a service assigned to a machine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Placement {
+    pub machine: String,
+    /// Unique within the service, never reused while the placement exists.
+    pub slot: u32,
+    /// Stopped on purpose (a migration copies its volumes); not restarted.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// A service: desired state, written by `deploy`, read by every machine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceRecord {
+    pub name: String,
+    pub image: ServiceImage,
+    pub replicas: u32,
+    /// Command to run; empty means the image's own entrypoint and cmd.
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub volumes: Vec<VolumeSpec>,
+    pub placements: Vec<Placement>,
+    /// Bumped by every deploy: machines recreate instances of older ones.
+    pub generation: u64,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
 }
 
 #[cfg(test)]

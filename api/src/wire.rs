@@ -67,6 +67,43 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// Create or update a service and wait until its instances run.
+    ServiceDeploy(Box<DeployRequest>),
+    ServiceList,
+    /// Delete a service; every machine stops and removes its instances.
+    ServiceRm {
+        name: String,
+    },
+    /// Move a service's instance (and its volumes) to another machine.
+    ServiceMigrate {
+        name: String,
+        to: String,
+        /// The machine to move from, when the service runs on several.
+        #[serde(default)]
+        from: Option<String>,
+    },
+}
+
+/// `deploy service`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct DeployRequest {
+    pub name: String,
+    /// An absolute path to an image archive or OCI layout on the machine
+    /// running ployzctl, or a name in the machines' local image stores.
+    pub image: String,
+    pub replicas: u32,
+    /// `KEY=VALUE`.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// `volume:/path`.
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    /// Command (after `--`); empty runs the image's default.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Seconds to wait for the instances to run (0: do not wait).
+    #[serde(default)]
+    pub wait_secs: Option<u64>,
 }
 
 /// `machine init` / `machine add`: every flag of the page.
@@ -162,6 +199,70 @@ pub enum Response {
     Rtt(RttReport),
     /// `machine init/add/update --json`: one result per target.
     Targets(TargetsReport),
+    Services(ServiceList),
+    Service(Box<ServiceView>),
+    ServiceRemoved(ServiceRemoved),
+}
+
+/// `service ls --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceList {
+    pub services: Vec<ServiceView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceView {
+    pub name: String,
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    pub replicas: u32,
+    pub generation: u64,
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    pub instances: Vec<InstanceView>,
+}
+
+impl ServiceView {
+    /// Instances that are not running (a deploy or migration reports them).
+    pub fn not_running(&self) -> Vec<&InstanceView> {
+        self.instances
+            .iter()
+            .filter(|i| i.state != InstanceState::Running)
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InstanceView {
+    pub machine: String,
+    pub slot: u32,
+    pub state: InstanceState,
+    pub overlay_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Running => "running",
+            InstanceState::Stopped => "stopped",
+            InstanceState::Failed => "failed",
+        })
+    }
+}
+
+/// `service rm --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceRemoved {
+    pub name: String,
+    /// Machines that removed their instances.
+    pub removed_on: Vec<String>,
+    /// Machines that had not confirmed before the deadline (they remove the
+    /// instances when they next reach the store).
+    pub pending_on: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Longest a request may take before ployzctl gives up waiting.
-const TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest silence between two lines of a reply (long requests send progress).
+const TIMEOUT: Duration = Duration::from_secs(600);
 
 pub fn default_socket() -> PathBuf {
     if std::env::var_os("PLOYZ_SOCKET").is_none() {

@@ -45,6 +45,57 @@ enum Top {
     /// Release locations for `--install-source release`.
     #[command(subcommand)]
     Release(ReleaseCmd),
+    /// Deploy a workload.
+    #[command(subcommand)]
+    Deploy(DeployCmd),
+    /// Services running on the cluster.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+}
+
+#[derive(Subcommand)]
+enum DeployCmd {
+    /// Create or update a service and wait until its instances run.
+    Service {
+        name: String,
+        /// Image: a `docker save` tarball or OCI image layout on this machine
+        /// (shipped to the machines that run it), or a name already in their stores.
+        #[arg(long)]
+        image: String,
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// Environment variable KEY=VALUE (repeatable).
+        #[arg(short = 'e', long = "env")]
+        env: Vec<String>,
+        /// Named volume VOLUME:/PATH (repeatable).
+        #[arg(short = 'v', long = "volume")]
+        volumes: Vec<String>,
+        /// Seconds to wait for the instances to run.
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
+        /// Command to run instead of the image's default.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// List services and where their instances run.
+    #[command(alias = "list")]
+    Ls,
+    /// Remove a service: its instances are stopped and deleted everywhere.
+    Rm { name: String },
+    /// Move a service's instance, with its volumes, to another machine.
+    Migrate {
+        name: String,
+        /// Machine to move to.
+        #[arg(long)]
+        to: String,
+        /// Machine to move from (when the service runs on several).
+        #[arg(long)]
+        from: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -233,6 +284,31 @@ fn add_request(targets: Vec<String>, f: InstallFlags) -> Request {
     }))
 }
 
+/// An image that names a file or directory here is sent as an absolute
+/// path (ployzd imports it); anything else is a name.
+fn image_arg(image: &str) -> String {
+    let p = std::path::Path::new(image);
+    if p.exists() {
+        std::fs::canonicalize(p)
+            .map(|a| a.display().to_string())
+            .unwrap_or_else(|_| image.to_string())
+    } else {
+        image.to_string()
+    }
+}
+
+/// Something that looks like a path must exist.
+fn check_image_path(image: &str) -> Result<(), String> {
+    let looks_like_path = image.starts_with(['.', '/', '~'])
+        || [".tar", ".tgz", ".tar.gz"]
+            .iter()
+            .any(|ext| image.ends_with(ext));
+    if looks_like_path && !std::path::Path::new(image).exists() {
+        return Err(format!("--image {image}: no such file or directory"));
+    }
+    Ok(())
+}
+
 fn request_of(cmd: Top) -> Request {
     match cmd {
         Top::Release(_) => unreachable!("handled locally"),
@@ -291,6 +367,28 @@ fn request_of(cmd: Top) -> Request {
         }
         Top::Machine(MachineCmd::Rm { force, machine }) => Request::MachineRm { machine, force },
         Top::Machine(MachineCmd::Rtt) => Request::MachineRtt,
+        Top::Deploy(DeployCmd::Service {
+            name,
+            image,
+            replicas,
+            env,
+            volumes,
+            wait_secs,
+            command,
+        }) => Request::ServiceDeploy(Box::new(ployz_api::DeployRequest {
+            name,
+            image: image_arg(&image),
+            replicas,
+            env,
+            volumes,
+            command,
+            wait_secs: Some(wait_secs),
+        })),
+        Top::Service(ServiceCmd::Ls) => Request::ServiceList,
+        Top::Service(ServiceCmd::Rm { name }) => Request::ServiceRm { name },
+        Top::Service(ServiceCmd::Migrate { name, to, from }) => {
+            Request::ServiceMigrate { name, to, from }
+        }
     }
 }
 
@@ -311,6 +409,17 @@ fn main() {
     let json = cli.json;
     if let Top::Release(ReleaseCmd::Pack { out, version }) = cli.command {
         std::process::exit(release_pack(&out, version, json));
+    }
+    if let Top::Deploy(DeployCmd::Service { image, .. }) = &cli.command {
+        if let Err(msg) = check_image_path(image) {
+            output::print_error(
+                &ployz_api::ApiError::new(ployz_api::ErrorCode::InvalidArgument, msg).with_hint(
+                    "give a `docker save` tarball, an OCI image layout directory, or an image name",
+                ),
+                json,
+            );
+            std::process::exit(ployz_api::ErrorCode::InvalidArgument.exit_code());
+        }
     }
     let request = request_of(cli.command);
     let code = match client::call(&socket, &request) {

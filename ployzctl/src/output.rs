@@ -181,6 +181,50 @@ pub fn print_response(resp: &Response, json: bool) {
             }
             println!("invite {} is {}", i.invite_id, i.status);
         }
+        Response::Services(l) => {
+            if json {
+                return print_json(l);
+            }
+            print!("{}", services_table(&l.services));
+        }
+        Response::Service(v) => {
+            if json {
+                return print_json(v);
+            }
+            print!("{}", services_table(std::slice::from_ref(v.as_ref())));
+            for i in v.not_running() {
+                eprintln!(
+                    "warning: slot {} on {} is {}{}",
+                    i.slot,
+                    i.machine,
+                    i.state,
+                    i.error
+                        .as_ref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        Response::ServiceRemoved(r) => {
+            if json {
+                return print_json(r);
+            }
+            println!(
+                "service {} removed{}",
+                r.name,
+                if r.removed_on.is_empty() {
+                    String::new()
+                } else {
+                    format!("; instances stopped on {}", r.removed_on.join(", "))
+                }
+            );
+            if !r.pending_on.is_empty() {
+                eprintln!(
+                    "warning: not confirmed yet by {} (they remove their instances when they next reach the store)",
+                    r.pending_on.join(", ")
+                );
+            }
+        }
         Response::Targets(r) => {
             if json {
                 return print_json(r);
@@ -277,10 +321,53 @@ pub fn print_response(resp: &Response, json: bool) {
 }
 
 /// Whether a multi-target answer reports a failed target.
+/// One row per instance: SERVICE, IMAGE, REPLICAS, MACHINE, SLOT, STATE, OVERLAY IP.
+fn services_table(services: &[ServiceView]) -> String {
+    let mut rows = Vec::new();
+    for s in services {
+        if s.instances.is_empty() {
+            rows.push(vec![
+                s.name.clone(),
+                s.image.clone(),
+                s.replicas.to_string(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]);
+        }
+        for i in &s.instances {
+            rows.push(vec![
+                s.name.clone(),
+                s.image.clone(),
+                s.replicas.to_string(),
+                i.machine.clone(),
+                i.slot.to_string(),
+                i.state.to_string(),
+                opt(&i.overlay_ip),
+            ]);
+        }
+    }
+    table(
+        &[
+            "SERVICE",
+            "IMAGE",
+            "REPLICAS",
+            "MACHINE",
+            "SLOT",
+            "STATE",
+            "OVERLAY IP",
+        ],
+        &rows,
+    )
+}
+
 pub fn has_failures(resp: &Response) -> bool {
     match resp {
         Response::Promoted(r) => r.results.iter().any(|t| !t.ok),
         Response::Targets(r) => r.results.iter().any(|t| !t.ok),
+        Response::Service(v) => !v.not_running().is_empty(),
+        Response::ServiceRemoved(r) => !r.pending_on.is_empty(),
         _ => false,
     }
 }

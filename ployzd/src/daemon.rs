@@ -97,6 +97,11 @@ pub struct Daemon {
     /// The WireGuard mesh, once this machine has an overlay address.
     pub(crate) overlay: std::sync::OnceLock<crate::overlay::Overlay>,
     pub(crate) mesh_lock: tokio::sync::Mutex<()>,
+    /// The workload runtime and image store, opened on first use.
+    pub(crate) workloads: std::sync::OnceLock<crate::workloads::Workloads>,
+    pub(crate) workloads_init: std::sync::Mutex<()>,
+    /// The image store before the runtime is needed (a deploy's import).
+    pub(crate) images: std::sync::Mutex<Option<std::sync::Arc<ployz_runtime::image::ImageStore>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +242,9 @@ impl Daemon {
             remote_events,
             overlay: std::sync::OnceLock::new(),
             mesh_lock: tokio::sync::Mutex::new(()),
+            workloads: std::sync::OnceLock::new(),
+            workloads_init: std::sync::Mutex::new(()),
+            images: std::sync::Mutex::new(None),
         })
     }
 
@@ -393,6 +401,19 @@ impl Daemon {
                 .machine_rm(&machine, force, hops)
                 .await
                 .map(Response::Removed),
+            Request::ServiceDeploy(req) => self
+                .service_deploy(*req, sink)
+                .await
+                .map(|v| Response::Service(Box::new(v))),
+            Request::ServiceList => self.service_list().await.map(Response::Services),
+            Request::ServiceRm { name } => self
+                .service_rm(&name, sink)
+                .await
+                .map(Response::ServiceRemoved),
+            Request::ServiceMigrate { name, to, from } => self
+                .service_migrate(&name, &to, from.as_deref(), sink)
+                .await
+                .map(|v| Response::Service(Box::new(v))),
         }
     }
 
@@ -784,6 +805,16 @@ impl Daemon {
                     Err(e) => PeerResponse::Error(e),
                 }
             }
+            PeerRequest::PullVolume { name, from } => {
+                match Box::pin(self.pull_volume(&name, &from)).await {
+                    Ok((bytes, sha256)) => PeerResponse::VolumePulled { bytes, sha256 },
+                    Err(e) => PeerResponse::Error(e),
+                }
+            }
+            PeerRequest::DropVolume { name } => match self.drop_volume(&name).await {
+                Ok(dropped) => PeerResponse::VolumeDropped { dropped },
+                Err(e) => PeerResponse::Error(e),
+            },
         }
     }
 
@@ -1264,7 +1295,11 @@ pub async fn background(
     // A change to the machines bucket (a join, a removal, a new endpoint)
     // runs the loop at once instead of at the next tick.
     let changed = std::sync::Arc::new(tokio::sync::Notify::new());
-    let watcher = tokio::spawn(watch_machines(daemon.clone(), changed.clone()));
+    let watcher = tokio::spawn(watch_bucket(
+        daemon.clone(),
+        BUCKET_MACHINES,
+        changed.clone(),
+    ));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -1390,10 +1425,11 @@ pub async fn background(
     watcher.abort();
 }
 
-/// Wake the background loop on every change to the machines bucket (from
-/// the local replica, or relayed from a storage machine).
-async fn watch_machines(
+/// Wake a loop on every change to `bucket` (from the local replica, or
+/// relayed from a storage machine).
+pub(crate) async fn watch_bucket(
     daemon: std::sync::Arc<Daemon>,
+    bucket: &'static str,
     changed: std::sync::Arc<tokio::sync::Notify>,
 ) {
     use tokio::sync::broadcast::error::RecvError;
@@ -1404,7 +1440,7 @@ async fn watch_machines(
         let mut rx = daemon.kv_events();
         while daemon.has_replica() == replica {
             match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-                Ok(Ok(ployz_consensus::KvEvent::Entry(e))) if e.bucket == BUCKET_MACHINES => {
+                Ok(Ok(ployz_consensus::KvEvent::Entry(e))) if e.bucket == bucket => {
                     changed.notify_one()
                 }
                 Ok(Ok(ployz_consensus::KvEvent::Reset)) | Ok(Err(RecvError::Lagged(_))) => {

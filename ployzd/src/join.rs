@@ -382,6 +382,8 @@ impl Daemon {
     /// wipe the data directory, exit.
     pub(crate) async fn leave(&self, by: &str) -> peer::PeerResponse {
         tracing::warn!(by, "asked to leave the network: cleaning up");
+        let removed = self.remove_all_workloads().await;
+        tracing::info!(removed, "workloads stopped and deleted");
         let exit = self.exit.clone();
         // Answer first; the cleanup runs after the reply is on its way.
         tokio::spawn(async move {

@@ -193,6 +193,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         daemon.clone(),
         stop_rx.clone(),
     ));
+    let reconciler = tokio::spawn(ployzd::workloads::reconcile_loop(
+        daemon.clone(),
+        stop_rx.clone(),
+    ));
     let background = tokio::spawn(ployzd::daemon::background(daemon.clone(), stop_rx));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -206,6 +210,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let _ = server.await;
     let _ = peers.await;
     let _ = background.await;
+    let _ = reconciler.await;
     daemon.shutdown().await;
     let _ = std::fs::remove_file(&socket);
     if leaving {

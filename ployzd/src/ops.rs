@@ -432,6 +432,10 @@ impl Daemon {
                 }
             }
         }
+        // Its placements go with it (workloads are never moved automatically).
+        if let Err(e) = self.forget_machine_workloads(&id).await {
+            tracing::warn!(machine = %id, "cannot drop its placements: {}", e.message);
+        }
         let subnet_key = target
             .value
             .subnet
@@ -501,6 +505,10 @@ impl peer::PeerHandler for Daemon {
 
     fn raft_events(&self) -> tokio::sync::broadcast::Receiver<ployz_consensus::KvEvent> {
         self.node.subscribe()
+    }
+
+    async fn blob(&self, req: peer::BlobRequest) -> Result<peer::BlobSource, ApiError> {
+        self.serve_blob(req).await
     }
 }
 

@@ -20,7 +20,17 @@ pub const BUCKETS: &[(&str, u8)] = &[
     (ployz_api::BUCKET_SUBNETS, 1),
     (ployz_api::BUCKET_INVITES, 1),
     (ployz_api::BUCKET_INSTANCES, 1),
+    (ployz_api::BUCKET_SERVICES, 5),
 ];
+
+/// Ops creating one control-plane bucket (idempotent), for writes to a
+/// bucket a network founded by an older version may not have yet.
+pub fn ensure_bucket(name: &str) -> Vec<Op> {
+    create_buckets()
+        .into_iter()
+        .filter(|op| matches!(op, Op::CreateBucket { bucket, .. } if bucket == name))
+        .collect()
+}
 
 pub fn create_buckets() -> Vec<Op> {
     BUCKETS

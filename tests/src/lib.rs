@@ -7,6 +7,7 @@
 //! or in `$PLOYZ_BIN_DIR`.
 
 pub mod fresh;
+pub mod images;
 pub mod netns;
 
 use serde_json::Value;
@@ -124,12 +125,15 @@ impl Machine {
             .open(self.log_path())
             .expect("log file");
         let mut cmd = match &self.netns {
-            // `ip netns exec` gives the process its own mount namespace; a
-            // private tmpfs on /run/wireguard keeps each host's WireGuard
+            // The host's network namespace plus a mount namespace of its own:
+            // a private tmpfs on /run/wireguard keeps each host's WireGuard
             // control socket (`plz0.sock`) its own, as on a real machine.
+            // (Not `ip netns exec`: it remounts /sys, which hides the cgroup
+            // hierarchies the host runtime needs.)
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "sh", "-c"])
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .args(["unshare", "--mount", "--propagation", "private", "sh", "-c"])
                     .arg("mkdir -p /run/wireguard && mount -t tmpfs ployz-wg /run/wireguard && exec \"$0\" \"$@\"")
                     .arg(bin("ployzd"));
                 c
@@ -256,9 +260,53 @@ impl Machine {
     }
 }
 
+impl Machine {
+    /// Workloads outlive their daemon (as on a real machine, where a ployzd
+    /// restart must not stop services); a test's machines must not, so
+    /// dropping a machine kills what its runtime started.
+    fn kill_workloads(&self) {
+        let state = self.data_dir().join("runtime/state");
+        if let Ok(dirs) = std::fs::read_dir(&state) {
+            for d in dirs.flatten() {
+                let Ok(body) = std::fs::read(d.path().join("state.json")) else {
+                    continue;
+                };
+                let pid = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v["pid"].as_i64());
+                if let Some(pid) = pid.filter(|p| *p > 1) {
+                    // SAFETY: kill(2) with a pid read from our own runtime state.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
+        if self
+            .extra_args
+            .windows(2)
+            .any(|w| w == ["--runtime", "docker"])
+        {
+            let id = std::fs::read(self.data_dir().join("identity.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .and_then(|v| v["machine_id"].as_str().map(str::to_string));
+            if let Some(id) = id {
+                let out = Command::new("docker")
+                    .args(["ps", "-aq", "--filter", &format!("name=^plz-{}-", &id[..8])])
+                    .output();
+                if let Ok(out) = out {
+                    for c in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                        let _ = Command::new("docker").args(["rm", "-f", c]).output();
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Drop for Machine {
     fn drop(&mut self) {
         self.kill9();
+        self.kill_workloads();
     }
 }
 

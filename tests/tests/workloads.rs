@@ -1,0 +1,441 @@
+//! Services on real ployzd machines: deploy with lifecycle-aware placement,
+//! reachability over the mesh, drain/standby with running workloads,
+//! migration with a volume, removal of a machine running workloads, and the
+//! docker runtime against the real dockerd.
+
+use ployz_tests::images::busybox_image;
+use ployz_tests::netns::Testbed;
+use ployz_tests::{eventually, stderr, stdout, Machine};
+use serde_json::Value;
+use std::collections::HashSet;
+use std::time::Duration;
+
+const HTTPD: &[&str] = &["httpd", "-f", "-p", "8080", "-h", "/www"];
+
+fn cluster(tb: &Testbed, network: &str) -> Vec<Machine> {
+    let founder = Machine::start_in(&tb.hosts[0], &[]);
+    founder.ctl_json(&["mesh", "init", network]);
+    let mut ms = vec![founder];
+    for h in &tb.hosts[1..] {
+        let m = Machine::start_in(h, &[]);
+        let token = ms[0].ctl_json(&["machine", "invite", "create"])["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        m.ctl_json(&["machine", "invite", "import", "--token", &token]);
+        ms.push(m);
+    }
+    ms
+}
+
+/// `(machine, state, overlay_ip)` of each instance of `service`.
+fn instances(m: &Machine, service: &str) -> Vec<(String, String, String)> {
+    let v = m.ctl_json(&["service", "ls"]);
+    v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == service)
+        .flat_map(|s| s["instances"].as_array().unwrap().clone())
+        .map(|i| {
+            (
+                i["machine"].as_str().unwrap().to_string(),
+                i["state"].as_str().unwrap().to_string(),
+                i["overlay_ip"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// GET http://ip:8080/path from inside machine `m`'s namespace.
+fn http_get(m: &Machine, ip: &str, path: &str) -> Option<String> {
+    let o = m.exec(
+        "curl",
+        &["-sf", "-m", "3", &format!("http://{ip}:8080{path}")],
+    );
+    o.status.success().then(|| stdout(&o))
+}
+
+fn deploy(m: &Machine, args: &[&str]) -> Value {
+    let mut a = vec!["deploy", "service"];
+    a.extend_from_slice(args);
+    m.ctl_json(&a)
+}
+
+#[test]
+fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine() {
+    let tb = Testbed::new(3);
+    let ms = cluster(&tb, "svctest");
+    let ids: Vec<String> = ms.iter().map(Machine::id).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
+    let image = image.to_str().unwrap();
+
+    // 1. Two replicas, both running, on two different active machines, each
+    // reachable over the mesh from every other machine.
+    let v = deploy(&ms[0], &["web", "--image", image, "--replicas", "2"]);
+    let inst = v["instances"].as_array().unwrap();
+    assert_eq!(inst.len(), 2, "{v:#}");
+    assert!(inst.iter().all(|i| i["state"] == "running"), "{v:#}");
+    let on: HashSet<&str> = inst
+        .iter()
+        .map(|i| i["machine"].as_str().unwrap())
+        .collect();
+    assert_eq!(on.len(), 2, "replicas spread over two machines: {v:#}");
+    assert!(v["digest"].as_str().unwrap().starts_with("sha256:"));
+    for i in inst {
+        let ip = i["overlay_ip"].as_str().unwrap();
+        let host = i["machine"].as_str().unwrap();
+        let subnet_of = |id: &str| {
+            ms[0].ctl_json(&["machine", "ls"])["machines"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["id"] == id)
+                .unwrap()["subnet"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let subnet = subnet_of(host);
+        let prefix = subnet.rsplit_once('.').unwrap().0;
+        assert!(ip.starts_with(&format!("{prefix}.")), "{ip} is in {subnet}");
+        for (k, m) in ms.iter().enumerate() {
+            let body = eventually(Duration::from_secs(20), || http_get(m, ip, "/"));
+            assert_eq!(
+                body.as_deref(),
+                Some("hello from a ployz workload\n"),
+                "machine {k} cannot reach {ip} (on {host}) over the mesh"
+            );
+        }
+    }
+
+    // 2. Drain a machine running a replica (not the founder: it is the only
+    // storage machine, and it is removed at the end).
+    let busy_inst = inst
+        .iter()
+        .find(|i| i["machine"] != ids[0].as_str())
+        .unwrap();
+    let busy = busy_inst["machine"].as_str().unwrap().to_string();
+    let busy_ip = busy_inst["overlay_ip"].as_str().unwrap().to_string();
+    let busy_idx = ids.iter().position(|i| *i == busy).unwrap();
+    ms[0].ctl_json(&["machine", "drain", &busy]);
+    let v = deploy(&ms[0], &["api", "--image", image, "--replicas", "3"]);
+    let api_on: Vec<&str> = v["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["machine"].as_str().unwrap())
+        .collect();
+    assert_eq!(api_on.len(), 3, "{v:#}");
+    assert!(
+        !api_on.contains(&busy.as_str()),
+        "a new deploy landed on draining machine {busy}: {v:#}"
+    );
+    // Its running workload stays.
+    assert!(instances(&ms[0], "web")
+        .iter()
+        .any(|(m, s, _)| *m == busy && s == "running"));
+    assert!(http_get(&ms[0], &busy_ip, "/").is_some());
+
+    // Standby without --force names the workload; with --force it proceeds.
+    let o = ms[0].ctl(&["machine", "standby", &busy]);
+    assert_eq!(o.status.code(), Some(5), "standby refused: {}", stderr(&o));
+    assert!(stderr(&o).contains("web"), "{}", stderr(&o));
+    let r = ms[0].ctl_json(&["machine", "standby", "--force", &busy]);
+    assert_eq!(r["machine"]["lifecycle"], "standby", "{r:#}");
+    assert!(
+        http_get(&ms[0], &busy_ip, "/").is_some(),
+        "standby keeps it running"
+    );
+
+    // 3. A volume moves with its service.
+    ms[0].ctl_json(&["service", "rm", "api"]);
+    let v = deploy(
+        &ms[0],
+        &[
+            "db",
+            "--image",
+            image,
+            "-v",
+            "data:/www",
+            "--",
+            "httpd",
+            "-f",
+            "-p",
+            "8080",
+            "-h",
+            "/www",
+        ],
+    );
+    let src = v["instances"][0]["machine"].as_str().unwrap().to_string();
+    let src_ip = v["instances"][0]["overlay_ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let src_idx = ids.iter().position(|i| *i == src).unwrap();
+    assert_ne!(src, busy, "standby machine takes no placement");
+    let payload: String = (0..2000)
+        .map(|i| char::from(b'a' + (i * 7 % 26) as u8))
+        .collect();
+    std::fs::write(ms[src_idx].data_dir().join("volumes/data/f"), &payload).unwrap();
+    assert_eq!(
+        http_get(&ms[0], &src_ip, "/f").as_deref(),
+        Some(payload.as_str())
+    );
+    let dst_idx = (0..3).find(|i| ids[*i] != src && ids[*i] != busy).unwrap();
+    let out = ms[0].ctl(&["--json", "service", "migrate", "db", "--to", &ids[dst_idx]]);
+    assert!(
+        out.status.success(),
+        "migrate: {}\n{}",
+        stderr(&out),
+        ms[0].log()
+    );
+    let progress = stderr(&out);
+    assert!(
+        progress.contains("sha256:"),
+        "progress shows the checksum: {progress}"
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let inst = v["instances"].as_array().unwrap();
+    assert_eq!(inst.len(), 1, "{v:#}");
+    assert_eq!(inst[0]["machine"], ids[dst_idx].as_str());
+    assert_eq!(inst[0]["state"], "running");
+    let dst_ip = inst[0]["overlay_ip"].as_str().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(ms[dst_idx].data_dir().join("volumes/data/f")).unwrap(),
+        payload
+    );
+    let got = eventually(Duration::from_secs(10), || http_get(&ms[0], dst_ip, "/f"));
+    assert_eq!(
+        got.as_deref(),
+        Some(payload.as_str()),
+        "same bytes on the target"
+    );
+    let gone = eventually(Duration::from_secs(20), || {
+        http_get(&ms[0], &src_ip, "/f").is_none().then_some(())
+    });
+    assert!(gone.is_some(), "the source no longer serves it");
+    assert!(!instances(&ms[0], "db").iter().any(|(m, _, _)| *m == src));
+
+    // A migration to a non-active machine is refused and changes nothing.
+    let o = ms[0].ctl(&["service", "migrate", "db", "--to", &busy]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(stderr(&o).contains("standby"), "{}", stderr(&o));
+    assert_eq!(instances(&ms[0], "db")[0].1, "running");
+
+    // 4. Removing a machine stops its workloads and drops its placements.
+    let r = ms[0].ctl_json(&["machine", "rm", &busy]);
+    assert_eq!(r["cleaned_up"], true, "{r:#}");
+    let other = 0;
+    let _ = busy_idx;
+    assert!(!instances(&ms[other], "web")
+        .iter()
+        .any(|(m, _, _)| *m == busy));
+    let down = eventually(Duration::from_secs(20), || {
+        http_get(&ms[other], &busy_ip, "/").is_none().then_some(())
+    });
+    assert!(down.is_some(), "the removed machine's workload is stopped");
+
+    // Bad input changes nothing.
+    let o = ms[other].ctl(&["deploy", "service", "Bad_Name", "--image", image]);
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    let o = ms[other].ctl(&["deploy", "service", "x", "--image", "./missing.tar"]);
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    let o = ms[other].ctl(&["deploy", "service", "x", "--image", image, "-e", "NOPE"]);
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    assert!(!stdout(&ms[other].ctl(&["service", "ls"])).contains("\nx "));
+
+    // service rm removes it everywhere.
+    let r = ms[other].ctl_json(&["service", "rm", "web"]);
+    assert!(r["pending_on"].as_array().unwrap().is_empty(), "{r:#}");
+    assert!(instances(&ms[other], "web").is_empty());
+}
+
+/// Removes docker containers and networks this test created, also on failure.
+struct DockerGuard {
+    network: String,
+    subnet: String,
+}
+
+impl Drop for DockerGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker")
+            .args(["network", "rm", &self.network])
+            .output();
+        for chain in ["DOCKER-USER", "FORWARD"] {
+            let _ = std::process::Command::new("iptables")
+                .args(["-D", chain, "-d", &self.subnet, "-j", "ACCEPT"])
+                .output();
+        }
+    }
+}
+
+fn docker_networks() -> String {
+    let o = std::process::Command::new("docker")
+        .args(["network", "ls", "--format", "{{.Name}}"])
+        .output()
+        .unwrap();
+    stdout(&o)
+}
+
+#[test]
+fn docker_runtime_runs_the_same_deploy() {
+    let info = std::process::Command::new("docker").arg("info").output();
+    assert!(
+        info.as_ref().is_ok_and(|o| o.status.success()),
+        "dockerd is not running: start it (scripts/setup does)"
+    );
+    // A private range so the bridge never collides with another test.
+    let octet = 128 + (std::process::id() % 100) as u8;
+    let cidr = format!("10.{octet}.0.0/16");
+    let m = Machine::start_with(&["--runtime", "docker"]);
+    m.ctl_json(&["mesh", "init", "dockertest", "--cidr", &cidr]);
+    let subnet = m.ctl_json(&["mesh", "status"])["machine"]["subnet"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let net: std::net::Ipv4Addr = subnet.split('/').next().unwrap().parse().unwrap();
+    let guard = DockerGuard {
+        network: format!("plz{:08x}", u32::from(net)),
+        subnet: subnet.clone(),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let image = busybox_image(
+        tmp.path(),
+        &format!("ployz-dk-{}", std::process::id()),
+        HTTPD,
+    );
+    let v = m.ctl_json(&[
+        "deploy",
+        "service",
+        "web",
+        "--image",
+        image.to_str().unwrap(),
+        "--replicas",
+        "2",
+    ]);
+    let inst = v["instances"].as_array().unwrap();
+    assert_eq!(inst.len(), 2, "{v:#}\n{}", m.log());
+    assert!(
+        inst.iter().all(|i| i["state"] == "running"),
+        "{v:#}\n{}",
+        m.log()
+    );
+    let id = m.id();
+    let ps = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "--format",
+            "{{.Names}}",
+            "--filter",
+            &format!("name=^plz-{}-web-", &id[..8]),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        stdout(&ps).lines().count(),
+        2,
+        "dockerd runs both: {}",
+        stdout(&ps)
+    );
+    for i in inst {
+        let ip = i["overlay_ip"].as_str().unwrap();
+        let o = std::process::Command::new("curl")
+            .args(["-sf", "-m", "3", &format!("http://{ip}:8080/")])
+            .output()
+            .unwrap();
+        assert_eq!(
+            stdout(&o),
+            "hello from a ployz workload\n",
+            "{}",
+            stderr(&o)
+        );
+    }
+    m.ctl_json(&["service", "rm", "web"]);
+    let ps = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-a",
+            "--format",
+            "{{.Names}}",
+            "--filter",
+            &format!("name=^plz-{}-", &id[..8]),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&ps).trim(), "", "service rm deletes the containers");
+    // With nothing left to run, the machine takes its docker network down.
+    let gone = eventually(Duration::from_secs(15), || {
+        (!docker_networks().lines().any(|n| n == guard.network)).then_some(())
+    });
+    assert!(gone.is_some(), "network {} is left behind", guard.network);
+}
+
+#[test]
+fn workloads_survive_a_daemon_restart_and_exited_ones_restart() {
+    let tb = Testbed::new(1);
+    let mut m = Machine::start_in(&tb.hosts[0], &[]);
+    m.ctl_json(&["mesh", "init", "restarts"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
+    let v = deploy(&m, &["web", "--image", image.to_str().unwrap()]);
+    assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
+    let ip = v["instances"][0]["overlay_ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(http_get(&m, &ip, "/").is_some());
+
+    // kill -9 the daemon: the workload keeps serving; the restarted daemon
+    // adopts it instead of starting a second copy.
+    m.kill9();
+    let o = tb.hosts[0]
+        .command("curl")
+        .args(["-sf", "-m", "3", &format!("http://{ip}:8080/")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "served while ployzd is down");
+    m.restart();
+    let back = eventually(Duration::from_secs(20), || {
+        let i = instances(&m, "web");
+        (i.len() == 1 && i[0].1 == "running" && i[0].2 == ip).then_some(())
+    });
+    assert!(back.is_some(), "{:?}", instances(&m, "web"));
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        m.log().matches("instance started").count(),
+        1,
+        "adopted, not restarted:\n{}",
+        m.log()
+    );
+
+    // A workload that exits is started again.
+    let v = deploy(
+        &m,
+        &[
+            "blip",
+            "--image",
+            image.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "sleep 1; exit 3",
+        ],
+    );
+    assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
+    let restarted = eventually(Duration::from_secs(30), || {
+        (m.log().matches("instance started").count() >= 3).then_some(())
+    });
+    assert!(
+        restarted.is_some(),
+        "exited workload restarted:\n{}",
+        m.log()
+    );
+    m.ctl_json(&["service", "rm", "blip"]);
+    m.ctl_json(&["service", "rm", "web"]);
+    let gone = eventually(Duration::from_secs(10), || {
+        http_get(&m, &ip, "/").is_none().then_some(())
+    });
+    assert!(gone.is_some());
+}
