@@ -324,6 +324,12 @@ pub struct ServiceRecord {
     pub env: Vec<(String, String)>,
     #[serde(default)]
     pub volumes: Vec<VolumeSpec>,
+    /// Hard memory limit per instance, bytes.
+    #[serde(default)]
+    pub memory_limit: Option<u64>,
+    /// Relative CPU weight per instance (cgroup cpu.shares, 2–262144).
+    #[serde(default)]
+    pub cpu_shares: Option<u64>,
     pub placements: Vec<Placement>,
     /// Bumped by every deploy: machines recreate instances of older ones.
     pub generation: u64,

@@ -104,6 +104,12 @@ pub struct DeployRequest {
     /// Seconds to wait for the instances to run (0: do not wait).
     #[serde(default)]
     pub wait_secs: Option<u64>,
+    /// Memory limit per instance, e.g. `64M` (K, M, G suffixes; bytes without).
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// Relative CPU weight per instance, 2–262144 (1024 is the default weight).
+    #[serde(default)]
+    pub cpu_shares: Option<u64>,
 }
 
 /// `machine init` / `machine add`: every flag of the page.

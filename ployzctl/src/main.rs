@@ -73,6 +73,12 @@ enum DeployCmd {
         /// Seconds to wait for the instances to run.
         #[arg(long, default_value_t = 120)]
         wait_secs: u64,
+        /// Memory limit per instance, e.g. 64M (K, M, G suffixes).
+        #[arg(long)]
+        memory: Option<String>,
+        /// Relative CPU weight per instance, 2-262144 (default weight 1024).
+        #[arg(long)]
+        cpu_shares: Option<u64>,
         /// Command to run instead of the image's default.
         #[arg(last = true)]
         command: Vec<String>,
@@ -374,6 +380,8 @@ fn request_of(cmd: Top) -> Request {
             env,
             volumes,
             wait_secs,
+            memory,
+            cpu_shares,
             command,
         }) => Request::ServiceDeploy(Box::new(ployz_api::DeployRequest {
             name,
@@ -383,6 +391,8 @@ fn request_of(cmd: Top) -> Request {
             volumes,
             command,
             wait_secs: Some(wait_secs),
+            memory,
+            cpu_shares,
         })),
         Top::Service(ServiceCmd::Ls) => Request::ServiceList,
         Top::Service(ServiceCmd::Rm { name }) => Request::ServiceRm { name },

@@ -106,6 +106,32 @@ pub fn parse_env(env: &[String]) -> Result<Vec<(String, String)>, ApiError> {
     Ok(out)
 }
 
+/// A memory size: bytes, or with a K, M or G suffix (powers of 1024).
+pub fn parse_memory(s: &str) -> Result<u64, ApiError> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let bytes = num
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| {
+            invalid(format!(
+                "--memory `{s}` is not a size: use bytes or a number with K, M or G (e.g. 64M)"
+            ))
+        })?;
+    if bytes < 4 << 20 {
+        return Err(invalid(format!(
+            "--memory `{s}` is below 4M: a workload needs at least that much"
+        )));
+    }
+    Ok(bytes)
+}
+
 /// `volume:/path` pairs.
 pub fn parse_volumes(vols: &[String]) -> Result<Vec<VolumeSpec>, ApiError> {
     let mut out: Vec<VolumeSpec> = Vec::new();
@@ -321,6 +347,14 @@ impl Daemon {
         }
         let env = parse_env(&req.env)?;
         let volumes = parse_volumes(&req.volumes)?;
+        let memory_limit = req.memory.as_deref().map(parse_memory).transpose()?;
+        if let Some(shares) = req.cpu_shares {
+            if !(2..=262_144).contains(&shares) {
+                return Err(invalid(format!(
+                    "--cpu-shares {shares} is out of range: use 2 to 262144 (1024 is the default weight)"
+                )));
+            }
+        }
         if req.image.trim().is_empty() {
             return Err(invalid(
                 "--image is empty: give an image archive (`docker save` tarball or OCI layout) or a name",
@@ -382,6 +416,8 @@ impl Daemon {
                     command: req.command.clone(),
                     env: env.clone(),
                     volumes: volumes.clone(),
+                    memory_limit,
+                    cpu_shares: req.cpu_shares,
                     placements,
                     generation: cur.map_or(1, |c| c.generation + 1),
                     created_at_ms: cur.map_or(now, |c| c.created_at_ms),
@@ -1391,6 +1427,8 @@ impl Daemon {
         spec.env = env;
         spec.mounts = mounts;
         spec.hostname = Some(svc.name.clone());
+        spec.memory_limit = svc.memory_limit;
+        spec.cpu_shares = svc.cpu_shares;
         spec.network = Some(NetworkAttachment {
             bridge,
             address: ip,
@@ -1801,6 +1839,16 @@ mod tests {
         assert!(parse_volumes(&["data:rel".into()]).is_err());
         assert!(parse_volumes(&["../x:/a".into()]).is_err());
         assert!(parse_volumes(&["a:/x".into(), "b:/x".into()]).is_err());
+    }
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_memory("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_memory("8388608").unwrap(), 8 << 20);
+        assert!(parse_memory("1M").unwrap_err().message.contains("below 4M"));
+        assert!(parse_memory("lots").is_err());
+        assert!(parse_memory("99999999999G").is_err());
     }
 
     #[test]

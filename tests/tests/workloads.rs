@@ -379,13 +379,46 @@ fn workloads_survive_a_daemon_restart_and_exited_ones_restart() {
     m.ctl_json(&["mesh", "init", "restarts"]);
     let tmp = tempfile::tempdir().unwrap();
     let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
-    let v = deploy(&m, &["web", "--image", image.to_str().unwrap()]);
+    let v = deploy(
+        &m,
+        &["web", "--image", image.to_str().unwrap(), "--memory", "64M"],
+    );
     assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
     let ip = v["instances"][0]["overlay_ip"]
         .as_str()
         .unwrap()
         .to_string();
     assert!(http_get(&m, &ip, "/").is_some());
+    // The memory limit is the workload's cgroup limit.
+    let state_dir = m.data_dir().join("runtime/state");
+    let wid = std::fs::read_dir(&state_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let st: Value =
+        serde_json::from_slice(&std::fs::read(wid.join("state.json")).unwrap()).unwrap();
+    let pid = st["pid"].as_i64().unwrap();
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let limit = cg
+        .lines()
+        .find_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let (_, ctrl, path) = (it.next()?, it.next()?, it.next()?);
+            if ctrl.split(',').any(|c| c == "memory") {
+                std::fs::read_to_string(format!(
+                    "/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"
+                ))
+                .ok()
+            } else if ctrl.is_empty() {
+                std::fs::read_to_string(format!("/sys/fs/cgroup{path}/memory.max")).ok()
+            } else {
+                None
+            }
+        })
+        .unwrap_or_else(|| panic!("no memory cgroup for pid {pid}:\n{cg}"));
+    assert_eq!(limit.trim(), (64u64 << 20).to_string());
 
     // kill -9 the daemon: the workload keeps serving; the restarted daemon
     // adopts it instead of starting a second copy.
