@@ -74,6 +74,16 @@ pub enum Request {
     ServiceRm {
         name: String,
     },
+    /// What a service's instances wrote to stdout and stderr.
+    ServiceLogs {
+        name: String,
+        /// Only this instance.
+        #[serde(default)]
+        slot: Option<u32>,
+        /// Last lines per instance.
+        #[serde(default)]
+        tail: Option<usize>,
+    },
     /// Move a service's instance (and its volumes) to another machine.
     ServiceMigrate {
         name: String,
@@ -206,6 +216,7 @@ pub enum Response {
     /// `machine init/add/update --json`: one result per target.
     Targets(TargetsReport),
     Services(ServiceList),
+    Logs(ServiceLogs),
     Service(Box<ServiceView>),
     ServiceRemoved(ServiceRemoved),
 }
@@ -258,6 +269,24 @@ impl fmt::Display for InstanceState {
             InstanceState::Failed => "failed",
         })
     }
+}
+
+/// `service logs --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceLogs {
+    pub name: String,
+    pub instances: Vec<InstanceLogs>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InstanceLogs {
+    pub machine: String,
+    pub slot: u32,
+    /// The last lines the instance wrote (stdout and stderr interleaved).
+    pub logs: String,
+    /// Why the logs could not be read (the machine is unreachable, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `service rm --json`.

@@ -92,6 +92,16 @@ enum ServiceCmd {
     Ls,
     /// Remove a service: its instances are stopped and deleted everywhere.
     Rm { name: String },
+    /// What the service's instances wrote to stdout and stderr.
+    Logs {
+        name: String,
+        /// Only this instance (see `service ls`).
+        #[arg(long)]
+        slot: Option<u32>,
+        /// Last lines per instance.
+        #[arg(long, default_value_t = 200)]
+        tail: usize,
+    },
     /// Move a service's instance, with its volumes, to another machine.
     Migrate {
         name: String,
@@ -396,6 +406,11 @@ fn request_of(cmd: Top) -> Request {
         })),
         Top::Service(ServiceCmd::Ls) => Request::ServiceList,
         Top::Service(ServiceCmd::Rm { name }) => Request::ServiceRm { name },
+        Top::Service(ServiceCmd::Logs { name, slot, tail }) => Request::ServiceLogs {
+            name,
+            slot,
+            tail: Some(tail),
+        },
         Top::Service(ServiceCmd::Migrate { name, to, from }) => {
             Request::ServiceMigrate { name, to, from }
         }

@@ -205,6 +205,21 @@ pub fn print_response(resp: &Response, json: bool) {
                 );
             }
         }
+        Response::Logs(l) => {
+            if json {
+                return print_json(l);
+            }
+            let many = l.instances.len() > 1;
+            for i in &l.instances {
+                if many {
+                    println!("==> {} slot {} on {} <==", l.name, i.slot, i.machine);
+                }
+                print!("{}", i.logs);
+                if let Some(e) = &i.error {
+                    eprintln!("warning: slot {} on {}: {e}", i.slot, i.machine);
+                }
+            }
+        }
         Response::ServiceRemoved(r) => {
             if json {
                 return print_json(r);
@@ -368,6 +383,7 @@ pub fn has_failures(resp: &Response) -> bool {
         Response::Targets(r) => r.results.iter().any(|t| !t.ok),
         Response::Service(v) => !v.not_running().is_empty(),
         Response::ServiceRemoved(r) => !r.pending_on.is_empty(),
+        Response::Logs(l) => l.instances.iter().any(|i| i.error.is_some()),
         _ => false,
     }
 }

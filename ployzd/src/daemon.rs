@@ -406,6 +406,10 @@ impl Daemon {
                 .await
                 .map(|v| Response::Service(Box::new(v))),
             Request::ServiceList => self.service_list().await.map(Response::Services),
+            Request::ServiceLogs { name, slot, tail } => self
+                .service_logs(&name, slot, tail)
+                .await
+                .map(Response::Logs),
             Request::ServiceRm { name } => self
                 .service_rm(&name, sink)
                 .await
@@ -811,6 +815,14 @@ impl Daemon {
                     Err(e) => PeerResponse::Error(e),
                 }
             }
+            PeerRequest::Logs {
+                service,
+                slot,
+                tail,
+            } => match self.local_logs(&service, slot, tail).await {
+                Ok(l) => PeerResponse::Logs(l),
+                Err(e) => PeerResponse::Error(e),
+            },
             PeerRequest::DropVolume { name } => match self.drop_volume(&name).await {
                 Ok(dropped) => PeerResponse::VolumeDropped { dropped },
                 Err(e) => PeerResponse::Error(e),

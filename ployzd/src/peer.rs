@@ -169,6 +169,12 @@ pub enum PeerRequest {
     DropVolume {
         name: String,
     },
+    /// The last `tail` lines of this machine's instance `slot` of `service`.
+    Logs {
+        service: String,
+        slot: u32,
+        tail: usize,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -191,6 +197,7 @@ pub enum PeerResponse {
     VolumeDropped {
         dropped: bool,
     },
+    Logs(String),
     Error(ApiError),
 }
 

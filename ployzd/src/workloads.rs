@@ -46,6 +46,42 @@ const RESTART_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest service name (keeps workload ids within 64 characters).
 const MAX_SERVICE_NAME: usize = 40;
 const MAX_REPLICAS: u32 = 100;
+const DEFAULT_LOG_TAIL: usize = 200;
+const MAX_LOG_TAIL: usize = 10_000;
+/// Logs cross machines in one control-plane message (NATS max payload 1 MiB).
+const MAX_LOG_BYTES: usize = 512 * 1024;
+
+/// The last `n` lines of `s`, at most `max_bytes` of them (cut at a line
+/// start, or at a character boundary for one huge line).
+pub fn last_lines(s: &str, n: usize, max_bytes: usize) -> String {
+    let mut start = s.len();
+    let mut lines = 0;
+    let body = s.strip_suffix('\n').unwrap_or(s);
+    for (i, _) in body.match_indices('\n').rev() {
+        lines += 1;
+        if lines == n {
+            start = i + 1;
+            break;
+        }
+    }
+    if lines < n {
+        start = 0;
+    }
+    let mut out = &s[start..];
+    if out.len() > max_bytes {
+        let mut cut = out.len() - max_bytes;
+        while !out.is_char_boundary(cut) {
+            cut += 1;
+        }
+        out = &out[cut..];
+        if let Some(nl) = out.find('\n') {
+            if nl + 1 < out.len() {
+                out = &out[nl + 1..];
+            }
+        }
+    }
+    out.to_string()
+}
 
 // ---------------------------------------------------------------------------
 // Validation (pure)
@@ -656,6 +692,101 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    pub(crate) async fn service_logs(
+        &self,
+        name: &str,
+        slot: Option<u32>,
+        tail: Option<usize>,
+    ) -> Result<ServiceLogs, ApiError> {
+        validate_service_name(name)?;
+        self.require_network().await?;
+        let tail = tail.unwrap_or(DEFAULT_LOG_TAIL).clamp(1, MAX_LOG_TAIL);
+        let Some(svc) = self.get::<ServiceRecord>(BUCKET_SERVICES, name).await? else {
+            return Err(
+                ApiError::new(ErrorCode::NotFound, format!("no service named `{name}`"))
+                    .with_hint("`ployzctl service ls` lists the services"),
+            );
+        };
+        let placements: Vec<&Placement> = svc
+            .value
+            .placements
+            .iter()
+            .filter(|p| slot.is_none_or(|s| p.slot == s))
+            .collect();
+        if placements.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!(
+                    "service `{name}` has no instance with slot {}",
+                    slot.unwrap_or(0)
+                ),
+            )
+            .with_hint("`ployzctl service ls` shows the slots"));
+        }
+        let mut instances = Vec::new();
+        for p in placements {
+            let got = if p.machine == self.machine_id() {
+                self.local_logs(name, p.slot, tail)
+                    .await
+                    .map_err(|e| e.message)
+            } else {
+                match self
+                    .call_machine(
+                        &p.machine,
+                        &PeerRequest::Logs {
+                            service: name.to_string(),
+                            slot: p.slot,
+                            tail,
+                        },
+                        Duration::from_secs(10),
+                    )
+                    .await
+                {
+                    Ok(PeerResponse::Logs(l)) => Ok(l),
+                    Ok(PeerResponse::Error(e)) => Err(e.message),
+                    Ok(other) => Err(format!("unexpected answer {other:?}")),
+                    Err(e) => Err(e),
+                }
+            };
+            let (logs, error) = match got {
+                Ok(l) => (l, None),
+                Err(e) => (String::new(), Some(e)),
+            };
+            instances.push(InstanceLogs {
+                machine: p.machine.clone(),
+                slot: p.slot,
+                logs,
+                error,
+            });
+        }
+        Ok(ServiceLogs {
+            name: name.to_string(),
+            instances,
+        })
+    }
+
+    /// The last `tail` lines of an instance running here.
+    pub(crate) async fn local_logs(
+        &self,
+        service: &str,
+        slot: u32,
+        tail: usize,
+    ) -> Result<String, ApiError> {
+        validate_service_name(service)?;
+        let w = self.workloads()?;
+        let id = workload_id(self.machine_id(), service, slot);
+        let all = w.runtime.logs(&id).await.map_err(|e| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!(
+                    "no logs for {service} slot {slot} on {}: {e}",
+                    self.machine_id()
+                ),
+            )
+        })?;
+        Ok(last_lines(&all, tail.clamp(1, MAX_LOG_TAIL), MAX_LOG_BYTES))
     }
 
     // -----------------------------------------------------------------------
@@ -1839,6 +1970,16 @@ mod tests {
         assert!(parse_volumes(&["data:rel".into()]).is_err());
         assert!(parse_volumes(&["../x:/a".into()]).is_err());
         assert!(parse_volumes(&["a:/x".into(), "b:/x".into()]).is_err());
+    }
+
+    #[test]
+    fn log_tails() {
+        assert_eq!(last_lines("a\nb\nc\n", 2, 100), "b\nc\n");
+        assert_eq!(last_lines("a\nb\nc", 2, 100), "b\nc");
+        assert_eq!(last_lines("a\nb\n", 5, 100), "a\nb\n");
+        assert_eq!(last_lines("", 5, 100), "");
+        assert_eq!(last_lines("aaaa\nbbbb\ncccc\n", 10, 7), "cccc\n");
+        assert_eq!(last_lines("ééééé", 1, 3).len(), 2);
     }
 
     #[test]

@@ -110,6 +110,12 @@ fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine()
         }
     }
 
+    // Logs of every instance, fetched from the machines that run them.
+    let logs = ms[2].ctl_json(&["service", "logs", "web"]);
+    let li = logs["instances"].as_array().unwrap();
+    assert_eq!(li.len(), 2, "{logs:#}");
+    assert!(li.iter().all(|i| i.get("error").is_none()), "{logs:#}");
+
     // 2. Drain a machine running a replica (not the founder: it is the only
     // storage machine, and it is removed at the end).
     let busy_inst = inst
@@ -453,7 +459,7 @@ fn workloads_survive_a_daemon_restart_and_exited_ones_restart() {
             "--",
             "sh",
             "-c",
-            "sleep 1; exit 3",
+            "echo blip-says-hi; sleep 1; exit 3",
         ],
     );
     assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
@@ -465,6 +471,8 @@ fn workloads_survive_a_daemon_restart_and_exited_ones_restart() {
         "exited workload restarted:\n{}",
         m.log()
     );
+    let logs = m.ctl(&["service", "logs", "blip"]);
+    assert!(stdout(&logs).contains("blip-says-hi"), "{}", stderr(&logs));
     m.ctl_json(&["service", "rm", "blip"]);
     m.ctl_json(&["service", "rm", "web"]);
     let gone = eventually(Duration::from_secs(10), || {
