@@ -1,7 +1,9 @@
 //! Data-path cost of the WireGuard protocol core we use (boringtun `Tunn`):
 //! encapsulate + decapsulate of a 1420-byte IPv4 packet between a
 //! handshaken pair, and a full round trip through two UDP sockets on
-//! loopback (encrypt, send, receive, decrypt, and back).
+//! loopback (encrypt, send, receive, decrypt, and back); and of our TUN
+//! offload arithmetic: cutting a 64 KB TCP super-packet into MSS-size
+//! segments (checksums included) and coalescing them back (GRO).
 //!
 //! `cargo bench -p ployz-mesh --bench tunnel`
 
@@ -11,6 +13,7 @@ use std::net::UdpSocket;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ployz_mesh::wg::offload::{tcp_segment, Gro, VnetHdr, GSO_TCPV4};
 
 const MTU: usize = 1420;
 const BUF: usize = 2048;
@@ -106,5 +109,60 @@ fn udp_round_trip(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, encap_decap, udp_round_trip);
+/// A 64 000-byte-payload IPv4 TCP super-packet as the TUN hands it over.
+fn super_packet() -> Vec<u8> {
+    let payload = 64_000;
+    let mut p = ipv4_packet(20 + 32 + payload);
+    p[9] = 6;
+    p[20 + 12] = 8 << 4; // 32-byte TCP header (timestamps)
+    p[20 + 13] = 0x18; // ACK | PSH
+    for (i, b) in p[52..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    p
+}
+
+fn offload(c: &mut Criterion) {
+    const MSS: usize = 1368;
+    let sup = super_packet();
+    let hdr = VnetHdr {
+        gso_type: GSO_TCPV4,
+        gso_size: MSS as u16,
+        ..VnetHdr::default()
+    };
+    let mut scratch = vec![0u8; 65_536];
+    let mut g = c.benchmark_group("offload");
+    g.throughput(Throughput::Bytes(sup.len() as u64));
+    g.bench_function("segment 64KB TCP super-packet", |bench| {
+        bench.iter(|| {
+            let mut n = 0;
+            tcp_segment(&hdr, black_box(&sup), &mut scratch, |s| n += s.len()).expect("segment");
+            black_box(n)
+        })
+    });
+    // The segments back to back, as decrypted into the receive arena.
+    let mut arena = Vec::new();
+    let mut at = Vec::new();
+    tcp_segment(&hdr, &sup, &mut scratch, |s| {
+        at.push((arena.len(), s.len()));
+        arena.extend_from_slice(s);
+    })
+    .expect("segment");
+    let pristine = arena.clone();
+    let mut gro = Gro::default();
+    g.bench_function("coalesce 47 segments (GRO)", |bench| {
+        bench.iter(|| {
+            arena.copy_from_slice(&pristine);
+            for &(s, l) in &at {
+                gro.push(&arena, s, l);
+            }
+            let mut n = 0;
+            gro.flush(&mut arena, |iov| n += iov.len());
+            black_box(n)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, encap_decap, udp_round_trip, offload);
 criterion_main!(benches);

@@ -122,6 +122,11 @@ impl RecvBatch {
         }
     }
 
+    /// Messages one receive may return.
+    pub fn capacity(&self) -> usize {
+        self.count
+    }
+
     /// Receive without blocking; `WouldBlock` when nothing is queued.
     /// Returns how many messages arrived.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {

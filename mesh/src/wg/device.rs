@@ -32,7 +32,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use super::allowed::{AllowedIp, RouteTable};
 use super::batch::{self, RecvBatch, SendBatch, SLOT};
 use super::offload::{self, Gro, VnetHdr, VNET_HDR_LEN};
-use super::tun::{wait_any, wait_readable, Tun};
+use super::tun::{poll_ready, wait_readable, Tun};
 use super::uapi::{self, DeviceInfo, PeerInfo, SetRequest};
 
 /// How often idle worker threads look at the stop flag.
@@ -376,6 +376,8 @@ struct Worker {
     rx: RecvBatch,
     arena: Vec<u8>,
     gro: Gro,
+    /// The last receive filled every message slot (more may be queued).
+    rx_full: bool,
 }
 
 impl Worker {
@@ -391,6 +393,7 @@ impl Worker {
             rx: RecvBatch::new(gro),
             arena: vec![0; RX_ARENA],
             gro: Gro::default(),
+            rx_full: false,
         }
     }
 }
@@ -426,21 +429,31 @@ impl Shared {
     /// TUN, each batch handled to the end before blocking in `poll` on
     /// both descriptors. A lone packet (a ping) thus crosses no queue and
     /// wakes no other thread; a reply the kernel queues on the TUN while
-    /// we write the request is picked up by the same loop.
+    /// we write the request is picked up by the same loop. (Busy-polling
+    /// for the peer's answer after a send was tried: no measurable gain on
+    /// the 2-vCPU bench box, where the scheduler packs every thread of the
+    /// path onto one vCPU anyway; see BENCHMARKS.md.)
     fn data_loop(&self) {
         let mut w = Worker::new(self);
         let fds = [self.tun.as_raw_fd(), self.udp.as_raw_fd()];
-        let mut busy = true;
+        let mut ready = [true, true];
         while !self.stopped() {
-            if !busy {
-                if let Err(e) = wait_any(&fds, TICK) {
-                    tracing::warn!(error = %e, "poll failed");
-                    std::thread::sleep(TICK);
+            if !ready.contains(&true) {
+                match poll_ready(&fds, TICK) {
+                    Ok(r) => ready = r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "poll failed");
+                        std::thread::sleep(TICK);
+                    }
                 }
+                continue;
             }
-            let tun = self.tun_batch(&mut w);
-            let udp = self.udp_batch(&mut w);
-            busy = tun || udp;
+            let tun = ready[0] && self.tun_batch(&mut w);
+            let udp = ready[1] && self.udp_batch(&mut w);
+            // Writing to the TUN often makes the kernel answer at once
+            // (a ping reply, a TCP ack): look at the TUN again right away.
+            // A short receive batch means the socket is drained: poll.
+            ready = [tun || udp, udp && w.rx_full];
         }
     }
 

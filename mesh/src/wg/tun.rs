@@ -174,29 +174,30 @@ pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 /// Worker threads use it between non-blocking reads so they notice a stop
 /// request without a wake-up descriptor.
 pub(crate) fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
-    wait_any(&[fd], timeout)
+    Ok(poll_ready(&[fd], timeout)?[0])
 }
 
-/// Wait until any of `fds` (at most 4) is readable or `timeout` passes.
-pub(crate) fn wait_any(fds: &[RawFd], timeout: Duration) -> io::Result<bool> {
-    let mut pfds = [libc::pollfd {
-        fd: -1,
+/// Wait until one of `fds` is readable or `timeout` passes (zero: just
+/// look); which ones are. Interrupted counts as none.
+pub(crate) fn poll_ready<const N: usize>(
+    fds: &[RawFd; N],
+    timeout: Duration,
+) -> io::Result<[bool; N]> {
+    let mut pfds = fds.map(|fd| libc::pollfd {
+        fd,
         events: libc::POLLIN,
         revents: 0,
-    }; 4];
-    let k = fds.len().min(4);
-    for (p, fd) in pfds.iter_mut().zip(&fds[..k]) {
-        p.fd = *fd;
-    }
+    });
     let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: `k` valid pollfds.
-    let n = unsafe { libc::poll(pfds.as_mut_ptr(), k as libc::nfds_t, ms) };
+    // SAFETY: N valid pollfds.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, ms) };
     if n < 0 {
         let e = io::Error::last_os_error();
         if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(false);
+            return Ok([false; N]);
         }
         return Err(e);
     }
-    Ok(n > 0)
+    // Errors and hang-ups count as readable: the read reports them.
+    Ok(pfds.map(|p| p.revents != 0))
 }
