@@ -35,8 +35,10 @@ fn tcp_bulk(tb: &Testbed, from: usize, to: usize, bytes: usize) -> bool {
     out.status.success()
 }
 
-/// (a) three meshnodes: ping and TCP between every pair over the overlay;
-/// `wg show plz0` lists two peers with a recent handshake on each host.
+/// (a) three meshnodes: ping and TCP (a line, then 8 MiB) between every
+/// pair over the overlay; `wg show plz0` lists two peers with a recent
+/// handshake on each host. Host 2 runs without offloads, so offloading and
+/// plain data paths meet.
 #[test]
 fn three_nodes_full_mesh() {
     let mut tb = Testbed::new("a", 1, 3);
@@ -44,7 +46,12 @@ fn three_nodes_full_mesh() {
     for i in 0..3 {
         let mut args = peers_of(&tb, i);
         args.extend(["--tcp-echo-port".to_owned(), "7200".to_owned()]);
-        pids.push(tb.spawn_meshnode(i, &args));
+        let env: &[(&str, &str)] = if i == 2 {
+            &[("PLOYZ_MESH_OFFLOAD", "0")]
+        } else {
+            &[]
+        };
+        pids.push(tb.spawn_meshnode_env(i, &args, env));
     }
     for i in 0..3 {
         for j in 0..3 {

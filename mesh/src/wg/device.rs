@@ -54,6 +54,11 @@ const OVERHEAD: usize = 64;
 /// Socket buffers: large enough to ride out a scheduling hiccup at Gbit/s.
 const SOCKET_BUFFER: usize = 4 << 20;
 
+/// Set to `0` to run the data path without any offload (no vnet header,
+/// TSO, UDP GSO/GRO): an escape hatch for a kernel that misbehaves, and
+/// how the tests mix offloading and plain nodes.
+pub const OFFLOAD_ENV: &str = "PLOYZ_MESH_OFFLOAD";
+
 #[derive(Debug, Clone)]
 pub struct DeviceConfig {
     pub ifname: String,
@@ -158,6 +163,8 @@ impl Table {
 struct Shared {
     tun: Tun,
     udp: UdpSocket,
+    /// Whether to try UDP GSO/GRO (see [`OFFLOAD_ENV`]).
+    offload: bool,
     dual_stack: bool,
     listen_port: u16,
     keys: RwLock<Keys>,
@@ -192,7 +199,16 @@ impl Device {
         if UnixStream::connect(&socket_path).is_ok() {
             return Err(DeviceError::AlreadyRunning { path: socket_path });
         }
-        let tun = Tun::open_offload(&cfg.ifname).map_err(|source| DeviceError::Tun {
+        let offload = std::env::var_os(OFFLOAD_ENV).is_none_or(|v| v != "0");
+        if !offload {
+            tracing::info!("{OFFLOAD_ENV}=0: data path without offloads");
+        }
+        let open = if offload {
+            Tun::open_offload
+        } else {
+            Tun::open
+        };
+        let tun = open(&cfg.ifname).map_err(|source| DeviceError::Tun {
             ifname: cfg.ifname.clone(),
             source,
         })?;
@@ -217,6 +233,7 @@ impl Device {
         let shared = Arc::new(Shared {
             tun,
             udp,
+            offload,
             dual_stack,
             listen_port,
             keys: RwLock::new(Keys::new(cfg.private_key)),
@@ -383,8 +400,8 @@ struct Worker {
 impl Worker {
     fn new(shared: &Shared) -> Worker {
         let fd = shared.udp.as_raw_fd();
-        let gso = batch::probe_gso(fd);
-        let gro = batch::enable_gro(fd);
+        let gso = shared.offload && batch::probe_gso(fd);
+        let gro = shared.offload && batch::enable_gro(fd);
         tracing::debug!(vnet = shared.tun.vnet(), gso, gro, "data path offloads");
         Worker {
             tun_buf: vec![0; TUN_BUF],

@@ -221,6 +221,18 @@ impl Testbed {
     /// Start `program args` in host `i`'s namespace with a private
     /// /run/wireguard; returns the pid (the same process: every step execs).
     pub fn spawn(&mut self, i: usize, name: &str, program: &Path, args: &[String]) -> u32 {
+        self.spawn_env(i, name, program, args, &[])
+    }
+
+    /// As [`Testbed::spawn`], with extra environment variables.
+    pub fn spawn_env(
+        &mut self,
+        i: usize,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> u32 {
         let log = self.dir.join(format!("{name}.log"));
         let log = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new("ip");
@@ -230,6 +242,7 @@ impl Testbed {
             .arg(program)
             .args(args)
             .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -242,6 +255,11 @@ impl Testbed {
     /// A meshnode on host `i` with the given extra arguments; its status
     /// file is `status_path(i)`.
     pub fn spawn_meshnode(&mut self, i: usize, extra: &[String]) -> u32 {
+        self.spawn_meshnode_env(i, extra, &[])
+    }
+
+    /// As [`Testbed::spawn_meshnode`], with extra environment variables.
+    pub fn spawn_meshnode_env(&mut self, i: usize, extra: &[String], env: &[(&str, &str)]) -> u32 {
         let h = &self.hosts[i];
         let mut args: Vec<String> = vec![
             "run".into(),
@@ -256,7 +274,7 @@ impl Testbed {
         ];
         args.extend_from_slice(extra);
         let bin = meshnode_bin();
-        let pid = self.spawn(i, &format!("meshnode{i}"), &bin, &args);
+        let pid = self.spawn_env(i, &format!("meshnode{i}"), &bin, &args, env);
         let path = self.status_path(i);
         wait_for(
             &format!("meshnode{i} to start"),
