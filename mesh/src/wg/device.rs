@@ -593,6 +593,7 @@ impl Shared {
                 return true;
             }
         };
+        w.rx_full = n == w.rx.capacity();
         let Worker { rx, arena, gro, .. } = w;
         let mut used = 0;
         for i in 0..n {
