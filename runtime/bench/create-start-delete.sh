@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # create+start+wait+delete of one busybox bundle running /bin/true, N times each with
 # ployz's host runtime (runtime/examples/rt.rs on libcontainer), crun and runc.
-# Prints the median wall time per runtime and the ratios ours/crun, ours/runc.
+# Prints the median wall time per runtime and the ratios ours/crun, ours/runc. Runs are
+# interleaved (ours, crun, runc, ours, ...) so background load skews none of them.
 #
 # Needs root, busybox-static, runc, crun, python3, and the example built:
 #   cargo build --release -p ployz-runtime --example rt
-# usage: runtime/bench/create-start-delete.sh [N]      (RT_BIN=path/to/rt to override)
+# usage: [GAP_MS=200] runtime/bench/create-start-delete.sh [N]   (RT_BIN=path/to/rt to override)
 #
 # crun 1.8 refuses this host's hybrid cgroup layout (v1 controllers plus a cgroup2
 # mount at /sys/fs/cgroup/unified), so all three runtimes run alike in a private
@@ -13,6 +14,9 @@
 set -euo pipefail
 
 N=${1:-20}
+# Idle time before each run (GAP_MS=200: every run starts from a quiet machine, like a
+# daemon creating one workload now and then; 0: back to back, warm).
+GAP_MS=${GAP_MS:-0}
 HERE=$(cd "$(dirname "$0")" && pwd)
 TARGET=${CARGO_TARGET_DIR:-$HERE/../../target}
 RT_BIN=${RT_BIN:-$TARGET/release/examples/rt}
@@ -23,15 +27,18 @@ if [[ -z "${PLOYZ_BENCH_IN_NS:-}" ]]; then
     command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y runc crun busybox-static python3" >&2; exit 1; }
   done
   [[ -x $RT_BIN ]] || { echo "missing $RT_BIN: cargo build --release -p ployz-runtime --example rt" >&2; exit 1; }
-  export PLOYZ_BENCH_IN_NS=1 RT_BIN
+  export PLOYZ_BENCH_IN_NS=1 RT_BIN GAP_MS
   exec unshare -m --propagation private "$0" "$N"
 fi
 
 # Inside the private mount namespace: a fresh /sys/fs/cgroup holding only the v1
 # hierarchies (unmounting /sys/fs/cgroup/unified is not enough: crun still sees the
-# directory and picks hybrid mode).
+# directory and picks hybrid mode). The original tree is detached first: left shadowed
+# under the new tmpfs it would still be listed in mountinfo, and libcontainer would
+# bind every hierarchy into each container twice (a real v1 host lists each once).
 old=$(mktemp -d /tmp/ployz-bench-cg.XXXXXX)
 mount --rbind /sys/fs/cgroup "$old"
+umount -l /sys/fs/cgroup
 mount -t tmpfs -o mode=755 ployz-bench-cgroup /sys/fs/cgroup
 for c in $(awk -v o="$old/" '$3 == "cgroup" && index($2, o) == 1 {print substr($2, length(o) + 1)}' /proc/self/mounts); do
   mkdir -p "/sys/fs/cgroup/$c"
@@ -55,31 +62,40 @@ c["process"]["terminal"] = False
 json.dump(c, open(p, "w"), indent=2)
 PY
 
-now() { date +%s%N; }
-declare -A median
-run_one() { # name, command...
-  local name=$1; shift
-  local times=() i t0 t1
+declare -A times median
+# One round runs every runtime once, in a random order: load from other work on the
+# machine (a build, say) lands on all of them alike, and none always runs right after
+# the same neighbour (the kernel's cgroup-attach lock is cheaper shortly after another
+# attach, so a fixed order favours whoever follows a runtime that attaches late).
+run_rounds() { # names...
+  local i name t0 t1
   for ((i = 0; i < N; i++)); do
-    t0=$(now)
-    "$@" "bench-$name-$i" </dev/null >/dev/null
-    t1=$(now)
-    times+=($(( (t1 - t0) / 1000 )))
+    for name in $(shuf -e "$@"); do
+      ((GAP_MS > 0)) && sleep "$(awk -v g="$GAP_MS" 'BEGIN {print g / 1000}')"
+      # bash's own microsecond clock: no `date` process inside the measured span.
+      t0=${EPOCHREALTIME/./}
+      "$name" "bench-$name-$i" </dev/null >/dev/null
+      t1=${EPOCHREALTIME/./}
+      times[$name]+="$((t1 - t0)) "
+    done
   done
-  median[$name]=$(printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : int((a[NR/2] + a[NR/2+1]) / 2)}')
+}
+report() { # name
+  local name=$1 sorted
+  sorted=$(printf '%s\n' ${times[$name]} | sort -n)
+  median[$name]=$(awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : int((a[NR/2] + a[NR/2+1]) / 2)}' <<<"$sorted")
   printf '%-6s median %8.2f ms  (N=%d, min %.2f ms, max %.2f ms)\n' "$name" \
     "$(awk -v m="${median[$name]}" 'BEGIN {print m / 1000}')" "$N" \
-    "$(printf '%s\n' "${times[@]}" | sort -n | head -1 | awk '{print $1/1000}')" \
-    "$(printf '%s\n' "${times[@]}" | sort -n | tail -1 | awk '{print $1/1000}')"
+    "$(head -1 <<<"$sorted" | awk '{print $1/1000}')" \
+    "$(tail -1 <<<"$sorted" | awk '{print $1/1000}')"
 }
 
 ours() { "$RT_BIN" "$work/ours" "$1" "$bundle"; }
-crun_() { crun --root "$work/crun" run --bundle "$bundle" "$1"; }
-runc_() { runc --root "$work/runc" run --bundle "$bundle" "$1"; }
+crun() { command crun --root "$work/crun" run --bundle "$bundle" "$1"; }
+runc() { command runc --root "$work/runc" run --bundle "$bundle" "$1"; }
 
-run_one ours ours
-run_one crun crun_
-run_one runc runc_
+run_rounds ours crun runc
+for name in ours crun runc; do report "$name"; done
 
 awk -v o="${median[ours]}" -v c="${median[crun]}" -v r="${median[runc]}" \
   'BEGIN { printf "ratio ours/crun %.2f\nratio ours/runc %.2f\n", o / c, o / r }'

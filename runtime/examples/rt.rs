@@ -3,10 +3,12 @@
 //! `runtime/bench/create-start-delete.sh`.
 //!
 //! usage: rt <state-root> <container-id> <bundle-dir>
+//! With `RT_TIMING` set, prints the milliseconds each phase took to stderr.
 
 use ployz_runtime::host::HostEngine;
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Instant;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -25,10 +27,23 @@ fn main() -> ExitCode {
 
 fn run(root: &str, id: &str, bundle: &Path) -> Result<i64, ployz_runtime::RuntimeError> {
     // Single-threaded program: safe to drive libcontainer directly.
+    let mut marks = vec![("start", Instant::now())];
     let mut engine = HostEngine::new(root)?;
+    marks.push(("new", Instant::now()));
     engine.create_from_bundle(id, bundle)?;
+    marks.push(("create", Instant::now()));
     engine.start(id)?;
+    marks.push(("start", Instant::now()));
     let code = engine.wait(id)?.unwrap_or(0);
+    marks.push(("wait", Instant::now()));
     engine.delete(id)?;
+    marks.push(("delete", Instant::now()));
+    if std::env::var_os("RT_TIMING").is_some() {
+        let phases: Vec<String> = marks
+            .windows(2)
+            .map(|w| format!("{} {:.2}", w[1].0, (w[1].1 - w[0].1).as_secs_f64() * 1e3))
+            .collect();
+        eprintln!("{} ms", phases.join(", "));
+    }
     Ok(code)
 }

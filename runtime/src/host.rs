@@ -19,6 +19,7 @@
 //! (stopped vs failed) and how zombies are reaped.
 
 mod bundle;
+mod cgroup;
 pub mod net;
 pub mod rootfs;
 
@@ -27,6 +28,7 @@ pub use bundle::oci_spec;
 use crate::{
     BridgeNetwork, Image, Runtime, RuntimeError, RuntimeKind, State, WorkloadSpec, WorkloadStatus,
 };
+use libcontainer::config::YoukiConfig;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::{Container, ContainerStatus};
 use libcontainer::error::LibcontainerError;
@@ -420,10 +422,41 @@ impl HostEngine {
         // The namespace dies with the workload and takes the veth pair with
         // it, but asynchronously: remove it now so the name is free again.
         self.remove_veth(id)?;
-        serialized(|| c.delete(true)).map_err(lc_err("delete", id))?;
+        if !Self::delete_stopped(&mut c)? {
+            serialized(|| c.delete(true)).map_err(lc_err("delete", id))?;
+        }
         self.exits.remove(id);
         self.stop_requested.remove(id);
         self.remove_leftovers(id)
+    }
+
+    /// libcontainer's delete for the common case, without building a cgroup
+    /// manager (see `cgroup`): a stopped container without poststop hooks or
+    /// Intel RDT state loses its cgroup directories and state directory.
+    /// `false`: not that case, use libcontainer's delete.
+    fn delete_stopped(c: &mut Container) -> Result<bool, RuntimeError> {
+        if c.status() != ContainerStatus::Stopped && c.refresh_status().is_err() {
+            return Ok(false);
+        }
+        if c.status() != ContainerStatus::Stopped || c.systemd() || c.intel_rdt_dir().is_some() {
+            return Ok(false);
+        }
+        let Ok(config) = YoukiConfig::load(&c.root) else {
+            return Ok(false);
+        };
+        let poststop = config.hooks.as_ref().and_then(|h| h.poststop().as_ref());
+        if poststop.is_some_and(|hooks| !hooks.is_empty()) {
+            return Ok(false);
+        }
+        let Some(dirs) = cgroup::dirs_of(&config.cgroup_path) else {
+            return Ok(false);
+        };
+        // Still busy after retries: libcontainer's delete retries and reports.
+        if cgroup::remove_dirs(&dirs).is_err() {
+            return Ok(false);
+        }
+        fs::remove_dir_all(&c.root).map_err(io_err("remove container state", &c.root))?;
+        Ok(true)
     }
 
     fn remove_veth(&mut self, id: &str) -> Result<(), RuntimeError> {

@@ -133,6 +133,10 @@ async fn lifecycle_logs_limits_and_volume() {
     assert!(matches!(rt.logs(&id).await, Err(RuntimeError::NotFound(_))));
     assert!(!rt.list().await.unwrap().iter().any(|w| w.id == id));
     assert!(!memory_cgroup(&id).exists(), "cgroup left behind");
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup").unwrap() {
+        let dir = hierarchy.unwrap().path().join("ployz").join(&id);
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,8 +4,8 @@
 //! The plan (which changes, in which network namespace, in which order) is
 //! pure and tested against [`RecordingNetConfig`]; [`IpCommand`] applies it
 //! with iproute2's `ip` (present on every host we target; its errors are
-//! what an operator would see typing the same command), `iptables`, and one
-//! write to `/proc/sys/net/ipv4/ip_forward`.
+//! what an operator would see typing the same command), `iptables`, one
+//! write to `/proc/sys/net/ipv4/ip_forward`, and an ioctl for "link up".
 //!
 //! A workload's network namespace is the one libcontainer creates for it
 //! (the OCI spec asks for a new one). It is configured from outside after
@@ -196,12 +196,16 @@ pub fn attach_plan(pid: i32, host_veth: &str, att: &NetworkAttachment) -> [(Netn
                 NetOp::SetUp {
                     ifname: "lo".into(),
                 },
-                NetOp::ReplaceAddress {
+                // Up before the address: the address and the route then
+                // go in one `ip` batch.
+                NetOp::SetUp {
                     ifname: eth.clone(),
+                },
+                NetOp::ReplaceAddress {
+                    ifname: eth,
                     addr: att.address,
                     prefix: att.prefix,
                 },
-                NetOp::SetUp { ifname: eth },
                 NetOp::ReplaceDefaultRoute { via: att.gateway },
             ],
         ),
@@ -308,17 +312,23 @@ fn in_netns_of<T: Send>(pid: i32, f: impl FnOnce() -> T + Send) -> Result<T, Net
 }
 
 /// Applies `ops` in the calling thread's network namespace, batching
-/// consecutive `ip` commands into one `ip -batch -`.
+/// consecutive `ip` commands into one `ip -batch -`. Setting a link up is an
+/// ioctl here, so a workload without a network (only `lo` to bring up) costs
+/// no process at all.
 fn apply_here(ops: &[NetOp]) -> Result<(), NetConfigError> {
     let mut batch: Vec<&NetOp> = Vec::new();
     for op in ops {
-        if op.ip_args().is_some() {
+        if op.ip_args().is_some() && !matches!(op, NetOp::SetUp { .. }) {
             batch.push(op);
             continue;
         }
         run_ip_batch(&batch)?;
         batch.clear();
         match op {
+            NetOp::SetUp { ifname } => set_link_up(ifname).map_err(|e| NetConfigError::Failed {
+                op: op.to_string(),
+                stderr: e.to_string(),
+            })?,
             NetOp::EnableIpForward => enable_ip_forward(op)?,
             NetOp::AllowForward { bridge } => {
                 for dir in ["-i", "-o"] {
@@ -378,6 +388,46 @@ fn run_ip_batch(ops: &[&NetOp]) -> Result<(), NetConfigError> {
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
     }
+}
+
+/// `ip link set dev <ifname> up` as SIOCGIFFLAGS/SIOCSIFFLAGS on a socket of
+/// the calling thread's network namespace.
+fn set_link_up(ifname: &str) -> std::io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    if ifname.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh, valid fd nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain old data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(ifname.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of `req`, ours.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS filled.
+    unsafe {
+        if req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short != 0 {
+            return Ok(());
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads `req`, ours.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn enable_ip_forward(op: &NetOp) -> Result<(), NetConfigError> {
@@ -577,8 +627,8 @@ mod tests {
                 "ip link set dev plzabcdef012345 master plzbr0",
                 "ip link set dev plzabcdef012345 up",
                 "[pid 4242] ip link set dev lo up",
-                "[pid 4242] ip addr replace 10.101.3.7/24 dev eth0",
                 "[pid 4242] ip link set dev eth0 up",
+                "[pid 4242] ip addr replace 10.101.3.7/24 dev eth0",
                 "[pid 4242] ip route replace default via 10.101.3.1",
             ]
         );
