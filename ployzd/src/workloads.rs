@@ -1303,23 +1303,32 @@ impl Daemon {
         if desired.is_empty() && self.workloads.get().is_none() && !self.has_local_workloads() {
             return Ok(());
         }
-        let w = self.workloads()?;
         let reported: HashMap<String, InstanceRecord> = self
             .instances()
             .await?
             .into_iter()
             .filter(|(_, i)| i.machine == me)
             .collect();
+        let w = match self.workloads() {
+            Ok(w) => w,
+            Err(e) => {
+                self.report_failed(&desired, &reported, &e.message).await?;
+                return Err(e);
+            }
+        };
         let prefix = workload_prefix(&me);
-        let actual: HashMap<String, State> = w
-            .runtime
-            .list()
-            .await
-            .map_err(|e| internal(e.to_string()))?
-            .into_iter()
-            .filter(|s| s.id.starts_with(&prefix))
-            .map(|s| (s.id, s.state))
-            .collect();
+        let actual: HashMap<String, State> = match w.runtime.list().await {
+            Ok(l) => l
+                .into_iter()
+                .filter(|s| s.id.starts_with(&prefix))
+                .map(|s| (s.id, s.state))
+                .collect(),
+            Err(e) => {
+                let msg = format!("the {} runtime does not answer: {e}", w.runtime.kind());
+                self.report_failed(&desired, &reported, &msg).await?;
+                return Err(internal(msg));
+            }
+        };
         let mut st = w.state.lock().await;
         // Remove what is no longer placed here.
         let stale: Vec<String> = actual
@@ -1453,6 +1462,41 @@ impl Daemon {
                     .txn(vec![put(BUCKET_INSTANCES, &key, &rec, Expect::Any)])
                     .await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Without a working runtime, every instance placed here is failed, with
+    /// the reason (rather than pending forever).
+    async fn report_failed(
+        &self,
+        desired: &BTreeMap<String, (ServiceRecord, Placement)>,
+        reported: &HashMap<String, InstanceRecord>,
+        why: &str,
+    ) -> Result<(), ApiError> {
+        let me = self.machine_id();
+        let mut ops = Vec::new();
+        for (svc, p) in desired.values() {
+            let key = InstanceRecord::key(&svc.name, me, p.slot);
+            let rec = InstanceRecord {
+                service: svc.name.clone(),
+                machine: me.to_string(),
+                state: InstanceState::Failed,
+                overlay_ip: None,
+                slot: p.slot,
+                generation: svc.generation,
+                error: Some(why.to_string()),
+                updated_at_ms: now_ms(),
+            };
+            let same = reported.get(&key).is_some_and(|r| {
+                r.state == rec.state && r.generation == rec.generation && r.error == rec.error
+            });
+            if !same {
+                ops.push(put(BUCKET_INSTANCES, &key, &rec, Expect::Any));
+            }
+        }
+        if !ops.is_empty() {
+            let _ = self.txn(ops).await?;
         }
         Ok(())
     }

@@ -45,6 +45,7 @@ pub struct Machine {
     child: Option<Child>,
     extra_args: Vec<String>,
     netns: Option<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Machine {
@@ -55,6 +56,25 @@ impl Machine {
 
     /// A machine in the root namespace: several share the host, so each
     /// takes a free peer port on loopback.
+    /// Like [`Machine::start_with`], with extra environment variables.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Machine {
+        let mut args = vec![
+            "--peer-port",
+            "0",
+            "--advertise-ip",
+            "127.0.0.1",
+            "--no-mesh",
+        ];
+        args.extend_from_slice(extra);
+        let mut m = Self::build(None, &args);
+        m.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        m.spawn();
+        m
+    }
+
     pub fn start_with(extra: &[&str]) -> Machine {
         let mut args = vec![
             "--peer-port",
@@ -76,18 +96,23 @@ impl Machine {
     }
 
     fn launch(netns: Option<String>, extra: &[&str]) -> Machine {
+        let mut m = Self::build(netns, extra);
+        m.spawn();
+        m
+    }
+
+    fn build(netns: Option<String>, extra: &[&str]) -> Machine {
         let dir = tempfile::Builder::new()
             .prefix("ployz-test-")
             .tempdir()
             .expect("tempdir");
-        let mut m = Machine {
+        Machine {
             dir,
             child: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             netns,
-        };
-        m.spawn();
-        m
+            env: Vec::new(),
+        }
     }
 
     /// This machine's id (from `mesh status`).
@@ -148,6 +173,7 @@ impl Machine {
             .arg("run")
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)

@@ -480,3 +480,32 @@ fn workloads_survive_a_daemon_restart_and_exited_ones_restart() {
     });
     assert!(gone.is_some());
 }
+
+#[test]
+fn instances_say_why_when_the_runtime_is_missing() {
+    let m = Machine::start_with_env(
+        &["--runtime", "docker"],
+        &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
+    );
+    m.ctl_json(&["mesh", "init", "nodocker", "--cidr", "10.127.0.0/16"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
+    let o = m.ctl(&[
+        "--json",
+        "deploy",
+        "service",
+        "web",
+        "--image",
+        image.to_str().unwrap(),
+        "--wait-secs",
+        "30",
+    ]);
+    assert_eq!(o.status.code(), Some(9), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["instances"][0]["state"], "failed", "{v:#}");
+    let why = v["instances"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("docker"),
+        "the reason names the runtime: {why}"
+    );
+}
