@@ -13,7 +13,7 @@ RUNS=${RUNS:-3}
 SECS=${SECS:-8}
 PINGS=${PINGS:-200}
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
-MESHNODE=${MESHNODE:-$TARGET/release/examples/meshnode}
+MESHNODE=${MESHNODE:-$TARGET/x86_64-unknown-linux-musl/release/examples/meshnode}
 if [[ ! -x $MESHNODE ]]; then
     cargo build --release -p ployz-mesh --example meshnode
 fi

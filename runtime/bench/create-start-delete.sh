@@ -19,7 +19,7 @@ N=${1:-20}
 GAP_MS=${GAP_MS:-0}
 HERE=$(cd "$(dirname "$0")" && pwd)
 TARGET=${CARGO_TARGET_DIR:-$HERE/../../target}
-RT_BIN=${RT_BIN:-$TARGET/release/examples/rt}
+RT_BIN=${RT_BIN:-$TARGET/x86_64-unknown-linux-musl/release/examples/rt}
 
 if [[ -z "${PLOYZ_BENCH_IN_NS:-}" ]]; then
   [[ $EUID -eq 0 ]] || { echo "run as root" >&2; exit 1; }

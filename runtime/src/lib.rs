@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+mod alloc;
 pub mod docker;
 mod error;
 pub mod fake;

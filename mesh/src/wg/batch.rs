@@ -154,7 +154,7 @@ impl RecvBatch {
                 fd,
                 msgs.as_mut_ptr(),
                 self.count as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                libc::MSG_DONTWAIT as _,
                 std::ptr::null_mut(),
             )
         };

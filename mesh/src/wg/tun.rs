@@ -54,7 +54,13 @@ impl Tun {
         };
         let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
         // SAFETY: TUNSETOFFLOAD takes its flags by value.
-        if unsafe { libc::ioctl(tun.fd.as_raw_fd(), TUNSETOFFLOAD, offloads as libc::c_ulong) } < 0
+        if unsafe {
+            libc::ioctl(
+                tun.fd.as_raw_fd(),
+                TUNSETOFFLOAD as _,
+                offloads as libc::c_ulong,
+            )
+        } < 0
         {
             let e = io::Error::last_os_error();
             tracing::info!(error = %e, "TUNSETOFFLOAD refused: no TSO from the TUN");
@@ -86,7 +92,7 @@ impl Tun {
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads and writes an ifreq, which IfReq lays out.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
             return Err(io::Error::last_os_error());
         }
         set_nonblocking(fd.as_raw_fd())?;

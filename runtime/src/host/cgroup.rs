@@ -104,10 +104,12 @@ pub fn dirs_of(cgroup_path: &Path) -> Option<Vec<PathBuf>> {
     if unsafe { libc::statfs(c_root.as_ptr(), &mut st) } != 0 {
         return None;
     }
-    match st.f_type {
-        libc::CGROUP2_SUPER_MAGIC => Some(vec![join_cgroup(root, cgroup_path)?]),
+    // `f_type` is signed on glibc and unsigned on musl: compare as u64.
+    let f_type = st.f_type as u64;
+    match f_type {
+        t if t == libc::CGROUP2_SUPER_MAGIC as u64 => Some(vec![join_cgroup(root, cgroup_path)?]),
         // Legacy or hybrid: libcontainer uses its v1 manager for both.
-        libc::TMPFS_MAGIC => {
+        t if t == libc::TMPFS_MAGIC as u64 => {
             let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
             let mounts = v1_controller_mounts(&mountinfo);
             if mounts.is_empty() {

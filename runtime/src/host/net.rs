@@ -413,7 +413,7 @@ fn set_link_up(ifname: &str) -> std::io::Result<()> {
         *dst = src as libc::c_char;
     }
     // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of `req`, ours.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS filled.
@@ -424,7 +424,7 @@ fn set_link_up(ifname: &str) -> std::io::Result<()> {
         req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
     }
     // SAFETY: SIOCSIFFLAGS reads `req`, ours.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
