@@ -129,10 +129,11 @@ pub(crate) fn refused(msg: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::Refused, msg)
 }
 
-/// Network names: DNS-label-like, so they fit in hostnames and KV keys.
-pub fn validate_network_name(name: &str) -> Result<(), ApiError> {
+/// A DNS-label-like name of at most `max` bytes: lowercase letters, digits
+/// and '-', not at either end. Fits hostnames and KV keys.
+pub(crate) fn validate_label(what: &str, name: &str, max: usize) -> Result<(), ApiError> {
     let ok = !name.is_empty()
-        && name.len() <= 63
+        && name.len() <= max
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -142,9 +143,14 @@ pub fn validate_network_name(name: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(invalid(format!(
-            "invalid network name `{name}`: use 1-63 lowercase letters, digits and '-', not starting or ending with '-'"
+            "invalid {what} `{name}`: use 1-{max} lowercase letters, digits and '-', not starting or ending with '-'"
         )))
     }
+}
+
+/// Network names: DNS-label-like, so they fit in hostnames and KV keys.
+pub fn validate_network_name(name: &str) -> Result<(), ApiError> {
+    validate_label("network name", name, 63)
 }
 
 pub fn validate_region(region: &str) -> Result<(), ApiError> {

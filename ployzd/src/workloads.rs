@@ -87,20 +87,12 @@ pub fn last_lines(s: &str, n: usize, max_bytes: usize) -> String {
 // Validation (pure)
 
 pub fn validate_service_name(name: &str) -> Result<(), ApiError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_SERVICE_NAME
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(format!(
-            "invalid service name `{name}`: use 1-{MAX_SERVICE_NAME} lowercase letters, digits and '-', not starting or ending with '-'"
-        )))
-    }
+    crate::daemon::validate_label("service name", name, MAX_SERVICE_NAME)
+}
+
+fn no_such_service(name: &str) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("no service named `{name}`"))
+        .with_hint("`ployzctl service ls` lists the services")
 }
 
 pub fn validate_volume_name(name: &str) -> Result<(), ApiError> {
@@ -651,10 +643,7 @@ impl Daemon {
         validate_service_name(name)?;
         self.require_network().await?;
         let Some(cur) = self.get::<ServiceRecord>(BUCKET_SERVICES, name).await? else {
-            return Err(
-                ApiError::new(ErrorCode::NotFound, format!("no service named `{name}`"))
-                    .with_hint("`ployzctl service ls` lists the services"),
-            );
+            return Err(no_such_service(name));
         };
         let machines: Vec<String> = {
             let mut m: Vec<String> = cur
@@ -704,10 +693,7 @@ impl Daemon {
         self.require_network().await?;
         let tail = tail.unwrap_or(DEFAULT_LOG_TAIL).clamp(1, MAX_LOG_TAIL);
         let Some(svc) = self.get::<ServiceRecord>(BUCKET_SERVICES, name).await? else {
-            return Err(
-                ApiError::new(ErrorCode::NotFound, format!("no service named `{name}`"))
-                    .with_hint("`ployzctl service ls` lists the services"),
-            );
+            return Err(no_such_service(name));
         };
         let placements: Vec<&Placement> = svc
             .value
@@ -824,10 +810,7 @@ impl Daemon {
             None => None,
         };
         let Some(svc) = self.get::<ServiceRecord>(BUCKET_SERVICES, name).await? else {
-            return Err(
-                ApiError::new(ErrorCode::NotFound, format!("no service named `{name}`"))
-                    .with_hint("`ployzctl service ls` lists the services"),
-            );
+            return Err(no_such_service(name));
         };
         let candidates: Vec<&Placement> = svc
             .value
@@ -1103,10 +1086,7 @@ impl Daemon {
     async fn set_paused(&self, name: &str, at: &Placement, paused: bool) -> Result<(), ApiError> {
         self.write_service(name, |cur, _, _| {
             let Some(cur) = cur else {
-                return Err(ApiError::new(
-                    ErrorCode::NotFound,
-                    format!("no service named `{name}`"),
-                ));
+                return Err(no_such_service(name));
             };
             let mut next = cur.clone();
             for p in &mut next.placements {

@@ -54,19 +54,9 @@ impl Machine {
         Self::start_with(&[])
     }
 
-    /// A machine in the root namespace: several share the host, so each
-    /// takes a free peer port on loopback.
     /// Like [`Machine::start_with`], with extra environment variables.
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Machine {
-        let mut args = vec![
-            "--peer-port",
-            "0",
-            "--advertise-ip",
-            "127.0.0.1",
-            "--no-mesh",
-        ];
-        args.extend_from_slice(extra);
-        let mut m = Self::build(None, &args);
+        let mut m = Self::build(None, &Self::root_ns_args(extra));
         m.env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -75,7 +65,13 @@ impl Machine {
         m
     }
 
+    /// A machine in the root namespace: several share the host, so each
+    /// takes a free peer port on loopback.
     pub fn start_with(extra: &[&str]) -> Machine {
+        Self::launch(None, &Self::root_ns_args(extra))
+    }
+
+    fn root_ns_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec![
             "--peer-port",
             "0",
@@ -84,7 +80,7 @@ impl Machine {
             "--no-mesh",
         ];
         args.extend_from_slice(extra);
-        Self::launch(None, &args)
+        args
     }
 
     /// A machine inside a namespace host (default peer port, its own address).
@@ -334,6 +330,24 @@ impl Drop for Machine {
         self.kill9();
         self.kill_workloads();
     }
+}
+
+/// A network on every host of `tb`: host 0 founds `network`, the others join
+/// with invites it creates. Machine `i` runs on host `i`.
+pub fn cluster_on(tb: &netns::Testbed, network: &str) -> Vec<Machine> {
+    let founder = Machine::start_in(&tb.hosts[0], &[]);
+    founder.ctl_json(&["mesh", "init", network]);
+    let mut ms = vec![founder];
+    for h in &tb.hosts[1..] {
+        let m = Machine::start_in(h, &[]);
+        let token = ms[0].ctl_json(&["machine", "invite", "create"])["token"]
+            .as_str()
+            .expect("token")
+            .to_string();
+        m.ctl_json(&["machine", "invite", "import", "--token", &token]);
+        ms.push(m);
+    }
+    ms
 }
 
 pub fn ctl_at(socket: &Path, args: &[&str]) -> Output {

@@ -8,19 +8,7 @@ use serde_json::Value;
 use std::time::Duration;
 
 fn cluster(tb: &Testbed) -> Vec<Machine> {
-    let founder = Machine::start_in(&tb.hosts[0], &[]);
-    founder.ctl_json(&["mesh", "init", "meshtest"]);
-    let mut ms = vec![founder];
-    for h in &tb.hosts[1..] {
-        let m = Machine::start_in(h, &[]);
-        let token = ms[0].ctl_json(&["machine", "invite", "create"])["token"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        m.ctl_json(&["machine", "invite", "import", "--token", &token]);
-        ms.push(m);
-    }
-    ms
+    ployz_tests::cluster_on(tb, "meshtest")
 }
 
 fn overlay_ip(m: &Machine) -> String {

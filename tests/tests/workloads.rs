@@ -12,22 +12,6 @@ use std::time::Duration;
 
 const HTTPD: &[&str] = &["httpd", "-f", "-p", "8080", "-h", "/www"];
 
-fn cluster(tb: &Testbed, network: &str) -> Vec<Machine> {
-    let founder = Machine::start_in(&tb.hosts[0], &[]);
-    founder.ctl_json(&["mesh", "init", network]);
-    let mut ms = vec![founder];
-    for h in &tb.hosts[1..] {
-        let m = Machine::start_in(h, &[]);
-        let token = ms[0].ctl_json(&["machine", "invite", "create"])["token"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        m.ctl_json(&["machine", "invite", "import", "--token", &token]);
-        ms.push(m);
-    }
-    ms
-}
-
 /// `(machine, state, overlay_ip)` of each instance of `service`.
 fn instances(m: &Machine, service: &str) -> Vec<(String, String, String)> {
     let v = m.ctl_json(&["service", "ls"]);
@@ -65,7 +49,7 @@ fn deploy(m: &Machine, args: &[&str]) -> Value {
 #[test]
 fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine() {
     let tb = Testbed::new(3);
-    let ms = cluster(&tb, "svctest");
+    let ms = ployz_tests::cluster_on(&tb, "svctest");
     let ids: Vec<String> = ms.iter().map(Machine::id).collect();
     let tmp = tempfile::tempdir().unwrap();
     let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
