@@ -139,12 +139,18 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>, me: u32) -> std::io
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 let work = daemon.handle_with(req, 0, &tx);
                 tokio::pin!(work);
-                loop {
+                let reply = loop {
                     tokio::select! {
-                        r = &mut work => break Reply::from(r),
+                        biased;
                         Some(p) = rx.recv() => write_reply(&mut wr, &Reply::Progress(p)).await?,
+                        r = &mut work => break Reply::from(r),
                     }
+                };
+                // Progress sent just before the end still goes out, in order.
+                while let Ok(p) = rx.try_recv() {
+                    write_reply(&mut wr, &Reply::Progress(p)).await?;
                 }
+                reply
             }
             Err(e) => Reply::Error(ApiError::new(
                 ErrorCode::InvalidArgument,

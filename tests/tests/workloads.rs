@@ -434,19 +434,27 @@ fn workloads_survive_a_daemon_restart_and_exited_ones_restart() {
     );
 
     // A workload that exits is started again.
-    let v = deploy(
-        &m,
-        &[
-            "blip",
-            "--image",
-            image.to_str().unwrap(),
-            "--",
-            "sh",
-            "-c",
-            "echo blip-says-hi; sleep 1; exit 3",
-        ],
-    );
+    let out = m.ctl(&[
+        "--json",
+        "deploy",
+        "service",
+        "blip",
+        "--image",
+        image.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "echo blip-says-hi; sleep 1; exit 3",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
+    // Progress streams to stderr, up to the final state.
+    let progress = stderr(&out);
+    assert!(
+        progress.contains("[blip] placed slot 0") && progress.contains(": running"),
+        "{progress}"
+    );
     let restarted = eventually(Duration::from_secs(30), || {
         (m.log().matches("instance started").count() >= 3).then_some(())
     });
