@@ -4,6 +4,9 @@
 //!
 //! usage: rt <state-root> <container-id> <bundle-dir>
 //! With `RT_TIMING` set, prints the milliseconds each phase took to stderr.
+//! With `RT_HELPER` set, creates through the single-threaded helper process
+//! like ployzd's `HostRuntime` does (this program has one thread and does
+//! not need it).
 
 use ployz_runtime::host::HostEngine;
 use std::path::Path;
@@ -29,6 +32,9 @@ fn run(root: &str, id: &str, bundle: &Path) -> Result<i64, ployz_runtime::Runtim
     // Single-threaded program: safe to drive libcontainer directly.
     let mut marks = vec![("start", Instant::now())];
     let mut engine = HostEngine::new(root)?;
+    if std::env::var_os("RT_HELPER").is_some() {
+        engine = engine.with_create_helper();
+    }
     marks.push(("new", Instant::now()));
     engine.create_from_bundle(id, bundle)?;
     marks.push(("create", Instant::now()));

@@ -43,6 +43,16 @@ pub enum RuntimeError {
         source: Box<libcontainer::error::LibcontainerError>,
     },
 
+    #[error(
+        "host runtime: {op} of workload `{id}` failed: {message} \
+         (ployzd must run as root with cgroups mounted; see the state dir for leftovers)"
+    )]
+    Engine {
+        op: &'static str,
+        id: String,
+        message: String,
+    },
+
     #[error("host runtime: cannot {what} {}: {source}", path.display())]
     Io {
         what: &'static str,

@@ -11,15 +11,19 @@
 //! [`NetworkAttachment`](crate::NetworkAttachment), else also `eth0` on a veth
 //! pair whose other end is on the bridge (see `net`).
 //!
-//! libcontainer clones the calling process and runs Rust in the child, so all of
-//! its calls happen on one dedicated OS thread ([`HostRuntime`]) or in a
-//! single-threaded program that drives a [`HostEngine`] itself (see
+//! libcontainer clones the calling process and runs Rust in the child, which
+//! is only safe in a process with a single thread (see `helper`): a
+//! [`HostRuntime`] keeps its blocking calls on one dedicated OS thread and
+//! creates containers through a single-threaded helper process; a
+//! single-threaded program may drive a [`HostEngine`] directly (see
 //! `examples/rt.rs`). The process becomes a child subreaper so the workloads'
 //! init processes are re-parented to it: that is how exit codes are collected
 //! (stopped vs failed) and how zombies are reaped.
 
 mod bundle;
 mod cgroup;
+mod exec;
+mod helper;
 pub mod net;
 pub mod rootfs;
 
@@ -85,6 +89,8 @@ fn warn(msg: &str) {
 pub struct HostEngine {
     root: PathBuf,
     net: Box<dyn NetConfig>,
+    /// Create through a single-threaded helper process (see `helper`).
+    create_helper: bool,
     /// Exit status (code, or 128+signal) of workloads we reaped.
     exits: HashMap<String, i64>,
     /// Workloads ended through `kill` (stop/delete) rather than on their own.
@@ -115,6 +121,7 @@ impl HostEngine {
         Ok(HostEngine {
             root,
             net: Box::new(IpCommand),
+            create_helper: false,
             exits: HashMap::new(),
             stop_requested: HashSet::new(),
         })
@@ -144,6 +151,16 @@ impl HostEngine {
             return Err(RuntimeError::NotFound(id.to_string()));
         }
         Container::load(dir).map_err(lc_err("load state", id))
+    }
+
+    /// Creates containers in a single-threaded helper process instead of
+    /// cloning this one: required when this process has other threads (see
+    /// `helper`); [`HostRuntime`] always does it. Only a program that never
+    /// has a second thread while it creates (like `examples/rt.rs`) may skip it.
+    pub fn with_create_helper(mut self) -> Self {
+        helper::ensure_linked();
+        self.create_helper = true;
+        self
     }
 
     /// Replaces the kernel network seam (tests: a recording fake).
@@ -294,6 +311,26 @@ impl HostEngine {
         if self.state_dir().join(id).exists() {
             return Err(RuntimeError::AlreadyExists(id.to_string()));
         }
+        self.exits.remove(id);
+        self.stop_requested.remove(id);
+        if !self.create_helper {
+            return self.create_in_process(id, bundle);
+        }
+        let res = serialized(|| helper::create(&self.root, id, bundle));
+        if res.is_err() {
+            // The helper may have died half-way through.
+            let _ = fs::remove_dir_all(self.state_dir().join(id));
+        }
+        res
+    }
+
+    /// libcontainer's create, cloning this process: it must have no other
+    /// thread (see `helper`).
+    fn create_in_process(&mut self, id: &str, bundle: &Path) -> Result<(), RuntimeError> {
+        crate::validate_id(id)?;
+        if self.state_dir().join(id).exists() {
+            return Err(RuntimeError::AlreadyExists(id.to_string()));
+        }
         let log_path = self.log_path(id);
         let log = OpenOptions::new()
             .create(true)
@@ -304,8 +341,6 @@ impl HostEngine {
             .try_clone()
             .map_err(io_err("duplicate log file", &log_path))?;
         let null = File::open("/dev/null").map_err(io_err("open", Path::new("/dev/null")))?;
-        self.exits.remove(id);
-        self.stop_requested.remove(id);
         let res = serialized(|| {
             ContainerBuilder::new(id.to_string(), SyscallType::default())
                 .with_root_path(self.state_dir())
@@ -313,6 +348,8 @@ impl HostEngine {
                     b.with_stdin(null)
                         .with_stdout(log)
                         .with_stderr(log2)
+                        // Not libcontainer's default: see `exec` (a deadlock).
+                        .with_executor(exec::EnvFreeExecutor::default())
                         .validate_id()
                 })
                 .and_then(|b| {
@@ -572,7 +609,7 @@ impl HostRuntime {
     /// (e.g. `<data-dir>/runtime`).
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, RuntimeError> {
         let root = root.into();
-        let mut engine = HostEngine::new(root.clone())?;
+        let mut engine = HostEngine::new(root.clone())?.with_create_helper();
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("ployz-host-runtime".into())

@@ -484,3 +484,59 @@ async fn without_overlayfs_the_root_is_read_only_with_tmpfs() {
     assert!(!rootfs.join("tmp/t").exists());
     rt.delete(&id).await.unwrap();
 }
+
+/// Workloads are created while other threads of the process use the
+/// environment (`std::env::var`, `Command::spawn` take std's env lock, and
+/// ployzd does both on other threads). libcontainer clones without exec, so
+/// a child can inherit that lock held by a thread it does not have: its
+/// default executor then deadlocked the container init in `remove_var`
+/// (seen here, about one create in ten under this load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_survive_threads_using_the_environment() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
+    let root = tmp.path().join("rt");
+    let rt = HostRuntime::new(&root).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::black_box(std::env::var_os("PATH"));
+                }
+            })
+        })
+        .collect();
+    let mut cleanups = Vec::new();
+    for i in 0..20 {
+        let id = unique(&format!("env{i}"));
+        cleanups.push(Cleanup::new(&root, &id));
+        let spec = WorkloadSpec::new(&id, Image::Rootfs(rootfs.clone()), sh("echo ok"));
+        let created = tokio::time::timeout(Duration::from_secs(20), rt.create(&spec)).await;
+        let started = match created {
+            Ok(r) => {
+                r.unwrap();
+                tokio::time::timeout(Duration::from_secs(20), rt.start(&id)).await
+            }
+            Err(e) => Err(e),
+        };
+        if started.is_err() {
+            stop.store(true, Ordering::Relaxed);
+            panic!("create/start of workload {i} hung: a cloned child deadlocked");
+        }
+        started.unwrap().unwrap();
+        assert!(
+            eventually(10, async || rt.state(&id).await.unwrap() == State::Stopped).await,
+            "workload {i} did not finish: {:?}",
+            rt.logs(&id).await
+        );
+        rt.delete(&id).await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+}
