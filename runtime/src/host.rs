@@ -78,9 +78,8 @@ fn net_err(what: String) -> impl FnOnce(NetConfigError) -> RuntimeError {
 }
 
 /// A warning an operator must see though nothing failed.
-// FIXME(deps): tracing::warn! once ployz-runtime depends on `tracing`.
 fn warn(msg: &str) {
-    eprintln!("WARN ployz_runtime::host: {msg}");
+    tracing::warn!("{msg}");
 }
 
 /// The blocking core of the host backend. Not `Sync`: drive it from one thread
