@@ -243,8 +243,6 @@ struct LocalWorkload {
     ip: Option<Ipv4Addr>,
     #[serde(default)]
     started_at_ms: u64,
-    #[serde(default)]
-    restarts: u32,
 }
 
 const STATE_FILE: &str = "workloads.json";
@@ -260,22 +258,14 @@ fn load_state(dir: &Path) -> LocalState {
 }
 
 fn save_state(dir: &Path, st: &LocalState) -> Result<(), ApiError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
     let body = serde_json::to_vec_pretty(st).expect("state serialises");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&body)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(STATE_FILE))
-    };
-    write().map_err(|e| internal(format!("cannot save {STATE_FILE}: {e}")))
+    crate::identity::write_private_atomic(&dir.join(STATE_FILE), &body)
+        .map_err(|e| internal(format!("cannot save {STATE_FILE}: {e}")))
+}
+
+/// Where named volume `name` lives on this machine.
+fn volume_dir(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join("volumes").join(name)
 }
 
 // ---------------------------------------------------------------------------
@@ -292,9 +282,11 @@ pub struct Workloads {
 }
 
 impl Workloads {
-    fn open(data_dir: &Path, kind: RuntimeKind) -> Result<Workloads, ApiError> {
-        let images = ImageStore::open(data_dir.join("images"))
-            .map_err(|e| internal(format!("cannot open the image store: {e}")))?;
+    fn open(
+        data_dir: &Path,
+        kind: RuntimeKind,
+        images: Arc<ImageStore>,
+    ) -> Result<Workloads, ApiError> {
         let runtime = match kind {
             RuntimeKind::Host => AnyRuntime::Host(
                 ployz_runtime::HostRuntime::new(data_dir.join("runtime"))
@@ -307,7 +299,7 @@ impl Workloads {
         };
         Ok(Workloads {
             runtime,
-            images: Arc::new(images),
+            images,
             data_dir: data_dir.to_path_buf(),
             state: tokio::sync::Mutex::new(load_state(data_dir)),
             bridges: Default::default(),
@@ -315,7 +307,7 @@ impl Workloads {
     }
 
     fn volume_dir(&self, name: &str) -> PathBuf {
-        self.data_dir.join("volumes").join(name)
+        volume_dir(&self.data_dir, name)
     }
 }
 
@@ -336,16 +328,14 @@ impl Daemon {
         if let Some(w) = self.workloads.get() {
             return Ok(w);
         }
-        let w = Workloads::open(&self.cfg.data_dir, self.cfg.runtime)?;
+        let w = Workloads::open(&self.cfg.data_dir, self.cfg.runtime, self.image_store()?)?;
         let _ = self.workloads.set(w);
         Ok(self.workloads.get().expect("just set"))
     }
 
-    /// The image store alone (importing does not need the runtime).
+    /// This machine's image store, opened on first use (importing an image
+    /// does not need the runtime; the runtime shares this one).
     fn image_store(&self) -> Result<Arc<ImageStore>, ApiError> {
-        if let Some(w) = self.workloads.get() {
-            return Ok(w.images.clone());
-        }
         let mut slot = self.images.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = slot.as_ref() {
             return Ok(s.clone());
@@ -1146,27 +1136,25 @@ impl Daemon {
         match req {
             BlobRequest::Image { digest } => {
                 let store = self.image_store()?;
-                let info = store
-                    .info(&digest)
-                    .map_err(|e| internal(e.to_string()))?
-                    .ok_or_else(|| {
-                        ApiError::new(
-                            ErrorCode::NotFound,
-                            format!(
-                                "image {digest} is not stored on machine {}",
-                                self.machine_id()
-                            ),
-                        )
-                    })?;
-                let path = store.blob_path(&digest).ok_or_else(|| {
-                    ApiError::new(
+                let d = digest.clone();
+                let found = tokio::task::spawn_blocking(move || {
+                    let info = store.info(&d)?;
+                    Ok::<_, ployz_runtime::image::ImageError>(
+                        info.and_then(|i| store.blob_path(&d).map(|p| (i, p))),
+                    )
+                })
+                .await
+                .map_err(blocking_err)?
+                .map_err(|e| internal(e.to_string()))?;
+                let Some((info, path)) = found else {
+                    return Err(ApiError::new(
                         ErrorCode::NotFound,
                         format!(
                             "image {digest} is not stored on machine {}",
                             self.machine_id()
                         ),
-                    )
-                })?;
+                    ));
+                };
                 Ok(BlobSource {
                     path,
                     size: info.size,
@@ -1176,7 +1164,7 @@ impl Daemon {
             }
             BlobRequest::Volume { name } => {
                 validate_volume_name(&name)?;
-                let dir = self.cfg.data_dir.join("volumes").join(&name);
+                let dir = volume_dir(&self.cfg.data_dir, &name);
                 let tmp_dir = self.cfg.data_dir.join("tmp");
                 tokio::task::spawn_blocking(move || pack_volume(&dir, &tmp_dir, &name))
                     .await
@@ -1254,7 +1242,7 @@ impl Daemon {
         if used {
             return Ok(false);
         }
-        let dir = self.cfg.data_dir.join("volumes").join(name);
+        let dir = volume_dir(&self.cfg.data_dir, name);
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
@@ -1359,7 +1347,8 @@ impl Daemon {
             let _ = self.txn(ops).await?;
         }
         // Run what is placed here.
-        let mine = self.my_record().await?;
+        // This machine's record (its subnet), read only when something starts.
+        let mut mine: Option<MachineRecord> = None;
         for (id, (svc, p)) in &desired {
             let key = InstanceRecord::key(&svc.name, &me, p.slot);
             let local = st.workloads.get(id).cloned();
@@ -1404,8 +1393,12 @@ impl Daemon {
                             .txn(vec![put(BUCKET_INSTANCES, &key, &pending, Expect::Any)])
                             .await?;
                     }
+                    if mine.is_none() {
+                        mine = Some(self.my_record().await?);
+                    }
+                    let me_rec = mine.as_ref().expect("just read");
                     match self
-                        .start_instance(w, &mut st, id, svc, p, &mine, state.is_some())
+                        .start_instance(w, &mut st, id, svc, p, me_rec, state.is_some())
                         .await
                     {
                         Ok(()) => (InstanceState::Running, None),
@@ -1598,7 +1591,6 @@ impl Daemon {
                 generation: svc.generation,
                 ip: Some(ip),
                 started_at_ms: now_ms(),
-                restarts: st.workloads.get(id).map_or(0, |l| l.restarts + 1),
             },
         );
         save_state(&w.data_dir, st)?;
