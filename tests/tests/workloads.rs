@@ -108,7 +108,6 @@ fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine()
         .unwrap();
     let busy = busy_inst["machine"].as_str().unwrap().to_string();
     let busy_ip = busy_inst["overlay_ip"].as_str().unwrap().to_string();
-    let busy_idx = ids.iter().position(|i| *i == busy).unwrap();
     ms[0].ctl_json(&["machine", "drain", &busy]);
     let v = deploy(&ms[0], &["api", "--image", image, "--replicas", "3"]);
     let api_on: Vec<&str> = v["instances"]
@@ -217,29 +216,25 @@ fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine()
     // 4. Removing a machine stops its workloads and drops its placements.
     let r = ms[0].ctl_json(&["machine", "rm", &busy]);
     assert_eq!(r["cleaned_up"], true, "{r:#}");
-    let other = 0;
-    let _ = busy_idx;
-    assert!(!instances(&ms[other], "web")
-        .iter()
-        .any(|(m, _, _)| *m == busy));
+    assert!(!instances(&ms[0], "web").iter().any(|(m, _, _)| *m == busy));
     let down = eventually(Duration::from_secs(20), || {
-        http_get(&ms[other], &busy_ip, "/").is_none().then_some(())
+        http_get(&ms[0], &busy_ip, "/").is_none().then_some(())
     });
     assert!(down.is_some(), "the removed machine's workload is stopped");
 
     // Bad input changes nothing.
-    let o = ms[other].ctl(&["deploy", "service", "Bad_Name", "--image", image]);
+    let o = ms[0].ctl(&["deploy", "service", "Bad_Name", "--image", image]);
     assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
-    let o = ms[other].ctl(&["deploy", "service", "x", "--image", "./missing.tar"]);
+    let o = ms[0].ctl(&["deploy", "service", "x", "--image", "./missing.tar"]);
     assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
-    let o = ms[other].ctl(&["deploy", "service", "x", "--image", image, "-e", "NOPE"]);
+    let o = ms[0].ctl(&["deploy", "service", "x", "--image", image, "-e", "NOPE"]);
     assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
-    assert!(!stdout(&ms[other].ctl(&["service", "ls"])).contains("\nx "));
+    assert!(!stdout(&ms[0].ctl(&["service", "ls"])).contains("\nx "));
 
     // service rm removes it everywhere.
-    let r = ms[other].ctl_json(&["service", "rm", "web"]);
+    let r = ms[0].ctl_json(&["service", "rm", "web"]);
     assert!(r["pending_on"].as_array().unwrap().is_empty(), "{r:#}");
-    assert!(instances(&ms[other], "web").is_empty());
+    assert!(instances(&ms[0], "web").is_empty());
 }
 
 /// Removes docker containers and networks this test created, also on failure.
