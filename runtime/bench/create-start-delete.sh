@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # create+start+wait+delete of one busybox bundle running /bin/true, N times each with
 # ployz's host runtime (runtime/examples/rt.rs on libcontainer), crun and runc.
-# Prints the median wall time per runtime and the ratios ours/crun, ours/runc. Runs are
+# Prints the median wall time per runtime and the ratios to crun and runc. Runs are
 # interleaved (ours, crun, runc, ours, ...) so background load skews none of them.
+#
+# Two rows for ours:
+#   ours      the way ployzd runs it: one long-lived engine (`rt serve`) that creates
+#             through its single-threaded zygote helper (RT_HELPER=1), driven over a
+#             pipe; the span is from writing the container id to reading the answer.
+#   ours-cli  a fresh `rt` process per container (exec, engine set-up, create in
+#             process), the way crun and runc are used: like for like with a CLI.
 #
 # Needs root, busybox-static, runc, crun, python3, and the example built:
 #   cargo build --release -p ployz-runtime --example rt
@@ -47,7 +54,8 @@ done
 umount -l "$old" && rmdir "$old"
 
 work=$(mktemp -d /tmp/ployz-bench.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+# Closing its stdin ends `rt serve` (and its zygote) before the state goes.
+trap '[[ -n ${OURS_PID:-} ]] && { exec {OURS[1]}>&-; wait "$OURS_PID"; }; rm -rf "$work"' EXIT
 bundle=$work/bundle
 mkdir -p "$bundle"/rootfs/{bin,proc,dev,sys,tmp}
 cp /bin/busybox "$bundle/rootfs/bin/busybox"
@@ -84,18 +92,26 @@ report() { # name
   local name=$1 sorted
   sorted=$(printf '%s\n' ${times[$name]} | sort -n)
   median[$name]=$(awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : int((a[NR/2] + a[NR/2+1]) / 2)}' <<<"$sorted")
-  printf '%-6s median %8.2f ms  (N=%d, min %.2f ms, max %.2f ms)\n' "$name" \
+  printf '%-8s median %8.2f ms  (N=%d, min %.2f ms, max %.2f ms)\n' "$name" \
     "$(awk -v m="${median[$name]}" 'BEGIN {print m / 1000}')" "$N" \
     "$(head -1 <<<"$sorted" | awk '{print $1/1000}')" \
     "$(tail -1 <<<"$sorted" | awk '{print $1/1000}')"
 }
 
-ours() { "$RT_BIN" "$work/ours" "$1" "$bundle"; }
+# The long-lived engine, as in ployzd. Its fds stay in this shell (not a subshell).
+coproc OURS { RT_HELPER=1 exec "$RT_BIN" serve "$work/ours" "$bundle"; }
+ours() {
+  local answer
+  echo "$1" >&"${OURS[1]}"
+  read -r answer <&"${OURS[0]}" || { echo "rt serve ended" >&2; exit 1; }
+  [[ $answer == "ok 0" ]] || { echo "ours: $answer" >&2; exit 1; }
+}
+ours-cli() { "$RT_BIN" "$work/ours-cli" "$1" "$bundle"; }
 crun() { command crun --root "$work/crun" run --bundle "$bundle" "$1"; }
 runc() { command runc --root "$work/runc" run --bundle "$bundle" "$1"; }
 
-run_rounds ours crun runc
-for name in ours crun runc; do report "$name"; done
+run_rounds ours ours-cli crun runc
+for name in ours ours-cli crun runc; do report "$name"; done
 
-awk -v o="${median[ours]}" -v c="${median[crun]}" -v r="${median[runc]}" \
-  'BEGIN { printf "ratio ours/crun %.2f\nratio ours/runc %.2f\n", o / c, o / r }'
+awk -v o="${median[ours]}" -v l="${median[ours-cli]}" -v c="${median[crun]}" -v r="${median[runc]}" \
+  'BEGIN { printf "ratio ours/crun %.2f\nratio ours/runc %.2f\nratio ours-cli/crun %.2f\n", o / c, o / r, l / c }'

@@ -88,8 +88,9 @@ fn warn(msg: &str) {
 pub struct HostEngine {
     root: PathBuf,
     net: Box<dyn NetConfig>,
-    /// Create through a single-threaded helper process (see `helper`).
-    create_helper: bool,
+    /// Create through a single-threaded helper process (see `helper`):
+    /// `Some`, holding the running zygote once there is one.
+    create_helper: Option<Option<helper::Zygote>>,
     /// Exit status (code, or 128+signal) of workloads we reaped.
     exits: HashMap<String, i64>,
     /// Workloads ended through `kill` (stop/delete) rather than on their own.
@@ -120,7 +121,7 @@ impl HostEngine {
         Ok(HostEngine {
             root,
             net: Box::new(IpCommand),
-            create_helper: false,
+            create_helper: None,
             exits: HashMap::new(),
             stop_requested: HashSet::new(),
         })
@@ -158,8 +159,16 @@ impl HostEngine {
     /// has a second thread while it creates (like `examples/rt.rs`) may skip it.
     pub fn with_create_helper(mut self) -> Self {
         helper::ensure_linked();
-        self.create_helper = true;
+        self.create_helper = Some(None);
         self
+    }
+
+    /// The pid of the running create helper (zygote), if one runs.
+    pub fn create_helper_pid(&self) -> Option<u32> {
+        self.create_helper
+            .as_ref()?
+            .as_ref()
+            .map(helper::Zygote::pid)
     }
 
     /// Replaces the kernel network seam (tests: a recording fake).
@@ -312,10 +321,11 @@ impl HostEngine {
         }
         self.exits.remove(id);
         self.stop_requested.remove(id);
-        if !self.create_helper {
+        let Some(zygote) = self.create_helper.as_mut() else {
             return self.create_in_process(id, bundle);
-        }
-        let res = serialized(|| helper::create(&self.root, id, bundle));
+        };
+        let root = &self.root;
+        let res = serialized(|| helper::create(zygote, root, id, bundle));
         if res.is_err() {
             // The helper may have died half-way through.
             let _ = fs::remove_dir_all(self.state_dir().join(id));

@@ -540,3 +540,77 @@ async fn creates_survive_threads_using_the_environment() {
         r.join().unwrap();
     }
 }
+
+/// ployzd creates through one zygote for the engine's whole life (a fork per
+/// create, not an exec); the workload's init is ployzd's to reap as soon as
+/// create returns; a zygote that died is replaced on the next create.
+#[test]
+fn one_zygote_serves_every_create_and_a_dead_one_is_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
+    let root = tmp.path().join("rt");
+    let mut engine = HostEngine::new(&root).unwrap().with_create_helper();
+    assert_eq!(
+        engine.create_helper_pid(),
+        None,
+        "started before any create"
+    );
+    let mut zygotes = Vec::new();
+    for (i, code) in [0, 3, 7].into_iter().enumerate() {
+        let id = unique(&format!("zyg{i}"));
+        let _cleanup = Cleanup::new(&root, &id);
+        let spec = WorkloadSpec::new(
+            &id,
+            Image::Rootfs(rootfs.clone()),
+            sh(&format!("exit {code}")),
+        );
+        engine.create(&spec).unwrap();
+        let pid = engine.create_helper_pid().expect("a zygote after a create");
+        zygotes.push(pid);
+        engine.start(&id).unwrap();
+        // A blocking wait right after create: the init must already be ours.
+        assert_eq!(
+            engine.wait(&id).unwrap(),
+            Some(code),
+            "exit code of workload {i}"
+        );
+        engine.delete(&id).unwrap();
+        if i == 1 {
+            // SAFETY: kill(2) on the zygote's pid, our own child.
+            assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+            // Dead (a zombie until the engine notices), not dying.
+            let stat = format!("/proc/{pid}/stat");
+            let dead = || {
+                std::fs::read_to_string(&stat)
+                    .map(|s| {
+                        s.rsplit(") ")
+                            .next()
+                            .is_some_and(|rest| rest.starts_with('Z'))
+                    })
+                    .unwrap_or(true)
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !dead() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "zygote {pid} survived SIGKILL"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    assert_eq!(
+        zygotes[0], zygotes[1],
+        "the second create reused the zygote"
+    );
+    assert_ne!(
+        zygotes[1], zygotes[2],
+        "a fresh zygote replaced the killed one"
+    );
+    drop(engine);
+    let comm = format!("/proc/{}/comm", zygotes[2]);
+    assert!(
+        std::fs::read_to_string(&comm).is_err(),
+        "dropping the engine ended its zygote"
+    );
+}
