@@ -119,6 +119,23 @@ async fn lifecycle_logs_limits_and_volume() {
     let shares =
         std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/ployz/{id}/cpu.shares")).unwrap();
     assert_eq!(shares.trim(), "512");
+    // The workload is inside its cgroup in every hierarchy, not just next to
+    // it: its intermediate process joins through `tasks` (the patched
+    // libcgroups), and each hierarchy must list the same processes.
+    let mut members = Vec::new();
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup").unwrap() {
+        let dir = hierarchy.unwrap().path().join("ployz").join(&id);
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            members.push((dir, procs));
+        }
+    }
+    assert!(members.len() >= 2, "cgroups: {members:?}");
+    let (_, first) = &members[0];
+    assert!(!first.trim().is_empty(), "no process in {members:?}");
+    assert!(
+        members.iter().all(|(_, procs)| procs == first),
+        "{members:?}"
+    );
 
     // sh as pid 1 ignores SIGTERM: this exercises the SIGKILL fallback.
     rt.stop(&id, Duration::from_millis(500)).await.unwrap();
