@@ -1514,11 +1514,16 @@ impl Daemon {
             .unwrap_or_else(|e| e.into_inner())
             .contains(&bridge);
         if !ensured {
+            // Only the cluster reaches workloads: over the mesh, in packets
+            // that fit it.
+            let cluster = self.require_network().await?.cidr;
             w.runtime
                 .ensure_network(&BridgeNetwork {
                     bridge: bridge.clone(),
                     gateway,
                     prefix,
+                    mtu: Some(crate::overlay::MTU),
+                    allow_from: Some(cluster),
                 })
                 .await
                 .map_err(|e| internal(format!("cannot set up the workload network: {e}")))?;
@@ -1582,6 +1587,7 @@ impl Daemon {
             address: ip,
             prefix,
             gateway,
+            mtu: Some(crate::overlay::MTU),
         });
         st.workloads.insert(
             id.to_string(),

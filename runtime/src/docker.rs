@@ -8,9 +8,12 @@
 //! `nat-unprotected` (docker ≥ 28 otherwise drops routed traffic to
 //! containers arriving on other interfaces, such as the mesh). An iptables
 //! rule in `DOCKER-USER` accepts forwarded traffic to the subnet, which
-//! dockerd's FORWARD rules would drop.
+//! dockerd's FORWARD rules would drop; with [`BridgeNetwork::allow_from`],
+//! only from that range, and a rule at the end of `DOCKER-USER` drops the
+//! rest (unprotected gateway mode would let anyone who routes to the subnet
+//! in). The network's MTU is [`BridgeNetwork::mtu`].
 
-use crate::host::net::{iptables_ensure, iptables_remove};
+use crate::host::net::{iptables_ensure, iptables_ensure_last, iptables_remove_matching};
 use crate::host::serialized;
 use crate::{
     BridgeNetwork, Image, Runtime, RuntimeError, RuntimeKind, State, WorkloadSpec, WorkloadStatus,
@@ -228,11 +231,19 @@ impl DockerRuntime {
                 }]),
                 ..Default::default()
             }),
-            options: Some(HashMap::from([
-                opt("name", &net.bridge),
-                opt("enable_ip_masquerade", "false"),
-                opt("gateway_mode_ipv4", "nat-unprotected"),
-            ])),
+            options: Some(
+                [
+                    opt("name", &net.bridge),
+                    opt("enable_ip_masquerade", "false"),
+                    opt("gateway_mode_ipv4", "nat-unprotected"),
+                ]
+                .into_iter()
+                .chain(
+                    net.mtu
+                        .map(|mtu| ("com.docker.network.driver.mtu".to_string(), mtu.to_string())),
+                )
+                .collect(),
+            ),
             labels: Some(HashMap::from([(
                 MANAGED_LABEL.to_string(),
                 "true".to_string(),
@@ -261,13 +272,36 @@ impl DockerRuntime {
     }
 }
 
-/// Accepts forwarded traffic to `subnet` ahead of dockerd's own rules
-/// (`DOCKER-USER`; plain `FORWARD` when dockerd made no such chain).
-async fn allow_subnet(bridge: &str, subnet: String) -> Result<(), RuntimeError> {
+/// Accepts forwarded traffic to `subnet` (from `from` only, dropping the
+/// rest, when there is one) ahead of dockerd's own rules (`DOCKER-USER`;
+/// plain `FORWARD` when dockerd made no such chain).
+async fn allow_subnet(
+    bridge: &str,
+    subnet: String,
+    from: Option<String>,
+) -> Result<(), RuntimeError> {
     let res = tokio::task::spawn_blocking(move || {
         serialized(|| {
-            iptables_ensure("DOCKER-USER", &["-d", &subnet, "-j", "ACCEPT"])
-                .or_else(|_| iptables_ensure("FORWARD", &["-d", &subnet, "-j", "ACCEPT"]))
+            let mut accept = Vec::new();
+            if let Some(from) = &from {
+                accept.extend(["-s", from.as_str()]);
+            }
+            accept.extend(["-d", subnet.as_str(), "-j", "ACCEPT"]);
+            let drop = ["-d", subnet.as_str(), "-j", "DROP"];
+            let set_up = |chain: &str| {
+                // Rules for another `from` (or none) would let more in.
+                iptables_remove_matching(chain, |rule| {
+                    is_subnet_rule(rule, &subnet)
+                        && rule != accept.as_slice()
+                        && (from.is_none() || rule != drop)
+                })?;
+                iptables_ensure(chain, &accept)?;
+                if from.is_some() {
+                    iptables_ensure_last(chain, &drop)?;
+                }
+                Ok::<(), crate::host::net::NetConfigError>(())
+            };
+            set_up("DOCKER-USER").or_else(|_| set_up("FORWARD"))
         })
     })
     .await;
@@ -290,11 +324,20 @@ async fn disallow_subnet(subnet: String) {
     let _ = tokio::task::spawn_blocking(move || {
         serialized(|| {
             for chain in ["DOCKER-USER", "FORWARD"] {
-                let _ = iptables_remove(chain, &["-d", &subnet, "-j", "ACCEPT"]);
+                let _ = iptables_remove_matching(chain, |rule| is_subnet_rule(rule, &subnet));
             }
         })
     })
     .await;
+}
+
+/// Whether `rule` (as `iptables -S` prints it) is one [`allow_subnet`] makes
+/// for `subnet`.
+fn is_subnet_rule(rule: &[&str], subnet: &str) -> bool {
+    matches!(
+        rule,
+        ["-d", d, "-j", "ACCEPT" | "DROP"] | ["-s", _, "-d", d, "-j", "ACCEPT"] if *d == subnet
+    )
 }
 
 fn map_state(
@@ -458,7 +501,7 @@ impl Runtime for DockerRuntime {
                 }
             }
         }
-        allow_subnet(&net.bridge, subnet).await
+        allow_subnet(&net.bridge, subnet, net.allow_from.clone()).await
     }
 
     async fn remove_network(&self, bridge: &str) -> Result<(), RuntimeError> {
@@ -507,6 +550,7 @@ mod tests {
             address: "10.101.3.9".parse().unwrap(),
             prefix: 24,
             gateway: "10.101.3.1".parse().unwrap(),
+            mtu: Some(1420),
         });
         let b = DockerRuntime::create_body(&s).unwrap();
         assert_eq!(
@@ -522,6 +566,8 @@ mod tests {
             bridge: "plzbr0".into(),
             gateway: "10.101.3.1".parse().unwrap(),
             prefix: 24,
+            mtu: Some(1420),
+            allow_from: Some("10.101.0.0/16".into()),
         });
         let ipam = &n.ipam.unwrap().config.unwrap()[0];
         assert_eq!(ipam.subnet.as_deref(), Some("10.101.3.0/24"));
@@ -529,6 +575,20 @@ mod tests {
         let o = n.options.unwrap();
         assert_eq!(o["com.docker.network.bridge.name"], "plzbr0");
         assert_eq!(o["com.docker.network.bridge.enable_ip_masquerade"], "false");
+        assert_eq!(o["com.docker.network.driver.mtu"], "1420");
+        let rule = |r: &str| r.split(' ').map(String::from).collect::<Vec<_>>();
+        for (r, ours) in [
+            ("-d 10.101.3.0/24 -j ACCEPT", true),
+            ("-s 10.101.0.0/16 -d 10.101.3.0/24 -j ACCEPT", true),
+            ("-d 10.101.3.0/24 -j DROP", true),
+            ("-d 10.101.4.0/24 -j ACCEPT", false),
+            ("-d 10.101.3.0/24 -p tcp -j ACCEPT", false),
+            ("-j RETURN", false),
+        ] {
+            let w = rule(r);
+            let w: Vec<&str> = w.iter().map(String::as_str).collect();
+            assert_eq!(is_subnet_rule(&w, "10.101.3.0/24"), ours, "{r}");
+        }
         s.image = Image::Rootfs("/r".into());
         assert!(matches!(
             DockerRuntime::create_body(&s),

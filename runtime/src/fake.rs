@@ -173,6 +173,8 @@ mod tests {
             bridge: "plzbr0".into(),
             gateway: "10.101.3.1".parse().unwrap(),
             prefix: 24,
+            mtu: None,
+            allow_from: None,
         };
         let mut spec = WorkloadSpec::new("w", Image::Rootfs("/r".into()), vec!["true".into()]);
         spec.network = Some(crate::NetworkAttachment {
@@ -180,6 +182,7 @@ mod tests {
             address: "10.101.3.2".parse().unwrap(),
             prefix: 24,
             gateway: net.gateway,
+            mtu: None,
         });
         let e = rt.create(&spec).await.unwrap_err();
         assert!(e.to_string().contains("ensure_network"), "{e}");

@@ -185,6 +185,18 @@ pub struct BridgeNetwork {
     pub gateway: Ipv4Addr,
     /// Prefix length of the bridge subnet, 8..=30 (usually 24).
     pub prefix: u8,
+    /// MTU of the bridge (docker: of the network) and, through
+    /// [`NetworkAttachment::mtu`], of each workload's interface; `None`: the
+    /// kernel's 1500. ployzd uses the mesh's, so a workload's packets fit the
+    /// tunnel without relying on path-MTU discovery.
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// Forwarded traffic into the subnet is accepted only from this IPv4
+    /// range (`a.b.c.d/n`; ployzd: the cluster's overlay range) and dropped
+    /// from anywhere else, e.g. an underlay neighbour that routes to the
+    /// subnet through this machine. `None`: accepted from anywhere.
+    #[serde(default)]
+    pub allow_from: Option<String>,
 }
 
 impl BridgeNetwork {
@@ -205,8 +217,33 @@ impl BridgeNetwork {
         };
         validate_ifname(&self.bridge).map_err(bad)?;
         check_prefix(self.prefix).map_err(bad)?;
-        check_host_address(self.gateway, self.prefix, "gateway").map_err(bad)
+        check_host_address(self.gateway, self.prefix, "gateway").map_err(bad)?;
+        check_mtu(self.mtu).map_err(bad)?;
+        if let Some(range) = &self.allow_from {
+            check_cidr(range).map_err(bad)?;
+        }
+        Ok(())
     }
+}
+
+/// 576 (the least every IPv4 host must accept) ..= 9000 (jumbo frames).
+fn check_mtu(mtu: Option<u16>) -> Result<(), String> {
+    match mtu {
+        Some(m) if !(576..=9000).contains(&m) => Err(format!("MTU {m} is outside 576..=9000")),
+        _ => Ok(()),
+    }
+}
+
+/// An IPv4 range in CIDR notation, with no host bits set (`10.101.0.0/16`).
+fn check_cidr(range: &str) -> Result<(), String> {
+    let bad = || format!("`{range}` is not an IPv4 range like 10.101.0.0/16");
+    let (addr, prefix) = range.split_once('/').ok_or_else(bad)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    if prefix > 32 || network_address(addr, prefix) != addr {
+        return Err(bad());
+    }
+    Ok(())
 }
 
 /// How one workload plugs into a [`BridgeNetwork`]: `eth0` with
@@ -219,11 +256,17 @@ pub struct NetworkAttachment {
     pub address: Ipv4Addr,
     pub prefix: u8,
     pub gateway: Ipv4Addr,
+    /// MTU of the workload's interface (usually its bridge's
+    /// [`BridgeNetwork::mtu`]); `None`: the kernel's 1500. The docker
+    /// backend takes the network's instead.
+    #[serde(default)]
+    pub mtu: Option<u16>,
 }
 
 impl NetworkAttachment {
     fn validate(&self) -> Result<(), String> {
         validate_ifname(&self.bridge)?;
+        check_mtu(self.mtu)?;
         check_prefix(self.prefix)?;
         check_host_address(self.address, self.prefix, "address")?;
         check_host_address(self.gateway, self.prefix, "gateway")?;
@@ -498,9 +541,39 @@ mod tests {
             bridge: "plzbr0".into(),
             gateway: Ipv4Addr::new(10, 101, 3, 1),
             prefix: 24,
+            mtu: Some(1420),
+            allow_from: Some("10.101.0.0/16".into()),
         };
         net.validate().unwrap();
         assert_eq!(net.subnet(), "10.101.3.0/24");
+        for (mtu, allow_from, why) in [
+            (Some(100), None, "MTU 100"),
+            (Some(9001), None, "MTU 9001"),
+            (None, Some("10.101.0.1/16"), "not an IPv4 range"),
+            (None, Some("10.101.0.0/33"), "not an IPv4 range"),
+            (None, Some("10.101.0.0"), "not an IPv4 range"),
+            (None, Some("any"), "not an IPv4 range"),
+        ] {
+            let n = BridgeNetwork {
+                mtu,
+                allow_from: allow_from.map(String::from),
+                ..net.clone()
+            };
+            let e = n.validate().unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
+        for ok in ["0.0.0.0/0", "10.0.0.0/8", "10.101.3.7/32"] {
+            BridgeNetwork {
+                allow_from: Some(ok.into()),
+                ..net.clone()
+            }
+            .validate()
+            .unwrap();
+        }
+        // Records from before the fields still parse.
+        let json = r#"{"bridge":"plzbr0","gateway":"10.101.3.1","prefix":24}"#;
+        let old: BridgeNetwork = serde_json::from_str(json).unwrap();
+        assert_eq!((old.mtu, old.allow_from), (None, None));
         for (bridge, prefix, gw) in [
             ("plzbr0-too-long!", 24, [10, 101, 3, 1]),
             ("bridge", 24, [10, 101, 3, 1]),
@@ -513,6 +586,8 @@ mod tests {
                 bridge: bridge.into(),
                 gateway: Ipv4Addr::from(gw),
                 prefix,
+                mtu: None,
+                allow_from: None,
             };
             assert!(
                 matches!(n.validate(), Err(RuntimeError::InvalidNetwork { .. })),
@@ -526,9 +601,15 @@ mod tests {
             address: Ipv4Addr::new(10, 101, 3, 2),
             prefix: 24,
             gateway: Ipv4Addr::new(10, 101, 3, 1),
+            mtu: Some(1420),
         };
         s.network = Some(att.clone());
         s.validate().unwrap();
+        s.network = Some(NetworkAttachment {
+            mtu: Some(70),
+            ..att.clone()
+        });
+        assert!(s.validate().unwrap_err().to_string().contains("MTU 70"));
         for (addr, gw, why) in [
             ([10, 101, 3, 1], [10, 101, 3, 1], "gateway's"),
             ([10, 101, 3, 2], [10, 101, 4, 1], "outside the subnet"),

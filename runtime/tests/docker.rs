@@ -65,11 +65,18 @@ impl Drop for Cleanup {
                 .args(["network", "rm", name])
                 .output();
             for chain in ["DOCKER-USER", "FORWARD"] {
-                while Command::new("iptables")
-                    .args(["-D", chain, "-d", subnet, "-j", "ACCEPT"])
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-                {}
+                let Ok(listing) = Command::new("iptables").args(["-S", chain]).output() else {
+                    continue;
+                };
+                for rule in String::from_utf8_lossy(&listing.stdout).lines() {
+                    if let Some(rest) = rule.strip_prefix(&format!("-A {chain} ")) {
+                        if rest.contains(&format!("-d {subnet} ")) {
+                            let mut args = vec!["-D", chain];
+                            args.extend(rest.split_whitespace());
+                            let _ = Command::new("iptables").args(&args).output();
+                        }
+                    }
+                }
             }
         }
         for l in &self.links {
@@ -217,19 +224,35 @@ async fn docker_network_fixed_address_is_routable() {
 
     let rt = DockerRuntime::connect().unwrap();
     let gateway = Ipv4Addr::new(10, x, y, 1);
+    let peer_range = format!("10.234.{y}.0/30");
     let net = BridgeNetwork {
         bridge: bridge.clone(),
         gateway,
         prefix: 24,
+        mtu: Some(1420),
+        allow_from: Some(peer_range.clone()),
     };
     rt.ensure_network(&net).await.unwrap();
     rt.ensure_network(&net).await.unwrap(); // idempotent
     run_ok(
         "iptables",
-        &["-C", "DOCKER-USER", "-d", &subnet, "-j", "ACCEPT"],
+        &[
+            "-C",
+            "DOCKER-USER",
+            "-s",
+            &peer_range,
+            "-d",
+            &subnet,
+            "-j",
+            "ACCEPT",
+        ],
+    );
+    run_ok(
+        "iptables",
+        &["-C", "DOCKER-USER", "-d", &subnet, "-j", "DROP"],
     );
     let rules = run_ok("iptables", &["-S", "DOCKER-USER"]);
-    assert_eq!(rules.matches(&subnet).count(), 1, "{rules}");
+    assert_eq!(rules.matches(&subnet).count(), 2, "{rules}");
     // The docker network's bridge carries the requested name.
     run_ok("ip", &["link", "show", "dev", &bridge]);
 
@@ -251,9 +274,12 @@ async fn docker_network_fixed_address_is_routable() {
         address: addr,
         prefix: 24,
         gateway,
+        mtu: Some(1420),
     });
     rt.create(&spec).await.unwrap();
     rt.start(&id).await.unwrap();
+    let mtu = run_ok("docker", &["exec", &id, "cat", "/sys/class/net/eth0/mtu"]);
+    assert_eq!(mtu.trim(), "1420");
 
     let url = format!("http://{addr}/");
     assert_eq!(
@@ -279,15 +305,22 @@ async fn docker_network_fixed_address_is_routable() {
         wget(Some(&peer), &url, 10).expect("routed peer -> container"),
         "hello from docker\n"
     );
+    // A stranger outside `allow_from` that this host routes back to reaches
+    // the host but not the container.
+    let stranger = Ipv4Addr::new(10, 235, y, 2);
+    let src = stranger.to_string();
+    peer.exec_ok(&["ip", "addr", "add", &format!("{src}/32"), "dev", "mesh0"]);
+    let back = format!("{src}/32");
+    run_ok("ip", &["route", "add", &back, "via", &pa.to_string()]);
+    peer.exec_ok(&["ping", "-c", "1", "-W", "3", "-I", &src, &ha.to_string()]);
+    let out = peer.exec(&["curl", "-s", "-m", "3", "--interface", &src, &url]);
+    let _ = Command::new("ip").args(["route", "del", &back]).output();
+    assert!(!out.status.success(), "a stranger reached the container");
 
     rt.delete(&id).await.unwrap();
     rt.remove_network(&bridge).await.unwrap();
-    assert!(!Command::new("iptables")
-        .args(["-C", "DOCKER-USER", "-d", &subnet, "-j", "ACCEPT"])
-        .stderr(Stdio::null())
-        .status()
-        .unwrap()
-        .success());
+    let rules = run_ok("iptables", &["-S", "DOCKER-USER"]);
+    assert!(!rules.contains(&subnet), "{rules}");
     assert!(!Command::new("docker")
         .args(["network", "inspect", &bridge])
         .stdout(Stdio::null())

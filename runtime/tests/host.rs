@@ -206,7 +206,9 @@ async fn refuses_bad_input_with_helpful_errors() {
 /// Two workloads on one bridge inside a test network namespace (standing in
 /// for the machine), and a peer namespace behind it standing in for another
 /// machine on the mesh: workload to workload, machine to workload, and
-/// routed peer to workload (forwarding, default route via the gateway) all work.
+/// routed peer to workload (forwarding, default route via the gateway) all work;
+/// a routed stranger outside `allow_from` is dropped; bridge and workload
+/// interfaces have the requested MTU.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workloads_on_a_bridge_reach_each_other_and_the_mesh() {
     let tmp = tempfile::tempdir().unwrap();
@@ -245,6 +247,25 @@ async fn workloads_on_a_bridge_reach_each_other_and_the_mesh() {
     peer.exec_ok(&["ip", "link", "set", "mesh0", "up"]);
     let subnet = format!("10.{x}.{y}.0/24");
     peer.exec_ok(&["ip", "route", "add", &subnet, "via", &ma.to_string()]);
+    // A stranger: a second address on the peer, outside `allow_from`, that
+    // the machine routes back to (so only the firewall can stop it).
+    let stranger = Ipv4Addr::new(10, 234, y, 2);
+    peer.exec_ok(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{stranger}/32"),
+        "dev",
+        "mesh0",
+    ]);
+    machine.exec_ok(&[
+        "ip",
+        "route",
+        "add",
+        &format!("{stranger}/32"),
+        "via",
+        &pa.to_string(),
+    ]);
 
     // New namespaces may inherit forwarding from the host: start without it.
     machine.exec_ok(&["sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"]);
@@ -257,9 +278,28 @@ async fn workloads_on_a_bridge_reach_each_other_and_the_mesh() {
         bridge: bridge.clone(),
         gateway,
         prefix: 24,
+        mtu: Some(1420),
+        allow_from: Some(format!("10.233.{y}.0/30")),
     };
+    // First without a source range (as an older ployzd left it), then with:
+    // the wider accept rule must go.
+    rt.ensure_network(&BridgeNetwork {
+        allow_from: None,
+        ..net.clone()
+    })
+    .await
+    .unwrap();
     rt.ensure_network(&net).await.unwrap();
     rt.ensure_network(&net).await.unwrap(); // idempotent
+    let rules = machine.exec_ok(&["iptables", "-S", "FORWARD"]);
+    let ours: Vec<&str> = rules.lines().filter(|l| l.contains(&bridge)).collect();
+    assert_eq!(ours.len(), 3, "{rules}");
+    assert!(
+        !rules.contains(&format!("-A FORWARD -o {bridge} -j ACCEPT")),
+        "{rules}"
+    );
+    let link = machine.exec_ok(&["ip", "-o", "link", "show", "dev", &bridge]);
+    assert!(link.contains("mtu 1420"), "{link}");
     assert_eq!(
         machine
             .exec_ok(&["cat", "/proc/sys/net/ipv4/ip_forward"])
@@ -274,6 +314,7 @@ async fn workloads_on_a_bridge_reach_each_other_and_the_mesh() {
         address: Ipv4Addr::new(10, x, y, last),
         prefix: 24,
         gateway,
+        mtu: Some(1420),
     };
     let a = unique("net-a");
     let b = unique("net-b");
@@ -290,7 +331,7 @@ async fn workloads_on_a_bridge_reach_each_other_and_the_mesh() {
         &b,
         Image::Rootfs(rootfs.clone()),
         sh(&format!(
-            "i=0; while [ $i -lt 100 ]; do \
+            "echo mtu=$(cat /sys/class/net/eth0/mtu); i=0; while [ $i -lt 100 ]; do \
                wget -q -O - http://{a_ip}/ && exit 0; i=$((i+1)); sleep 0.1; \
              done; exit 1"
         )),
@@ -322,12 +363,18 @@ async fn workloads_on_a_bridge_reach_each_other_and_the_mesh() {
         rt.logs(&b).await.unwrap()
     );
     assert!(rt.logs(&b).await.unwrap().contains("hello from a"));
+    assert!(rt.logs(&b).await.unwrap().contains("mtu=1420"));
 
     let url = format!("http://{a_ip}/");
     let body = wget(Some(&machine), &url, 10).expect("machine -> workload");
     assert_eq!(body, "hello from a\n");
     let body = wget(Some(&peer), &url, 10).expect("peer over the mesh -> workload");
     assert_eq!(body, "hello from a\n");
+    // The stranger reaches the machine but not the workload behind it.
+    let src = stranger.to_string();
+    peer.exec_ok(&["ping", "-c", "1", "-W", "3", "-I", &src, &ma.to_string()]);
+    let out = peer.exec(&["curl", "-s", "-m", "3", "--interface", &src, &url]);
+    assert!(!out.status.success(), "a stranger reached the workload");
 
     rt.delete(&a).await.unwrap();
     rt.delete(&b).await.unwrap();

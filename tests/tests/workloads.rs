@@ -92,6 +92,31 @@ fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine()
                 "machine {k} cannot reach {ip} (on {host}) over the mesh"
             );
         }
+        // The workload bridge has the mesh's MTU, and only the cluster's
+        // range may forward into it.
+        let m = ms.iter().find(|m| m.id() == host).unwrap();
+        let links = stdout(&m.exec("ip", &["-o", "link", "show", "type", "bridge"]));
+        let bridge = links
+            .lines()
+            .find(|l| l.contains(": plz"))
+            .unwrap_or_else(|| panic!("no workload bridge on {host}: {links}"));
+        assert!(bridge.contains("mtu 1420"), "{bridge}");
+        let rules = stdout(&m.exec("iptables", &["-S", "FORWARD"]));
+        let cluster = ms[0].ctl_json(&["mesh", "status"])["network"]["cidr"]
+            .as_str()
+            .map(String::from);
+        assert!(
+            rules.lines().any(|r| cluster
+                .as_deref()
+                .is_some_and(|c| r.contains(&format!("-s {c} -o plz")))),
+            "{cluster:?}: {rules}"
+        );
+        assert!(
+            rules
+                .lines()
+                .any(|r| r.contains("-o plz") && r.ends_with("-j DROP")),
+            "{rules}"
+        );
     }
 
     // Logs of every instance, fetched from the machines that run them.

@@ -55,11 +55,17 @@ pub enum NetOp {
     SetUp {
         ifname: String,
     },
-    /// A veth pair: `host` here, `peer` created directly in the namespace of `pid`.
+    SetMtu {
+        ifname: String,
+        mtu: u16,
+    },
+    /// A veth pair: `host` here, `peer` created directly in the namespace of
+    /// `pid`, both ends with `mtu` when there is one.
     AddVeth {
         host: String,
         peer: String,
         pid: i32,
+        mtu: Option<u16>,
     },
     SetMaster {
         ifname: String,
@@ -75,11 +81,15 @@ pub enum NetOp {
     EnableIpForward,
     /// iptables FORWARD accept rules for traffic into and out of `bridge`
     /// (a FORWARD policy of DROP, which dockerd sets, would otherwise drop
-    /// mesh traffic to workloads). Checked with `-C` first: idempotent.
+    /// mesh traffic to workloads). With `from`, traffic into the bridge is
+    /// accepted only from that range and dropped from anywhere else (a rule
+    /// at the end of the chain). Checked with `-C` first: idempotent.
     AllowForward {
         bridge: String,
+        from: Option<String>,
     },
-    /// Removes the rules of [`NetOp::AllowForward`] (missing rules are fine).
+    /// Removes the rules of [`NetOp::AllowForward`], whatever their `from`
+    /// (missing rules are fine).
     RemoveAllowForward {
         bridge: String,
     },
@@ -103,19 +113,25 @@ impl NetOp {
                 ifname,
             ]),
             NetOp::SetUp { ifname } => v(&["link", "set", "dev", ifname, "up"]),
-            NetOp::AddVeth { host, peer, pid } => v(&[
-                "link",
-                "add",
-                "name",
+            NetOp::SetMtu { ifname, mtu } => {
+                v(&["link", "set", "dev", ifname, "mtu", &mtu.to_string()])
+            }
+            NetOp::AddVeth {
                 host,
-                "type",
-                "veth",
-                "peer",
-                "name",
                 peer,
-                "netns",
-                &pid.to_string(),
-            ]),
+                pid,
+                mtu,
+            } => {
+                let pid = pid.to_string();
+                let mtu = mtu.map(|m| m.to_string());
+                let mtu: Vec<&str> = mtu.iter().flat_map(|m| ["mtu", m.as_str()]).collect();
+                let mut a = vec!["link", "add", "name", host];
+                a.extend(&mtu);
+                a.extend(["type", "veth", "peer", "name", peer]);
+                a.extend(&mtu);
+                a.extend(["netns", pid.as_str()]);
+                v(&a)
+            }
             NetOp::SetMaster { ifname, master } => {
                 v(&["link", "set", "dev", ifname, "master", master])
             }
@@ -133,13 +149,22 @@ impl fmt::Display for NetOp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             NetOp::EnableIpForward => f.write_str("echo 1 > /proc/sys/net/ipv4/ip_forward"),
-            NetOp::AllowForward { bridge } => write!(
+            NetOp::AllowForward { bridge, from: None } => write!(
                 f,
                 "iptables -I FORWARD -i {bridge} -j ACCEPT; iptables -I FORWARD -o {bridge} -j ACCEPT"
             ),
+            NetOp::AllowForward {
+                bridge,
+                from: Some(from),
+            } => write!(
+                f,
+                "iptables -I FORWARD -i {bridge} -j ACCEPT; \
+                 iptables -I FORWARD -s {from} -o {bridge} -j ACCEPT; \
+                 iptables -A FORWARD -o {bridge} -j DROP"
+            ),
             NetOp::RemoveAllowForward { bridge } => write!(
                 f,
-                "iptables -D FORWARD -i {bridge} -j ACCEPT; iptables -D FORWARD -o {bridge} -j ACCEPT"
+                "iptables -D FORWARD (every -i/-o {bridge} ACCEPT/DROP rule)"
             ),
             op => write!(f, "ip {}", op.ip_args().unwrap_or_default().join(" ")),
         }
@@ -153,6 +178,12 @@ pub fn bridge_plan(net: &BridgeNetwork, exists: bool) -> Vec<NetOp> {
     if !exists {
         ops.push(NetOp::AddBridge { name: name.clone() });
     }
+    if let Some(mtu) = net.mtu {
+        ops.push(NetOp::SetMtu {
+            ifname: name.clone(),
+            mtu,
+        });
+    }
     ops.extend([
         NetOp::ReplaceAddress {
             ifname: name.clone(),
@@ -163,7 +194,10 @@ pub fn bridge_plan(net: &BridgeNetwork, exists: bool) -> Vec<NetOp> {
             ifname: name.clone(),
         },
         NetOp::EnableIpForward,
-        NetOp::AllowForward { bridge: name },
+        NetOp::AllowForward {
+            bridge: name,
+            from: net.allow_from.clone(),
+        },
     ]);
     ops
 }
@@ -180,6 +214,7 @@ pub fn attach_plan(pid: i32, host_veth: &str, att: &NetworkAttachment) -> [(Netn
                     host: host_veth.to_string(),
                     peer: eth.clone(),
                     pid,
+                    mtu: att.mtu,
                 },
                 NetOp::SetMaster {
                     ifname: host_veth.to_string(),
@@ -330,15 +365,23 @@ fn apply_here(ops: &[NetOp]) -> Result<(), NetConfigError> {
                 stderr: e.to_string(),
             })?,
             NetOp::EnableIpForward => enable_ip_forward(op)?,
-            NetOp::AllowForward { bridge } => {
-                for dir in ["-i", "-o"] {
-                    iptables_ensure("FORWARD", &[dir, bridge, "-j", "ACCEPT"])?;
+            NetOp::AllowForward { bridge, from } => {
+                // A rule from another `from` (or none) would let more in.
+                iptables_remove_matching("FORWARD", |rule| {
+                    is_bridge_rule(rule, "-o", bridge)
+                        && rule != accept_into(bridge, from.as_deref()).as_slice()
+                        && (from.is_none() || rule != drop_into(bridge).as_slice())
+                })?;
+                iptables_ensure("FORWARD", &["-i", bridge, "-j", "ACCEPT"])?;
+                iptables_ensure("FORWARD", &accept_into(bridge, from.as_deref()))?;
+                if from.is_some() {
+                    iptables_ensure_last("FORWARD", &drop_into(bridge))?;
                 }
             }
             NetOp::RemoveAllowForward { bridge } => {
-                for dir in ["-i", "-o"] {
-                    iptables_remove("FORWARD", &[dir, bridge, "-j", "ACCEPT"])?;
-                }
+                iptables_remove_matching("FORWARD", |rule| {
+                    is_bridge_rule(rule, "-i", bridge) || is_bridge_rule(rule, "-o", bridge)
+                })?;
             }
             _ => unreachable!("ip commands are batched above"),
         }
@@ -479,6 +522,82 @@ pub(crate) fn iptables_ensure(chain: &str, rule: &[&str]) -> Result<(), NetConfi
     }
 }
 
+/// The rule accepting forwarded traffic into `bridge` (from `from`, if any).
+fn accept_into<'a>(bridge: &'a str, from: Option<&'a str>) -> Vec<&'a str> {
+    let mut rule = Vec::new();
+    if let Some(from) = from {
+        rule.extend(["-s", from]);
+    }
+    rule.extend(["-o", bridge, "-j", "ACCEPT"]);
+    rule
+}
+
+/// The rule dropping forwarded traffic into `bridge` that no accept took.
+fn drop_into(bridge: &str) -> Vec<&str> {
+    vec!["-o", bridge, "-j", "DROP"]
+}
+
+/// Whether `rule` (as `iptables -S` prints it, without `-A CHAIN`) is one of
+/// ours for `bridge` in direction `dir` ("-i" or "-o").
+fn is_bridge_rule(rule: &[&str], dir: &str, bridge: &str) -> bool {
+    rule.windows(2).any(|w| w == [dir, bridge])
+        && matches!(rule.last(), Some(&"ACCEPT") | Some(&"DROP"))
+        && rule.iter().all(|a| {
+            matches!(*a, "-s" | "-i" | "-o" | "-j" | "ACCEPT" | "DROP")
+                || *a == bridge
+                || a.contains('/')
+        })
+}
+
+/// Appends `rule` to `chain` unless it is already there. Callers outside
+/// [`IpCommand`] hold `host::serialized`.
+pub(crate) fn iptables_ensure_last(chain: &str, rule: &[&str]) -> Result<(), NetConfigError> {
+    let with = |flag: &'static str| {
+        let mut a = vec![flag, chain];
+        a.extend_from_slice(rule);
+        a
+    };
+    match iptables(&with("-C"))? {
+        None => return Ok(()),
+        Some(out) if out.status.success() => return Ok(()),
+        Some(_) => {}
+    }
+    let args = with("-A");
+    match iptables(&args)? {
+        Some(out) if !out.status.success() => Err(NetConfigError::Failed {
+            op: format!("iptables {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Deletes every rule of `chain` for which `pick` holds (given the rule's
+/// arguments as `iptables -S` prints them, after `-A CHAIN`).
+pub(crate) fn iptables_remove_matching(
+    chain: &str,
+    pick: impl Fn(&[&str]) -> bool,
+) -> Result<(), NetConfigError> {
+    let Some(out) = iptables(&["-S", chain])? else {
+        return Ok(());
+    };
+    if !out.status.success() {
+        // No such chain: nothing of ours in it.
+        return Ok(());
+    }
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    for line in listing.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let ["-A", c, rule @ ..] = words.as_slice() else {
+            continue;
+        };
+        if *c == chain && pick(rule) {
+            iptables_remove(chain, rule)?;
+        }
+    }
+    Ok(())
+}
+
 /// Deletes every copy of `rule` from `chain` (none is fine).
 pub(crate) fn iptables_remove(chain: &str, rule: &[&str]) -> Result<(), NetConfigError> {
     let mut args = vec!["-D", chain];
@@ -574,6 +693,8 @@ mod tests {
             bridge: "plzbr0".into(),
             gateway: Ipv4Addr::new(10, 101, 3, 1),
             prefix: 24,
+            mtu: None,
+            allow_from: None,
         }
     }
 
@@ -602,7 +723,7 @@ mod tests {
         assert_eq!(
             fake.commands()[want.len()..],
             [
-                "iptables -D FORWARD -i plzbr0 -j ACCEPT; iptables -D FORWARD -o plzbr0 -j ACCEPT",
+                "iptables -D FORWARD (every -i/-o plzbr0 ACCEPT/DROP rule)",
                 "ip link del dev plzbr0"
             ]
         );
@@ -615,6 +736,7 @@ mod tests {
             address: Ipv4Addr::new(10, 101, 3, 7),
             prefix: 24,
             gateway: Ipv4Addr::new(10, 101, 3, 1),
+            mtu: None,
         };
         let fake = RecordingNetConfig::default();
         for (ns, ops) in attach_plan(4242, "plzabcdef012345", &att) {
@@ -636,6 +758,81 @@ mod tests {
         let (ns, ops) = loopback_plan(7);
         assert_eq!(ns, Netns::OfPid(7));
         assert_eq!(ops[0].to_string(), "ip link set dev lo up");
+    }
+
+    #[test]
+    fn mesh_mtu_and_trusted_sources_reach_bridge_and_veth() {
+        let net = BridgeNetwork {
+            mtu: Some(1420),
+            allow_from: Some("10.101.0.0/16".into()),
+            ..net()
+        };
+        let cmds: Vec<String> = bridge_plan(&net, false)
+            .iter()
+            .map(|o| o.to_string())
+            .collect();
+        assert_eq!(
+            cmds[..2],
+            [
+                "ip link add name plzbr0 type bridge",
+                "ip link set dev plzbr0 mtu 1420"
+            ]
+        );
+        assert!(
+            cmds.last()
+                .unwrap()
+                .contains("-s 10.101.0.0/16 -o plzbr0 -j ACCEPT")
+                && cmds
+                    .last()
+                    .unwrap()
+                    .contains("iptables -A FORWARD -o plzbr0 -j DROP"),
+            "{cmds:?}"
+        );
+        let att = NetworkAttachment {
+            bridge: "plzbr0".into(),
+            address: Ipv4Addr::new(10, 101, 3, 7),
+            prefix: 24,
+            gateway: Ipv4Addr::new(10, 101, 3, 1),
+            mtu: Some(1420),
+        };
+        let [(_, host), _] = attach_plan(4242, "plzabcdef012345", &att);
+        assert_eq!(
+            host[0].to_string(),
+            "ip link add name plzabcdef012345 mtu 1420 type veth peer name eth0 mtu 1420 netns 4242"
+        );
+    }
+
+    #[test]
+    fn only_our_bridge_rules_are_picked_for_removal() {
+        let ours = [
+            "-i plzbr0 -j ACCEPT",
+            "-o plzbr0 -j ACCEPT",
+            "-s 10.101.0.0/16 -o plzbr0 -j ACCEPT",
+            "-o plzbr0 -j DROP",
+        ];
+        let theirs = [
+            "-o plzbr0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            "-o plzbr01 -j ACCEPT",
+            "-i docker0 -o plzbr0 -j DOCKER",
+            "-d 10.101.3.0/24 -j ACCEPT",
+        ];
+        let split = |r: &str| r.split(' ').map(String::from).collect::<Vec<_>>();
+        for r in ours {
+            let w = split(r);
+            let w: Vec<&str> = w.iter().map(String::as_str).collect();
+            assert!(
+                is_bridge_rule(&w, "-i", "plzbr0") || is_bridge_rule(&w, "-o", "plzbr0"),
+                "{r}"
+            );
+        }
+        for r in theirs {
+            let w = split(r);
+            let w: Vec<&str> = w.iter().map(String::as_str).collect();
+            assert!(
+                !is_bridge_rule(&w, "-i", "plzbr0") && !is_bridge_rule(&w, "-o", "plzbr0"),
+                "{r}"
+            );
+        }
     }
 
     #[test]
