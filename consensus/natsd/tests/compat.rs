@@ -58,6 +58,33 @@ async fn next_msg(sub: &mut async_nats::Subscriber) -> async_nats::Message {
         .expect("subscription ended")
 }
 
+/// Publishes probes on `subject` from `from` until `sub` receives one, then
+/// drains the probes still in flight.
+async fn wait_live(from: &async_nats::Client, sub: &mut async_nats::Subscriber, subject: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        from.publish(subject.to_string(), "probe".into())
+            .await
+            .unwrap();
+        from.flush().await.unwrap();
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            assert_eq!(&m.payload[..], b"probe", "unexpected message while probing");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "subscription on {subject} never became live"
+        );
+    }
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
+        assert_eq!(
+            &m.payload[..],
+            b"probe",
+            "unexpected message while draining probes"
+        );
+    }
+}
+
 async fn no_msg(sub: &mut async_nats::Subscriber, within: Duration) {
     if let Ok(Some(m)) = tokio::time::timeout(within, sub.next()).await {
         panic!("unexpected message on {}", m.subject);
@@ -259,6 +286,10 @@ async fn echo_false(kind: Kind) {
     let other = t.connect().await;
     let mut sub = quiet.subscribe("e").await.unwrap();
     quiet.flush().await.unwrap();
+    // Only once the subscription is known live does a missing "mine" mean
+    // echo was suppressed (and not that it raced the SUB): seen on a loaded
+    // machine against nats-server as much as against ployzd.
+    wait_live(&other, &mut sub, "e").await;
     quiet.publish("e", "mine".into()).await.unwrap();
     quiet.flush().await.unwrap();
     other.publish("e", "theirs".into()).await.unwrap();
