@@ -258,6 +258,10 @@ pub struct InstanceView {
     pub overlay_ip: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The instance's machine did not answer the last RTT probe of the
+    /// machine that answered this request: `state` is the last it reported.
+    #[serde(default)]
+    pub unreachable: bool,
 }
 
 impl fmt::Display for InstanceState {

@@ -358,7 +358,11 @@ fn services_table(services: &[ServiceView]) -> String {
                 s.replicas.to_string(),
                 i.machine.clone(),
                 i.slot.to_string(),
-                i.state.to_string(),
+                if i.unreachable {
+                    format!("{} (machine unreachable)", i.state)
+                } else {
+                    i.state.to_string()
+                },
                 opt(&i.overlay_ip),
             ]);
         }

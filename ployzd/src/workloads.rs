@@ -540,7 +540,13 @@ impl Daemon {
             .collect())
     }
 
-    fn view_of(svc: &ServiceRecord, instances: &HashMap<String, InstanceRecord>) -> ServiceView {
+    /// What `service ls` shows of `svc`; instances on the `unreachable`
+    /// machines are flagged (their state is only the last they reported).
+    fn view_of(
+        svc: &ServiceRecord,
+        instances: &HashMap<String, InstanceRecord>,
+        unreachable: &HashSet<String>,
+    ) -> ServiceView {
         ServiceView {
             name: svc.name.clone(),
             image: svc.image.reference.clone(),
@@ -564,6 +570,7 @@ impl Daemon {
                             state: i.state,
                             overlay_ip: i.overlay_ip.clone(),
                             error: i.error.clone(),
+                            unreachable: unreachable.contains(&p.machine),
                         },
                         other => InstanceView {
                             machine: p.machine.clone(),
@@ -571,6 +578,7 @@ impl Daemon {
                             state: InstanceState::Pending,
                             overlay_ip: other.and_then(|i| i.overlay_ip.clone()),
                             error: None,
+                            unreachable: unreachable.contains(&p.machine),
                         },
                     }
                 })
@@ -589,7 +597,7 @@ impl Daemon {
         let deadline = tokio::time::Instant::now() + wait;
         let mut seen: HashMap<(String, u32), (InstanceState, Option<String>)> = HashMap::new();
         loop {
-            let view = Self::view_of(svc, &self.instances().await?);
+            let view = Self::view_of(svc, &self.instances().await?, &HashSet::new());
             for i in &view.instances {
                 let now = (i.state, i.error.clone());
                 if seen.get(&(i.machine.clone(), i.slot)) != Some(&now) {
@@ -615,11 +623,18 @@ impl Daemon {
     pub(crate) async fn service_list(&self) -> Result<ServiceList, ApiError> {
         self.require_network().await?;
         let instances = self.instances().await?;
+        // This machine's prober: whose latest probe failed.
+        let unreachable: HashSet<String> = self
+            .rtt_rows()
+            .into_iter()
+            .filter(|r| r.error.is_some())
+            .map(|r| r.peer)
+            .collect();
         let mut services: Vec<ServiceView> = self
             .list::<ServiceRecord>(BUCKET_SERVICES)
             .await?
             .iter()
-            .map(|s| Self::view_of(&s.value, &instances))
+            .map(|s| Self::view_of(&s.value, &instances, &unreachable))
             .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(ServiceList { services })
@@ -1070,7 +1085,11 @@ impl Daemon {
             }
         }
         let instances = self.instances().await.map_err(|e| ("cleanup", e))?;
-        Ok(Self::view_of(done.as_ref().unwrap_or(&placed), &instances))
+        Ok(Self::view_of(
+            done.as_ref().unwrap_or(&placed),
+            &instances,
+            &HashSet::new(),
+        ))
     }
 
     async fn set_paused(&self, name: &str, at: &Placement, paused: bool) -> Result<(), ApiError> {

@@ -238,6 +238,45 @@ fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine()
     assert!(stderr(&o).contains("standby"), "{}", stderr(&o));
     assert_eq!(instances(&ms[0], "db")[0].1, "running");
 
+    // A machine that stops answering: `service ls` elsewhere flags its
+    // instances (their state is only the last reported), until it is back.
+    let k = (1..ms.len())
+        .find(|&k| instances(&ms[0], "db").iter().any(|(m, _, _)| *m == ids[k]))
+        .or_else(|| {
+            (1..ms.len()).find(|&k| {
+                instances(&ms[0], "web")
+                    .iter()
+                    .any(|(m, _, _)| *m == ids[k])
+            })
+        })
+        .expect("an instance on a machine other than the one asked");
+    let (asker, cut_id) = (&ms[0], ids[k].clone());
+    let flagged = |want: bool| {
+        let v = asker.ctl_json(&["service", "ls"]);
+        let all: Vec<Value> = v["services"]
+            .as_array()?
+            .iter()
+            .flat_map(|s| s["instances"].as_array().cloned().unwrap_or_default())
+            .filter(|i| i["machine"] == cut_id.as_str())
+            .collect();
+        (!all.is_empty() && all.iter().all(|i| i["unreachable"] == want)).then_some(())
+    };
+    tb.hosts[k].cut();
+    let seen = eventually(Duration::from_secs(40), || flagged(true));
+    let table = stdout(&ms[0].ctl(&["service", "ls"]));
+    tb.hosts[k].heal();
+    assert!(
+        seen.is_some(),
+        "instances on cut machine {} not flagged",
+        ids[k]
+    );
+    assert!(table.contains("(machine unreachable)"), "{table}");
+    assert!(
+        eventually(Duration::from_secs(40), || flagged(false)).is_some(),
+        "instances on {} still flagged after heal",
+        ids[k]
+    );
+
     // 4. Removing a machine stops its workloads and drops its placements.
     let r = ms[0].ctl_json(&["machine", "rm", &busy]);
     assert_eq!(r["cleaned_up"], true, "{r:#}");
