@@ -41,6 +41,13 @@ const DEFAULT_DEPLOY_WAIT: Duration = Duration::from_secs(120);
 const RECONCILE_EVERY: Duration = Duration::from_secs(3);
 /// Grace period between SIGTERM and SIGKILL when stopping an instance.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How often stored images nothing refers to are removed.
+const IMAGE_GC_EVERY: Duration = Duration::from_secs(60);
+/// A stored image younger than this is kept even if nothing refers to it:
+/// a deploy imports its image before it writes the service record, a
+/// machine fetches one before its instance starts. `PLOYZ_IMAGE_GC_GRACE_SECS`
+/// overrides it (tests).
+const IMAGE_GC_GRACE: Duration = Duration::from_secs(600);
 /// Shortest pause before an exited instance is started again.
 const RESTART_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest service name (keeps workload ids within 64 characters).
@@ -243,6 +250,13 @@ struct LocalWorkload {
     ip: Option<Ipv4Addr>,
     #[serde(default)]
     started_at_ms: u64,
+    /// Digest of the stored image it runs (`None`: a name the runtime has,
+    /// or a record from before this field; image GC then keeps everything).
+    #[serde(default)]
+    image: Option<String>,
+    /// Whether `image` was recorded (records from before the field lack it).
+    #[serde(default)]
+    image_known: bool,
 }
 
 const STATE_FILE: &str = "workloads.json";
@@ -1616,6 +1630,8 @@ impl Daemon {
                 generation: svc.generation,
                 ip: Some(ip),
                 started_at_ms: now_ms(),
+                image: svc.image.digest.clone(),
+                image_known: true,
             },
         );
         save_state(&w.data_dir, st)?;
@@ -1957,6 +1973,7 @@ fn unpack_volume(tar_path: &Path, dest: &Path) -> Result<(), ApiError> {
 
 /// Wake the reconciler on every change to the services bucket.
 pub async fn reconcile_loop(daemon: Arc<Daemon>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut last_gc = tokio::time::Instant::now();
     let kick = Arc::new(tokio::sync::Notify::new());
     let watcher = tokio::spawn(crate::daemon::watch_bucket(
         daemon.clone(),
@@ -1964,24 +1981,130 @@ pub async fn reconcile_loop(daemon: Arc<Daemon>, mut stop: tokio::sync::watch::R
         kick.clone(),
     ));
     loop {
-        tokio::select! {
+        let kicked = tokio::select! {
             _ = stop.changed() => break,
-            _ = tokio::time::sleep(RECONCILE_EVERY) => {}
-            _ = kick.notified() => {}
-        }
+            _ = tokio::time::sleep(RECONCILE_EVERY) => false,
+            _ = kick.notified() => true,
+        };
         if daemon.cluster_file().is_none() {
             continue;
         }
         if let Err(e) = daemon.reconcile().await {
             tracing::debug!("reconcile: {}", e.message);
         }
+        // Also right after services changed: a removed service's image may
+        // go once its instances are gone (and the grace period is over).
+        if kicked || last_gc.elapsed() >= IMAGE_GC_EVERY {
+            last_gc = tokio::time::Instant::now();
+            if let Err(e) = daemon.gc_images().await {
+                tracing::warn!("image garbage collection: {}", e.message);
+            }
+        }
     }
     watcher.abort();
+}
+
+/// The stored images to remove: neither in `keep` nor stored less than
+/// `grace` ago (`stored`: digest and when it was stored).
+fn collectable(
+    stored: &[(String, std::time::SystemTime)],
+    keep: &HashSet<String>,
+    now: std::time::SystemTime,
+    grace: Duration,
+) -> Vec<String> {
+    stored
+        .iter()
+        .filter(|(digest, _)| !keep.contains(digest))
+        .filter(|(_, at)| now.duration_since(*at).is_ok_and(|age| age >= grace))
+        .map(|(digest, _)| digest.clone())
+        .collect()
+}
+
+impl Daemon {
+    /// Removes stored images nothing here needs any more: not run by a local
+    /// workload (an older generation may still run one), not the image of a
+    /// service placed here, not one this machine serves to others (a source),
+    /// and stored at least [`IMAGE_GC_GRACE`] ago. Returns the removed digests.
+    /// Images in dockerd (docker runtime) are left to docker.
+    pub(crate) async fn gc_images(&self) -> Result<Vec<String>, ApiError> {
+        let me = self.machine_id().to_string();
+        let mut keep: HashSet<String> = HashSet::new();
+        for l in load_state(&self.cfg.data_dir).workloads.values() {
+            match (&l.image, l.image_known) {
+                (Some(d), _) => {
+                    keep.insert(d.clone());
+                }
+                (None, true) => {}
+                // A workload from before images were recorded: keep all.
+                (None, false) => return Ok(Vec::new()),
+            }
+        }
+        for s in self.list::<ServiceRecord>(BUCKET_SERVICES).await? {
+            let s = s.value;
+            let used_here =
+                s.placements.iter().any(|p| p.machine == me) || s.image.sources.contains(&me);
+            if let (true, Some(d)) = (used_here, s.image.digest) {
+                keep.insert(d);
+            }
+        }
+        let grace = std::env::var("PLOYZ_IMAGE_GC_GRACE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(IMAGE_GC_GRACE);
+        let store = self.image_store()?;
+        tokio::task::spawn_blocking(move || {
+            let stored: Vec<(String, std::time::SystemTime)> = store
+                .list()
+                .map_err(|e| internal(e.to_string()))?
+                .into_iter()
+                .filter_map(|i| {
+                    let at = store
+                        .blob_path(&i.digest)?
+                        .metadata()
+                        .ok()?
+                        .modified()
+                        .ok()?;
+                    Some((i.digest, at))
+                })
+                .collect();
+            let mut removed = Vec::new();
+            for digest in collectable(&stored, &keep, std::time::SystemTime::now(), grace) {
+                match store.remove(&digest) {
+                    Ok(()) => {
+                        tracing::info!(%digest, "removed an image nothing uses any more");
+                        removed.push(digest);
+                    }
+                    Err(e) => tracing::warn!(%digest, "cannot remove an unused image: {e}"),
+                }
+            }
+            Ok(removed)
+        })
+        .await
+        .map_err(|e| internal(e.to_string()))?
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_gc_keeps_what_is_used_and_what_is_young() {
+        use std::time::UNIX_EPOCH;
+        let t = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        let stored = vec![
+            ("sha256:used".to_string(), t(0)),
+            ("sha256:old".to_string(), t(0)),
+            ("sha256:young".to_string(), t(950)),
+            ("sha256:future".to_string(), t(2000)),
+        ];
+        let keep: HashSet<String> = ["sha256:used".to_string()].into();
+        let grace = Duration::from_secs(100);
+        assert_eq!(collectable(&stored, &keep, t(1000), grace), ["sha256:old"]);
+        // Nothing is old enough yet.
+        assert!(collectable(&stored, &keep, t(50), grace).is_empty());
+    }
 
     #[test]
     fn names_and_ids() {

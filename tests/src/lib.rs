@@ -221,6 +221,14 @@ impl Machine {
     }
 
     /// Start the daemon again on the same data directory.
+    /// Environment for the next [`Machine::restart`] (replacing any set before).
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the daemon first");
         self.spawn();

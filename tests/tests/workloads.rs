@@ -478,6 +478,8 @@ fn workloads_survive_a_daemon_restart_and_exited_ones_restart() {
         .output()
         .unwrap();
     assert!(o.status.success(), "served while ployzd is down");
+    // From now on, unused images go as soon as nothing needs them.
+    m.set_env(&[("PLOYZ_IMAGE_GC_GRACE_SECS", "0")]);
     m.restart();
     let back = eventually(Duration::from_secs(20), || {
         let i = instances(&m, "web");
@@ -524,12 +526,31 @@ fn workloads_survive_a_daemon_restart_and_exited_ones_restart() {
     );
     let logs = m.ctl(&["service", "logs", "blip"]);
     assert!(stdout(&logs).contains("blip-says-hi"), "{}", stderr(&logs));
+    // Image garbage collection: an image a service still uses stays (both
+    // services run the same archive), the last one's removal frees it.
+    let blobs = m.data_dir().join("images/blobs");
+    let stored = || {
+        std::fs::read_dir(&blobs)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| !e.file_name().to_string_lossy().ends_with(".json"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(stored(), 1, "the image both services run");
     m.ctl_json(&["service", "rm", "blip"]);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(stored(), 1, "kept while web runs it");
+    assert!(http_get(&m, &ip, "/").is_some(), "web still serves");
     m.ctl_json(&["service", "rm", "web"]);
     let gone = eventually(Duration::from_secs(10), || {
         http_get(&m, &ip, "/").is_none().then_some(())
     });
     assert!(gone.is_some());
+    let freed = eventually(Duration::from_secs(20), || (stored() == 0).then_some(()));
+    assert!(freed.is_some(), "unused image kept:\n{}", m.log());
+    assert!(m.log().contains("removed an image nothing uses any more"));
 }
 
 #[test]
