@@ -30,7 +30,7 @@ use super::HostEngine;
 use crate::RuntimeError;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
@@ -129,6 +129,11 @@ fn serve() -> i32 {
                     && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
                 {
                 }
+                // Whatever the worker wrote is in the pipe by now; read
+                // without blocking: the container's processes may still hold
+                // the write end (until their exec) if the worker died early.
+                // SAFETY: fcntl on a pipe fd this process owns.
+                unsafe { libc::fcntl(from_worker.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
                 let mut reply = String::new();
                 let _ = BufReader::new(from_worker).read_line(&mut reply);
                 match serde_json::from_str::<Response>(&reply) {
@@ -268,9 +273,18 @@ impl Zygote {
 
 impl Drop for Zygote {
     fn drop(&mut self) {
-        // EOF on its stdin ends the zygote after any create in flight.
+        // EOF on its stdin ends the zygote after any create in flight; one
+        // that does not end (a create hung in its worker) is killed.
         drop(self.requests.take());
-        let _ = self.child.wait();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while matches!(self.child.try_wait(), Ok(None)) {
+            if std::time::Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }
 
