@@ -31,6 +31,7 @@ use crate::RuntimeError;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
@@ -213,6 +214,8 @@ impl Zygote {
         ensure_linked();
         let exe = Path::new("/proc/self/exe");
         let mut child = Command::new(exe)
+            // What `ps` shows for it.
+            .arg0("ployz-create-helper")
             // Never read by the helper: if its constructor were missing, the
             // program's own main would see an unknown option and exit at once
             // instead of running (a daemon, a test suite) as a helper.
