@@ -502,6 +502,18 @@ fn iptables(args: &[&str]) -> Result<Option<std::process::Output>, NetConfigErro
 /// Inserts `rule` at the top of `chain` unless it is already there. Callers
 /// outside [`IpCommand`] hold `host::serialized`.
 pub(crate) fn iptables_ensure(chain: &str, rule: &[&str]) -> Result<(), NetConfigError> {
+    iptables_ensure_at(chain, rule, "-I")
+}
+
+/// Appends `rule` to `chain` unless it is already there. Callers outside
+/// [`IpCommand`] hold `host::serialized`.
+pub(crate) fn iptables_ensure_last(chain: &str, rule: &[&str]) -> Result<(), NetConfigError> {
+    iptables_ensure_at(chain, rule, "-A")
+}
+
+/// `rule` in `chain` unless it is already there, added with `add` (`-I`: at
+/// the top, `-A`: at the end).
+fn iptables_ensure_at(chain: &str, rule: &[&str], add: &'static str) -> Result<(), NetConfigError> {
     let with = |flag: &'static str| {
         let mut a = vec![flag, chain];
         a.extend_from_slice(rule);
@@ -512,7 +524,7 @@ pub(crate) fn iptables_ensure(chain: &str, rule: &[&str]) -> Result<(), NetConfi
         Some(out) if out.status.success() => return Ok(()),
         Some(_) => {}
     }
-    let args = with("-I");
+    let args = with(add);
     match iptables(&args)? {
         Some(out) if !out.status.success() => Err(NetConfigError::Failed {
             op: format!("iptables {}", args.join(" ")),
@@ -547,29 +559,6 @@ fn is_bridge_rule(rule: &[&str], dir: &str, bridge: &str) -> bool {
                 || *a == bridge
                 || a.contains('/')
         })
-}
-
-/// Appends `rule` to `chain` unless it is already there. Callers outside
-/// [`IpCommand`] hold `host::serialized`.
-pub(crate) fn iptables_ensure_last(chain: &str, rule: &[&str]) -> Result<(), NetConfigError> {
-    let with = |flag: &'static str| {
-        let mut a = vec![flag, chain];
-        a.extend_from_slice(rule);
-        a
-    };
-    match iptables(&with("-C"))? {
-        None => return Ok(()),
-        Some(out) if out.status.success() => return Ok(()),
-        Some(_) => {}
-    }
-    let args = with("-A");
-    match iptables(&args)? {
-        Some(out) if !out.status.success() => Err(NetConfigError::Failed {
-            op: format!("iptables {}", args.join(" ")),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        }),
-        _ => Ok(()),
-    }
 }
 
 /// Deletes every rule of `chain` for which `pick` holds (given the rule's
