@@ -91,6 +91,9 @@ pub struct HostEngine {
     /// Create through a single-threaded helper process (see `helper`):
     /// `Some`, holding the running zygote once there is one.
     create_helper: Option<Option<helper::Zygote>>,
+    /// How long a create through the helper may take before the helper is
+    /// killed and the create fails (a hung create must not hang the engine).
+    create_timeout: std::time::Duration,
     /// Exit status (code, or 128+signal) of workloads we reaped.
     exits: HashMap<String, i64>,
     /// Workloads ended through `kill` (stop/delete) rather than on their own.
@@ -122,6 +125,7 @@ impl HostEngine {
             root,
             net: Box::new(IpCommand),
             create_helper: None,
+            create_timeout: std::time::Duration::from_secs(60),
             exits: HashMap::new(),
             stop_requested: HashSet::new(),
         })
@@ -160,6 +164,12 @@ impl HostEngine {
     pub fn with_create_helper(mut self) -> Self {
         helper::ensure_linked();
         self.create_helper = Some(None);
+        self
+    }
+
+    /// Replaces the 60 s a create through the helper may take.
+    pub fn with_create_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.create_timeout = timeout;
         self
     }
 
@@ -325,7 +335,8 @@ impl HostEngine {
             return self.create_in_process(id, bundle);
         };
         let root = &self.root;
-        let res = serialized(|| helper::create(zygote, root, id, bundle));
+        let timeout = self.create_timeout;
+        let res = serialized(|| helper::create(zygote, root, id, bundle, timeout));
         if res.is_err() {
             // The helper may have died half-way through.
             let _ = fs::remove_dir_all(self.state_dir().join(id));

@@ -678,3 +678,46 @@ fn one_zygote_serves_every_create_and_a_dead_one_is_replaced() {
         "dropping the engine ended its zygote"
     );
 }
+
+/// A create that hangs (here: its zygote stopped) fails after the engine's
+/// timeout instead of hanging the engine, and the next create gets a fresh
+/// zygote.
+#[test]
+fn a_hung_create_times_out_and_the_next_one_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
+    let root = tmp.path().join("rt");
+    let mut engine = HostEngine::new(&root)
+        .unwrap()
+        .with_create_helper()
+        .with_create_timeout(Duration::from_secs(2));
+    let first = unique("hang0");
+    let _c0 = Cleanup::new(&root, &first);
+    let spec = |id: &str| WorkloadSpec::new(id, Image::Rootfs(rootfs.clone()), sh("exit 0"));
+    engine.create(&spec(&first)).unwrap();
+    engine.delete(&first).unwrap();
+    let stuck = engine.create_helper_pid().unwrap();
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(stuck as i32, libc::SIGSTOP) }, 0);
+    let hung = unique("hang1");
+    let _c1 = Cleanup::new(&root, &hung);
+    let started = std::time::Instant::now();
+    let e = engine.create(&spec(&hung)).unwrap_err();
+    assert!(e.to_string().contains("did not finish within"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        engine.state(&hung).is_err(),
+        "no half-created workload left"
+    );
+    let next = unique("hang2");
+    let _c2 = Cleanup::new(&root, &next);
+    engine.create(&spec(&next)).unwrap();
+    assert_ne!(engine.create_helper_pid(), Some(stuck));
+    engine.start(&next).unwrap();
+    assert_eq!(engine.wait(&next).unwrap(), Some(0));
+    engine.delete(&next).unwrap();
+}

@@ -244,7 +244,13 @@ impl Zygote {
     /// Creates container `id` from `bundle` under `root` in a worker of this
     /// zygote. `Err(None)`: the request never reached the zygote (it had
     /// exited), so nothing was attempted and a fresh zygote may retry it.
-    fn create(&mut self, root: &Path, id: &str, bundle: &Path) -> Result<Response, Option<String>> {
+    fn create(
+        &mut self,
+        root: &Path,
+        id: &str,
+        bundle: &Path,
+        timeout: std::time::Duration,
+    ) -> Result<Response, Option<String>> {
         let request = Request {
             root: root.to_path_buf(),
             id: id.to_string(),
@@ -261,6 +267,22 @@ impl Zygote {
         };
         if requests.write_all(line.as_bytes()).is_err() {
             return Err(None);
+        }
+        // Nothing is buffered (one request at a time): wait for the answer
+        // to start arriving, within `timeout`.
+        let mut ready = libc::pollfd {
+            fd: self.answers.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: poll on one valid pollfd we own, for at most `ms`.
+        if unsafe { libc::poll(&mut ready, 1, ms) } == 0 {
+            // Killed here; dropped (and reaped) by the caller.
+            let _ = self.child.kill();
+            return Err(Some(format!(
+                "the create did not finish within {timeout:?}; its helper was killed"
+            )));
         }
         // One line back, not EOF: the worker's container processes hold
         // copies of the zygote's stdout until the workload starts.
@@ -298,6 +320,7 @@ pub fn create(
     root: &Path,
     id: &str,
     bundle: &Path,
+    timeout: std::time::Duration,
 ) -> Result<(), RuntimeError> {
     let fail = |message: String| RuntimeError::Engine {
         op: "create",
@@ -315,7 +338,7 @@ pub fn create(
             })?);
         }
         if let Some(z) = zygote.as_mut() {
-            result = z.create(root, id, bundle);
+            result = z.create(root, id, bundle, timeout);
         }
         match &result {
             Ok(_) => break,
