@@ -309,6 +309,19 @@ pub struct Placement {
     /// Stopped on purpose (a migration copies its volumes); not restarted.
     #[serde(default)]
     pub paused: bool,
+    /// Pinned by a rolling update that has not reached this placement yet:
+    /// its instance of this (older) generation keeps running. `None`: the
+    /// service's generation. An instance that must be started anew always
+    /// gets the service's current spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+impl Placement {
+    /// The generation this placement's instance must run at least.
+    pub fn target_generation(&self, service_generation: u64) -> u64 {
+        self.generation.unwrap_or(service_generation)
+    }
 }
 
 /// A service: desired state, written by `deploy`, read by every machine.

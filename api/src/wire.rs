@@ -262,6 +262,10 @@ pub struct InstanceView {
     /// machine that answered this request: `state` is the last it reported.
     #[serde(default)]
     pub unreachable: bool,
+    /// The service generation the instance runs (older than the service's
+    /// while a rolling update has not reached it); `None` while pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 impl fmt::Display for InstanceState {

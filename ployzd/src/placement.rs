@@ -104,6 +104,7 @@ pub fn place(
             machine: best.id.clone(),
             slot: next_slot,
             paused: false,
+            generation: None,
         });
         next_slot += 1;
         *mine.entry(best.id.clone()).or_default() += 1;
@@ -129,6 +130,7 @@ mod tests {
             machine: machine.into(),
             slot,
             paused: false,
+            generation: None,
         }
     }
 

@@ -48,6 +48,10 @@ const IMAGE_GC_EVERY: Duration = Duration::from_secs(60);
 /// machine fetches one before its instance starts. `PLOYZ_IMAGE_GC_GRACE_SECS`
 /// overrides it (tests).
 const IMAGE_GC_GRACE: Duration = Duration::from_secs(600);
+/// How long a replaced instance must run unchanged before a rolling update
+/// moves on to the next: two reconciler passes, so one that exits at once
+/// has been seen exiting (its machine reports it within a pass).
+const ROLLOUT_STEADY: Duration = Duration::from_secs(2 * RECONCILE_EVERY.as_secs());
 /// Shortest pause before an exited instance is started again.
 const RESTART_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest service name (keeps workload ids within 64 characters).
@@ -431,15 +435,31 @@ impl Daemon {
                 },
             }
         };
+        // A redeploy rolls: instances running now are pinned to what they
+        // run and replaced one at a time below, so the service keeps serving.
+        let running: HashMap<String, u64> = self
+            .instances()
+            .await?
+            .into_iter()
+            .filter(|(_, i)| i.service == req.name && i.state == InstanceState::Running)
+            .map(|(key, i)| (key, i.generation))
+            .collect();
         let record = self
             .write_service(&req.name, |cur, machines, load| {
-                let placements = placement::place(
+                let mut placements = placement::place(
                     &req.name,
                     req.replicas,
                     cur.map(|c| c.placements.as_slice()).unwrap_or(&[]),
                     &candidates(machines, load),
                 )
                 .map_err(|e| refused(e.to_string()).with_hint(e.hint()))?;
+                for p in &mut placements {
+                    let key = InstanceRecord::key(&req.name, &p.machine, p.slot);
+                    p.generation = match running.get(&key) {
+                        Some(&g) if cur.is_some() && !p.paused => Some(g),
+                        _ => None,
+                    };
+                }
                 let now = now_ms();
                 Ok(Some(ServiceRecord {
                     name: req.name.clone(),
@@ -468,6 +488,7 @@ impl Daemon {
             .wait_secs
             .map(Duration::from_secs)
             .unwrap_or(DEFAULT_DEPLOY_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
         let view = self
             .wait_for_instances(&record, wait, |i| {
                 progress(
@@ -485,7 +506,153 @@ impl Daemon {
                 )
             })
             .await?;
-        Ok(view)
+        let not_running: HashSet<(&str, u32)> = view
+            .not_running()
+            .iter()
+            .map(|i| (i.machine.as_str(), i.slot))
+            .collect();
+        let down = |p: &Placement| not_running.contains(&(p.machine.as_str(), p.slot));
+        let mut pinned: Vec<Placement> = record
+            .placements
+            .iter()
+            .filter(|p| p.generation.is_some())
+            .cloned()
+            .collect();
+        if pinned.is_empty() {
+            return Ok(view);
+        }
+        if record
+            .placements
+            .iter()
+            .any(|p| p.generation.is_none() && down(p))
+        {
+            progress(
+                "rollout",
+                format!(
+                    "not started: new instances are not all running; {} instance(s) keep their generation",
+                    pinned.len()
+                ),
+            );
+            return Ok(view);
+        }
+        // Pinned instances that stopped running since (a crash loop) go
+        // first: replacing them costs no availability.
+        pinned.sort_by_key(|p| (!down(p), p.slot));
+        self.roll(&record, pinned, deadline, &progress).await
+    }
+
+    /// Replaces the `pinned` instances of `record` one at a time: unpin one,
+    /// wait until its machine runs it at the new generation steadily, then
+    /// the next. Stops at the first that fails (the others keep running
+    /// their generation) or when a newer deploy took over.
+    async fn roll(
+        &self,
+        record: &ServiceRecord,
+        pinned: Vec<Placement>,
+        deadline: tokio::time::Instant,
+        progress: &impl Fn(&str, String),
+    ) -> Result<ServiceView, ApiError> {
+        let name = &record.name;
+        let gen = record.generation;
+        let mut latest = record.clone();
+        for (n, p) in pinned.iter().enumerate() {
+            progress(
+                "rollout",
+                format!(
+                    "slot {} on {}: generation {} -> {gen}",
+                    p.slot,
+                    p.machine,
+                    p.generation.unwrap_or(0)
+                ),
+            );
+            let written = self
+                .write_service(name, |cur, _, _| {
+                    let Some(cur) = cur.filter(|c| c.generation == gen) else {
+                        return Err(refused(format!(
+                            "service {name} was redeployed or removed during the rollout"
+                        )));
+                    };
+                    let mut next = cur.clone();
+                    for q in &mut next.placements {
+                        if q.machine == p.machine && q.slot == p.slot {
+                            q.generation = None;
+                        }
+                    }
+                    Ok(Some(next))
+                })
+                .await;
+            latest = match written {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    progress("rollout", format!("stopped: {}", e.message));
+                    break;
+                }
+            };
+            if let Err(why) = self.wait_steady(name, p, gen, deadline).await {
+                progress(
+                    "rollout",
+                    format!(
+                        "stopped at slot {} on {}: {why}; {} instance(s) still run an older generation",
+                        p.slot,
+                        p.machine,
+                        pinned.len() - n - 1
+                    ),
+                );
+                break;
+            }
+            progress(
+                "rollout",
+                format!("slot {} on {}: running generation {gen}", p.slot, p.machine),
+            );
+        }
+        Ok(Self::view_of(
+            &latest,
+            &self.instances().await?,
+            &HashSet::new(),
+        ))
+    }
+
+    /// Until `deadline`: the instance of placement `p` runs generation `gen`
+    /// and keeps running for [`ROLLOUT_STEADY`] (one that crashes at start
+    /// must not pass for running).
+    async fn wait_steady(
+        &self,
+        name: &str,
+        p: &Placement,
+        gen: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), String> {
+        let key = InstanceRecord::key(name, &p.machine, p.slot);
+        let mut since: Option<(u64, tokio::time::Instant)> = None;
+        loop {
+            let now = self.get::<InstanceRecord>(BUCKET_INSTANCES, &key).await;
+            let i = match now {
+                Ok(i) => i.map(|v| v.value),
+                Err(e) => return Err(e.message),
+            };
+            match i.filter(|i| i.generation >= gen) {
+                Some(i) if i.state == InstanceState::Running => match since {
+                    Some((at, t)) if at == i.updated_at_ms => {
+                        if t.elapsed() >= ROLLOUT_STEADY {
+                            return Ok(());
+                        }
+                    }
+                    _ => since = Some((i.updated_at_ms, tokio::time::Instant::now())),
+                },
+                Some(i) if i.state == InstanceState::Failed => {
+                    return Err(format!(
+                        "failed{}",
+                        i.error.map(|e| format!(" ({e})")).unwrap_or_default()
+                    ))
+                }
+                _ => since = None,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err("not steadily running before the deploy's deadline".into());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// Read-modify-write of a service record with compare-and-set. `change`
@@ -578,14 +745,19 @@ impl Daemon {
                 .map(|p| {
                     let key = InstanceRecord::key(&svc.name, &p.machine, p.slot);
                     match instances.get(&key) {
-                        Some(i) if i.generation == svc.generation || p.paused => InstanceView {
-                            machine: p.machine.clone(),
-                            slot: p.slot,
-                            state: i.state,
-                            overlay_ip: i.overlay_ip.clone(),
-                            error: i.error.clone(),
-                            unreachable: unreachable.contains(&p.machine),
-                        },
+                        Some(i)
+                            if i.generation >= p.target_generation(svc.generation) || p.paused =>
+                        {
+                            InstanceView {
+                                machine: p.machine.clone(),
+                                slot: p.slot,
+                                state: i.state,
+                                overlay_ip: i.overlay_ip.clone(),
+                                error: i.error.clone(),
+                                unreachable: unreachable.contains(&p.machine),
+                                generation: Some(i.generation),
+                            }
+                        }
                         other => InstanceView {
                             machine: p.machine.clone(),
                             slot: p.slot,
@@ -593,6 +765,7 @@ impl Daemon {
                             overlay_ip: other.and_then(|i| i.overlay_ip.clone()),
                             error: None,
                             unreachable: unreachable.contains(&p.machine),
+                            generation: None,
                         },
                     }
                 })
@@ -992,6 +1165,7 @@ impl Daemon {
                     machine: target.to_string(),
                     slot,
                     paused: false,
+                    generation: None,
                 });
                 next.updated_at_ms = now_ms();
                 Ok(Some(next))
@@ -1386,9 +1560,10 @@ impl Daemon {
             let key = InstanceRecord::key(&svc.name, &me, p.slot);
             let local = st.workloads.get(id).cloned();
             let state = actual.get(id).copied();
+            // Pinned by a rolling update, an older instance keeps running.
             let current_gen = local
                 .as_ref()
-                .is_some_and(|l| l.generation == svc.generation);
+                .is_some_and(|l| l.generation >= p.target_generation(svc.generation));
             let (next_state, error) = if p.paused {
                 if state == Some(State::Running) {
                     let _ = w.runtime.stop(id, STOP_GRACE).await;
@@ -1447,13 +1622,18 @@ impl Daemon {
                 .get(id)
                 .and_then(|l| l.ip)
                 .map(|ip| ip.to_string());
+            // The generation it actually runs (older while pinned).
+            let generation = st
+                .workloads
+                .get(id)
+                .map_or(svc.generation, |l| l.generation);
             let rec = InstanceRecord {
                 service: svc.name.clone(),
                 machine: me.clone(),
                 state: next_state,
                 overlay_ip: ip,
                 slot: p.slot,
-                generation: svc.generation,
+                generation,
                 error,
                 updated_at_ms: now_ms(),
             };

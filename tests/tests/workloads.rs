@@ -125,6 +125,108 @@ fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine()
     assert_eq!(li.len(), 2, "{logs:#}");
     assert!(li.iter().all(|i| i.get("error").is_none()), "{logs:#}");
 
+    // A redeploy rolls, one instance at a time: at every moment one of the
+    // two answers, and both end up serving the new page.
+    let ips: Vec<String> = instances(&ms[0], "web")
+        .into_iter()
+        .map(|(_, _, ip)| ip)
+        .collect();
+    let redeploy = |page: &str, extra: &[&str]| {
+        let cmd = format!("echo {page} > /www/index.html && exec httpd -f -p 8080 -h /www");
+        let mut a = vec![
+            "deploy",
+            "service",
+            "web",
+            "--image",
+            image,
+            "--replicas",
+            "2",
+        ];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&["--", "sh", "-c"]);
+        let mut a: Vec<String> = a.into_iter().map(String::from).collect();
+        a.push(cmd);
+        a
+    };
+    let args = redeploy("v2", &[]);
+    let (out, gaps, samples) = std::thread::scope(|sc| {
+        let d = sc.spawn(|| {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            ms[0].ctl(&a)
+        });
+        let (mut gaps, mut samples) = (0, 0);
+        while !d.is_finished() {
+            samples += 1;
+            if !ips.iter().any(|ip| http_get(&ms[0], ip, "/").is_some()) {
+                gaps += 1;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (d.join().unwrap(), gaps, samples)
+    });
+    let progress = stderr(&out);
+    assert!(out.status.success(), "{progress}");
+    assert_eq!(
+        progress.matches("running generation").count(),
+        2,
+        "{progress}"
+    );
+    assert_eq!(
+        gaps, 0,
+        "no instance answered in {gaps} of {samples} samples:\n{progress}"
+    );
+    for ip in &ips {
+        assert_eq!(http_get(&ms[0], ip, "/").as_deref(), Some("v2\n"), "{ip}");
+    }
+    // A redeploy whose instances crash stops after the first: the other
+    // keeps serving the previous page, and the deploy exits 9.
+    let bad = ms[0].ctl(&[
+        "deploy",
+        "service",
+        "web",
+        "--image",
+        image,
+        "--replicas",
+        "2",
+        "--wait-secs",
+        "30",
+        "--",
+        "sh",
+        "-c",
+        "exit 1",
+    ]);
+    let progress = stderr(&bad);
+    assert_eq!(bad.status.code(), Some(9), "{progress}");
+    assert!(progress.contains("rollout stopped at slot"), "{progress}");
+    assert!(
+        progress.contains("1 instance(s) still run an older generation"),
+        "{progress}"
+    );
+    let serving: Vec<_> = ips
+        .iter()
+        .filter_map(|ip| http_get(&ms[0], ip, "/"))
+        .collect();
+    assert_eq!(serving, ["v2\n"], "{progress}");
+    // And a good redeploy puts both back.
+    let args = redeploy("hello from a ployz workload", &[]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ms[0].ctl(&a);
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        stderr(&out),
+        stdout(&out),
+        stdout(&ms[0].ctl(&["service", "ls"]))
+    );
+    for ip in &ips {
+        let body = eventually(Duration::from_secs(20), || http_get(&ms[0], ip, "/"));
+        assert_eq!(
+            body.as_deref(),
+            Some("hello from a ployz workload\n"),
+            "{ip}"
+        );
+    }
+
     // 2. Drain a machine running a replica (not the founder: it is the only
     // storage machine, and it is removed at the end).
     let busy_inst = inst
