@@ -131,9 +131,9 @@ fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine()
         .into_iter()
         .map(|(_, _, ip)| ip)
         .collect();
-    let redeploy = |page: &str, extra: &[&str]| {
-        let cmd = format!("echo {page} > /www/index.html && exec httpd -f -p 8080 -h /www");
-        let mut a = vec![
+    // `deploy service web` with a new command (2 replicas).
+    let redeploy = |cmd: &str| -> Vec<String> {
+        [
             "deploy",
             "service",
             "web",
@@ -141,14 +141,19 @@ fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine()
             image,
             "--replicas",
             "2",
-        ];
-        a.extend_from_slice(extra);
-        a.extend_from_slice(&["--", "sh", "-c"]);
-        let mut a: Vec<String> = a.into_iter().map(String::from).collect();
-        a.push(cmd);
-        a
+            "--wait-secs",
+            "60",
+            "--",
+            "sh",
+            "-c",
+            cmd,
+        ]
+        .map(String::from)
+        .to_vec()
     };
-    let args = redeploy("v2", &[]);
+    let page =
+        |text: &str| format!("echo {text} > /www/index.html && exec httpd -f -p 8080 -h /www");
+    let args = redeploy(&page("v2"));
     let (out, gaps, samples) = std::thread::scope(|sc| {
         let d = sc.spawn(|| {
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -180,21 +185,9 @@ fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine()
     }
     // A redeploy whose instances crash stops after the first: the other
     // keeps serving the previous page, and the deploy exits 9.
-    let bad = ms[0].ctl(&[
-        "deploy",
-        "service",
-        "web",
-        "--image",
-        image,
-        "--replicas",
-        "2",
-        "--wait-secs",
-        "30",
-        "--",
-        "sh",
-        "-c",
-        "exit 1",
-    ]);
+    let args = redeploy("exit 1");
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let bad = ms[0].ctl(&a);
     let progress = stderr(&bad);
     assert_eq!(bad.status.code(), Some(9), "{progress}");
     assert!(progress.contains("rollout stopped at slot"), "{progress}");
@@ -208,7 +201,7 @@ fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine()
         .collect();
     assert_eq!(serving, ["v2\n"], "{progress}");
     // And a good redeploy puts both back.
-    let args = redeploy("hello from a ployz workload", &[]);
+    let args = redeploy(&page("hello from a ployz workload"));
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = ms[0].ctl(&a);
     assert!(
