@@ -655,6 +655,16 @@ impl Daemon {
         }
     }
 
+    /// The stored record of service `name`, or "no such service".
+    async fn service_record(
+        &self,
+        name: &str,
+    ) -> Result<crate::store::Versioned<ServiceRecord>, ApiError> {
+        self.get::<ServiceRecord>(BUCKET_SERVICES, name)
+            .await?
+            .ok_or_else(|| no_such_service(name))
+    }
+
     /// Read-modify-write of a service record with compare-and-set. `change`
     /// gets the current record, the machines and their live-instance counts;
     /// it returns the new record, or `None` to delete it.
@@ -834,9 +844,7 @@ impl Daemon {
     ) -> Result<ServiceRemoved, ApiError> {
         validate_service_name(name)?;
         self.require_network().await?;
-        let Some(cur) = self.get::<ServiceRecord>(BUCKET_SERVICES, name).await? else {
-            return Err(no_such_service(name));
-        };
+        let cur = self.service_record(name).await?;
         let machines: Vec<String> = {
             let mut m: Vec<String> = cur
                 .value
@@ -884,9 +892,7 @@ impl Daemon {
         validate_service_name(name)?;
         self.require_network().await?;
         let tail = tail.unwrap_or(DEFAULT_LOG_TAIL).clamp(1, MAX_LOG_TAIL);
-        let Some(svc) = self.get::<ServiceRecord>(BUCKET_SERVICES, name).await? else {
-            return Err(no_such_service(name));
-        };
+        let svc = self.service_record(name).await?;
         let placements: Vec<&Placement> = svc
             .value
             .placements
@@ -1001,9 +1007,7 @@ impl Daemon {
             Some(f) => Some(self.resolve_machine(f).await?.value.id),
             None => None,
         };
-        let Some(svc) = self.get::<ServiceRecord>(BUCKET_SERVICES, name).await? else {
-            return Err(no_such_service(name));
-        };
+        let svc = self.service_record(name).await?;
         let candidates: Vec<&Placement> = svc
             .value
             .placements

@@ -29,36 +29,30 @@ fn sha256_hex(b: &[u8]) -> String {
     format!("{:x}", Sha256::digest(b))
 }
 
-fn append(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) {
+/// A tar header owned by root, dated 0: the archive's bytes depend only on its content.
+fn header(size: u64, mode: u32, kind: tar::EntryType) -> tar::Header {
     let mut h = tar::Header::new_gnu();
-    h.set_size(data.len() as u64);
+    h.set_size(size);
     h.set_mode(mode);
     h.set_mtime(0);
     h.set_uid(0);
     h.set_gid(0);
-    h.set_entry_type(tar::EntryType::Regular);
+    h.set_entry_type(kind);
+    h
+}
+
+fn append(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) {
+    let mut h = header(data.len() as u64, mode, tar::EntryType::Regular);
     b.append_data(&mut h, path, data).expect("tar append");
 }
 
 fn append_dir(b: &mut tar::Builder<Vec<u8>>, path: &str) {
-    let mut h = tar::Header::new_gnu();
-    h.set_size(0);
-    h.set_mode(0o755);
-    h.set_mtime(0);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_entry_type(tar::EntryType::Directory);
+    let mut h = header(0, 0o755, tar::EntryType::Directory);
     b.append_data(&mut h, path, &[][..]).expect("tar append");
 }
 
 fn append_symlink(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
-    let mut h = tar::Header::new_gnu();
-    h.set_size(0);
-    h.set_mode(0o777);
-    h.set_mtime(0);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_entry_type(tar::EntryType::Symlink);
+    let mut h = header(0, 0o777, tar::EntryType::Symlink);
     b.append_link(&mut h, path, target).expect("tar append");
 }
 

@@ -19,6 +19,9 @@ pub mod systemd;
 #[cfg(not(feature = "systemd"))]
 #[path = "stub/systemd/mod.rs"]
 pub mod systemd;
+// Ployz patch: a test fake (its unused methods are `unimplemented!()`) that
+// only libcontainer's own tests use; kept out of our builds.
+#[cfg(test)]
 pub mod test_manager;
 #[cfg(feature = "v1")]
 pub mod v1;
