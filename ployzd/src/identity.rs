@@ -141,6 +141,23 @@ pub fn node_id_of(machine_id: &str) -> Option<u64> {
     u64::from_str_radix(machine_id, 16).ok()
 }
 
+/// `bytes` random bytes from the OS, as lowercase hex (ids, names).
+pub(crate) fn random_hex(bytes: usize) -> String {
+    use rand::RngCore as _;
+    let mut b = vec![0u8; bytes];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// SHA-256 of `data` as lowercase hex.
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Write `bytes` to `path` with mode 0600: temp file, fsync, rename, fsync dir.
 pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -199,5 +216,13 @@ mod tests {
         write_private_atomic(&dir.path().join(IDENTITY_FILE), b"{nope").unwrap();
         let e = Identity::load_or_create(dir.path()).err().unwrap();
         assert!(e.to_string().contains("corrupt"), "{e}");
+    }
+
+    #[test]
+    fn sha256_known_vector() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

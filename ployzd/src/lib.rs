@@ -1,22 +1,26 @@
 //! ployzd: the daemon every machine of a Ployz cluster runs.
 //!
-//! [`daemon::Daemon`] is the core: it owns the machine identity and the
-//! replicated store, and answers one [`ployz_api::Request`] enum. The Unix
-//! socket ([`server`]) is one way in; the binary (`main.rs`) only parses
-//! flags, starts things and maps errors to exit codes.
+//! [`daemon::Daemon`] is the composition root: it builds each subsystem
+//! once and [`api`] routes every request (one [`ployz_api::Request`] enum
+//! from the socket, [`peer::PeerRequest`] from other machines) to the
+//! subsystem that owns it. Subsystems own their state behind a narrow API
+//! and depend on each other one way only (see `ARCHITECTURE.md`):
+//! [`provisioning`] → [`cluster`] → [`workloads`] → [`overlay`] →
+//! [`control`] → [`store`] → [`peer`]. The Unix socket ([`server`]) is one
+//! way in; the binary (`main.rs`) only parses flags, starts things and maps
+//! errors to exit codes.
 
-pub mod bus;
+pub mod api;
+pub mod cluster;
+pub mod control;
 pub mod daemon;
+pub mod errors;
 pub mod identity;
-pub mod join;
-pub mod nats;
-pub mod ops;
 pub mod overlay;
 pub mod peer;
-pub mod placement;
 pub mod provisioning;
-pub mod rules;
-pub mod seal;
 pub mod server;
 pub mod store;
 pub mod workloads;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -50,7 +50,7 @@ enum Command {
         #[arg(long)]
         advertise_ip: Option<std::net::IpAddr>,
         /// NATS client port, served on loopback and the advertised address; 0 picks a free one.
-        #[arg(long, default_value_t = ployzd::nats::DEFAULT_NATS_PORT)]
+        #[arg(long, default_value_t = ployzd::control::nats::DEFAULT_NATS_PORT)]
         nats_port: u16,
         /// Also serve NATS clients on this address (repeatable); by default only
         /// loopback and the overlay address.
@@ -147,7 +147,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let data_dir = cli.data_dir.unwrap_or(layout.data_dir);
     let socket = cli.socket.unwrap_or(layout.socket);
-    ployzd::daemon::validate_region(&region).map_err(|e| anyhow::anyhow!("{e}"))?;
+    ployzd::errors::validate_region(&region).map_err(|e| anyhow::anyhow!("{e}"))?;
 
     prepare_data_dir(&data_dir)?;
     let _lock = lock_data_dir(&data_dir)?;
@@ -177,7 +177,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         machine = daemon.machine_id(),
         data_dir = %data_dir.display(),
         socket = %socket.display(),
-        version = ployzd::daemon::VERSION,
+        version = ployzd::VERSION,
         peer = %peer_addr,
         "ployzd ready"
     );
@@ -193,11 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         daemon.clone(),
         stop_rx.clone(),
     ));
-    let reconciler = tokio::spawn(ployzd::workloads::reconcile_loop(
-        daemon.clone(),
-        stop_rx.clone(),
-    ));
-    let background = tokio::spawn(ployzd::daemon::background(daemon.clone(), stop_rx));
+    let background = tokio::spawn(daemon.clone().run(stop_rx));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut leave = daemon.exit_requested();
@@ -210,7 +206,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let _ = server.await;
     let _ = peers.await;
     let _ = background.await;
-    let _ = reconciler.await;
     daemon.shutdown().await;
     let _ = std::fs::remove_file(&socket);
     if leaving {

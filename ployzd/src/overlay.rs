@@ -2,12 +2,19 @@
 //! overlay address from its record, and keep its peers equal to the other
 //! machine records (a join adds a peer everywhere, `rm` removes it, an
 //! endpoint change is picked up). The QUIC RTT prober rides the overlay.
+//!
+//! State: the running mesh and prober, set once when the machine first has
+//! an overlay address (and never on a network without a mesh).
 
-use crate::daemon::Daemon;
+use crate::control::ControlPlane;
+use crate::identity::Identity;
+use crate::peer::{PeerRequest, PeerResponse};
+use crate::store::Store;
 use ployz_api::{MachineRecord, NetworkRecord};
-use ployz_mesh::overlay::Ipv4Net;
+use ployz_mesh::overlay::{ClusterRange, Ipv4Net};
 use ployz_mesh::{Mesh, MeshConfig, PeerConfig, Prober};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// UDP port of the RTT prober on overlay addresses.
@@ -21,10 +28,28 @@ const ELECTION_GRACE: Duration = Duration::from_secs(3);
 pub const KEEPALIVE_SECS: u16 = 5;
 
 /// The running mesh of this machine.
+struct Running {
+    mesh: Mesh,
+    prober: Option<Prober>,
+    address: Ipv4Addr,
+}
+
+pub struct OverlayConfig {
+    /// Run the WireGuard mesh (off only where machines already share a
+    /// private network, e.g. several daemons on one test host).
+    pub enabled: bool,
+    pub ifname: String,
+    pub wg_port: u16,
+}
+
+/// This machine's place in the mesh.
 pub struct Overlay {
-    pub mesh: Mesh,
-    pub prober: Option<Prober>,
-    pub address: Ipv4Addr,
+    cfg: OverlayConfig,
+    identity: Arc<Identity>,
+    store: Arc<Store>,
+    control: Arc<ControlPlane>,
+    running: OnceLock<Running>,
+    starting: tokio::sync::Mutex<()>,
 }
 
 /// Peer configuration for every other machine.
@@ -61,18 +86,70 @@ pub fn probe_targets(me: &str, machines: &[MachineRecord]) -> Vec<(String, Socke
         .collect()
 }
 
-impl Daemon {
+impl Overlay {
+    pub fn new(
+        cfg: OverlayConfig,
+        identity: Arc<Identity>,
+        store: Arc<Store>,
+        control: Arc<ControlPlane>,
+    ) -> Overlay {
+        Overlay {
+            cfg,
+            identity,
+            store,
+            control,
+            running: OnceLock::new(),
+            starting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Whether this machine runs a mesh at all (`--no-mesh` turns it off).
+    pub fn enabled(&self) -> bool {
+        self.cfg.enabled
+    }
+
+    /// Whether the mesh is up.
+    pub fn is_up(&self) -> bool {
+        self.running.get().is_some()
+    }
+
+    /// This machine's overlay address, once the mesh is up.
+    pub fn address(&self) -> Option<Ipv4Addr> {
+        self.running.get().map(|r| r.address)
+    }
+
+    fn machine_id(&self) -> &str {
+        &self.identity.machine_id
+    }
+
+    /// This host's WireGuard endpoint candidates (its addresses outside
+    /// the cluster's range, best first).
+    pub fn endpoints(&self, range: &ClusterRange) -> Vec<String> {
+        let addrs = match ployz_mesh::endpoints::local_addrs() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("cannot list local addresses: {e}");
+                return Vec::new();
+            }
+        };
+        let net = range.net();
+        ployz_mesh::endpoints::candidates(&addrs, self.cfg.wg_port, |ip| match ip {
+            IpAddr::V4(v4) => net.contains(v4),
+            IpAddr::V6(_) => false,
+        })
+    }
+
     /// Start the mesh for this machine's record if it is not up yet.
-    pub(crate) async fn ensure_mesh(
+    pub(crate) async fn ensure(
         &self,
         net: &NetworkRecord,
         me: &MachineRecord,
     ) -> Result<(), String> {
-        if !net.mesh || self.overlay.get().is_some() {
+        if !net.mesh || self.is_up() {
             return Ok(());
         }
-        let _guard = self.mesh_lock.lock().await;
-        if self.overlay.get().is_some() {
+        let _guard = self.starting.lock().await;
+        if self.is_up() {
             return Ok(());
         }
         let address: Ipv4Addr = me
@@ -84,7 +161,7 @@ impl Daemon {
             .parse()
             .map_err(|e| format!("bad cluster range {}: {e}", net.cidr))?;
         let cfg = MeshConfig {
-            ifname: self.cfg.wg_interface.clone(),
+            ifname: self.cfg.ifname.clone(),
             private_key: self.identity.wg.secret_bytes(),
             listen_port: self.cfg.wg_port,
             address,
@@ -102,15 +179,15 @@ impl Daemon {
                 None
             }
         };
-        tracing::info!(%address, interface = %self.cfg.wg_interface, "mesh up");
+        tracing::info!(%address, interface = %self.cfg.ifname, "mesh up");
         // Elections resume once the leader's heartbeats could have arrived
-        // over the new tunnels (see Daemon::open).
-        let raft = self.node.raft().clone();
+        // over the new tunnels (see Store::open).
+        let raft = self.store.node().raft().clone();
         tokio::spawn(async move {
             tokio::time::sleep(ELECTION_GRACE).await;
             raft.runtime_config().elect(true);
         });
-        let _ = self.overlay.set(Overlay {
+        let _ = self.running.set(Running {
             mesh,
             prober,
             address,
@@ -119,8 +196,8 @@ impl Daemon {
     }
 
     /// Make the mesh's peers match `machines`.
-    pub(crate) fn sync_mesh(&self, machines: &[MachineRecord]) {
-        let Some(o) = self.overlay.get() else { return };
+    pub(crate) fn sync(&self, machines: &[MachineRecord]) {
+        let Some(o) = self.running.get() else { return };
         if let Err(e) = o.mesh.set_peers(peers_of(self.machine_id(), machines)) {
             tracing::warn!("updating mesh peers: {e}");
         }
@@ -131,7 +208,7 @@ impl Daemon {
 
     /// This machine's RTT rows (to every peer it probes).
     pub(crate) fn rtt_rows(&self) -> Vec<ployz_api::RttRow> {
-        let Some(p) = self.overlay.get().and_then(|o| o.prober.as_ref()) else {
+        let Some(p) = self.running.get().and_then(|o| o.prober.as_ref()) else {
             return Vec::new();
         };
         p.snapshot()
@@ -149,7 +226,7 @@ impl Daemon {
 
     /// The full matrix: every machine's rows, collected over the control plane.
     pub(crate) async fn machine_rtt(&self) -> Result<ployz_api::RttReport, ployz_api::ApiError> {
-        let machines = self.machines().await?;
+        let machines = self.store.machines().await?;
         let mut rows = Vec::new();
         let mut warnings = Vec::new();
         for m in &machines {
@@ -158,10 +235,11 @@ impl Daemon {
                 Ok(self.rtt_rows())
             } else {
                 match self
-                    .call_machine(id, &crate::peer::PeerRequest::Rtt, Duration::from_secs(3))
+                    .control
+                    .call_machine(id, &PeerRequest::Rtt, Duration::from_secs(3))
                     .await
                 {
-                    Ok(crate::peer::PeerResponse::Rtt(r)) => Ok(r),
+                    Ok(PeerResponse::Rtt(r)) => Ok(r),
                     Ok(other) => Err(format!("unexpected answer {other:?}")),
                     Err(e) => Err(e),
                 }

@@ -3,7 +3,9 @@
 //! never stops the others, and every target gets a result naming the step
 //! that failed and why. Progress streams to the caller as it happens.
 
-use crate::daemon::{invalid, Daemon};
+use crate::cluster::Cluster;
+use crate::errors::{invalid, note, ProgressSink};
+use crate::store::Store;
 use ployz_api::*;
 use ployz_provision::provision::{
     provision_machine, update_machine, InstallSource, ProvisionOptions, UpdateOptions,
@@ -12,17 +14,7 @@ use ployz_provision::release::ReleaseLocation;
 use ployz_provision::ssh::{SshOptions, SshTarget};
 use ployz_provision::ServiceMode;
 use std::path::PathBuf;
-
-/// Where progress lines go (the API connection).
-pub type ProgressSink = tokio::sync::mpsc::UnboundedSender<Progress>;
-
-fn note(sink: &ProgressSink, target: &str, step: &str, message: impl Into<String>) {
-    let _ = sink.send(Progress {
-        target: target.to_string(),
-        step: step.to_string(),
-        message: message.into(),
-    });
-}
+use std::sync::Arc;
 
 fn result(
     target: &str,
@@ -82,9 +74,33 @@ pub fn install_source(req: &AddRequest) -> Result<InstallSource, ApiError> {
     }
 }
 
-impl Daemon {
+/// SSH provisioning of other machines from this one.
+pub struct Provisioning {
+    /// Holds `known_hosts`.
+    data_dir: PathBuf,
+    /// The region a provisioned machine gets unless told otherwise.
+    region: String,
+    store: Arc<Store>,
+    cluster: Arc<Cluster>,
+}
+
+impl Provisioning {
+    pub fn new(
+        data_dir: PathBuf,
+        region: String,
+        store: Arc<Store>,
+        cluster: Arc<Cluster>,
+    ) -> Provisioning {
+        Provisioning {
+            data_dir,
+            region,
+            store,
+            cluster,
+        }
+    }
+
     fn ssh_options(&self, identity: Option<&str>) -> SshOptions {
-        let mut o = SshOptions::new(self.cfg.data_dir.join("known_hosts"));
+        let mut o = SshOptions::new(self.data_dir.join("known_hosts"));
         o.identity = identity.map(PathBuf::from);
         o
     }
@@ -94,7 +110,7 @@ impl Daemon {
         req: AddRequest,
         sink: &ProgressSink,
     ) -> Result<TargetsReport, ApiError> {
-        let net = self.require_network().await?;
+        let net = self.store.require_network().await?;
         if req.network != net.name {
             return Err(invalid(format!(
                 "--network {} does not match this machine's network `{}`",
@@ -133,7 +149,7 @@ impl Daemon {
                 }
             };
             note(sink, &name, "invite", "issuing a single-use invite");
-            let invite = match self.invite_create(600).await {
+            let invite = match self.cluster.invite_create(600).await {
                 Ok(i) => i,
                 Err(e) => {
                     results.push(result(&name, "-", false, Some("invite"), e.message));
@@ -147,7 +163,7 @@ impl Daemon {
             );
             opts.service_mode = mode;
             opts.runtime = runtime.to_string();
-            opts.region = Some(self.cfg.region.clone());
+            opts.region = Some(self.region.clone());
             let started = std::time::Instant::now();
             let progress = {
                 let sink = sink.clone();
@@ -187,7 +203,7 @@ impl Daemon {
                 }
                 Err(e) => {
                     // Nothing joined with it: the invite must not linger.
-                    let _ = self.invite_revoke(&invite.invite_id).await;
+                    let _ = self.cluster.invite_revoke(&invite.invite_id).await;
                     results.push(result(
                         &name,
                         "-",
@@ -202,12 +218,13 @@ impl Daemon {
     }
 
     async fn remember_ssh_target(&self, id: &str, target: &str) -> Result<(), ApiError> {
-        self.update_machine_record(id, |m| {
-            m.ssh_target = Some(target.to_string());
-            true
-        })
-        .await
-        .map(|_| ())
+        self.store
+            .update_machine_record(id, |m| {
+                m.ssh_target = Some(target.to_string());
+                true
+            })
+            .await
+            .map(|_| ())
     }
 
     pub(crate) async fn machine_update(
@@ -221,11 +238,11 @@ impl Daemon {
         let location = ReleaseLocation::from_flag_or_env(release_url.as_deref())
             .map_err(|e| invalid(e.to_string()))?;
         let machines = if wanted.is_empty() {
-            self.machines().await?
+            self.store.machines().await?
         } else {
             let mut v = Vec::new();
             for w in &wanted {
-                v.push(self.resolve_machine(w).await?);
+                v.push(self.store.resolve_machine(w).await?);
             }
             v
         };

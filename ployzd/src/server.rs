@@ -156,7 +156,7 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>, me: u32) -> std::io
                 ErrorCode::InvalidArgument,
                 format!(
                     "malformed request: {e}; is ployzctl the same version as ployzd ({})?",
-                    crate::daemon::VERSION
+                    crate::VERSION
                 ),
             )),
         };

@@ -13,7 +13,7 @@
 //!   replicas spread before any machine gets a second one.
 //! - Scaling down drops the highest slots first.
 
-use ployz_api::{Lifecycle, Placement};
+use ployz_api::{Lifecycle, MachineRecord, Placement, ServiceRecord};
 use std::collections::HashMap;
 
 /// One candidate machine as placement sees it.
@@ -111,6 +111,25 @@ pub fn place(
         *load.entry(best.id.as_str()).or_default() += 1;
     }
     Ok(kept)
+}
+
+/// Whether `svc` still has placement `p` (same machine and slot).
+pub fn cur_has(svc: &ServiceRecord, p: &Placement) -> bool {
+    svc.placements
+        .iter()
+        .any(|q| q.machine == p.machine && q.slot == p.slot)
+}
+
+/// Placement candidates: the machines with how many instances each runs.
+pub fn candidates(machines: &[MachineRecord], load: &HashMap<String, usize>) -> Vec<Candidate> {
+    machines
+        .iter()
+        .map(|m| Candidate {
+            id: m.id.clone(),
+            lifecycle: m.lifecycle,
+            load: load.get(&m.id).copied().unwrap_or(0),
+        })
+        .collect()
 }
 
 #[cfg(test)]

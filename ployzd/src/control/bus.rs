@@ -60,7 +60,7 @@ impl Bus {
         let connect = serde_json::json!({
             "verbose": false, "pedantic": false, "user": user, "pass": password,
             "headers": true, "no_responders": true, "protocol": 1, "echo": true,
-            "name": "ployzd", "lang": "rust", "version": crate::daemon::VERSION,
+            "name": "ployzd", "lang": "rust", "version": crate::VERSION,
         });
         let mut out = Vec::new();
         ClientOp::Connect(connect.to_string().as_bytes()).encode(&mut out);

@@ -1,10 +1,13 @@
-//! Multi-machine operations: storage promotion and removal.
+//! The storage set: promoting machines to voters (`machine storage
+//! promote`) and dropping one that leaves, only while the rest keeps a
+//! reachable majority.
 
-use crate::daemon::{internal, invalid, refused, Daemon, CAS_RETRIES, PEER_CALL_TIMEOUT, VERSION};
+use super::{rules, Cluster};
+use crate::errors::{internal, invalid, refused};
 use crate::identity::{machine_id_of, node_id_of};
-use crate::peer::{self, PeerRequest, PeerResponse};
-use crate::rules;
-use crate::store::{self, put, Versioned};
+use crate::peer::{PeerRequest, PeerResponse};
+use crate::store::{self, forward::PEER_CALL_TIMEOUT, put, Versioned, CAS_RETRIES};
+use crate::VERSION;
 use ployz_api::*;
 use ployz_consensus::{Expect, MembershipError, PloyzNode};
 use std::collections::BTreeSet;
@@ -40,13 +43,7 @@ fn ok(machine: &str, message: impl Into<String>) -> TargetResult {
     }
 }
 
-impl Daemon {
-    pub(crate) fn is_leader(&self) -> bool {
-        let metrics = self.node.raft().metrics();
-        let m = metrics.borrow();
-        m.current_leader == Some(self.identity.node_id) && m.state.is_leader()
-    }
-
+impl Cluster {
     /// Relay a request to the Raft leader (through a storage machine when
     /// this one holds no replica).
     async fn relay_to_leader(&self, request: Request, hops: u8) -> Result<Response, ApiError> {
@@ -61,51 +58,15 @@ impl Daemon {
         }
     }
 
-    /// Send a peer request to the Raft leader (through a storage machine
-    /// when this one holds no replica). A `PeerResponse::Error` is returned
-    /// as the error.
+    /// A peer request to the Raft leader, with time for a learner to catch up.
     async fn relay_peer_to_leader(
         &self,
         req: PeerRequest,
         hops: u8,
     ) -> Result<PeerResponse, ApiError> {
-        if hops >= 3 {
-            return Err(store::unavailable(
-                "no stable storage leader to run this on; retry",
-            ));
-        }
-        let m = self.node.raft().metrics().borrow().clone();
-        let leader = m
-            .current_leader
-            .and_then(|id| m.membership_config.membership().get_node(&id).cloned());
-        let secret = self.secret.get().ok_or_else(store::no_network)?;
-        let targets: Vec<String> = match leader {
-            Some(n) if n.machine_id != self.identity.machine_id => vec![n.addr],
-            _ => self
-                .cluster_file()
-                .map(|f| f.storage_peers.into_iter().map(|(_, a)| a).collect())
-                .unwrap_or_default(),
-        };
-        let mut errors = Vec::new();
-        for addr in targets {
-            match peer::call(
-                &addr,
-                &secret,
-                self.machine_id(),
-                &req,
-                CATCH_UP_TIMEOUT + PEER_CALL_TIMEOUT,
-            )
+        self.store
+            .relay_to_leader(req, hops, CATCH_UP_TIMEOUT + PEER_CALL_TIMEOUT)
             .await
-            {
-                Ok(PeerResponse::Error(e)) => return Err(e),
-                Ok(r) => return Ok(r),
-                Err(e) => errors.push(format!("{addr}: {e}")),
-            }
-        }
-        Err(store::unavailable(format!(
-            "cannot reach the storage leader [{}]",
-            errors.join("; ")
-        )))
     }
 
     pub(crate) async fn storage_promote(
@@ -122,8 +83,8 @@ impl Daemon {
         if targets.is_empty() {
             return Err(invalid("name the machines to promote"));
         }
-        self.require_network().await?;
-        if !self.is_leader() {
+        self.store.require_network().await?;
+        if !self.store.is_leader() {
             return match self
                 .relay_to_leader(
                     Request::StoragePromote {
@@ -138,11 +99,11 @@ impl Daemon {
                 other => Err(internal(format!("unexpected answer {other:?}"))),
             };
         }
-        let voters: BTreeSet<u64> = self.voters().into_iter().map(|(id, _)| id).collect();
+        let voters: BTreeSet<u64> = self.store.voters().into_iter().map(|(id, _)| id).collect();
         let mut results = Vec::new();
         let mut new: Vec<Versioned<MachineRecord>> = Vec::new();
         for wanted in &targets {
-            let m = match self.resolve_machine(wanted).await {
+            let m = match self.store.resolve_machine(wanted).await {
                 Ok(m) => m,
                 Err(e) => {
                     results.push(fail(wanted, "resolve", e.message));
@@ -218,8 +179,11 @@ impl Daemon {
                 machine_id: m.value.id.clone(),
                 addr: m.value.peer_addr.clone(),
             };
-            match tokio::time::timeout(CATCH_UP_TIMEOUT, self.node.add_learner(node_id, node, true))
-                .await
+            match tokio::time::timeout(
+                CATCH_UP_TIMEOUT,
+                self.store.node().add_learner(node_id, node, true),
+            )
+            .await
             {
                 Ok(Ok(())) => learned.push(m),
                 Ok(Err(e)) => results.push(fail(&m.value.id, "catch-up", e.to_string())),
@@ -248,7 +212,7 @@ impl Daemon {
             new.iter()
                 .map(|m| node_id_of(&m.value.id).expect("checked")),
         );
-        if let Err(e) = self.node.change_membership(next.clone()).await {
+        if let Err(e) = self.store.node().change_membership(next.clone()).await {
             for m in &new {
                 results.push(fail(&m.value.id, "membership", e.to_string()));
             }
@@ -261,33 +225,26 @@ impl Daemon {
             }
         }
         self.set_replicas(replicas).await?;
-        self.refresh_storage_peers();
+        self.store.refresh_storage_peers();
         Ok(report(results, &next))
     }
 
-    pub(crate) fn refresh_storage_peers(&self) {
-        let peers: Vec<(String, String)> = self
-            .voters()
-            .into_iter()
-            .map(|(_, n)| (n.machine_id, n.addr))
-            .collect();
-        self.set_storage_peers(peers);
-    }
-
     async fn set_authority(&self, id: &str, authority: Authority) -> Result<(), ApiError> {
-        self.update_machine_record(id, |m| {
-            let changed = m.authority != authority;
-            m.authority = authority;
-            changed
-        })
-        .await?
-        .map(|_| ())
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no machine `{id}`")))
+        self.store
+            .update_machine_record(id, |m| {
+                let changed = m.authority != authority;
+                m.authority = authority;
+                changed
+            })
+            .await?
+            .map(|_| ())
+            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no machine `{id}`")))
     }
 
     async fn set_replicas(&self, replicas: u8) -> Result<(), ApiError> {
         for _ in 0..CAS_RETRIES {
             let Some(cur) = self
+                .store
                 .get::<NetworkRecord>(BUCKET_NETWORK, NETWORK_KEY)
                 .await?
             else {
@@ -296,6 +253,7 @@ impl Daemon {
             let mut next = cur.value.clone();
             next.storage_replicas = replicas;
             if self
+                .store
                 .txn(vec![put(
                     BUCKET_NETWORK,
                     NETWORK_KEY,
@@ -312,8 +270,9 @@ impl Daemon {
     }
 
     /// Whether machine `id` answers over the control plane.
-    async fn ping(&self, id: &str) -> Result<(), String> {
+    pub(super) async fn ping(&self, id: &str) -> Result<(), String> {
         match self
+            .control
             .call_machine(id, &PeerRequest::Ping, PING_TIMEOUT)
             .await?
         {
@@ -328,7 +287,7 @@ impl Daemon {
         let node_id = node_id_of(target).ok_or_else(|| invalid("malformed machine id"))?;
         // Only the leader's view of the voter set counts (a machine without
         // a replica has none at all).
-        if !self.is_leader() {
+        if !self.store.is_leader() {
             let req = PeerRequest::RemoveVoter {
                 machine: target.to_string(),
                 hops: hops + 1,
@@ -338,7 +297,7 @@ impl Daemon {
                 other => Err(internal(format!("unexpected answer {other:?}"))),
             };
         }
-        let voters = self.voters();
+        let voters = self.store.voters();
         if !voters.iter().any(|(id, _)| *id == node_id) {
             return Ok(false);
         }
@@ -359,156 +318,13 @@ impl Daemon {
             .map(|(id, _)| *id)
             .filter(|id| *id != node_id)
             .collect();
-        self.node
+        self.store
+            .node()
             .change_membership(next)
             .await
             .map_err(|e: MembershipError| store::unavailable(e))?;
-        self.refresh_storage_peers();
+        self.store.refresh_storage_peers();
         Ok(true)
-    }
-
-    pub(crate) async fn machine_rm(
-        &self,
-        wanted: &str,
-        force: bool,
-        hops: u8,
-    ) -> Result<RemoveReport, ApiError> {
-        let target = self.resolve_machine(wanted).await?;
-        let id = target.value.id.clone();
-        if id == self.machine_id() {
-            return Err(refused(format!(
-                "machine {id} is the machine this command runs on; it cannot remove itself"
-            ))
-            .with_hint(format!(
-                "run `ployzctl machine rm {id}` on another machine of the network"
-            )));
-        }
-        if !force {
-            if let Err(e) = self.ping(&id).await {
-                return Err(ApiError::new(
-                    ErrorCode::Unavailable,
-                    format!("machine {id} is unreachable ({e}), so it cannot clean itself up"),
-                )
-                .with_hint(format!(
-                    "bring it back and retry, or delete only its membership record with `ployzctl machine rm --force {id}`"
-                )));
-            }
-        }
-        let left_storage = self.remove_voter(&id, hops).await?;
-        // Show the removal honestly while it runs.
-        self.update_machine_record(&id, |m| {
-            m.lifecycle = Lifecycle::Leaving;
-            true
-        })
-        .await?;
-        let mut cleaned_up = false;
-        if !force {
-            match self
-                .call_machine(
-                    &id,
-                    &PeerRequest::Leave {
-                        by: self.machine_id().to_string(),
-                    },
-                    PEER_CALL_TIMEOUT,
-                )
-                .await
-            {
-                Ok(PeerResponse::Left) => cleaned_up = true,
-                Ok(other) => {
-                    return Err(
-                        internal(format!("machine {id} answered {other:?} to leave")).with_hint(
-                            format!("`ployzctl machine rm --force {id}` deletes its record"),
-                        ),
-                    )
-                }
-                Err(e) => {
-                    return Err(ApiError::new(
-                        ErrorCode::Unavailable,
-                        format!("machine {id} did not confirm its cleanup: {e}"),
-                    )
-                    .with_hint(format!(
-                        "`ployzctl machine rm --force {id}` deletes its record"
-                    )))
-                }
-            }
-        }
-        // Its placements go with it (workloads are never moved automatically).
-        if let Err(e) = self.forget_machine_workloads(&id).await {
-            tracing::warn!(machine = %id, "cannot drop its placements: {}", e.message);
-        }
-        let subnet_key = target
-            .value
-            .subnet
-            .split('/')
-            .next()
-            .unwrap_or("")
-            .replace('.', "-");
-        let mut ops = vec![store::delete(BUCKET_MACHINES, &id, Expect::Any)];
-        if !subnet_key.is_empty() {
-            ops.push(store::delete(BUCKET_SUBNETS, &subnet_key, Expect::Any));
-        }
-        if let Err((_, why)) = self.txn(ops).await? {
-            return Err(internal(format!(
-                "deleting the records was rejected: {why}"
-            )));
-        }
-        tracing::info!(machine = %id, force, "removed");
-        let storage_set = self
-            .list::<MachineRecord>(BUCKET_MACHINES)
-            .await?
-            .into_iter()
-            .filter(|m| m.value.authority == Authority::Storage)
-            .map(|m| m.value.id)
-            .collect();
-        let storage_replicas = self.require_network().await?.storage_replicas;
-        Ok(RemoveReport {
-            machine: id,
-            cleaned_up,
-            left_storage,
-            storage_set,
-            storage_replicas,
-        })
-    }
-}
-
-impl peer::PeerHandler for Daemon {
-    fn machine_id(&self) -> &str {
-        &self.identity.machine_id
-    }
-
-    fn secret(&self) -> Option<peer::ClusterSecret> {
-        self.secret.get()
-    }
-
-    fn wg_secret(&self) -> &x25519_dalek::StaticSecret {
-        self.identity.wg.static_secret()
-    }
-
-    fn raft(&self) -> &ployz_consensus::Raft {
-        self.node.raft()
-    }
-
-    async fn join(&self, req: peer::JoinRequest) -> peer::JoinResponse {
-        match self.accept_join(req).await {
-            Ok(a) => peer::JoinResponse::Accepted(Box::new(a)),
-            Err(e) => peer::JoinResponse::Refused(e),
-        }
-    }
-
-    async fn rpc(&self, req: PeerRequest) -> PeerResponse {
-        self.peer_rpc(req).await
-    }
-
-    fn route(&self, stream: tokio::io::DuplexStream, from: String) {
-        self.accept_route(stream, from);
-    }
-
-    fn raft_events(&self) -> tokio::sync::broadcast::Receiver<ployz_consensus::KvEvent> {
-        self.node.subscribe()
-    }
-
-    async fn blob(&self, req: peer::BlobRequest) -> Result<peer::BlobSource, ApiError> {
-        self.serve_blob(req).await
     }
 }
 

@@ -1,12 +1,12 @@
 //! The control plane clients see: every ployzd embeds a NATS server
 //! (`ployz-natsd`). Its JetStream KV is the replicated store, reached through
-//! [`DaemonKv`], which forwards like every other store access, so a client
+//! [`StoreKv`], which forwards like every other store access, so a client
 //! of any machine reads and writes the same buckets. Servers of one network
 //! are joined by NATS routes carried over the encrypted peer channel; the
 //! machine with the smaller id dials.
 
-use crate::daemon::Daemon;
-use crate::peer::{self, KvRead, KvReadResult, Service};
+use crate::peer::{self, KvRead, KvReadResult, SecretSlot, Service};
+use crate::store::Store;
 use ployz_consensus::{BucketInfo, Entry, KvEvent, Txn, TxnResult};
 use ployz_natsd::{BackendError, Credentials, KvBackend, Server, ServerConfig};
 use std::collections::HashMap;
@@ -17,17 +17,17 @@ pub const DEFAULT_NATS_PORT: u16 = 4222;
 pub const NATS_USER: &str = "ployz";
 
 /// The store as the NATS server's JetStream sees it.
-pub struct DaemonKv {
-    daemon: Weak<Daemon>,
+pub struct StoreKv {
+    store: Weak<Store>,
 }
 
 fn gone() -> BackendError {
     BackendError::Unavailable("ployzd is shutting down".into())
 }
 
-impl DaemonKv {
+impl StoreKv {
     async fn read(&self, read: KvRead) -> Result<KvReadResult, BackendError> {
-        let d = self.daemon.upgrade().ok_or_else(gone)?;
+        let d = self.store.upgrade().ok_or_else(gone)?;
         match d.read(read, 0).await {
             Ok(KvReadResult::NoSuchBucket(b)) => Err(BackendError::NoSuchBucket(b)),
             Ok(r) => Ok(r),
@@ -40,9 +40,9 @@ fn unexpected(r: KvReadResult) -> BackendError {
     BackendError::Unavailable(format!("unexpected read result {r:?}"))
 }
 
-impl KvBackend for DaemonKv {
+impl KvBackend for StoreKv {
     async fn write(&self, txn: Txn) -> Result<TxnResult, BackendError> {
-        let d = self.daemon.upgrade().ok_or_else(gone)?;
+        let d = self.store.upgrade().ok_or_else(gone)?;
         d.write_txn(txn, 0)
             .await
             .map_err(|e| BackendError::Unavailable(e.message))
@@ -108,8 +108,8 @@ impl KvBackend for DaemonKv {
     }
 
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<KvEvent> {
-        match self.daemon.upgrade() {
-            Some(d) => d.kv_events(),
+        match self.store.upgrade() {
+            Some(d) => d.events(),
             // A closed channel: consumers see the end and stop.
             None => tokio::sync::broadcast::channel(1).1,
         }
@@ -129,7 +129,7 @@ impl Nats {
     /// and on any `extra` addresses the operator configured — never on
     /// every interface unless told to — with the network's credentials.
     pub async fn start(
-        daemon: Weak<Daemon>,
+        store: Weak<Store>,
         name: String,
         password: String,
         port: u16,
@@ -148,7 +148,7 @@ impl Nats {
             }),
             ..ServerConfig::default()
         };
-        let server = Server::with_kv(cfg, DaemonKv { daemon });
+        let server = Server::with_kv(cfg, StoreKv { store });
         let s = server.clone();
         tokio::spawn(async move { s.serve(loopback).await });
         let mut addrs = vec![advertise];
@@ -169,8 +169,8 @@ impl Nats {
 
     /// Keep a route to each machine in `peers` (id, peer address) whose id
     /// is larger than ours; drop routes to machines no longer listed.
-    pub fn sync_routes(&self, daemon: &std::sync::Arc<Daemon>, peers: &[(String, String)]) {
-        let me = daemon.machine_id().to_string();
+    pub fn sync_routes(&self, me: &str, secret: &SecretSlot, peers: &[(String, String)]) {
+        let me = me.to_string();
         let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         routes.retain(|id, task| {
             let keep = peers.iter().any(|(p, _)| p == id);
@@ -183,7 +183,7 @@ impl Nats {
             if *id <= me || addr.is_empty() || routes.contains_key(id) {
                 continue;
             }
-            let secret = daemon.secret.clone();
+            let secret = secret.clone();
             let me = me.clone();
             let addr = addr.clone();
             let task = self.server.maintain_route(id.clone(), move || {

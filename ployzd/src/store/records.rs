@@ -93,14 +93,14 @@ pub fn no_network() -> ApiError {
         .with_hint("create one with `ployzctl mesh init <network>`, or join one with `ployzctl machine invite import --token <token>`")
 }
 
-pub fn map_read(e: ReadError) -> ApiError {
+pub(crate) fn map_read(e: ReadError) -> ApiError {
     match e {
         ReadError::NotInitialized => no_network(),
         other => unavailable(other),
     }
 }
 
-pub fn map_write(e: WriteError) -> ApiError {
+pub(crate) fn map_write(e: WriteError) -> ApiError {
     match e {
         WriteError::NotInitialized => no_network(),
         WriteError::Fatal(f) => ApiError::new(

@@ -2,7 +2,7 @@
 //!
 //! Every connection opens with a plaintext [`Hello`] naming a service:
 //! * `join` — a machine outside the network presents an invite; the exchange
-//!   is sealed to the issuer's WireGuard key (see [`crate::seal`]).
+//!   is sealed to the issuer's WireGuard key (see [`seal`]).
 //! * `raft` — Raft RPCs, answered by the consensus crate.
 //! * `rpc`  — [`PeerRequest`]s: store forwarding, requests relayed to the
 //!   leader, a machine asked to leave.
@@ -11,12 +11,14 @@
 //! session keys and every frame after the hello is sealed and numbered, so a
 //! party without the key can neither read nor inject nor replay traffic.
 
-use crate::seal::{self, JoinClient, JoinServer, Sealer};
+pub mod seal;
+
 use ployz_api::invite::{b64url, b64url_decode};
 use ployz_api::{ApiError, MachineRecord, NetworkRecord, Reply, Request};
 use ployz_consensus::network::{read_frame, write_frame};
 use ployz_consensus::{Dialer, Entry, FrameConn, Txn, TxnResult};
 use rand::RngCore;
+use seal::{JoinClient, JoinServer, Sealer};
 use serde::{Deserialize, Serialize};
 use std::io;
 use std::sync::{Arc, RwLock};

@@ -1,16 +1,17 @@
 //! Joining a network with an invite: the joiner's side
-//! ([`Daemon::invite_import`]) and the issuer's ([`Daemon::accept_join`]).
+//! ([`Cluster::invite_import`]) and the issuer's ([`Cluster::accept_join`]).
 //!
 //! The invite is consumed, the subnet claimed and the machine record
 //! created in one compare-and-set transaction, so two machines presenting
 //! the same token race on the invite's revision and exactly one wins, and
 //! concurrent joiners never share a subnet.
 
-use crate::daemon::{
-    internal, invalid, refused, validate_region, ClusterFile, Daemon, CAS_RETRIES,
-};
+use super::{control_addr, Cluster};
+use crate::errors::{internal, invalid, refused, validate_region};
+use crate::identity::sha256_hex;
 use crate::peer::{self, JoinAccepted, JoinRequest, JoinResponse, JoinerInfo};
-use crate::store::{self, put};
+use crate::store::{self, put, ClusterFile, CAS_RETRIES};
+use crate::VERSION;
 use ed25519_dalek::{Signer, Verifier};
 use ployz_api::invite::{self, b64url, b64url_decode};
 use ployz_api::time::{now_ms, rfc3339};
@@ -28,21 +29,15 @@ fn proof_message(token: &str, machine_id: &str) -> Vec<u8> {
     m
 }
 
-pub(crate) fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-impl Daemon {
+impl Cluster {
     /// Joiner: present `token` to its issuer and become a member.
     pub(crate) async fn invite_import(&self, token: &str) -> Result<MeshStatus, ApiError> {
         let _guard = self.init_lock.lock().await;
-        if self.in_network().await {
+        if self.store.in_network().await {
             let name = self
-                .cluster_file()
+                .store
+                .local()
+                .get()
                 .map(|c| c.network_name)
                 .unwrap_or_default();
             return Err(ApiError::new(
@@ -73,9 +68,10 @@ impl Daemon {
                 identity_key: me.identity_key_b64(),
                 wg_public_key: me.wg.public_base64(),
                 endpoints: self
+                    .overlay
                     .endpoints(&ClusterRange::parse(DEFAULT_CLUSTER_CIDR).expect("default range")),
                 peer_addr: self.cfg.peer_addr.clone(),
-                version: crate::daemon::VERSION.to_string(),
+                version: VERSION.to_string(),
                 runtime: self.cfg.runtime.to_string(),
                 region: self.cfg.region.clone(),
             },
@@ -113,21 +109,22 @@ impl Daemon {
                 "the issuer answered for another network or machine; nothing was saved",
             ));
         }
-        self.save_cluster_file(Some(ClusterFile {
+        self.store.local().save(Some(ClusterFile {
             secret: a.secret.clone(),
             network_name: a.network.name.clone(),
             storage_peers: a.storage_peers.clone(),
             network: Some(a.network.clone()),
             machines: a.machines.clone(),
         }))?;
-        self.ensure_mesh(&a.network, &a.machine)
+        self.overlay
+            .ensure(&a.network, &a.machine)
             .await
             .map_err(|e| {
                 internal(format!("joined, but {e}")).with_hint(
                     "see the ployzd log; ployzd retries bringing the mesh up every second",
                 )
             })?;
-        self.sync_mesh(&a.machines);
+        self.overlay.sync(&a.machines);
         tracing::info!(network = %a.network.name, "joined; confirming");
         self.confirm_active().await?;
         self.mesh_status().await
@@ -143,7 +140,7 @@ impl Daemon {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            let cur = match self.get::<MachineRecord>(BUCKET_MACHINES, &id).await {
+            let cur = match self.store.get::<MachineRecord>(BUCKET_MACHINES, &id).await {
                 Ok(Some(c)) => c,
                 Ok(None) => {
                     return Err(internal(
@@ -162,6 +159,7 @@ impl Daemon {
             next.lifecycle = Lifecycle::Active;
             next.updated_at_ms = now_ms();
             match self
+                .store
                 .txn(vec![put(
                     BUCKET_MACHINES,
                     &id,
@@ -181,7 +179,7 @@ impl Daemon {
     /// Issuer: vet a join request and enrol the machine.
     pub async fn accept_join(&self, req: JoinRequest) -> Result<JoinAccepted, ApiError> {
         let claims = invite::decode(&req.token).map_err(|e| invalid(e.to_string()))?;
-        let net = self.require_network().await?;
+        let net = self.store.require_network().await?;
         if claims.network_id != net.network_id {
             return Err(refused(format!(
                 "the invite is for network `{}` ({}), this machine is in `{}` ({})",
@@ -226,6 +224,7 @@ impl Daemon {
 
         for _ in 0..CAS_RETRIES {
             let inv = self
+                .store
                 .get::<InviteRecord>(BUCKET_INVITES, &claims.invite_id)
                 .await?
                 .ok_or_else(|| {
@@ -237,7 +236,7 @@ impl Daemon {
             if inv.value.nonce_sha256 != sha256_hex(claims.nonce.as_bytes()) {
                 return Err(refused("the token does not match the invite record"));
             }
-            let machines = self.list::<MachineRecord>(BUCKET_MACHINES).await?;
+            let machines = self.store.list::<MachineRecord>(BUCKET_MACHINES).await?;
             let existing = machines.iter().find(|m| m.value.id == j.machine_id);
             match inv.value.status(now) {
                 InviteStatus::Active => {}
@@ -278,6 +277,7 @@ impl Daemon {
                 ));
             }
             let taken: std::collections::HashSet<String> = self
+                .store
                 .list::<SubnetClaim>(BUCKET_SUBNETS)
                 .await?
                 .into_iter()
@@ -313,11 +313,7 @@ impl Daemon {
                 endpoints: j.endpoints.clone(),
                 // The network decides: on a mesh network peers reach the
                 // joiner on its overlay address.
-                peer_addr: self.control_addr(
-                    net.mesh,
-                    &slice.overlay_ip().to_string(),
-                    &j.peer_addr,
-                ),
+                peer_addr: control_addr(net.mesh, &slice.overlay_ip().to_string(), &j.peer_addr),
                 ssh_target: None,
                 created_at_ms: now,
                 updated_at_ms: now,
@@ -339,14 +335,14 @@ impl Daemon {
                 put(BUCKET_SUBNETS, &slice.key(), &claim, Expect::Absent),
                 put(BUCKET_MACHINES, &j.machine_id, &record, Expect::Absent),
             ];
-            match self.txn(ops).await? {
+            match self.store.txn(ops).await? {
                 Ok(_) => {
                     tracing::info!(machine = %record.id, subnet = %record.subnet, invite = %claims.invite_id, "enrolled");
                     // Peer with the joiner at once: it is about to call in over the mesh.
                     let mut all: Vec<MachineRecord> =
                         machines.into_iter().map(|m| m.value).collect();
                     all.push(record.clone());
-                    self.sync_mesh(&all);
+                    self.overlay.sync(&all);
                     return Ok(self.accepted(net, record, all));
                 }
                 // Lost a race on the invite, the subnet or the id: look again.
@@ -367,29 +363,20 @@ impl Daemon {
     ) -> JoinAccepted {
         JoinAccepted {
             network,
-            secret: self.secret.get().expect("a member has the cluster secret"),
+            secret: self
+                .store
+                .local()
+                .secret()
+                .get()
+                .expect("a member has the cluster secret"),
             machine,
             machines,
             storage_peers: self
+                .store
                 .voters()
                 .into_iter()
                 .map(|(_, n)| (n.machine_id, n.addr))
                 .collect(),
         }
-    }
-
-    /// The network asked this machine to leave: stop, forget the network,
-    /// wipe the data directory, exit.
-    pub(crate) async fn leave(&self, by: &str) -> peer::PeerResponse {
-        tracing::warn!(by, "asked to leave the network: cleaning up");
-        let removed = self.remove_all_workloads().await;
-        tracing::info!(removed, "workloads stopped and deleted");
-        let exit = self.exit.clone();
-        // Answer first; the cleanup runs after the reply is on its way.
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let _ = exit.send(true);
-        });
-        peer::PeerResponse::Left
     }
 }

@@ -1,0 +1,200 @@
+//! Request routing: every request a machine answers, from the socket
+//! ([`Daemon::handle_with`]) or from a peer ([`Daemon::peer_rpc`] and the
+//! [`PeerHandler`] services), is handed to the subsystem that owns it.
+//! Nothing here decides anything.
+
+use crate::daemon::Daemon;
+use crate::errors::ProgressSink;
+use crate::peer::{self, PeerHandler, PeerRequest, PeerResponse};
+use ployz_api::*;
+
+impl Daemon {
+    pub async fn handle(&self, req: Request) -> Result<Response, ApiError> {
+        let (sink, _) = tokio::sync::mpsc::unbounded_channel();
+        self.handle_with(req, 0, &sink).await
+    }
+
+    /// Handle a request, sending live progress of long ones to `sink`.
+    /// `hops` counts how often it was already forwarded between machines.
+    pub async fn handle_with(
+        &self,
+        req: Request,
+        hops: u8,
+        sink: &ProgressSink,
+    ) -> Result<Response, ApiError> {
+        let cluster = &self.cluster;
+        let workloads = &self.workloads;
+        match req {
+            Request::MachineAdd(add) => self
+                .provisioning
+                .machine_add(*add, sink)
+                .await
+                .map(Response::Targets),
+            Request::MachineUpdate {
+                version,
+                machines,
+                release_url,
+                identity,
+            } => self
+                .provisioning
+                .machine_update(version, machines, release_url, identity, sink)
+                .await
+                .map(Response::Targets),
+            Request::MeshInit {
+                network,
+                region,
+                cidr,
+            } => cluster
+                .mesh_init(network, region, cidr)
+                .await
+                .map(|s| Response::Status(Box::new(s))),
+            Request::MeshStatus => cluster
+                .mesh_status()
+                .await
+                .map(|s| Response::Status(Box::new(s))),
+            Request::MachineList => cluster.machine_list().await.map(Response::Machines),
+            Request::Lifecycle {
+                machine,
+                action,
+                force,
+            } => cluster
+                .lifecycle(&machine, action, force)
+                .await
+                .map(|r| Response::Machine(Box::new(r))),
+            Request::InviteCreate { ttl_secs } => cluster
+                .invite_create(ttl_secs)
+                .await
+                .map(Response::InviteCreated),
+            Request::InviteList => cluster.invite_list().await.map(Response::Invites),
+            Request::InviteRevoke { invite_id } => cluster
+                .invite_revoke(&invite_id)
+                .await
+                .map(Response::Invite),
+            Request::InviteImport { token } => cluster
+                .invite_import(&token)
+                .await
+                .map(|s| Response::Status(Box::new(s))),
+            Request::StoragePromote { replicas, machines } => cluster
+                .storage_promote(replicas, machines, hops)
+                .await
+                .map(Response::Promoted),
+            Request::NatsUrl => self.control.url(self.nats_address()).map(Response::Nats),
+            Request::MachineRtt => self.overlay.machine_rtt().await.map(Response::Rtt),
+            Request::MachineRm { machine, force } => cluster
+                .machine_rm(&machine, force, hops)
+                .await
+                .map(Response::Removed),
+            Request::ServiceDeploy(req) => workloads
+                .service_deploy(*req, sink)
+                .await
+                .map(|v| Response::Service(Box::new(v))),
+            Request::ServiceList => workloads.service_list().await.map(Response::Services),
+            Request::ServiceLogs { name, slot, tail } => workloads
+                .service_logs(&name, slot, tail)
+                .await
+                .map(Response::Logs),
+            Request::ServiceRm { name } => workloads
+                .service_rm(&name, sink)
+                .await
+                .map(Response::ServiceRemoved),
+            Request::ServiceMigrate { name, to, from } => workloads
+                .service_migrate(&name, &to, from.as_deref(), sink)
+                .await
+                .map(|v| Response::Service(Box::new(v))),
+        }
+    }
+
+    /// Answer a peer's `rpc` request.
+    pub async fn peer_rpc(&self, req: PeerRequest) -> PeerResponse {
+        let answer = |r: Result<PeerResponse, ApiError>| r.unwrap_or_else(PeerResponse::Error);
+        match req {
+            PeerRequest::Ping => PeerResponse::Pong {
+                machine_id: self.machine_id().to_string(),
+            },
+            PeerRequest::Write { txn, hops } => answer(
+                self.store
+                    .write_txn(txn, hops)
+                    .await
+                    .map(PeerResponse::Written),
+            ),
+            PeerRequest::Read { read, hops } => {
+                answer(self.store.read(read, hops).await.map(PeerResponse::Read))
+            }
+            PeerRequest::Api { request, hops } => {
+                let (sink, _) = tokio::sync::mpsc::unbounded_channel();
+                PeerResponse::Api(Reply::from(
+                    Box::pin(self.handle_with(request, hops, &sink)).await,
+                ))
+            }
+            PeerRequest::Leave { by } => self.cluster.leave(&by).await,
+            PeerRequest::Rtt => PeerResponse::Rtt(self.overlay.rtt_rows()),
+            PeerRequest::RemoveVoter { machine, hops } => answer(
+                Box::pin(self.cluster.remove_voter(&machine, hops))
+                    .await
+                    .map(PeerResponse::VoterRemoved),
+            ),
+            PeerRequest::PullVolume { name, from } => answer(
+                Box::pin(self.workloads.pull_volume(&name, &from))
+                    .await
+                    .map(|(bytes, sha256)| PeerResponse::VolumePulled { bytes, sha256 }),
+            ),
+            PeerRequest::Logs {
+                service,
+                slot,
+                tail,
+            } => answer(
+                self.workloads
+                    .local_logs(&service, slot, tail)
+                    .await
+                    .map(PeerResponse::Logs),
+            ),
+            PeerRequest::DropVolume { name } => answer(
+                self.workloads
+                    .drop_volume(&name)
+                    .await
+                    .map(|dropped| PeerResponse::VolumeDropped { dropped }),
+            ),
+        }
+    }
+}
+
+impl PeerHandler for Daemon {
+    fn machine_id(&self) -> &str {
+        &self.identity.machine_id
+    }
+
+    fn secret(&self) -> Option<peer::ClusterSecret> {
+        self.store.local().secret().get()
+    }
+
+    fn wg_secret(&self) -> &x25519_dalek::StaticSecret {
+        self.identity.wg.static_secret()
+    }
+
+    fn raft(&self) -> &ployz_consensus::Raft {
+        self.store.node().raft()
+    }
+
+    async fn join(&self, req: peer::JoinRequest) -> peer::JoinResponse {
+        match self.cluster.accept_join(req).await {
+            Ok(a) => peer::JoinResponse::Accepted(Box::new(a)),
+            Err(e) => peer::JoinResponse::Refused(e),
+        }
+    }
+
+    async fn rpc(&self, req: PeerRequest) -> PeerResponse {
+        self.peer_rpc(req).await
+    }
+
+    fn route(&self, stream: tokio::io::DuplexStream, from: String) {
+        self.control.accept_route(stream, from);
+    }
+
+    fn raft_events(&self) -> tokio::sync::broadcast::Receiver<ployz_consensus::KvEvent> {
+        self.store.replica_events()
+    }
+
+    async fn blob(&self, req: peer::BlobRequest) -> Result<peer::BlobSource, ApiError> {
+        self.workloads.serve_blob(req).await
+    }
+}

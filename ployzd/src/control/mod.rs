@@ -1,0 +1,212 @@
+//! The control plane of this machine: the embedded NATS server ([`nats`])
+//! that clients and the other machines' servers connect to, and the
+//! daemon's own client of it ([`bus`]), over which machines ask each other
+//! things (`ployz.machine.<id>.rpc`).
+//!
+//! State: the server and the client, each started once the machine is in a
+//! network (and, on a mesh network, once the overlay is up).
+
+pub mod bus;
+pub mod nats;
+
+use crate::errors::invalid;
+use crate::peer::{PeerHandler, PeerRequest, PeerResponse};
+use crate::store::{self, Store};
+use bus::{Bus, BusError};
+use nats::{Nats, NATS_USER};
+use ployz_api::{ApiError, NatsInfo};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+pub struct ControlPlane {
+    store: Arc<Store>,
+    /// NATS client port (0: any free one).
+    port: u16,
+    /// Addresses the NATS server listens on besides loopback and the overlay.
+    listen: Vec<IpAddr>,
+    nats: OnceLock<Nats>,
+    bus: OnceLock<Arc<Bus>>,
+}
+
+impl ControlPlane {
+    pub fn new(store: Arc<Store>, port: u16, listen: Vec<IpAddr>) -> ControlPlane {
+        ControlPlane {
+            store,
+            port,
+            listen,
+            nats: OnceLock::new(),
+            bus: OnceLock::new(),
+        }
+    }
+
+    /// The network's NATS password, derived from its secret.
+    fn password(&self) -> Option<String> {
+        use hkdf::Hkdf;
+        let secret = self.store.local().secret().get()?;
+        let key = ployz_api::invite::b64url_decode(&secret.key).ok()?;
+        let mut out = [0u8; 24];
+        Hkdf::<sha2::Sha256>::new(Some(secret.network_id.as_bytes()), &key)
+            .expand(b"ployz nats password v1", &mut out)
+            .ok()?;
+        Some(ployz_api::invite::b64url(&out))
+    }
+
+    /// Start the server (advertised on `advertise`) and then this daemon's
+    /// client, which answers machine requests with `handler`; each at most
+    /// once, retried by the caller's next tick on failure.
+    pub async fn ensure_started<H: PeerHandler>(&self, advertise: IpAddr, handler: &Arc<H>) {
+        let Some(password) = self.password() else {
+            return;
+        };
+        if self.nats.get().is_none() {
+            match Nats::start(
+                Arc::downgrade(&self.store),
+                self.store.machine_id().to_string(),
+                password.clone(),
+                self.port,
+                advertise,
+                &self.listen,
+            )
+            .await
+            {
+                Ok(n) => {
+                    tracing::info!(port = n.port, "NATS control plane listening");
+                    let _ = self.nats.set(n);
+                }
+                Err(e) => tracing::warn!("cannot start the NATS server: {e}"),
+            }
+        }
+        if self.bus.get().is_some() {
+            return;
+        }
+        let Some(n) = self.nats.get() else { return };
+        match Bus::connect(&n.server, NATS_USER, &password).await {
+            Ok(bus) => match serve_machine_rpc(self.store.machine_id(), handler, &bus).await {
+                Ok(()) => {
+                    let _ = self.bus.set(bus);
+                }
+                Err(e) => tracing::warn!("cannot subscribe to machine requests: {e}"),
+            },
+            Err(e) => tracing::warn!("cannot connect to the control plane: {e}"),
+        }
+    }
+
+    pub fn is_started(&self) -> bool {
+        self.nats.get().is_some()
+    }
+
+    /// Keep NATS routes to the other machines `(id, peer_addr)`.
+    pub fn sync_routes(&self, peers: &[(String, String)]) {
+        if let Some(n) = self.nats.get() {
+            n.sync_routes(self.store.machine_id(), self.store.local().secret(), peers);
+        }
+    }
+
+    /// Accept a NATS route that arrived over the peer channel.
+    pub fn accept_route(&self, stream: tokio::io::DuplexStream, from: String) {
+        match self.nats.get() {
+            Some(n) => {
+                n.server.attach_route(stream, from);
+            }
+            None => tracing::debug!(%from, "route refused: NATS not started yet"),
+        }
+    }
+
+    /// Ask machine `id` something over the control plane (request/reply).
+    pub async fn call_machine(
+        &self,
+        id: &str,
+        req: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let body = serde_json::to_vec(req).expect("requests serialise");
+        let subject = bus::subject_for(id);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            // Right after start or join the client and the routes take a
+            // moment; "nobody answers" is only final at the deadline.
+            let not_yet = match self.bus.get() {
+                None => "this machine's control plane is still starting".to_string(),
+                Some(bus) => match bus.request(&subject, &body, left).await {
+                    Ok(answer) => {
+                        return serde_json::from_slice(&answer)
+                            .map_err(|e| format!("malformed answer: {e}"))
+                    }
+                    Err(e @ BusError::NoResponders(_)) => e.to_string(),
+                    Err(e) => return Err(e.to_string()),
+                },
+            };
+            if tokio::time::Instant::now() + Duration::from_millis(200) >= deadline {
+                return Err(not_yet);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// `ployzctl nats url`: how clients on and off this machine connect;
+    /// `advertise` is the overlay address (or the underlay without a mesh).
+    pub fn url(&self, advertise: IpAddr) -> Result<NatsInfo, ApiError> {
+        let n = self.nats.get().ok_or_else(|| {
+            if self.store.local().get().is_none() {
+                store::no_network()
+            } else {
+                store::unavailable("the NATS server is starting; retry in a moment")
+            }
+        })?;
+        let password = self.password().ok_or_else(store::no_network)?;
+        let mut servers = vec![format!("127.0.0.1:{}", n.port)];
+        let mut ips = vec![advertise];
+        ips.extend_from_slice(&self.listen);
+        for ip in ips {
+            let s = SocketAddr::new(ip, n.port).to_string();
+            if !ip.is_loopback() && !servers.contains(&s) {
+                servers.push(s);
+            }
+        }
+        Ok(NatsInfo {
+            url: format!("nats://{NATS_USER}:{password}@127.0.0.1:{}", n.port),
+            user: NATS_USER.into(),
+            password,
+            servers,
+        })
+    }
+
+    pub async fn shutdown(&self) {
+        if let Some(n) = self.nats.get() {
+            n.shutdown().await;
+        }
+    }
+}
+
+/// Answer requests addressed to this machine over the control plane.
+async fn serve_machine_rpc<H: PeerHandler>(
+    me: &str,
+    handler: &Arc<H>,
+    bus: &Arc<Bus>,
+) -> Result<(), BusError> {
+    let (_, mut rx) = bus.subscribe(&bus::subject_for(me)).await?;
+    let handler = handler.clone();
+    let bus = bus.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            let Some(reply) = msg.reply else { continue };
+            let handler = handler.clone();
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                let resp = match serde_json::from_slice::<PeerRequest>(&msg.payload) {
+                    Ok(req) => handler.rpc(req).await,
+                    Err(e) => {
+                        PeerResponse::Error(invalid(format!("malformed machine request: {e}")))
+                    }
+                };
+                let body = serde_json::to_vec(&resp).expect("responses serialise");
+                if let Err(e) = bus.publish(&reply, None, &body).await {
+                    tracing::debug!("answering a machine request: {e}");
+                }
+            });
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,468 @@
+//! `deploy`: check the spec, import the image, place the replicas and
+//! write the service record (compare-and-set), then roll the instances
+//! one at a time and wait for the machines to report them.
+
+use super::*;
+
+impl Workloads {
+    pub(crate) async fn service_deploy(
+        &self,
+        req: DeployRequest,
+        sink: &ProgressSink,
+    ) -> Result<ServiceView, ApiError> {
+        validate_service_name(&req.name)?;
+        if req.replicas > MAX_REPLICAS {
+            return Err(invalid(format!(
+                "--replicas {} is too many: use 0 to {MAX_REPLICAS}",
+                req.replicas
+            )));
+        }
+        let env = parse_env(&req.env)?;
+        let volumes = parse_volumes(&req.volumes)?;
+        let memory_limit = req.memory.as_deref().map(parse_memory).transpose()?;
+        if let Some(shares) = req.cpu_shares {
+            if !(2..=262_144).contains(&shares) {
+                return Err(invalid(format!(
+                    "--cpu-shares {shares} is out of range: use 2 to 262144 (1024 is the default weight)"
+                )));
+            }
+        }
+        if req.image.trim().is_empty() {
+            return Err(invalid(
+                "--image is empty: give an image archive (`docker save` tarball or OCI layout) or a name",
+            ));
+        }
+        self.store.require_network().await?;
+        let progress = |step: &str, msg: String| note(sink, &req.name, step, msg);
+        let image = if req.image.starts_with('/') {
+            let path = PathBuf::from(&req.image);
+            progress("image", format!("importing {}", path.display()));
+            let store = self.image_store()?;
+            let info = tokio::task::spawn_blocking(move || store.import_path(&path))
+                .await
+                .map_err(blocking_err)?
+                .map_err(|e| invalid(e.to_string()))?;
+            progress(
+                "image",
+                format!("stored {} ({} bytes)", info.digest, info.size),
+            );
+            shipped_image(&req.image, &info, self.machine_id())
+        } else {
+            let store = self.image_store()?;
+            let name = req.image.clone();
+            match tokio::task::spawn_blocking(move || store.resolve(&name))
+                .await
+                .map_err(blocking_err)?
+                .map_err(|e| internal(e.to_string()))?
+            {
+                Some(info) => shipped_image(&req.image, &info, self.machine_id()),
+                None => ServiceImage {
+                    reference: req.image.clone(),
+                    digest: None,
+                    image_id: None,
+                    size: 0,
+                    sources: Vec::new(),
+                },
+            }
+        };
+        // A redeploy rolls: instances running now are pinned to what they
+        // run and replaced one at a time below, so the service keeps serving.
+        let running: HashMap<String, u64> = self
+            .instances()
+            .await?
+            .into_iter()
+            .filter(|(_, i)| i.service == req.name && i.state == InstanceState::Running)
+            .map(|(key, i)| (key, i.generation))
+            .collect();
+        let record = self
+            .write_service(&req.name, |cur, machines, load| {
+                let mut placements = placement::place(
+                    &req.name,
+                    req.replicas,
+                    cur.map(|c| c.placements.as_slice()).unwrap_or(&[]),
+                    &candidates(machines, load),
+                )
+                .map_err(|e| refused(e.to_string()).with_hint(e.hint()))?;
+                for p in &mut placements {
+                    let key = InstanceRecord::key(&req.name, &p.machine, p.slot);
+                    p.generation = match running.get(&key) {
+                        Some(&g) if cur.is_some() && !p.paused => Some(g),
+                        _ => None,
+                    };
+                }
+                let now = now_ms();
+                Ok(Some(ServiceRecord {
+                    name: req.name.clone(),
+                    image: image.clone(),
+                    replicas: req.replicas,
+                    command: req.command.clone(),
+                    env: env.clone(),
+                    volumes: volumes.clone(),
+                    memory_limit,
+                    cpu_shares: req.cpu_shares,
+                    placements,
+                    generation: cur.map_or(1, |c| c.generation + 1),
+                    created_at_ms: cur.map_or(now, |c| c.created_at_ms),
+                    updated_at_ms: now,
+                }))
+            })
+            .await?
+            .expect("deploy always writes");
+        for p in &record.placements {
+            progress(
+                "placed",
+                format!("slot {} on machine {}", p.slot, p.machine),
+            );
+        }
+        let wait = req
+            .wait_secs
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_DEPLOY_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        let view = self
+            .wait_for_instances(&record, wait, |i| {
+                progress(
+                    "instance",
+                    format!(
+                        "slot {} on {}: {}{}",
+                        i.slot,
+                        i.machine,
+                        i.state,
+                        i.error
+                            .as_ref()
+                            .map(|e| format!(" ({e})"))
+                            .unwrap_or_default()
+                    ),
+                )
+            })
+            .await?;
+        let not_running: HashSet<(&str, u32)> = view
+            .not_running()
+            .iter()
+            .map(|i| (i.machine.as_str(), i.slot))
+            .collect();
+        let down = |p: &Placement| not_running.contains(&(p.machine.as_str(), p.slot));
+        let mut pinned: Vec<Placement> = record
+            .placements
+            .iter()
+            .filter(|p| p.generation.is_some())
+            .cloned()
+            .collect();
+        if pinned.is_empty() {
+            return Ok(view);
+        }
+        if record
+            .placements
+            .iter()
+            .any(|p| p.generation.is_none() && down(p))
+        {
+            progress(
+                "rollout",
+                format!(
+                    "not started: new instances are not all running; {} instance(s) keep their generation",
+                    pinned.len()
+                ),
+            );
+            return Ok(view);
+        }
+        // Pinned instances that stopped running since (a crash loop) go
+        // first: replacing them costs no availability.
+        pinned.sort_by_key(|p| (!down(p), p.slot));
+        self.roll(&record, pinned, deadline, &progress).await
+    }
+
+    /// Replaces the `pinned` instances of `record` one at a time: unpin one,
+    /// wait until its machine runs it at the new generation steadily, then
+    /// the next. Stops at the first that fails (the others keep running
+    /// their generation) or when a newer deploy took over.
+    pub(super) async fn roll(
+        &self,
+        record: &ServiceRecord,
+        pinned: Vec<Placement>,
+        deadline: tokio::time::Instant,
+        progress: &impl Fn(&str, String),
+    ) -> Result<ServiceView, ApiError> {
+        let name = &record.name;
+        let gen = record.generation;
+        let mut latest = record.clone();
+        for (n, p) in pinned.iter().enumerate() {
+            progress(
+                "rollout",
+                format!(
+                    "slot {} on {}: generation {} -> {gen}",
+                    p.slot,
+                    p.machine,
+                    p.generation.unwrap_or(0)
+                ),
+            );
+            let written = self
+                .write_service(name, |cur, _, _| {
+                    let Some(cur) = cur.filter(|c| c.generation == gen) else {
+                        return Err(refused(format!(
+                            "service {name} was redeployed or removed during the rollout"
+                        )));
+                    };
+                    let mut next = cur.clone();
+                    for q in &mut next.placements {
+                        if q.machine == p.machine && q.slot == p.slot {
+                            q.generation = None;
+                        }
+                    }
+                    Ok(Some(next))
+                })
+                .await;
+            latest = match written {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    progress("rollout", format!("stopped: {}", e.message));
+                    break;
+                }
+            };
+            if let Err(why) = self.wait_steady(name, p, gen, deadline).await {
+                progress(
+                    "rollout",
+                    format!(
+                        "stopped at slot {} on {}: {why}; {} instance(s) still run an older generation",
+                        p.slot,
+                        p.machine,
+                        pinned.len() - n - 1
+                    ),
+                );
+                break;
+            }
+            progress(
+                "rollout",
+                format!("slot {} on {}: running generation {gen}", p.slot, p.machine),
+            );
+        }
+        Ok(Self::view_of(
+            &latest,
+            &self.instances().await?,
+            &HashSet::new(),
+        ))
+    }
+
+    /// Until `deadline`: the instance of placement `p` runs generation `gen`
+    /// and keeps running for [`ROLLOUT_STEADY`] (one that crashes at start
+    /// must not pass for running).
+    pub(super) async fn wait_steady(
+        &self,
+        name: &str,
+        p: &Placement,
+        gen: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), String> {
+        let key = InstanceRecord::key(name, &p.machine, p.slot);
+        let mut since: Option<(u64, tokio::time::Instant)> = None;
+        loop {
+            let now = self
+                .store
+                .get::<InstanceRecord>(BUCKET_INSTANCES, &key)
+                .await;
+            let i = match now {
+                Ok(i) => i.map(|v| v.value),
+                Err(e) => return Err(e.message),
+            };
+            match i.filter(|i| i.generation >= gen) {
+                Some(i) if i.state == InstanceState::Running => match since {
+                    Some((at, t)) if at == i.updated_at_ms => {
+                        if t.elapsed() >= ROLLOUT_STEADY {
+                            return Ok(());
+                        }
+                    }
+                    _ => since = Some((i.updated_at_ms, tokio::time::Instant::now())),
+                },
+                Some(i) if i.state == InstanceState::Failed => {
+                    return Err(format!(
+                        "failed{}",
+                        i.error.map(|e| format!(" ({e})")).unwrap_or_default()
+                    ))
+                }
+                _ => since = None,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err("not steadily running before the deploy's deadline".into());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The stored record of service `name`, or "no such service".
+    pub(super) async fn service_record(
+        &self,
+        name: &str,
+    ) -> Result<crate::store::Versioned<ServiceRecord>, ApiError> {
+        self.store
+            .get::<ServiceRecord>(BUCKET_SERVICES, name)
+            .await?
+            .ok_or_else(|| no_such_service(name))
+    }
+
+    /// Read-modify-write of a service record with compare-and-set. `change`
+    /// gets the current record, the machines and their live-instance counts;
+    /// it returns the new record, or `None` to delete it.
+    pub(super) async fn write_service(
+        &self,
+        name: &str,
+        mut change: impl FnMut(
+            Option<&ServiceRecord>,
+            &[MachineRecord],
+            &HashMap<String, usize>,
+        ) -> Result<Option<ServiceRecord>, ApiError>,
+    ) -> Result<Option<ServiceRecord>, ApiError> {
+        for _ in 0..CAS_RETRIES {
+            let cur = self
+                .store
+                .get::<ServiceRecord>(BUCKET_SERVICES, name)
+                .await?;
+            let machines: Vec<MachineRecord> = self
+                .store
+                .list::<MachineRecord>(BUCKET_MACHINES)
+                .await?
+                .into_iter()
+                .map(|m| m.value)
+                .collect();
+            let mut load: HashMap<String, usize> = HashMap::new();
+            for i in self.store.list::<InstanceRecord>(BUCKET_INSTANCES).await? {
+                if i.value.is_live() {
+                    *load.entry(i.value.machine).or_default() += 1;
+                }
+            }
+            let next = change(cur.as_ref().map(|c| &c.value), &machines, &load)?;
+            let expect = match &cur {
+                Some(c) => Expect::Revision(c.revision),
+                None => Expect::Absent,
+            };
+            let mut ops = store::records::ensure_bucket(BUCKET_SERVICES);
+            match &next {
+                Some(rec) => ops.push(put(BUCKET_SERVICES, name, rec, expect)),
+                None => ops.push(store::delete(BUCKET_SERVICES, name, expect)),
+            }
+            match self.store.txn(ops).await? {
+                Ok(_) => return Ok(next),
+                Err((_, Rejection::WrongLastRevision { .. })) => continue,
+                Err((_, other)) => {
+                    return Err(internal(format!(
+                        "the store rejected the service update: {other}"
+                    )))
+                }
+            }
+        }
+        Err(store::unavailable(format!(
+            "service {name} kept changing under {CAS_RETRIES} attempts to update it; retry"
+        )))
+    }
+
+    /// Instances of every service, keyed by store key.
+    pub(super) async fn instances(&self) -> Result<HashMap<String, InstanceRecord>, ApiError> {
+        Ok(self
+            .store
+            .list_entries(BUCKET_INSTANCES)
+            .await?
+            .iter()
+            .filter(|e| e.is_live())
+            .filter_map(|e| {
+                store::decode::<InstanceRecord>(e)
+                    .ok()
+                    .map(|v| (e.key.clone(), v.value))
+            })
+            .collect())
+    }
+
+    /// What `service ls` shows of `svc`; instances on the `unreachable`
+    /// machines are flagged (their state is only the last they reported).
+    pub(super) fn view_of(
+        svc: &ServiceRecord,
+        instances: &HashMap<String, InstanceRecord>,
+        unreachable: &HashSet<String>,
+    ) -> ServiceView {
+        ServiceView {
+            name: svc.name.clone(),
+            image: svc.image.reference.clone(),
+            digest: svc.image.digest.clone(),
+            replicas: svc.replicas,
+            generation: svc.generation,
+            volumes: svc
+                .volumes
+                .iter()
+                .map(|v| format!("{}:{}", v.name, v.target))
+                .collect(),
+            instances: svc
+                .placements
+                .iter()
+                .map(|p| {
+                    let key = InstanceRecord::key(&svc.name, &p.machine, p.slot);
+                    match instances.get(&key) {
+                        Some(i)
+                            if i.generation >= p.target_generation(svc.generation) || p.paused =>
+                        {
+                            InstanceView {
+                                machine: p.machine.clone(),
+                                slot: p.slot,
+                                state: i.state,
+                                overlay_ip: i.overlay_ip.clone(),
+                                error: i.error.clone(),
+                                unreachable: unreachable.contains(&p.machine),
+                                generation: Some(i.generation),
+                            }
+                        }
+                        other => InstanceView {
+                            machine: p.machine.clone(),
+                            slot: p.slot,
+                            state: InstanceState::Pending,
+                            overlay_ip: other.and_then(|i| i.overlay_ip.clone()),
+                            error: None,
+                            unreachable: unreachable.contains(&p.machine),
+                            generation: None,
+                        },
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Wait until every placement of `svc` runs its generation (or failed),
+    /// reporting each change once.
+    pub(super) async fn wait_for_instances(
+        &self,
+        svc: &ServiceRecord,
+        wait: Duration,
+        mut report: impl FnMut(&InstanceView),
+    ) -> Result<ServiceView, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut seen: HashMap<(String, u32), (InstanceState, Option<String>)> = HashMap::new();
+        loop {
+            let view = Self::view_of(svc, &self.instances().await?, &HashSet::new());
+            for i in &view.instances {
+                let now = (i.state, i.error.clone());
+                if seen.get(&(i.machine.clone(), i.slot)) != Some(&now) {
+                    report(i);
+                    seen.insert((i.machine.clone(), i.slot), now);
+                }
+            }
+            let settled = view.instances.iter().all(|i| {
+                matches!(i.state, InstanceState::Running | InstanceState::Failed)
+                    || (i.state == InstanceState::Stopped
+                        && svc
+                            .placements
+                            .iter()
+                            .any(|p| p.machine == i.machine && p.slot == i.slot && p.paused))
+            });
+            if settled || tokio::time::Instant::now() >= deadline {
+                return Ok(view);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+pub(super) fn shipped_image(reference: &str, info: &ImageInfo, me: &str) -> ServiceImage {
+    ServiceImage {
+        reference: reference.to_string(),
+        digest: Some(info.digest.clone()),
+        image_id: Some(info.image_id.clone()),
+        size: info.size,
+        sources: vec![me.to_string()],
+    }
+}

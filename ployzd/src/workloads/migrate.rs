@@ -1,0 +1,377 @@
+//! `service migrate`: pause the instance on its source, copy its volumes,
+//! place it on the target and drop the source placement only once the
+//! target runs it; any earlier failure withdraws the target and resumes
+//! the source.
+
+use super::*;
+
+impl Workloads {
+    pub(crate) async fn service_migrate(
+        &self,
+        name: &str,
+        to: &str,
+        from: Option<&str>,
+        sink: &ProgressSink,
+    ) -> Result<ServiceView, ApiError> {
+        validate_service_name(name)?;
+        self.store.require_network().await?;
+        let progress = |step: &str, msg: String| note(sink, name, step, msg);
+        let target = self.store.resolve_machine(to).await?.value;
+        if target.lifecycle != Lifecycle::Active {
+            return Err(refused(format!(
+                "machine {} is {}, and only active machines take new placements",
+                target.id, target.lifecycle
+            ))
+            .with_hint(format!(
+                "activate it with `ployzctl machine activate {}` or pick another --to",
+                target.id
+            )));
+        }
+        let source_id = match from {
+            Some(f) => Some(self.store.resolve_machine(f).await?.value.id),
+            None => None,
+        };
+        let svc = self.service_record(name).await?;
+        let candidates: Vec<&Placement> = svc
+            .value
+            .placements
+            .iter()
+            .filter(|p| source_id.as_deref().is_none_or(|s| p.machine == s))
+            .collect();
+        let src = match candidates.as_slice() {
+            [] => {
+                return Err(refused(match &source_id {
+                    Some(s) => format!("service `{name}` has no instance on machine {s}"),
+                    None => format!("service `{name}` has no instances to migrate"),
+                })
+                .with_hint("`ployzctl service ls` shows where it runs"))
+            }
+            [one] => (*one).clone(),
+            many => {
+                return Err(invalid(format!(
+                    "service `{name}` runs on several machines ({}): say which instance moves with --from <machine>",
+                    many.iter()
+                        .map(|p| p.machine.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+        };
+        if src.machine == target.id {
+            return Err(invalid(format!(
+                "service `{name}` already runs on machine {}: pick another --to",
+                target.id
+            )));
+        }
+        if svc.value.placements.iter().any(|p| p.machine == target.id)
+            && svc.value.volumes.is_empty()
+        {
+            // Harmless without volumes, but worth saying.
+            progress(
+                "note",
+                format!("machine {} already runs another instance", target.id),
+            );
+        }
+        // 1. Pause the source so the volume copy is consistent.
+        progress(
+            "stop",
+            format!("stopping slot {} on {}", src.slot, src.machine),
+        );
+        self.set_paused(name, &src, true).await?;
+        let src_key = InstanceRecord::key(name, &src.machine, src.slot);
+        let stopped = self
+            .wait_instance(&src_key, Duration::from_secs(60), |i| {
+                i.state != InstanceState::Running && i.state != InstanceState::Pending
+            })
+            .await?;
+        if !stopped {
+            self.set_paused(name, &src, false).await.ok();
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "machine {} did not stop service `{name}` within 60 s; it keeps running there",
+                    src.machine
+                ),
+            )
+            .with_hint("check the machine with `ployzctl machine ls` and retry"));
+        }
+        match self
+            .migrate_to(&svc.value, &src, &target.id, &progress)
+            .await
+        {
+            Ok(view) => Ok(view),
+            Err((step, e)) => {
+                progress("rollback", format!("{step} failed: {}", e.message));
+                let undo = self
+                    .write_service(name, |cur, _, _| {
+                        let Some(cur) = cur else { return Ok(None) };
+                        let mut next = cur.clone();
+                        next.placements
+                            .retain(|p| p.machine != target.id || cur_has(&svc.value, p));
+                        for p in &mut next.placements {
+                            if p.machine == src.machine && p.slot == src.slot {
+                                p.paused = false;
+                            }
+                        }
+                        Ok(Some(next))
+                    })
+                    .await;
+                let resumed = match undo {
+                    Ok(_) => format!("; the original keeps running on {}", src.machine),
+                    Err(u) => format!("; restoring the original also failed: {}", u.message),
+                };
+                Err(ApiError::new(
+                    e.code,
+                    format!(
+                        "migrating `{name}` failed at {step}: {}{resumed}",
+                        e.message
+                    ),
+                )
+                .with_hint(e.hint.unwrap_or_else(|| "fix the cause and retry".into())))
+            }
+        }
+    }
+
+    /// Steps 2–4 of a migration; errors name the step.
+    pub(super) async fn migrate_to(
+        &self,
+        svc: &ServiceRecord,
+        src: &Placement,
+        target: &str,
+        progress: &(impl Fn(&str, String) + Sync),
+    ) -> Result<ServiceView, (&'static str, ApiError)> {
+        let name = svc.name.as_str();
+        // 2. Copy the volumes.
+        for v in &svc.volumes {
+            progress(
+                "copy",
+                format!("volume {} from {} to {target}", v.name, src.machine),
+            );
+            let resp = self
+                .control
+                .call_machine(
+                    target,
+                    &PeerRequest::PullVolume {
+                        name: v.name.clone(),
+                        from: src.machine.clone(),
+                    },
+                    Duration::from_secs(600),
+                )
+                .await
+                .map_err(|e| ("copy", ApiError::new(ErrorCode::Unavailable, e)))?;
+            match resp {
+                PeerResponse::VolumePulled { bytes, sha256 } => progress(
+                    "copy",
+                    format!("volume {}: {bytes} bytes, {sha256} verified", v.name),
+                ),
+                PeerResponse::Error(e) => return Err(("copy", e)),
+                other => {
+                    return Err((
+                        "copy",
+                        internal(format!("machine {target} answered {other:?}")),
+                    ))
+                }
+            }
+        }
+        // 3. Place it on the target and wait for it to run.
+        progress("start", format!("starting on {target}"));
+        let placed = self
+            .write_service(name, |cur, _, _| {
+                let Some(cur) = cur else {
+                    return Err(ApiError::new(
+                        ErrorCode::NotFound,
+                        format!("service `{name}` was removed during the migration"),
+                    ));
+                };
+                let mut next = cur.clone();
+                let slot = next
+                    .placements
+                    .iter()
+                    .map(|p| p.slot + 1)
+                    .max()
+                    .unwrap_or(0);
+                next.placements.push(Placement {
+                    machine: target.to_string(),
+                    slot,
+                    paused: false,
+                    generation: None,
+                });
+                next.updated_at_ms = now_ms();
+                Ok(Some(next))
+            })
+            .await
+            .map_err(|e| ("start", e))?
+            .expect("kept");
+        let new = placed.placements.last().expect("just pushed").clone();
+        let key = InstanceRecord::key(name, &new.machine, new.slot);
+        let gen = placed.generation;
+        let mut last = None;
+        let running = self
+            .wait_instance(&key, Duration::from_secs(120), |i| {
+                last = Some(i.clone());
+                i.generation == gen
+                    && matches!(i.state, InstanceState::Running | InstanceState::Failed)
+            })
+            .await
+            .map_err(|e| ("start", e))?;
+        match last {
+            Some(i) if running && i.state == InstanceState::Running => progress(
+                "start",
+                format!(
+                    "running on {target} at {}",
+                    i.overlay_ip.as_deref().unwrap_or("-")
+                ),
+            ),
+            Some(i) if running => {
+                return Err((
+                    "start",
+                    ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "the instance on {target} failed: {}",
+                            i.error.as_deref().unwrap_or("no reason given")
+                        ),
+                    ),
+                ))
+            }
+            _ => {
+                return Err((
+                    "start",
+                    ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "machine {target} did not report the instance running within 120 s"
+                        ),
+                    ),
+                ))
+            }
+        }
+        // 4. Only now drop the source.
+        progress(
+            "cleanup",
+            format!("removing slot {} from {}", src.slot, src.machine),
+        );
+        let done = self
+            .write_service(name, |cur, _, _| {
+                let Some(cur) = cur else { return Ok(None) };
+                let mut next = cur.clone();
+                next.placements
+                    .retain(|p| !(p.machine == src.machine && p.slot == src.slot));
+                next.updated_at_ms = now_ms();
+                Ok(Some(next))
+            })
+            .await
+            .map_err(|e| ("cleanup", e))?;
+        let src_key = InstanceRecord::key(name, &src.machine, src.slot);
+        let gone = self
+            .wait_absent(&src_key, Duration::from_secs(30))
+            .await
+            .unwrap_or(false);
+        if !gone {
+            progress(
+                "cleanup",
+                format!("{} has not confirmed removing the old instance yet; it will when it next reconciles", src.machine),
+            );
+        }
+        for v in &svc.volumes {
+            match self
+                .control
+                .call_machine(
+                    &src.machine,
+                    &PeerRequest::DropVolume {
+                        name: v.name.clone(),
+                    },
+                    Duration::from_secs(30),
+                )
+                .await
+            {
+                Ok(PeerResponse::VolumeDropped { dropped: true }) => progress(
+                    "cleanup",
+                    format!("volume {} removed from {}", v.name, src.machine),
+                ),
+                Ok(_) => progress(
+                    "cleanup",
+                    format!(
+                        "volume {} kept on {} (still in use there)",
+                        v.name, src.machine
+                    ),
+                ),
+                Err(e) => progress(
+                    "cleanup",
+                    format!("volume {} left on {}: {e}", v.name, src.machine),
+                ),
+            }
+        }
+        let instances = self.instances().await.map_err(|e| ("cleanup", e))?;
+        Ok(Self::view_of(
+            done.as_ref().unwrap_or(&placed),
+            &instances,
+            &HashSet::new(),
+        ))
+    }
+
+    pub(super) async fn set_paused(
+        &self,
+        name: &str,
+        at: &Placement,
+        paused: bool,
+    ) -> Result<(), ApiError> {
+        self.write_service(name, |cur, _, _| {
+            let Some(cur) = cur else {
+                return Err(no_such_service(name));
+            };
+            let mut next = cur.clone();
+            for p in &mut next.placements {
+                if p.machine == at.machine && p.slot == at.slot {
+                    p.paused = paused;
+                }
+            }
+            Ok(Some(next))
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Poll one instance record until `done` holds; false at the deadline.
+    pub(super) async fn wait_instance(
+        &self,
+        key: &str,
+        wait: Duration,
+        mut done: impl FnMut(&InstanceRecord) -> bool,
+    ) -> Result<bool, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(i) = self
+                .store
+                .get::<InstanceRecord>(BUCKET_INSTANCES, key)
+                .await?
+            {
+                if done(&i.value) {
+                    return Ok(true);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub(super) async fn wait_absent(&self, key: &str, wait: Duration) -> Result<bool, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if self
+                .store
+                .get::<InstanceRecord>(BUCKET_INSTANCES, key)
+                .await?
+                .is_none()
+            {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}

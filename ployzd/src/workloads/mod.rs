@@ -1,0 +1,149 @@
+//! Services: desired state in the store, instances run by each machine.
+//!
+//! - `deploy` ([`deploy`]) imports the image into this machine's image
+//!   store, places the replicas on active machines ([`placement`]) and
+//!   writes the [`ServiceRecord`] with compare-and-set; then it rolls the
+//!   instances and waits for the machines to report them.
+//! - Every machine runs a reconciler ([`reconcile`]): it reads the
+//!   services, runs what is placed on it (fetching the image archive over
+//!   the peer channel from a machine that has it, checksummed), removes
+//!   what is no longer placed on it, restarts what exited, and reports each
+//!   instance in the `instances` bucket. Only the machine running an
+//!   instance writes its record.
+//! - `migrate` ([`migrate`]) moves one instance with its volumes.
+//! - [`transfer`] serves and fetches blobs (images, volumes) between
+//!   machines; [`images`] prepares and collects images.
+//!
+//! State: the engine (runtime, image store, local workload state), opened
+//! on first use; everything else lives in the store.
+
+mod deploy;
+mod engine;
+mod images;
+mod migrate;
+pub mod placement;
+mod reconcile;
+mod services;
+pub mod spec;
+mod transfer;
+
+use crate::control::ControlPlane;
+use crate::errors::{internal, invalid, note, refused, ProgressSink};
+use crate::overlay::Overlay;
+use crate::peer::{self, BlobRequest, BlobSource, PeerRequest, PeerResponse};
+use crate::store::{self, put, Store, CAS_RETRIES};
+use engine::*;
+use placement::{candidates, cur_has};
+use ployz_api::time::now_ms;
+use ployz_api::*;
+use ployz_consensus::{Expect, Rejection};
+use ployz_runtime::image::{ImageInfo, ImageStore};
+use ployz_runtime::{
+    AnyRuntime, BridgeNetwork, Image, NetworkAttachment, Runtime, RuntimeKind, State, VolumeMount,
+    WorkloadSpec,
+};
+use serde::{Deserialize, Serialize};
+use spec::*;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// How long `deploy` waits for instances by default.
+const DEFAULT_DEPLOY_WAIT: Duration = Duration::from_secs(120);
+/// How often the reconciler runs without being woken.
+const RECONCILE_EVERY: Duration = Duration::from_secs(3);
+/// Grace period between SIGTERM and SIGKILL when stopping an instance.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How often stored images nothing refers to are removed.
+const IMAGE_GC_EVERY: Duration = Duration::from_secs(60);
+/// A stored image younger than this is kept even if nothing refers to it:
+/// a deploy imports its image before it writes the service record, a
+/// machine fetches one before its instance starts. `PLOYZ_IMAGE_GC_GRACE_SECS`
+/// overrides it (tests).
+const IMAGE_GC_GRACE: Duration = Duration::from_secs(600);
+/// How long a replaced instance must run unchanged before a rolling update
+/// moves on to the next: two reconciler passes, so one that exits at once
+/// has been seen exiting (its machine reports it within a pass).
+const ROLLOUT_STEADY: Duration = Duration::from_secs(2 * RECONCILE_EVERY.as_secs());
+/// Shortest pause before an exited instance is started again.
+const RESTART_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest service name (keeps workload ids within 64 characters).
+const MAX_SERVICE_NAME: usize = 40;
+const MAX_REPLICAS: u32 = 100;
+const DEFAULT_LOG_TAIL: usize = 200;
+const MAX_LOG_TAIL: usize = 10_000;
+/// Logs cross machines in one control-plane message (NATS max payload 1 MiB).
+const MAX_LOG_BYTES: usize = 512 * 1024;
+
+/// What the workload subsystem needs to know about this machine.
+pub struct WorkloadsConfig {
+    pub data_dir: PathBuf,
+    pub runtime: RuntimeKind,
+}
+
+/// This machine's services and instances.
+pub struct Workloads {
+    cfg: WorkloadsConfig,
+    store: Arc<Store>,
+    control: Arc<ControlPlane>,
+    overlay: Arc<Overlay>,
+    /// The runtime and image store, opened on first use.
+    engine: OnceLock<Engine>,
+    engine_init: std::sync::Mutex<()>,
+    /// The image store before the runtime is needed (a deploy's import).
+    images: std::sync::Mutex<Option<Arc<ImageStore>>>,
+}
+
+impl Workloads {
+    pub fn new(
+        cfg: WorkloadsConfig,
+        store: Arc<Store>,
+        control: Arc<ControlPlane>,
+        overlay: Arc<Overlay>,
+    ) -> Workloads {
+        Workloads {
+            cfg,
+            store,
+            control,
+            overlay,
+            engine: OnceLock::new(),
+            engine_init: std::sync::Mutex::new(()),
+            images: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn machine_id(&self) -> &str {
+        self.store.machine_id()
+    }
+
+    /// This machine's workload engine, opened on first use.
+    fn engine(&self) -> Result<&Engine, ApiError> {
+        if let Some(w) = self.engine.get() {
+            return Ok(w);
+        }
+        let _guard = self.engine_init.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = self.engine.get() {
+            return Ok(w);
+        }
+        let w = Engine::open(&self.cfg.data_dir, self.cfg.runtime, self.image_store()?)?;
+        let _ = self.engine.set(w);
+        Ok(self.engine.get().expect("just set"))
+    }
+
+    /// This machine's image store, opened on first use (importing an image
+    /// does not need the runtime; the runtime shares this one).
+    fn image_store(&self) -> Result<Arc<ImageStore>, ApiError> {
+        let mut slot = self.images.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = slot.as_ref() {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(
+            ImageStore::open(self.cfg.data_dir.join("images"))
+                .map_err(|e| internal(format!("cannot open the image store: {e}")))?,
+        );
+        *slot = Some(s.clone());
+        Ok(s)
+    }
+}

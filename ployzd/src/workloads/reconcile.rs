@@ -1,0 +1,472 @@
+//! The per-machine reconciler: runs what is placed on this machine,
+//! removes what is no longer placed here, restarts what exited, and
+//! reports each instance in the `instances` bucket (only the machine
+//! running an instance writes its record).
+
+use super::*;
+
+impl Workloads {
+    /// One pass: make this machine run exactly what is placed on it.
+    pub(crate) async fn reconcile(&self) -> Result<(), ApiError> {
+        let me = self.machine_id().to_string();
+        let services: Vec<ServiceRecord> = self
+            .store
+            .list::<ServiceRecord>(BUCKET_SERVICES)
+            .await?
+            .into_iter()
+            .map(|s| s.value)
+            .collect();
+        let mut desired: BTreeMap<String, (ServiceRecord, Placement)> = BTreeMap::new();
+        for s in &services {
+            for p in s.placements.iter().filter(|p| p.machine == me) {
+                desired.insert(workload_id(&me, &s.name, p.slot), (s.clone(), p.clone()));
+            }
+        }
+        if desired.is_empty() && self.engine.get().is_none() && !self.has_local_workloads() {
+            return Ok(());
+        }
+        let reported: HashMap<String, InstanceRecord> = self
+            .instances()
+            .await?
+            .into_iter()
+            .filter(|(_, i)| i.machine == me)
+            .collect();
+        let w = match self.engine() {
+            Ok(w) => w,
+            Err(e) => {
+                self.report_failed(&desired, &reported, &e.message).await?;
+                return Err(e);
+            }
+        };
+        let prefix = workload_prefix(&me);
+        let actual: HashMap<String, State> = match w.runtime.list().await {
+            Ok(l) => l
+                .into_iter()
+                .filter(|s| s.id.starts_with(&prefix))
+                .map(|s| (s.id, s.state))
+                .collect(),
+            Err(e) => {
+                let msg = format!("the {} runtime does not answer: {e}", w.runtime.kind());
+                self.report_failed(&desired, &reported, &msg).await?;
+                return Err(internal(msg));
+            }
+        };
+        let mut st = w.state.lock().await;
+        // Remove what is no longer placed here.
+        let stale: Vec<String> = actual
+            .keys()
+            .chain(st.workloads.keys())
+            .filter(|id| !desired.contains_key(*id))
+            .cloned()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        for id in stale {
+            tracing::info!(workload = %id, "removing an instance no longer placed here");
+            if actual.contains_key(&id) {
+                let _ = w.runtime.stop(&id, STOP_GRACE).await;
+                if let Err(e) = w.runtime.delete(&id).await {
+                    tracing::warn!(workload = %id, "delete failed: {e}");
+                    continue;
+                }
+            }
+            st.workloads.remove(&id);
+            save_state(&w.data_dir, &st)?;
+        }
+        if desired.is_empty() && st.workloads.is_empty() {
+            // Nothing runs here any more: take the workload network down too
+            // (a later deploy sets it up again).
+            let bridges: Vec<String> = w
+                .bridges
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain()
+                .collect();
+            for b in bridges {
+                if let Err(e) = w.runtime.remove_network(&b).await {
+                    tracing::warn!(bridge = %b, "cannot remove the workload network: {e}");
+                }
+            }
+        }
+        let mut ops = Vec::new();
+        for (key, i) in &reported {
+            let placed = desired.values().any(|(s, p)| {
+                InstanceRecord::key(&s.name, &me, p.slot) == *key && s.name == i.service
+            });
+            if !placed {
+                ops.push(store::delete(BUCKET_INSTANCES, key, Expect::Any));
+            }
+        }
+        if !ops.is_empty() {
+            let _ = self.store.txn(ops).await?;
+        }
+        // Run what is placed here.
+        // This machine's record (its subnet), read only when something starts.
+        let mut mine: Option<MachineRecord> = None;
+        for (id, (svc, p)) in &desired {
+            let key = InstanceRecord::key(&svc.name, &me, p.slot);
+            let local = st.workloads.get(id).cloned();
+            let state = actual.get(id).copied();
+            // Pinned by a rolling update, an older instance keeps running.
+            let current_gen = local
+                .as_ref()
+                .is_some_and(|l| l.generation >= p.target_generation(svc.generation));
+            let (next_state, error) = if p.paused {
+                if state == Some(State::Running) {
+                    let _ = w.runtime.stop(id, STOP_GRACE).await;
+                }
+                (InstanceState::Stopped, None)
+            } else if current_gen && state == Some(State::Running) {
+                (InstanceState::Running, None)
+            } else {
+                let exited = current_gen && matches!(state, Some(State::Stopped | State::Failed));
+                if exited
+                    && now_ms().saturating_sub(local.as_ref().map_or(0, |l| l.started_at_ms))
+                        < RESTART_BACKOFF.as_millis() as u64
+                {
+                    let msg = match state {
+                        Some(State::Failed) => "exited with an error; restarting",
+                        _ => "exited; restarting",
+                    };
+                    (InstanceState::Failed, Some(msg.to_string()))
+                } else {
+                    // Report pending before the (possibly slow) start.
+                    let pending = InstanceRecord {
+                        service: svc.name.clone(),
+                        machine: me.clone(),
+                        state: InstanceState::Pending,
+                        overlay_ip: local.as_ref().and_then(|l| l.ip).map(|ip| ip.to_string()),
+                        slot: p.slot,
+                        generation: svc.generation,
+                        error: None,
+                        updated_at_ms: now_ms(),
+                    };
+                    if reported.get(&key).map(|r| (r.state, r.generation))
+                        != Some((InstanceState::Pending, svc.generation))
+                    {
+                        let _ = self
+                            .store
+                            .txn(vec![put(BUCKET_INSTANCES, &key, &pending, Expect::Any)])
+                            .await?;
+                    }
+                    if mine.is_none() {
+                        mine = Some(self.store.my_record().await?);
+                    }
+                    let me_rec = mine.as_ref().expect("just read");
+                    match self
+                        .start_instance(w, &mut st, id, svc, p, me_rec, state.is_some())
+                        .await
+                    {
+                        Ok(()) => (InstanceState::Running, None),
+                        Err(e) => {
+                            tracing::warn!(workload = %id, "cannot start: {}", e.message);
+                            (InstanceState::Failed, Some(e.message))
+                        }
+                    }
+                }
+            };
+            let ip = st
+                .workloads
+                .get(id)
+                .and_then(|l| l.ip)
+                .map(|ip| ip.to_string());
+            // The generation it actually runs (older while pinned).
+            let generation = st
+                .workloads
+                .get(id)
+                .map_or(svc.generation, |l| l.generation);
+            let rec = InstanceRecord {
+                service: svc.name.clone(),
+                machine: me.clone(),
+                state: next_state,
+                overlay_ip: ip,
+                slot: p.slot,
+                generation,
+                error,
+                updated_at_ms: now_ms(),
+            };
+            let same = reported.get(&key).is_some_and(|r| {
+                r.state == rec.state
+                    && r.generation == rec.generation
+                    && r.overlay_ip == rec.overlay_ip
+                    && r.error == rec.error
+            });
+            if !same {
+                let _ = self
+                    .store
+                    .txn(vec![put(BUCKET_INSTANCES, &key, &rec, Expect::Any)])
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Without a working runtime, every instance placed here is failed, with
+    /// the reason (rather than pending forever).
+    pub(super) async fn report_failed(
+        &self,
+        desired: &BTreeMap<String, (ServiceRecord, Placement)>,
+        reported: &HashMap<String, InstanceRecord>,
+        why: &str,
+    ) -> Result<(), ApiError> {
+        let me = self.machine_id();
+        let mut ops = Vec::new();
+        for (svc, p) in desired.values() {
+            let key = InstanceRecord::key(&svc.name, me, p.slot);
+            let rec = InstanceRecord {
+                service: svc.name.clone(),
+                machine: me.to_string(),
+                state: InstanceState::Failed,
+                overlay_ip: None,
+                slot: p.slot,
+                generation: svc.generation,
+                error: Some(why.to_string()),
+                updated_at_ms: now_ms(),
+            };
+            let same = reported.get(&key).is_some_and(|r| {
+                r.state == rec.state && r.generation == rec.generation && r.error == rec.error
+            });
+            if !same {
+                ops.push(put(BUCKET_INSTANCES, &key, &rec, Expect::Any));
+            }
+        }
+        if !ops.is_empty() {
+            let _ = self.store.txn(ops).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn has_local_workloads(&self) -> bool {
+        !load_state(&self.cfg.data_dir).workloads.is_empty()
+    }
+
+    /// (Re)create and start one instance.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn start_instance(
+        &self,
+        w: &Engine,
+        st: &mut LocalState,
+        id: &str,
+        svc: &ServiceRecord,
+        p: &Placement,
+        mine: &MachineRecord,
+        exists: bool,
+    ) -> Result<(), ApiError> {
+        if exists {
+            let _ = w.runtime.stop(id, STOP_GRACE).await;
+            w.runtime
+                .delete(id)
+                .await
+                .map_err(|e| internal(format!("cannot remove the old instance: {e}")))?;
+        }
+        let (image, config) = self.prepare_image(w, svc).await?;
+        let (subnet, prefix) = parse_subnet(&mine.subnet)?;
+        let gateway = Ipv4Addr::from(u32::from(subnet) | 1);
+        let bridge = bridge_name(subnet);
+        let ensured = w
+            .bridges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&bridge);
+        if !ensured {
+            // Only the cluster reaches workloads: over the mesh, in packets
+            // that fit it.
+            let cluster = self.store.require_network().await?.cidr;
+            w.runtime
+                .ensure_network(&BridgeNetwork {
+                    bridge: bridge.clone(),
+                    gateway,
+                    prefix,
+                    mtu: Some(crate::overlay::MTU),
+                    allow_from: Some(cluster),
+                })
+                .await
+                .map_err(|e| internal(format!("cannot set up the workload network: {e}")))?;
+            w.bridges
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(bridge.clone());
+        }
+        let ip = match st.workloads.get(id).and_then(|l| l.ip) {
+            Some(ip) => ip,
+            None => {
+                let used: HashSet<Ipv4Addr> = st.workloads.values().filter_map(|l| l.ip).collect();
+                allocate_ip(subnet, &used).ok_or_else(|| {
+                    refused(format!(
+                        "machine {} has no free workload address left in {}",
+                        mine.id, mine.subnet
+                    ))
+                })?
+            }
+        };
+        let mut mounts = Vec::new();
+        for v in &svc.volumes {
+            let dir = w.volume_dir(&v.name);
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(|e| internal(format!("cannot create volume {}: {e}", dir.display())))?;
+            mounts.push(VolumeMount {
+                source: dir,
+                target: PathBuf::from(&v.target),
+                read_only: false,
+            });
+        }
+        let args = if svc.command.is_empty() {
+            config
+                .as_ref()
+                .map(|c| c.entrypoint.iter().chain(&c.cmd).cloned().collect())
+                .unwrap_or_default()
+        } else {
+            svc.command.clone()
+        };
+        if args.is_empty() {
+            return Err(invalid(format!(
+                "service `{}` has no command and its image names none: deploy again with `-- <command>`",
+                svc.name
+            )));
+        }
+        let mut env: Vec<(String, String)> =
+            config.as_ref().map(|c| c.env.clone()).unwrap_or_default();
+        for (k, v) in &svc.env {
+            env.retain(|(old, _)| old != k);
+            env.push((k.clone(), v.clone()));
+        }
+        let mut spec = WorkloadSpec::new(id, image, args);
+        spec.env = env;
+        spec.mounts = mounts;
+        spec.hostname = Some(svc.name.clone());
+        spec.memory_limit = svc.memory_limit;
+        spec.cpu_shares = svc.cpu_shares;
+        spec.network = Some(NetworkAttachment {
+            bridge,
+            address: ip,
+            prefix,
+            gateway,
+            mtu: Some(crate::overlay::MTU),
+        });
+        st.workloads.insert(
+            id.to_string(),
+            LocalWorkload {
+                service: svc.name.clone(),
+                slot: p.slot,
+                generation: svc.generation,
+                ip: Some(ip),
+                started_at_ms: now_ms(),
+                image: svc.image.digest.clone(),
+                image_known: true,
+            },
+        );
+        save_state(&w.data_dir, st)?;
+        w.runtime
+            .create(&spec)
+            .await
+            .map_err(|e| internal(e.to_string()))?;
+        if let Err(e) = w.runtime.start(id).await {
+            let _ = w.runtime.delete(id).await;
+            return Err(internal(e.to_string()));
+        }
+        tracing::info!(workload = %id, %ip, generation = svc.generation, "instance started");
+        Ok(())
+    }
+
+    /// `machine rm`: this machine is leaving, stop and delete its instances.
+    pub(crate) async fn remove_all(&self) -> usize {
+        let Ok(w) = self.engine() else { return 0 };
+        let prefix = workload_prefix(self.machine_id());
+        let ids: Vec<String> = match w.runtime.list().await {
+            Ok(l) => l
+                .into_iter()
+                .map(|s| s.id)
+                .filter(|id| id.starts_with(&prefix))
+                .collect(),
+            Err(e) => {
+                tracing::warn!("cannot list workloads to remove: {e}");
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for id in &ids {
+            let _ = w.runtime.stop(id, STOP_GRACE).await;
+            match w.runtime.delete(id).await {
+                Ok(()) => n += 1,
+                Err(e) => tracing::warn!(workload = %id, "cannot delete: {e}"),
+            }
+        }
+        let mut st = w.state.lock().await;
+        st.workloads.clear();
+        let _ = save_state(&w.data_dir, &st);
+        let bridges: Vec<String> = w
+            .bridges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        for b in bridges {
+            let _ = w.runtime.remove_network(&b).await;
+        }
+        n
+    }
+
+    /// Drop a removed machine's placements and instance records.
+    pub(crate) async fn forget_machine(&self, machine: &str) -> Result<(), ApiError> {
+        let services = self.store.list::<ServiceRecord>(BUCKET_SERVICES).await?;
+        for s in services {
+            if s.value.placements.iter().any(|p| p.machine == machine) {
+                self.write_service(&s.value.name, |cur, _, _| {
+                    let Some(cur) = cur else { return Ok(None) };
+                    let mut next = cur.clone();
+                    next.placements.retain(|p| p.machine != machine);
+                    Ok(Some(next))
+                })
+                .await?;
+            }
+        }
+        let ops: Vec<_> = self
+            .instances()
+            .await?
+            .into_iter()
+            .filter(|(_, i)| i.machine == machine)
+            .map(|(k, _)| store::delete(BUCKET_INSTANCES, &k, Expect::Any))
+            .collect();
+        if !ops.is_empty() {
+            let _ = self.store.txn(ops).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Workloads {
+    /// The reconciler loop: a pass every few seconds and on every change
+    /// to the services bucket, with image collection now and then.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut last_gc = tokio::time::Instant::now();
+        let kick = Arc::new(tokio::sync::Notify::new());
+        let watcher = tokio::spawn(
+            self.store
+                .clone()
+                .watch_bucket(BUCKET_SERVICES, kick.clone()),
+        );
+        loop {
+            let kicked = tokio::select! {
+                _ = stop.changed() => break,
+                _ = tokio::time::sleep(RECONCILE_EVERY) => false,
+                _ = kick.notified() => true,
+            };
+            if self.store.local().get().is_none() {
+                continue;
+            }
+            if let Err(e) = self.reconcile().await {
+                tracing::debug!("reconcile: {}", e.message);
+            }
+            // Also right after services changed: a removed service's image may
+            // go once its instances are gone (and the grace period is over).
+            if kicked || last_gc.elapsed() >= IMAGE_GC_EVERY {
+                last_gc = tokio::time::Instant::now();
+                if let Err(e) = self.gc_images().await {
+                    tracing::warn!("image garbage collection: {}", e.message);
+                }
+            }
+        }
+        watcher.abort();
+    }
+}
