@@ -8,6 +8,7 @@
 //! | `invites`   | invite id      | [`InviteRecord`]  |
 //! | `services`  | service name   | [`ServiceRecord`] |
 //! | `instances` | `svc.machine.n`| [`InstanceRecord`]|
+//! | `operations`| operation id   | [`OperationRecord`]|
 //!
 //! Keys are valid JetStream KV keys so a standard NATS client can read them.
 
@@ -20,6 +21,7 @@ pub const BUCKET_SUBNETS: &str = "subnets";
 pub const BUCKET_INVITES: &str = "invites";
 pub const BUCKET_INSTANCES: &str = "instances";
 pub const BUCKET_SERVICES: &str = "services";
+pub const BUCKET_OPERATIONS: &str = "operations";
 pub const NETWORK_KEY: &str = "config";
 
 /// Default cluster overlay range; each machine gets a /24 out of it.
@@ -394,4 +396,100 @@ mod tests {
             "\"expired\""
         );
     }
+}
+
+/// What a long operation (`machine rm`, `service migrate`, `deploy`) is
+/// doing, so that it can be followed (`ployzctl op ls / op wait`) and, when
+/// the machine running it disappears, finished or rolled back by the
+/// cluster. Written by the machine running it (its owner) at every step
+/// and at least every few seconds; by the storage leader only when the
+/// owner stopped writing it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OperationRecord {
+    /// `op-<hex>`.
+    pub id: String,
+    pub kind: OpKind,
+    /// What it acts on: a machine id or a service name.
+    pub subject: String,
+    /// The machine running it.
+    pub owner: String,
+    pub state: OpState,
+    /// The step it is at (or ended at).
+    pub step: String,
+    /// What happened last, in words.
+    #[serde(default)]
+    pub message: String,
+    /// What the cluster needs to finish or roll it back.
+    #[serde(default)]
+    pub detail: OpDetail,
+    pub started_at_ms: u64,
+    pub updated_at_ms: u64,
+    /// The `ployzctl` exit code the operation ended with (0: success).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum OpKind {
+    MachineRm,
+    Migrate,
+    Deploy,
+}
+
+impl fmt::Display for OpKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OpKind::MachineRm => "machine-rm",
+            OpKind::Migrate => "migrate",
+            OpKind::Deploy => "deploy",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum OpState {
+    /// Its owner is working on it.
+    Running,
+    /// It did what was asked.
+    Succeeded,
+    /// It stopped without finishing; what it changed was undone.
+    RolledBack,
+    /// It stopped without finishing; `message` says what is left.
+    Failed,
+}
+
+impl OpState {
+    pub fn is_done(self) -> bool {
+        self != OpState::Running
+    }
+}
+
+impl fmt::Display for OpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OpState::Running => "running",
+            OpState::Succeeded => "succeeded",
+            OpState::RolledBack => "rolled-back",
+            OpState::Failed => "failed",
+        })
+    }
+}
+
+/// Per-kind facts a takeover needs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OpDetail {
+    /// `machine rm`: the subnet claim key to delete with the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_key: Option<String>,
+    /// `migrate`: the instance that moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Placement>,
+    /// `migrate`: where it moves to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// `migrate`: the slot it gets there (recorded before it is placed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_slot: Option<u32>,
 }

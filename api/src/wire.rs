@@ -92,6 +92,14 @@ pub enum Request {
         #[serde(default)]
         from: Option<String>,
     },
+    /// `op ls`: long operations, newest first.
+    OpList,
+    /// `op wait`: follow one operation until it ends (or `timeout_secs`).
+    OpWait {
+        id: String,
+        #[serde(default)]
+        timeout_secs: Option<u64>,
+    },
 }
 
 /// `deploy service`.
@@ -219,6 +227,47 @@ pub enum Response {
     Logs(ServiceLogs),
     Service(Box<ServiceView>),
     ServiceRemoved(ServiceRemoved),
+    Operations(OpList),
+    Operation(Box<OpView>),
+}
+
+/// `op ls --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OpList {
+    pub operations: Vec<OpView>,
+}
+
+/// One long operation as `op ls` / `op wait` show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OpView {
+    pub id: String,
+    pub kind: OpKind,
+    pub subject: String,
+    pub owner: String,
+    pub state: OpState,
+    pub step: String,
+    pub message: String,
+    pub started_at: String,
+    pub updated_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+impl From<&OperationRecord> for OpView {
+    fn from(r: &OperationRecord) -> Self {
+        OpView {
+            id: r.id.clone(),
+            kind: r.kind,
+            subject: r.subject.clone(),
+            owner: r.owner.clone(),
+            state: r.state,
+            step: r.step.clone(),
+            message: r.message.clone(),
+            started_at: crate::time::rfc3339(r.started_at_ms),
+            updated_at: crate::time::rfc3339(r.updated_at_ms),
+            exit_code: r.exit_code,
+        }
+    }
 }
 
 /// `service ls --json`.
@@ -554,6 +603,9 @@ pub enum ErrorCode {
     PermissionDenied,
     /// A bug or an unexpected failure; the daemon log has details.
     Internal,
+    /// A long operation did not end within the wait; it goes on (or the
+    /// cluster finishes or rolls it back): `ployzctl op wait` follows it.
+    Timeout,
 }
 
 impl ErrorCode {
@@ -566,6 +618,7 @@ impl ErrorCode {
             ErrorCode::InvalidArgument => 6,
             ErrorCode::NoNetwork | ErrorCode::Unavailable => 7,
             ErrorCode::PermissionDenied => 8,
+            ErrorCode::Timeout => 10,
         }
     }
 }

@@ -51,6 +51,23 @@ enum Top {
     /// Services running on the cluster.
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Long operations (machine rm, service migrate, deploy) and their outcome.
+    #[command(subcommand)]
+    Op(OpCmd),
+}
+
+#[derive(Subcommand)]
+enum OpCmd {
+    /// Recent operations, newest first.
+    #[command(alias = "list")]
+    Ls,
+    /// Wait until an operation ends; exits with the code it ended with.
+    Wait {
+        id: String,
+        /// Give up waiting after this long (the operation goes on).
+        #[arg(long, default_value_t = 300)]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -319,10 +336,18 @@ fn check_image_path(image: &str) -> Result<(), String> {
         || [".tar", ".tgz", ".tar.gz"]
             .iter()
             .any(|ext| image.ends_with(ext));
-    if looks_like_path && !std::path::Path::new(image).exists() {
-        return Err(format!("--image {image}: no such file or directory"));
+    if !looks_like_path {
+        return Ok(());
     }
-    Ok(())
+    // Not followed into: a FIFO or a device would make the daemon's import
+    // wait forever or read without end.
+    match std::fs::metadata(image) {
+        Err(_) => Err(format!("--image {image}: no such file or directory")),
+        Ok(m) if m.is_file() || m.is_dir() => Ok(()),
+        Ok(_) => Err(format!(
+            "--image {image}: not a regular file or a directory (a FIFO, socket or device cannot be imported)"
+        )),
+    }
 }
 
 fn request_of(cmd: Top) -> Request {
@@ -414,6 +439,11 @@ fn request_of(cmd: Top) -> Request {
         Top::Service(ServiceCmd::Migrate { name, to, from }) => {
             Request::ServiceMigrate { name, to, from }
         }
+        Top::Op(OpCmd::Ls) => Request::OpList,
+        Top::Op(OpCmd::Wait { id, timeout_secs }) => Request::OpWait {
+            id,
+            timeout_secs: Some(timeout_secs),
+        },
     }
 }
 
@@ -450,7 +480,10 @@ fn main() {
     let code = match client::call(&socket, &request) {
         Ok(Ok(resp)) => {
             output::print_response(&resp, json);
-            if output::has_failures(&resp) {
+            if let ployz_api::Response::Operation(op) = &resp {
+                // `op wait` exits as the operation did.
+                op.exit_code.unwrap_or(exit::OK)
+            } else if output::has_failures(&resp) {
                 exit::PARTIAL
             } else {
                 exit::OK

@@ -323,7 +323,7 @@ pub fn print_response(resp: &Response, json: bool) {
                 if r.cleaned_up {
                     " (it stopped its workloads, left the mesh and deleted its state)"
                 } else {
-                    " (record only: the machine itself was not cleaned up)"
+                    " (its records are deleted; the machine did not confirm cleaning itself up)"
                 },
                 if r.left_storage {
                     "; it left the storage set"
@@ -332,7 +332,47 @@ pub fn print_response(resp: &Response, json: bool) {
                 }
             );
         }
+        Response::Operations(l) => {
+            if json {
+                return print_json(l);
+            }
+            print!("{}", ops_table(&l.operations));
+        }
+        Response::Operation(op) => {
+            if json {
+                return print_json(op);
+            }
+            println!(
+                "operation {} ({} {}) {} at step {}: {}",
+                op.id, op.kind, op.subject, op.state, op.step, op.message
+            );
+        }
     }
+}
+
+/// `op ls`: ID, KIND, SUBJECT, STATE, STEP, OWNER, STARTED, MESSAGE.
+fn ops_table(ops: &[OpView]) -> String {
+    let rows: Vec<Vec<String>> = ops
+        .iter()
+        .map(|o| {
+            vec![
+                o.id.clone(),
+                o.kind.to_string(),
+                o.subject.clone(),
+                o.state.to_string(),
+                o.step.clone(),
+                o.owner.clone(),
+                o.started_at.clone(),
+                o.message.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "KIND", "SUBJECT", "STATE", "STEP", "OWNER", "STARTED", "MESSAGE",
+        ],
+        &rows,
+    )
 }
 
 /// Whether a multi-target answer reports a failed target.

@@ -101,6 +101,15 @@ impl Daemon {
                 .service_migrate(&name, &to, from.as_deref(), sink)
                 .await
                 .map(|v| Response::Service(Box::new(v))),
+            Request::OpList => self.ops.list().await.map(Response::Operations),
+            Request::OpWait { id, timeout_secs } => self
+                .ops
+                .wait(
+                    &id,
+                    std::time::Duration::from_secs(timeout_secs.unwrap_or(300).min(3600)),
+                )
+                .await
+                .map(|v| Response::Operation(Box::new(v))),
         }
     }
 
@@ -126,7 +135,8 @@ impl Daemon {
                     Box::pin(self.handle_with(request, hops, &sink)).await,
                 ))
             }
-            PeerRequest::Leave { by } => self.cluster.leave(&by).await,
+            PeerRequest::Leave { by } => self.cluster.leave(&by),
+            PeerRequest::LeaveStatus => self.cluster.leave_status(),
             PeerRequest::Rtt => PeerResponse::Rtt(self.overlay.rtt_rows()),
             PeerRequest::RemoveVoter { machine, hops } => answer(
                 Box::pin(self.cluster.remove_voter(&machine, hops))

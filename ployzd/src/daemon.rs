@@ -5,12 +5,13 @@
 //! Who depends on whom (arrows point down, never up or sideways back):
 //!
 //! ```text
-//!   api (routing) ─▶ provisioning ─▶ cluster ─▶ workloads ─▶ overlay ─▶ control ─▶ store ─▶ peer
+//!   api (routing) ─▶ provisioning ─▶ cluster ─▶ workloads ─▶ ops, overlay ─▶ control ─▶ store ─▶ peer
 //! ```
 
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::control::ControlPlane;
 use crate::identity::Identity;
+use crate::ops::Operations;
 use crate::overlay::{Overlay, OverlayConfig};
 use crate::provisioning::Provisioning;
 use crate::store::{Store, StoreConfig};
@@ -21,6 +22,9 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How often the storage leader looks for operations to take over.
+const JANITOR_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -56,6 +60,7 @@ pub struct Daemon {
     /// The advertised underlay address (NATS without a mesh).
     pub(crate) advertise_ip: IpAddr,
     pub(crate) store: Arc<Store>,
+    pub(crate) ops: Arc<Operations>,
     pub(crate) control: Arc<ControlPlane>,
     pub(crate) overlay: Arc<Overlay>,
     pub(crate) workloads: Arc<Workloads>,
@@ -76,6 +81,7 @@ impl Daemon {
             })
             .await?,
         );
+        let ops = Arc::new(Operations::new(store.clone()));
         let control = Arc::new(ControlPlane::new(
             store.clone(),
             cfg.nats_port,
@@ -99,6 +105,7 @@ impl Daemon {
             store.clone(),
             control.clone(),
             overlay.clone(),
+            ops.clone(),
         ));
         let cluster = Arc::new(Cluster::new(
             ClusterConfig {
@@ -112,6 +119,7 @@ impl Daemon {
             control.clone(),
             overlay.clone(),
             workloads.clone(),
+            ops.clone(),
         ));
         let provisioning = Provisioning::new(
             cfg.data_dir.clone(),
@@ -128,6 +136,7 @@ impl Daemon {
             identity,
             advertise_ip,
             store,
+            ops,
             control,
             overlay,
             workloads,
@@ -182,6 +191,7 @@ impl Daemon {
                 .watch_bucket(BUCKET_MACHINES, changed.clone()),
         );
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last_janitor = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
@@ -189,9 +199,39 @@ impl Daemon {
                 _ = changed.notified() => {}
             }
             self.upkeep_once().await;
+            if last_janitor.elapsed() >= JANITOR_EVERY {
+                last_janitor = tokio::time::Instant::now();
+                self.take_over_stale_operations().await;
+            }
         }
         relay.abort();
         watcher.abort();
+    }
+
+    /// Leader only: finish or roll back operations whose owner stopped
+    /// running them (see [`crate::ops`]).
+    async fn take_over_stale_operations(&self) {
+        if !self.store.is_leader() {
+            return;
+        }
+        let stale = match self.ops.stale().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("operations: {}", e.message);
+                return;
+            }
+        };
+        for op in stale {
+            let id = op.value.id.clone();
+            let done = match op.value.kind {
+                OpKind::MachineRm => self.cluster.take_over_rm(op).await,
+                OpKind::Migrate => self.workloads.take_over_migrate(op).await,
+                OpKind::Deploy => self.workloads.take_over_deploy(op).await,
+            };
+            if let Err(e) = done {
+                tracing::warn!(op = %id, "taking over: {}", e.message);
+            }
+        }
     }
 
     async fn upkeep_once(self: &Arc<Self>) {

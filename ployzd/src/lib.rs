@@ -16,6 +16,7 @@ pub mod control;
 pub mod daemon;
 pub mod errors;
 pub mod identity;
+pub mod ops;
 pub mod overlay;
 pub mod peer;
 pub mod provisioning;

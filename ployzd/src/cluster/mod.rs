@@ -15,8 +15,9 @@ mod storage;
 use crate::control::ControlPlane;
 use crate::errors::{internal, invalid, validate_network_name, validate_region};
 use crate::identity::{random_hex, Identity};
+use crate::ops::Operations;
 use crate::overlay::Overlay;
-use crate::peer::{self, ClusterSecret};
+use crate::peer::{self, ClusterSecret, LeaveProgress};
 use crate::store::{self, put, ClusterFile, Store, CAS_RETRIES};
 use crate::workloads::Workloads;
 use crate::VERSION;
@@ -45,6 +46,9 @@ pub struct Cluster {
     control: Arc<ControlPlane>,
     overlay: Arc<Overlay>,
     workloads: Arc<Workloads>,
+    ops: Arc<Operations>,
+    /// This machine's own cleanup once the network asked it to leave.
+    leaving: Arc<std::sync::Mutex<Option<LeaveProgress>>>,
     /// Serialises `mesh init` and `invite import` so a machine founds or
     /// joins at most one network.
     init_lock: tokio::sync::Mutex<()>,
@@ -80,6 +84,7 @@ impl Cluster {
         control: Arc<ControlPlane>,
         overlay: Arc<Overlay>,
         workloads: Arc<Workloads>,
+        ops: Arc<Operations>,
     ) -> Cluster {
         let (exit, _) = tokio::sync::watch::channel(false);
         Cluster {
@@ -90,6 +95,8 @@ impl Cluster {
             control,
             overlay,
             workloads,
+            ops,
+            leaving: Arc::default(),
             init_lock: tokio::sync::Mutex::new(()),
             exit,
         }

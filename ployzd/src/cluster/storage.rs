@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// Longest a new storage machine may take to catch up as a learner.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
-const PING_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// `major.minor` must match for machines to share the storage set.
 fn compatible(a: &str, b: &str) -> bool {
@@ -271,9 +271,14 @@ impl Cluster {
 
     /// Whether machine `id` answers over the control plane.
     pub(super) async fn ping(&self, id: &str) -> Result<(), String> {
+        self.ping_within(id, PING_TIMEOUT).await
+    }
+
+    /// Whether machine `id` answers within `timeout`.
+    pub(super) async fn ping_within(&self, id: &str, timeout: Duration) -> Result<(), String> {
         match self
             .control
-            .call_machine(id, &PeerRequest::Ping, PING_TIMEOUT)
+            .call_machine(id, &PeerRequest::Ping, timeout)
             .await?
         {
             PeerResponse::Pong { machine_id } if machine_id == id => Ok(()),
@@ -324,6 +329,11 @@ impl Cluster {
             .await
             .map_err(|e: MembershipError| store::unavailable(e))?;
         self.store.refresh_storage_peers();
+        // The network's storage size says what the voter set is.
+        let left = self.store.voters().len();
+        if let Err(e) = self.set_replicas(left.min(u8::MAX as usize) as u8).await {
+            tracing::warn!("recording the storage set's size: {}", e.message);
+        }
         Ok(true)
     }
 }

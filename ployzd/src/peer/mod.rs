@@ -151,10 +151,13 @@ pub enum PeerRequest {
         request: Request,
         hops: u8,
     },
-    /// The network asks this machine to clean up and leave.
+    /// The network asks this machine to clean up and leave: it starts
+    /// (once) and answers with its progress at once.
     Leave {
         by: String,
     },
+    /// How far the cleanup asked for by `Leave` got.
+    LeaveStatus,
     /// This machine's RTT rows.
     Rtt,
     /// Leader: drop a machine from the voter set if quorum allows.
@@ -188,7 +191,8 @@ pub enum PeerResponse {
     Written(TxnResult),
     Read(KvReadResult),
     Api(Reply),
-    Left,
+    /// The cleanup before leaving, so far.
+    Leaving(LeaveProgress),
     Rtt(Vec<ployz_api::RttRow>),
     /// Whether the machine was a voter (and now is not).
     VoterRemoved(bool),
@@ -201,6 +205,15 @@ pub enum PeerResponse {
     },
     Logs(String),
     Error(ApiError),
+}
+
+/// A leaving machine's cleanup: workloads removed of how many, and
+/// whether it is done (the machine exits right after).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaveProgress {
+    pub removed: usize,
+    pub total: usize,
+    pub finished: bool,
 }
 
 /// What a `blob` session asks for.

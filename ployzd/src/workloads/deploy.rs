@@ -33,27 +33,84 @@ impl Workloads {
             ));
         }
         self.store.require_network().await?;
+        let op = self
+            .ops
+            .begin(OpKind::Deploy, &req.name, OpDetail::default())
+            .await?;
+        let name = req.name.clone();
+        match self
+            .deploy_steps(&op, req, env, volumes, memory_limit, sink)
+            .await
+        {
+            Ok(view) => {
+                let down = view.not_running().len();
+                if down == 0 {
+                    op.finish(OpState::Succeeded, "every instance runs", 0)
+                        .await;
+                } else {
+                    op.finish(
+                        OpState::Failed,
+                        format!("{down} instance(s) of {name} not running at the deadline"),
+                        9,
+                    )
+                    .await;
+                }
+                Ok(view)
+            }
+            Err((changed, e)) => {
+                let state = if changed {
+                    OpState::Failed
+                } else {
+                    OpState::RolledBack
+                };
+                op.finish(state, e.message.clone(), e.code.exit_code())
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The steps of a deploy, each recorded in `op`. An error says whether
+    /// the service record was written.
+    async fn deploy_steps(
+        &self,
+        op: &OpHandle,
+        req: DeployRequest,
+        env: Vec<(String, String)>,
+        volumes: Vec<VolumeSpec>,
+        memory_limit: Option<u64>,
+        sink: &ProgressSink,
+    ) -> Result<ServiceView, (bool, ApiError)> {
+        let unchanged = |e: ApiError| (false, e);
+        let changed = |e: ApiError| (true, e);
         let progress = |step: &str, msg: String| note(sink, &req.name, step, msg);
+        op.step("image", req.image.clone())
+            .await
+            .map_err(unchanged)?;
         let image = if req.image.starts_with('/') {
             let path = PathBuf::from(&req.image);
             progress("image", format!("importing {}", path.display()));
-            let store = self.image_store()?;
+            let store = self.image_store().map_err(unchanged)?;
             let info = tokio::task::spawn_blocking(move || store.import_path(&path))
                 .await
-                .map_err(blocking_err)?
-                .map_err(|e| invalid(e.to_string()))?;
+                .map_err(blocking_err)
+                .map_err(unchanged)?
+                .map_err(|e| invalid(e.to_string()))
+                .map_err(unchanged)?;
             progress(
                 "image",
                 format!("stored {} ({} bytes)", info.digest, info.size),
             );
             shipped_image(&req.image, &info, self.machine_id())
         } else {
-            let store = self.image_store()?;
+            let store = self.image_store().map_err(unchanged)?;
             let name = req.image.clone();
             match tokio::task::spawn_blocking(move || store.resolve(&name))
                 .await
-                .map_err(blocking_err)?
-                .map_err(|e| internal(e.to_string()))?
+                .map_err(blocking_err)
+                .map_err(unchanged)?
+                .map_err(|e| internal(e.to_string()))
+                .map_err(unchanged)?
             {
                 Some(info) => shipped_image(&req.image, &info, self.machine_id()),
                 None => ServiceImage {
@@ -69,11 +126,15 @@ impl Workloads {
         // run and replaced one at a time below, so the service keeps serving.
         let running: HashMap<String, u64> = self
             .instances()
-            .await?
+            .await
+            .map_err(unchanged)?
             .into_iter()
             .filter(|(_, i)| i.service == req.name && i.state == InstanceState::Running)
             .map(|(key, i)| (key, i.generation))
             .collect();
+        op.step("record", "writing the service record")
+            .await
+            .map_err(unchanged)?;
         let record = self
             .write_service(&req.name, |cur, machines, load| {
                 let mut placements = placement::place(
@@ -106,7 +167,8 @@ impl Workloads {
                     updated_at_ms: now,
                 }))
             })
-            .await?
+            .await
+            .map_err(unchanged)?
             .expect("deploy always writes");
         for p in &record.placements {
             progress(
@@ -119,6 +181,7 @@ impl Workloads {
             .map(Duration::from_secs)
             .unwrap_or(DEFAULT_DEPLOY_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
+        let _ = op.step("instances", "waiting for the instances").await;
         let view = self
             .wait_for_instances(&record, wait, |i| {
                 progress(
@@ -135,7 +198,8 @@ impl Workloads {
                     ),
                 )
             })
-            .await?;
+            .await
+            .map_err(changed)?;
         let not_running: HashSet<(&str, u32)> = view
             .not_running()
             .iter()
@@ -168,7 +232,68 @@ impl Workloads {
         // Pinned instances that stopped running since (a crash loop) go
         // first: replacing them costs no availability.
         pinned.sort_by_key(|p| (!down(p), p.slot));
-        self.roll(&record, pinned, deadline, &progress).await
+        let _ = op
+            .step(
+                "rollout",
+                format!("{} instance(s) to replace", pinned.len()),
+            )
+            .await;
+        self.roll(&record, pinned, deadline, &progress)
+            .await
+            .map_err(changed)
+    }
+
+    /// Leader: end a deploy whose owner stopped running it. The service
+    /// record, once written, stands: instances are started by their
+    /// machines; a rollout that was under way stops where it was (the
+    /// instances still pinned keep their older generation).
+    pub(crate) async fn take_over_deploy(
+        &self,
+        op: Versioned<OperationRecord>,
+    ) -> Result<(), ApiError> {
+        let name = op.value.subject.clone();
+        let written = !matches!(op.value.step.as_str(), "start" | "image" | "record");
+        let pinned = match self
+            .store
+            .get::<ServiceRecord>(BUCKET_SERVICES, &name)
+            .await?
+        {
+            Some(s) => s
+                .value
+                .placements
+                .iter()
+                .filter(|p| p.generation.is_some())
+                .count(),
+            None => 0,
+        };
+        let (state, message) = if !written {
+            (
+                OpState::Failed,
+                format!(
+                    "its owner {} stopped at step {} (the service record may or may not have been written): `ployzctl service ls` shows what runs; deploy again",
+                    op.value.owner, op.value.step
+                ),
+            )
+        } else if pinned > 0 {
+            (
+                OpState::Failed,
+                format!(
+                    "its owner {} stopped during the rollout; {pinned} instance(s) still run an older generation: deploy again to finish",
+                    op.value.owner
+                ),
+            )
+        } else {
+            (
+                OpState::Succeeded,
+                format!(
+                    "its owner {} stopped after writing the service; the machines run it",
+                    op.value.owner
+                ),
+            )
+        };
+        let code = if state == OpState::Succeeded { 0 } else { 9 };
+        self.ops.take_over(&op, state, message, code).await?;
+        Ok(())
     }
 
     /// Replaces the `pinned` instances of `record` one at a time: unpin one,
@@ -341,7 +466,12 @@ impl Workloads {
             }
             match self.store.txn(ops).await? {
                 Ok(_) => return Ok(next),
-                Err((_, Rejection::WrongLastRevision { .. })) => continue,
+                // Changed (or created, or removed) by someone else since it
+                // was read: read again and decide again.
+                Err((_, Rejection::WrongLastRevision { .. } | Rejection::KeyExists { .. })) => {
+                    tracing::debug!(service = %name, "service changed concurrently; deciding again");
+                    continue;
+                }
                 Err((_, other)) => {
                     return Err(internal(format!(
                         "the store rejected the service update: {other}"

@@ -72,69 +72,207 @@ impl Workloads {
                 format!("machine {} already runs another instance", target.id),
             );
         }
+        let op = self
+            .ops
+            .begin(
+                OpKind::Migrate,
+                name,
+                OpDetail {
+                    source: Some(src.clone()),
+                    target: Some(target.id.clone()),
+                    ..OpDetail::default()
+                },
+            )
+            .await?;
+        let outcome = self
+            .migrate_steps(&op, &svc.value, &src, &target.id, &progress)
+            .await;
+        match outcome {
+            Ok(view) => {
+                op.finish(OpState::Succeeded, format!("moved to {}", target.id), 0)
+                    .await;
+                Ok(view)
+            }
+            Err((step, e)) => {
+                progress("rollback", format!("{step} failed: {}", e.message));
+                let undo = self.undo_migration(name, &src, &target.id, &op).await;
+                let (state, resumed) = match &undo {
+                    Ok(_) => (
+                        OpState::RolledBack,
+                        format!("; the original keeps running on {}", src.machine),
+                    ),
+                    Err(u) => (
+                        OpState::Failed,
+                        format!(
+                            "; restoring the original also failed ({}); the storage leader rolls it back (`ployzctl op wait {}`)",
+                            u.message,
+                            op.id()
+                        ),
+                    ),
+                };
+                let message = format!(
+                    "migrating `{name}` failed at {step}: {}{resumed}",
+                    e.message
+                );
+                op.finish(state, message.clone(), e.code.exit_code()).await;
+                Err(ApiError::new(e.code, message)
+                    .with_hint(e.hint.unwrap_or_else(|| "fix the cause and retry".into())))
+            }
+        }
+    }
+
+    /// The steps of a migration, each recorded in `op`; errors name the step.
+    async fn migrate_steps(
+        &self,
+        op: &OpHandle,
+        svc: &ServiceRecord,
+        src: &Placement,
+        target: &str,
+        progress: &(impl Fn(&str, String) + Sync),
+    ) -> Result<ServiceView, (&'static str, ApiError)> {
+        let name = svc.name.as_str();
         // 1. Pause the source so the volume copy is consistent.
         progress(
             "stop",
             format!("stopping slot {} on {}", src.slot, src.machine),
         );
-        self.set_paused(name, &src, true).await?;
+        op.step(
+            "stop",
+            format!("stopping slot {} on {}", src.slot, src.machine),
+        )
+        .await
+        .map_err(|e| ("stop", e))?;
+        self.set_paused(name, src, true)
+            .await
+            .map_err(|e| ("stop", e))?;
         let src_key = InstanceRecord::key(name, &src.machine, src.slot);
         let stopped = self
             .wait_instance(&src_key, Duration::from_secs(60), |i| {
                 i.state != InstanceState::Running && i.state != InstanceState::Pending
             })
-            .await?;
-        if !stopped {
-            self.set_paused(name, &src, false).await.ok();
-            return Err(ApiError::new(
-                ErrorCode::Unavailable,
-                format!(
-                    "machine {} did not stop service `{name}` within 60 s; it keeps running there",
-                    src.machine
-                ),
-            )
-            .with_hint("check the machine with `ployzctl machine ls` and retry"));
-        }
-        match self
-            .migrate_to(&svc.value, &src, &target.id, &progress)
             .await
-        {
-            Ok(view) => Ok(view),
-            Err((step, e)) => {
-                progress("rollback", format!("{step} failed: {}", e.message));
-                let undo = self
-                    .write_service(name, |cur, _, _| {
-                        let Some(cur) = cur else { return Ok(None) };
-                        let mut next = cur.clone();
-                        next.placements
-                            .retain(|p| p.machine != target.id || cur_has(&svc.value, p));
-                        for p in &mut next.placements {
-                            if p.machine == src.machine && p.slot == src.slot {
-                                p.paused = false;
-                            }
-                        }
-                        Ok(Some(next))
-                    })
-                    .await;
-                let resumed = match undo {
-                    Ok(_) => format!("; the original keeps running on {}", src.machine),
-                    Err(u) => format!("; restoring the original also failed: {}", u.message),
-                };
-                Err(ApiError::new(
-                    e.code,
+            .map_err(|e| ("stop", e))?;
+        if !stopped {
+            return Err((
+                "stop",
+                ApiError::new(
+                    ErrorCode::Unavailable,
                     format!(
-                        "migrating `{name}` failed at {step}: {}{resumed}",
-                        e.message
+                        "machine {} did not stop service `{name}` within 60 s",
+                        src.machine
                     ),
                 )
-                .with_hint(e.hint.unwrap_or_else(|| "fix the cause and retry".into())))
+                .with_hint("check the machine with `ployzctl machine ls` and retry"),
+            ));
+        }
+        self.migrate_to(op, svc, src, target, progress).await
+    }
+
+    /// Undo a migration that did not finish: withdraw the target placement
+    /// it added and resume the source, retrying while the store is
+    /// unavailable (a new leader is being elected) for as long as `op`'s
+    /// lease holds. `Ok(false)`: nothing to undo (the switch happened).
+    pub(super) async fn undo_migration(
+        &self,
+        name: &str,
+        src: &Placement,
+        target: &str,
+        op: &OpHandle,
+    ) -> Result<bool, ApiError> {
+        let target_slot = op.detail().await.target_slot;
+        loop {
+            match self
+                .rollback_placements(name, src, target, target_slot)
+                .await
+            {
+                Ok(undone) => return Ok(undone),
+                Err(e) if e.code == ErrorCode::Unavailable && op.check_lease().is_ok() => {
+                    tracing::debug!(service = %name, "rolling back the migration: {}", e.message);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
             }
         }
+    }
+
+    /// One attempt: if the source placement is still there, drop the
+    /// target's (`target_slot`) and unpause the source. Whether it was.
+    async fn rollback_placements(
+        &self,
+        name: &str,
+        src: &Placement,
+        target: &str,
+        target_slot: Option<u32>,
+    ) -> Result<bool, ApiError> {
+        let mut undone = false;
+        self.write_service(name, |cur, _, _| {
+            let Some(cur) = cur else { return Ok(None) };
+            let mut next = cur.clone();
+            undone = next
+                .placements
+                .iter()
+                .any(|p| p.machine == src.machine && p.slot == src.slot);
+            if undone {
+                next.placements
+                    .retain(|p| !(p.machine == target && Some(p.slot) == target_slot));
+                for p in &mut next.placements {
+                    if p.machine == src.machine && p.slot == src.slot {
+                        p.paused = false;
+                    }
+                }
+            }
+            Ok(Some(next))
+        })
+        .await?;
+        Ok(undone)
+    }
+
+    /// Leader: finish a migration whose owner stopped running it: roll it
+    /// back unless the switch to the target already happened.
+    pub(crate) async fn take_over_migrate(
+        &self,
+        op: Versioned<OperationRecord>,
+    ) -> Result<(), ApiError> {
+        let (Some(src), Some(target)) = (
+            op.value.detail.source.clone(),
+            op.value.detail.target.clone(),
+        ) else {
+            self.ops
+                .take_over(&op, OpState::Failed, "malformed operation record".into(), 1)
+                .await?;
+            return Ok(());
+        };
+        let Some(op) = self.ops.claim(&op).await? else {
+            return Ok(());
+        };
+        let name = op.value.subject.clone();
+        let undone = self
+            .rollback_placements(&name, &src, &target, op.value.detail.target_slot)
+            .await?;
+        let (state, message, code) = if undone {
+            (
+                OpState::RolledBack,
+                format!(
+                    "rolled back by the storage leader after its owner {} stopped; the original runs on {}",
+                    op.value.owner, src.machine
+                ),
+                ErrorCode::Unavailable.exit_code(),
+            )
+        } else {
+            (
+                OpState::Succeeded,
+                format!("the instance had moved to {target} when its owner stopped"),
+                0,
+            )
+        };
+        self.ops.take_over(&op, state, message, code).await?;
+        Ok(())
     }
 
     /// Steps 2–4 of a migration; errors name the step.
     pub(super) async fn migrate_to(
         &self,
+        op: &OpHandle,
         svc: &ServiceRecord,
         src: &Placement,
         target: &str,
@@ -142,6 +280,12 @@ impl Workloads {
     ) -> Result<ServiceView, (&'static str, ApiError)> {
         let name = svc.name.as_str();
         // 2. Copy the volumes.
+        op.step(
+            "copy",
+            format!("{} volume(s) to {target}", svc.volumes.len()),
+        )
+        .await
+        .map_err(|e| ("copy", e))?;
         for v in &svc.volumes {
             progress(
                 "copy",
@@ -175,6 +319,22 @@ impl Workloads {
         }
         // 3. Place it on the target and wait for it to run.
         progress("start", format!("starting on {target}"));
+        op.step("start", format!("starting on {target}"))
+            .await
+            .map_err(|e| ("start", e))?;
+        // The slot is recorded before it is placed, so whoever rolls this
+        // back knows which placement to withdraw.
+        let slot = self
+            .service_record(name)
+            .await
+            .map_err(|e| ("start", e))?
+            .value
+            .placements
+            .iter()
+            .map(|p| p.slot + 1)
+            .max()
+            .unwrap_or(0);
+        op.set_target_slot(slot).await.map_err(|e| ("start", e))?;
         let placed = self
             .write_service(name, |cur, _, _| {
                 let Some(cur) = cur else {
@@ -183,13 +343,13 @@ impl Workloads {
                         format!("service `{name}` was removed during the migration"),
                     ));
                 };
+                if cur.placements.iter().any(|p| p.slot == slot) {
+                    return Err(refused(format!(
+                        "service `{name}` changed during the migration (slot {slot} was taken)"
+                    ))
+                    .with_hint("retry the migration"));
+                }
                 let mut next = cur.clone();
-                let slot = next
-                    .placements
-                    .iter()
-                    .map(|p| p.slot + 1)
-                    .max()
-                    .unwrap_or(0);
                 next.placements.push(Placement {
                     machine: target.to_string(),
                     slot,
@@ -247,6 +407,12 @@ impl Workloads {
             }
         }
         // 4. Only now drop the source.
+        op.step(
+            "switch",
+            format!("removing slot {} from {}", src.slot, src.machine),
+        )
+        .await
+        .map_err(|e| ("cleanup", e))?;
         progress(
             "cleanup",
             format!("removing slot {} from {}", src.slot, src.machine),

@@ -29,11 +29,12 @@ mod transfer;
 
 use crate::control::ControlPlane;
 use crate::errors::{internal, invalid, note, refused, ProgressSink};
+use crate::ops::{OpHandle, Operations};
 use crate::overlay::Overlay;
 use crate::peer::{self, BlobRequest, BlobSource, PeerRequest, PeerResponse};
-use crate::store::{self, put, Store, CAS_RETRIES};
+use crate::store::{self, put, Store, Versioned, CAS_RETRIES};
 use engine::*;
-use placement::{candidates, cur_has};
+use placement::candidates;
 use ployz_api::time::now_ms;
 use ployz_api::*;
 use ployz_consensus::{Expect, Rejection};
@@ -89,6 +90,7 @@ pub struct Workloads {
     store: Arc<Store>,
     control: Arc<ControlPlane>,
     overlay: Arc<Overlay>,
+    ops: Arc<Operations>,
     /// The runtime and image store, opened on first use.
     engine: OnceLock<Engine>,
     engine_init: std::sync::Mutex<()>,
@@ -102,12 +104,14 @@ impl Workloads {
         store: Arc<Store>,
         control: Arc<ControlPlane>,
         overlay: Arc<Overlay>,
+        ops: Arc<Operations>,
     ) -> Workloads {
         Workloads {
             cfg,
             store,
             control,
             overlay,
+            ops,
             engine: OnceLock::new(),
             engine_init: std::sync::Mutex::new(()),
             images: std::sync::Mutex::new(None),

@@ -13,7 +13,7 @@
 //!   replicas spread before any machine gets a second one.
 //! - Scaling down drops the highest slots first.
 
-use ployz_api::{Lifecycle, MachineRecord, Placement, ServiceRecord};
+use ployz_api::{Lifecycle, MachineRecord, Placement};
 use std::collections::HashMap;
 
 /// One candidate machine as placement sees it.
@@ -111,13 +111,6 @@ pub fn place(
         *load.entry(best.id.as_str()).or_default() += 1;
     }
     Ok(kept)
-}
-
-/// Whether `svc` still has placement `p` (same machine and slot).
-pub fn cur_has(svc: &ServiceRecord, p: &Placement) -> bool {
-    svc.placements
-        .iter()
-        .any(|q| q.machine == p.machine && q.slot == p.slot)
 }
 
 /// Placement candidates: the machines with how many instances each runs.

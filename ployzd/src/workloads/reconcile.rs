@@ -370,7 +370,8 @@ impl Workloads {
     }
 
     /// `machine rm`: this machine is leaving, stop and delete its instances.
-    pub(crate) async fn remove_all(&self) -> usize {
+    /// `progress(removed, total)` is called as instances go.
+    pub(crate) async fn remove_all(&self, progress: impl Fn(usize, usize)) -> usize {
         let Ok(w) = self.engine() else { return 0 };
         let prefix = workload_prefix(self.machine_id());
         let ids: Vec<String> = match w.runtime.list().await {
@@ -385,12 +386,14 @@ impl Workloads {
             }
         };
         let mut n = 0;
-        for id in &ids {
+        progress(0, ids.len());
+        for (done, id) in ids.iter().enumerate() {
             let _ = w.runtime.stop(id, STOP_GRACE).await;
             match w.runtime.delete(id).await {
                 Ok(()) => n += 1,
                 Err(e) => tracing::warn!(workload = %id, "cannot delete: {e}"),
             }
+            progress(done + 1, ids.len());
         }
         let mut st = w.state.lock().await;
         st.workloads.clear();
