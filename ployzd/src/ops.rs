@@ -35,15 +35,15 @@ const KEEP_DONE: Duration = Duration::from_secs(24 * 3600);
 const KEEP_DONE_COUNT: usize = 200;
 
 /// How long the leader waits, seeing no change to a running operation,
-/// before it takes over. `PLOYZ_OP_STALE_SECS` overrides it (tests); it is
-/// never shorter than the owner's lease plus a forwarded call's deadline.
+/// before it takes over: the owner's lease plus a forwarded call's deadline
+/// plus a margin (40 s). `PLOYZ_OP_STALE_SECS` may make it longer.
 fn stale_after() -> Duration {
     let min = OWNER_LEASE + store::forward::PEER_CALL_TIMEOUT + Duration::from_secs(5);
     std::env::var("PLOYZ_OP_STALE_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
         .map(Duration::from_secs)
-        .unwrap_or(Duration::from_secs(60))
+        .unwrap_or(min)
         .max(min)
 }
 

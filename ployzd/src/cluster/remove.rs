@@ -273,6 +273,7 @@ impl Cluster {
                 .await?;
             return Ok(());
         }
+        let owner = op.value.owner.clone();
         let Some(op) = self.ops.claim(&op).await? else {
             return Ok(());
         };
@@ -297,8 +298,7 @@ impl Cluster {
                 &op,
                 OpState::Succeeded,
                 format!(
-                    "machine {id} removed by the storage leader after its owner {} stopped; the machine itself was not asked to clean up",
-                    op.value.owner
+                    "machine {id} removed by the storage leader after its owner {owner} stopped; the machine itself was not asked to clean up"
                 ),
                 0,
             )

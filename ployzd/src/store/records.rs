@@ -21,6 +21,7 @@ pub const BUCKETS: &[(&str, u8)] = &[
     (ployz_api::BUCKET_INVITES, 1),
     (ployz_api::BUCKET_INSTANCES, 1),
     (ployz_api::BUCKET_SERVICES, 5),
+    (ployz_api::BUCKET_OPERATIONS, 1),
 ];
 
 /// Ops creating one control-plane bucket (idempotent), for writes to a

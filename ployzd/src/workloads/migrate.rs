@@ -242,6 +242,7 @@ impl Workloads {
                 .await?;
             return Ok(());
         };
+        let owner = op.value.owner.clone();
         let Some(op) = self.ops.claim(&op).await? else {
             return Ok(());
         };
@@ -253,15 +254,15 @@ impl Workloads {
             (
                 OpState::RolledBack,
                 format!(
-                    "rolled back by the storage leader after its owner {} stopped; the original runs on {}",
-                    op.value.owner, src.machine
+                    "rolled back by the storage leader after its owner {owner} stopped; the original runs on {}",
+                    src.machine
                 ),
                 ErrorCode::Unavailable.exit_code(),
             )
         } else {
             (
                 OpState::Succeeded,
-                format!("the instance had moved to {target} when its owner stopped"),
+                format!("the instance had moved to {target} when its owner {owner} stopped"),
                 0,
             )
         };

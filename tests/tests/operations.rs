@@ -1,0 +1,195 @@
+//! Long operations under failure (issue 18): `machine rm` of a machine with
+//! several workloads waits for its cleanup and tells the truth; a
+//! migration whose machine is killed -9 mid-way is rolled back (or, past
+//! the switch, completed) by the storage leader, and `op ls` / `op wait`
+//! say which; the CLI's exit codes follow the outcome.
+
+use ployz_tests::images::busybox_image;
+use ployz_tests::netns::Testbed;
+use ployz_tests::{bin, eventually, stdout, Machine};
+use serde_json::Value;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const HTTPD: &[&str] = &["httpd", "-f", "-p", "8080", "-h", "/www"];
+
+fn instances(m: &Machine, service: &str) -> Vec<Value> {
+    m.ctl_json(&["service", "ls"])["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == service)
+        .flat_map(|s| s["instances"].as_array().unwrap().clone())
+        .collect()
+}
+
+fn ops(m: &Machine) -> Vec<Value> {
+    m.ctl_json(&["op", "ls"])["operations"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn op_of<'a>(ops: &'a [Value], kind: &str, subject: &str) -> Option<&'a Value> {
+    ops.iter()
+        .find(|o| o["kind"] == kind && o["subject"] == subject)
+}
+
+#[test]
+fn rm_of_a_busy_machine_waits_for_its_cleanup_and_is_recorded() {
+    let tb = Testbed::new(2);
+    let mut ms = ployz_tests::cluster_on(&tb, "optest-rm");
+    let tmp = tempfile::tempdir().unwrap();
+    let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
+    let image = image.to_str().unwrap();
+    let target = ms[1].id();
+    // Four workloads on the machine that leaves: the founder is drained.
+    ms[0].ctl_json(&["machine", "drain", &ms[0].id()]);
+    for n in 0..4 {
+        let name = format!("busy{n}");
+        let v = ms[0].ctl_json(&["deploy", "service", &name, "--image", image]);
+        assert_eq!(v["instances"][0]["machine"], target.as_str(), "{v:#}");
+    }
+    ms[0].ctl_json(&["machine", "activate", &ms[0].id()]);
+
+    let started = Instant::now();
+    let out = ms[0].ctl(&["--json", "machine", "rm", &target]);
+    assert!(
+        out.status.success(),
+        "rm failed ({}): {}\n{}",
+        out.status,
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("rm of a machine with 4 workloads took {:?}", started.elapsed());
+    assert_eq!(report["cleaned_up"], true, "{report:#}");
+    // It exited by itself after its cleanup.
+    assert!(
+        ms[1].wait_exit(Duration::from_secs(20)).is_some(),
+        "the removed machine still runs"
+    );
+    let machines = ms[0].ctl_json(&["machine", "ls"]);
+    assert!(
+        !machines.to_string().contains(&target),
+        "its record is gone: {machines:#}"
+    );
+    let all = ops(&ms[0]);
+    let rm = op_of(&all, "machine_rm", &target).expect("the removal is recorded");
+    assert_eq!(rm["state"], "succeeded", "{rm:#}");
+    assert_eq!(rm["exit_code"], 0, "{rm:#}");
+    // `op wait` on a finished operation answers at once, exiting as it did.
+    let id = rm["id"].as_str().unwrap();
+    let w = ms[0].ctl(&["op", "wait", id]);
+    assert!(w.status.success(), "{}", stdout(&w));
+    assert!(stdout(&w).contains("succeeded"), "{}", stdout(&w));
+    // The deploys were recorded too.
+    assert!(op_of(&all, "deploy", "busy0").is_some_and(|o| o["state"] == "succeeded"));
+    // Unknown operations are "not found" (exit 4).
+    let none = ms[0].ctl(&["op", "wait", "op-000000000000"]);
+    assert_eq!(none.status.code(), Some(4), "{}", stdout(&none));
+    // No placement of the removed machine is left behind.
+    for n in 0..4 {
+        assert!(instances(&ms[0], &format!("busy{n}")).is_empty());
+    }
+}
+
+/// The machine running `service migrate` is killed -9 in the middle of it:
+/// the storage leader rolls the migration back (the original runs again,
+/// unpaused, and the target placement is withdrawn) or, if the switch had
+/// happened, records it as done. Either way exactly one instance runs and
+/// nothing stays paused.
+#[test]
+fn a_migration_whose_machine_dies_is_finished_by_the_leader() {
+    let tb = Testbed::new(3);
+    let mut ms = ployz_tests::cluster_on(&tb, "optest-mig");
+    let tmp = tempfile::tempdir().unwrap();
+    let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
+    let image = image.to_str().unwrap();
+    // ms[1] only runs the command: nothing is placed on it.
+    ms[0].ctl_json(&["machine", "drain", &ms[1].id()]);
+    ms[0].ctl_json(&["deploy", "service", "mover", "--image", image]);
+
+    for kill_at in ["stop", "start"] {
+        let before = instances(&ms[0], "mover");
+        let source = before[0]["machine"].as_str().unwrap().to_string();
+        let target = [ms[0].id(), ms[2].id()]
+            .into_iter()
+            .find(|id| *id != source)
+            .unwrap();
+        let mut cli = Command::new(bin("ployzctl"))
+            .arg("--socket")
+            .arg(ms[1].socket())
+            .args(["service", "migrate", "mover", "--to", &target])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let seen = eventually(Duration::from_secs(60), || {
+            let all = ops(&ms[0]);
+            op_of(&all, "migrate", "mover")
+                .filter(|o| o["state"] == "running" && o["step"] == kill_at)
+                .map(|o| o["id"].as_str().unwrap().to_string())
+        });
+        let Some(id) = seen else {
+            let _ = cli.kill();
+            let out = cli.wait_with_output().unwrap();
+            panic!(
+                "the migration never reached step {kill_at}: {:#?}\ncli: {}{}",
+                ops(&ms[0]),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ms[1].kill9();
+        let _ = cli.wait();
+        let healed = Instant::now();
+        // `op wait` follows it to its end from another machine; the exit
+        // code says how it ended.
+        let w = ms[0].ctl(&["--json", "op", "wait", &id, "--timeout-secs", "180"]);
+        let end: Value = serde_json::from_slice(&w.stdout)
+            .unwrap_or_else(|_| panic!("op wait: {}", String::from_utf8_lossy(&w.stderr)));
+        println!(
+            "killed at {kill_at}: ended {} after {:?}: {}",
+            end["state"],
+            healed.elapsed(),
+            end["message"]
+        );
+        assert!(
+            end["state"] == "rolled_back" || end["state"] == "succeeded",
+            "{end:#}"
+        );
+        let expect_code = if end["state"] == "succeeded" { 0 } else { 7 };
+        assert_eq!(w.status.code(), Some(expect_code), "{end:#}");
+        // Converges: exactly one instance, running, where the outcome says.
+        let at = if end["state"] == "succeeded" {
+            &target
+        } else {
+            &source
+        };
+        let one = eventually(Duration::from_secs(60), || {
+            let is = instances(&ms[0], "mover");
+            (is.len() == 1 && is[0]["state"] == "running" && is[0]["machine"] == at.as_str())
+                .then_some(is)
+        });
+        assert!(
+            one.is_some(),
+            "after {kill_at}: {:#?}\nops: {:#?}",
+            instances(&ms[0], "mover"),
+            ops(&ms[0])
+        );
+        ms[1].restart();
+        // Back in the mesh before it runs the next command.
+        assert!(
+            eventually(Duration::from_secs(30), || ms[1]
+                .ctl(&["service", "ls"])
+                .status
+                .success()
+                .then_some(()))
+            .is_some(),
+            "the restarted machine does not reach the store: {}",
+            ms[1].log()
+        );
+    }
+}
