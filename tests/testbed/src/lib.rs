@@ -135,7 +135,7 @@ impl Host {
     /// Drop all traffic in and out of this host's `eth0`.
     pub fn cut(&self) {
         for rule in Self::CUT {
-            let mut argv = vec!["ip", "netns", "exec", &self.netns, "iptables", "-A"];
+            let mut argv = vec!["ip", "netns", "exec", &self.netns, "iptables", "-w", "-A"];
             argv.extend_from_slice(rule);
             must(&argv);
         }
@@ -144,7 +144,7 @@ impl Host {
     /// Undo [`Host::cut`].
     pub fn heal(&self) {
         for rule in Self::CUT {
-            let mut argv = vec!["ip", "netns", "exec", &self.netns, "iptables", "-D"];
+            let mut argv = vec!["ip", "netns", "exec", &self.netns, "iptables", "-w", "-D"];
             argv.extend_from_slice(rule);
             let _ = run(&argv);
         }
@@ -197,7 +197,7 @@ impl Testbed {
         // Once dockerd has run, br_netfilter and a FORWARD policy of DROP
         // would eat the traffic between our hosts.
         must(&[
-            "iptables", "-I", "FORWARD", "-i", &tb.bridge, "-o", &tb.bridge, "-j", "ACCEPT",
+            "iptables", "-w", "-I", "FORWARD", "-i", &tb.bridge, "-o", &tb.bridge, "-j", "ACCEPT",
         ]);
         for i in 0..n {
             let netns = format!("{}h{i}", tb.prefix);
@@ -306,6 +306,21 @@ impl Testbed {
             // Deleting the namespace deletes its veth end, and so the pair.
             let _ = run(&["ip", "netns", "del", netns]);
         }
+        // A deleted namespace goes away asynchronously, its veth pairs with
+        // it; deleting our ends now frees their names for the next claim.
+        let links = run(&["ip", "-o", "link", "show"]).unwrap_or_default();
+        let veths = format!("{}v", self.prefix);
+        for link in links
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|name| name.split('@').next().unwrap_or(name))
+            .filter(|n| {
+                n.strip_prefix(&veths)
+                    .is_some_and(|i| i.parse::<u32>().is_ok())
+            })
+        {
+            let _ = run(&["ip", "link", "del", link]);
+        }
         let _ = run(&["ip", "link", "del", &self.bridge]);
         let rule = [
             "FORWARD",
@@ -316,7 +331,7 @@ impl Testbed {
             "-j",
             "ACCEPT",
         ];
-        while run(&[&["iptables", "-D"][..], &rule[..]].concat()).is_ok() {}
+        while run(&[&["iptables", "-w", "-D"][..], &rule[..]].concat()).is_ok() {}
     }
 }
 
