@@ -103,7 +103,13 @@ fn interop_with_wireguard_go() {
     );
 
     let wgo = std::path::Path::new("/usr/bin/wireguard-go");
-    let pid = tb.spawn(1, "wireguard-go", wgo, &["-f".to_owned(), "wg0".to_owned()]);
+    let pid = tb.spawn(
+        1,
+        "wireguard-go",
+        wgo,
+        &["-f".to_owned(), "wg0".to_owned()],
+        &[("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")],
+    );
     wait_for("wireguard-go socket", Duration::from_secs(10), || {
         tb.wg(pid, &["show", "wg0"]).status.success().then_some(())
     });

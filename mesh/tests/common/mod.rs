@@ -11,7 +11,7 @@
 #![allow(dead_code)]
 
 use std::net::Ipv4Addr;
-use std::ops::Deref;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
@@ -67,7 +67,7 @@ impl Node {
     }
 }
 
-/// A [`Testbed`] (reached through Deref: `hosts`, `dir()`, …) plus one
+/// A [`Testbed`] (reached through Deref: `hosts`, `dir()`, `spawn`, …) plus one
 /// [`Node`] per host.
 pub struct MeshBed {
     tb: Testbed,
@@ -78,6 +78,12 @@ impl Deref for MeshBed {
     type Target = Testbed;
     fn deref(&self) -> &Testbed {
         &self.tb
+    }
+}
+
+impl DerefMut for MeshBed {
+    fn deref_mut(&mut self) -> &mut Testbed {
+        &mut self.tb
     }
 }
 
@@ -97,26 +103,6 @@ impl MeshBed {
     /// Run `sh -c cmd` in host `i`'s namespace.
     pub fn sh(&self, i: usize, cmd: &str) -> Output {
         self.hosts[i].sh(cmd)
-    }
-
-    /// Start `program args` on host `i` with a private /run/wireguard
-    /// ([`Testbed::spawn`]); returns its pid.
-    pub fn spawn(&mut self, i: usize, name: &str, program: &Path, args: &[String]) -> u32 {
-        self.spawn_env(i, name, program, args, &[])
-    }
-
-    /// As [`MeshBed::spawn`], with extra environment variables.
-    pub fn spawn_env(
-        &mut self,
-        i: usize,
-        name: &str,
-        program: &Path,
-        args: &[String],
-        env: &[(&str, &str)],
-    ) -> u32 {
-        let mut env = env.to_vec();
-        env.push(("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1"));
-        self.tb.spawn(i, name, program, args, &env)
     }
 
     /// A meshnode on host `i` with the given extra arguments; its status
@@ -141,7 +127,7 @@ impl MeshBed {
         ];
         args.extend_from_slice(extra);
         let bin = meshnode_bin();
-        let pid = self.spawn_env(i, &format!("meshnode{i}"), &bin, &args, env);
+        let pid = self.tb.spawn(i, &format!("meshnode{i}"), &bin, &args, env);
         let path = self.status_path(i);
         wait_for(
             &format!("meshnode{i} to start"),
