@@ -1,4 +1,5 @@
-//! Mesh behaviour between namespace hosts (root needed; see common/mod.rs).
+//! Mesh behaviour between namespace hosts (root needed; see common/mod.rs
+//! and the `ployz-testbed` crate).
 
 mod common;
 
@@ -6,27 +7,27 @@ use std::time::Duration;
 
 use common::*;
 
-fn peers_of(tb: &Testbed, i: usize) -> Vec<String> {
-    (0..tb.hosts.len())
+fn peers_of(tb: &MeshBed, i: usize) -> Vec<String> {
+    (0..tb.nodes.len())
         .filter(|j| *j != i)
-        .flat_map(|j| ["--peer".to_owned(), tb.hosts[j].peer_spec()])
+        .flat_map(|j| ["--peer".to_owned(), tb.nodes[j].peer_spec()])
         .collect()
 }
 
-fn tcp_check(tb: &Testbed, from: usize, to: usize) -> bool {
+fn tcp_check(tb: &MeshBed, from: usize, to: usize) -> bool {
     tcp_bulk(tb, from, to, 0)
 }
 
 /// Echo `bytes` over TCP: large transfers go through TSO segmentation on
 /// the sender's device and GRO coalescing on the receiver's.
-fn tcp_bulk(tb: &Testbed, from: usize, to: usize, bytes: usize) -> bool {
+fn tcp_bulk(tb: &MeshBed, from: usize, to: usize, bytes: usize) -> bool {
     let bin = meshnode_bin();
     let out = tb.sh(
         from,
         &format!(
             "{} tcp-check {}:7200 --bytes {bytes}",
             bin.display(),
-            tb.hosts[to].overlay
+            tb.nodes[to].overlay
         ),
     );
     if !out.status.success() {
@@ -41,7 +42,7 @@ fn tcp_bulk(tb: &Testbed, from: usize, to: usize, bytes: usize) -> bool {
 /// plain data paths meet.
 #[test]
 fn three_nodes_full_mesh() {
-    let mut tb = Testbed::new("a", 1, 3);
+    let mut tb = MeshBed::new(3);
     let mut pids = Vec::new();
     for i in 0..3 {
         let mut args = peers_of(&tb, i);
@@ -58,7 +59,7 @@ fn three_nodes_full_mesh() {
             if i == j {
                 continue;
             }
-            let to = tb.hosts[j].overlay;
+            let to = tb.nodes[j].overlay;
             wait_for(&format!("ping {i}→{j}"), Duration::from_secs(15), || {
                 tb.ping(i, to).then_some(())
             });
@@ -83,37 +84,43 @@ fn three_nodes_full_mesh() {
         let out = tb.wg(*pid, &["show", "plz0"]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("latest handshake"), "{text}");
-        assert!(text.contains(&tb.hosts[i].public_b64()), "{text}");
+        assert!(text.contains(&tb.nodes[i].public_b64()), "{text}");
     }
 }
 
 /// (b) a stock wireguard-go configured with `wg setconf` talks to a meshnode.
 #[test]
 fn interop_with_wireguard_go() {
-    let mut tb = Testbed::new("b", 2, 2);
+    let mut tb = MeshBed::new(2);
     tb.spawn_meshnode(
         0,
         &[
             "--peer".to_owned(),
-            tb.hosts[1].peer_spec(),
+            tb.nodes[1].peer_spec(),
             "--tcp-echo-port".to_owned(),
             "7200".to_owned(),
         ],
     );
 
     let wgo = std::path::Path::new("/usr/bin/wireguard-go");
-    let pid = tb.spawn(1, "wireguard-go", wgo, &["-f".to_owned(), "wg0".to_owned()]);
+    let pid = tb.spawn(
+        1,
+        "wireguard-go",
+        wgo,
+        &["-f".to_owned(), "wg0".to_owned()],
+        &[("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")],
+    );
     wait_for("wireguard-go socket", Duration::from_secs(10), || {
         tb.wg(pid, &["show", "wg0"]).status.success().then_some(())
     });
-    let conf = tb.dir.join("wg0.conf");
-    let h0 = &tb.hosts[0];
+    let conf = tb.dir().join("wg0.conf");
+    let h0 = &tb.nodes[0];
     std::fs::write(
         &conf,
         format!(
             "[Interface]\nPrivateKey = {}\nListenPort = 51820\n\n[Peer]\nPublicKey = {}\n\
              Endpoint = {}:51820\nAllowedIPs = 10.234.1.0/24\n",
-            tb.hosts[1].private_b64(),
+            tb.nodes[1].private_b64(),
             h0.public_b64(),
             h0.underlay
         ),
@@ -121,18 +128,21 @@ fn interop_with_wireguard_go() {
     .expect("conf");
     let out = tb.wg(pid, &["setconf", "wg0", &conf.display().to_string()]);
     assert!(out.status.success(), "wg setconf: {out:?}");
-    let ns = tb.hosts[1].ns.clone();
-    must(
+    let ns = tb.hosts[1].netns.clone();
+    must(&[
         "ip",
-        &["-n", &ns, "addr", "add", "10.234.2.1/32", "dev", "wg0"],
-    );
-    must(
-        "ip",
-        &["-n", &ns, "link", "set", "wg0", "mtu", "1420", "up"],
-    );
-    must("ip", &["-n", &ns, "route", "add", OVERLAY, "dev", "wg0"]);
+        "-n",
+        &ns,
+        "addr",
+        "add",
+        "10.234.2.1/32",
+        "dev",
+        "wg0",
+    ]);
+    must(&["ip", "-n", &ns, "link", "set", "wg0", "mtu", "1420", "up"]);
+    must(&["ip", "-n", &ns, "route", "add", OVERLAY, "dev", "wg0"]);
 
-    let (a, b) = (tb.hosts[0].overlay, tb.hosts[1].overlay);
+    let (a, b) = (tb.nodes[0].overlay, tb.nodes[1].overlay);
     wait_for(
         "ping wireguard-go → meshnode",
         Duration::from_secs(15),
@@ -160,11 +170,11 @@ fn interop_with_wireguard_go() {
 /// file) makes it vanish from `wg show` within 5 s; the others stay up.
 #[test]
 fn removed_peer_vanishes_from_wg_show() {
-    let mut tb = Testbed::new("c", 3, 3);
-    let file = tb.dir.join("peers0");
+    let mut tb = MeshBed::new(3);
+    let file = tb.dir().join("peers0");
     std::fs::write(
         &file,
-        format!("{}\n{}\n", tb.hosts[1].peer_spec(), tb.hosts[2].peer_spec()),
+        format!("{}\n{}\n", tb.nodes[1].peer_spec(), tb.nodes[2].peer_spec()),
     )
     .expect("peers file");
     let pid = tb.spawn_meshnode(0, &["--peers-file".to_owned(), file.display().to_string()]);
@@ -172,20 +182,20 @@ fn removed_peer_vanishes_from_wg_show() {
         let args = peers_of(&tb, i);
         tb.spawn_meshnode(i, &args);
     }
-    let (o1, o2) = (tb.hosts[1].overlay, tb.hosts[2].overlay);
+    let (o1, o2) = (tb.nodes[1].overlay, tb.nodes[2].overlay);
     wait_for("ping 0→1", Duration::from_secs(15), || {
         tb.ping(0, o1).then_some(())
     });
     wait_for("ping 0→2", Duration::from_secs(15), || {
         tb.ping(0, o2).then_some(())
     });
-    let gone = tb.hosts[2].public_b64();
-    let peers = |tb: &Testbed| {
+    let gone = tb.nodes[2].public_b64();
+    let peers = |tb: &MeshBed| {
         String::from_utf8_lossy(&tb.wg(pid, &["show", "plz0", "peers"]).stdout).into_owned()
     };
     assert!(peers(&tb).contains(&gone));
 
-    std::fs::write(&file, format!("{}\n", tb.hosts[1].peer_spec())).expect("peers file");
+    std::fs::write(&file, format!("{}\n", tb.nodes[1].peer_spec())).expect("peers file");
     let started = std::time::Instant::now();
     wait_for("peer removal in wg show", Duration::from_secs(5), || {
         (!peers(&tb).contains(&gone)).then_some(())
@@ -213,19 +223,19 @@ fn field<'a>(row: &'a str, key: &str) -> &'a str {
 /// off with iptables, rows again after the cut heals.
 #[test]
 fn prober_reports_cut_and_heal() {
-    let mut tb = Testbed::new("d", 4, 3);
+    let mut tb = MeshBed::new(3);
     for i in 0..3 {
         let mut args = peers_of(&tb, i);
         args.extend(["--probe-port".to_owned(), "7102".to_owned()]);
         for j in (0..3).filter(|j| *j != i) {
             args.extend([
                 "--probe".to_owned(),
-                format!("n{j}={}:7102", tb.hosts[j].overlay),
+                format!("n{j}={}:7102", tb.nodes[j].overlay),
             ]);
         }
         tb.spawn_meshnode(i, &args);
     }
-    let healthy = |tb: &Testbed, peer: &str| {
+    let healthy = |tb: &MeshBed, peer: &str| {
         let s = tb.status(0);
         rtt_row(&s, peer).is_some_and(|r| {
             field(r, "error") == "-" && field(r, "samples").parse::<usize>().unwrap_or(0) >= 2
@@ -241,8 +251,7 @@ fn prober_reports_cut_and_heal() {
     assert!(median > 0.0 && median < 50.0, "{s}");
 
     // Cut n2 off.
-    let out = tb.sh(2, "iptables -A INPUT -j DROP");
-    assert!(out.status.success(), "{out:?}");
+    tb.hosts[2].cut();
     wait_for("error row for n2", Duration::from_secs(10), || {
         let s = tb.status(0);
         rtt_row(&s, "n2")
@@ -252,8 +261,7 @@ fn prober_reports_cut_and_heal() {
     assert!(healthy(&tb, "n1"), "n1 unaffected:\n{}", tb.status(0));
 
     // Heal.
-    let out = tb.sh(2, "iptables -D INPUT -j DROP");
-    assert!(out.status.success(), "{out:?}");
+    tb.hosts[2].heal();
     wait_for("n2 row healthy again", Duration::from_secs(20), || {
         healthy(&tb, "n2").then_some(())
     });

@@ -39,8 +39,112 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A table column: its header and the cell it shows for a row.
+type Column<T> = (&'static str, fn(&T) -> String);
+
+/// `rows` as a [`table`] with `columns`.
+fn table_of<T>(rows: &[T], columns: &[Column<T>]) -> String {
+    let headers: Vec<&str> = columns.iter().map(|(h, _)| *h).collect();
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| columns.iter().map(|(_, cell)| cell(r)).collect())
+        .collect();
+    table(&headers, &cells)
+}
+
 fn opt(s: &Option<String>) -> String {
     s.clone().unwrap_or_else(|| "-".into())
+}
+
+fn ok_or_failed(ok: bool) -> String {
+    if ok { "ok" } else { "FAILED" }.into()
+}
+
+const MACHINE_COLUMNS: [Column<MachineView>; 9] = [
+    ("ID", |m| m.id.clone()),
+    ("LIFECYCLE", |m| m.lifecycle.to_string()),
+    ("AUTHORITY", |m| m.authority.to_string()),
+    ("REGION", |m| m.region.clone()),
+    ("REGION ROLE", |m| m.region_role.to_string()),
+    ("OVERLAY IP", |m| m.overlay_ip.clone()),
+    ("SUBNET", |m| m.subnet.clone()),
+    ("VERSION", |m| m.version.clone()),
+    ("CREATED", |m| m.created_at.clone()),
+];
+
+const INVITE_COLUMNS: [Column<InviteView>; 4] = [
+    ("INVITE ID", |i| i.invite_id.clone()),
+    ("STATUS", |i| i.status.to_string()),
+    ("EXPIRES AT", |i| i.expires_at.clone()),
+    ("CONSUMED BY", |i| opt(&i.consumed_by)),
+];
+
+/// `machine storage promote`; `machine init/add/update` put TARGET first.
+const RESULT_COLUMNS: [Column<TargetResult>; 4] = [
+    ("MACHINE", |t| t.machine.clone()),
+    ("RESULT", |t| ok_or_failed(t.ok)),
+    ("STEP", |t| opt(&t.step)),
+    ("DETAIL", |t| t.message.clone()),
+];
+
+const TARGET_COLUMN: Column<TargetResult> = ("TARGET", |t| opt(&t.target));
+
+const RTT_COLUMNS: [Column<RttRow>; 4] = [
+    ("MACHINE", |x| x.machine.clone()),
+    ("PEER", |x| x.peer.clone()),
+    ("MEDIAN", |x| {
+        x.median_ms.map_or("-".into(), |m| format!("{m:.1}ms"))
+    }),
+    ("STDDEV", |x| {
+        x.stddev_ms.map_or("-".into(), |s| format!("±{s:.1}ms"))
+    }),
+];
+
+/// One row per instance; a service without instances gets one row of dashes.
+type InstanceRow<'a> = (&'a ServiceView, Option<&'a InstanceView>);
+
+fn service_columns<'a>() -> [Column<InstanceRow<'a>>; 7] {
+    [
+        ("SERVICE", |(s, _)| s.name.clone()),
+        ("IMAGE", |(s, _)| s.image.clone()),
+        ("REPLICAS", |(s, _)| s.replicas.to_string()),
+        ("MACHINE", |(_, i)| {
+            i.map_or("-".into(), |i| i.machine.clone())
+        }),
+        ("SLOT", |(_, i)| {
+            i.map_or("-".into(), |i| i.slot.to_string())
+        }),
+        ("STATE", |(_, i)| {
+            i.map_or("-".into(), |i| {
+                if i.unreachable {
+                    format!("{} (machine unreachable)", i.state)
+                } else {
+                    i.state.to_string()
+                }
+            })
+        }),
+        ("OVERLAY IP", |(_, i)| {
+            i.map_or("-".into(), |i| opt(&i.overlay_ip))
+        }),
+    ]
+}
+
+fn services_table(services: &[ServiceView]) -> String {
+    let rows: Vec<InstanceRow> = services
+        .iter()
+        .flat_map(|s| {
+            let none = s.instances.is_empty().then_some((s, None));
+            none.into_iter()
+                .chain(s.instances.iter().map(move |i| (s, Some(i))))
+        })
+        .collect();
+    table_of(&rows, &service_columns())
+}
+
+fn targets_table(results: &[TargetResult]) -> String {
+    let mut columns = vec![TARGET_COLUMN];
+    columns.extend(RESULT_COLUMNS);
+    table_of(results, &columns)
 }
 
 pub fn print_response(resp: &Response, json: bool) {
@@ -86,40 +190,7 @@ pub fn print_response(resp: &Response, json: bool) {
             if json {
                 return print_json(list);
             }
-            let rows: Vec<Vec<String>> = list
-                .machines
-                .iter()
-                .map(|m| {
-                    vec![
-                        m.id.clone(),
-                        m.lifecycle.to_string(),
-                        m.authority.to_string(),
-                        m.region.clone(),
-                        m.region_role.to_string(),
-                        m.overlay_ip.clone(),
-                        m.subnet.clone(),
-                        m.version.clone(),
-                        m.created_at.clone(),
-                    ]
-                })
-                .collect();
-            print!(
-                "{}",
-                table(
-                    &[
-                        "ID",
-                        "LIFECYCLE",
-                        "AUTHORITY",
-                        "REGION",
-                        "REGION ROLE",
-                        "OVERLAY IP",
-                        "SUBNET",
-                        "VERSION",
-                        "CREATED"
-                    ],
-                    &rows
-                )
-            );
+            print!("{}", table_of(&list.machines, &MACHINE_COLUMNS));
         }
         Response::Machine(r) => {
             if json {
@@ -158,22 +229,7 @@ pub fn print_response(resp: &Response, json: bool) {
             if json {
                 return print_json(list);
             }
-            let rows: Vec<Vec<String>> = list
-                .invites
-                .iter()
-                .map(|i| {
-                    vec![
-                        i.invite_id.clone(),
-                        i.status.to_string(),
-                        i.expires_at.clone(),
-                        opt(&i.consumed_by),
-                    ]
-                })
-                .collect();
-            print!(
-                "{}",
-                table(&["INVITE ID", "STATUS", "EXPIRES AT", "CONSUMED BY"], &rows)
-            );
+            print!("{}", table_of(&list.invites, &INVITE_COLUMNS));
         }
         Response::Invite(i) => {
             if json {
@@ -244,41 +300,13 @@ pub fn print_response(resp: &Response, json: bool) {
             if json {
                 return print_json(r);
             }
-            let rows: Vec<Vec<String>> = r
-                .results
-                .iter()
-                .map(|t| {
-                    vec![
-                        t.target.clone().unwrap_or_else(|| "-".into()),
-                        t.machine.clone(),
-                        if t.ok { "ok".into() } else { "FAILED".into() },
-                        t.step.clone().unwrap_or_else(|| "-".into()),
-                        t.message.clone(),
-                    ]
-                })
-                .collect();
-            print!(
-                "{}",
-                table(&["TARGET", "MACHINE", "RESULT", "STEP", "DETAIL"], &rows)
-            );
+            print!("{}", targets_table(&r.results));
         }
         Response::Rtt(r) => {
             if json {
                 return print_json(r);
             }
-            let rows: Vec<Vec<String>> = r
-                .rows
-                .iter()
-                .map(|x| {
-                    vec![
-                        x.machine.clone(),
-                        x.peer.clone(),
-                        x.median_ms.map_or("-".into(), |m| format!("{m:.1}ms")),
-                        x.stddev_ms.map_or("-".into(), |s| format!("±{s:.1}ms")),
-                    ]
-                })
-                .collect();
-            print!("{}", table(&["MACHINE", "PEER", "MEDIAN", "STDDEV"], &rows));
+            print!("{}", table_of(&r.rows, &RTT_COLUMNS));
             for w in &r.warnings {
                 eprintln!("warning: {w}");
             }
@@ -293,19 +321,7 @@ pub fn print_response(resp: &Response, json: bool) {
             if json {
                 return print_json(r);
             }
-            let rows: Vec<Vec<String>> = r
-                .results
-                .iter()
-                .map(|t| {
-                    vec![
-                        t.machine.clone(),
-                        if t.ok { "ok".into() } else { "FAILED".into() },
-                        t.step.clone().unwrap_or_else(|| "-".into()),
-                        t.message.clone(),
-                    ]
-                })
-                .collect();
-            print!("{}", table(&["MACHINE", "RESULT", "STEP", "DETAIL"], &rows));
+            print!("{}", table_of(&r.results, &RESULT_COLUMNS));
             println!(
                 "storage set ({} of --replicas {}): {}",
                 r.voters.len(),
@@ -376,51 +392,6 @@ fn ops_table(ops: &[OpView]) -> String {
 }
 
 /// Whether a multi-target answer reports a failed target.
-/// One row per instance: SERVICE, IMAGE, REPLICAS, MACHINE, SLOT, STATE, OVERLAY IP.
-fn services_table(services: &[ServiceView]) -> String {
-    let mut rows = Vec::new();
-    for s in services {
-        if s.instances.is_empty() {
-            rows.push(vec![
-                s.name.clone(),
-                s.image.clone(),
-                s.replicas.to_string(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-            ]);
-        }
-        for i in &s.instances {
-            rows.push(vec![
-                s.name.clone(),
-                s.image.clone(),
-                s.replicas.to_string(),
-                i.machine.clone(),
-                i.slot.to_string(),
-                if i.unreachable {
-                    format!("{} (machine unreachable)", i.state)
-                } else {
-                    i.state.to_string()
-                },
-                opt(&i.overlay_ip),
-            ]);
-        }
-    }
-    table(
-        &[
-            "SERVICE",
-            "IMAGE",
-            "REPLICAS",
-            "MACHINE",
-            "SLOT",
-            "STATE",
-            "OVERLAY IP",
-        ],
-        &rows,
-    )
-}
-
 pub fn has_failures(resp: &Response) -> bool {
     match resp {
         Response::Promoted(r) => r.results.iter().any(|t| !t.ok),
@@ -480,5 +451,200 @@ mod tests {
             ],
         );
         assert_eq!(t, "ID        STATE\na         active\nlong-id   x\n");
+    }
+
+    #[test]
+    fn table_counts_characters_and_trims_empty_last_cells() {
+        let t = table(
+            &["A", "B", "C"],
+            &[
+                vec!["±1.0ms".into(), "".into(), "".into()],
+                vec!["x".into(), "yy".into(), "z".into()],
+            ],
+        );
+        assert_eq!(t, "A        B    C\n±1.0ms\nx        yy   z\n");
+    }
+
+    #[test]
+    fn table_of_takes_headers_and_cells_from_columns() {
+        const COLUMNS: [Column<(u32, &str)>; 2] =
+            [("N", |r| r.0.to_string()), ("NAME", |r| r.1.to_string())];
+        assert_eq!(
+            table_of(&[(1, "one"), (10, "ten")], &COLUMNS),
+            "N    NAME\n1    one\n10   ten\n"
+        );
+        assert_eq!(table_of(&[], &COLUMNS), "N   NAME\n");
+    }
+
+    fn machine(id: &str, lifecycle: Lifecycle, authority: Authority) -> MachineView {
+        MachineView {
+            id: id.into(),
+            hostname: "h".into(),
+            lifecycle,
+            authority,
+            region: "eu-west".into(),
+            region_role: RegionRole::Primary,
+            overlay_ip: "10.101.1.1".into(),
+            subnet: "10.101.1.0/24".into(),
+            version: "0.1.0".into(),
+            runtime: "host".into(),
+            endpoints: vec![],
+            peer_addr: "10.0.0.1:7100".into(),
+            wg_public_key: "k".into(),
+            created_at: "2025-01-01T00:00:00Z".into(),
+            updated_at: "2025-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn machine_table() {
+        let list = [
+            machine("a1b2c3d4e5f6", Lifecycle::Active, Authority::Storage),
+            machine("0f0f0f0f0f0f", Lifecycle::Standby, Authority::Compute),
+        ];
+        assert_eq!(
+            table_of(&list, &MACHINE_COLUMNS),
+            "\
+ID             LIFECYCLE   AUTHORITY   REGION    REGION ROLE   OVERLAY IP   SUBNET          VERSION   CREATED
+a1b2c3d4e5f6   active      storage     eu-west   primary       10.101.1.1   10.101.1.0/24   0.1.0     2025-01-01T00:00:00Z
+0f0f0f0f0f0f   standby     compute     eu-west   primary       10.101.1.1   10.101.1.0/24   0.1.0     2025-01-01T00:00:00Z
+"
+        );
+    }
+
+    #[test]
+    fn invite_table() {
+        let invite = |id: &str, status, consumed_by: Option<&str>| InviteView {
+            invite_id: id.into(),
+            status,
+            issuer: "a1b2c3d4e5f6".into(),
+            created_at: "2025-01-01T00:00:00Z".into(),
+            expires_at: "2025-01-02T00:00:00Z".into(),
+            consumed_by: consumed_by.map(str::to_string),
+            revoked_at: None,
+        };
+        let list = [
+            invite("inv1", InviteStatus::Active, None),
+            invite("inv2", InviteStatus::Consumed, Some("0f0f0f0f0f0f")),
+        ];
+        assert_eq!(
+            table_of(&list, &INVITE_COLUMNS),
+            "\
+INVITE ID   STATUS     EXPIRES AT             CONSUMED BY
+inv1        active     2025-01-02T00:00:00Z   -
+inv2        consumed   2025-01-02T00:00:00Z   0f0f0f0f0f0f
+"
+        );
+    }
+
+    fn result(machine: &str, ok: bool, target: Option<&str>, step: Option<&str>) -> TargetResult {
+        TargetResult {
+            machine: machine.into(),
+            ok,
+            target: target.map(str::to_string),
+            step: step.map(str::to_string),
+            message: if ok { "joined" } else { "ssh refused" }.into(),
+        }
+    }
+
+    #[test]
+    fn promote_and_target_tables() {
+        let promoted = [
+            result("a1b2c3d4e5f6", true, None, None),
+            result("0f0f0f0f0f0f", false, None, Some("catch-up")),
+        ];
+        assert_eq!(
+            table_of(&promoted, &RESULT_COLUMNS),
+            "\
+MACHINE        RESULT   STEP       DETAIL
+a1b2c3d4e5f6   ok       -          joined
+0f0f0f0f0f0f   FAILED   catch-up   ssh refused
+"
+        );
+        let targets = [
+            result("a1b2c3d4e5f6", true, Some("root@10.0.0.2"), None),
+            result("-", false, Some("root@10.0.0.3"), Some("connect")),
+        ];
+        assert_eq!(
+            targets_table(&targets),
+            "\
+TARGET          MACHINE        RESULT   STEP      DETAIL
+root@10.0.0.2   a1b2c3d4e5f6   ok       -         joined
+root@10.0.0.3   -              FAILED   connect   ssh refused
+"
+        );
+    }
+
+    #[test]
+    fn rtt_table() {
+        let row = |peer: &str, median_ms, stddev_ms| RttRow {
+            machine: "a1b2c3d4e5f6".into(),
+            peer: peer.into(),
+            median_ms,
+            stddev_ms,
+            samples: 5,
+            error: None,
+        };
+        let rows = [
+            row("0f0f0f0f0f0f", Some(0.34), Some(0.04)),
+            row("b", None, None),
+        ];
+        assert_eq!(
+            table_of(&rows, &RTT_COLUMNS),
+            "\
+MACHINE        PEER           MEDIAN   STDDEV
+a1b2c3d4e5f6   0f0f0f0f0f0f   0.3ms    ±0.0ms
+a1b2c3d4e5f6   b              -        -
+"
+        );
+    }
+
+    #[test]
+    fn service_table_has_a_row_per_instance_and_one_for_a_service_without() {
+        let instance =
+            |machine: &str, slot, state, overlay_ip: Option<&str>, unreachable| InstanceView {
+                machine: machine.into(),
+                slot,
+                state,
+                overlay_ip: overlay_ip.map(str::to_string),
+                error: None,
+                unreachable,
+                generation: Some(1),
+            };
+        let service = |name: &str, replicas, instances| ServiceView {
+            name: name.into(),
+            image: "web:1".into(),
+            digest: None,
+            replicas,
+            generation: 1,
+            volumes: vec![],
+            instances,
+        };
+        let services = [
+            service(
+                "web",
+                2,
+                vec![
+                    instance(
+                        "a1b2c3d4e5f6",
+                        0,
+                        InstanceState::Running,
+                        Some("10.101.1.2"),
+                        false,
+                    ),
+                    instance("0f0f0f0f0f0f", 1, InstanceState::Running, None, true),
+                ],
+            ),
+            service("idle", 0, vec![]),
+        ];
+        assert_eq!(
+            services_table(&services),
+            "\
+SERVICE   IMAGE   REPLICAS   MACHINE        SLOT   STATE                           OVERLAY IP
+web       web:1   2          a1b2c3d4e5f6   0      running                         10.101.1.2
+web       web:1   2          0f0f0f0f0f0f   1      running (machine unreachable)   -
+idle      web:1   0          -              -      -                               -
+"
+        );
     }
 }

@@ -6,17 +6,17 @@
 //! it installs docker.io and starts dockerd if needed) and returns the test
 //! SSH key authorised for `root` and for the sudo user `ployz`.
 //! [`FreshHost::start`] runs one container and waits for sshd; dropping it
-//! removes the container, also when the test panics. [`HostDaemon`] is a
-//! ployzd in the root namespace advertising an address the containers reach
-//! (the docker bridge gateway): the founder of a test network.
+//! removes the container, also when the test panics. The founder of a test
+//! network is a ployzd in the root namespace advertising an address the
+//! containers reach, the docker bridge gateway
+//! ([`crate::Machine::start_advertising`]).
 //!
 //! Needs root. Never changes the firewall's global policy.
 
-use serde_json::Value;
 use std::io::Read as _;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -217,106 +217,5 @@ pub fn unreachable_ip(gateway: IpAddr) -> IpAddr {
             IpAddr::from([o[0], o[1], 255, 254])
         }
         v6 => v6,
-    }
-}
-
-/// A ployzd in the root namespace reachable from the containers.
-pub struct HostDaemon {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl HostDaemon {
-    /// Start `ployzd run --advertise-ip <ip>` with free peer and NATS ports
-    /// and wait for its socket.
-    pub fn start(advertise_ip: IpAddr) -> HostDaemon {
-        let dir = tempfile::Builder::new()
-            .prefix("ployz-founder-")
-            .tempdir()
-            .expect("tempdir");
-        let log = std::fs::File::create(dir.path().join("ployzd.log")).expect("log");
-        let child = Command::new(crate::bin("ployzd"))
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--socket")
-            .arg(dir.path().join("run/ployzd.sock"))
-            .args([
-                "run",
-                "--peer-port",
-                "0",
-                "--nats-port",
-                "0",
-                // On the test box itself: no plz0 in the host's namespace.
-                "--no-mesh",
-                "--advertise-ip",
-            ])
-            .arg(advertise_ip.to_string())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn ployzd");
-        let mut d = HostDaemon {
-            dir,
-            child: Some(child),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(d.socket()).is_err() {
-            if let Some(st) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("ployzd exited early ({st}); log:\n{}", d.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ployzd socket: timeout; log:\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    pub fn socket(&self) -> PathBuf {
-        self.dir.path().join("run/ployzd.sock")
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("ployzd.log")).unwrap_or_default()
-    }
-
-    pub fn ctl(&self, args: &[&str]) -> Output {
-        crate::ctl_at(&self.socket(), args)
-    }
-
-    /// `ployzctl --json ARGS`, asserting success.
-    pub fn ctl_json(&self, args: &[&str]) -> Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        let out = self.ctl(&a);
-        assert!(
-            out.status.success(),
-            "ployzctl {args:?} failed: {}{}\nlog:\n{}",
-            crate::stdout(&out),
-            crate::stderr(&out),
-            self.log()
-        );
-        serde_json::from_slice(&out.stdout).expect("JSON")
-    }
-
-    /// A fresh invite token.
-    pub fn invite(&self) -> String {
-        self.ctl_json(&["machine", "invite", "create"])["token"]
-            .as_str()
-            .expect("token")
-            .to_string()
-    }
-}
-
-impl Drop for HostDaemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }

@@ -4,11 +4,14 @@
 //! its child process; dropping it kills the process and removes the
 //! directory, also when a test fails. Binaries are found next to the test
 //! executable's target directory (build them first: `cargo build --bins`),
-//! or in `$PLOYZ_BIN_DIR`.
+//! or in `$PLOYZ_BIN_DIR`. Namespace hosts come from `ployz-testbed`,
+//! re-exported as [`netns`].
 
 pub mod fresh;
 pub mod images;
-pub mod netns;
+
+pub use ployz_testbed as netns;
+pub use ployz_testbed::eventually;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -44,7 +47,7 @@ pub struct Machine {
     dir: tempfile::TempDir,
     child: Option<Child>,
     extra_args: Vec<String>,
-    netns: Option<String>,
+    host: Option<netns::Host>,
     env: Vec<(String, String)>,
 }
 
@@ -71,6 +74,26 @@ impl Machine {
         Self::launch(None, &Self::root_ns_args(extra))
     }
 
+    /// A machine in the root namespace that advertises `ip` (an address of
+    /// this box other hosts reach, e.g. the docker bridge gateway), with
+    /// free peer and NATS ports.
+    pub fn start_advertising(ip: std::net::IpAddr) -> Machine {
+        let ip = ip.to_string();
+        Self::launch(
+            None,
+            &[
+                "--peer-port",
+                "0",
+                "--nats-port",
+                "0",
+                // On the test box itself: no plz0 in the host's namespace.
+                "--no-mesh",
+                "--advertise-ip",
+                &ip,
+            ],
+        )
+    }
+
     fn root_ns_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec![
             "--peer-port",
@@ -88,16 +111,16 @@ impl Machine {
         let ip = host.ip.to_string();
         let mut args = vec!["--advertise-ip", ip.as_str()];
         args.extend_from_slice(extra);
-        Self::launch(Some(host.netns.clone()), &args)
+        Self::launch(Some(host.clone()), &args)
     }
 
-    fn launch(netns: Option<String>, extra: &[&str]) -> Machine {
-        let mut m = Self::build(netns, extra);
+    fn launch(host: Option<netns::Host>, extra: &[&str]) -> Machine {
+        let mut m = Self::build(host, extra);
         m.spawn();
         m
     }
 
-    fn build(netns: Option<String>, extra: &[&str]) -> Machine {
+    fn build(host: Option<netns::Host>, extra: &[&str]) -> Machine {
         let dir = tempfile::Builder::new()
             .prefix("ployz-test-")
             .tempdir()
@@ -106,7 +129,7 @@ impl Machine {
             dir,
             child: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
-            netns,
+            host,
             env: Vec::new(),
         }
     }
@@ -145,20 +168,8 @@ impl Machine {
             .append(true)
             .open(self.log_path())
             .expect("log file");
-        let mut cmd = match &self.netns {
-            // The host's network namespace plus a mount namespace of its own:
-            // a private tmpfs on /run/wireguard keeps each host's WireGuard
-            // control socket (`plz0.sock`) its own, as on a real machine.
-            // (Not `ip netns exec`: it remounts /sys, which hides the cgroup
-            // hierarchies the host runtime needs.)
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}"))
-                    .args(["unshare", "--mount", "--propagation", "private", "sh", "-c"])
-                    .arg("mkdir -p /run/wireguard && mount -t tmpfs ployz-wg /run/wireguard && exec \"$0\" \"$@\"")
-                    .arg(bin("ployzd"));
-                c
-            }
+        let mut cmd = match &self.host {
+            Some(h) => h.daemon_command(bin("ployzd")),
             None => Command::new(bin("ployzd")),
         };
         let child = cmd
@@ -220,7 +231,6 @@ impl Machine {
         c.wait().expect("wait")
     }
 
-    /// Start the daemon again on the same data directory.
     /// Environment for the next [`Machine::restart`] (replacing any set before).
     pub fn set_env(&mut self, env: &[(&str, &str)]) {
         self.env = env
@@ -229,6 +239,7 @@ impl Machine {
             .collect();
     }
 
+    /// Start the daemon again on the same data directory.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the daemon first");
         self.spawn();
@@ -237,12 +248,7 @@ impl Machine {
     /// Run a command in this machine's network and mount namespaces (e.g.
     /// `wg show plz0`, which reads the private /run/wireguard).
     pub fn exec(&self, program: &str, args: &[&str]) -> Output {
-        let pid = self.pid().to_string();
-        Command::new("nsenter")
-            .args(["-t", &pid, "-m", "-n", program])
-            .args(args)
-            .output()
-            .expect("nsenter")
+        netns::nsenter(self.pid(), program, args)
     }
 
     /// Whether the process is still running.
@@ -287,6 +293,31 @@ impl Machine {
             self.log()
         );
         serde_json::from_slice(&out.stdout).expect("ployzctl --json prints JSON")
+    }
+
+    /// The `machine ls --json` records.
+    pub fn machines(&self) -> Vec<Value> {
+        self.ctl_json(&["machine", "ls"])["machines"]
+            .as_array()
+            .expect("machines array")
+            .clone()
+    }
+
+    /// The lifecycle of machine `id` in `machine ls`, if it is listed.
+    pub fn lifecycle_of(&self, id: &str) -> Option<String> {
+        self.machines()
+            .iter()
+            .find(|m| m["id"] == id)
+            .and_then(|m| m["lifecycle"].as_str())
+            .map(str::to_string)
+    }
+
+    /// A fresh invite token (`machine invite create`).
+    pub fn invite(&self) -> String {
+        self.ctl_json(&["machine", "invite", "create"])["token"]
+            .as_str()
+            .expect("token")
+            .to_string()
     }
 }
 
@@ -341,18 +372,16 @@ impl Drop for Machine {
 }
 
 /// A network on every host of `tb`: host 0 founds `network`, the others join
-/// with invites it creates. Machine `i` runs on host `i`.
+/// with invites it creates and are active. Machine `i` runs on host `i`.
 pub fn cluster_on(tb: &netns::Testbed, network: &str) -> Vec<Machine> {
     let founder = Machine::start_in(&tb.hosts[0], &[]);
     founder.ctl_json(&["mesh", "init", network]);
     let mut ms = vec![founder];
     for h in &tb.hosts[1..] {
         let m = Machine::start_in(h, &[]);
-        let token = ms[0].ctl_json(&["machine", "invite", "create"])["token"]
-            .as_str()
-            .expect("token")
-            .to_string();
-        m.ctl_json(&["machine", "invite", "import", "--token", &token]);
+        let token = ms[0].invite();
+        let s = m.ctl_json(&["machine", "invite", "import", "--token", &token]);
+        assert_eq!(s["machine"]["lifecycle"], "active", "{s}");
         ms.push(m);
     }
     ms
@@ -375,18 +404,4 @@ pub fn stdout(o: &Output) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Poll `f` until it returns `Some` or `timeout` passes.
-pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }

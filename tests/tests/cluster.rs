@@ -2,7 +2,7 @@
 //! promotion, removal, and faults (kill -9, partitions, full restarts).
 
 use ployz_tests::netns::Testbed;
-use ployz_tests::{eventually, stderr, stdout, Machine};
+use ployz_tests::{cluster_on, eventually, stderr, stdout, Machine};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -16,17 +16,7 @@ struct Cluster {
 impl Cluster {
     fn new(n: usize) -> Cluster {
         let tb = Testbed::new(n);
-        let mut machines = Vec::new();
-        let founder = Machine::start_in(&tb.hosts[0], &[]);
-        founder.ctl_json(&["mesh", "init", "test"]);
-        machines.push(founder);
-        for h in &tb.hosts[1..] {
-            let m = Machine::start_in(h, &[]);
-            let token = invite(&machines[0]);
-            let s = m.ctl_json(&["machine", "invite", "import", "--token", &token]);
-            assert_eq!(s["machine"]["lifecycle"], "active", "{s}");
-            machines.push(m);
-        }
+        let machines = cluster_on(&tb, "test");
         Cluster { machines, tb }
     }
 
@@ -35,9 +25,13 @@ impl Cluster {
     }
 
     fn promote_all(&self) {
-        let ids = self.ids();
+        self.promote(&self.ids()[1..]);
+    }
+
+    /// Machine 0 promotes `ids` to a storage set of three.
+    fn promote(&self, ids: &[String]) {
         let mut args = vec!["machine", "storage", "promote", "--replicas", "3"];
-        args.extend(ids[1..].iter().map(String::as_str));
+        args.extend(ids.iter().map(String::as_str));
         let r = self.machines[0].ctl_json(&args);
         for t in r["results"].as_array().unwrap() {
             assert_eq!(t["ok"], true, "{r}");
@@ -46,27 +40,13 @@ impl Cluster {
     }
 }
 
-fn invite(m: &Machine) -> String {
-    m.ctl_json(&["machine", "invite", "create"])["token"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
-fn machines(m: &Machine) -> Vec<Value> {
-    m.ctl_json(&["machine", "ls"])["machines"]
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
 #[test]
 fn three_machines_join_by_invite_and_promote_to_three_replicas() {
     let c = Cluster::new(3);
     let ids = c.ids();
     let mut ips = std::collections::HashSet::new();
     for m in &c.machines {
-        let list = machines(m);
+        let list = m.machines();
         assert_eq!(list.len(), 3, "{list:?}");
         for x in &list {
             assert_eq!(x["lifecycle"], "active");
@@ -76,7 +56,7 @@ fn three_machines_join_by_invite_and_promote_to_three_replicas() {
     assert_eq!(ips.len(), 3, "distinct overlay IPs");
     c.promote_all();
     for m in &c.machines {
-        for x in machines(m) {
+        for x in m.machines() {
             assert_eq!(x["authority"], "storage", "{x}");
         }
         let s = m.ctl_json(&["mesh", "status"]);
@@ -85,7 +65,7 @@ fn three_machines_join_by_invite_and_promote_to_three_replicas() {
     // Lifecycle commands work from any machine on any machine.
     let r = c.machines[2].ctl_json(&["machine", "drain", &ids[0]]);
     assert_eq!(r["machine"]["lifecycle"], "draining");
-    let list = machines(&c.machines[1]);
+    let list = c.machines[1].machines();
     assert!(list
         .iter()
         .any(|x| x["id"] == ids[0].as_str() && x["lifecycle"] == "draining"));
@@ -239,7 +219,7 @@ fn one_token_two_importers_exactly_one_joins() {
     let tb = Testbed::new(3);
     let founder = Machine::start_in(&tb.hosts[0], &[]);
     founder.ctl_json(&["mesh", "init", "race"]);
-    let token = invite(&founder);
+    let token = founder.invite();
     let a = Machine::start_in(&tb.hosts[1], &[]);
     let b = Machine::start_in(&tb.hosts[2], &[]);
     let (ra, rb) = std::thread::scope(|s| {
@@ -259,7 +239,7 @@ fn one_token_two_importers_exactly_one_joins() {
     );
     let loser = if ra.status.success() { &rb } else { &ra };
     assert!(stderr(loser).contains("already used"), "{}", stderr(loser));
-    assert_eq!(machines(&founder).len(), 2);
+    assert_eq!(founder.machines().len(), 2);
     // The loser changed nothing on its side either: it is in no network.
     let lm = if ra.status.success() { &b } else { &a };
     assert!(lm.ctl_json(&["mesh", "status"])["network"].is_null());
@@ -274,7 +254,7 @@ fn five_concurrent_joins_get_distinct_addresses() {
         .iter()
         .map(|h| Machine::start_in(h, &[]))
         .collect();
-    let tokens: Vec<String> = joiners.iter().map(|_| invite(&founder)).collect();
+    let tokens: Vec<String> = joiners.iter().map(|_| founder.invite()).collect();
     std::thread::scope(|s| {
         let handles: Vec<_> = joiners
             .iter()
@@ -286,7 +266,7 @@ fn five_concurrent_joins_get_distinct_addresses() {
             assert!(o.status.success(), "{}", stderr(&o));
         }
     });
-    let list = machines(&founder);
+    let list = founder.machines();
     assert_eq!(list.len(), 6);
     let ips: std::collections::HashSet<_> =
         list.iter().map(|m| m["overlay_ip"].to_string()).collect();
@@ -324,7 +304,7 @@ fn rm_cleans_up_the_target_and_force_only_deletes_the_record() {
         "state left behind"
     );
     for m in [&c.machines[0], &c.machines[2]] {
-        let list = machines(m);
+        let list = m.machines();
         assert_eq!(list.len(), 2);
         assert!(list.iter().all(|x| x["id"] != ids[1].as_str()));
     }
@@ -334,10 +314,10 @@ fn rm_cleans_up_the_target_and_force_only_deletes_the_record() {
     let o = c.machines[0].ctl(&["machine", "rm", &ids[2]]);
     assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
     assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
-    assert_eq!(machines(&c.machines[0]).len(), 2, "nothing removed");
+    assert_eq!(c.machines[0].machines().len(), 2, "nothing removed");
     let r = c.machines[0].ctl_json(&["machine", "rm", "--force", &ids[2]]);
     assert_eq!(r["cleaned_up"], false);
-    assert_eq!(machines(&c.machines[0]).len(), 1);
+    assert_eq!(c.machines[0].machines().len(), 1);
     // Its subnet is free again for the next joiner.
     c.tb.hosts[2].heal();
 }
@@ -359,7 +339,7 @@ fn removal_that_would_break_storage_quorum_is_refused() {
     let e = stderr(&o);
     assert!(e.contains("no majority") && e.contains(&ids[2]), "{e}");
     assert!(e.contains("bring the down"), "{e}");
-    assert_eq!(machines(&c.machines[0]).len(), 3, "nothing removed");
+    assert_eq!(c.machines[0].machines().len(), 3, "nothing removed");
     // Removing the dead machine itself is the way out, and keeps quorum.
     let r = c.machines[0].ctl_json(&["machine", "rm", "--force", &ids[2]]);
     assert_eq!(r["left_storage"], true);
@@ -373,18 +353,9 @@ fn removal_that_would_break_storage_quorum_is_refused() {
 fn compute_machine_fails_over_between_storage_machines() {
     let mut c = Cluster::new(4);
     let ids = c.ids();
-    let r = c.machines[0].ctl_json(&[
-        "machine",
-        "storage",
-        "promote",
-        "--replicas",
-        "3",
-        &ids[1],
-        &ids[2],
-    ]);
-    assert_eq!(r["voters"].as_array().unwrap().len(), 3, "{r}");
+    c.promote(&ids[1..3]);
     let compute = &c.machines[3];
-    let me = machines(compute);
+    let me = compute.machines();
     let mine = me.iter().find(|m| m["id"] == ids[3].as_str()).unwrap();
     assert_eq!(mine["authority"], "compute");
     assert!(try_invite(compute).is_some());
@@ -421,15 +392,7 @@ fn compute_machine_fails_over_between_storage_machines() {
 fn removing_a_storage_machine_from_a_compute_machine_changes_the_voter_set() {
     let mut c = Cluster::new(4);
     let ids = c.ids();
-    c.machines[0].ctl_json(&[
-        "machine",
-        "storage",
-        "promote",
-        "--replicas",
-        "3",
-        &ids[1],
-        &ids[2],
-    ]);
+    c.promote(&ids[1..3]);
     // Machine 3 holds no replica: the voter change must run on the leader.
     let r = c.machines[3].ctl_json(&["machine", "rm", &ids[2]]);
     assert_eq!(r["left_storage"], true, "{r}");

@@ -2,18 +2,9 @@
 //! daemon provisions fresh Debian containers (systemd + sshd) over SSH from
 //! a release location made with `ployzctl release pack`.
 
-use ployz_tests::fresh::{self, FreshHost, HostDaemon};
-use ployz_tests::{stderr, stdout};
+use ployz_tests::fresh::{self, FreshHost};
+use ployz_tests::{stderr, stdout, Machine};
 use serde_json::Value;
-
-fn lifecycle_of(f: &HostDaemon, id: &str) -> Option<String> {
-    f.ctl_json(&["machine", "ls"])["machines"]
-        .as_array()?
-        .iter()
-        .find(|m| m["id"] == id)
-        .and_then(|m| m["lifecycle"].as_str())
-        .map(str::to_string)
-}
 
 #[test]
 fn init_one_host_then_add_three_with_one_bad() {
@@ -22,7 +13,7 @@ fn init_one_host_then_add_three_with_one_bad() {
     let a = FreshHost::start();
     let b = FreshHost::start();
     let c = FreshHost::start();
-    let f = HostDaemon::start(a.gateway);
+    let f = Machine::start_advertising(a.gateway);
     f.ctl_json(&["mesh", "init", "clitest"]);
 
     // An offline release location, as an air-gapped operator would make it.
@@ -92,7 +83,7 @@ fn init_one_host_then_add_three_with_one_bad() {
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     let id = r["results"][0]["machine"].as_str().unwrap().to_string();
     assert_eq!(a.exec_ok("systemctl is-active ployzd").trim(), "active");
-    assert_eq!(lifecycle_of(&f, &id).as_deref(), Some("active"));
+    assert_eq!(f.lifecycle_of(&id).as_deref(), Some("active"));
     // Visible from the new machine's side too.
     let theirs = a.exec_ok("ployzctl --json machine ls");
     assert!(
@@ -163,7 +154,7 @@ fn init_one_host_then_add_three_with_one_bad() {
             .contains("not provisioned over SSH"),
         "{r}"
     );
-    assert_eq!(lifecycle_of(&f, &id).as_deref(), Some("active"));
+    assert_eq!(f.lifecycle_of(&id).as_deref(), Some("active"));
 
     // add: two good targets and one unreachable one.
     let bad = format!("root@{}", fresh::unreachable_ip(a.gateway));

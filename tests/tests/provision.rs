@@ -9,7 +9,8 @@ use ployz_provision::provision::{
 };
 use ployz_provision::release::{host_triple, pack_release, ReleaseLocation};
 use ployz_provision::ssh::{SshError, SshOptions, SshSession, SshTarget, Transport};
-use ployz_tests::fresh::{self, FreshHost, HostDaemon};
+use ployz_tests::fresh::{self, FreshHost};
+use ployz_tests::Machine;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -82,8 +83,8 @@ impl Env {
 }
 
 /// A founder on this host, advertising the address containers reach it on.
-fn founder(host: &FreshHost) -> HostDaemon {
-    let f = HostDaemon::start(host.gateway);
+fn founder(host: &FreshHost) -> Machine {
+    let f = Machine::start_advertising(host.gateway);
     f.ctl_json(&["mesh", "init", "provtest"]);
     f
 }
@@ -94,16 +95,6 @@ async fn ssh_run(env: &Env, target: &str, cmd: &str) -> String {
     let out = s.exec(cmd).await.expect("exec");
     s.close().await;
     out.stdout_str().trim().to_string()
-}
-
-fn machine_lifecycle(f: &HostDaemon, id: &str) -> Option<String> {
-    let ls = f.ctl_json(&["machine", "ls"]);
-    ls["machines"]
-        .as_array()?
-        .iter()
-        .find(|m| m["id"] == id)
-        .and_then(|m| m["lifecycle"].as_str())
-        .map(str::to_string)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,10 +131,7 @@ async fn provision_one_fresh_host_in_system_mode() {
         unit.contains(&format!("--advertise-ip {}", host.ip)),
         "{unit}"
     );
-    assert_eq!(
-        machine_lifecycle(&f, &p.machine_id).as_deref(),
-        Some("active")
-    );
+    assert_eq!(f.lifecycle_of(&p.machine_id).as_deref(), Some("active"));
     // The new machine sees the network too.
     let st = host.exec_ok("ployzctl --json mesh status");
     assert!(st.contains("provtest"), "{st}");
@@ -186,10 +174,7 @@ async fn add_three_targets_one_unreachable() {
     let ok: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
     assert_eq!(ok.len(), 2, "two good targets join");
     for p in &ok {
-        assert_eq!(
-            machine_lifecycle(&f, &p.machine_id).as_deref(),
-            Some("active")
-        );
+        assert_eq!(f.lifecycle_of(&p.machine_id).as_deref(), Some("active"));
     }
     let e = results[1]
         .as_ref()
@@ -384,8 +369,5 @@ async fn update_then_rollback_of_a_broken_release() {
         good_sum,
         "the previous binary is back"
     );
-    assert_eq!(
-        machine_lifecycle(&f, &p.machine_id).as_deref(),
-        Some("active")
-    );
+    assert_eq!(f.lifecycle_of(&p.machine_id).as_deref(), Some("active"));
 }

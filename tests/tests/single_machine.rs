@@ -12,13 +12,6 @@ fn founded() -> Machine {
     m
 }
 
-fn machines(m: &Machine) -> Vec<Value> {
-    m.ctl_json(&["machine", "ls"])["machines"]
-        .as_array()
-        .expect("machines array")
-        .clone()
-}
-
 #[test]
 fn founder_is_one_active_storage_machine() {
     let m = Machine::start();
@@ -86,7 +79,7 @@ fn custom_range_and_second_init_refused() {
     assert_eq!(again.status.code(), Some(5), "{}", stderr(&again));
     assert!(stderr(&again).contains("already belongs to network `lab`"));
     // Nothing changed.
-    assert_eq!(machines(&m).len(), 1);
+    assert_eq!(m.machines().len(), 1);
 }
 
 #[test]
@@ -137,7 +130,7 @@ fn bad_input_is_refused_and_changes_nothing() {
 #[test]
 fn lifecycle_transitions_persist_across_kill9() {
     let mut m = founded();
-    let id = machines(&m)[0]["id"].as_str().unwrap().to_string();
+    let id = m.machines()[0]["id"].as_str().unwrap().to_string();
     let prefix = &id[..5];
 
     let r = m.ctl_json(&["machine", "drain", prefix]);
@@ -153,10 +146,10 @@ fn lifecycle_transitions_persist_across_kill9() {
 
     m.kill9();
     m.restart();
-    assert_eq!(machines(&m)[0]["lifecycle"], "standby");
+    assert_eq!(m.machines()[0]["lifecycle"], "standby");
     let r = m.ctl_json(&["machine", "activate", &id]);
     assert_eq!(r["previous"], "standby");
-    assert_eq!(machines(&m)[0]["lifecycle"], "active");
+    assert_eq!(m.machines()[0]["lifecycle"], "active");
 }
 
 #[test]
@@ -203,11 +196,11 @@ fn fifty_invites_survive_kill9_with_their_status() {
 #[test]
 fn clean_stop_and_restart_keep_everything() {
     let mut m = founded();
-    let before = machines(&m);
+    let before = m.machines();
     assert!(m.stop().success(), "SIGTERM exits 0; log:\n{}", m.log());
     assert!(!m.socket().exists(), "socket removed on clean stop");
     m.restart();
-    assert_eq!(machines(&m), before);
+    assert_eq!(m.machines(), before);
 }
 
 #[test]
@@ -233,7 +226,7 @@ fn second_daemon_on_same_data_or_socket_is_refused() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("another ployzd"), "{}", stderr(&out));
     // The first one is unharmed.
-    assert_eq!(machines(&m).len(), 1);
+    assert_eq!(m.machines().len(), 1);
 }
 
 #[test]
