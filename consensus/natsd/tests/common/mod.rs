@@ -249,6 +249,18 @@ impl Raw {
         l.trim_end_matches("\r\n").to_string()
     }
 
+    /// The next `n` bytes and the CRLF after them (a message payload); panics after a timeout.
+    pub async fn payload(&mut self, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n + 2];
+        tokio::time::timeout(WAIT, self.rd.read_exact(&mut b))
+            .await
+            .expect("payload timeout")
+            .expect("read payload");
+        assert_eq!(&b[n..], b"\r\n", "payload not followed by CRLF");
+        b.truncate(n);
+        b
+    }
+
     /// Next line, skipping server PINGs (answered).
     pub async fn line_skip_ping(&mut self) -> String {
         loop {
