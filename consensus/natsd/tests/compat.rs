@@ -55,6 +55,7 @@ both!(
     kv_keys_with_catch_all,
     kv_watch_with_catch_all,
     kv_consumer_before_its_subscription,
+    malformed_protocol,
 );
 
 async fn next_msg(sub: &mut async_nats::Subscriber) -> async_nats::Message {
@@ -899,13 +900,15 @@ async fn kv_keys_with_catch_all(kind: Kind) {
     t.stop().await;
 }
 
-/// A KV watch on a connection that also subscribes to `>`.
+/// A KV get and watch on a connection that also subscribes to `>`.
 async fn kv_watch_with_catch_all(kind: Kind) {
     let (t, js) = kv_target(kind).await;
     let store = make_bucket(&t, &js, "wc", 5).await;
     store.put("old", "0".into()).await.unwrap();
     let _all = js.client().subscribe(">").await.unwrap();
     js.client().flush().await.unwrap();
+    // Direct get replies and the put acks reach their request inboxes too.
+    assert_eq!(store.get("old").await.unwrap(), Some(Bytes::from("0")));
     let mut w = store.watch_with_history(">").await.unwrap();
     let e = next_entry(&mut w).await;
     assert_eq!((e.key.as_str(), &e.value[..]), ("old", &b"0"[..]));
@@ -991,5 +994,85 @@ async fn kv_consumer_before_its_subscription(kind: Kind) {
         }
     }
     assert_eq!(seen, keys);
+    t.stop().await;
+}
+
+// ---------------------------------------------------------------- protocol errors
+
+/// What a server does with one malformed operation.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Closes the connection after sending exactly this (an `-ERR` line, or nothing).
+    Closes(String),
+    /// Keeps the connection: answers the PING that follows.
+    StaysOpen,
+}
+
+/// Malformed operations, each on a fresh connection after a good CONNECT (or as the CONNECT),
+/// with the outcome nats-server 2.9.10 shows on the wire: a verb without arguments is an
+/// unknown operation (`-ERR` then close), while malformed *arguments* of PUB/HPUB/SUB and a
+/// CONNECT whose JSON does not parse close the connection **without** an `-ERR` (nats-server
+/// only logs them, e.g. "processPub Bad or Missing Size", "processHeaderPub Header Size larger
+/// then TotalSize").
+async fn malformed_protocol(kind: Kind) {
+    const UNKNOWN: &str = "-ERR 'Unknown Protocol Operation'\r\n";
+    const MAX_PAYLOAD: &str = "-ERR 'Maximum Payload Violation'\r\n";
+    let closes = |s: &str| Outcome::Closes(s.to_string());
+    let cases: Vec<(&str, bool, Outcome)> = vec![
+        // (input, after a good CONNECT, outcome)
+        ("PUB foo -1\r\n", true, closes("")),
+        ("PUB foo 99999999999999999999999\r\n", true, closes("")),
+        ("PUB foo 9223372036854775808\r\n", true, closes("")),
+        ("PUB foo abc\r\n", true, closes("")),
+        ("PUB foo\r\n", true, closes("")),
+        ("PUB foo bar baz 3\r\n", true, closes("")),
+        ("PUB\r\n", true, closes(UNKNOWN)),
+        ("PUB foo 2\r\nhiX\r\n", true, closes(UNKNOWN)),
+        ("PUB foo 2000000\r\n", true, closes(MAX_PAYLOAD)),
+        ("HPUB foo 10 5\r\n", true, closes("")),
+        ("HPUB foo x 5\r\n", true, closes("")),
+        ("HPUB foo 5 x\r\n", true, closes("")),
+        ("HPUB foo -1 5\r\n", true, closes("")),
+        ("HPUB foo 2 99999999999999999999\r\n", true, closes("")),
+        ("HPUB foo 5\r\n", true, closes("")),
+        ("HPUB foo\r\n", true, closes("")),
+        ("HPUB\r\n", true, closes(UNKNOWN)),
+        ("HPUB foo 2 2000000\r\n", true, closes(MAX_PAYLOAD)),
+        // A header block that is not `NATS/1.0` is passed on, not refused.
+        ("HPUB foo 2 4\r\nXYab\r\n", true, Outcome::StaysOpen),
+        ("SUB foo\r\n", true, closes("")),
+        ("SUB a b c d\r\n", true, closes("")),
+        ("SUB\r\n", true, closes(UNKNOWN)),
+        ("UNSUB\r\n", true, closes(UNKNOWN)),
+        ("UNSUB 1 2 3\r\n", true, closes("")),
+        // A max that is not a number unsubscribes at once and is no error.
+        ("UNSUB 1 x\r\n", true, Outcome::StaysOpen),
+        ("CONNECT {bad\r\n", false, closes("")),
+        ("CONNECT {bad}\r\n", false, closes("")),
+        ("CONNECT\r\n", false, closes("")),
+    ];
+    let t = Target::start(kind, Opts::default()).await;
+    let mut failures = Vec::new();
+    for (input, connect_first, want) in cases {
+        let (mut raw, _) = Raw::connect(t.addr).await;
+        if connect_first {
+            raw.send(&Raw::connect_line("")).await;
+        }
+        raw.send(input).await;
+        raw.send("PING\r\n").await;
+        let (bytes, closed) = raw.read_for(Duration::from_secs(2)).await;
+        let got = if closed {
+            Outcome::Closes(bytes)
+        } else if bytes.starts_with("PONG\r\n") {
+            Outcome::StaysOpen
+        } else {
+            failures.push(format!("{input:?}: still open after sending {bytes:?}"));
+            continue;
+        };
+        if got != want {
+            failures.push(format!("{input:?}: want {want:?}, got {got:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
     t.stop().await;
 }

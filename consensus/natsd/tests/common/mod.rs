@@ -286,6 +286,22 @@ impl Raw {
         }
     }
 
+    /// Everything the server sends within `t`, and whether it closed the connection by then
+    /// (reading stops at the close).
+    pub async fn read_for(&mut self, t: Duration) -> (String, bool) {
+        let mut all = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let deadline = tokio::time::Instant::now() + t;
+        let closed = loop {
+            match tokio::time::timeout_at(deadline, self.rd.read(&mut buf)).await {
+                Err(_) => break false,
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(n)) => all.extend_from_slice(&buf[..n]),
+            }
+        };
+        (String::from_utf8_lossy(&all).into_owned(), closed)
+    }
+
     pub fn connect_line(extra: &str) -> String {
         format!(
             "CONNECT {{\"verbose\":false,\"pedantic\":false,\"user\":\"{USER}\",\"pass\":\"{PASS}\",\"protocol\":1,\"headers\":true{extra}}}\r\n"
