@@ -38,8 +38,10 @@
 //! `sublist.go`, `errors.go` and `const.go`, v2.10–v2.14): error texts are
 //! byte-exact (including their inconsistent casing, e.g.
 //! `'maximum control line exceeded'` but `'Maximum Payload Violation'`),
-//! fatal errors close the connection, malformed arguments close it
-//! *without* an `-ERR`, `SUB` with a bad subject is answered with
+//! fatal errors close the connection, malformed arguments (`PUB foo -1`,
+//! an overflowing size, `HPUB` header size above total size, `CONNECT`
+//! with bad JSON) close it *without* an `-ERR` (seen on the wire from
+//! nats-server 2.9.10: natsd's compat suite checks both servers), `SUB` with a bad subject is answered with
 //! `-ERR 'Invalid Subject'` and the connection stays up, a pedantic client
 //! publishing to a wildcard gets `-ERR 'Invalid Publish Subject'` and the
 //! message is still routed, and a slow consumer is dropped without an

@@ -256,6 +256,36 @@ impl<T: Ord + Clone> Sublist<T> {
         !self.matches(subject).is_empty()
     }
 
+    /// Whether a plain (non-queue) entry was inserted with exactly `filter`:
+    /// wildcard filters that merely match it do not count. This is
+    /// nats-server's interest *notification* rule (`registerNotification`),
+    /// which decides when a push consumer is active: a consumer whose deliver
+    /// subject is `_INBOX.x` starts delivering once someone subscribes to
+    /// `_INBOX.x` itself, not because a `>` subscription exists.
+    pub fn has_exact_interest(&self, filter: &str) -> bool {
+        let Ok(toks) = tokens_of_filter(filter) else {
+            return false;
+        };
+        let mut level = Some(&self.root);
+        let mut node = None;
+        for t in toks {
+            let Some(l) = level else {
+                return false;
+            };
+            let n = match t {
+                PWC => l.pwc.as_deref(),
+                FWC => l.fwc.as_deref(),
+                lit => l.nodes.get(lit),
+            };
+            let Some(n) = n else {
+                return false;
+            };
+            node = Some(n);
+            level = n.next.as_deref();
+        }
+        node.is_some_and(|n| !n.plain.is_empty())
+    }
+
     /// All subscribers whose filter matches the literal `subject`. A subject
     /// with an empty token matches nothing (as in nats-server). A wildcard
     /// token in `subject` is treated literally: it only matches filters with
@@ -477,6 +507,32 @@ mod tests {
         assert!(sl.is_empty());
         assert!(sl.root.is_empty(), "trie pruned");
         assert!(!sl.has_interest("foo.bar"));
+    }
+
+    #[test]
+    fn exact_interest_ignores_wildcards_and_queues() {
+        let mut sl = Sublist::new();
+        sl.insert(">", None, 1u32).unwrap_or_default();
+        sl.insert("_INBOX.*", None, 2).unwrap_or_default();
+        sl.insert("_INBOX.q", Some("g"), 3).unwrap_or_default();
+        sl.insert("_INBOX.x.y", None, 4).unwrap_or_default();
+        // Matched by `>` and `_INBOX.*`, but nobody subscribed to it literally.
+        assert!(sl.has_interest("_INBOX.x"));
+        assert!(!sl.has_exact_interest("_INBOX.x"));
+        // A queue subscription is not plain interest.
+        assert!(!sl.has_exact_interest("_INBOX.q"));
+        // A longer literal below it does not count either.
+        assert!(sl.has_exact_interest("_INBOX.x.y"));
+        assert!(!sl.has_exact_interest("_INBOX.x.y.z"));
+        sl.insert("_INBOX.x", None, 5).unwrap_or_default();
+        assert!(sl.has_exact_interest("_INBOX.x"));
+        // Filters are looked up as written.
+        assert!(sl.has_exact_interest(">"));
+        assert!(sl.has_exact_interest("_INBOX.*"));
+        assert!(!sl.has_exact_interest("*"));
+        assert!(!sl.has_exact_interest("a..b"));
+        sl.remove("_INBOX.x", None, &5);
+        assert!(!sl.has_exact_interest("_INBOX.x"));
     }
 
     #[test]

@@ -146,8 +146,10 @@ impl Router {
         out
     }
 
-    pub(crate) fn has_interest(&self, subject: &str) -> bool {
-        self.subs.has_interest(subject) || self.remote.has_interest(subject)
+    /// Whether a plain subscription (local or announced by a route) names exactly `subject`;
+    /// see [`Sublist::has_exact_interest`].
+    pub(crate) fn has_exact_interest(&self, subject: &str) -> bool {
+        self.subs.has_exact_interest(subject) || self.remote.has_exact_interest(subject)
     }
 }
 
@@ -309,8 +311,12 @@ impl Shared {
         )
     }
 
-    pub(crate) fn has_interest(&self, subject: &str) -> bool {
-        lock(&self.router).has_interest(subject)
+    /// Whether someone subscribed to exactly `subject` (a push consumer's deliver subject):
+    /// nats-server activates a push consumer on a literal subscription to its deliver subject,
+    /// so a client's `>` or `_INBOX.>` does not start the delivery before the client's own
+    /// deliver subscription exists.
+    pub(crate) fn has_delivery_interest(&self, subject: &str) -> bool {
+        lock(&self.router).has_exact_interest(subject)
     }
 
     fn js_accepts(&self, subject: &str) -> bool {

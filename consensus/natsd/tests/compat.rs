@@ -49,6 +49,13 @@ both!(
     kv_keys,
     kv_watch,
     kv_history,
+    overlapping_subscriptions_raw,
+    overlapping_subscriptions,
+    inbox_catch_all_and_request,
+    kv_keys_with_catch_all,
+    kv_watch_with_catch_all,
+    kv_consumer_before_its_subscription,
+    malformed_protocol,
 );
 
 async fn next_msg(sub: &mut async_nats::Subscriber) -> async_nats::Message {
@@ -735,5 +742,337 @@ async fn kv_history(kind: Kind) {
     assert_eq!(values, [&b"2"[..], b"3", b"4"], "history keeps the last 3");
     let revs: Vec<u64> = hist.iter().map(|e| e.revision).collect();
     assert_eq!(revs, [2, 3, 4]);
+    t.stop().await;
+}
+
+// ------------------------------------- one connection, several matching subscriptions
+
+/// Reads `MSG`/`HMSG` lines (skipping their payloads) until `PONG`; returns the sids in order.
+async fn sids_until_pong(raw: &mut Raw) -> Vec<String> {
+    let mut sids = Vec::new();
+    loop {
+        let l = raw.line_skip_ping().await;
+        if l == "PONG" {
+            return sids;
+        }
+        let f: Vec<&str> = l.split(' ').collect();
+        assert!(f[0] == "MSG" || f[0] == "HMSG", "unexpected line {l:?}");
+        sids.push(f[2].to_string());
+        let size: usize = f[f.len() - 1].parse().expect("size");
+        raw.payload(size).await;
+    }
+}
+
+/// Every matching subscription of one connection gets its own MSG (one per sid); each queue
+/// group still gets exactly one, even when all its members are on this connection.
+async fn overlapping_subscriptions_raw(kind: Kind) {
+    let t = Target::start(kind, Opts::default()).await;
+    let (mut raw, _) = Raw::connect(t.addr).await;
+    raw.send(&Raw::connect_line("")).await;
+    raw.send(
+        "SUB > 1\r\nSUB foo.bar 2\r\nSUB foo.* 3\r\nSUB foo.bar q 4\r\nSUB foo.> q 5\r\n\
+         SUB nope 6\r\nSUB foo.bar.baz 7\r\nPING\r\n",
+    )
+    .await;
+    assert_eq!(raw.line_skip_ping().await, "PONG");
+    let mut queue_hits = BTreeSet::new();
+    for i in 0..20 {
+        if i % 2 == 0 {
+            raw.send("PUB foo.bar 2\r\nhi\r\nPING\r\n").await;
+        } else {
+            raw.send("HPUB foo.bar 12 14\r\nNATS/1.0\r\n\r\nhi\r\nPING\r\n")
+                .await;
+        }
+        let mut sids = sids_until_pong(&mut raw).await;
+        sids.sort();
+        assert_eq!(
+            sids.len(),
+            4,
+            "one MSG per matching sid, one per queue group: {sids:?}"
+        );
+        assert_eq!(&sids[..3], ["1", "2", "3"], "{sids:?}");
+        assert!(sids[3] == "4" || sids[3] == "5", "{sids:?}");
+        queue_hits.insert(sids[3].clone());
+    }
+    // Random member choice: over 20 messages both members are picked (p = 2^-19 to fail).
+    assert_eq!(queue_hits.len(), 2, "{queue_hits:?}");
+    t.stop().await;
+}
+
+/// The same through a client library: `>` plus a specific subject on one connection.
+async fn overlapping_subscriptions(kind: Kind) {
+    let t = Target::start(kind, Opts::default()).await;
+    let c = t.connect().await;
+    let mut all = c.subscribe(">").await.unwrap();
+    let mut one = c.subscribe("greet.joe").await.unwrap();
+    c.flush().await.unwrap();
+    let p = t.connect().await;
+    wait_live(&p, &mut one, "greet.joe").await;
+    // `all` saw the probes too; drop them.
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), all.next()).await {}
+    p.publish("greet.joe", "hello".into()).await.unwrap();
+    p.flush().await.unwrap();
+    let m = next_msg(&mut one).await;
+    assert_eq!(
+        (m.subject.as_str(), &m.payload[..]),
+        ("greet.joe", &b"hello"[..])
+    );
+    let m = next_msg(&mut all).await;
+    assert_eq!(
+        (m.subject.as_str(), &m.payload[..]),
+        ("greet.joe", &b"hello"[..])
+    );
+    no_msg(&mut one, Duration::from_millis(100)).await;
+    no_msg(&mut all, Duration::from_millis(100)).await;
+    t.stop().await;
+}
+
+/// A request's reply reaches the request inbox and an `_INBOX.>` (and a `>`) subscription of
+/// the same connection.
+async fn inbox_catch_all_and_request(kind: Kind) {
+    let t = Target::start(kind, Opts::default()).await;
+    let responder = t.connect().await;
+    let mut svc = responder.subscribe("svc.echo").await.unwrap();
+    responder.flush().await.unwrap();
+    let r2 = responder.clone();
+    let task = tokio::spawn(async move {
+        while let Some(m) = svc.next().await {
+            if let Some(reply) = m.reply {
+                r2.publish(reply, m.payload).await.unwrap();
+            }
+        }
+    });
+    let c = t.connect().await;
+    let mut inbox = c.subscribe("_INBOX.>").await.unwrap();
+    let mut all = c.subscribe(">").await.unwrap();
+    c.flush().await.unwrap();
+    let resp = c.request("svc.echo", "ping".into()).await.unwrap();
+    assert_eq!(&resp.payload[..], b"ping");
+    let m = next_msg(&mut inbox).await;
+    assert!(m.subject.starts_with("_INBOX."), "{}", m.subject);
+    assert_eq!(&m.payload[..], b"ping");
+    no_msg(&mut inbox, Duration::from_millis(100)).await;
+    // `>` sees the request (echo) and the reply, in that order.
+    let m = next_msg(&mut all).await;
+    assert_eq!(m.subject.as_str(), "svc.echo");
+    let m = next_msg(&mut all).await;
+    assert!(m.subject.starts_with("_INBOX."), "{}", m.subject);
+    assert_eq!(&m.payload[..], b"ping");
+    task.abort();
+    t.stop().await;
+}
+
+/// KV keys() on a connection that also subscribes to `>`: the consumer's deliveries reach the
+/// keys iterator (and the catch-all).
+async fn kv_keys_with_catch_all(kind: Kind) {
+    let (t, js) = kv_target(kind).await;
+    let store = make_bucket(&t, &js, "kc", 1).await;
+    for k in ["a", "b"] {
+        store.put(k, "v".into()).await.unwrap();
+    }
+    let mut all = js.client().subscribe(">").await.unwrap();
+    js.client().flush().await.unwrap();
+    let mut keys: Vec<String> = tokio::time::timeout(
+        WAIT,
+        store.keys().await.unwrap().map(|k| k.unwrap()).collect(),
+    )
+    .await
+    .expect("keys timeout");
+    keys.sort();
+    assert_eq!(keys, ["a", "b"]);
+    // The catch-all saw the consumer's deliveries (presented with the stored subject and a
+    // `$JS.ACK` reply).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut delivered = BTreeSet::new();
+    while delivered.len() < 2 {
+        let m = tokio::time::timeout_at(deadline, all.next())
+            .await
+            .expect("catch-all saw the deliveries")
+            .expect("subscription ended");
+        if m.reply.as_ref().is_some_and(|r| r.starts_with("$JS.ACK.")) {
+            delivered.insert(m.subject.to_string());
+        }
+    }
+    assert_eq!(
+        delivered,
+        BTreeSet::from(["$KV.kc.a".to_string(), "$KV.kc.b".to_string()])
+    );
+    t.stop().await;
+}
+
+/// A KV get and watch on a connection that also subscribes to `>`.
+async fn kv_watch_with_catch_all(kind: Kind) {
+    let (t, js) = kv_target(kind).await;
+    let store = make_bucket(&t, &js, "wc", 5).await;
+    store.put("old", "0".into()).await.unwrap();
+    let _all = js.client().subscribe(">").await.unwrap();
+    js.client().flush().await.unwrap();
+    // Direct get replies and the put acks reach their request inboxes too.
+    assert_eq!(store.get("old").await.unwrap(), Some(Bytes::from("0")));
+    let mut w = store.watch_with_history(">").await.unwrap();
+    let e = next_entry(&mut w).await;
+    assert_eq!((e.key.as_str(), &e.value[..]), ("old", &b"0"[..]));
+    store.put("new", "1".into()).await.unwrap();
+    let e = next_entry(&mut w).await;
+    assert_eq!(
+        (e.key.as_str(), &e.value[..], e.revision),
+        ("new", &b"1"[..], 2)
+    );
+    t.stop().await;
+}
+
+/// The order nats-py uses for KV keys()/watch: create the push consumer first, subscribe to
+/// its deliver subject afterwards, on a connection that already subscribes to `>`. A push
+/// consumer starts delivering only once its deliver subject itself is subscribed (nats-server's
+/// literal interest rule): had the `>` subscription started it, everything would have been
+/// delivered before the deliver subscription existed and the keys would be lost.
+async fn kv_consumer_before_its_subscription(kind: Kind) {
+    let (t, js) = kv_target(kind).await;
+    let store = make_bucket(&t, &js, "py", 1).await;
+    for k in ["a", "b"] {
+        store.put(k, "v".into()).await.unwrap();
+    }
+    let c = t.connect().await;
+    let mut all = c.subscribe(">").await.unwrap();
+    c.flush().await.unwrap();
+    let deliver = "_INBOX.pydeliver";
+    let req = serde_json::json!({
+        "stream_name": "KV_py",
+        "config": {
+            "deliver_subject": deliver,
+            "deliver_policy": "last_per_subject",
+            "ack_policy": "none",
+            "max_deliver": 1,
+            "filter_subject": "$KV.py.>",
+            "flow_control": true,
+            "idle_heartbeat": 5_000_000_000u64,
+            "headers_only": true,
+            "mem_storage": true,
+            "num_replicas": 1,
+            "inactive_threshold": 30_000_000_000u64,
+        }
+    });
+    let resp = c
+        .request("$JS.API.CONSUMER.CREATE.KV_py", req.to_string().into())
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&resp.payload).unwrap();
+    assert_eq!(v["num_pending"], 2, "{v}");
+    // Nothing is delivered while only `>` matches the deliver subject.
+    let quiet_until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Some(m)) = tokio::time::timeout_at(quiet_until, all.next()).await {
+        assert_ne!(
+            m.reply.as_ref().map(|r| r.starts_with("$JS.ACK.")),
+            Some(true),
+            "consumer delivered {} before its deliver subject was subscribed",
+            m.subject
+        );
+    }
+    let mut sub = c.subscribe(deliver).await.unwrap();
+    c.flush().await.unwrap();
+    let mut keys = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while keys.len() < 2 {
+        let m = tokio::time::timeout_at(deadline, sub.next())
+            .await
+            .expect("deliveries after subscribing")
+            .expect("subscription ended");
+        if m.reply.as_ref().is_some_and(|r| r.starts_with("$JS.ACK.")) {
+            keys.push(m.subject.to_string());
+        }
+    }
+    assert_eq!(keys, ["$KV.py.a", "$KV.py.b"]);
+    // The `>` subscription of the same connection got its own copy of each.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let m = tokio::time::timeout_at(deadline, all.next())
+            .await
+            .expect("catch-all copies")
+            .expect("subscription ended");
+        if m.reply.as_ref().is_some_and(|r| r.starts_with("$JS.ACK.")) {
+            seen.push(m.subject.to_string());
+        }
+    }
+    assert_eq!(seen, keys);
+    t.stop().await;
+}
+
+// ---------------------------------------------------------------- protocol errors
+
+/// What a server does with one malformed operation.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Closes the connection after sending exactly this (an `-ERR` line, or nothing).
+    Closes(String),
+    /// Keeps the connection: answers the PING that follows.
+    StaysOpen,
+}
+
+/// Malformed operations, each on a fresh connection after a good CONNECT (or as the CONNECT),
+/// with the outcome nats-server 2.9.10 shows on the wire: a verb without arguments is an
+/// unknown operation (`-ERR` then close), while malformed *arguments* of PUB/HPUB/SUB and a
+/// CONNECT whose JSON does not parse close the connection **without** an `-ERR` (nats-server
+/// only logs them, e.g. "processPub Bad or Missing Size", "processHeaderPub Header Size larger
+/// then TotalSize").
+async fn malformed_protocol(kind: Kind) {
+    const UNKNOWN: &str = "-ERR 'Unknown Protocol Operation'\r\n";
+    const MAX_PAYLOAD: &str = "-ERR 'Maximum Payload Violation'\r\n";
+    let closes = |s: &str| Outcome::Closes(s.to_string());
+    let cases: Vec<(&str, bool, Outcome)> = vec![
+        // (input, after a good CONNECT, outcome)
+        ("PUB foo -1\r\n", true, closes("")),
+        ("PUB foo 99999999999999999999999\r\n", true, closes("")),
+        ("PUB foo 9223372036854775808\r\n", true, closes("")),
+        ("PUB foo abc\r\n", true, closes("")),
+        ("PUB foo\r\n", true, closes("")),
+        ("PUB foo bar baz 3\r\n", true, closes("")),
+        ("PUB\r\n", true, closes(UNKNOWN)),
+        ("PUB foo 2\r\nhiX\r\n", true, closes(UNKNOWN)),
+        ("PUB foo 2000000\r\n", true, closes(MAX_PAYLOAD)),
+        ("HPUB foo 10 5\r\n", true, closes("")),
+        ("HPUB foo x 5\r\n", true, closes("")),
+        ("HPUB foo 5 x\r\n", true, closes("")),
+        ("HPUB foo -1 5\r\n", true, closes("")),
+        ("HPUB foo 2 99999999999999999999\r\n", true, closes("")),
+        ("HPUB foo 5\r\n", true, closes("")),
+        ("HPUB foo\r\n", true, closes("")),
+        ("HPUB\r\n", true, closes(UNKNOWN)),
+        ("HPUB foo 2 2000000\r\n", true, closes(MAX_PAYLOAD)),
+        // A header block that is not `NATS/1.0` is passed on, not refused.
+        ("HPUB foo 2 4\r\nXYab\r\n", true, Outcome::StaysOpen),
+        ("SUB foo\r\n", true, closes("")),
+        ("SUB a b c d\r\n", true, closes("")),
+        ("SUB\r\n", true, closes(UNKNOWN)),
+        ("UNSUB\r\n", true, closes(UNKNOWN)),
+        ("UNSUB 1 2 3\r\n", true, closes("")),
+        // A max that is not a number unsubscribes at once and is no error.
+        ("UNSUB 1 x\r\n", true, Outcome::StaysOpen),
+        ("CONNECT {bad\r\n", false, closes("")),
+        ("CONNECT {bad}\r\n", false, closes("")),
+        ("CONNECT\r\n", false, closes("")),
+    ];
+    let t = Target::start(kind, Opts::default()).await;
+    let mut failures = Vec::new();
+    for (input, connect_first, want) in cases {
+        let (mut raw, _) = Raw::connect(t.addr).await;
+        if connect_first {
+            raw.send(&Raw::connect_line("")).await;
+        }
+        raw.send(input).await;
+        raw.send("PING\r\n").await;
+        let (bytes, closed) = raw.read_for(Duration::from_secs(2)).await;
+        let got = if closed {
+            Outcome::Closes(bytes)
+        } else if bytes.starts_with("PONG\r\n") {
+            Outcome::StaysOpen
+        } else {
+            failures.push(format!("{input:?}: still open after sending {bytes:?}"));
+            continue;
+        };
+        if got != want {
+            failures.push(format!("{input:?}: want {want:?}, got {got:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
     t.stop().await;
 }

@@ -815,3 +815,66 @@ fn session_output_independent_of_split_points() {
     let bytes: Vec<&[u8]> = input.chunks(1).collect();
     assert_eq!(run(&bytes), whole);
 }
+
+/// Malformed arguments close the connection without an `-ERR`, exactly as nats-server 2.9.10
+/// does on the wire (it only logs "processPub Bad or Missing Size", "processHeaderPub Header
+/// Size larger then TotalSize", ...); the same inputs are checked against the real server in
+/// `natsd/tests/compat.rs` (`malformed_protocol`). A bare verb is an unknown operation.
+#[test]
+fn malformed_arguments_close_silently_like_nats_server() {
+    let silent: &[&[u8]] = &[
+        b"PUB foo -1\r\n",
+        b"PUB foo 99999999999999999999999\r\n",
+        b"PUB foo 9223372036854775808\r\n",
+        b"PUB foo abc\r\n",
+        b"PUB foo bar baz 3\r\n",
+        b"HPUB foo 10 5\r\n",
+        b"HPUB foo x 5\r\n",
+        b"HPUB foo 5 x\r\n",
+        b"HPUB foo -1 5\r\n",
+        b"HPUB foo 2 99999999999999999999\r\n",
+        b"HPUB foo 5\r\n",
+        b"HPUB foo\r\n",
+        b"SUB foo\r\n",
+        b"UNSUB 1 2 3\r\n",
+    ];
+    for input in silent {
+        let mut s = quiet();
+        let (out, actions) = feed(&mut s, input, ms(2));
+        let shown = String::from_utf8_lossy(input);
+        assert_eq!(out, "", "{shown}");
+        assert_eq!(
+            actions,
+            vec![Action::Close {
+                reason: CloseReason::ProtocolViolation
+            }],
+            "{shown}"
+        );
+    }
+    for verb in [&b"PUB\r\n"[..], b"HPUB\r\n", b"SUB\r\n", b"UNSUB\r\n"] {
+        let mut s = quiet();
+        let (out, actions) = feed(&mut s, verb, ms(2));
+        assert_eq!(out, "-ERR 'Unknown Protocol Operation'\r\n");
+        assert_eq!(close_of(&actions), Some(CloseReason::ProtocolViolation));
+    }
+    // A malformed CONNECT closes silently too (JSON error, nothing sent).
+    for input in [&b"CONNECT {bad\r\n"[..], b"CONNECT {bad}\r\n"] {
+        let mut s = session();
+        let (out, actions) = feed(&mut s, input, ms(2));
+        assert_eq!(out, "");
+        assert_eq!(close_of(&actions), Some(CloseReason::ProtocolViolation));
+    }
+    // A header block not starting with `NATS/1.0` is not checked: published as is.
+    let mut s = quiet();
+    let (out, actions) = feed(&mut s, b"HPUB foo 2 4\r\nXYab\r\nPING\r\n", ms(2));
+    assert_eq!(out, "PONG\r\n");
+    assert_eq!(
+        actions,
+        vec![Action::Publish {
+            subject: "foo".into(),
+            reply: None,
+            headers: Some(b"XY".to_vec()),
+            payload: b"ab".to_vec(),
+        }]
+    );
+}

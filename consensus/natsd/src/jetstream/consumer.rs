@@ -2,8 +2,9 @@
 //! history).
 //!
 //! A consumer reads a snapshot when it is created (so `num_pending` in the create reply is
-//! exact), waits until someone is interested in its deliver subject, delivers the snapshot and
-//! then every matching change from the backend's event stream. Gaps are impossible by
+//! exact), waits until someone subscribes to exactly its deliver subject (as nats-server: a
+//! wildcard subscription such as `>` that merely matches it does not count), delivers the
+//! snapshot and then every matching change from the backend's event stream. Gaps are impossible by
 //! construction: the event subscription is taken **before** the snapshot is read, the snapshot's
 //! list is one atomic read whose highest revision `high` is the bucket sequence at that instant,
 //! and live events are delivered only above `high`. If the event stream lags or is reset, the
@@ -388,7 +389,7 @@ impl Runner {
             if self.ctl.is_stopped() || *shutdown.borrow() {
                 return Err(Stop::Stopped);
             }
-            if self.shared.has_interest(&self.spec.deliver) {
+            if self.shared.has_delivery_interest(&self.spec.deliver) {
                 lock(&self.ctl.progress).push_bound = true;
                 return Ok(());
             }
@@ -442,7 +443,7 @@ impl Runner {
                 },
                 _ = tokio::time::sleep_until(hb_at), if !hb.is_zero() => self.heartbeat(),
                 _ = check.tick() => {
-                    if self.shared.has_interest(&self.spec.deliver) {
+                    if self.shared.has_delivery_interest(&self.spec.deliver) {
                         no_interest_since = None;
                     } else {
                         let since = *no_interest_since.get_or_insert_with(Instant::now);

@@ -249,6 +249,18 @@ impl Raw {
         l.trim_end_matches("\r\n").to_string()
     }
 
+    /// The next `n` bytes and the CRLF after them (a message payload); panics after a timeout.
+    pub async fn payload(&mut self, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n + 2];
+        tokio::time::timeout(WAIT, self.rd.read_exact(&mut b))
+            .await
+            .expect("payload timeout")
+            .expect("read payload");
+        assert_eq!(&b[n..], b"\r\n", "payload not followed by CRLF");
+        b.truncate(n);
+        b
+    }
+
     /// Next line, skipping server PINGs (answered).
     pub async fn line_skip_ping(&mut self) -> String {
         loop {
@@ -272,6 +284,22 @@ impl Raw {
                 Ok(Ok(_)) => {}
             }
         }
+    }
+
+    /// Everything the server sends within `t`, and whether it closed the connection by then
+    /// (reading stops at the close).
+    pub async fn read_for(&mut self, t: Duration) -> (String, bool) {
+        let mut all = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let deadline = tokio::time::Instant::now() + t;
+        let closed = loop {
+            match tokio::time::timeout_at(deadline, self.rd.read(&mut buf)).await {
+                Err(_) => break false,
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(n)) => all.extend_from_slice(&buf[..n]),
+            }
+        };
+        (String::from_utf8_lossy(&all).into_owned(), closed)
     }
 
     pub fn connect_line(extra: &str) -> String {
