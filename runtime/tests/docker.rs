@@ -236,8 +236,8 @@ async fn docker_network_fixed_address_is_routable() {
     rt.ensure_network(&net).await.unwrap();
     rt.ensure_network(&net).await.unwrap(); // idempotent
                                             // Both tagged as ployzd's own.
-    let tag = format!("ployz:{bridge}");
-    let comment = ["-m", "comment", "--comment", tag.as_str()];
+    let fw_tag = format!("ployz:{bridge}");
+    let comment = ["-m", "comment", "--comment", fw_tag.as_str()];
     let mut accept = vec!["-C", "DOCKER-USER", "-s", &peer_range, "-d", &subnet];
     accept.extend(comment);
     accept.extend(["-j", "ACCEPT"]);
