@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use crate::netconfig::{self, IpCommand, NetConfig, NetConfigError};
+use crate::netconfig::{self, NetConfig, NetConfigError, Rtnetlink};
 use crate::overlay::Ipv4Net;
 use crate::wg::allowed::AllowedIp;
 use crate::wg::device::{ApplyError, Device, DeviceConfig, DeviceError};
@@ -90,9 +90,9 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    /// Create the TUN, bind the port, configure the interface with `ip`.
+    /// Create the TUN, bind the port, configure the interface (rtnetlink).
     pub fn start(cfg: MeshConfig) -> Result<Mesh, MeshError> {
-        Mesh::start_with(cfg, &IpCommand, Path::new(uapi::SOCKET_DIR))
+        Mesh::start_with(cfg, &Rtnetlink, Path::new(uapi::SOCKET_DIR))
     }
 
     /// As [`Mesh::start`], with the interface configurator and the control

@@ -2,80 +2,21 @@
 //! trait, so the plan is tested without a kernel (a recording fake) and the
 //! real implementation stays a thin shell.
 //!
-//! The real implementation runs iproute2's `ip`: it is on every host we
-//! target (a dependency of the package), it needs no netlink crate, and its
-//! error messages are what an operator would see typing the same command.
+//! The real implementation speaks rtnetlink ([`ployz_netlink`]): `ployzd` is
+//! one static binary and needs no iproute2 on the host. The changes still
+//! print as the equivalent `ip` command, which is what an operator would type
+//! to check or redo one.
 
-use std::fmt;
 use std::net::Ipv4Addr;
-use std::process::Command;
 use std::sync::Mutex;
 
 use crate::overlay::Ipv4Net;
 
 /// One change to the host's network configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NetOp {
-    SetMtu {
-        ifname: String,
-        mtu: u16,
-    },
-    AddAddress {
-        ifname: String,
-        addr: Ipv4Addr,
-        prefix: u8,
-    },
-    SetUp {
-        ifname: String,
-    },
-    AddRoute {
-        ifname: String,
-        net: Ipv4Net,
-        src: Ipv4Addr,
-    },
-}
+pub use ployz_netlink::Op as NetOp;
 
-impl NetOp {
-    /// The `ip` arguments doing this change. `replace` makes them idempotent
-    /// (a restarted daemon finds its address and route already there).
-    pub fn ip_args(&self) -> Vec<String> {
-        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        match self {
-            NetOp::SetMtu { ifname, mtu } => {
-                v(&["link", "set", "dev", ifname, "mtu", &mtu.to_string()])
-            }
-            NetOp::AddAddress {
-                ifname,
-                addr,
-                prefix,
-            } => v(&[
-                "addr",
-                "replace",
-                &format!("{addr}/{prefix}"),
-                "dev",
-                ifname,
-            ]),
-            NetOp::SetUp { ifname } => v(&["link", "set", "dev", ifname, "up"]),
-            NetOp::AddRoute { ifname, net, src } => v(&[
-                "route",
-                "replace",
-                &net.to_string(),
-                "dev",
-                ifname,
-                "src",
-                &src.to_string(),
-            ]),
-        }
-    }
-}
-
-impl fmt::Display for NetOp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ip {}", self.ip_args().join(" "))
-    }
-}
-
-/// The changes that bring up a mesh interface, in order.
+/// The changes that bring up a mesh interface, in order. "Replace" makes
+/// them idempotent (a restarted daemon finds its address and route there).
 pub fn plan(ifname: &str, address: Ipv4Addr, cluster: Ipv4Net, mtu: u16) -> Vec<NetOp> {
     let ifname = ifname.to_owned();
     vec![
@@ -83,7 +24,7 @@ pub fn plan(ifname: &str, address: Ipv4Addr, cluster: Ipv4Net, mtu: u16) -> Vec<
             ifname: ifname.clone(),
             mtu,
         },
-        NetOp::AddAddress {
+        NetOp::ReplaceAddress {
             ifname: ifname.clone(),
             addr: address,
             prefix: 32,
@@ -91,47 +32,37 @@ pub fn plan(ifname: &str, address: Ipv4Addr, cluster: Ipv4Net, mtu: u16) -> Vec<
         NetOp::SetUp {
             ifname: ifname.clone(),
         },
-        NetOp::AddRoute {
-            ifname,
-            net: cluster,
-            src: address,
+        NetOp::ReplaceRoute {
+            dest: cluster.addr,
+            prefix: cluster.prefix,
+            via: None,
+            dev: Some(ifname),
+            src: Some(address),
         },
     ]
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetConfigError {
-    #[error("could not run `{op}`: {source} (is iproute2 installed?)")]
-    Spawn { op: String, source: std::io::Error },
-    #[error("`{op}` failed: {stderr}")]
-    Failed { op: String, stderr: String },
+    #[error(transparent)]
+    Netlink(#[from] ployz_netlink::Error),
+    #[error("`{op}` failed: {reason}")]
+    Failed { op: String, reason: String },
 }
 
 pub trait NetConfig: Send + Sync {
     fn apply(&self, op: &NetOp) -> Result<(), NetConfigError>;
 }
 
-/// The real thing: iproute2's `ip`. Needs CAP_NET_ADMIN.
+/// The real thing: rtnetlink, in the namespace of the calling thread. Needs
+/// CAP_NET_ADMIN.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct IpCommand;
+pub struct Rtnetlink;
 
-impl NetConfig for IpCommand {
+impl NetConfig for Rtnetlink {
     fn apply(&self, op: &NetOp) -> Result<(), NetConfigError> {
-        let out = Command::new("ip")
-            .args(op.ip_args())
-            .output()
-            .map_err(|source| NetConfigError::Spawn {
-                op: op.to_string(),
-                source,
-            })?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(NetConfigError::Failed {
-                op: op.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            })
-        }
+        ployz_netlink::Netlink::open()?.apply(op)?;
+        Ok(())
     }
 }
 
@@ -162,7 +93,7 @@ impl NetConfig for RecordingNetConfig {
         if self.fail_on == Some(ops.len()) {
             return Err(NetConfigError::Failed {
                 op: op.to_string(),
-                stderr: "injected failure".into(),
+                reason: "injected failure".into(),
             });
         }
         ops.push(op.clone());

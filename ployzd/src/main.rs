@@ -209,6 +209,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     daemon.shutdown().await;
     let _ = std::fs::remove_file(&socket);
     if leaving {
+        if let Err(e) = ployz_runtime::firewall::remove_all() {
+            tracing::warn!("cannot remove ployzd's firewall rules: {e}");
+        }
         wipe_data_dir(&data_dir);
         if let Some(mode) = service_mode {
             uninstall_service(mode, &env);

@@ -7,13 +7,14 @@
 //! with a fixed subnet and gateway, no masquerading, and gateway mode
 //! `nat-unprotected` (docker ≥ 28 otherwise drops routed traffic to
 //! containers arriving on other interfaces, such as the mesh). An iptables
-//! rule in `DOCKER-USER` accepts forwarded traffic to the subnet, which
+//! rule (written by [`crate::firewall`], like every rule of ployzd's) in
+//! `DOCKER-USER` accepts forwarded traffic to the subnet, which
 //! dockerd's FORWARD rules would drop; with [`BridgeNetwork::allow_from`],
 //! only from that range, and a rule at the end of `DOCKER-USER` drops the
 //! rest (unprotected gateway mode would let anyone who routes to the subnet
 //! in). The network's MTU is [`BridgeNetwork::mtu`].
 
-use crate::host::net::{iptables_ensure, iptables_ensure_last, iptables_remove_matching};
+use crate::firewall;
 use crate::host::serialized;
 use crate::{
     BridgeNetwork, Image, Runtime, RuntimeError, RuntimeKind, State, WorkloadSpec, WorkloadStatus,
@@ -280,64 +281,28 @@ async fn allow_subnet(
     subnet: String,
     from: Option<String>,
 ) -> Result<(), RuntimeError> {
+    let b = bridge.to_string();
     let res = tokio::task::spawn_blocking(move || {
-        serialized(|| {
-            let mut accept = Vec::new();
-            if let Some(from) = &from {
-                accept.extend(["-s", from.as_str()]);
-            }
-            accept.extend(["-d", subnet.as_str(), "-j", "ACCEPT"]);
-            let drop = ["-d", subnet.as_str(), "-j", "DROP"];
-            let set_up = |chain: &str| {
-                // Rules for another `from` (or none) would let more in.
-                iptables_remove_matching(chain, |rule| {
-                    is_subnet_rule(rule, &subnet)
-                        && rule != accept.as_slice()
-                        && (from.is_none() || rule != drop)
-                })?;
-                iptables_ensure(chain, &accept)?;
-                if from.is_some() {
-                    iptables_ensure_last(chain, &drop)?;
-                }
-                Ok::<(), crate::host::net::NetConfigError>(())
-            };
-            set_up("DOCKER-USER").or_else(|_| set_up("FORWARD"))
-        })
+        serialized(|| firewall::allow_subnet(&firewall::System, &b, &subnet, from.as_deref()))
     })
     .await;
-    match res {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(RuntimeError::Network {
-            runtime: "docker",
-            what: format!("accept forwarded traffic to network {bridge}"),
-            reason: e.to_string(),
-        }),
-        Err(e) => Err(RuntimeError::Network {
-            runtime: "docker",
-            what: format!("accept forwarded traffic to network {bridge}"),
-            reason: e.to_string(),
-        }),
-    }
+    let reason = match res {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    Err(RuntimeError::Network {
+        runtime: "docker",
+        what: format!("accept forwarded traffic to network {bridge}"),
+        reason,
+    })
 }
 
-async fn disallow_subnet(subnet: String) {
+async fn disallow_subnet(bridge: String, subnet: String) {
     let _ = tokio::task::spawn_blocking(move || {
-        serialized(|| {
-            for chain in ["DOCKER-USER", "FORWARD"] {
-                let _ = iptables_remove_matching(chain, |rule| is_subnet_rule(rule, &subnet));
-            }
-        })
+        serialized(|| firewall::remove_subnet(&firewall::System, &bridge, &subnet))
     })
     .await;
-}
-
-/// Whether `rule` (as `iptables -S` prints it) is one [`allow_subnet`] makes
-/// for `subnet`.
-fn is_subnet_rule(rule: &[&str], subnet: &str) -> bool {
-    matches!(
-        rule,
-        ["-d", d, "-j", "ACCEPT" | "DROP"] | ["-s", _, "-d", d, "-j", "ACCEPT"] if *d == subnet
-    )
 }
 
 fn map_state(
@@ -509,7 +474,7 @@ impl Runtime for DockerRuntime {
             return Ok(());
         };
         for subnet in subnets {
-            disallow_subnet(subnet).await;
+            disallow_subnet(bridge.to_string(), subnet).await;
         }
         match self.docker.remove_network(bridge).await {
             Err(bollard::errors::Error::DockerResponseServerError {
@@ -585,9 +550,11 @@ mod tests {
             ("-d 10.101.3.0/24 -p tcp -j ACCEPT", false),
             ("-j RETURN", false),
         ] {
-            let w = rule(r);
-            let w: Vec<&str> = w.iter().map(String::as_str).collect();
-            assert_eq!(is_subnet_rule(&w, "10.101.3.0/24"), ours, "{r}");
+            assert_eq!(
+                firewall::is_legacy_subnet_rule(&rule(r), "10.101.3.0/24"),
+                ours,
+                "{r}"
+            );
         }
         s.image = Image::Rootfs("/r".into());
         assert!(matches!(

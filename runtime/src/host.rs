@@ -38,7 +38,7 @@ use libcontainer::container::{Container, ContainerStatus};
 use libcontainer::error::LibcontainerError;
 use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
-use net::{IpCommand, NetConfig, NetConfigError};
+use net::{NetConfig, NetConfigError, Rtnetlink};
 use rootfs::RootfsPlan;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -123,7 +123,7 @@ impl HostEngine {
         }
         Ok(HostEngine {
             root,
-            net: Box::new(IpCommand),
+            net: Box::new(Rtnetlink),
             create_helper: None,
             create_timeout: std::time::Duration::from_secs(60),
             exits: HashMap::new(),
@@ -523,9 +523,10 @@ impl HostEngine {
         }
         let res = self.net.apply(
             net::Netns::Runtime,
-            &[net::NetOp::DeleteLink {
+            &[ployz_netlink::Op::DeleteLink {
                 ifname: veth.clone(),
-            }],
+            }
+            .into()],
         );
         match res {
             // Gone meanwhile (the namespace's teardown won the race).
@@ -604,11 +605,11 @@ fn reap(pid: i32, block: bool) -> Option<i64> {
 /// one process deadlock or fail (seen in tests). Every libcontainer call in
 /// the process goes through this lock.
 ///
-/// So does every command this crate runs with pipes (`ip`, `iptables`): a
+/// So does every command this crate runs with pipes (`iptables`): a
 /// clone (a fork that does not exec until `start`) made while such a pipe is
 /// open keeps its write end, and reading the command's output to EOF then
-/// hangs until that workload starts (seen in tests: two creates, each
-/// holding the other's `ip` pipe).
+/// hangs until that workload starts (seen in tests, with `ip` before
+/// ployzd spoke netlink: two creates, each holding the other's pipe).
 static LIBCONTAINER: Mutex<()> = Mutex::new(());
 
 pub(crate) fn serialized<T>(f: impl FnOnce() -> T) -> T {

@@ -25,6 +25,7 @@ mod alloc;
 pub mod docker;
 mod error;
 pub mod fake;
+pub mod firewall;
 pub mod host;
 pub mod image;
 

@@ -72,7 +72,8 @@ impl Drop for Cleanup {
                     if let Some(rest) = rule.strip_prefix(&format!("-A {chain} ")) {
                         if rest.contains(&format!("-d {subnet} ")) {
                             let mut args = vec!["-D", chain];
-                            args.extend(rest.split_whitespace());
+                            // iptables quotes comments; no shell to unquote them.
+                            args.extend(rest.split_whitespace().map(|w| w.trim_matches('"')));
                             let _ = Command::new("iptables").args(&args).output();
                         }
                     }
@@ -234,23 +235,17 @@ async fn docker_network_fixed_address_is_routable() {
     };
     rt.ensure_network(&net).await.unwrap();
     rt.ensure_network(&net).await.unwrap(); // idempotent
-    run_ok(
-        "iptables",
-        &[
-            "-C",
-            "DOCKER-USER",
-            "-s",
-            &peer_range,
-            "-d",
-            &subnet,
-            "-j",
-            "ACCEPT",
-        ],
-    );
-    run_ok(
-        "iptables",
-        &["-C", "DOCKER-USER", "-d", &subnet, "-j", "DROP"],
-    );
+                                            // Both tagged as ployzd's own.
+    let fw_tag = format!("ployz:{bridge}");
+    let comment = ["-m", "comment", "--comment", fw_tag.as_str()];
+    let mut accept = vec!["-C", "DOCKER-USER", "-s", &peer_range, "-d", &subnet];
+    accept.extend(comment);
+    accept.extend(["-j", "ACCEPT"]);
+    run_ok("iptables", &accept);
+    let mut drop = vec!["-C", "DOCKER-USER", "-d", &subnet];
+    drop.extend(comment);
+    drop.extend(["-j", "DROP"]);
+    run_ok("iptables", &drop);
     let rules = run_ok("iptables", &["-S", "DOCKER-USER"]);
     assert_eq!(rules.matches(&subnet).count(), 2, "{rules}");
     // The docker network's bridge carries the requested name.

@@ -114,6 +114,18 @@ impl Machine {
         Self::launch(Some(host.clone()), &args)
     }
 
+    /// Like [`Machine::start_in`], with extra environment variables (e.g. a
+    /// `PATH` without some tool).
+    pub fn start_in_with_env(host: &netns::Host, extra: &[&str], env: &[(&str, &str)]) -> Machine {
+        let ip = host.ip.to_string();
+        let mut args = vec!["--advertise-ip", ip.as_str()];
+        args.extend_from_slice(extra);
+        let mut m = Self::build(Some(host.clone()), &args);
+        m.set_env(env);
+        m.spawn();
+        m
+    }
+
     fn launch(host: Option<netns::Host>, extra: &[&str]) -> Machine {
         let mut m = Self::build(host, extra);
         m.spawn();

@@ -408,9 +408,14 @@ impl Drop for DockerGuard {
             .args(["network", "rm", &self.network])
             .output();
         for chain in ["DOCKER-USER", "FORWARD"] {
-            let _ = std::process::Command::new("iptables")
-                .args(["-D", chain, "-d", &self.subnet, "-j", "ACCEPT"])
-                .output();
+            let tag = format!("ployz:{}", self.network);
+            for comment in [&["-m", "comment", "--comment", &tag][..], &[]] {
+                let _ = std::process::Command::new("iptables")
+                    .args(["-D", chain, "-d", &self.subnet])
+                    .args(comment)
+                    .args(["-j", "ACCEPT"])
+                    .output();
+            }
         }
     }
 }

@@ -2,10 +2,10 @@
 //! workload, addresses and routes.
 //!
 //! The plan (which changes, in which network namespace, in which order) is
-//! pure and tested against [`RecordingNetConfig`]; [`IpCommand`] applies it
-//! with iproute2's `ip` (present on every host we target; its errors are
-//! what an operator would see typing the same command), `iptables`, one
-//! write to `/proc/sys/net/ipv4/ip_forward`, and an ioctl for "link up".
+//! pure and tested against [`RecordingNetConfig`]; [`Rtnetlink`] applies it
+//! over rtnetlink ([`ployz_netlink`], no iproute2 needed), with the
+//! forwarding rules from [`crate::firewall`] and one write to
+//! `/proc/sys/net/ipv4/ip_forward`.
 //!
 //! A workload's network namespace is the one libcontainer creates for it
 //! (the OCI spec asks for a new one). It is configured from outside after
@@ -15,17 +15,17 @@
 //! test hosts), and the namespace, with the workload's end of the veth,
 //! disappears with the workload's processes.
 
+use crate::firewall;
 use crate::{BridgeNetwork, NetworkAttachment};
+use ployz_netlink::{Netlink, Op};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::fmt;
 use std::fs::File;
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 /// Name of the workload's interface inside its namespace.
@@ -43,130 +43,45 @@ pub enum Netns {
 /// One change to a network namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetOp {
-    AddBridge {
-        name: String,
-    },
-    /// Adds the address, or leaves it if it is already there.
-    ReplaceAddress {
-        ifname: String,
-        addr: Ipv4Addr,
-        prefix: u8,
-    },
-    SetUp {
-        ifname: String,
-    },
-    SetMtu {
-        ifname: String,
-        mtu: u16,
-    },
-    /// A veth pair: `host` here, `peer` created directly in the namespace of
-    /// `pid`, both ends with `mtu` when there is one.
-    AddVeth {
-        host: String,
-        peer: String,
-        pid: i32,
-        mtu: Option<u16>,
-    },
-    SetMaster {
-        ifname: String,
-        master: String,
-    },
-    ReplaceDefaultRoute {
-        via: Ipv4Addr,
-    },
-    DeleteLink {
-        ifname: String,
-    },
+    /// A link, address or route change (rtnetlink).
+    Link(Op),
     /// `net.ipv4.ip_forward=1` (a per-namespace setting).
     EnableIpForward,
-    /// iptables FORWARD accept rules for traffic into and out of `bridge`
-    /// (a FORWARD policy of DROP, which dockerd sets, would otherwise drop
-    /// mesh traffic to workloads). With `from`, traffic into the bridge is
-    /// accepted only from that range and dropped from anywhere else (a rule
-    /// at the end of the chain). Checked with `-C` first: idempotent.
+    /// The FORWARD rules of [`firewall::bridge_want`] for `bridge`: traffic
+    /// out of it accepted, into it accepted (only from `from`, dropping the
+    /// rest at the end of the chain, when given). Idempotent.
     AllowForward {
         bridge: String,
         from: Option<String>,
     },
-    /// Removes the rules of [`NetOp::AllowForward`], whatever their `from`
-    /// (missing rules are fine).
-    RemoveAllowForward {
-        bridge: String,
-    },
+    /// Removes the rules of [`NetOp::AllowForward`], whatever their `from`,
+    /// also untagged ones an older ployzd wrote (missing rules are fine).
+    RemoveAllowForward { bridge: String },
 }
 
-impl NetOp {
-    /// The `ip` arguments for this change, or `None` when it is not an `ip` command.
-    pub fn ip_args(&self) -> Option<Vec<String>> {
-        let v = |a: &[&str]| Some(a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-        match self {
-            NetOp::AddBridge { name } => v(&["link", "add", "name", name, "type", "bridge"]),
-            NetOp::ReplaceAddress {
-                ifname,
-                addr,
-                prefix,
-            } => v(&[
-                "addr",
-                "replace",
-                &format!("{addr}/{prefix}"),
-                "dev",
-                ifname,
-            ]),
-            NetOp::SetUp { ifname } => v(&["link", "set", "dev", ifname, "up"]),
-            NetOp::SetMtu { ifname, mtu } => {
-                v(&["link", "set", "dev", ifname, "mtu", &mtu.to_string()])
-            }
-            NetOp::AddVeth {
-                host,
-                peer,
-                pid,
-                mtu,
-            } => {
-                let pid = pid.to_string();
-                let mtu = mtu.map(|m| m.to_string());
-                let mtu: Vec<&str> = mtu.iter().flat_map(|m| ["mtu", m.as_str()]).collect();
-                let mut a = vec!["link", "add", "name", host];
-                a.extend(&mtu);
-                a.extend(["type", "veth", "peer", "name", peer]);
-                a.extend(&mtu);
-                a.extend(["netns", pid.as_str()]);
-                v(&a)
-            }
-            NetOp::SetMaster { ifname, master } => {
-                v(&["link", "set", "dev", ifname, "master", master])
-            }
-            NetOp::ReplaceDefaultRoute { via } => {
-                v(&["route", "replace", "default", "via", &via.to_string()])
-            }
-            NetOp::DeleteLink { ifname } => v(&["link", "del", "dev", ifname]),
-            NetOp::EnableIpForward | NetOp::AllowForward { .. } => None,
-            NetOp::RemoveAllowForward { .. } => None,
-        }
+impl From<Op> for NetOp {
+    fn from(op: Op) -> Self {
+        NetOp::Link(op)
     }
 }
 
+/// The equivalent shell commands (for logs and tests).
 impl fmt::Display for NetOp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            NetOp::Link(op) => op.fmt(f),
             NetOp::EnableIpForward => f.write_str("echo 1 > /proc/sys/net/ipv4/ip_forward"),
-            NetOp::AllowForward { bridge, from: None } => write!(
-                f,
-                "iptables -I FORWARD -i {bridge} -j ACCEPT; iptables -I FORWARD -o {bridge} -j ACCEPT"
-            ),
-            NetOp::AllowForward {
-                bridge,
-                from: Some(from),
-            } => write!(
-                f,
-                "iptables -I FORWARD -i {bridge} -j ACCEPT; \
-                 iptables -I FORWARD -s {from} -o {bridge} -j ACCEPT; \
-                 iptables -A FORWARD -o {bridge} -j DROP"
-            ),
+            NetOp::AllowForward { bridge, from } => {
+                let want = firewall::bridge_want(bridge, from.as_deref());
+                let cmds = firewall::converge(&[], &want, |_| false);
+                let shown: Vec<String> = cmds.iter().map(|c| c.to_string()).collect();
+                f.write_str(&shown.join("; "))
+            }
             NetOp::RemoveAllowForward { bridge } => write!(
                 f,
-                "iptables -D FORWARD (every -i/-o {bridge} ACCEPT/DROP rule)"
+                "iptables -D FORWARD (every rule tagged {} or an untagged -i/-o {bridge} ACCEPT/DROP)",
+                firewall::tag(bridge)
             ),
-            op => write!(f, "ip {}", op.ip_args().unwrap_or_default().join(" ")),
         }
     }
 }
@@ -176,23 +91,28 @@ pub fn bridge_plan(net: &BridgeNetwork, exists: bool) -> Vec<NetOp> {
     let name = net.bridge.clone();
     let mut ops = Vec::new();
     if !exists {
-        ops.push(NetOp::AddBridge { name: name.clone() });
+        ops.push(Op::AddBridge { name: name.clone() }.into());
     }
     if let Some(mtu) = net.mtu {
-        ops.push(NetOp::SetMtu {
-            ifname: name.clone(),
-            mtu,
-        });
+        ops.push(
+            Op::SetMtu {
+                ifname: name.clone(),
+                mtu,
+            }
+            .into(),
+        );
     }
     ops.extend([
-        NetOp::ReplaceAddress {
+        Op::ReplaceAddress {
             ifname: name.clone(),
             addr: net.gateway,
             prefix: net.prefix,
-        },
-        NetOp::SetUp {
+        }
+        .into(),
+        Op::SetUp {
             ifname: name.clone(),
-        },
+        }
+        .into(),
         NetOp::EnableIpForward,
         NetOp::AllowForward {
             bridge: name,
@@ -210,38 +130,51 @@ pub fn attach_plan(pid: i32, host_veth: &str, att: &NetworkAttachment) -> [(Netn
         (
             Netns::Runtime,
             vec![
-                NetOp::AddVeth {
+                Op::AddVeth {
                     host: host_veth.to_string(),
                     peer: eth.clone(),
-                    pid,
+                    peer_pid: Some(pid),
                     mtu: att.mtu,
-                },
-                NetOp::SetMaster {
+                }
+                .into(),
+                Op::SetMaster {
                     ifname: host_veth.to_string(),
                     master: att.bridge.clone(),
-                },
-                NetOp::SetUp {
+                }
+                .into(),
+                Op::SetUp {
                     ifname: host_veth.to_string(),
-                },
+                }
+                .into(),
             ],
         ),
         (
             Netns::OfPid(pid),
             vec![
-                NetOp::SetUp {
+                Op::SetUp {
                     ifname: "lo".into(),
-                },
-                // Up before the address: the address and the route then
-                // go in one `ip` batch.
-                NetOp::SetUp {
+                }
+                .into(),
+                // Up before the address: the on-link route the address
+                // brings is then there for the default route's gateway.
+                Op::SetUp {
                     ifname: eth.clone(),
-                },
-                NetOp::ReplaceAddress {
+                }
+                .into(),
+                Op::ReplaceAddress {
                     ifname: eth,
                     addr: att.address,
                     prefix: att.prefix,
-                },
-                NetOp::ReplaceDefaultRoute { via: att.gateway },
+                }
+                .into(),
+                Op::ReplaceRoute {
+                    dest: Ipv4Addr::UNSPECIFIED,
+                    prefix: 0,
+                    via: Some(att.gateway),
+                    dev: None,
+                    src: None,
+                }
+                .into(),
             ],
         ),
     ]
@@ -251,9 +184,10 @@ pub fn attach_plan(pid: i32, host_veth: &str, att: &NetworkAttachment) -> [(Netn
 pub fn loopback_plan(pid: i32) -> (Netns, Vec<NetOp>) {
     (
         Netns::OfPid(pid),
-        vec![NetOp::SetUp {
+        vec![Op::SetUp {
             ifname: "lo".into(),
-        }],
+        }
+        .into()],
     )
 }
 
@@ -263,9 +197,12 @@ pub fn remove_bridge_plan(bridge: &str, exists: bool) -> Vec<NetOp> {
         bridge: bridge.to_string(),
     }];
     if exists {
-        ops.push(NetOp::DeleteLink {
-            ifname: bridge.to_string(),
-        });
+        ops.push(
+            Op::DeleteLink {
+                ifname: bridge.to_string(),
+            }
+            .into(),
+        );
     }
     ops
 }
@@ -286,10 +223,17 @@ pub fn host_veth_name(root: &Path, id: &str) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetConfigError {
-    #[error("could not run `{op}`: {source} (is iproute2/iptables installed?)")]
-    Spawn { op: String, source: std::io::Error },
-    #[error("`{op}` failed: {stderr}")]
-    Failed { op: String, stderr: String },
+    #[error(transparent)]
+    Netlink(#[from] ployz_netlink::Error),
+    #[error(transparent)]
+    Firewall(#[from] firewall::FirewallError),
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("`{op}` failed: {reason}")]
+    Failed { op: String, reason: String },
     #[error("cannot enter the network namespace of pid {pid}: {source}")]
     Enter { pid: i32, source: std::io::Error },
 }
@@ -302,15 +246,16 @@ pub trait NetConfig: Send + Sync {
     fn link_exists(&self, ifname: &str) -> bool;
 }
 
-/// The real thing: iproute2 (`ip -batch`, one process per namespace and
-/// plan), iptables, procfs. Needs CAP_NET_ADMIN (and CAP_SYS_ADMIN to enter
-/// a workload's namespace).
+/// The real thing: rtnetlink (one socket per namespace and plan), the
+/// firewall module (iptables), procfs. Needs CAP_NET_ADMIN (and
+/// CAP_SYS_ADMIN to enter a workload's namespace).
 #[derive(Debug, Default, Clone, Copy)]
-pub struct IpCommand;
+pub struct Rtnetlink;
 
-impl NetConfig for IpCommand {
+impl NetConfig for Rtnetlink {
     fn apply(&self, netns: Netns, ops: &[NetOp]) -> Result<(), NetConfigError> {
-        // Under the clone lock: see `host::serialized` for the pipe trap.
+        // Under the clone lock: see `host::serialized` for the pipe trap
+        // (iptables still runs as a process).
         super::serialized(|| match netns {
             Netns::Runtime => apply_here(ops),
             Netns::OfPid(pid) => in_netns_of(pid, || apply_here(ops))?,
@@ -327,7 +272,9 @@ impl NetConfig for IpCommand {
 }
 
 /// Runs `f` on a short-lived thread that joined the network namespace of
-/// `pid` (network namespaces are per thread; processes it spawns inherit it).
+/// `pid` (network namespaces are per thread; a netlink socket belongs to the
+/// namespace of the thread that opened it). Runs in the runtime's own
+/// thread's process, never in the create zygote.
 fn in_netns_of<T: Send>(pid: i32, f: impl FnOnce() -> T + Send) -> Result<T, NetConfigError> {
     let enter = |source| NetConfigError::Enter { pid, source };
     let ns = File::open(format!("/proc/{pid}/ns/net")).map_err(enter)?;
@@ -346,256 +293,35 @@ fn in_netns_of<T: Send>(pid: i32, f: impl FnOnce() -> T + Send) -> Result<T, Net
     })
 }
 
-/// Applies `ops` in the calling thread's network namespace, batching
-/// consecutive `ip` commands into one `ip -batch -`. Setting a link up is an
-/// ioctl here, so a workload without a network (only `lo` to bring up) costs
-/// no process at all.
+/// Applies `ops` in the calling thread's network namespace: link changes
+/// over one netlink socket (opened when the first is due), the rest as
+/// described on [`NetOp`].
 fn apply_here(ops: &[NetOp]) -> Result<(), NetConfigError> {
-    let mut batch: Vec<&NetOp> = Vec::new();
+    let mut nl: Option<Netlink> = None;
     for op in ops {
-        if op.ip_args().is_some() && !matches!(op, NetOp::SetUp { .. }) {
-            batch.push(op);
-            continue;
-        }
-        run_ip_batch(&batch)?;
-        batch.clear();
         match op {
-            NetOp::SetUp { ifname } => set_link_up(ifname).map_err(|e| NetConfigError::Failed {
-                op: op.to_string(),
-                stderr: e.to_string(),
-            })?,
-            NetOp::EnableIpForward => enable_ip_forward(op)?,
+            NetOp::Link(op) => {
+                let nl = match &mut nl {
+                    Some(nl) => nl,
+                    None => nl.insert(Netlink::open()?),
+                };
+                nl.apply(op)?;
+            }
+            NetOp::EnableIpForward => {
+                // /proc/sys/net resolves to the namespace of the thread opening it.
+                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|source| {
+                    NetConfigError::Io {
+                        what: "enable IPv4 forwarding (/proc/sys/net/ipv4/ip_forward)",
+                        source,
+                    }
+                })?
+            }
             NetOp::AllowForward { bridge, from } => {
-                // A rule from another `from` (or none) would let more in.
-                iptables_remove_matching("FORWARD", |rule| {
-                    is_bridge_rule(rule, "-o", bridge)
-                        && rule != accept_into(bridge, from.as_deref()).as_slice()
-                        && (from.is_none() || rule != drop_into(bridge).as_slice())
-                })?;
-                iptables_ensure("FORWARD", &["-i", bridge, "-j", "ACCEPT"])?;
-                iptables_ensure("FORWARD", &accept_into(bridge, from.as_deref()))?;
-                if from.is_some() {
-                    iptables_ensure_last("FORWARD", &drop_into(bridge))?;
-                }
+                firewall::allow_bridge(&firewall::System, bridge, from.as_deref())?
             }
             NetOp::RemoveAllowForward { bridge } => {
-                iptables_remove_matching("FORWARD", |rule| {
-                    is_bridge_rule(rule, "-i", bridge) || is_bridge_rule(rule, "-o", bridge)
-                })?;
+                firewall::remove_bridge(&firewall::System, bridge)?
             }
-            _ => unreachable!("ip commands are batched above"),
-        }
-    }
-    run_ip_batch(&batch)
-}
-
-fn run_ip_batch(ops: &[&NetOp]) -> Result<(), NetConfigError> {
-    if ops.is_empty() {
-        return Ok(());
-    }
-    let script: String = ops
-        .iter()
-        .map(|op| op.ip_args().unwrap_or_default().join(" ") + "\n")
-        .collect();
-    let shown = || {
-        ops.iter()
-            .map(|o| o.to_string())
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
-    let mut child = Command::new("ip")
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| NetConfigError::Spawn {
-            op: shown(),
-            source,
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // A write error means ip exited early: its status and stderr say why.
-        let _ = stdin.write_all(script.as_bytes());
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| NetConfigError::Spawn {
-            op: shown(),
-            source,
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(NetConfigError::Failed {
-            op: shown(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
-    }
-}
-
-/// `ip link set dev <ifname> up` as SIOCGIFFLAGS/SIOCSIFFLAGS on a socket of
-/// the calling thread's network namespace.
-fn set_link_up(ifname: &str) -> std::io::Result<()> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    if ifname.len() >= libc::IFNAMSIZ {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "interface name too long",
-        ));
-    }
-    // SAFETY: plain socket(2); the fd is owned right away.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh, valid fd nobody else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: ifreq is plain old data; all-zero is valid.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(ifname.bytes()) {
-        *dst = src as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of `req`, ours.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS filled.
-    unsafe {
-        if req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short != 0 {
-            return Ok(());
-        }
-        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-    }
-    // SAFETY: SIOCSIFFLAGS reads `req`, ours.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn enable_ip_forward(op: &NetOp) -> Result<(), NetConfigError> {
-    // /proc/sys/net resolves to the namespace of the thread opening it.
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| NetConfigError::Failed {
-        op: op.to_string(),
-        stderr: e.to_string(),
-    })
-}
-
-/// Outcome of one iptables run: `None` when iptables is not installed.
-fn iptables(args: &[&str]) -> Result<Option<std::process::Output>, NetConfigError> {
-    match Command::new("iptables")
-        .args(["-w", "5"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-    {
-        Ok(out) => Ok(Some(out)),
-        // No iptables, no firewall of its making to open.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(NetConfigError::Spawn {
-            op: format!("iptables {}", args.join(" ")),
-            source,
-        }),
-    }
-}
-
-/// Inserts `rule` at the top of `chain` unless it is already there. Callers
-/// outside [`IpCommand`] hold `host::serialized`.
-pub(crate) fn iptables_ensure(chain: &str, rule: &[&str]) -> Result<(), NetConfigError> {
-    iptables_ensure_at(chain, rule, "-I")
-}
-
-/// Appends `rule` to `chain` unless it is already there. Callers outside
-/// [`IpCommand`] hold `host::serialized`.
-pub(crate) fn iptables_ensure_last(chain: &str, rule: &[&str]) -> Result<(), NetConfigError> {
-    iptables_ensure_at(chain, rule, "-A")
-}
-
-/// `rule` in `chain` unless it is already there, added with `add` (`-I`: at
-/// the top, `-A`: at the end).
-fn iptables_ensure_at(chain: &str, rule: &[&str], add: &'static str) -> Result<(), NetConfigError> {
-    let with = |flag: &'static str| {
-        let mut a = vec![flag, chain];
-        a.extend_from_slice(rule);
-        a
-    };
-    match iptables(&with("-C"))? {
-        None => return Ok(()),
-        Some(out) if out.status.success() => return Ok(()),
-        Some(_) => {}
-    }
-    let args = with(add);
-    match iptables(&args)? {
-        Some(out) if !out.status.success() => Err(NetConfigError::Failed {
-            op: format!("iptables {}", args.join(" ")),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        }),
-        _ => Ok(()),
-    }
-}
-
-/// The rule accepting forwarded traffic into `bridge` (from `from`, if any).
-fn accept_into<'a>(bridge: &'a str, from: Option<&'a str>) -> Vec<&'a str> {
-    let mut rule = Vec::new();
-    if let Some(from) = from {
-        rule.extend(["-s", from]);
-    }
-    rule.extend(["-o", bridge, "-j", "ACCEPT"]);
-    rule
-}
-
-/// The rule dropping forwarded traffic into `bridge` that no accept took.
-fn drop_into(bridge: &str) -> Vec<&str> {
-    vec!["-o", bridge, "-j", "DROP"]
-}
-
-/// Whether `rule` (as `iptables -S` prints it, without `-A CHAIN`) is one of
-/// ours for `bridge` in direction `dir` ("-i" or "-o").
-fn is_bridge_rule(rule: &[&str], dir: &str, bridge: &str) -> bool {
-    rule.windows(2).any(|w| w == [dir, bridge])
-        && matches!(rule.last(), Some(&"ACCEPT") | Some(&"DROP"))
-        && rule.iter().all(|a| {
-            matches!(*a, "-s" | "-i" | "-o" | "-j" | "ACCEPT" | "DROP")
-                || *a == bridge
-                || a.contains('/')
-        })
-}
-
-/// Deletes every rule of `chain` for which `pick` holds (given the rule's
-/// arguments as `iptables -S` prints them, after `-A CHAIN`).
-pub(crate) fn iptables_remove_matching(
-    chain: &str,
-    pick: impl Fn(&[&str]) -> bool,
-) -> Result<(), NetConfigError> {
-    let Some(out) = iptables(&["-S", chain])? else {
-        return Ok(());
-    };
-    if !out.status.success() {
-        // No such chain: nothing of ours in it.
-        return Ok(());
-    }
-    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
-    for line in listing.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let ["-A", c, rule @ ..] = words.as_slice() else {
-            continue;
-        };
-        if *c == chain && pick(rule) {
-            iptables_remove(chain, rule)?;
-        }
-    }
-    Ok(())
-}
-
-/// Deletes every copy of `rule` from `chain` (none is fine).
-pub(crate) fn iptables_remove(chain: &str, rule: &[&str]) -> Result<(), NetConfigError> {
-    let mut args = vec!["-D", chain];
-    args.extend_from_slice(rule);
-    // -D removes one copy per run; a copy left by a crash mid-way makes two.
-    for _ in 0..8 {
-        match iptables(&args)? {
-            Some(out) if out.status.success() => continue,
-            _ => return Ok(()),
         }
     }
     Ok(())
@@ -643,19 +369,19 @@ impl NetConfig for RecordingNetConfig {
             if self.fail_on == Some(rec.len()) {
                 return Err(NetConfigError::Failed {
                     op: op.to_string(),
-                    stderr: "injected failure".into(),
+                    reason: "injected failure".into(),
                 });
             }
             rec.push((netns, op.clone()));
             if netns == Netns::Runtime {
                 match op {
-                    NetOp::AddBridge { name } => {
+                    NetOp::Link(Op::AddBridge { name }) => {
                         links.insert(name.clone());
                     }
-                    NetOp::AddVeth { host, .. } => {
+                    NetOp::Link(Op::AddVeth { host, .. }) => {
                         links.insert(host.clone());
                     }
-                    NetOp::DeleteLink { ifname } => {
+                    NetOp::Link(Op::DeleteLink { ifname }) => {
                         links.remove(ifname);
                     }
                     _ => {}
@@ -699,7 +425,8 @@ mod tests {
             "ip addr replace 10.101.3.1/24 dev plzbr0",
             "ip link set dev plzbr0 up",
             "echo 1 > /proc/sys/net/ipv4/ip_forward",
-            "iptables -I FORWARD -i plzbr0 -j ACCEPT; iptables -I FORWARD -o plzbr0 -j ACCEPT",
+            "iptables -I FORWARD -i plzbr0 -m comment --comment ployz:plzbr0 -j ACCEPT; \
+             iptables -I FORWARD -o plzbr0 -m comment --comment ployz:plzbr0 -j ACCEPT",
         ];
         let mut want = vec!["ip link add name plzbr0 type bridge"];
         want.extend(one);
@@ -712,7 +439,7 @@ mod tests {
         assert_eq!(
             fake.commands()[want.len()..],
             [
-                "iptables -D FORWARD (every -i/-o plzbr0 ACCEPT/DROP rule)",
+                "iptables -D FORWARD (every rule tagged ployz:plzbr0 or an untagged -i/-o plzbr0 ACCEPT/DROP)",
                 "ip link del dev plzbr0"
             ]
         );
@@ -770,11 +497,10 @@ mod tests {
         assert!(
             cmds.last()
                 .unwrap()
-                .contains("-s 10.101.0.0/16 -o plzbr0 -j ACCEPT")
-                && cmds
-                    .last()
-                    .unwrap()
-                    .contains("iptables -A FORWARD -o plzbr0 -j DROP"),
+                .contains("-s 10.101.0.0/16 -o plzbr0 -m comment --comment ployz:plzbr0 -j ACCEPT")
+                && cmds.last().unwrap().contains(
+                    "iptables -A FORWARD -o plzbr0 -m comment --comment ployz:plzbr0 -j DROP"
+                ),
             "{cmds:?}"
         );
         let att = NetworkAttachment {
@@ -789,39 +515,6 @@ mod tests {
             host[0].to_string(),
             "ip link add name plzabcdef012345 mtu 1420 type veth peer name eth0 mtu 1420 netns 4242"
         );
-    }
-
-    #[test]
-    fn only_our_bridge_rules_are_picked_for_removal() {
-        let ours = [
-            "-i plzbr0 -j ACCEPT",
-            "-o plzbr0 -j ACCEPT",
-            "-s 10.101.0.0/16 -o plzbr0 -j ACCEPT",
-            "-o plzbr0 -j DROP",
-        ];
-        let theirs = [
-            "-o plzbr0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-            "-o plzbr01 -j ACCEPT",
-            "-i docker0 -o plzbr0 -j DOCKER",
-            "-d 10.101.3.0/24 -j ACCEPT",
-        ];
-        let split = |r: &str| r.split(' ').map(String::from).collect::<Vec<_>>();
-        for r in ours {
-            let w = split(r);
-            let w: Vec<&str> = w.iter().map(String::as_str).collect();
-            assert!(
-                is_bridge_rule(&w, "-i", "plzbr0") || is_bridge_rule(&w, "-o", "plzbr0"),
-                "{r}"
-            );
-        }
-        for r in theirs {
-            let w = split(r);
-            let w: Vec<&str> = w.iter().map(String::as_str).collect();
-            assert!(
-                !is_bridge_rule(&w, "-i", "plzbr0") && !is_bridge_rule(&w, "-o", "plzbr0"),
-                "{r}"
-            );
-        }
     }
 
     #[test]
