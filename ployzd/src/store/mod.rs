@@ -233,10 +233,7 @@ impl Store {
         &self,
         ops: Vec<ployz_consensus::Op>,
     ) -> Result<Result<Vec<u64>, (usize, Rejection)>, ApiError> {
-        let txn = Txn {
-            ops,
-            now_ms: now_ms(),
-        };
+        let txn = Txn::new(ops, now_ms());
         match self.write_txn(txn, 0).await? {
             TxnResult::Applied { revisions } => Ok(Ok(revisions)),
             TxnResult::Rejected { op_index, reason } => Ok(Err((op_index, reason))),
