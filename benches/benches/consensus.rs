@@ -15,6 +15,7 @@ fn put(key: &str, value: &[u8]) -> Txn {
             expect: Expect::Any,
         }],
         now_ms: 1,
+        id: None,
     }
 }
 
@@ -45,6 +46,7 @@ fn single_node(c: &mut Criterion) {
                 config: BucketConfig::default(),
             }],
             now_ms: 1,
+            id: None,
         })
         .await
         .unwrap();
@@ -76,6 +78,7 @@ fn kv_rules(c: &mut Criterion) {
             },
         }],
         now_ms: 1,
+        id: None,
     });
     let value = vec![7u8; 256];
     let mut i = 0u64;

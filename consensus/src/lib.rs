@@ -13,13 +13,20 @@
 //! nothing. The rules are a pure function ([`kv::plan`]) from a read-only view to a list of
 //! mutations; the sled state machine only executes them.
 //!
+//! A transaction may carry an idempotency key ([`kv::Txn::id`]): the state machine remembers
+//! the outcome of each id for ten minutes of proposer time, and a transaction whose id it
+//! remembers answers that outcome and changes nothing. A client that lost an answer (leader
+//! killed, connection dropped) retries the very same transaction anywhere; it is applied at most
+//! once. [`Node::write`] gives an id to a transaction without one.
+//!
 //! # Durability invariant
 //!
 //! * A log append or vote is reported durable to Raft only after `sled::Db::flush_async`
 //!   returned, so an acknowledged entry survives a crash (sled alone would flush every 500 ms).
-//! * Applying an entry writes its data mutations **and** `last_applied`/`last_membership` in one
-//!   atomic sled batch: after a crash the state machine is exactly the state after some applied
-//!   prefix of the log, and Raft re-applies the rest from the (durable) log.
+//! * Applying an entry writes its data mutations, the remembered transaction ids **and**
+//!   `last_applied`/`last_membership` in one atomic sled batch: after a crash the state
+//!   machine is exactly the state after some applied prefix of the log, and Raft re-applies
+//!   the rest from the (durable) log.
 //! * The current snapshot is stored in the same sled tree and flushed before it is reported;
 //!   installing a snapshot replaces the state, `last_applied` and the stored snapshot in one
 //!   batch. Logs are purged only up to a persisted snapshot (see [`NodeConfig`] for the policy).
@@ -39,6 +46,7 @@ use std::io::Cursor;
 use serde::Deserialize;
 use serde::Serialize;
 
+pub use kv::AppliedTxn;
 pub use kv::BucketConfig;
 pub use kv::BucketInfo;
 pub use kv::Entry;

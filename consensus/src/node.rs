@@ -131,7 +131,9 @@ pub enum InitError {
     Fatal(Box<Fatal<NodeId>>),
 }
 
-/// [`Node::write`] failed. On `Timeout` the outcome is unknown: the transaction may still commit.
+/// [`Node::write`] failed. On `Timeout` (and when a `ForwardToLeader` follows a lost leadership)
+/// the outcome is unknown: the transaction may still commit. Retrying the same `Txn` (same id)
+/// is safe: it is applied at most once.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     #[error("this node is not part of a cluster yet: initialize it or add it to one")]
@@ -145,6 +147,8 @@ pub enum WriteError {
     Timeout { timeout: Duration },
     #[error("raft refused the write: {0}")]
     Refused(String),
+    #[error("the local store failed: {0}")]
+    Store(#[from] StoreError),
     #[error("raft stopped: {0}")]
     Fatal(Box<Fatal<NodeId>>),
 }
@@ -319,6 +323,13 @@ impl Node {
     }
 
     /// Proposes `txn` and waits until it is applied here, up to [`DEFAULT_REQUEST_TIMEOUT`].
+    ///
+    /// A `txn` without an [`id`](Txn::id) gets one (unique to this node, across restarts): when
+    /// this node loses leadership while the write is in flight, it proposes the same
+    /// transaction again once a new leader (itself) is elected, and the id makes sure it is
+    /// applied at most once. A caller that may retry elsewhere (another node, after
+    /// [`WriteError::ForwardToLeader`] or [`WriteError::Timeout`]) sets the id itself and sends
+    /// the very same `Txn` each time.
     pub async fn write(&self, txn: Txn) -> Result<TxnResult, WriteError> {
         self.write_timeout(txn, DEFAULT_REQUEST_TIMEOUT).await
     }
@@ -326,9 +337,13 @@ impl Node {
     /// [`Node::write`] with an explicit timeout; waits for a leader election if needed.
     pub async fn write_timeout(
         &self,
-        txn: Txn,
+        mut txn: Txn,
         timeout: Duration,
     ) -> Result<TxnResult, WriteError> {
+        if txn.id.is_none() {
+            let n = self.sm.generate_id()?;
+            txn.id = Some(format!("node{}-{n}", self.id));
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let res = tokio::time::timeout_at(deadline, self.raft.client_write(txn.clone()))

@@ -150,3 +150,49 @@ async fn three_nodes_replicate_over_tcp() {
         n.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_retried_on_the_new_leader_answers_its_first_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, m1) = start(1, dir.path()).await;
+    let (n2, m2) = start(2, dir.path()).await;
+    let (n3, m3) = start(3, dir.path()).await;
+    n1.initialize_single(m1).await.unwrap();
+    n1.add_learner(2, m2, true).await.unwrap();
+    n1.add_learner(3, m3, true).await.unwrap();
+    n1.change_membership(BTreeSet::from([1, 2, 3]))
+        .await
+        .unwrap();
+    write(&n1, vec![Op::create_bucket("cfg", BucketConfig::default())]).await;
+    // The client's write commits, then the leader dies before the client hears back.
+    let txn = Txn::new(vec![Op::put("cfg", "k", "v")], 7).with_id("client-1");
+    let first = n1.write(txn.clone()).await.unwrap();
+    assert_eq!(first, TxnResult::Applied { revisions: vec![1] });
+    let idx = leader_committed(&n1).await;
+    wait_applied(&n2, idx).await;
+    wait_applied(&n3, idx).await;
+    n1.shutdown().await.unwrap();
+    drop(n1);
+    // The client sends the same txn to whoever leads now.
+    let m = n2
+        .raft()
+        .wait(Some(WAIT))
+        .metrics(
+            |m| matches!(m.current_leader, Some(2 | 3)),
+            "a new leader among the survivors",
+        )
+        .await
+        .unwrap();
+    let new_leader = if m.current_leader == Some(2) {
+        &n2
+    } else {
+        &n3
+    };
+    let again = new_leader.write(txn).await.unwrap();
+    assert_eq!(again, first, "the retry answers the first outcome");
+    let info = new_leader.bucket("cfg").await.unwrap().unwrap();
+    assert_eq!((info.last_seq, info.entries), (1, 1), "applied once");
+    for n in [&n2, &n3] {
+        n.shutdown().await.unwrap();
+    }
+}

@@ -267,3 +267,49 @@ async fn watch_sees_applied_changes() {
     assert!(rx.try_recv().is_err());
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_txn_id_is_applied_once_and_answers_its_first_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(config(dir.path(), 5000)).await.unwrap();
+    node.initialize_single(me()).await.unwrap();
+    write(&node, vec![Op::create_bucket("d", history3())]).await;
+    let mut rx = node.subscribe();
+    let put = Txn::new(vec![Op::put("d", "k", "first")], 42).with_id("client-1");
+    let first = node.write(put.clone()).await.unwrap();
+    assert_eq!(first, TxnResult::Applied { revisions: vec![1] });
+    assert!(matches!(rx.recv().await.unwrap(), KvEvent::Entry(e) if e.revision == 1));
+    assert_eq!(write(&node, vec![Op::put("d", "k", "second")]).await, [2]);
+    assert!(matches!(rx.recv().await.unwrap(), KvEvent::Entry(e) if e.revision == 2));
+    // The retry commits as a log entry of its own, but changes nothing.
+    assert_eq!(node.write(put.clone()).await.unwrap(), first);
+    let hist: Vec<u64> = node
+        .history("d", "k")
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.revision)
+        .collect();
+    assert_eq!(hist, [1, 2]);
+    assert!(rx.try_recv().is_err(), "a duplicate publishes nothing");
+    // A rejected txn answers its rejection again, even once the precondition would hold.
+    let cas =
+        Txn::new(vec![Op::put_expect("d", "k", "x", Expect::Revision(3))], 42).with_id("client-2");
+    let rejected = node.write(cas.clone()).await.unwrap();
+    assert!(!rejected.is_applied());
+    assert_eq!(write(&node, vec![Op::put("d", "k", "third")]).await, [3]);
+    assert_eq!(node.write(cas).await.unwrap(), rejected);
+    assert_eq!(node.bucket("d").await.unwrap().unwrap().last_seq, 3);
+    // The ids are state: they survive a restart (and replay of the log).
+    node.shutdown().await.unwrap();
+    drop(node);
+    let node = Node::open(config(dir.path(), 5000)).await.unwrap();
+    node.raft()
+        .wait(Some(WAIT))
+        .metrics(|m| m.current_leader == Some(1), "leader again")
+        .await
+        .unwrap();
+    assert_eq!(node.write(put).await.unwrap(), first);
+    assert_eq!(node.bucket("d").await.unwrap().unwrap().last_seq, 3);
+    node.shutdown().await.unwrap();
+}

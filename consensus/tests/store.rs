@@ -13,6 +13,7 @@ use ployz_consensus::Expect;
 use ployz_consensus::Op;
 use ployz_consensus::StateMachineStore;
 use ployz_consensus::Txn;
+use ployz_consensus::TxnResult;
 use ployz_consensus::TypeConfig;
 
 fn cfg(history: u8) -> BucketConfig {
@@ -138,4 +139,197 @@ async fn sled_matches_reference_and_snapshot_roundtrips() {
     assert_eq!(applied, snap.meta.last_log_id);
     let current = other.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta, snap.meta);
+}
+
+fn put_with_id(id: &str, value: &str, now_ms: u64) -> Txn {
+    Txn::new(vec![Op::put("a", "k", value)], now_ms).with_id(id)
+}
+
+/// A store with bucket `a` (history 3), applied at index 1.
+async fn store_with_bucket(dir: &std::path::Path) -> StateMachineStore {
+    let (_log, mut sm) = store::open(dir).unwrap();
+    sm.apply([entry(1, Txn::new(vec![Op::create_bucket("a", cfg(3))], 0))])
+        .await
+        .unwrap();
+    sm
+}
+
+#[tokio::test]
+async fn duplicate_apply_answers_the_first_result_without_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = store_with_bucket(dir.path()).await;
+    let first = sm
+        .apply([entry(2, put_with_id("w1", "one", 10))])
+        .await
+        .unwrap();
+    assert_eq!(first, [TxnResult::Applied { revisions: vec![1] }]);
+    sm.apply([entry(3, Txn::new(vec![Op::put("a", "k", "two")], 11))])
+        .await
+        .unwrap();
+    let mut rx = sm.subscribe();
+    // The retry (same id, same ops) lands twice more, once in the same batch as a new write.
+    let again = sm
+        .apply([
+            entry(4, put_with_id("w1", "one", 10)),
+            entry(5, put_with_id("w2", "three", 12)),
+            entry(6, put_with_id("w1", "one", 10)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        [
+            TxnResult::Applied { revisions: vec![1] },
+            TxnResult::Applied { revisions: vec![3] },
+            TxnResult::Applied { revisions: vec![1] },
+        ]
+    );
+    let hist: Vec<(u64, Vec<u8>)> = sm
+        .history("a", "k")
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.revision, e.value))
+        .collect();
+    assert_eq!(
+        hist,
+        [
+            (1, b"one".to_vec()),
+            (2, b"two".to_vec()),
+            (3, b"three".to_vec())
+        ]
+    );
+    // Exactly one event: w2's entry. The duplicates published nothing.
+    match rx.try_recv().unwrap() {
+        ployz_consensus::KvEvent::Entry(e) => assert_eq!(e.revision, 3),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(rx.try_recv().is_err());
+    // A duplicate still advances last_applied (it is a log entry like any other).
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied.unwrap().index, 6);
+}
+
+#[tokio::test]
+async fn remembered_ids_survive_snapshot_build_and_install() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = store_with_bucket(&dir.path().join("a")).await;
+    let rejected =
+        Txn::new(vec![Op::put_expect("a", "k", "x", Expect::Revision(9))], 20).with_id("cas");
+    let r1 = sm
+        .apply([
+            entry(2, put_with_id("w1", "one", 10)),
+            entry(3, rejected.clone()),
+        ])
+        .await
+        .unwrap();
+    let snap = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let (_log2, mut other) = store::open(&dir.path().join("b")).unwrap();
+    other
+        .install_snapshot(&snap.meta, snap.snapshot)
+        .await
+        .unwrap();
+    let mut rx = other.subscribe();
+    let r2 = other
+        .apply([entry(4, put_with_id("w1", "one", 10)), entry(5, rejected)])
+        .await
+        .unwrap();
+    assert_eq!(r2, r1, "the installed replica answers the first outcomes");
+    assert!(rx.try_recv().is_err(), "and changes nothing");
+    assert_eq!(other.history("a", "k").unwrap().len(), 1);
+    // It also survives a reopen (the ids are in sled, not only in memory).
+    drop(other);
+    drop(_log2);
+    let (_log3, mut reopened) = store::open(&dir.path().join("b")).unwrap();
+    let r3 = reopened
+        .apply([entry(6, put_with_id("w1", "one", 10))])
+        .await
+        .unwrap();
+    assert_eq!(r3[0], r1[0]);
+}
+
+#[tokio::test]
+async fn snapshot_without_remembered_ids_still_installs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = store_with_bucket(&dir.path().join("a")).await;
+    sm.apply([entry(2, put_with_id("w1", "one", 10))])
+        .await
+        .unwrap();
+    let snap = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    // What a store from before idempotency keys built: the same payload without `txns`.
+    let mut payload: serde_json::Value = serde_json::from_slice(snap.snapshot.get_ref()).unwrap();
+    assert!(payload["txns"].is_array(), "{payload}");
+    payload.as_object_mut().unwrap().remove("txns");
+    let old = std::io::Cursor::new(serde_json::to_vec(&payload).unwrap());
+    let (_log2, mut other) = store::open(&dir.path().join("b")).unwrap();
+    other
+        .install_snapshot(&snap.meta, Box::new(old))
+        .await
+        .unwrap();
+    assert_eq!(other.history("a", "k").unwrap().len(), 1);
+    // Without the remembered id, the same txn is a new write.
+    let r = other
+        .apply([entry(3, put_with_id("w1", "one", 10))])
+        .await
+        .unwrap();
+    assert_eq!(r, [TxnResult::Applied { revisions: vec![2] }]);
+}
+
+#[tokio::test]
+async fn sled_forgets_ids_like_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = store_with_bucket(dir.path()).await;
+    let mut mem = MemState::default();
+    mem.apply(&Txn::new(vec![Op::create_bucket("a", cfg(3))], 0));
+    let window = ployz_consensus::kv::TXN_ID_RETENTION_MS;
+    let script = [
+        put_with_id("t0", "a", 1_000),
+        put_with_id("t1", "b", 5_000),
+        put_with_id("t2", "c", 5_000),
+        // Forgets t0 (and nothing else): 1_000 < 1_001 + window - window.
+        Txn::new(vec![], 1_001 + window),
+        // t0 is new again; t1 still dedupes.
+        put_with_id("t0", "d", 1_000),
+        put_with_id("t1", "b", 5_000),
+        // Forgets everything but the t3 it remembers.
+        put_with_id("t3", "e", 100 * window),
+        put_with_id("t1", "b", 5_000),
+        put_with_id("t3", "e", 100 * window),
+    ];
+    let mut results = Vec::new();
+    for (i, txn) in script.into_iter().enumerate() {
+        let expected = mem.apply(&txn).result;
+        let got = sm.apply([entry(i as u64 + 2, txn)]).await.unwrap();
+        assert_eq!(got, std::slice::from_ref(&expected), "txn {i}");
+        results.push(expected);
+    }
+    let revs: Vec<Option<Vec<u64>>> = results
+        .iter()
+        .map(|r| r.revisions().map(<[u64]>::to_vec))
+        .collect();
+    assert_eq!(
+        revs,
+        [
+            Some(vec![1]),
+            Some(vec![2]),
+            Some(vec![3]),
+            Some(vec![]),
+            Some(vec![4]),
+            Some(vec![2]),
+            Some(vec![5]),
+            Some(vec![6]),
+            Some(vec![5]),
+        ]
+    );
+    assert_eq!(mem.txns.keys().collect::<Vec<_>>(), ["t1", "t3"]);
+    assert_eq!(sm.history("a", "k").unwrap().len(), 3);
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 
 use super::rules::plan;
+use super::AppliedTxn;
 use super::BucketInfo;
 use super::BucketState;
 use super::Entry;
@@ -19,10 +20,27 @@ pub struct MemState {
     pub buckets: BTreeMap<String, BucketState>,
     /// bucket -> key -> revision -> entry.
     pub entries: BTreeMap<String, BTreeMap<String, BTreeMap<u64, Entry>>>,
+    /// Remembered outcomes of transactions with an id, by id.
+    pub txns: BTreeMap<String, AppliedTxn>,
 }
 
 impl KvView for MemState {
     type Error = Infallible;
+
+    fn applied_txn(&self, id: &str) -> Result<Option<AppliedTxn>, Infallible> {
+        Ok(self.txns.get(id).cloned())
+    }
+
+    fn applied_txns_before(&self, before_ms: u64) -> Result<Vec<(u64, String)>, Infallible> {
+        let mut old: Vec<(u64, String)> = self
+            .txns
+            .values()
+            .filter(|t| t.now_ms < before_ms)
+            .map(|t| (t.now_ms, t.id.clone()))
+            .collect();
+        old.sort();
+        Ok(old)
+    }
 
     fn bucket(&self, bucket: &str) -> Result<Option<BucketState>, Infallible> {
         Ok(self.buckets.get(bucket).copied())
@@ -50,6 +68,12 @@ impl MemState {
         };
         if let TxnResult::Applied { .. } = p.result {
             self.apply_mutations(&p.mutations);
+        }
+        for (_, id) in &p.forget {
+            self.txns.remove(id);
+        }
+        if let Some(t) = &p.remember {
+            self.txns.insert(t.id.clone(), t.clone());
         }
         p
     }

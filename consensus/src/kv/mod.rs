@@ -5,6 +5,17 @@
 //! [`Txn`] does ([`plan`]) run over a read-only [`KvView`]; they return
 //! the [`Mutation`]s to write, which the sled layer (`crate::store`) or the in-memory
 //! [`MemState`] execute.
+//!
+//! # Idempotent transactions
+//!
+//! A [`Txn`] may carry a client-chosen [`Txn::id`]. The state machine remembers the outcome
+//! of every transaction with an id ([`AppliedTxn`]) for [`TXN_ID_RETENTION_MS`] of proposer
+//! time: applying a transaction whose id it remembers changes nothing and answers the
+//! remembered [`TxnResult`]. So a client that lost the answer to a write (leader killed, a
+//! connection dropped) sends the very same transaction again, to whichever node now leads, and
+//! gets the outcome of the first attempt instead of a second application. Forgetting is driven
+//! by the `now_ms` of the transactions applied, never by a clock, so every replica forgets the
+//! same ids at the same log index.
 
 mod mem;
 mod names;
@@ -25,6 +36,7 @@ pub use rules::plan;
 pub use rules::KvView;
 pub use rules::Mutation;
 pub use rules::Plan;
+pub use rules::TXN_ID_RETENTION_MS;
 
 /// Largest allowed [`BucketConfig::history`] (JetStream's `max_msgs_per_subject` limit for KV).
 pub const MAX_HISTORY: u8 = 64;
@@ -204,11 +216,27 @@ pub struct Txn {
     /// Proposer's wall clock, milliseconds since the Unix epoch; becomes `Entry::created_ms`.
     /// Carried in the command so that applying it is deterministic on every node.
     pub now_ms: u64,
+    /// Client-chosen idempotency key, unique per logical write (a retry reuses it, with the
+    /// same `ops` and `now_ms`). A transaction whose id was applied less than
+    /// [`TXN_ID_RETENTION_MS`] (proposer time) before is not applied again: it answers the first
+    /// outcome. Absent in entries written before ids existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 impl Txn {
     pub fn new(ops: Vec<Op>, now_ms: u64) -> Self {
-        Self { ops, now_ms }
+        Self {
+            ops,
+            now_ms,
+            id: None,
+        }
+    }
+
+    /// The same transaction with idempotency key `id`.
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
     }
 
     /// A transaction stamped with this machine's wall clock (call it on the proposer only).
@@ -217,8 +245,18 @@ impl Txn {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0);
-        Self { ops, now_ms }
+        Self::new(ops, now_ms)
     }
+}
+
+/// The remembered outcome of a transaction with an id: what a retry of it answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedTxn {
+    pub id: String,
+    /// The transaction's `now_ms`; the id is forgotten once a transaction more than
+    /// [`TXN_ID_RETENTION_MS`] younger is applied.
+    pub now_ms: u64,
+    pub result: TxnResult,
 }
 
 /// Outcome of a [`Txn`]. A rejection is a normal, replicated outcome that changed nothing.

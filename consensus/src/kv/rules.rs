@@ -3,12 +3,17 @@
 //! [`plan`] reads the current state through a [`KvView`], layers the effects of each op over it
 //! (so later ops see earlier ones), and returns either the list of [`Mutation`]s and
 //! [`KvEvent`]s to execute, or the first op's [`Rejection`] with no mutations at all.
+//!
+//! Before that, [`plan`] settles idempotency: a transaction whose [`Txn::id`] the view remembers
+//! is a duplicate and answers the remembered result; any other transaction forgets the ids
+//! older than [`TXN_ID_RETENTION_MS`] (by its own `now_ms`) and, with an id, is remembered.
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 
 use super::names::validate_bucket_name;
 use super::names::validate_key;
+use super::AppliedTxn;
 use super::BucketConfig;
 use super::BucketState;
 use super::Entry;
@@ -20,9 +25,20 @@ use super::Rejection;
 use super::Txn;
 use super::TxnResult;
 
+/// How long (in proposer time) the outcome of a transaction with an id is remembered: a retry
+/// within this window answers the first outcome. Far longer than any client retries (ployzd
+/// gives up after 15 s), so clocks that disagree by minutes still dedupe.
+pub const TXN_ID_RETENTION_MS: u64 = 10 * 60 * 1000;
+
 /// Read-only access to the committed state the rules run against.
 pub trait KvView {
     type Error;
+
+    /// The remembered outcome of the transaction with this id.
+    fn applied_txn(&self, id: &str) -> Result<Option<AppliedTxn>, Self::Error>;
+
+    /// `(now_ms, id)` of the remembered transactions with `now_ms < before_ms`.
+    fn applied_txns_before(&self, before_ms: u64) -> Result<Vec<(u64, String)>, Self::Error>;
 
     fn bucket(&self, bucket: &str) -> Result<Option<BucketState>, Self::Error>;
 
@@ -54,15 +70,55 @@ pub enum Mutation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub result: TxnResult,
-    /// Empty for a rejected transaction.
+    /// Data writes; empty for a rejected or duplicate transaction.
     pub mutations: Vec<Mutation>,
-    /// Notifications to publish once the mutations are applied; empty when rejected.
+    /// Notifications to publish once the mutations are applied; empty when rejected or
+    /// duplicate.
     pub events: Vec<KvEvent>,
+    /// The outcome to remember under the transaction's id (rejections too); executed in the
+    /// same atomic batch as `mutations`.
+    pub remember: Option<AppliedTxn>,
+    /// `(now_ms, id)` of remembered outcomes to forget, executed in the same batch.
+    pub forget: Vec<(u64, String)>,
+    /// The transaction's id was already applied: `result` is the first outcome and nothing
+    /// changes.
+    pub duplicate: bool,
 }
 
 /// Decides the outcome of `txn` against `view`. Only a failing read of `view` is an error; a
 /// refused op is an `Ok` plan with [`TxnResult::Rejected`].
 pub fn plan<V: KvView>(view: &V, txn: &Txn) -> Result<Plan, V::Error> {
+    if let Some(id) = &txn.id {
+        if let Some(first) = view.applied_txn(id)? {
+            return Ok(Plan {
+                result: first.result,
+                mutations: Vec::new(),
+                events: Vec::new(),
+                remember: None,
+                forget: Vec::new(),
+                duplicate: true,
+            });
+        }
+    }
+    let (result, out) = plan_ops(view, txn)?;
+    let forget = view.applied_txns_before(txn.now_ms.saturating_sub(TXN_ID_RETENTION_MS))?;
+    let remember = txn.id.as_ref().map(|id| AppliedTxn {
+        id: id.clone(),
+        now_ms: txn.now_ms,
+        result: result.clone(),
+    });
+    Ok(Plan {
+        result,
+        mutations: out.mutations,
+        events: out.events,
+        remember,
+        forget,
+        duplicate: false,
+    })
+}
+
+/// The ops' outcome and, when they all apply, their writes and events.
+fn plan_ops<V: KvView>(view: &V, txn: &Txn) -> Result<(TxnResult, Output), V::Error> {
     let mut ov = Overlay {
         view,
         buckets: BTreeMap::new(),
@@ -75,19 +131,11 @@ pub fn plan<V: KvView>(view: &V, txn: &Txn) -> Result<Plan, V::Error> {
         match apply_op(&mut ov, op, txn.now_ms, &mut out)? {
             Ok(revision) => revisions.push(revision),
             Err(reason) => {
-                return Ok(Plan {
-                    result: TxnResult::Rejected { op_index, reason },
-                    mutations: Vec::new(),
-                    events: Vec::new(),
-                })
+                return Ok((TxnResult::Rejected { op_index, reason }, Output::default()))
             }
         }
     }
-    Ok(Plan {
-        result: TxnResult::Applied { revisions },
-        mutations: out.mutations,
-        events: out.events,
-    })
+    Ok((TxnResult::Applied { revisions }, out))
 }
 
 #[derive(Default)]

@@ -386,3 +386,104 @@ fn txn_serde_roundtrip_uses_base64_values() {
     let back: Txn = serde_json::from_str(&json).unwrap();
     assert_eq!(back, t);
 }
+
+#[test]
+fn txn_without_id_decodes_from_old_entries_and_encodes_as_before() {
+    let old = r#"{"ops":[{"DeleteBucket":{"bucket":"b"}}],"now_ms":7}"#;
+    let t: Txn = serde_json::from_str(old).unwrap();
+    assert_eq!(t, Txn::new(vec![Op::delete_bucket("b")], 7));
+    assert_eq!(serde_json::to_string(&t).unwrap(), old);
+    let with = t.clone().with_id("a-1");
+    let json = serde_json::to_string(&with).unwrap();
+    assert!(json.contains(r#""id":"a-1""#), "{json}");
+    assert_eq!(serde_json::from_str::<Txn>(&json).unwrap(), with);
+}
+
+#[test]
+fn duplicate_id_answers_the_first_result_and_changes_nothing() {
+    let mut s = state_with(5);
+    let put = txn(vec![Op::put("b", "k", "v1")]).with_id("w-1");
+    let first = s.apply(&put);
+    assert_eq!(applied(&first), [1]);
+    assert!(!first.duplicate);
+    assert_eq!(
+        first.remember,
+        Some(AppliedTxn {
+            id: "w-1".into(),
+            now_ms: 1_000,
+            result: first.result.clone()
+        })
+    );
+    // Someone else writes in between: the retry must not overwrite it.
+    assert_eq!(applied(&s.apply(&txn(vec![Op::put("b", "k", "v2")]))), [2]);
+    let before = s.clone();
+    let again = s.apply(&put);
+    assert!(again.duplicate);
+    assert_eq!(
+        again.result, first.result,
+        "the first outcome, same revisions"
+    );
+    assert!(again.mutations.is_empty(), "{:?}", again.mutations);
+    assert!(again.events.is_empty(), "{:?}", again.events);
+    assert!(again.remember.is_none() && again.forget.is_empty());
+    assert_eq!(s, before, "a duplicate changes nothing");
+    assert_eq!(s.latest("b", "k").unwrap().unwrap().value, b"v2");
+}
+
+#[test]
+fn duplicate_of_a_rejection_answers_the_same_rejection() {
+    let mut s = state_with(1);
+    let cas = txn(vec![Op::put_expect("b", "k", "x", Expect::Revision(3))]).with_id("cas");
+    let first = s.apply(&cas);
+    let (i, why) = rejected(&first);
+    assert_eq!(
+        (i, why),
+        (
+            0,
+            Rejection::WrongLastRevision {
+                expected: 3,
+                current: 0
+            }
+        )
+    );
+    // The rejection is remembered (no data written, but the outcome is).
+    assert!(first.remember.is_some());
+    assert_eq!(s.txns.len(), 1);
+    // Now the precondition would hold; the retry must still answer the first outcome.
+    for _ in 0..3 {
+        s.apply(&txn(vec![Op::put("b", "k", "v")]));
+    }
+    let again = s.apply(&cas);
+    assert!(again.duplicate);
+    assert_eq!(again.result, first.result);
+    assert_eq!(s.latest("b", "k").unwrap().unwrap().value, b"v");
+}
+
+#[test]
+fn remembered_ids_are_forgotten_by_proposer_time_only() {
+    let mut s = state_with(1);
+    let at = |ms: u64, id: &str, v: &str| Txn::new(vec![Op::put("b", "k", v)], ms).with_id(id);
+    s.apply(&at(1_000, "old", "a"));
+    s.apply(&at(2_000, "mid", "b"));
+    // Within the window (inclusive bound): nothing is forgotten.
+    let p = s.apply(&Txn::new(vec![], 1_000 + TXN_ID_RETENTION_MS));
+    assert!(p.forget.is_empty(), "{:?}", p.forget);
+    assert_eq!(s.txns.len(), 2);
+    // One millisecond later "old" is out of the window, even for a txn without an id.
+    let p = s.apply(&Txn::new(vec![], 1_001 + TXN_ID_RETENTION_MS));
+    assert_eq!(p.forget, [(1_000, "old".to_string())]);
+    assert!(p.mutations.is_empty() && p.remember.is_none());
+    assert_eq!(s.txns.keys().collect::<Vec<_>>(), ["mid"]);
+    // A forgotten id is a new transaction again; a remembered one still dedupes.
+    let rev = applied(&s.apply(&at(1_000, "old", "c")))[0];
+    assert_eq!(rev, 3);
+    assert!(s.apply(&at(2_000, "mid", "d")).duplicate);
+    // A rejected txn forgets too (bookkeeping, no data).
+    let p = s.apply(&Txn::new(
+        vec![Op::put("missing", "k", "v")],
+        10 * TXN_ID_RETENTION_MS,
+    ));
+    assert_eq!(rejected(&p).1, Rejection::NoSuchBucket);
+    assert_eq!(p.forget.len(), 2, "{:?}", p.forget);
+    assert!(s.txns.is_empty());
+}

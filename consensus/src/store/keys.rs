@@ -11,6 +11,8 @@
 //! | `b:{bucket}` | `BucketState` |
 //! | `l:{bucket}\0{key}` | latest `Entry` of the key |
 //! | `h:{bucket}\0{key}\0{revision u64 BE}` | every stored `Entry` of the key (latest included) |
+//! | `t:{txn id}` | `AppliedTxn`: the remembered outcome of a transaction with an id |
+//! | `x:{now_ms u64 BE}{txn id}` | empty: the same ids ordered by proposer time, for forgetting |
 
 pub const LAST_APPLIED: &[u8] = b"m:last_applied";
 pub const LAST_MEMBERSHIP: &[u8] = b"m:last_membership";
@@ -18,6 +20,8 @@ pub const SNAPSHOT: &[u8] = b"s:current";
 pub const BUCKETS: &[u8] = b"b:";
 pub const LATEST: &[u8] = b"l:";
 pub const HISTORY: &[u8] = b"h:";
+pub const TXNS: &[u8] = b"t:";
+pub const TXN_TIMES: &[u8] = b"x:";
 
 fn join(parts: &[&[u8]]) -> Vec<u8> {
     let mut v = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
@@ -66,4 +70,22 @@ pub fn history(bucket: &str, key: &str, revision: u64) -> Vec<u8> {
 pub fn history_revision(key: &[u8]) -> Option<u64> {
     let tail = key.len().checked_sub(8).map(|at| &key[at..])?;
     Some(u64::from_be_bytes(tail.try_into().ok()?))
+}
+
+pub fn txn(id: &str) -> Vec<u8> {
+    join(&[TXNS, id.as_bytes()])
+}
+
+pub fn txn_time(now_ms: u64, id: &str) -> Vec<u8> {
+    join(&[TXN_TIMES, &now_ms.to_be_bytes(), id.as_bytes()])
+}
+
+/// `(now_ms, id)` of an `x:` key.
+pub fn txn_time_parts(key: &[u8]) -> Option<(u64, &str)> {
+    let rest = key.strip_prefix(TXN_TIMES)?;
+    let (time, id) = rest.split_at_checked(8)?;
+    Some((
+        u64::from_be_bytes(time.try_into().ok()?),
+        std::str::from_utf8(id).ok()?,
+    ))
 }

@@ -28,6 +28,7 @@ use super::keys;
 use super::DbHandle;
 use super::StoreError;
 use crate::kv;
+use crate::kv::AppliedTxn;
 use crate::kv::BucketInfo;
 use crate::kv::BucketState;
 use crate::kv::Entry;
@@ -80,6 +81,10 @@ struct SnapshotPayload {
     buckets: BTreeMap<String, BucketState>,
     /// Every stored entry (history and tombstones included), in key order.
     entries: Vec<Entry>,
+    /// The remembered outcomes of transactions with an id (absent in snapshots built before
+    /// ids existed).
+    #[serde(default)]
+    txns: Vec<AppliedTxn>,
 }
 
 impl StateMachineStore {
@@ -98,6 +103,11 @@ impl StateMachineStore {
     /// How many handles (stores, readers, snapshot builders) still hold the database open.
     pub(crate) fn db_users(&self) -> usize {
         Arc::strong_count(&self.handle)
+    }
+
+    /// A number never handed out before by this database, across restarts.
+    pub(crate) fn generate_id(&self) -> Result<u64, StoreError> {
+        Ok(self.handle.db.generate_id()?)
     }
 
     /// Flushes the whole database to disk.
@@ -247,8 +257,22 @@ impl StateMachineStore {
             }
             EntryPayload::Normal(txn) => {
                 let plan = kv::plan(&self.view(), txn)?;
+                if plan.duplicate {
+                    tracing::info!(
+                        log_id = %entry.log_id,
+                        txn_id = txn.id.as_deref().unwrap_or_default(),
+                        "transaction already applied: answering its first outcome"
+                    );
+                }
                 for m in &plan.mutations {
                     batch.execute(&self.tree, m)?;
+                }
+                for (now_ms, id) in &plan.forget {
+                    batch.remove(keys::txn(id));
+                    batch.remove(keys::txn_time(*now_ms, id));
+                }
+                if let Some(t) = &plan.remember {
+                    batch.remember(t)?;
                 }
                 (plan.result, plan.events)
             }
@@ -274,11 +298,17 @@ impl StateMachineStore {
             .scan_prefix(keys::HISTORY)
             .map(|item| decode("entry", &item?.1))
             .collect::<Result<Vec<Entry>, _>>()?;
+        let txns = self
+            .tree
+            .scan_prefix(keys::TXNS)
+            .map(|item| decode("applied txn", &item?.1))
+            .collect::<Result<Vec<AppliedTxn>, _>>()?;
         let payload = SnapshotPayload {
             last_applied,
             last_membership,
             buckets,
             entries,
+            txns,
         };
         let data = encode("snapshot", &payload)?;
         Ok(Captured {
@@ -335,6 +365,9 @@ impl StateMachineStore {
             for ((bucket, key), e) in latest {
                 batch.put(keys::latest(bucket, key), encode("entry", e)?);
             }
+            for t in &payload.txns {
+                batch.remember(t)?;
+            }
             // The meta is authoritative for the log position of the snapshot.
             if let Some(last) = &meta.last_log_id {
                 batch.put(
@@ -366,6 +399,27 @@ struct SledView<'a> {
 
 impl KvView for SledView<'_> {
     type Error = StoreError;
+
+    fn applied_txn(&self, id: &str) -> Result<Option<AppliedTxn>, StoreError> {
+        self.tree
+            .get(keys::txn(id))?
+            .map(|v| decode("applied txn", &v))
+            .transpose()
+    }
+
+    fn applied_txns_before(&self, before_ms: u64) -> Result<Vec<(u64, String)>, StoreError> {
+        let end = keys::txn_time(before_ms, "");
+        self.tree
+            .range(keys::TXN_TIMES.to_vec()..end)
+            .keys()
+            .map(|k| {
+                let k = k?;
+                keys::txn_time_parts(&k)
+                    .map(|(t, id)| (t, id.to_string()))
+                    .ok_or_else(|| StoreError::Corrupt("malformed txn time key".into()))
+            })
+            .collect()
+    }
 
     fn bucket(&self, bucket: &str) -> Result<Option<BucketState>, StoreError> {
         self.tree
@@ -422,6 +476,13 @@ impl PendingBatch {
         for k in tree.scan_prefix(prefix).keys() {
             self.ops.insert(k?.to_vec(), None);
         }
+        Ok(())
+    }
+
+    /// Remembers a transaction's outcome under its id, with its time index.
+    fn remember(&mut self, t: &AppliedTxn) -> Result<(), StoreError> {
+        self.put(keys::txn(&t.id), encode("applied txn", t)?);
+        self.put(keys::txn_time(t.now_ms, &t.id), Vec::new());
         Ok(())
     }
 

@@ -127,7 +127,7 @@ impl Cluster {
         self.overlay.sync(&a.machines);
         tracing::info!(network = %a.network.name, "joined; confirming");
         self.confirm_active().await?;
-        self.mesh_status().await
+        self.status_within(None).await
     }
 
     /// Joiner, after enrolment: flip its own record from `joining` to

@@ -28,6 +28,10 @@ use ployz_mesh::overlay::ClusterRange;
 use ployz_runtime::RuntimeKind;
 use std::sync::Arc;
 
+/// How long `mesh status` waits for the store before it shows this
+/// machine's last known records and why the store did not answer.
+const STATUS_STORE_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What membership needs to know about this machine.
 pub struct ClusterConfig {
     pub region: String,
@@ -228,14 +232,24 @@ impl Cluster {
                 .with_hint("see the ployzd log; ployzd retries bringing the mesh up every second")
         })?;
         tracing::info!(network = %net.name, machine = %id, "founded network");
-        self.mesh_status().await
+        self.status_within(None).await
     }
 
-    /// Always answers, also without a store majority (it is what one runs
-    /// to find out why the store does not answer): then the network and
-    /// machine records are this machine's last known copies and
-    /// `store_error` says why the store could not be asked.
+    /// Always answers, within [`STATUS_STORE_BUDGET`] plus a moment, also
+    /// without a store majority (it is what one runs to find out why the
+    /// store does not answer): then the network and machine records are
+    /// this machine's last known copies and `store_error` says why the
+    /// store could not be asked.
     pub(crate) async fn mesh_status(&self) -> Result<MeshStatus, ApiError> {
+        self.status_within(Some(STATUS_STORE_BUDGET)).await
+    }
+
+    /// The status, waiting up to `budget` (`None`: as long as store
+    /// requests retry) for the store's records.
+    pub(crate) async fn status_within(
+        &self,
+        budget: Option<std::time::Duration>,
+    ) -> Result<MeshStatus, ApiError> {
         let cached = self.store.local().get();
         let fresh = async {
             let network = self.store.network().await?;
@@ -248,6 +262,15 @@ impl Cluster {
                 None => None,
             };
             Ok::<_, ApiError>((network, machine))
+        };
+        // Store requests retry for up to 15 s; a status may answer sooner.
+        let fresh = async {
+            match budget {
+                Some(b) => tokio::time::timeout(b, fresh)
+                    .await
+                    .unwrap_or_else(|_| Err(store::unavailable(format!("no answer within {b:?}")))),
+                None => fresh.await,
+            }
         };
         let (network, machine, store_error) = match fresh.await {
             Ok((n, m)) => (n, m, None),

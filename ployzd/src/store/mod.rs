@@ -17,8 +17,7 @@ use crate::peer::{self, KvRead, KvReadResult};
 use ployz_api::time::now_ms;
 use ployz_api::*;
 use ployz_consensus::{
-    Entry, Expect, Node, NodeConfig, PloyzNode, ReadError, Rejection, TcpNetworkFactory, Txn,
-    TxnResult,
+    Entry, Expect, Node, NodeConfig, PloyzNode, Rejection, TcpNetworkFactory, Txn, TxnResult,
 };
 use std::path::PathBuf;
 
@@ -127,76 +126,25 @@ impl Store {
     // -----------------------------------------------------------------------
     // Reads and writes
 
-    pub(crate) async fn write_txn(&self, txn: Txn, hops: u8) -> Result<TxnResult, ApiError> {
-        let leader = match self.node.write(txn.clone()).await {
-            Ok(r) => return Ok(r),
-            Err(ployz_consensus::WriteError::ForwardToLeader { leader_node, .. }) => {
-                Some(leader_node.unwrap_or_default())
-            }
-            Err(ployz_consensus::WriteError::NotInitialized) => None,
-            Err(e) => return Err(records::map_write(e)),
-        };
-        match self
-            .route(
-                leader,
-                peer::PeerRequest::Write {
-                    txn,
-                    hops: hops + 1,
-                },
-                hops,
-            )
-            .await?
-        {
-            peer::PeerResponse::Written(r) => Ok(r),
-            peer::PeerResponse::Error(e) => Err(e),
-            other => Err(internal(format!("unexpected peer answer {other:?}"))),
+    /// Apply `txn`, here or on the leader, retried on transport errors and
+    /// leader changes (see [`forward`]). A `txn` without an idempotency key
+    /// gets one first, so every resend of it is the same write.
+    pub(crate) async fn write_txn(&self, mut txn: Txn, hops: u8) -> Result<TxnResult, ApiError> {
+        if txn.id.is_none() {
+            txn.id = Some(forward::new_txn_id(&self.machine_id));
+        }
+        match self.call(forward::StoreCall::Write(txn), hops).await? {
+            forward::StoreAnswer::Written(r) => Ok(r),
+            other => Err(internal(format!("unexpected store answer {other:?}"))),
         }
     }
 
     /// A linearizable read, from the local replica when it can serve it,
-    /// else forwarded towards the leader.
+    /// else forwarded towards the leader; retried like writes.
     pub(crate) async fn read(&self, read: KvRead, hops: u8) -> Result<KvReadResult, ApiError> {
-        let local = match &read {
-            KvRead::Get { bucket, key } => {
-                self.node.get(bucket, key).await.map(KvReadResult::Entry)
-            }
-            KvRead::List { bucket } => self.node.list(bucket).await.map(KvReadResult::Entries),
-            KvRead::ListAll { bucket } => {
-                self.node.list_all(bucket).await.map(KvReadResult::Entries)
-            }
-            KvRead::History { bucket, key } => self
-                .node
-                .history(bucket, key)
-                .await
-                .map(KvReadResult::Entries),
-            KvRead::Bucket { bucket } => self.node.bucket(bucket).await.map(KvReadResult::Bucket),
-            KvRead::Buckets => {
-                if self.node.is_initialized().await {
-                    self.node.buckets_local().map(KvReadResult::Buckets)
-                } else {
-                    Err(ReadError::NotInitialized)
-                }
-            }
-        };
-        let leader = match local {
-            Ok(r) => return Ok(r),
-            Err(ReadError::NoSuchBucket { bucket }) => {
-                return Ok(KvReadResult::NoSuchBucket(bucket))
-            }
-            Err(ReadError::ForwardToLeader { leader_node, .. }) => {
-                Some(leader_node.unwrap_or_default())
-            }
-            Err(ReadError::NotInitialized) => None,
-            Err(e) => return Err(records::map_read(e)),
-        };
-        let req = peer::PeerRequest::Read {
-            read,
-            hops: hops + 1,
-        };
-        match self.route(leader, req, hops).await? {
-            peer::PeerResponse::Read(r) => Ok(r),
-            peer::PeerResponse::Error(e) => Err(e),
-            other => Err(internal(format!("unexpected peer answer {other:?}"))),
+        match self.call(forward::StoreCall::Read(read), hops).await? {
+            forward::StoreAnswer::Read(r) => Ok(r),
+            other => Err(internal(format!("unexpected store answer {other:?}"))),
         }
     }
 
@@ -227,16 +175,15 @@ impl Store {
         }
     }
 
-    /// Apply `ops` atomically. `Ok(Err(..))` is a replicated rejection: the
-    /// store is fine, a precondition did not hold, nothing changed.
+    /// Apply `ops` atomically, as one write with a fresh idempotency key
+    /// (however often it is resent, it is applied once). `Ok(Err(..))` is a
+    /// replicated rejection: the store is fine, a precondition did not
+    /// hold, nothing changed.
     pub(crate) async fn txn(
         &self,
         ops: Vec<ployz_consensus::Op>,
     ) -> Result<Result<Vec<u64>, (usize, Rejection)>, ApiError> {
-        let txn = Txn {
-            ops,
-            now_ms: now_ms(),
-        };
+        let txn = Txn::new(ops, now_ms()).with_id(forward::new_txn_id(&self.machine_id));
         match self.write_txn(txn, 0).await? {
             TxnResult::Applied { revisions } => Ok(Ok(revisions)),
             TxnResult::Rejected { op_index, reason } => Ok(Err((op_index, reason))),
