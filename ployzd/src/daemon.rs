@@ -59,6 +59,8 @@ pub struct Daemon {
     pub(crate) identity: Arc<Identity>,
     /// The advertised underlay address (NATS without a mesh).
     pub(crate) advertise_ip: IpAddr,
+    /// The TCP port peers reach this ployzd on.
+    pub(crate) peer_port: u16,
     pub(crate) store: Arc<Store>,
     pub(crate) ops: Arc<Operations>,
     pub(crate) control: Arc<ControlPlane>,
@@ -127,14 +129,17 @@ impl Daemon {
             store.clone(),
             cluster.clone(),
         );
-        let advertise_ip = cfg
-            .peer_addr
-            .parse::<std::net::SocketAddr>()
+        let peer = cfg.peer_addr.parse::<std::net::SocketAddr>().ok();
+        let advertise_ip = peer
             .map(|a| a.ip())
             .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let peer_port = peer
+            .map(|a| a.port())
+            .unwrap_or(crate::peer::DEFAULT_PEER_PORT);
         Ok(Daemon {
             identity,
             advertise_ip,
+            peer_port,
             store,
             ops,
             control,
@@ -198,10 +203,18 @@ impl Daemon {
                 _ = tick.tick() => {}
                 _ = changed.notified() => {}
             }
-            self.upkeep_once().await;
-            if last_janitor.elapsed() >= JANITOR_EVERY {
-                last_janitor = tokio::time::Instant::now();
-                self.take_over_stale_operations().await;
+            // A pass waits on the store (retrying for a while when it does
+            // not answer): a stop must not wait for it.
+            let pass = async {
+                self.upkeep_once().await;
+                if last_janitor.elapsed() >= JANITOR_EVERY {
+                    last_janitor = tokio::time::Instant::now();
+                    self.take_over_stale_operations().await;
+                }
+            };
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = pass => {}
             }
         }
         relay.abort();
@@ -283,6 +296,11 @@ impl Daemon {
             }
         }
         self.overlay.sync(&records);
+        if let Some(net) = &file.network {
+            let mut ports = vec![self.peer_port];
+            ports.extend(self.control.port());
+            self.overlay.guard_control(net, &records, ports).await;
+        }
         self.store.local().cache_machines(None, records.clone());
         let peers: Vec<(String, String)> = records
             .iter()

@@ -50,6 +50,8 @@ pub struct Overlay {
     control: Arc<ControlPlane>,
     running: OnceLock<Running>,
     starting: tokio::sync::Mutex<()>,
+    /// The control-plane guard last written: ports, range, machine addresses.
+    guarded: std::sync::Mutex<Option<(Vec<u16>, String, Vec<Ipv4Addr>)>>,
 }
 
 /// Peer configuration for every other machine.
@@ -100,6 +102,7 @@ impl Overlay {
             control,
             running: OnceLock::new(),
             starting: tokio::sync::Mutex::new(()),
+            guarded: std::sync::Mutex::new(None),
         }
     }
 
@@ -193,6 +196,49 @@ impl Overlay {
             address,
         });
         Ok(())
+    }
+
+    /// Keep workloads (here and on other machines) off this machine's
+    /// control-plane `ports` (peer port, NATS): over the overlay only the
+    /// machines' own addresses reach them. Rewritten only when something
+    /// changed; nothing without a mesh (machines sharing a host).
+    pub(crate) async fn guard_control(
+        &self,
+        net: &NetworkRecord,
+        machines: &[MachineRecord],
+        ports: Vec<u16>,
+    ) {
+        if !net.mesh || !self.is_up() {
+            return;
+        }
+        let mut ips: Vec<Ipv4Addr> = machines
+            .iter()
+            .filter_map(|m| m.overlay_ip.parse().ok())
+            .collect();
+        ips.sort();
+        let want = (ports, net.cidr.clone(), ips);
+        if self
+            .guarded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            == Some(&want)
+        {
+            return;
+        }
+        let w = want.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            ployz_runtime::firewall::guard_control(&w.0, &w.1, &w.2)
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {
+                tracing::info!(ports = ?want.0, machines = want.2.len(), "control plane guarded from workloads");
+                *self.guarded.lock().unwrap_or_else(|e| e.into_inner()) = Some(want);
+            }
+            Ok(Err(e)) => tracing::warn!("cannot guard the control plane from workloads: {e}"),
+            Err(e) => tracing::warn!("cannot guard the control plane from workloads: {e}"),
+        }
     }
 
     /// Make the mesh's peers match `machines`.

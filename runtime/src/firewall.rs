@@ -22,7 +22,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub const TAG_PREFIX: &str = "ployz:";
 
 /// The chains ployzd writes to.
-const CHAINS: [&str; 2] = ["FORWARD", "DOCKER-USER"];
+const CHAINS: [&str; 3] = ["FORWARD", "DOCKER-USER", "INPUT"];
+
+/// ployzd's own chain guarding the control-plane ports (see [`guard_control`]).
+pub const CONTROL_CHAIN: &str = "PLOYZ-CONTROL";
+/// The tag of the jump into [`CONTROL_CHAIN`].
+const CONTROL_TAG: &str = "ployz:control";
 
 /// The comment on the rules for `bridge`.
 pub fn tag(bridge: &str) -> String {
@@ -505,7 +510,110 @@ pub fn remove_all_with(ipt: &dyn Iptables) -> Result<usize, FirewallError> {
         run_all(ipt, &cmds)?;
         n += cmds.len();
     }
+    if let Some(listed) = list(ipt, CONTROL_CHAIN)? {
+        n += listed.len();
+        for args in [s(&["-F", CONTROL_CHAIN]), s(&["-X", CONTROL_CHAIN])] {
+            ipt.run(&args).map_err(spawn_err(&args))?;
+        }
+    }
     Ok(n)
+}
+
+/// The jump from `INPUT` into [`CONTROL_CHAIN`] for TCP to `ports`.
+pub fn control_jump(ports: &[u16]) -> Want {
+    let ports = ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    Want {
+        chain: "INPUT".into(),
+        tag: CONTROL_TAG.into(),
+        top: vec![s(&[
+            "-p",
+            "tcp",
+            "-m",
+            "multiport",
+            "--dports",
+            &ports,
+            "-j",
+            CONTROL_CHAIN,
+        ])],
+        end: Vec::new(),
+    }
+}
+
+/// The rules of [`CONTROL_CHAIN`], in order: the machines' own overlay
+/// addresses pass, everything else from the cluster's range (workloads,
+/// here or on other machines) is dropped; the rest returns to `INPUT`.
+pub fn control_rules(cluster: &str, machines: &[std::net::Ipv4Addr]) -> Vec<Vec<String>> {
+    let mut rules: Vec<Vec<String>> = machines
+        .iter()
+        .map(|ip| s(&["-s", &format!("{ip}/32"), "-j", "RETURN"]))
+        .collect();
+    rules.push(s(&["-s", cluster, "-j", "DROP"]));
+    rules
+}
+
+/// Keeps workloads off ployzd's control plane: TCP to `ports` (the peer
+/// port, NATS) from the cluster's range `cluster` is dropped unless it comes
+/// from one of the `machines`' overlay addresses. The chain is rebuilt only
+/// when it differs (flushed, then filled: while it is empty nothing is
+/// dropped, so machines never lose each other).
+pub fn guard_control_with(
+    ipt: &dyn Iptables,
+    ports: &[u16],
+    cluster: &str,
+    machines: &[std::net::Ipv4Addr],
+) -> Result<(), FirewallError> {
+    let want = control_rules(cluster, machines);
+    let listed = match list(ipt, CONTROL_CHAIN)? {
+        Some(l) => l,
+        None => {
+            let args = s(&["-N", CONTROL_CHAIN]);
+            match ipt.run(&args).map_err(spawn_err(&args))? {
+                // No iptables: nothing to guard with.
+                None => return Ok(()),
+                Some(r) if !r.ok => {
+                    return Err(FirewallError::Failed {
+                        cmd: format!("iptables {}", args.join(" ")),
+                        stderr: r.stderr,
+                    })
+                }
+                Some(_) => Vec::new(),
+            }
+        }
+    };
+    let have: Vec<&Vec<String>> = listed.iter().map(|l| &l.args).collect();
+    if have.len() != want.len() || have.iter().zip(&want).any(|(h, w)| *h != w) {
+        let mut cmds = vec![s(&["-F", CONTROL_CHAIN])];
+        cmds.extend(want.iter().map(|r| {
+            let mut a = s(&["-A", CONTROL_CHAIN]);
+            a.extend_from_slice(r);
+            a
+        }));
+        for args in cmds {
+            match ipt.run(&args).map_err(spawn_err(&args))? {
+                Some(r) if !r.ok => {
+                    return Err(FirewallError::Failed {
+                        cmd: format!("iptables {}", args.join(" ")),
+                        stderr: r.stderr,
+                    })
+                }
+                _ => {}
+            }
+        }
+    }
+    apply_want(ipt, &control_jump(ports), |_| false).map(drop)
+}
+
+/// [`guard_control_with`] on this host's iptables.
+pub fn guard_control(
+    ports: &[u16],
+    cluster: &str,
+    machines: &[std::net::Ipv4Addr],
+) -> Result<(), FirewallError> {
+    crate::host::serialized(|| guard_control_with(&System, ports, cluster, machines))
 }
 
 /// [`remove_all_with`] on this host's iptables, for `machine rm`: the
@@ -564,6 +672,18 @@ impl Iptables for FakeIptables {
         let (Some(op), Some(name)) = (args.first(), args.get(1)) else {
             return ran(false, String::new());
         };
+        let exists = chains.iter().any(|(n, _)| n == name);
+        match op.as_str() {
+            "-N" if !exists => {
+                chains.push((name.clone(), Vec::new()));
+                return ran(true, String::new());
+            }
+            "-X" if exists => {
+                chains.retain(|(n, _)| n != name);
+                return ran(true, String::new());
+            }
+            _ => {}
+        }
         let Some((_, rules)) = chains.iter_mut().find(|(n, _)| n == name) else {
             return ran(false, String::new());
         };
@@ -594,6 +714,10 @@ impl Iptables for FakeIptables {
             }
             "-A" => {
                 rules.push(rule);
+                ran(true, String::new())
+            }
+            "-F" => {
+                rules.clear();
                 ran(true, String::new())
             }
             "-D" => match rules.iter().position(|r| *r == rule) {
@@ -795,5 +919,44 @@ mod tests {
         for r in theirs {
             assert!(!is_legacy_bridge_rule(&split(r), "plzbr0"), "{r}");
         }
+    }
+
+    #[test]
+    fn control_plane_is_guarded_and_rebuilt_only_when_it_changes() {
+        let ipt = FakeIptables::with_chains(&["INPUT", "FORWARD"]);
+        add(&ipt, "INPUT", "-i lo -j ACCEPT");
+        let a: std::net::Ipv4Addr = "10.101.1.1".parse().unwrap();
+        let b: std::net::Ipv4Addr = "10.101.2.1".parse().unwrap();
+        guard_control_with(&ipt, &[7101, 4222], "10.101.0.0/16", &[a, b]).unwrap();
+        assert_eq!(
+            ipt.rules(CONTROL_CHAIN),
+            [
+                "-s 10.101.1.1/32 -j RETURN",
+                "-s 10.101.2.1/32 -j RETURN",
+                "-s 10.101.0.0/16 -j DROP"
+            ]
+        );
+        assert_eq!(
+            ipt.rules("INPUT"),
+            [
+                "-p tcp -m multiport --dports 7101,4222 -m comment --comment ployz:control -j PLOYZ-CONTROL",
+                "-i lo -j ACCEPT"
+            ]
+        );
+        // The same machines again: nothing is run but the listings.
+        let before = ipt.log.lock().unwrap().len();
+        guard_control_with(&ipt, &[7101, 4222], "10.101.0.0/16", &[a, b]).unwrap();
+        let ran: Vec<Vec<String>> = ipt.log.lock().unwrap()[before..].to_vec();
+        assert!(ran.iter().all(|a| a[0] == "-S"), "{ran:?}");
+        // A machine leaves: its address no longer passes.
+        guard_control_with(&ipt, &[7101, 4222], "10.101.0.0/16", &[a]).unwrap();
+        assert_eq!(
+            ipt.rules(CONTROL_CHAIN),
+            ["-s 10.101.1.1/32 -j RETURN", "-s 10.101.0.0/16 -j DROP"]
+        );
+        // Leaving the network takes the jump and the chain away, nothing else.
+        assert_eq!(remove_all_with(&ipt).unwrap(), 3);
+        assert_eq!(ipt.rules("INPUT"), ["-i lo -j ACCEPT"]);
+        assert!(list(&ipt, CONTROL_CHAIN).unwrap().is_none());
     }
 }

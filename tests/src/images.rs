@@ -23,6 +23,7 @@ const TOOLS: &[&str] = &[
     "ps",
     "env",
     "sha256sum",
+    "nc",
 ];
 
 fn sha256_hex(b: &[u8]) -> String {

@@ -96,6 +96,11 @@ impl ControlPlane {
         self.nats.get().is_some()
     }
 
+    /// The NATS client port, once the server listens.
+    pub fn port(&self) -> Option<u16> {
+        self.nats.get().map(|n| n.port)
+    }
+
     /// Keep NATS routes to the other machines `(id, peer_addr)`.
     pub fn sync_routes(&self, peers: &[(String, String)]) {
         if let Some(n) = self.nats.get() {

@@ -458,16 +458,23 @@ impl Workloads {
             if self.store.local().get().is_none() {
                 continue;
             }
-            if let Err(e) = self.reconcile().await {
-                tracing::debug!("reconcile: {}", e.message);
-            }
-            // Also right after services changed: a removed service's image may
-            // go once its instances are gone (and the grace period is over).
-            if kicked || last_gc.elapsed() >= IMAGE_GC_EVERY {
-                last_gc = tokio::time::Instant::now();
-                if let Err(e) = self.gc_images().await {
-                    tracing::warn!("image garbage collection: {}", e.message);
+            let pass = async {
+                if let Err(e) = self.reconcile().await {
+                    tracing::debug!("reconcile: {}", e.message);
                 }
+                // Also right after services changed: a removed service's image may
+                // go once its instances are gone (and the grace period is over).
+                if kicked || last_gc.elapsed() >= IMAGE_GC_EVERY {
+                    last_gc = tokio::time::Instant::now();
+                    if let Err(e) = self.gc_images().await {
+                        tracing::warn!("image garbage collection: {}", e.message);
+                    }
+                }
+            };
+            // A pass may wait on the store; a stop does not wait for it.
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = pass => {}
             }
         }
         watcher.abort();
