@@ -42,6 +42,10 @@ pub struct OverlayConfig {
     pub wg_port: u16,
 }
 
+/// What the control-plane guard was written for: ports, the cluster's
+/// range, the machines' overlay addresses.
+type Guard = (Vec<u16>, String, Vec<Ipv4Addr>);
+
 /// This machine's place in the mesh.
 pub struct Overlay {
     cfg: OverlayConfig,
@@ -50,8 +54,8 @@ pub struct Overlay {
     control: Arc<ControlPlane>,
     running: OnceLock<Running>,
     starting: tokio::sync::Mutex<()>,
-    /// The control-plane guard last written: ports, range, machine addresses.
-    guarded: std::sync::Mutex<Option<(Vec<u16>, String, Vec<Ipv4Addr>)>>,
+    /// The control-plane guard last written.
+    guarded: std::sync::Mutex<Option<Guard>>,
 }
 
 /// Peer configuration for every other machine.
