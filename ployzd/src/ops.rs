@@ -171,6 +171,18 @@ impl OpHandle {
         Ok(())
     }
 
+    /// Record a failure: `RolledBack` when nothing was changed, else
+    /// `Failed`, with the error's message and exit code.
+    pub async fn end_with(self, changed: bool, e: &ApiError) {
+        let state = if changed {
+            OpState::Failed
+        } else {
+            OpState::RolledBack
+        };
+        self.finish(state, e.message.clone(), e.code.exit_code())
+            .await
+    }
+
     /// Record the outcome, retrying while the store is unavailable (up to
     /// the lease). `exit_code` is what `ployzctl` exits with for it.
     pub async fn finish(self, state: OpState, message: impl Into<String>, exit_code: i32) {

@@ -8,7 +8,7 @@ use crate::store::{self, put, CAS_RETRIES};
 use ployz_api::invite::{self, InviteClaims};
 use ployz_api::time::now_ms;
 use ployz_api::*;
-use ployz_consensus::{Expect, Rejection};
+use ployz_consensus::Expect;
 use ployz_mesh::overlay::ClusterRange;
 use rand::RngCore;
 
@@ -83,13 +83,8 @@ impl Cluster {
     pub(crate) async fn invite_list(&self) -> Result<InviteList, ApiError> {
         self.store.require_network().await?;
         let now = now_ms();
-        let mut invites: Vec<InviteRecord> = self
-            .store
-            .list::<InviteRecord>(BUCKET_INVITES)
-            .await?
-            .into_iter()
-            .map(|v| v.value)
-            .collect();
+        let mut invites: Vec<InviteRecord> =
+            self.store.values::<InviteRecord>(BUCKET_INVITES).await?;
         invites
             .sort_by(|a, b| (a.created_at_ms, &a.invite_id).cmp(&(b.created_at_ms, &b.invite_id)));
         Ok(InviteList {
@@ -123,23 +118,12 @@ impl Cluster {
             }
             let mut next = cur.value.clone();
             next.revoked_at_ms = Some(now);
-            match self
+            if self
                 .store
-                .txn(vec![put(
-                    BUCKET_INVITES,
-                    invite_id,
-                    &next,
-                    Expect::Revision(cur.revision),
-                )])
+                .put_at(BUCKET_INVITES, invite_id, &next, cur.revision)
                 .await?
             {
-                Ok(_) => return Ok(InviteView::of(&next, now)),
-                Err((_, Rejection::WrongLastRevision { .. })) => continue,
-                Err((_, other)) => {
-                    return Err(internal(format!(
-                        "revoking the invite was rejected: {other}"
-                    )))
-                }
+                return Ok(InviteView::of(&next, now));
             }
         }
         Err(store::unavailable(format!(

@@ -311,10 +311,9 @@ impl Cluster {
     async fn live_workloads_on(&self, machine: &str) -> Result<Vec<String>, ApiError> {
         let mut names: Vec<String> = self
             .store
-            .list::<InstanceRecord>(BUCKET_INSTANCES)
+            .values::<InstanceRecord>(BUCKET_INSTANCES)
             .await?
             .into_iter()
-            .map(|v| v.value)
             .filter(|i| i.machine == machine && i.is_live())
             .map(|i| i.service)
             .collect();

@@ -92,13 +92,7 @@ impl Cluster {
                 Ok(report)
             }
             Err((changed, e)) => {
-                let state = if changed {
-                    OpState::Failed
-                } else {
-                    OpState::RolledBack
-                };
-                op.finish(state, e.message.clone(), e.code.exit_code())
-                    .await;
+                op.end_with(changed, &e).await;
                 let e = if changed {
                     let hint = e.hint.clone().unwrap_or_default();
                     e.with_hint(format!(

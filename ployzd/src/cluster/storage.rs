@@ -6,10 +6,10 @@ use super::{rules, Cluster};
 use crate::errors::{internal, invalid, refused};
 use crate::identity::{machine_id_of, node_id_of};
 use crate::peer::{PeerRequest, PeerResponse};
-use crate::store::{self, forward::PEER_CALL_TIMEOUT, put, Versioned, CAS_RETRIES};
+use crate::store::{self, forward::PEER_CALL_TIMEOUT, Versioned, CAS_RETRIES};
 use crate::VERSION;
 use ployz_api::*;
-use ployz_consensus::{Expect, MembershipError, PloyzNode};
+use ployz_consensus::{MembershipError, PloyzNode};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -254,14 +254,8 @@ impl Cluster {
             next.storage_replicas = replicas;
             if self
                 .store
-                .txn(vec![put(
-                    BUCKET_NETWORK,
-                    NETWORK_KEY,
-                    &next,
-                    Expect::Revision(cur.revision),
-                )])
+                .put_at(BUCKET_NETWORK, NETWORK_KEY, &next, cur.revision)
                 .await?
-                .is_ok()
             {
                 return Ok(());
             }

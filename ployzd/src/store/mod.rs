@@ -213,6 +213,45 @@ impl Store {
             .collect()
     }
 
+    /// Every live record of `bucket`, without revisions.
+    pub(crate) async fn values<T: serde::de::DeserializeOwned>(
+        &self,
+        bucket: &str,
+    ) -> Result<Vec<T>, ApiError> {
+        Ok(self
+            .list::<T>(bucket)
+            .await?
+            .into_iter()
+            .map(|v| v.value)
+            .collect())
+    }
+
+    /// Write `value` at `bucket/key` if it is still at `revision`:
+    /// `Ok(false)` when someone changed it since (read again, decide again).
+    pub(crate) async fn put_at<T: serde::Serialize>(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: &T,
+        revision: u64,
+    ) -> Result<bool, ApiError> {
+        match self
+            .txn(vec![put(bucket, key, value, Expect::Revision(revision))])
+            .await?
+        {
+            Ok(_) => Ok(true),
+            Err((_, Rejection::WrongLastRevision { .. })) => Ok(false),
+            Err((_, other)) => Err(internal(format!(
+                "the store rejected the update of {bucket}/{key}: {other}"
+            ))),
+        }
+    }
+
+    /// The network's secret, needed to talk to peers.
+    pub(crate) fn secret(&self) -> Result<peer::ClusterSecret, ApiError> {
+        self.local.secret().get().ok_or_else(no_network)
+    }
+
     /// The machine records of this replica's own copy, without asking the
     /// leader (`None` without a replica): what voters keep their tunnels
     /// up from, so no election waits on the store.

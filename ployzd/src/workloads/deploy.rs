@@ -58,13 +58,7 @@ impl Workloads {
                 Ok(view)
             }
             Err((changed, e)) => {
-                let state = if changed {
-                    OpState::Failed
-                } else {
-                    OpState::RolledBack
-                };
-                op.finish(state, e.message.clone(), e.code.exit_code())
-                    .await;
+                op.end_with(changed, &e).await;
                 Err(e)
             }
         }
@@ -441,13 +435,8 @@ impl Workloads {
                 .store
                 .get::<ServiceRecord>(BUCKET_SERVICES, name)
                 .await?;
-            let machines: Vec<MachineRecord> = self
-                .store
-                .list::<MachineRecord>(BUCKET_MACHINES)
-                .await?
-                .into_iter()
-                .map(|m| m.value)
-                .collect();
+            let machines: Vec<MachineRecord> =
+                self.store.values::<MachineRecord>(BUCKET_MACHINES).await?;
             let mut load: HashMap<String, usize> = HashMap::new();
             for i in self.store.list::<InstanceRecord>(BUCKET_INSTANCES).await? {
                 if i.value.is_live() {

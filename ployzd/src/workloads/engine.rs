@@ -85,6 +85,21 @@ impl Engine {
         })
     }
 
+    /// Take down every workload network this process set up.
+    pub(super) async fn remove_networks(&self) {
+        let bridges: Vec<String> = self
+            .bridges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        for b in bridges {
+            if let Err(e) = self.runtime.remove_network(&b).await {
+                tracing::warn!(bridge = %b, "cannot remove the workload network: {e}");
+            }
+        }
+    }
+
     pub(super) fn volume_dir(&self, name: &str) -> PathBuf {
         volume_dir(&self.data_dir, name)
     }

@@ -99,12 +99,7 @@ impl Workloads {
         svc: &ServiceRecord,
     ) -> Result<ImageInfo, ApiError> {
         let digest = svc.image.digest.clone().expect("called with a digest");
-        let secret = self
-            .store
-            .local()
-            .secret()
-            .get()
-            .ok_or_else(store::no_network)?;
+        let secret = self.store.secret()?;
         let machines = self.store.list::<MachineRecord>(BUCKET_MACHINES).await?;
         let mut errors = Vec::new();
         for src in &svc.image.sources {

@@ -121,53 +121,6 @@ impl Workloads {
         }
     }
 
-    /// The steps of a migration, each recorded in `op`; errors name the step.
-    async fn migrate_steps(
-        &self,
-        op: &OpHandle,
-        svc: &ServiceRecord,
-        src: &Placement,
-        target: &str,
-        progress: &(impl Fn(&str, String) + Sync),
-    ) -> Result<ServiceView, (&'static str, ApiError)> {
-        let name = svc.name.as_str();
-        // 1. Pause the source so the volume copy is consistent.
-        progress(
-            "stop",
-            format!("stopping slot {} on {}", src.slot, src.machine),
-        );
-        op.step(
-            "stop",
-            format!("stopping slot {} on {}", src.slot, src.machine),
-        )
-        .await
-        .map_err(|e| ("stop", e))?;
-        self.set_paused(name, src, true)
-            .await
-            .map_err(|e| ("stop", e))?;
-        let src_key = InstanceRecord::key(name, &src.machine, src.slot);
-        let stopped = self
-            .wait_instance(&src_key, Duration::from_secs(60), |i| {
-                i.state != InstanceState::Running && i.state != InstanceState::Pending
-            })
-            .await
-            .map_err(|e| ("stop", e))?;
-        if !stopped {
-            return Err((
-                "stop",
-                ApiError::new(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "machine {} did not stop service `{name}` within 60 s",
-                        src.machine
-                    ),
-                )
-                .with_hint("check the machine with `ployzctl machine ls` and retry"),
-            ));
-        }
-        self.migrate_to(op, svc, src, target, progress).await
-    }
-
     /// Undo a migration that did not finish: withdraw the target placement
     /// it added and resume the source, retrying while the store is
     /// unavailable (a new leader is being elected) for as long as `op`'s
@@ -270,8 +223,10 @@ impl Workloads {
         Ok(())
     }
 
-    /// Steps 2–4 of a migration; errors name the step.
-    pub(super) async fn migrate_to(
+    /// The steps of a migration, each recorded in `op`; errors name the
+    /// step: pause the source, copy the volumes, start on the target, and
+    /// only then drop the source.
+    async fn migrate_steps(
         &self,
         op: &OpHandle,
         svc: &ServiceRecord,
@@ -280,6 +235,40 @@ impl Workloads {
         progress: &(impl Fn(&str, String) + Sync),
     ) -> Result<ServiceView, (&'static str, ApiError)> {
         let name = svc.name.as_str();
+        // 1. Pause the source so the volume copy is consistent.
+        progress(
+            "stop",
+            format!("stopping slot {} on {}", src.slot, src.machine),
+        );
+        op.step(
+            "stop",
+            format!("stopping slot {} on {}", src.slot, src.machine),
+        )
+        .await
+        .map_err(|e| ("stop", e))?;
+        self.set_paused(name, src, true)
+            .await
+            .map_err(|e| ("stop", e))?;
+        let src_key = InstanceRecord::key(name, &src.machine, src.slot);
+        let stopped = self
+            .wait_instance(&src_key, Duration::from_secs(60), |i| {
+                i.state != InstanceState::Running && i.state != InstanceState::Pending
+            })
+            .await
+            .map_err(|e| ("stop", e))?;
+        if !stopped {
+            return Err((
+                "stop",
+                ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "machine {} did not stop service `{name}` within 60 s",
+                        src.machine
+                    ),
+                )
+                .with_hint("check the machine with `ployzctl machine ls` and retry"),
+            ));
+        }
         // 2. Copy the volumes.
         op.step(
             "copy",

@@ -9,13 +9,8 @@ impl Workloads {
     /// One pass: make this machine run exactly what is placed on it.
     pub(crate) async fn reconcile(&self) -> Result<(), ApiError> {
         let me = self.machine_id().to_string();
-        let services: Vec<ServiceRecord> = self
-            .store
-            .list::<ServiceRecord>(BUCKET_SERVICES)
-            .await?
-            .into_iter()
-            .map(|s| s.value)
-            .collect();
+        let services: Vec<ServiceRecord> =
+            self.store.values::<ServiceRecord>(BUCKET_SERVICES).await?;
         let mut desired: BTreeMap<String, (ServiceRecord, Placement)> = BTreeMap::new();
         for s in &services {
             for p in s.placements.iter().filter(|p| p.machine == me) {
@@ -76,17 +71,7 @@ impl Workloads {
         if desired.is_empty() && st.workloads.is_empty() {
             // Nothing runs here any more: take the workload network down too
             // (a later deploy sets it up again).
-            let bridges: Vec<String> = w
-                .bridges
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .drain()
-                .collect();
-            for b in bridges {
-                if let Err(e) = w.runtime.remove_network(&b).await {
-                    tracing::warn!(bridge = %b, "cannot remove the workload network: {e}");
-                }
-            }
+            w.remove_networks().await;
         }
         let mut ops = Vec::new();
         for (key, i) in &reported {
@@ -398,15 +383,7 @@ impl Workloads {
         let mut st = w.state.lock().await;
         st.workloads.clear();
         let _ = save_state(&w.data_dir, &st);
-        let bridges: Vec<String> = w
-            .bridges
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .collect();
-        for b in bridges {
-            let _ = w.runtime.remove_network(&b).await;
-        }
+        w.remove_networks().await;
         n
     }
 

@@ -72,12 +72,7 @@ impl Workloads {
             }
         }
         let src = self.store.resolve_machine(from).await?.value;
-        let secret = self
-            .store
-            .local()
-            .secret()
-            .get()
-            .ok_or_else(store::no_network)?;
+        let secret = self.store.secret()?;
         let tmp_dir = self.cfg.data_dir.join("tmp");
         tokio::fs::create_dir_all(&tmp_dir)
             .await
