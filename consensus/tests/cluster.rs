@@ -62,15 +62,20 @@ async fn leader_committed(node: &Node) -> u64 {
         .index
 }
 
+/// Three nodes started in `dir`; node 1 initialised alone, node 2 a learner.
+async fn three_with_learner(dir: &Path) -> [(Node, PloyzNode); 3] {
+    let (n1, m1) = start(1, dir).await;
+    let (n2, m2) = start(2, dir).await;
+    let (n3, m3) = start(3, dir).await;
+    n1.initialize_single(m1.clone()).await.unwrap();
+    n1.add_learner(2, m2.clone(), true).await.unwrap();
+    [(n1, m1), (n2, m2), (n3, m3)]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_replicate_over_tcp() {
     let dir = tempfile::tempdir().unwrap();
-    let (n1, m1) = start(1, dir.path()).await;
-    let (n2, m2) = start(2, dir.path()).await;
-    let (n3, m3) = start(3, dir.path()).await;
-
-    n1.initialize_single(m1).await.unwrap();
-    n1.add_learner(2, m2, true).await.unwrap();
+    let [(n1, _), (n2, _), (n3, m3)] = three_with_learner(dir.path()).await;
     n1.change_membership(BTreeSet::from([1, 2])).await.unwrap();
 
     let mut events3 = n3.subscribe();
@@ -154,11 +159,7 @@ async fn three_nodes_replicate_over_tcp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_retried_on_the_new_leader_answers_its_first_outcome() {
     let dir = tempfile::tempdir().unwrap();
-    let (n1, m1) = start(1, dir.path()).await;
-    let (n2, m2) = start(2, dir.path()).await;
-    let (n3, m3) = start(3, dir.path()).await;
-    n1.initialize_single(m1).await.unwrap();
-    n1.add_learner(2, m2, true).await.unwrap();
+    let [(n1, _), (n2, _), (n3, m3)] = three_with_learner(dir.path()).await;
     n1.add_learner(3, m3, true).await.unwrap();
     n1.change_membership(BTreeSet::from([1, 2, 3]))
         .await

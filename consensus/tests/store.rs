@@ -71,6 +71,14 @@ fn script() -> Vec<Txn> {
     txns
 }
 
+async fn snapshot_of(sm: &mut StateMachineStore) -> openraft::Snapshot<TypeConfig> {
+    sm.get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap()
+}
+
 fn entry(index: u64, txn: Txn) -> openraft::Entry<TypeConfig> {
     openraft::Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
@@ -113,12 +121,7 @@ async fn sled_matches_reference_and_snapshot_roundtrips() {
     assert_same(&sm, &mem);
     assert!(sm.bucket_info("c").unwrap().is_none());
 
-    let snap = sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap = snapshot_of(&mut sm).await;
     let (_log2, mut other) = store::open(&dir.path().join("b")).unwrap();
     // Pre-existing state on the receiver must vanish.
     other
@@ -222,12 +225,7 @@ async fn remembered_ids_survive_snapshot_build_and_install() {
         ])
         .await
         .unwrap();
-    let snap = sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap = snapshot_of(&mut sm).await;
     let (_log2, mut other) = store::open(&dir.path().join("b")).unwrap();
     other
         .install_snapshot(&snap.meta, snap.snapshot)
@@ -259,12 +257,7 @@ async fn snapshot_without_remembered_ids_still_installs() {
     sm.apply([entry(2, put_with_id("w1", "one", 10))])
         .await
         .unwrap();
-    let snap = sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap = snapshot_of(&mut sm).await;
     // What a store from before idempotency keys built: the same payload without `txns`.
     let mut payload: serde_json::Value = serde_json::from_slice(snap.snapshot.get_ref()).unwrap();
     assert!(payload["txns"].is_array(), "{payload}");

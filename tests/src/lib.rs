@@ -292,6 +292,13 @@ impl Machine {
     }
 
     /// Run `ployzctl --json ARGS`, assert success and parse stdout.
+    /// `ployzctl --json deploy service ARGS…`, which must succeed.
+    pub fn deploy(&self, args: &[&str]) -> Value {
+        let mut a = vec!["deploy", "service"];
+        a.extend_from_slice(args);
+        self.ctl_json(&a)
+    }
+
     pub fn ctl_json(&self, args: &[&str]) -> Value {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);

@@ -126,15 +126,7 @@ fn ployzd_needs_no_iproute2() {
         "ployz-noip",
         &["httpd", "-f", "-p", "8080", "-h", "/www"],
     );
-    let v = ms[0].ctl_json(&[
-        "deploy",
-        "service",
-        "web",
-        "--image",
-        image.to_str().unwrap(),
-        "--replicas",
-        "2",
-    ]);
+    let v = ms[0].deploy(&["web", "--image", image.to_str().unwrap(), "--replicas", "2"]);
     let inst = v["instances"].as_array().unwrap();
     assert_eq!(inst.len(), 2, "{v:#}");
     assert!(inst.iter().all(|i| i["state"] == "running"), "{v:#}");

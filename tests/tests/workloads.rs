@@ -40,12 +40,6 @@ fn http_get(m: &Machine, ip: &str, path: &str) -> Option<String> {
     o.status.success().then(|| stdout(&o))
 }
 
-fn deploy(m: &Machine, args: &[&str]) -> Value {
-    let mut a = vec!["deploy", "service"];
-    a.extend_from_slice(args);
-    m.ctl_json(&a)
-}
-
 #[test]
 fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine() {
     let tb = Testbed::new(3);
@@ -57,7 +51,7 @@ fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine()
 
     // 1. Two replicas, both running, on two different active machines, each
     // reachable over the mesh from every other machine.
-    let v = deploy(&ms[0], &["web", "--image", image, "--replicas", "2"]);
+    let v = ms[0].deploy(&["web", "--image", image, "--replicas", "2"]);
     let inst = v["instances"].as_array().unwrap();
     assert_eq!(inst.len(), 2, "{v:#}");
     assert!(inst.iter().all(|i| i["state"] == "running"), "{v:#}");
@@ -229,7 +223,7 @@ fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine()
     let busy = busy_inst["machine"].as_str().unwrap().to_string();
     let busy_ip = busy_inst["overlay_ip"].as_str().unwrap().to_string();
     ms[0].ctl_json(&["machine", "drain", &busy]);
-    let v = deploy(&ms[0], &["api", "--image", image, "--replicas", "3"]);
+    let v = ms[0].deploy(&["api", "--image", image, "--replicas", "3"]);
     let api_on: Vec<&str> = v["instances"]
         .as_array()
         .unwrap()
@@ -260,23 +254,20 @@ fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine()
 
     // 3. A volume moves with its service.
     ms[0].ctl_json(&["service", "rm", "api"]);
-    let v = deploy(
-        &ms[0],
-        &[
-            "db",
-            "--image",
-            image,
-            "-v",
-            "data:/www",
-            "--",
-            "httpd",
-            "-f",
-            "-p",
-            "8080",
-            "-h",
-            "/www",
-        ],
-    );
+    let v = ms[0].deploy(&[
+        "db",
+        "--image",
+        image,
+        "-v",
+        "data:/www",
+        "--",
+        "httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/www",
+    ]);
     let src = v["instances"][0]["machine"].as_str().unwrap().to_string();
     let src_ip = v["instances"][0]["overlay_ip"]
         .as_str()
@@ -455,15 +446,7 @@ fn docker_runtime_runs_the_same_deploy() {
         &format!("ployz-dk-{}", std::process::id()),
         HTTPD,
     );
-    let v = m.ctl_json(&[
-        "deploy",
-        "service",
-        "web",
-        "--image",
-        image.to_str().unwrap(),
-        "--replicas",
-        "2",
-    ]);
+    let v = m.deploy(&["web", "--image", image.to_str().unwrap(), "--replicas", "2"]);
     let inst = v["instances"].as_array().unwrap();
     assert_eq!(inst.len(), 2, "{v:#}\n{}", m.log());
     assert!(
@@ -528,10 +511,7 @@ fn workloads_survive_a_daemon_restart_and_exited_ones_restart() {
     m.ctl_json(&["mesh", "init", "restarts"]);
     let tmp = tempfile::tempdir().unwrap();
     let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
-    let v = deploy(
-        &m,
-        &["web", "--image", image.to_str().unwrap(), "--memory", "64M"],
-    );
+    let v = m.deploy(&["web", "--image", image.to_str().unwrap(), "--memory", "64M"]);
     assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
     let ip = v["instances"][0]["overlay_ip"]
         .as_str()

@@ -1,0 +1,197 @@
+//! The `blob` service: files (image archives, packed volumes) streamed
+//! between machines in sealed chunks, checked against the size and sha256
+//! announced first.
+
+use super::*;
+
+/// What a `blob` session asks for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlobRequest {
+    /// An image archive by its sha256 digest.
+    Image { digest: String },
+    /// A volume, packed as a tar archive.
+    Volume { name: String },
+}
+
+/// The first answer of a `blob` session; `size` bytes follow in frames,
+/// then an empty frame.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlobAnswer {
+    Ok { size: u64, sha256: String },
+    Error(ApiError),
+}
+
+/// A file the handler serves for a `blob` session.
+#[derive(Debug)]
+pub struct BlobSource {
+    pub path: std::path::PathBuf,
+    pub size: u64,
+    /// `sha256:<hex>`.
+    pub sha256: String,
+    /// Delete the file once it is sent (a volume packed for this session).
+    pub temporary: bool,
+}
+
+/// Bytes per frame of a blob stream.
+const BLOB_CHUNK: usize = 1 << 20;
+/// Longest wait for the next frame of a blob stream.
+const BLOB_IDLE: Duration = Duration::from_secs(30);
+
+/// Why a blob could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{addr}: {source}")]
+    Io { addr: String, source: io::Error },
+    #[error("{addr} refused: {}", .error.message)]
+    Refused { addr: String, error: ApiError },
+    #[error("{addr} sent {got} bytes with sha256 {actual}, announced {size} bytes with {expected}: the copy is corrupt and was discarded")]
+    Corrupt {
+        addr: String,
+        size: u64,
+        got: u64,
+        expected: String,
+        actual: String,
+    },
+}
+
+/// Fetch a blob from the machine at `addr` into `dest`, checking its size and
+/// sha256 against what the sender announced (and against `want_sha256` when
+/// given). `dest` is removed on any failure.
+pub async fn fetch_blob(
+    addr: &str,
+    secret: &ClusterSecret,
+    me: &str,
+    req: &BlobRequest,
+    want_sha256: Option<&str>,
+    dest: &std::path::Path,
+) -> Result<(u64, String), FetchError> {
+    let r = fetch_blob_inner(addr, secret, me, req, want_sha256, dest).await;
+    if r.is_err() {
+        let _ = tokio::fs::remove_file(dest).await;
+    }
+    r
+}
+
+/// The next frame of a blob stream, with an idle deadline.
+async fn next_blob_frame(conn: &mut SecureConn) -> io::Result<Vec<u8>> {
+    tokio::time::timeout(BLOB_IDLE, conn.recv())
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the sender stalled"))??
+        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "the sender closed early"))
+}
+
+async fn fetch_blob_inner(
+    addr: &str,
+    secret: &ClusterSecret,
+    me: &str,
+    req: &BlobRequest,
+    want_sha256: Option<&str>,
+    dest: &std::path::Path,
+) -> Result<(u64, String), FetchError> {
+    use sha2::Digest as _;
+    use tokio::io::AsyncWriteExt;
+    let io_err = |source: io::Error| FetchError::Io {
+        addr: addr.to_string(),
+        source,
+    };
+    let mut conn = dial(addr, Service::Blob, secret, me)
+        .await
+        .map_err(io_err)?;
+    conn.send(&serde_json::to_vec(req).map_err(|e| io_err(bad(e.to_string())))?)
+        .await
+        .map_err(io_err)?;
+    let first = next_blob_frame(&mut conn).await.map_err(io_err)?;
+    let (size, sha256) = match serde_json::from_slice::<BlobAnswer>(&first)
+        .map_err(|e| io_err(bad(e.to_string())))?
+    {
+        BlobAnswer::Ok { size, sha256 } => (size, sha256),
+        BlobAnswer::Error(error) => {
+            return Err(FetchError::Refused {
+                addr: addr.to_string(),
+                error,
+            })
+        }
+    };
+    if let Some(want) = want_sha256 {
+        if want != sha256 {
+            return Err(FetchError::Corrupt {
+                addr: addr.to_string(),
+                size,
+                got: 0,
+                expected: want.to_string(),
+                actual: sha256,
+            });
+        }
+    }
+    let mut file = tokio::fs::File::create(dest).await.map_err(io_err)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut got = 0u64;
+    loop {
+        let chunk = next_blob_frame(&mut conn).await.map_err(io_err)?;
+        if chunk.is_empty() {
+            break;
+        }
+        got += chunk.len() as u64;
+        if got > size {
+            break;
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk).await.map_err(io_err)?;
+    }
+    file.sync_all().await.map_err(io_err)?;
+    let actual = format!("sha256:{:x}", hasher.finalize());
+    if got != size || actual != sha256 {
+        return Err(FetchError::Corrupt {
+            addr: addr.to_string(),
+            size,
+            got,
+            expected: sha256,
+            actual,
+        });
+    }
+    Ok((size, sha256))
+}
+
+pub(super) async fn serve_blob<H: PeerHandler>(
+    mut conn: SecureConn,
+    handler: Arc<H>,
+) -> io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let Some(frame) = conn.recv().await? else {
+        return Ok(());
+    };
+    let req: BlobRequest = serde_json::from_slice(&frame).map_err(|e| bad(e.to_string()))?;
+    let src = match handler.blob(req).await {
+        Ok(src) => src,
+        Err(e) => {
+            let answer =
+                serde_json::to_vec(&BlobAnswer::Error(e)).map_err(|e| bad(e.to_string()))?;
+            return conn.send(&answer).await;
+        }
+    };
+    let result = async {
+        let mut file = tokio::fs::File::open(&src.path).await?;
+        let answer = BlobAnswer::Ok {
+            size: src.size,
+            sha256: src.sha256.clone(),
+        };
+        conn.send(&serde_json::to_vec(&answer).map_err(|e| bad(e.to_string()))?)
+            .await?;
+        let mut buf = vec![0u8; BLOB_CHUNK];
+        let mut left = src.size;
+        while left > 0 {
+            let want = (left as usize).min(BLOB_CHUNK);
+            file.read_exact(&mut buf[..want]).await?;
+            conn.send(&buf[..want]).await?;
+            left -= want as u64;
+        }
+        conn.send(&[]).await
+    }
+    .await;
+    if src.temporary {
+        let _ = tokio::fs::remove_file(&src.path).await;
+    }
+    result
+}
