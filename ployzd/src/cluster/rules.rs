@@ -153,6 +153,72 @@ pub fn removal_keeps_quorum(
     Ok(())
 }
 
+/// What the records must change so that `machine ls` (each machine's
+/// authority) and `mesh status` (the network's storage size) say what the
+/// Raft voter set is, whatever part of a promote or removal got through.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StorageRecordFix {
+    /// Machines whose recorded authority is wrong, with the right one.
+    pub authority: Vec<(String, ployz_api::Authority)>,
+    /// The storage size to record, when the recorded one is wrong.
+    pub replicas: Option<u8>,
+}
+
+pub fn storage_record_fix(
+    voters: &[String],
+    machines: &[(String, ployz_api::Authority)],
+    recorded_replicas: u8,
+) -> StorageRecordFix {
+    use ployz_api::Authority;
+    let authority = machines
+        .iter()
+        .filter_map(|(id, a)| {
+            let want = if voters.contains(id) {
+                Authority::Storage
+            } else {
+                Authority::Compute
+            };
+            (*a != want).then(|| (id.clone(), want))
+        })
+        .collect();
+    let size = voters.len().min(u8::MAX as usize) as u8;
+    StorageRecordFix {
+        authority,
+        replicas: (size != recorded_replicas).then_some(size),
+    }
+}
+
+#[cfg(test)]
+mod storage_record_tests {
+    use super::*;
+    use ployz_api::Authority::{Compute, Storage};
+
+    #[test]
+    fn records_follow_the_voter_set() {
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // A promote to 3 whose membership change got through but whose
+        // record writes did not: c is a voter recorded as compute.
+        let machines = [
+            ("a".to_string(), Storage),
+            ("b".to_string(), Storage),
+            ("c".to_string(), Compute),
+            ("d".to_string(), Compute),
+        ];
+        let fix = storage_record_fix(&v(&["a", "b", "c"]), &machines, 1);
+        assert_eq!(fix.authority, [("c".to_string(), Storage)]);
+        assert_eq!(fix.replicas, Some(3));
+        // A promote that failed before the change: nothing moved, but a
+        // replicas count already written ahead is put back.
+        let fix = storage_record_fix(&v(&["a", "b"]), &machines[..2], 3);
+        assert!(fix.authority.is_empty());
+        assert_eq!(fix.replicas, Some(2));
+        // A storage record for a machine that left the voter set.
+        let fix = storage_record_fix(&v(&["a"]), &machines[..2], 1);
+        assert_eq!(fix.authority, [("b".to_string(), Compute)]);
+        assert_eq!(fix.replicas, None);
+    }
+}
+
 #[cfg(test)]
 mod quorum_tests {
     use super::*;

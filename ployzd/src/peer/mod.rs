@@ -634,7 +634,10 @@ pub async fn call(
     tokio::time::timeout(timeout, fut).await.map_err(|_| {
         io::Error::new(
             io::ErrorKind::TimedOut,
-            format!("{addr} did not answer in {timeout:?}"),
+            format!(
+                "{addr} did not answer in {}",
+                ployz_api::time::human(timeout)
+            ),
         )
     })?
 }
@@ -685,7 +688,10 @@ pub async fn join(
     tokio::time::timeout(timeout, fut).await.map_err(|_| {
         io::Error::new(
             io::ErrorKind::TimedOut,
-            format!("{addr} did not answer the join in {timeout:?}"),
+            format!(
+                "{addr} did not answer the join in {}",
+                ployz_api::time::human(timeout)
+            ),
         )
     })?
 }

@@ -285,7 +285,8 @@ impl Zygote {
             // Killed here; dropped (and reaped) by the caller.
             let _ = self.child.kill();
             return Err(Some(format!(
-                "the create did not finish within {timeout:?}; its helper was killed"
+                "the create did not finish within {}; its helper was killed",
+                ployz_api::time::human(timeout)
             )));
         }
         // One line back, not EOF: the worker's container processes hold
