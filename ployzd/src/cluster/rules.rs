@@ -29,7 +29,7 @@ pub enum Refusal {
         state: Lifecycle,
         doing: &'static str,
     },
-    #[error("machine {machine} still runs {} workload(s): {}; standby does not move workloads", workloads.len(), workloads.join(", "))]
+    #[error("machine {machine} still has {} instance(s) placed on it: {}; standby does not move workloads", workloads.len(), workloads.join(", "))]
     WorkloadsRunning {
         machine: String,
         workloads: Vec<String>,
@@ -50,14 +50,38 @@ impl Refusal {
             },
             Refusal::WorkloadsRunning { machine, workloads } => format!(
                 "migrate or remove them first (`ployzctl service migrate {} --to <machine>`), or keep them running and use `ployzctl machine standby --force {machine}`",
-                workloads.first().map(String::as_str).unwrap_or("<service>")
+                workloads
+                    .first()
+                    .and_then(|w| w.split('/').next())
+                    .unwrap_or("<service>")
             ),
         }
     }
 }
 
+/// The instances that occupy `machine`, as `service/slot`, sorted: those
+/// placed there in any state (a failed one is restarted there, a paused one
+/// resumes there) and those still reported pending or running there (a
+/// placement just withdrawn whose instance has not stopped yet). The
+/// standby refusal counts and names exactly these.
+pub fn occupying(
+    machine: &str,
+    placed: &[(String, String, u32)],
+    live: &[(String, String, u32)],
+) -> Vec<String> {
+    let mut out: Vec<String> = placed
+        .iter()
+        .chain(live)
+        .filter(|(_, m, _)| m == machine)
+        .map(|(service, _, slot)| format!("{service}/{slot}"))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Decide a lifecycle change for `machine`, currently `current`, with
-/// `live_workloads` (names of workloads running or starting there).
+/// `live_workloads` (its instances, from [`occupying`]).
 pub fn decide(
     machine: &str,
     current: Lifecycle,
@@ -185,6 +209,41 @@ pub fn storage_record_fix(
     StorageRecordFix {
         authority,
         replicas: (size != recorded_replicas).then_some(size),
+    }
+}
+
+#[cfg(test)]
+mod occupying_tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_counts_what_it_names() {
+        let t = |s: &str, m: &str, n: u32| (s.to_string(), m.to_string(), n);
+        // web/0 failed (placed, no live record), web/1 running, db/3 placed
+        // elsewhere, old/7 withdrawn but still running here.
+        let placed = [t("web", "a", 0), t("web", "a", 1), t("db", "b", 3)];
+        let live = [t("web", "a", 1), t("old", "a", 7), t("db", "b", 3)];
+        let on_a = occupying("a", &placed, &live);
+        assert_eq!(on_a, ["old/7", "web/0", "web/1"]);
+        let e = decide(
+            "a",
+            Lifecycle::Active,
+            LifecycleAction::Standby,
+            false,
+            &on_a,
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("3 instance(s) placed on it: old/7, web/0, web/1"),
+            "{msg}"
+        );
+        assert!(
+            e.hint().contains("service migrate old --to"),
+            "{}",
+            e.hint()
+        );
+        assert!(occupying("c", &placed, &live).is_empty());
     }
 }
 
