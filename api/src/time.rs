@@ -28,7 +28,7 @@ pub fn human(d: Duration) -> String {
     }
     if ms < 9_950.0 {
         let tenths = (ms / 100.0).round() as u64;
-        return if tenths % 10 == 0 {
+        return if tenths.is_multiple_of(10) {
             format!("{}s", tenths / 10)
         } else {
             format!("{}.{}s", tenths / 10, tenths % 10)
