@@ -39,7 +39,7 @@ pub struct InviteClaims {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
-    #[error("the invite token is malformed ({0}); copy the whole token printed by `ployzctl machine invite create`")]
+    #[error("the invite token is truncated or corrupt ({0}): copy the whole token printed by `ployzctl machine invite create`, on one line")]
     Malformed(String),
     #[error("the invite token's signature does not verify: it was altered or not issued by this network")]
     BadSignature,
@@ -76,17 +76,24 @@ pub fn decode(token: &str) -> Result<InviteClaims, TokenError> {
     }
     let (body, sig) = token
         .split_once('.')
-        .ok_or_else(|| TokenError::Malformed("no '.' separating claims and signature".into()))?;
-    let claims_bytes =
-        b64url_decode(body).map_err(|e| TokenError::Malformed(format!("claims: {e}")))?;
+        .ok_or_else(|| TokenError::Malformed("it has no '.' between its two parts".into()))?;
+    let claims_bytes = b64url_decode(body)
+        .map_err(|_| TokenError::Malformed("its first part is not base64url".into()))?;
     let claims: InviteClaims = serde_json::from_slice(&claims_bytes)
-        .map_err(|e| TokenError::Malformed(format!("claims: {e}")))?;
+        .map_err(|_| TokenError::Malformed("its first part does not hold invite claims".into()))?;
     if claims.v != TOKEN_VERSION {
         return Err(TokenError::UnsupportedVersion(claims.v));
     }
-    let sig_bytes =
-        b64url_decode(sig).map_err(|e| TokenError::Malformed(format!("signature: {e}")))?;
-    let sig = Signature::from_slice(&sig_bytes).map_err(|_| TokenError::BadSignature)?;
+    // A whole signature is 64 bytes: 86 base64url characters.
+    let sig = b64url_decode(sig)
+        .ok()
+        .and_then(|b| Signature::from_slice(&b).ok())
+        .ok_or_else(|| {
+            TokenError::Malformed(format!(
+                "its signature is {} characters long, a whole one has 86",
+                sig.len()
+            ))
+        })?;
     let key = verifying_key(&claims.issuer_key).ok_or(TokenError::BadSignature)?;
     key.verify(body.as_bytes(), &sig)
         .map_err(|_| TokenError::BadSignature)?;
@@ -148,6 +155,22 @@ mod tests {
         let c = claims(&k);
         // Claims name key 1 but key 2 signs.
         assert_eq!(decode(&encode(&c, &key(2))), Err(TokenError::BadSignature));
+    }
+
+    #[test]
+    fn truncated_tokens_say_so() {
+        let k = key(1);
+        let token = encode(&claims(&k), &k);
+        for cut in [1, 2, 40, token.len() - token.find('.').unwrap()] {
+            let e = decode(&token[..token.len() - cut]).unwrap_err().to_string();
+            assert!(e.contains("truncated or corrupt"), "{cut}: {e}");
+            assert!(e.contains("copy the whole token"), "{cut}: {e}");
+            assert!(!e.contains("Invalid"), "no library wording: {e}");
+        }
+        let e = decode(&token[..token.len() - 1]).unwrap_err().to_string();
+        assert!(e.contains("85 characters long, a whole one has 86"), "{e}");
+        let e = decode(&token[..20]).unwrap_err().to_string();
+        assert!(e.contains("no '.'"), "{e}");
     }
 
     #[test]

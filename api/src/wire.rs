@@ -280,7 +280,8 @@ pub struct ServiceList {
 pub struct ServiceView {
     pub name: String,
     pub image: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `null` for an image given by name (not shipped between machines).
+    #[serde(default)]
     pub digest: Option<String>,
     pub replicas: u32,
     pub generation: u64,
@@ -305,15 +306,17 @@ pub struct InstanceView {
     pub slot: u32,
     pub state: InstanceState,
     pub overlay_ip: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Why the instance failed; `null` otherwise (always present, as the
+    /// README lists it).
+    #[serde(default)]
     pub error: Option<String>,
     /// The instance's machine did not answer the last RTT probe of the
     /// machine that answered this request: `state` is the last it reported.
     #[serde(default)]
     pub unreachable: bool,
     /// The service generation the instance runs (older than the service's
-    /// while a rolling update has not reached it); `None` while pending.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// while a rolling update has not reached it); `null` while pending.
+    #[serde(default)]
     pub generation: Option<u64>,
 }
 
@@ -679,6 +682,93 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
         let s = serde_json::to_string(&Request::MachineList).unwrap();
         assert_eq!(s, r#"{"op":"machine_list"}"#);
+    }
+
+    /// The keys the README's "JSON output" line for `command` lists.
+    fn readme_keys(command: &str) -> std::collections::BTreeSet<String> {
+        let readme = include_str!("../../README.md");
+        let line = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("- `{command} --json`")))
+            .unwrap_or_else(|| panic!("the README documents `{command} --json`"));
+        let sketch = line
+            .split('`')
+            .nth(3)
+            .expect("a `{…}` sketch after the command");
+        sketch
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            // Keys, not example values like "vol:/path".
+            .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .map(String::from)
+            .collect()
+    }
+
+    /// Every object key in `v`, at any depth.
+    fn json_keys(v: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    out.insert(k.clone());
+                    json_keys(v, out);
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| json_keys(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn json_output_matches_the_readme() {
+        let instance = InstanceView {
+            machine: "m".into(),
+            slot: 0,
+            state: InstanceState::Pending,
+            overlay_ip: None,
+            error: None,
+            unreachable: false,
+            generation: None,
+        };
+        let services = serde_json::json!({"services": [ServiceView {
+            name: "web".into(),
+            image: "busybox".into(),
+            digest: None,
+            replicas: 1,
+            generation: 1,
+            volumes: vec![],
+            instances: vec![instance],
+        }]});
+        let mut keys = Default::default();
+        json_keys(&services, &mut keys);
+        assert_eq!(keys, readme_keys("service ls"));
+
+        let machine = MachineView {
+            id: "m".into(),
+            hostname: "h".into(),
+            lifecycle: Lifecycle::Active,
+            authority: Authority::Storage,
+            region: "r".into(),
+            region_role: RegionRole::Primary,
+            overlay_ip: "10.101.1.1".into(),
+            subnet: "10.101.1.0/24".into(),
+            version: "0.1.0".into(),
+            runtime: "host".into(),
+            endpoints: vec![],
+            peer_addr: "10.101.1.1:7101".into(),
+            wg_public_key: "k".into(),
+            created_at: "t".into(),
+            updated_at: "t".into(),
+        };
+        let mut keys = Default::default();
+        json_keys(
+            &serde_json::to_value(MachineList {
+                machines: vec![machine],
+            })
+            .unwrap(),
+            &mut keys,
+        );
+        assert_eq!(keys, readme_keys("machine ls"));
     }
 
     #[test]

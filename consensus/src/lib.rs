@@ -64,6 +64,7 @@ pub use network::PlainTcp;
 pub use network::TcpNetworkFactory;
 pub use node::InitError;
 pub use node::MembershipError;
+pub use node::NoQuorum;
 pub use node::Node;
 pub use node::NodeConfig;
 pub use node::OpenError;

@@ -24,6 +24,8 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use ployz_api::time::human;
+
 use crate::kv::BucketInfo;
 use crate::kv::Entry;
 use crate::kv::KvEvent;
@@ -123,7 +125,7 @@ pub enum OpenError {
 pub enum InitError {
     #[error("this node is already initialized (it has a log or has voted); nothing to do")]
     AlreadyInitialized,
-    #[error("initialized, but this node did not become leader within {timeout:?}")]
+    #[error("initialized, but this node did not become leader within {}", human(*timeout))]
     Timeout { timeout: Duration },
     #[error("raft refused to initialize: {0}")]
     Refused(String),
@@ -143,7 +145,10 @@ pub enum WriteError {
         leader_id: NodeId,
         leader_node: Option<PloyzNode>,
     },
-    #[error("no leader or no quorum within {timeout:?}; the write may or may not be applied")]
+    #[error(
+        "no leader or no quorum within {}; the write may or may not be applied",
+        human(*timeout)
+    )]
     Timeout { timeout: Duration },
     #[error("raft refused the write: {0}")]
     Refused(String),
@@ -163,9 +168,9 @@ pub enum ReadError {
         leader_id: NodeId,
         leader_node: Option<PloyzNode>,
     },
-    #[error("the leader could not confirm its leadership with a quorum: {0}")]
-    NoQuorum(QuorumNotEnough<NodeId>),
-    #[error("no leader or no quorum within {timeout:?}")]
+    #[error("{0}")]
+    NoQuorum(NoQuorum),
+    #[error("no leader or no quorum within {}", human(*timeout))]
     Timeout { timeout: Duration },
     #[error("no such bucket: {bucket}")]
     NoSuchBucket { bucket: String },
@@ -173,6 +178,53 @@ pub enum ReadError {
     Store(#[from] StoreError),
     #[error("raft stopped: {0}")]
     Fatal(Box<Fatal<NodeId>>),
+}
+
+/// The leader could not reach a majority of the voters: who answered and
+/// who did not, by machine id, for a message people can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoQuorum {
+    /// Voters that answered (the leader counts itself).
+    pub reachable: usize,
+    pub voters: usize,
+    /// Voters a quorum needs.
+    pub needed: usize,
+    /// Machine ids (node ids where unknown) of the voters that did not answer.
+    pub unreachable: Vec<String>,
+}
+
+impl NoQuorum {
+    /// From openraft's report and the voters with their nodes.
+    pub fn new(got: &BTreeSet<NodeId>, voters: &[(NodeId, Option<&PloyzNode>)]) -> NoQuorum {
+        let name = |id: &NodeId, node: &Option<&PloyzNode>| match node {
+            Some(n) => n.machine_id.clone(),
+            None => format!("node {id}"),
+        };
+        NoQuorum {
+            reachable: voters.iter().filter(|(id, _)| got.contains(id)).count(),
+            voters: voters.len(),
+            needed: voters.len() / 2 + 1,
+            unreachable: voters
+                .iter()
+                .filter(|(id, _)| !got.contains(id))
+                .map(|(id, n)| name(id, n))
+                .collect(),
+        }
+    }
+}
+
+impl std::fmt::Display for NoQuorum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no quorum: the leader reaches {} of {} storage voters and needs {}",
+            self.reachable, self.voters, self.needed
+        )?;
+        if !self.unreachable.is_empty() {
+            write!(f, "; not reachable: {}", self.unreachable.join(", "))?;
+        }
+        Ok(())
+    }
 }
 
 /// A membership change failed.
@@ -187,10 +239,24 @@ pub enum MembershipError {
     },
     #[error("no leader is known right now; retry once one is elected")]
     NoLeader,
-    #[error(transparent)]
+    #[error("{}", change_refused(.0))]
     Change(#[from] ChangeMembershipError<NodeId>),
     #[error("raft stopped: {0}")]
     Fatal(Box<Fatal<NodeId>>),
+}
+
+/// Why raft refused a membership change, without its Debug dumps of log ids.
+fn change_refused(e: &ChangeMembershipError<NodeId>) -> String {
+    match e {
+        ChangeMembershipError::InProgress(_) => {
+            "another change of the storage set is still being committed; retry in a moment".into()
+        }
+        ChangeMembershipError::EmptyMembership(_) => "the storage set cannot be empty".into(),
+        ChangeMembershipError::LearnerNotFound(l) => format!(
+            "node {} has not caught up as a learner yet, so it cannot vote",
+            l.node_id
+        ),
+    }
 }
 
 /// [`Node::shutdown`] failed.
@@ -198,7 +264,7 @@ pub enum MembershipError {
 pub enum ShutdownError {
     #[error("raft core task failed while stopping: {0}")]
     Raft(String),
-    #[error("raft tasks still hold the database after {timeout:?} ({users} handles)")]
+    #[error("raft tasks still hold the database after {} ({users} handles)", human(*timeout))]
     DatabaseBusy { users: usize, timeout: Duration },
     #[error("final flush failed: {0}")]
     Store(#[from] StoreError),
@@ -533,6 +599,17 @@ impl Node {
         ok && Instant::now() < deadline
     }
 
+    /// openraft's quorum report with the voters named.
+    fn no_quorum(&self, q: &QuorumNotEnough<NodeId>) -> NoQuorum {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: Vec<(NodeId, Option<&PloyzNode>)> = membership
+            .voter_ids()
+            .map(|id| (id, membership.get_node(&id)))
+            .collect();
+        NoQuorum::new(&q.got, &voters)
+    }
+
     async fn linearize(&self) -> Result<(), ReadError> {
         let timeout = DEFAULT_REQUEST_TIMEOUT;
         let deadline = Instant::now() + timeout;
@@ -544,7 +621,7 @@ impl Node {
                 Ok(_) => return Ok(()),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => f,
                 Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
-                    return Err(ReadError::NoQuorum(q))
+                    return Err(ReadError::NoQuorum(self.no_quorum(&q)))
                 }
                 Err(RaftError::Fatal(f)) => return Err(f.into()),
             };
@@ -598,5 +675,30 @@ impl Drop for Node {
         {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_quorum_names_the_voters_it_cannot_reach() {
+        let node = |m: &str| PloyzNode {
+            machine_id: m.into(),
+            addr: "10.0.0.1:7101".into(),
+        };
+        let (a, b, c) = (node("aaaa"), node("bbbb"), node("cccc"));
+        let voters = [(1, Some(&a)), (2, Some(&b)), (3, Some(&c)), (4, None)];
+        let q = NoQuorum::new(&BTreeSet::from([1]), &voters[..3]);
+        assert_eq!(
+            q.to_string(),
+            "no quorum: the leader reaches 1 of 3 storage voters and needs 2; not reachable: bbbb, cccc"
+        );
+        let q = NoQuorum::new(&BTreeSet::from([1, 2]), &voters);
+        assert_eq!((q.reachable, q.voters, q.needed), (2, 4, 3));
+        assert_eq!(q.unreachable, ["cccc", "node 4"]);
+        let msg = ReadError::NoQuorum(q).to_string();
+        assert!(!msg.contains('{') && !msg.contains("BTreeSet"), "{msg}");
     }
 }

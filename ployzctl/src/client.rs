@@ -2,6 +2,7 @@
 
 use ployz_api::{ApiError, Reply, Request, Response};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -66,6 +67,17 @@ impl ClientError {
     }
 }
 
+/// What a file that is not a socket is, for the message.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    if t.is_file() {
+        "it is a regular file"
+    } else if t.is_dir() {
+        "it is a directory"
+    } else {
+        "it is a special file"
+    }
+}
+
 pub fn call(socket: &Path, req: &Request) -> Result<Result<Response, ApiError>, ClientError> {
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::PermissionDenied => ClientError::Denied {
@@ -77,7 +89,12 @@ pub fn call(socket: &Path, req: &Request) -> Result<Result<Response, ApiError>, 
         },
         std::io::ErrorKind::ConnectionRefused => ClientError::NoDaemon {
             socket: socket.into(),
-            why: "nothing is listening; the socket is left over from a stopped daemon".into(),
+            why: match std::fs::metadata(socket) {
+                Ok(m) if !m.file_type().is_socket() => {
+                    format!("{}, not a socket", file_kind(&m.file_type()))
+                }
+                _ => "nothing is listening; the socket is left over from a stopped daemon".into(),
+            },
         },
         _ => ClientError::NoDaemon {
             socket: socket.into(),

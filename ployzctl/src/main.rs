@@ -548,8 +548,51 @@ fn release_pack(out: &std::path::Path, version: Option<String>, json: bool) -> i
             exit::OK
         }
         Err(e) => {
-            eprintln!("error: {e}");
-            exit::INTERNAL
+            let e = pack_error(&e);
+            output::print_error(&e, json);
+            e.code.exit_code()
         }
+    }
+}
+
+/// A failed `release pack` as the error to print: what the caller gave
+/// (an output directory it cannot write, a bad version, binaries missing
+/// beside ployzctl) is an invalid argument; only the rest is internal.
+fn pack_error(e: &ployz_provision::release::ReleaseError) -> ployz_api::ApiError {
+    use ployz_api::{ApiError, ErrorCode};
+    use ployz_provision::release::ReleaseError as R;
+    match e {
+        R::Write { .. } => ApiError::new(ErrorCode::InvalidArgument, e.to_string())
+            .with_hint("give --out a directory you can write to"),
+        R::BadVersion(_) | R::ReadBinary { .. } => {
+            ApiError::new(ErrorCode::InvalidArgument, e.to_string())
+        }
+        _ => ApiError::new(ErrorCode::Internal, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unwritable_release_output_is_the_callers_mistake() {
+        let bin = std::env::current_exe().unwrap();
+        let e = ployz_provision::release::pack_release(
+            std::path::Path::new("/proc/ployz-no-such-dir"),
+            "0.1.0",
+            "x86_64-unknown-linux-musl",
+            &[("ployzd", bin.as_path())],
+        )
+        .unwrap_err();
+        let api = pack_error(&e);
+        assert_eq!(api.code.exit_code(), 6, "{}", api.message);
+        assert!(
+            api.message.contains("/proc/ployz-no-such-dir"),
+            "{}",
+            api.message
+        );
+        // The OS's reason, not only "cannot write".
+        assert!(api.message.contains("(os error"), "{}", api.message);
     }
 }

@@ -110,6 +110,7 @@ impl Provisioning {
         req: AddRequest,
         sink: &ProgressSink,
     ) -> Result<TargetsReport, ApiError> {
+        let targets = parse_targets(&req.targets)?;
         let net = self.store.require_network().await?;
         if req.network != net.name {
             return Err(invalid(format!(
@@ -118,14 +119,6 @@ impl Provisioning {
             ))
             .with_hint("run `ployzctl machine add` on a machine of the network you want to grow"));
         }
-        if req.targets.is_empty() {
-            return Err(invalid("name at least one target (`user@host`)"));
-        }
-        let targets: Vec<(String, Result<SshTarget, String>)> = req
-            .targets
-            .iter()
-            .map(|t| (t.clone(), t.parse::<SshTarget>().map_err(|e| e.to_string())))
-            .collect();
         let install = install_source(&req)?;
         let mode: ServiceMode = req
             .service_mode
@@ -140,14 +133,7 @@ impl Provisioning {
             .parse()
             .map_err(|e: ployz_runtime::UnknownRuntime| invalid(e.to_string()))?;
         let mut results = Vec::new();
-        for (name, parsed) in targets {
-            let target = match parsed {
-                Ok(t) => t,
-                Err(e) => {
-                    results.push(result(&name, "-", false, Some("target"), e));
-                    continue;
-                }
-            };
+        for (name, target) in targets {
             note(sink, &name, "invite", "issuing a single-use invite");
             let invite = match self.cluster.invite_create(600).await {
                 Ok(i) => i,
@@ -302,5 +288,49 @@ impl Provisioning {
             }
         }
         Ok(TargetsReport { results })
+    }
+}
+
+/// Every target parsed before any work starts: one bad target (empty, a
+/// port out of range) is the caller's mistake, not a failed provisioning.
+fn parse_targets(targets: &[String]) -> Result<Vec<(String, SshTarget)>, ApiError> {
+    if targets.is_empty() {
+        return Err(invalid("name at least one target (`user@host`)"));
+    }
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for t in targets {
+        match t.parse::<SshTarget>() {
+            Ok(parsed) => out.push((t.clone(), parsed)),
+            Err(e) => bad.push(e.to_string()),
+        }
+    }
+    if !bad.is_empty() {
+        return Err(invalid(bad.join("; "))
+            .with_hint("nothing was provisioned: fix the target and run the command again"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_targets_are_refused_before_any_work() {
+        let t = |a: &[&str]| parse_targets(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let ok = t(&["root@10.0.0.1", "admin@h:2222"]).unwrap();
+        assert_eq!(ok[1].1.port, 2222);
+        for bad in [&[][..], &[""], &["root@host:99999"], &["root@h", "@h"]] {
+            let e = t(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{bad:?}");
+            assert_eq!(e.code.exit_code(), 6);
+        }
+        let e = t(&["root@host:99999"]).unwrap_err();
+        assert!(
+            e.message.contains("root@host:99999") && e.message.contains("port"),
+            "{}",
+            e.message
+        );
     }
 }

@@ -17,6 +17,11 @@ pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 pub enum ServeError {
     #[error("another ployzd is already serving {0}; stop it first (or pass a different --socket)")]
     InUse(PathBuf),
+    #[error(
+        "{} is {kind}, not a socket: ployzd leaves it alone; move it away or pass a different --socket",
+        path.display()
+    )]
+    NotASocket { path: PathBuf, kind: &'static str },
     #[error("cannot prepare the socket directory {path}: {source}")]
     Dir {
         path: PathBuf,
@@ -46,7 +51,13 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ServeError> {
             )?;
         }
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if let Some(kind) = not_a_socket(&meta.file_type()) {
+            return Err(ServeError::NotASocket {
+                path: path.into(),
+                kind,
+            });
+        }
         if UnixStream::connect(path).await.is_ok() {
             return Err(ServeError::InUse(path.into()));
         }
@@ -69,6 +80,22 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ServeError> {
         }
     })?;
     Ok(listener)
+}
+
+/// What a file that is not a socket is, for the message (`None`: a socket).
+pub fn not_a_socket(t: &std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_socket() {
+        None
+    } else if t.is_file() {
+        Some("a regular file")
+    } else if t.is_dir() {
+        Some("a directory")
+    } else if t.is_symlink() {
+        Some("a symbolic link")
+    } else {
+        Some("a special file")
+    }
 }
 
 /// Accept connections until `shutdown` fires.

@@ -252,7 +252,7 @@ pub enum ProvisionError {
     Fetch { target: String, source: FetchError },
     #[error(transparent)]
     Remote(#[from] RemoteError),
-    #[error("{target}: wait_ready: ployzd did not answer on {socket} within {waited:?} (unit: {state}); last log lines:\n{journal}\nFix the cause above and retry; on the target `systemctl status ployzd` shows the service")]
+    #[error("{target}: wait_ready: ployzd did not answer on {socket} within {} (unit: {state}); last log lines:\n{journal}\nFix the cause above and retry; on the target `systemctl status ployzd` shows the service", ployz_api::time::human(*waited))]
     NotReady {
         target: String,
         socket: String,
@@ -776,13 +776,19 @@ async fn wait_version<T: Transport>(
     timeout: Duration,
 ) -> Result<Result<String, String>, RemoteError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut last = format!("no answer on the API socket within {timeout:?}");
+    let mut last = format!(
+        "no answer on the API socket within {}",
+        ployz_api::time::human(timeout)
+    );
     loop {
         if let Some((id, v)) = daemon_status(remote, layout, Step::WaitReady).await? {
             if v == version {
                 return Ok(Ok(id));
             }
-            last = format!("it still reports version {v} after {timeout:?}");
+            last = format!(
+                "it still reports version {v} after {}",
+                ployz_api::time::human(timeout)
+            );
         }
         if tokio::time::Instant::now() >= deadline {
             return Ok(Err(last));

@@ -190,7 +190,7 @@ pub enum SshError {
         target: String,
         source: std::io::Error,
     },
-    #[error("{target} did not answer within {timeout:?} (TCP connect, SSH handshake and login); check the address and that sshd runs there")]
+    #[error("{target} did not answer within {} (TCP connect, SSH handshake and login); check the address and that sshd runs there", ployz_api::time::human(*timeout))]
     Timeout { target: String, timeout: Duration },
     #[error(transparent)]
     HostKeyChanged(Box<HostKeyChanged>),

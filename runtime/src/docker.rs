@@ -63,6 +63,16 @@ fn docker_err<'a>(
     }
 }
 
+/// The program runc could not find, from dockerd's start error
+/// (`… exec: "nope": executable file not found in $PATH: unknown`, or
+/// `… exec: "/x": stat /x: no such file or directory: unknown`).
+fn missing_executable(message: &str) -> Option<String> {
+    let (_, rest) = message.split_once("exec: \"")?;
+    let (name, why) = rest.split_once('"')?;
+    (why.contains("executable file not found") || why.contains("no such file or directory"))
+        .then(|| name.to_string())
+}
+
 impl DockerRuntime {
     /// Connects to the local dockerd (`DOCKER_HOST` or `/var/run/docker.sock`).
     /// Connecting is lazy: the first call reports an unreachable daemon.
@@ -342,10 +352,29 @@ impl Runtime for DockerRuntime {
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
         crate::validate_id(id)?;
-        self.docker
-            .start_container(id, None)
-            .await
-            .map_err(docker_err("start", id))
+        let e = match self.docker.start_container(id, None).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if let bollard::errors::Error::DockerResponseServerError { message, .. } = &e {
+            if let Some(executable) = missing_executable(message) {
+                let image = match self.docker.inspect_container(id, None).await {
+                    Ok(c) => c.config.and_then(|c| c.image),
+                    Err(_) => None,
+                };
+                return Err(RuntimeError::ExecutableNotFound {
+                    id: id.to_string(),
+                    image: image.unwrap_or_else(|| format!("of workload `{id}`")),
+                    searched: if executable.contains('/') {
+                        executable.clone()
+                    } else {
+                        "the image's PATH".into()
+                    },
+                    executable,
+                });
+            }
+        }
+        Err(docker_err("start", id)(e))
     }
 
     async fn stop(&self, id: &str, timeout: Duration) -> Result<(), RuntimeError> {
@@ -488,6 +517,22 @@ impl Runtime for DockerRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_executables_are_recognised_in_dockerd_errors() {
+        let path = "failed to create task for container: failed to create shim task: OCI runtime create failed: runc create failed: unable to start container process: exec: \"httpdd\": executable file not found in $PATH: unknown";
+        assert_eq!(missing_executable(path).as_deref(), Some("httpdd"));
+        let abs = "OCI runtime create failed: runc create failed: unable to start container process: exec: \"/bin/nope\": stat /bin/nope: no such file or directory: unknown";
+        assert_eq!(missing_executable(abs).as_deref(), Some("/bin/nope"));
+        assert_eq!(
+            missing_executable("exec: \"sh\": permission denied: unknown"),
+            None
+        );
+        assert_eq!(
+            missing_executable("cannot start: port is already allocated"),
+            None
+        );
+    }
     use crate::VolumeMount;
 
     #[test]

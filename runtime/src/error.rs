@@ -19,6 +19,19 @@ pub enum RuntimeError {
         hint: &'static str,
     },
 
+    /// The workload's program is not in its image (a typo in the command, or
+    /// an image without it). `image` is what the caller knows the image by.
+    #[error(
+        "image {image} has no executable `{executable}` (looked in {searched}): \
+         deploy again with a command the image contains"
+    )]
+    ExecutableNotFound {
+        id: String,
+        image: String,
+        executable: String,
+        searched: String,
+    },
+
     #[error("workload `{0}` does not exist on this runtime: create it first (see list())")]
     NotFound(String),
 

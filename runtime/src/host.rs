@@ -69,6 +69,31 @@ fn lc_err<'a>(
     }
 }
 
+/// Refuses a workload whose program is not in its image, in one sentence,
+/// before libcontainer would fail on it deep inside its init.
+fn missing_executable(spec: &WorkloadSpec, rootfs: &Path) -> Result<(), RuntimeError> {
+    let Some(name) = spec.args.first() else {
+        return Ok(());
+    };
+    let path = spec
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or(&bundle::DEFAULT_PATH["PATH=".len()..]);
+    let mounts: Vec<PathBuf> = spec.mounts.iter().map(|m| m.target.clone()).collect();
+    if exec::missing_in_rootfs(rootfs, name, path, &mounts) {
+        return Err(RuntimeError::ExecutableNotFound {
+            id: spec.id.clone(),
+            image: rootfs.display().to_string(),
+            executable: name.clone(),
+            searched: exec::searched(name, path),
+        });
+    }
+    Ok(())
+}
+
 fn net_err(what: String) -> impl FnOnce(NetConfigError) -> RuntimeError {
     move |e| RuntimeError::Network {
         runtime: "host",
@@ -217,6 +242,7 @@ impl HostEngine {
         if self.state_dir().join(&spec.id).exists() {
             return Err(RuntimeError::AlreadyExists(spec.id.clone()));
         }
+        missing_executable(spec, &rootfs)?;
         if let Some(att) = &spec.network {
             if !self.net.link_exists(&att.bridge) {
                 return Err(RuntimeError::InvalidSpec {

@@ -44,6 +44,7 @@
 
 #![forbid(unsafe_code)]
 
+mod auth_failures;
 mod backend;
 mod config;
 mod jetstream;

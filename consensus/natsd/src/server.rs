@@ -163,6 +163,8 @@ pub(crate) struct Shared {
     shutdown_tx: watch::Sender<bool>,
     shutting_down: AtomicBool,
     pub(crate) js: Option<JetStream>,
+    /// Failed client logins: delays per source address, log rate.
+    auth_failures: Mutex<crate::auth_failures::AuthFailures>,
 }
 
 impl Shared {
@@ -354,6 +356,8 @@ impl ClientState {
 
 pub(crate) struct Client {
     id: u64,
+    /// The client's address, for failed-login delays and logs.
+    ip: Option<String>,
     state: Mutex<ClientState>,
     wake: Notify,
 }
@@ -428,6 +432,7 @@ impl Server {
             shutdown_tx,
             shutting_down: AtomicBool::new(false),
             js: backend.map(JetStream::new),
+            auth_failures: Mutex::default(),
         };
         Server {
             shared: Arc::new(shared),
@@ -476,12 +481,13 @@ impl Server {
             shared.proto.clone(),
             ConnectionMeta {
                 client_id: id,
-                client_ip,
+                client_ip: client_ip.clone(),
             },
             shared.now(),
         );
         let client = Arc::new(Client {
             id,
+            ip: client_ip,
             state: Mutex::new(ClientState {
                 session,
                 out: Vec::new(),
@@ -695,6 +701,16 @@ async fn read_loop<R: AsyncRead + Unpin>(shared: &Arc<Shared>, client: &Arc<Clie
             st.session.handle_input(&buf[..n], shared.now());
             std::iter::from_fn(|| st.session.poll_action()).collect()
         };
+        if actions.iter().any(|a| {
+            matches!(
+                a,
+                Action::Close {
+                    reason: CloseReason::AuthenticationViolation
+                }
+            )
+        }) {
+            login_failed(shared, client).await;
+        }
         let mut closed = false;
         for a in actions {
             match a {
@@ -734,6 +750,23 @@ async fn read_loop<R: AsyncRead + Unpin>(shared: &Arc<Shared>, client: &Arc<Clie
             return;
         }
     }
+}
+
+/// A client's CONNECT failed authentication: log it (rate-limited) and hold
+/// its refusal back by its address's delay. Only this connection waits.
+async fn login_failed(shared: &Arc<Shared>, client: &Arc<Client>) {
+    let addr = client.ip.as_deref().unwrap_or("local");
+    let v = lock(&shared.auth_failures).failed(addr, shared.now());
+    if let Some(unlogged) = v.log {
+        tracing::warn!(
+            peer = %addr,
+            failures_in_a_row = v.failures,
+            not_logged_since_last_line = unlogged,
+            delay_ms = v.delay.as_millis() as u64,
+            "NATS client failed to authenticate (wrong user or password); refusing it after the delay"
+        );
+    }
+    tokio::time::sleep(v.delay).await;
 }
 
 fn on_publish(

@@ -381,6 +381,29 @@ async fn auth(kind: Kind) {
     raw.send("SUB foo 1\r\n").await;
     assert_eq!(raw.line().await, "-ERR 'Authorization Violation'");
     assert!(raw.closed_within(WAIT).await);
+    if kind == Kind::Ployzd {
+        // Ours (not nats-server's behaviour): after four failures from this
+        // address the next refusal waits 4 s, and only that connection
+        // waits: a good login meanwhile is served at once.
+        let started = tokio::time::Instant::now();
+        let (mut raw, _) = Raw::connect(t.addr).await;
+        raw.send("CONNECT {\"verbose\":false,\"user\":\"ployz\",\"pass\":\"guess\"}\r\nPING\r\n")
+            .await;
+        let c = t.connect().await;
+        c.flush().await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a good login waited behind a failing one: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(raw.line().await, "-ERR 'Authorization Violation'");
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "the fifth failure was refused after only {:?}",
+            started.elapsed()
+        );
+        assert!(raw.closed_within(WAIT).await);
+    }
     // Right credentials work.
     let c = t.connect().await;
     c.flush().await.unwrap();

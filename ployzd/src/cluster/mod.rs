@@ -308,18 +308,30 @@ impl Cluster {
         })
     }
 
+    /// The instances occupying `machine` (see [`rules::occupying`]).
     async fn live_workloads_on(&self, machine: &str) -> Result<Vec<String>, ApiError> {
-        let mut names: Vec<String> = self
+        let placed: Vec<(String, String, u32)> = self
+            .store
+            .list::<ServiceRecord>(BUCKET_SERVICES)
+            .await?
+            .into_iter()
+            .flat_map(|v| {
+                let name = v.value.name;
+                v.value
+                    .placements
+                    .into_iter()
+                    .map(move |p| (name.clone(), p.machine, p.slot))
+            })
+            .collect();
+        let live: Vec<(String, String, u32)> = self
             .store
             .values::<InstanceRecord>(BUCKET_INSTANCES)
             .await?
             .into_iter()
-            .filter(|i| i.machine == machine && i.is_live())
-            .map(|i| i.service)
+            .filter(|i| i.is_live())
+            .map(|i| (i.service, i.machine, i.slot))
             .collect();
-        names.sort();
-        names.dedup();
-        Ok(names)
+        Ok(rules::occupying(machine, &placed, &live))
     }
 
     pub(crate) async fn lifecycle(

@@ -29,7 +29,7 @@ pub enum Refusal {
         state: Lifecycle,
         doing: &'static str,
     },
-    #[error("machine {machine} still runs {} workload(s): {}; standby does not move workloads", workloads.len(), workloads.join(", "))]
+    #[error("machine {machine} still has {} instance(s) placed on it: {}; standby does not move workloads", workloads.len(), workloads.join(", "))]
     WorkloadsRunning {
         machine: String,
         workloads: Vec<String>,
@@ -50,14 +50,38 @@ impl Refusal {
             },
             Refusal::WorkloadsRunning { machine, workloads } => format!(
                 "migrate or remove them first (`ployzctl service migrate {} --to <machine>`), or keep them running and use `ployzctl machine standby --force {machine}`",
-                workloads.first().map(String::as_str).unwrap_or("<service>")
+                workloads
+                    .first()
+                    .and_then(|w| w.split('/').next())
+                    .unwrap_or("<service>")
             ),
         }
     }
 }
 
+/// The instances that occupy `machine`, as `service/slot`, sorted: those
+/// placed there in any state (a failed one is restarted there, a paused one
+/// resumes there) and those still reported pending or running there (a
+/// placement just withdrawn whose instance has not stopped yet). The
+/// standby refusal counts and names exactly these.
+pub fn occupying(
+    machine: &str,
+    placed: &[(String, String, u32)],
+    live: &[(String, String, u32)],
+) -> Vec<String> {
+    let mut out: Vec<String> = placed
+        .iter()
+        .chain(live)
+        .filter(|(_, m, _)| m == machine)
+        .map(|(service, _, slot)| format!("{service}/{slot}"))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Decide a lifecycle change for `machine`, currently `current`, with
-/// `live_workloads` (names of workloads running or starting there).
+/// `live_workloads` (its instances, from [`occupying`]).
 pub fn decide(
     machine: &str,
     current: Lifecycle,
@@ -151,6 +175,107 @@ pub fn removal_keeps_quorum(
         });
     }
     Ok(())
+}
+
+/// What the records must change so that `machine ls` (each machine's
+/// authority) and `mesh status` (the network's storage size) say what the
+/// Raft voter set is, whatever part of a promote or removal got through.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StorageRecordFix {
+    /// Machines whose recorded authority is wrong, with the right one.
+    pub authority: Vec<(String, ployz_api::Authority)>,
+    /// The storage size to record, when the recorded one is wrong.
+    pub replicas: Option<u8>,
+}
+
+pub fn storage_record_fix(
+    voters: &[String],
+    machines: &[(String, ployz_api::Authority)],
+    recorded_replicas: u8,
+) -> StorageRecordFix {
+    use ployz_api::Authority;
+    let authority = machines
+        .iter()
+        .filter_map(|(id, a)| {
+            let want = if voters.contains(id) {
+                Authority::Storage
+            } else {
+                Authority::Compute
+            };
+            (*a != want).then(|| (id.clone(), want))
+        })
+        .collect();
+    let size = voters.len().min(u8::MAX as usize) as u8;
+    StorageRecordFix {
+        authority,
+        replicas: (size != recorded_replicas).then_some(size),
+    }
+}
+
+#[cfg(test)]
+mod occupying_tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_counts_what_it_names() {
+        let t = |s: &str, m: &str, n: u32| (s.to_string(), m.to_string(), n);
+        // web/0 failed (placed, no live record), web/1 running, db/3 placed
+        // elsewhere, old/7 withdrawn but still running here.
+        let placed = [t("web", "a", 0), t("web", "a", 1), t("db", "b", 3)];
+        let live = [t("web", "a", 1), t("old", "a", 7), t("db", "b", 3)];
+        let on_a = occupying("a", &placed, &live);
+        assert_eq!(on_a, ["old/7", "web/0", "web/1"]);
+        let e = decide(
+            "a",
+            Lifecycle::Active,
+            LifecycleAction::Standby,
+            false,
+            &on_a,
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("3 instance(s) placed on it: old/7, web/0, web/1"),
+            "{msg}"
+        );
+        assert!(
+            e.hint().contains("service migrate old --to"),
+            "{}",
+            e.hint()
+        );
+        assert!(occupying("c", &placed, &live).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod storage_record_tests {
+    use super::*;
+    use ployz_api::Authority::{Compute, Storage};
+
+    #[test]
+    fn records_follow_the_voter_set() {
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // A promote to 3 whose membership change got through but whose
+        // record writes did not: c is a voter recorded as compute.
+        let machines = [
+            ("a".to_string(), Storage),
+            ("b".to_string(), Storage),
+            ("c".to_string(), Compute),
+            ("d".to_string(), Compute),
+        ];
+        let fix = storage_record_fix(&v(&["a", "b", "c"]), &machines, 1);
+        assert_eq!(fix.authority, [("c".to_string(), Storage)]);
+        assert_eq!(fix.replicas, Some(3));
+        // A promote that failed before the change: nothing moved, but a
+        // replicas count already written ahead is put back.
+        let fix = storage_record_fix(&v(&["a", "b"]), &machines[..2], 3);
+        assert!(fix.authority.is_empty());
+        assert_eq!(fix.replicas, Some(2));
+        // A storage record for a machine that left the voter set.
+        let fix = storage_record_fix(&v(&["a"]), &machines[..2], 1);
+        assert_eq!(fix.authority, [("b".to_string(), Compute)]);
+        assert_eq!(fix.replicas, None);
+    }
 }
 
 #[cfg(test)]

@@ -191,7 +191,8 @@ impl Cluster {
                     &m.value.id,
                     "catch-up",
                     format!(
-                        "did not catch up within {CATCH_UP_TIMEOUT:?}; is it reachable at {}?",
+                        "did not catch up within {}; is it reachable at {}?",
+                        ployz_api::time::human(CATCH_UP_TIMEOUT),
                         m.value.peer_addr
                     ),
                 )),
@@ -212,21 +213,73 @@ impl Cluster {
             new.iter()
                 .map(|m| node_id_of(&m.value.id).expect("checked")),
         );
-        if let Err(e) = self.store.node().change_membership(next.clone()).await {
-            for m in &new {
-                results.push(fail(&m.value.id, "membership", e.to_string()));
-            }
-            return Ok(report(results, &voters));
-        }
-        for m in &new {
-            match self.set_authority(&m.value.id, Authority::Storage).await {
-                Ok(()) => results.push(ok(&m.value.id, "promoted to storage")),
-                Err(e) => results.push(fail(&m.value.id, "record", e.message)),
-            }
-        }
-        self.set_replicas(replicas).await?;
+        let changed = self.store.node().change_membership(next.clone()).await;
+        // Whatever got through (a change that timed out may still commit),
+        // the records say what the voter set now is.
+        let recorded = self.record_storage_set().await;
         self.store.refresh_storage_peers();
-        Ok(report(results, &next))
+        let now: BTreeSet<u64> = self.store.voters().into_iter().map(|(id, _)| id).collect();
+        for m in &new {
+            let voter = node_id_of(&m.value.id).is_some_and(|id| now.contains(&id));
+            match (&changed, voter, &recorded) {
+                (_, true, Ok(())) => results.push(ok(&m.value.id, "promoted to storage")),
+                (_, true, Err(e)) => results.push(fail(
+                    &m.value.id,
+                    "record",
+                    format!("it votes, but its record still says otherwise: {e}; run promote again to record it"),
+                )),
+                (Err(e), false, _) => results.push(fail(&m.value.id, "membership", e.to_string())),
+                (Ok(()), false, _) => results.push(fail(
+                    &m.value.id,
+                    "membership",
+                    "the membership change did not make it a voter; run promote again",
+                )),
+            }
+        }
+        Ok(report(results, &now))
+    }
+
+    /// Leader: makes the machine records (authority) and the network's
+    /// storage size match the Raft voter set, so `machine ls` and `mesh
+    /// status` agree with it after any membership change, partial or not.
+    pub(crate) async fn record_storage_set(&self) -> Result<(), String> {
+        let voters: Vec<String> = self
+            .store
+            .voters()
+            .into_iter()
+            .map(|(_, n)| n.machine_id)
+            .collect();
+        let machines: Vec<(String, Authority)> = self
+            .store
+            .machines()
+            .await
+            .map_err(|e| e.message)?
+            .into_iter()
+            .map(|m| (m.value.id, m.value.authority))
+            .collect();
+        let recorded = self
+            .store
+            .require_network()
+            .await
+            .map_err(|e| e.message)?
+            .storage_replicas;
+        let fix = rules::storage_record_fix(&voters, &machines, recorded);
+        let mut errors = Vec::new();
+        for (id, authority) in fix.authority {
+            if let Err(e) = self.set_authority(&id, authority).await {
+                errors.push(format!("machine {id}: {}", e.message));
+            }
+        }
+        if let Some(n) = fix.replicas {
+            if let Err(e) = self.set_replicas(n).await {
+                errors.push(format!("storage size: {}", e.message));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
     }
 
     async fn set_authority(&self, id: &str, authority: Authority) -> Result<(), ApiError> {
@@ -323,10 +376,9 @@ impl Cluster {
             .await
             .map_err(|e: MembershipError| store::unavailable(e))?;
         self.store.refresh_storage_peers();
-        // The network's storage size says what the voter set is.
-        let left = self.store.voters().len();
-        if let Err(e) = self.set_replicas(left.min(u8::MAX as usize) as u8).await {
-            tracing::warn!("recording the storage set's size: {}", e.message);
+        // The records say what the voter set is.
+        if let Err(e) = self.record_storage_set().await {
+            tracing::warn!("recording the storage set: {e}");
         }
         Ok(true)
     }

@@ -447,7 +447,10 @@ pub async fn call(
         serde_json::from_slice(&frame).map_err(|e| bad(e.to_string()))
     };
     within(timeout, fut, || {
-        format!("{addr} did not answer in {timeout:?}")
+        format!(
+            "{addr} did not answer in {}",
+            ployz_api::time::human(timeout)
+        )
     })
     .await
 }
@@ -507,7 +510,10 @@ pub async fn join(
         serde_json::from_slice(&plain).map_err(|e| bad(e.to_string()))
     };
     within(timeout, fut, || {
-        format!("{addr} did not answer the join in {timeout:?}")
+        format!(
+            "{addr} did not answer the join in {}",
+            ployz_api::time::human(timeout)
+        )
     })
     .await
 }

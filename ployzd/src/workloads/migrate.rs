@@ -32,31 +32,7 @@ impl Workloads {
             None => None,
         };
         let svc = self.service_record(name).await?;
-        let candidates: Vec<&Placement> = svc
-            .value
-            .placements
-            .iter()
-            .filter(|p| source_id.as_deref().is_none_or(|s| p.machine == s))
-            .collect();
-        let src = match candidates.as_slice() {
-            [] => {
-                return Err(refused(match &source_id {
-                    Some(s) => format!("service `{name}` has no instance on machine {s}"),
-                    None => format!("service `{name}` has no instances to migrate"),
-                })
-                .with_hint("`ployzctl service ls` shows where it runs"))
-            }
-            [one] => (*one).clone(),
-            many => {
-                return Err(invalid(format!(
-                    "service `{name}` runs on several machines ({}): say which instance moves with --from <machine>",
-                    many.iter()
-                        .map(|p| p.machine.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )))
-            }
-        };
+        let src = pick_source(name, &svc.value.placements, source_id.as_deref())?;
         if src.machine == target.id {
             return Err(invalid(format!(
                 "service `{name}` already runs on machine {}: pick another --to",
@@ -529,5 +505,70 @@ impl Workloads {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+}
+
+/// The instance `service migrate` moves: the one on `from`, or the only one.
+/// None there is "not found" (exit 4), several without `--from` is a
+/// question the caller must answer.
+fn pick_source(
+    name: &str,
+    placements: &[Placement],
+    from: Option<&str>,
+) -> Result<Placement, ApiError> {
+    let candidates: Vec<&Placement> = placements
+        .iter()
+        .filter(|p| from.is_none_or(|s| p.machine == s))
+        .collect();
+    match candidates.as_slice() {
+        [] => Err(ApiError::new(
+            ErrorCode::NotFound,
+            match from {
+                Some(s) => format!("service `{name}` has no instance on machine {s}"),
+                None => format!("service `{name}` has no instances to migrate"),
+            },
+        )
+        .with_hint("`ployzctl service ls` shows where it runs")),
+        [one] => Ok((*one).clone()),
+        many => Err(invalid(format!(
+            "service `{name}` runs on several machines ({}): say which instance moves with --from <machine>",
+            many.iter()
+                .map(|p| p.machine.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(machine: &str, slot: u32) -> Placement {
+        Placement {
+            machine: machine.into(),
+            slot,
+            paused: false,
+            generation: None,
+        }
+    }
+
+    #[test]
+    fn the_source_is_the_named_machine_or_the_only_instance() {
+        let two = [at("aaa", 0), at("bbb", 1)];
+        assert_eq!(pick_source("web", &two, Some("bbb")).unwrap().slot, 1);
+        assert_eq!(pick_source("web", &two[..1], None).unwrap().slot, 0);
+        let e = pick_source("web", &two, Some("ccc")).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotFound, "{}", e.message);
+        assert_eq!(e.code.exit_code(), 4);
+        assert!(
+            e.message.contains("no instance on machine ccc"),
+            "{}",
+            e.message
+        );
+        let e = pick_source("web", &[], None).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotFound, "{}", e.message);
+        let e = pick_source("web", &two, None).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{}", e.message);
     }
 }

@@ -342,13 +342,18 @@ impl Workloads {
             },
         );
         save_state(&w.data_dir, st)?;
-        w.runtime
-            .create(&spec)
-            .await
-            .map_err(|e| internal(e.to_string()))?;
+        let named = |mut e: ployz_runtime::RuntimeError| {
+            // The user knows the image by what they deployed, not by its
+            // unpacked directory or docker id.
+            if let ployz_runtime::RuntimeError::ExecutableNotFound { image, .. } = &mut e {
+                *image = svc.image.reference.clone();
+            }
+            internal(e.to_string())
+        };
+        w.runtime.create(&spec).await.map_err(named)?;
         if let Err(e) = w.runtime.start(id).await {
             let _ = w.runtime.delete(id).await;
-            return Err(internal(e.to_string()));
+            return Err(named(e));
         }
         tracing::info!(workload = %id, %ip, generation = svc.generation, "instance started");
         Ok(())

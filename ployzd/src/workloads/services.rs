@@ -89,14 +89,7 @@ impl Workloads {
             .filter(|p| slot.is_none_or(|s| p.slot == s))
             .collect();
         if placements.is_empty() {
-            return Err(ApiError::new(
-                ErrorCode::NotFound,
-                format!(
-                    "service `{name}` has no instance with slot {}",
-                    slot.unwrap_or(0)
-                ),
-            )
-            .with_hint("`ployzctl service ls` shows the slots"));
+            return Err(no_instance(name, slot, svc.value.placements.len()));
         }
         let mut instances = Vec::new();
         for p in placements {
@@ -120,7 +113,10 @@ impl Workloads {
                 {
                     Ok(PeerResponse::Logs(l)) => Ok(l),
                     Ok(PeerResponse::Error(e)) => Err(e.message),
-                    Ok(other) => Err(format!("unexpected answer {other:?}")),
+                    Ok(_) => Err(format!(
+                        "machine {} answered with something other than logs (another ployzd version?)",
+                        p.machine
+                    )),
                     Err(e) => Err(e),
                 }
             };
@@ -161,5 +157,46 @@ impl Workloads {
             )
         })?;
         Ok(last_lines(&all, tail.clamp(1, MAX_LOG_TAIL), MAX_LOG_BYTES))
+    }
+}
+
+/// `service logs` found nothing to ask: the service has no instances at
+/// all, or none with the slot asked for.
+fn no_instance(name: &str, slot: Option<u32>, placed: usize) -> ApiError {
+    match slot {
+        Some(slot) if placed > 0 => ApiError::new(
+            ErrorCode::NotFound,
+            format!("service `{name}` has no instance with slot {slot}"),
+        )
+        .with_hint("`ployzctl service ls` shows the slots"),
+        _ => ApiError::new(
+            ErrorCode::NotFound,
+            format!("service `{name}` has no instances (0 replicas): there are no logs to show"),
+        )
+        .with_hint(format!(
+            "deploy it with `--replicas N` to run instances of `{name}`"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_of_a_service_without_instances_say_so() {
+        let e = no_instance("web", None, 0);
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert!(e.message.contains("has no instances"), "{}", e.message);
+        assert!(!e.message.contains("slot"), "{}", e.message);
+        assert!(no_instance("web", Some(3), 0)
+            .message
+            .contains("has no instances"));
+        let e = no_instance("web", Some(3), 2);
+        assert!(
+            e.message.contains("no instance with slot 3"),
+            "{}",
+            e.message
+        );
     }
 }

@@ -128,14 +128,32 @@ pub fn parse_volumes(vols: &[String]) -> Result<Vec<VolumeSpec>, ApiError> {
                 "-v `{v}`: the mount point `{target}` must be an absolute path without '..'"
             )));
         }
-        if out.iter().any(|o| o.target == target) {
+        // `/a/`, `/a//` and `/a/.` are the mount point `/a`.
+        let parts: Vec<&str> = target
+            .split('/')
+            .filter(|c| !c.is_empty() && *c != ".")
+            .collect();
+        let target = format!("/{}", parts.join("/"));
+        if target == "/" {
             return Err(invalid(format!(
-                "-v `{v}`: two volumes are mounted at {target}"
+                "-v `{v}`: a volume cannot be mounted over the whole filesystem (/)"
+            )));
+        }
+        if let Some(o) = out.iter().find(|o| o.target == target) {
+            return Err(invalid(format!(
+                "-v `{v}`: {target} is already the mount point of volume `{}`; give each mount point once",
+                o.name
+            )));
+        }
+        if out.iter().any(|o| o.name == name) {
+            return Err(invalid(format!(
+                "-v `{v}`: volume `{name}` is already mounted at {}; mount each volume once (migrate moves a volume with its one mount point)",
+                out.iter().find(|o| o.name == name).map_or("", |o| o.target.as_str())
             )));
         }
         out.push(VolumeSpec {
             name: name.to_string(),
-            target: target.to_string(),
+            target,
         });
     }
     Ok(out)
@@ -210,6 +228,28 @@ mod tests {
         assert!(parse_volumes(&["data:rel".into()]).is_err());
         assert!(parse_volumes(&["../x:/a".into()]).is_err());
         assert!(parse_volumes(&["a:/x".into(), "b:/x".into()]).is_err());
+    }
+
+    #[test]
+    fn volumes_are_mounted_once_each() {
+        let v = |a: &[&str]| parse_volumes(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let ok = v(&["data:/a/", "logs:/b//c/."]).unwrap();
+        assert_eq!(ok[0].target, "/a");
+        assert_eq!(ok[1].target, "/b/c");
+        for bad in [
+            &["data:/a", "data:/b"][..],
+            &["data:/a", "logs:/a"],
+            &["data:/a", "logs:/a/"],
+            &["data:/a", "logs://a"],
+            &["data:/"],
+            &["data:/x/../a"],
+            &["data"],
+        ] {
+            let e = v(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{bad:?}: {}", e.message);
+        }
+        let e = v(&["data:/a", "data:/b"]).unwrap_err();
+        assert!(e.message.contains("already mounted at /a"), "{}", e.message);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use libcontainer::oci_spec::runtime::{
 };
 use std::path::PathBuf;
 
-const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Builds the `config.json` for `spec` on `rootfs` (absolute paths).
 ///

@@ -98,9 +98,85 @@ fn resolve(name: &str, path: Option<&str>) -> Option<PathBuf> {
         })
 }
 
+/// The directories execvp would search for `name` (none for a name with a
+/// `/`) and the candidates it would try, in order.
+fn candidates(name: &str, path: &str) -> Vec<PathBuf> {
+    if name.contains('/') {
+        return vec![PathBuf::from(name)];
+    }
+    path.split(':')
+        .filter(|dir| dir.starts_with('/'))
+        .map(|dir| Path::new(dir).join(name))
+        .collect()
+}
+
+/// Where [`missing_in_rootfs`] looked, for the message: `PATH a:b` or the path.
+pub fn searched(name: &str, path: &str) -> String {
+    if name.contains('/') {
+        name.to_string()
+    } else {
+        format!("PATH {path}")
+    }
+}
+
+/// Whether the container's execvp of `name` with `path` is bound to fail
+/// because the image at `rootfs` has no executable regular file there.
+/// Symlinks resolve inside `rootfs` (busybox's `/bin/sh -> /bin/busybox`).
+/// `false` when it cannot tell: a candidate below one of the `mounts`
+/// (a volume may bring the program) or a rootfs that cannot be opened.
+pub fn missing_in_rootfs(rootfs: &Path, name: &str, path: &str, mounts: &[PathBuf]) -> bool {
+    let Ok(root) = pathrs::Root::open(rootfs) else {
+        return false;
+    };
+    let found = |p: &Path| {
+        if mounts.iter().any(|m| p.starts_with(m)) {
+            return true;
+        }
+        let Ok(handle) = root.resolve(p) else {
+            return false;
+        };
+        let file = std::fs::File::from(std::os::fd::OwnedFd::from(handle));
+        file.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    !candidates(name, path).iter().any(|p| found(p))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_programs_inside_the_rootfs_only() {
+        let dir = std::env::temp_dir().join(format!("ployz-exec-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        let busybox = dir.join("bin/busybox");
+        std::fs::write(&busybox, b"#!").unwrap();
+        std::fs::set_permissions(&busybox, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.join("bin/data"), b"x").unwrap();
+        // Absolute link: resolves inside the rootfs, not on the host.
+        std::os::unix::fs::symlink("/bin/busybox", dir.join("bin/sh")).unwrap();
+        let path = "/usr/bin:/bin";
+        assert!(!missing_in_rootfs(&dir, "sh", path, &[]));
+        assert!(!missing_in_rootfs(&dir, "/bin/sh", path, &[]));
+        assert!(missing_in_rootfs(&dir, "httpdd", path, &[]));
+        assert!(missing_in_rootfs(&dir, "data", path, &[]), "not executable");
+        assert!(
+            missing_in_rootfs(&dir, "/usr/bin/env", path, &[]),
+            "host's, not the image's"
+        );
+        assert!(missing_in_rootfs(&dir, "sh", "/usr/bin", &[]));
+        assert!(!missing_in_rootfs(
+            &dir,
+            "/data/run",
+            path,
+            &[PathBuf::from("/data")]
+        ));
+        assert_eq!(searched("x", path), "PATH /usr/bin:/bin");
+        assert_eq!(searched("/x", path), "/x");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn resolves_like_execvp() {

@@ -176,6 +176,10 @@ fn work(line: &str) -> Response {
             Ok(()) => Response::Created,
             Err(RuntimeError::InvalidId(id)) => Response::InvalidId(id),
             Err(RuntimeError::AlreadyExists(id)) => Response::AlreadyExists(id),
+            // ployzd's side says which create failed: only the cause here,
+            // or the message would say it twice.
+            Err(RuntimeError::Container { source, .. }) => Response::Failed(source.to_string()),
+            Err(RuntimeError::Engine { message, .. }) => Response::Failed(message),
             Err(e) => Response::Failed(e.to_string()),
         },
     }
@@ -281,7 +285,8 @@ impl Zygote {
             // Killed here; dropped (and reaped) by the caller.
             let _ = self.child.kill();
             return Err(Some(format!(
-                "the create did not finish within {timeout:?}; its helper was killed"
+                "the create did not finish within {}; its helper was killed",
+                ployz_api::time::human(timeout)
             )));
         }
         // One line back, not EOF: the worker's container processes hold
