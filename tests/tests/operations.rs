@@ -62,7 +62,10 @@ fn rm_of_a_busy_machine_waits_for_its_cleanup_and_is_recorded() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    println!("rm of a machine with 4 workloads took {:?}", started.elapsed());
+    println!(
+        "rm of a machine with 4 workloads took {:?}",
+        started.elapsed()
+    );
     assert_eq!(report["cleaned_up"], true, "{report:#}");
     // It exited by itself after its cleanup.
     assert!(
