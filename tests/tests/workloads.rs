@@ -496,6 +496,29 @@ fn docker_runtime_runs_the_same_deploy() {
             stderr(&o)
         );
     }
+    // dockerd reports how a container ended: a crash fails its deploy with
+    // the exit code and the output.
+    let out = m.ctl(&[
+        "--json",
+        "deploy",
+        "service",
+        "crash",
+        "--image",
+        image.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "echo docker-says-bye; exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(9), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["instances"][0]["exit_code"], 4, "{v:#}");
+    let why = v["instances"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("exited with code 4") && why.contains("docker-says-bye"),
+        "{why}"
+    );
+    m.ctl_json(&["service", "rm", "crash"]);
     m.ctl_json(&["service", "rm", "web"]);
     let ps = std::process::Command::new("docker")
         .args([
