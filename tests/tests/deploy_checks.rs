@@ -81,7 +81,7 @@ fn a_crash_looping_command_fails_the_deploy_with_its_exit_code_and_output() {
         op["message"]
             .as_str()
             .unwrap()
-            .contains("exited with code 3"),
+            .contains("exited with code 3; last output: crash-says-bye"),
         "{op:#}"
     );
 

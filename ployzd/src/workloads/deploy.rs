@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// How much of a failed instance's error the deploy's operation record keeps.
+const OP_MESSAGE_ERROR_CHARS: usize = 300;
+
 impl Workloads {
     pub(crate) async fn service_deploy(
         &self,
@@ -52,7 +55,14 @@ impl Workloads {
                         .not_running()
                         .first()
                         .map(|i| {
-                            let error = i.error.as_deref().and_then(|e| e.lines().next());
+                            // One line, short: the output is in the answer.
+                            let error = i.error.as_deref().map(|e| {
+                                let flat = e.split_whitespace().collect::<Vec<_>>().join(" ");
+                                match flat.char_indices().nth(OP_MESSAGE_ERROR_CHARS) {
+                                    Some((cut, _)) => format!("{}…", &flat[..cut]),
+                                    None => flat,
+                                }
+                            });
                             format!(
                                 " (slot {} on {} is {}{})",
                                 i.slot,
