@@ -261,6 +261,21 @@ pub struct InstanceRecord {
     pub error: Option<String>,
     #[serde(default)]
     pub updated_at_ms: u64,
+    /// How the instance's process last ended in this generation (code, or
+    /// 128+signal); `None` if it has not exited (or the runtime could not tell).
+    #[serde(default)]
+    pub exit_code: Option<i64>,
+    /// When its machine first saw it exited, last time; `None` while it has
+    /// never exited in this generation.
+    #[serde(default)]
+    pub exited_at_ms: Option<u64>,
+    /// How many times its machine started it again after it exited, in this
+    /// generation (a redeploy starts from 0).
+    #[serde(default)]
+    pub restarts: u32,
+    /// The last lines it wrote before it last exited (a few, cut short).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub last_output: Vec<String>,
 }
 
 impl InstanceRecord {
@@ -355,6 +370,14 @@ pub struct ServiceRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instance_records_from_before_exit_tracking_decode() {
+        let old = r#"{"service":"web","machine":"m1","state":"running","slot":1,"generation":2}"#;
+        let i: InstanceRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((i.exit_code, i.exited_at_ms, i.restarts), (None, None, 0));
+        assert!(i.last_output.is_empty());
+    }
 
     fn invite() -> InviteRecord {
         InviteRecord {

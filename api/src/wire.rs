@@ -310,6 +310,17 @@ pub struct InstanceView {
     /// README lists it).
     #[serde(default)]
     pub error: Option<String>,
+    /// How its process last ended in this generation (`null`: it has not
+    /// exited): a crash loop shows here while `state` flips.
+    #[serde(default)]
+    pub exit_code: Option<i64>,
+    /// When it last exited (RFC 3339 UTC), `null` if it has not.
+    #[serde(default)]
+    pub exited_at: Option<String>,
+    /// How often its machine started it again after it exited, in this
+    /// generation.
+    #[serde(default)]
+    pub restarts: u32,
     /// The instance's machine did not answer the last RTT probe of the
     /// machine that answered this request: `state` is the last it reported.
     #[serde(default)]
@@ -727,6 +738,9 @@ mod tests {
             state: InstanceState::Pending,
             overlay_ip: None,
             error: None,
+            exit_code: None,
+            exited_at: None,
+            restarts: 0,
             unreachable: false,
             generation: None,
         };

@@ -103,7 +103,7 @@ const RTT_COLUMNS: [Column<RttRow>; 4] = [
 /// One row per instance; a service without instances gets one row of dashes.
 type InstanceRow<'a> = (&'a ServiceView, Option<&'a InstanceView>);
 
-fn service_columns<'a>() -> [Column<InstanceRow<'a>>; 7] {
+fn service_columns<'a>() -> [Column<InstanceRow<'a>>; 9] {
     [
         ("SERVICE", |(s, _)| s.name.clone()),
         ("IMAGE", |(s, _)| s.image.clone()),
@@ -122,6 +122,14 @@ fn service_columns<'a>() -> [Column<InstanceRow<'a>>; 7] {
                     i.state.to_string()
                 }
             })
+        }),
+        // A crash loop shows here even while STATE reads running.
+        ("RESTARTS", |(_, i)| {
+            i.map_or("-".into(), |i| i.restarts.to_string())
+        }),
+        ("LAST EXIT", |(_, i)| {
+            i.and_then(|i| i.exit_code)
+                .map_or("-".into(), |c| c.to_string())
         }),
         ("OVERLAY IP", |(_, i)| {
             i.map_or("-".into(), |i| opt(&i.overlay_ip))
@@ -608,6 +616,9 @@ a1b2c3d4e5f6   b              -        -
                 state,
                 overlay_ip: overlay_ip.map(str::to_string),
                 error: None,
+                exit_code: None,
+                exited_at: None,
+                restarts: 0,
                 unreachable,
                 generation: Some(1),
             };
@@ -632,7 +643,12 @@ a1b2c3d4e5f6   b              -        -
                         Some("10.101.1.2"),
                         false,
                     ),
-                    instance("0f0f0f0f0f0f", 1, InstanceState::Running, None, true),
+                    InstanceView {
+                        exit_code: Some(3),
+                        exited_at: Some("2026-11-27T12:05:18Z".into()),
+                        restarts: 4,
+                        ..instance("0f0f0f0f0f0f", 1, InstanceState::Running, None, true)
+                    },
                 ],
             ),
             service("idle", 0, vec![]),
@@ -640,10 +656,10 @@ a1b2c3d4e5f6   b              -        -
         assert_eq!(
             services_table(&services),
             "\
-SERVICE   IMAGE   REPLICAS   MACHINE        SLOT   STATE                           OVERLAY IP
-web       web:1   2          a1b2c3d4e5f6   0      running                         10.101.1.2
-web       web:1   2          0f0f0f0f0f0f   1      running (machine unreachable)   -
-idle      web:1   0          -              -      -                               -
+SERVICE   IMAGE   REPLICAS   MACHINE        SLOT   STATE                           RESTARTS   LAST EXIT   OVERLAY IP
+web       web:1   2          a1b2c3d4e5f6   0      running                         0          -           10.101.1.2
+web       web:1   2          0f0f0f0f0f0f   1      running (machine unreachable)   4          3           -
+idle      web:1   0          -              -      -                               -          -           -
 "
         );
     }

@@ -331,6 +331,25 @@ fn map_state(
     }
 }
 
+impl DockerRuntime {
+    /// The container's state and, once it has exited, its exit code.
+    async fn inspect_state(&self, id: &str) -> Result<(State, Option<i64>), RuntimeError> {
+        crate::validate_id(id)?;
+        let info = self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(docker_err("inspect", id))?;
+        let st = info.state.unwrap_or_default();
+        let state = map_state(st.status, st.exit_code, self.stopped_by_us(id));
+        let exit_code = match state {
+            State::Stopped | State::Failed => st.exit_code,
+            State::Created | State::Running => None,
+        };
+        Ok((state, exit_code))
+    }
+}
+
 impl Runtime for DockerRuntime {
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Docker
@@ -409,14 +428,7 @@ impl Runtime for DockerRuntime {
     }
 
     async fn state(&self, id: &str) -> Result<State, RuntimeError> {
-        crate::validate_id(id)?;
-        let info = self
-            .docker
-            .inspect_container(id, None::<InspectContainerOptions>)
-            .await
-            .map_err(docker_err("inspect", id))?;
-        let st = info.state.unwrap_or_default();
-        Ok(map_state(st.status, st.exit_code, self.stopped_by_us(id)))
+        Ok(self.inspect_state(id).await?.0)
     }
 
     async fn list(&self) -> Result<Vec<WorkloadStatus>, RuntimeError> {
@@ -440,8 +452,12 @@ impl Runtime for DockerRuntime {
             };
             let id = id.trim_start_matches('/').to_string();
             // The summary has no exit code: ask for the details.
-            match self.state(&id).await {
-                Ok(state) => out.push(WorkloadStatus { id, state }),
+            match self.inspect_state(&id).await {
+                Ok((state, exit_code)) => out.push(WorkloadStatus {
+                    id,
+                    state,
+                    exit_code,
+                }),
                 Err(RuntimeError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }

@@ -137,6 +137,11 @@ impl Runtime for FakeRuntime {
             .map(|(id, state)| WorkloadStatus {
                 id: id.clone(),
                 state: *state,
+                exit_code: match state {
+                    State::Failed => Some(1),
+                    State::Stopped => Some(0),
+                    State::Created | State::Running => None,
+                },
             })
             .collect())
     }

@@ -587,7 +587,17 @@ impl HostEngine {
                 continue;
             };
             match self.state(&id) {
-                Ok(state) => out.push(WorkloadStatus { id, state }),
+                Ok(state) => {
+                    let exit_code = match state {
+                        State::Stopped | State::Failed => self.exits.get(&id).copied(),
+                        State::Created | State::Running => None,
+                    };
+                    out.push(WorkloadStatus {
+                        id,
+                        state,
+                        exit_code,
+                    })
+                }
                 // Deleted concurrently or a stray directory: not a workload.
                 Err(RuntimeError::NotFound(_)) | Err(RuntimeError::InvalidId(_)) => {}
                 Err(e) => return Err(e),

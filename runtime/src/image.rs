@@ -35,6 +35,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Tar's block size: headers and padded member data.
+const TAR_BLOCK: u64 = 512;
 /// Largest metadata member (manifest, index, config) read into memory.
 const MAX_JSON: u64 = 16 << 20;
 /// Symlinks followed while resolving one path inside a root filesystem (as Linux).
@@ -54,6 +56,13 @@ pub enum ImageError {
 
     #[error("{} is not a usable image: {why}; {EXPECTED}", path.display())]
     NotAnImage { path: PathBuf, why: String },
+
+    #[error(
+        "{} is truncated or corrupt: {why}; nothing was stored: save the image again \
+         (docker save -o FILE IMAGE) and copy it whole",
+        path.display()
+    )]
+    Corrupt { path: PathBuf, why: String },
 
     #[error(
         "image archive has digest {actual}, expected {expected}: the copy is corrupt or \
@@ -156,6 +165,24 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
     Ok(format!("sha256:{:x}", h.finalize()))
 }
 
+/// `sha256:<hex>` and length of everything `r` yields.
+fn hash_reader(r: &mut impl Read) -> io::Result<(String, u64)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        h.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((format!("sha256:{:x}", h.finalize()), total))
+}
+
 fn sha256_bytes(b: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(b))
 }
@@ -251,8 +278,9 @@ impl ImageStore {
 
     /// Imports a `docker save` tarball, an OCI layout tarball or an OCI layout
     /// directory (an unpacked `docker save` directory works too) from this
-    /// machine. The archive is validated (manifest, config
-    /// and every layer present) before it is stored. Importing the same bytes
+    /// machine. The archive is verified before it is stored: read to tar's
+    /// end-of-archive marker, every member whole, manifest, config and every
+    /// layer present, and every blob matching its digest and size. Importing the same bytes
     /// again stores nothing new and returns the same [`ImageInfo`]; when several
     /// stored images carry the same name, the most recently imported one wins
     /// in [`ImageStore::resolve`].
@@ -264,6 +292,14 @@ impl ImageStore {
             }
             Err(e) => return Err(io_err("read", path)(e)),
         };
+        if !meta.is_dir() && !meta.is_file() {
+            // A FIFO, socket or device: reading it could block forever or
+            // never end; it is not an image either way.
+            return Err(ImageError::NotAnImage {
+                path: path.to_path_buf(),
+                why: "it is not a regular file or a directory (a FIFO, socket or device)".into(),
+            });
+        }
         let tmp = self.temp_path();
         if meta.is_dir() {
             if !path.join("index.json").is_file() && !path.join("manifest.json").is_file() {
@@ -768,6 +804,13 @@ impl ArchiveIndex {
         }
     }
 
+    fn corrupt(&self, why: impl Into<String>) -> ImageError {
+        ImageError::Corrupt {
+            path: self.shown.clone(),
+            why: why.into(),
+        }
+    }
+
     fn build(file: &Path, shown: &Path) -> Result<Self, ImageError> {
         let mut index = ArchiveIndex {
             file: file.to_path_buf(),
@@ -789,14 +832,32 @@ impl ArchiveIndex {
                 )))
             }
         }
+        let len = f.metadata().map_err(io_err("read", shown))?.len();
         f.seek(SeekFrom::Start(0)).map_err(io_err("read", shown))?;
         let mut archive = tar::Archive::new(f);
         let entries = archive
             .entries_with_seek()
             .map_err(|e| index.bad(format!("it is not a tar archive ({e})")))?;
-        for entry in entries {
-            let entry =
-                entry.map_err(|e| index.bad(format!("it is not a readable tar archive ({e})")))?;
+        // Where the last member's data (padded to 512) ends: the end-of-archive
+        // marker follows.
+        let mut end = 0;
+        for (seen, entry) in entries.enumerate() {
+            // Garbage from the start is not a tar; after good members, a
+            // broken header is damage.
+            let entry = entry.map_err(|e| match seen {
+                0 => index.bad(format!("it is not a readable tar archive ({e})")),
+                n => index.corrupt(format!("the tar header after member {n} is damaged ({e})")),
+            })?;
+            let (offset, size) = (entry.raw_file_position(), entry.size());
+            if offset.saturating_add(size) > len {
+                // Seeking past the end of a file succeeds: only the sizes tell.
+                return Err(index.corrupt(format!(
+                    "member `{}` needs {size} bytes from offset {offset} but the file ends at \
+                     {len}",
+                    String::from_utf8_lossy(&entry.path_bytes())
+                )));
+            }
+            end = offset + size.div_ceil(TAR_BLOCK) * TAR_BLOCK;
             let Some(key) = archive_key("", &entry.path_bytes()) else {
                 continue;
             };
@@ -818,7 +879,39 @@ impl ArchiveIndex {
             // As in tar, a later member of the same name replaces an earlier one.
             index.members.insert(key, member);
         }
+        index.check_end(end, len)?;
         Ok(index)
+    }
+
+    /// Every tar writer (docker save, Go's archive/tar, the tar crate, GNU
+    /// tar) ends the archive with two zero blocks: without them the copy
+    /// stopped early, maybe exactly between two members.
+    fn check_end(&self, end: u64, len: u64) -> Result<(), ImageError> {
+        let missing = || {
+            self.corrupt(format!(
+                "the tar end-of-archive marker (1024 zero bytes after the last member, at \
+                 offset {end}) is missing; the file is {len} bytes"
+            ))
+        };
+        if len < end + 2 * TAR_BLOCK {
+            return Err(missing());
+        }
+        let mut f = File::open(&self.file).map_err(io_err("open", &self.shown))?;
+        f.seek(SeekFrom::Start(end))
+            .map_err(io_err("read", &self.shown))?;
+        let mut marker = [0u8; 2 * TAR_BLOCK as usize];
+        f.read_exact(&mut marker)
+            .map_err(io_err("read", &self.shown))?;
+        if marker.iter().any(|b| *b != 0) {
+            return Err(missing());
+        }
+        Ok(())
+    }
+
+    /// `sha256:<hex>` and length of a member's bytes as stored.
+    fn hash_member(&self, name: &str) -> Result<(String, u64), ImageError> {
+        let mut r = self.open_member(name)?;
+        hash_reader(&mut r).map_err(io_err("read", &self.shown))
     }
 
     /// Offset and size of a member, following links between members.
@@ -861,7 +954,10 @@ impl ArchiveIndex {
             .read_to_end(&mut buf)
             .map_err(io_err("read", &self.shown))?;
         if buf.len() as u64 != size {
-            return Err(self.bad(format!("`{name}` is truncated")));
+            return Err(self.corrupt(format!(
+                "`{name}` is cut off ({} of {size} bytes)",
+                buf.len()
+            )));
         }
         Ok(buf)
     }
@@ -898,6 +994,52 @@ struct ParsedImage {
     config: ImageConfig,
     /// Archive members of the layers, bottom first.
     layers: Vec<String>,
+    /// What each layer's bytes must hash to, same order as `layers`.
+    checks: Vec<LayerCheck>,
+}
+
+/// The digests a layer is checked against before the image is stored.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct LayerCheck {
+    /// `sha256:<hex>` of the member's bytes as stored (OCI descriptors,
+    /// `blobs/sha256/<hex>` names).
+    raw: Option<String>,
+    /// `sha256:<hex>` of the uncompressed tar stream (the config's `diff_ids`).
+    diff_id: Option<String>,
+}
+
+/// The sha256 digest a member name promises: `blobs/sha256/<hex>` (OCI
+/// layout, newer docker save) or `<hex>.json` (older docker save configs).
+fn digest_in_name(name: &str) -> Option<String> {
+    let hex = name
+        .strip_prefix("blobs/sha256/")
+        .or_else(|| name.strip_suffix(".json").filter(|n| !n.contains('/')))?;
+    (hex.len() == 64 && is_lower_hex(hex)).then(|| format!("sha256:{hex}"))
+}
+
+/// Reads every layer to its end and checks it against `check`.
+fn verify_layer(index: &ArchiveIndex, member: &str, check: &LayerCheck) -> Result<(), ImageError> {
+    if let Some(want) = &check.raw {
+        let (got, _) = index.hash_member(member)?;
+        if &got != want {
+            return Err(index.corrupt(format!(
+                "layer `{member}` has sha256 {got} but the manifest says {want}"
+            )));
+        }
+    }
+    if let Some(want) = &check.diff_id {
+        let mut r = open_layer(index, member)?;
+        let (got, _) = hash_reader(&mut r).map_err(|e| {
+            index.corrupt(format!("layer `{member}` cannot be read to its end ({e})"))
+        })?;
+        if &got != want {
+            return Err(index.corrupt(format!(
+                "layer `{member}` unpacks to sha256 {got} but the image config's diff_ids say \
+                 {want}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Scans and validates the archive at `file`; `digest` is its sha256.
@@ -935,6 +1077,9 @@ fn parse_image(index: &ArchiveIndex) -> Result<ParsedImage, ImageError> {
             )));
         }
     }
+    for (layer, check) in image.layers.iter().zip(&image.checks) {
+        verify_layer(index, layer, check)?;
+    }
     Ok(image)
 }
 
@@ -968,13 +1113,35 @@ fn parse_docker(index: &ArchiveIndex) -> Result<ParsedImage, ImageError> {
         }
     }
     let config_bytes = index.read_member(&first.config)?;
-    let config = parse_config(index, &config_bytes, first.layers.len())?;
+    let image_id = sha256_bytes(&config_bytes);
+    if let Some(want) = digest_in_name(&first.config) {
+        if image_id != want {
+            return Err(index.corrupt(format!(
+                "the image config `{}` has sha256 {image_id}, not the one its name says",
+                first.config
+            )));
+        }
+    }
+    let (config, diff_ids) = parse_config(index, &config_bytes, first.layers.len())?;
+    let checks = first
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, layer)| LayerCheck {
+            raw: digest_in_name(layer),
+            diff_id: diff_ids
+                .get(i)
+                .filter(|d| d.starts_with("sha256:"))
+                .cloned(),
+        })
+        .collect();
     Ok(ParsedImage {
         format: ImageFormat::DockerArchive,
         names,
-        image_id: sha256_bytes(&config_bytes),
+        image_id,
         config,
         layers: first.layers.clone(),
+        checks,
     })
 }
 
@@ -1082,10 +1249,19 @@ fn descriptor_member(index: &ArchiveIndex, d: &Descriptor) -> Result<String, Ima
 fn read_blob(index: &ArchiveIndex, d: &Descriptor) -> Result<Vec<u8>, ImageError> {
     let bytes = index.read_member(&descriptor_member(index, d)?)?;
     if d.digest.starts_with("sha256:") && sha256_bytes(&bytes) != d.digest {
-        return Err(index.bad(format!("blob {} does not match its digest", d.digest)));
+        return Err(index.corrupt(format!(
+            "blob {} does not match its digest (its sha256 is {})",
+            d.digest,
+            sha256_bytes(&bytes)
+        )));
     }
     if d.size.is_some_and(|s| s != bytes.len() as u64) {
-        return Err(index.bad(format!("blob {} does not have its declared size", d.digest)));
+        return Err(index.corrupt(format!(
+            "blob {} is {} bytes but its descriptor says {}",
+            d.digest,
+            bytes.len(),
+            d.size.unwrap_or_default()
+        )));
     }
     Ok(bytes)
 }
@@ -1134,20 +1310,25 @@ fn parse_oci(index: &ArchiveIndex) -> Result<ParsedImage, ImageError> {
             .clone();
     };
     let config_bytes = read_blob(index, &config_desc)?;
-    let config = parse_config(index, &config_bytes, layer_descs.len())?;
+    let (config, _) = parse_config(index, &config_bytes, layer_descs.len())?;
     let mut layers = Vec::new();
+    let mut checks = Vec::new();
     for d in &layer_descs {
         let member = descriptor_member(index, d)?;
         let (_, size) = index
             .locate(&member)
             .ok_or_else(|| index.bad(format!("layer `{member}` is missing from the archive")))?;
         if d.size.is_some_and(|s| s != size) {
-            return Err(index.bad(format!(
+            return Err(index.corrupt(format!(
                 "layer `{member}` is {size} bytes but its manifest says {}",
                 d.size.unwrap_or_default()
             )));
         }
         layers.push(member);
+        checks.push(LayerCheck {
+            raw: d.digest.starts_with("sha256:").then(|| d.digest.clone()),
+            diff_id: None,
+        });
     }
     Ok(ParsedImage {
         format: ImageFormat::OciArchive,
@@ -1155,6 +1336,7 @@ fn parse_oci(index: &ArchiveIndex) -> Result<ParsedImage, ImageError> {
         image_id: sha256_bytes(&config_bytes),
         config,
         layers,
+        checks,
     })
 }
 
@@ -1185,11 +1367,13 @@ struct RootfsSection {
     diff_ids: Vec<String>,
 }
 
+/// The run configuration and the layers' `diff_ids` (empty when the config
+/// has no `rootfs` section).
 fn parse_config(
     index: &ArchiveIndex,
     bytes: &[u8],
     layer_count: usize,
-) -> Result<ImageConfig, ImageError> {
+) -> Result<(ImageConfig, Vec<String>), ImageError> {
     let file: ConfigFile = serde_json::from_slice(bytes)
         .map_err(|e| index.bad(format!("the image config is not valid JSON ({e})")))?;
     if let Some(rootfs) = &file.rootfs {
@@ -1200,8 +1384,9 @@ fn parse_config(
             )));
         }
     }
+    let diff_ids = file.rootfs.map(|r| r.diff_ids).unwrap_or_default();
     let run = file.config.unwrap_or_default();
-    Ok(ImageConfig {
+    let config = ImageConfig {
         entrypoint: run.entrypoint.unwrap_or_default(),
         cmd: run.cmd.unwrap_or_default(),
         env: run
@@ -1214,7 +1399,8 @@ fn parse_config(
             })
             .collect(),
         working_dir: run.working_dir.filter(|w| !w.is_empty()),
-    })
+    };
+    Ok((config, diff_ids))
 }
 
 // ---------------------------------------------------------------------------

@@ -403,6 +403,10 @@ impl fmt::Display for State {
 pub struct WorkloadStatus {
     pub id: String,
     pub state: State,
+    /// How its process ended (code, or 128+signal), when it has exited and
+    /// the runtime knows; `None` while it runs.
+    #[serde(default)]
+    pub exit_code: Option<i64>,
 }
 
 /// The kernel/daemon seam for workloads. See the crate docs for why it is async.

@@ -194,6 +194,9 @@ async fn docker_lifecycle() {
     rt.create(&spec).await.unwrap();
     rt.start(&bad).await.unwrap();
     assert!(eventually(10, async || rt.state(&bad).await.unwrap() == State::Failed).await);
+    let listed = rt.list().await.unwrap();
+    let status = listed.iter().find(|w| w.id == bad).unwrap();
+    assert_eq!(status.exit_code, Some(3), "{listed:?}");
     rt.delete(&bad).await.unwrap();
 }
 

@@ -178,6 +178,10 @@ async fn exit_codes_map_to_stopped_and_failed() {
     assert!(eventually(10, async || rt.state(&ok).await.unwrap() == State::Stopped).await);
     assert!(eventually(10, async || rt.state(&bad).await.unwrap() == State::Failed).await);
     assert!(rt.logs(&bad).await.unwrap().contains("oops"));
+    // `list` reports how each ended.
+    let listed = rt.list().await.unwrap();
+    let code = |id: &str| listed.iter().find(|w| w.id == id).unwrap().exit_code;
+    assert_eq!((code(&ok), code(&bad)), (Some(0), Some(3)), "{listed:?}");
     assert!(matches!(
         rt.start(&bad).await,
         Err(RuntimeError::InvalidState { .. })

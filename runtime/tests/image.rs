@@ -927,3 +927,132 @@ fn real_docker_save_when_dockerd_runs() {
         .unwrap()
         .is_symlink());
 }
+
+/// Where `needle` first occurs in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len())
+        .position(|w| w == needle)
+        .expect("fixture bytes are in the archive")
+}
+
+#[test]
+fn truncated_or_corrupt_archives_are_refused_and_store_nothing() {
+    let fx = Fixture::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(dir.path().join("store")).unwrap();
+    let nothing_stored = |store: &ImageStore, case: &str| {
+        assert!(store.list().unwrap().is_empty(), "{case}");
+        for sub in ["blobs", "rootfs", "tmp"] {
+            assert!(
+                files_in(&dir.path().join("store").join(sub)).is_empty(),
+                "{case}: {sub}"
+            );
+        }
+    };
+    let docker = docker_archive(&fx.layers, &fx.config, &["ployz/test:v1"]);
+    let layer0 = find(&docker, &fx.layers[0]);
+    let manifest = find(&docker, b"[{\"Config\"");
+    let oci = oci_tar(&fx);
+    let gz0 = find(&oci, &gzip(&fx.layers[0]));
+    let plain1 = find(&oci, &fx.layers[1]);
+    let flip = |bytes: &[u8], at: usize| {
+        let mut b = bytes.to_vec();
+        b[at] ^= 0x55;
+        b
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "in-layer.tar",
+            docker[..layer0 + fx.layers[0].len() / 2].to_vec(),
+            "needs",
+        ),
+        (
+            "in-manifest.tar",
+            docker[..manifest + 10].to_vec(),
+            "member `manifest.json` needs",
+        ),
+        (
+            "in-manifest-header.tar",
+            docker[..manifest - 100].to_vec(),
+            "damaged",
+        ),
+        (
+            "no-end-marker.tar",
+            docker[..docker.len() - 1024].to_vec(),
+            "end-of-archive marker",
+        ),
+        (
+            "half-end-marker.tar",
+            docker[..docker.len() - 512].to_vec(),
+            "end-of-archive marker",
+        ),
+        (
+            "last-byte.tar",
+            docker[..docker.len() - 1].to_vec(),
+            "end-of-archive marker",
+        ),
+        (
+            "flipped-layer.tar",
+            flip(&docker, layer0 + fx.layers[0].len() / 2),
+            "diff_ids",
+        ),
+        ("oci-in-gzip-layer.tar", oci[..gz0 + 100].to_vec(), "needs"),
+        (
+            "oci-flipped-layer.tar",
+            flip(&oci, plain1 + fx.layers[1].len() / 2),
+            "but the manifest says",
+        ),
+        (
+            "oci-no-end-marker.tar",
+            oci[..oci.len() - 1024].to_vec(),
+            "end-of-archive marker",
+        ),
+    ];
+    for (name, bytes, why) in cases {
+        let p = write(dir.path(), name, &bytes);
+        let err = store.import_path(&p).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ImageError::Corrupt { .. }), "{name}: {msg}");
+        assert!(msg.contains(why), "{name}: {msg}");
+        assert!(msg.contains("truncated or corrupt"), "{name}: {msg}");
+        assert!(msg.contains(name), "names the user's file: {msg}");
+        nothing_stored(&store, name);
+    }
+
+    // An OCI layout directory with a cut-off blob, and with a damaged one.
+    for (case, damage) in [("cut", 0usize), ("damaged", 1)] {
+        let layout = dir.path().join(format!("layout-{case}"));
+        oci_dir(&fx, &layout);
+        let blob = layout
+            .join("blobs/sha256")
+            .join(hex(&sha256(&fx.layers[1])));
+        let bytes = fs::read(&blob).unwrap();
+        let broken = if damage == 0 {
+            bytes[..bytes.len() / 2].to_vec()
+        } else {
+            flip(&bytes, bytes.len() / 2)
+        };
+        fs::write(&blob, broken).unwrap();
+        let err = store.import_path(&layout).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ImageError::Corrupt { .. }), "{case}: {msg}");
+        assert!(msg.contains(&format!("layout-{case}")), "{msg}");
+        nothing_stored(&store, case);
+    }
+
+    // Neither a file nor a directory: refused without reading it.
+    let fifo = dir.path().join("image.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let err = store.import_path(&fifo).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ImageError::NotAnImage { .. }), "{msg}");
+    assert!(msg.contains("not a regular file or a directory"), "{msg}");
+    nothing_stored(&store, "fifo");
+
+    // The intact archives still import.
+    let ok = write(dir.path(), "whole.tar", &docker);
+    assert_config(&store.import_path(&ok).unwrap(), &fx);
+    let ok = write(dir.path(), "whole-oci.tar", &oci);
+    assert_config(&store.import_path(&ok).unwrap(), &fx);
+}

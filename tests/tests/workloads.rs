@@ -484,6 +484,29 @@ fn docker_runtime_runs_the_same_deploy() {
             stderr(&o)
         );
     }
+    // dockerd reports how a container ended: a crash fails its deploy with
+    // the exit code and the output.
+    let out = m.ctl(&[
+        "--json",
+        "deploy",
+        "service",
+        "crash",
+        "--image",
+        image.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "echo docker-says-bye; exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(9), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["instances"][0]["exit_code"], 4, "{v:#}");
+    let why = v["instances"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("exited with code 4") && why.contains("docker-says-bye"),
+        "{why}"
+    );
+    m.ctl_json(&["service", "rm", "crash"]);
     m.ctl_json(&["service", "rm", "web"]);
     let ps = std::process::Command::new("docker")
         .args([
@@ -574,7 +597,8 @@ fn workloads_survive_a_daemon_restart_and_exited_ones_restart() {
         m.log()
     );
 
-    // A workload that exits is started again.
+    // A workload that exits is started again (and its deploy fails: it
+    // does not stay up).
     let out = m.ctl(&[
         "--json",
         "deploy",
@@ -587,13 +611,15 @@ fn workloads_survive_a_daemon_restart_and_exited_ones_restart() {
         "-c",
         "echo blip-says-hi; sleep 1; exit 3",
     ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(9), "{}", stderr(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
+    assert_eq!(v["instances"][0]["state"], "failed", "{v:#}");
     // Progress streams to stderr, up to the final state.
     let progress = stderr(&out);
     assert!(
-        progress.contains("[blip] placed slot 0") && progress.contains(": running"),
+        progress.contains("[blip] placed slot 0")
+            && progress.contains(": running")
+            && progress.contains("exited with code 3"),
         "{progress}"
     );
     let restarted = eventually(Duration::from_secs(30), || {

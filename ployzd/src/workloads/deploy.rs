@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// How much of a failed instance's error the deploy's operation record keeps.
+const OP_MESSAGE_ERROR_CHARS: usize = 300;
+
 impl Workloads {
     pub(crate) async fn service_deploy(
         &self,
@@ -48,9 +51,30 @@ impl Workloads {
                     op.finish(OpState::Succeeded, "every instance runs", 0)
                         .await;
                 } else {
+                    let why = view
+                        .not_running()
+                        .first()
+                        .map(|i| {
+                            // One line, short: the output is in the answer.
+                            let error = i.error.as_deref().map(|e| {
+                                let flat = e.split_whitespace().collect::<Vec<_>>().join(" ");
+                                match flat.char_indices().nth(OP_MESSAGE_ERROR_CHARS) {
+                                    Some((cut, _)) => format!("{}…", &flat[..cut]),
+                                    None => flat,
+                                }
+                            });
+                            format!(
+                                " (slot {} on {} is {}{})",
+                                i.slot,
+                                i.machine,
+                                i.state,
+                                error.map(|e| format!(": {e}")).unwrap_or_default()
+                            )
+                        })
+                        .unwrap_or_default();
                     op.finish(
                         OpState::Failed,
-                        format!("{down} instance(s) of {name} not running at the deadline"),
+                        format!("{down} instance(s) of {name} not running{why}"),
                         9,
                     )
                     .await;
@@ -194,6 +218,13 @@ impl Workloads {
             })
             .await
             .map_err(changed)?;
+        let view = if wait.is_zero() {
+            view
+        } else {
+            self.wait_staying_up(&record, view, deadline, &progress)
+                .await
+                .map_err(changed)?
+        };
         let not_running: HashSet<(&str, u32)> = view
             .not_running()
             .iter()
@@ -362,6 +393,47 @@ impl Workloads {
         ))
     }
 
+    /// Once the instances first ran: the ones this deploy started must keep
+    /// running for [`ROLLOUT_STEADY`] (two reconciler passes, so one that
+    /// exits at once has been seen exiting), or until `deadline`. One that
+    /// exited meanwhile is failed in the answer, with its exit code and last
+    /// output (its machine goes on restarting it).
+    async fn wait_staying_up(
+        &self,
+        svc: &ServiceRecord,
+        mut view: ServiceView,
+        deadline: tokio::time::Instant,
+        progress: &impl Fn(&str, String),
+    ) -> Result<ServiceView, ApiError> {
+        let steady_until = tokio::time::Instant::now() + ROLLOUT_STEADY;
+        loop {
+            let records = self.instances().await?;
+            let crashed = crashed(svc, &records);
+            if !crashed.is_empty() {
+                view = Self::view_of(svc, &records, &HashSet::new());
+                for (machine, slot, why) in crashed {
+                    progress("instance", format!("slot {slot} on {machine}: {why}"));
+                    if let Some(i) = view
+                        .instances
+                        .iter_mut()
+                        .find(|i| i.machine == machine && i.slot == slot)
+                    {
+                        i.state = InstanceState::Failed;
+                        i.error = Some(why);
+                    }
+                }
+                return Ok(view);
+            }
+            let now = tokio::time::Instant::now();
+            // One that is not running already fails the deploy.
+            if !view.not_running().is_empty() || now >= steady_until || now >= deadline {
+                return Ok(view);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            view = Self::view_of(svc, &self.instances().await?, &HashSet::new());
+        }
+    }
+
     /// Until `deadline`: the instance of placement `p` runs generation `gen`
     /// and keeps running for [`ROLLOUT_STEADY`] (one that crashes at start
     /// must not pass for running).
@@ -383,7 +455,11 @@ impl Workloads {
                 Ok(i) => i.map(|v| v.value),
                 Err(e) => return Err(e.message),
             };
-            match i.filter(|i| i.generation >= gen) {
+            let i = i.filter(|i| i.generation >= gen);
+            if let Some(why) = i.as_ref().and_then(exit_summary) {
+                return Err(why);
+            }
+            match i {
                 Some(i) if i.state == InstanceState::Running => match since {
                     Some((at, t)) if at == i.updated_at_ms => {
                         if t.elapsed() >= ROLLOUT_STEADY {
@@ -522,6 +598,9 @@ impl Workloads {
                                 state: i.state,
                                 overlay_ip: i.overlay_ip.clone(),
                                 error: i.error.clone(),
+                                exit_code: i.exit_code,
+                                exited_at: i.exited_at_ms.map(ployz_api::time::rfc3339),
+                                restarts: i.restarts,
                                 unreachable: unreachable.contains(&p.machine),
                                 generation: Some(i.generation),
                             }
@@ -532,6 +611,9 @@ impl Workloads {
                             state: InstanceState::Pending,
                             overlay_ip: other.and_then(|i| i.overlay_ip.clone()),
                             error: None,
+                            exit_code: None,
+                            exited_at: None,
+                            restarts: 0,
                             unreachable: unreachable.contains(&p.machine),
                             generation: None,
                         },
@@ -576,6 +658,26 @@ impl Workloads {
     }
 }
 
+/// The instances of `svc` a deploy started (placements neither pinned to
+/// an older generation nor paused) that exited since, with how:
+/// `(machine, slot, summary)`.
+fn crashed(
+    svc: &ServiceRecord,
+    records: &HashMap<String, InstanceRecord>,
+) -> Vec<(String, u32, String)> {
+    svc.placements
+        .iter()
+        .filter(|p| p.generation.is_none() && !p.paused)
+        .filter_map(|p| {
+            let i = records.get(&InstanceRecord::key(&svc.name, &p.machine, p.slot))?;
+            if i.generation < svc.generation {
+                return None;
+            }
+            Some((p.machine.clone(), p.slot, exit_summary(i)?))
+        })
+        .collect()
+}
+
 pub(super) fn shipped_image(reference: &str, info: &ImageInfo, me: &str) -> ServiceImage {
     ServiceImage {
         reference: reference.to_string(),
@@ -583,5 +685,91 @@ pub(super) fn shipped_image(reference: &str, info: &ImageInfo, me: &str) -> Serv
         image_id: Some(info.image_id.clone()),
         size: info.size,
         sources: vec![me.to_string()],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workloads::spec::tests::instance;
+
+    fn service(placements: Vec<Placement>) -> ServiceRecord {
+        ServiceRecord {
+            name: "web".into(),
+            image: ServiceImage {
+                reference: "web:1".into(),
+                digest: None,
+                image_id: None,
+                size: 0,
+                sources: vec![],
+            },
+            replicas: placements.len() as u32,
+            command: vec![],
+            env: vec![],
+            volumes: vec![],
+            memory_limit: None,
+            cpu_shares: None,
+            placements,
+            generation: 2,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        }
+    }
+
+    fn placement(machine: &str, slot: u32) -> Placement {
+        Placement {
+            machine: machine.into(),
+            slot,
+            paused: false,
+            generation: None,
+        }
+    }
+
+    #[test]
+    fn crashed_are_the_fresh_instances_that_exited() {
+        let svc = service(vec![
+            placement("m1", 0),
+            placement("m2", 1),
+            Placement {
+                generation: Some(1),
+                ..placement("m3", 2)
+            },
+            Placement {
+                paused: true,
+                ..placement("m4", 3)
+            },
+            placement("m5", 4),
+        ]);
+        let exited = |machine: &str, slot, generation| {
+            let mut i = instance(generation);
+            i.machine = machine.into();
+            i.slot = slot;
+            i.exit_code = Some(3);
+            i.exited_at_ms = Some(10);
+            i.restarts = 1;
+            i.last_output = vec!["bye".into()];
+            (InstanceRecord::key("web", machine, slot), i)
+        };
+        let mut up = instance(2);
+        up.machine = "m2".into();
+        up.slot = 1;
+        let records: HashMap<String, InstanceRecord> = [
+            // Exited at the new generation: crashed.
+            exited("m1", 0, 2),
+            // Running, never exited.
+            (InstanceRecord::key("web", "m2", 1), up),
+            // Pinned to generation 1, or paused: not this deploy's.
+            exited("m3", 2, 1),
+            exited("m4", 3, 2),
+            // Still reporting the previous generation's exit.
+            exited("m5", 4, 1),
+        ]
+        .into_iter()
+        .collect();
+        let c = crashed(&svc, &records);
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert_eq!((c[0].0.as_str(), c[0].1), ("m1", 0));
+        assert!(c[0].2.contains("exited with code 3"), "{}", c[0].2);
+        assert!(c[0].2.contains("bye"), "{}", c[0].2);
     }
 }

@@ -25,6 +25,26 @@ pub(super) struct LocalWorkload {
     /// Whether `image` was recorded (records from before the field lack it).
     #[serde(default)]
     pub(super) image_known: bool,
+    /// How its process last ended in this generation (carried over restarts).
+    #[serde(default)]
+    pub(super) exit_code: Option<i64>,
+    /// When it was last seen exited; at or after `started_at_ms` while the
+    /// current run is over.
+    #[serde(default)]
+    pub(super) exited_at_ms: Option<u64>,
+    /// Restarts after an exit in this generation.
+    #[serde(default)]
+    pub(super) restarts: u32,
+    /// The last lines of output before it last exited.
+    #[serde(default)]
+    pub(super) last_output: Vec<String>,
+}
+
+impl LocalWorkload {
+    /// Whether the current run (since `started_at_ms`) has been seen exited.
+    pub(super) fn run_exited(&self) -> bool {
+        self.exited_at_ms.is_some_and(|t| t >= self.started_at_ms)
+    }
 }
 
 pub(super) const STATE_FILE: &str = "workloads.json";

@@ -70,6 +70,10 @@ const IMAGE_GC_GRACE: Duration = Duration::from_secs(600);
 const ROLLOUT_STEADY: Duration = Duration::from_secs(2 * RECONCILE_EVERY.as_secs());
 /// Shortest pause before an exited instance is started again.
 const RESTART_BACKOFF: Duration = Duration::from_secs(5);
+/// Lines of an exited instance's output kept in its record.
+const EXIT_OUTPUT_LINES: usize = 10;
+/// Longest line of output kept in an instance record (longer ones are cut).
+const EXIT_OUTPUT_LINE_CHARS: usize = 200;
 /// Longest service name (keeps workload ids within 64 characters).
 const MAX_SERVICE_NAME: usize = 40;
 const MAX_REPLICAS: u32 = 100;

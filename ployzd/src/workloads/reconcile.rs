@@ -34,11 +34,11 @@ impl Workloads {
             }
         };
         let prefix = workload_prefix(&me);
-        let actual: HashMap<String, State> = match w.runtime.list().await {
+        let actual: HashMap<String, (State, Option<i64>)> = match w.runtime.list().await {
             Ok(l) => l
                 .into_iter()
                 .filter(|s| s.id.starts_with(&prefix))
-                .map(|s| (s.id, s.state))
+                .map(|s| (s.id, (s.state, s.exit_code)))
                 .collect(),
             Err(e) => {
                 let msg = format!("the {} runtime does not answer: {e}", w.runtime.kind());
@@ -90,12 +90,20 @@ impl Workloads {
         let mut mine: Option<MachineRecord> = None;
         for (id, (svc, p)) in &desired {
             let key = InstanceRecord::key(&svc.name, &me, p.slot);
-            let local = st.workloads.get(id).cloned();
-            let state = actual.get(id).copied();
+            let (state, exit_code) = match actual.get(id) {
+                Some((s, c)) => (Some(*s), *c),
+                None => (None, None),
+            };
             // Pinned by a rolling update, an older instance keeps running.
-            let current_gen = local
-                .as_ref()
+            let current_gen = st
+                .workloads
+                .get(id)
                 .is_some_and(|l| l.generation >= p.target_generation(svc.generation));
+            let exited = current_gen && matches!(state, Some(State::Stopped | State::Failed));
+            if exited && !p.paused && st.workloads.get(id).is_some_and(|l| !l.run_exited()) {
+                self.note_exit(w, &mut st, id, exit_code).await?;
+            }
+            let local = st.workloads.get(id).cloned();
             let (next_state, error) = if p.paused {
                 if state == Some(State::Running) {
                     let _ = w.runtime.stop(id, STOP_GRACE).await;
@@ -104,28 +112,26 @@ impl Workloads {
             } else if current_gen && state == Some(State::Running) {
                 (InstanceState::Running, None)
             } else {
-                let exited = current_gen && matches!(state, Some(State::Stopped | State::Failed));
                 if exited
                     && now_ms().saturating_sub(local.as_ref().map_or(0, |l| l.started_at_ms))
                         < RESTART_BACKOFF.as_millis() as u64
                 {
-                    let msg = match state {
-                        Some(State::Failed) => "exited with an error; restarting",
-                        _ => "exited; restarting",
+                    let msg = match local.as_ref().and_then(|l| l.exit_code) {
+                        Some(c) => format!("exited with code {c}; restarting"),
+                        None => "exited; restarting".to_string(),
                     };
-                    (InstanceState::Failed, Some(msg.to_string()))
+                    (InstanceState::Failed, Some(msg))
                 } else {
                     // Report pending before the (possibly slow) start.
-                    let pending = InstanceRecord {
-                        service: svc.name.clone(),
-                        machine: me.clone(),
-                        state: InstanceState::Pending,
-                        overlay_ip: local.as_ref().and_then(|l| l.ip).map(|ip| ip.to_string()),
-                        slot: p.slot,
-                        generation: svc.generation,
-                        error: None,
-                        updated_at_ms: now_ms(),
-                    };
+                    let pending = instance_record(
+                        svc,
+                        p,
+                        &me,
+                        InstanceState::Pending,
+                        svc.generation,
+                        None,
+                        local.as_ref(),
+                    );
                     if reported.get(&key).map(|r| (r.state, r.generation))
                         != Some((InstanceState::Pending, svc.generation))
                     {
@@ -150,31 +156,22 @@ impl Workloads {
                     }
                 }
             };
-            let ip = st
-                .workloads
-                .get(id)
-                .and_then(|l| l.ip)
-                .map(|ip| ip.to_string());
             // The generation it actually runs (older while pinned).
             let generation = st
                 .workloads
                 .get(id)
                 .map_or(svc.generation, |l| l.generation);
-            let rec = InstanceRecord {
-                service: svc.name.clone(),
-                machine: me.clone(),
-                state: next_state,
-                overlay_ip: ip,
-                slot: p.slot,
-                generation,
-                error,
-                updated_at_ms: now_ms(),
-            };
+            let local = st.workloads.get(id);
+            let rec = instance_record(svc, p, &me, next_state, generation, error, local);
             let same = reported.get(&key).is_some_and(|r| {
                 r.state == rec.state
                     && r.generation == rec.generation
                     && r.overlay_ip == rec.overlay_ip
                     && r.error == rec.error
+                    && r.exit_code == rec.exit_code
+                    && r.exited_at_ms == rec.exited_at_ms
+                    && r.restarts == rec.restarts
+                    && r.last_output == rec.last_output
             });
             if !same {
                 let _ = self
@@ -198,16 +195,15 @@ impl Workloads {
         let mut ops = Vec::new();
         for (svc, p) in desired.values() {
             let key = InstanceRecord::key(&svc.name, me, p.slot);
-            let rec = InstanceRecord {
-                service: svc.name.clone(),
-                machine: me.to_string(),
-                state: InstanceState::Failed,
-                overlay_ip: None,
-                slot: p.slot,
-                generation: svc.generation,
-                error: Some(why.to_string()),
-                updated_at_ms: now_ms(),
-            };
+            let rec = instance_record(
+                svc,
+                p,
+                me,
+                InstanceState::Failed,
+                svc.generation,
+                Some(why.to_string()),
+                None,
+            );
             let same = reported.get(&key).is_some_and(|r| {
                 r.state == rec.state && r.generation == rec.generation && r.error == rec.error
             });
@@ -219,6 +215,32 @@ impl Workloads {
             let _ = self.store.txn(ops).await?;
         }
         Ok(())
+    }
+
+    /// The current run of workload `id` has ended: remember how (exit code,
+    /// when, its last lines of output) before a restart replaces it.
+    async fn note_exit(
+        &self,
+        w: &Engine,
+        st: &mut LocalState,
+        id: &str,
+        exit_code: Option<i64>,
+    ) -> Result<(), ApiError> {
+        let output = match w.runtime.logs(id).await {
+            Ok(log) => output_tail(&log),
+            Err(e) => {
+                tracing::debug!(workload = %id, "no output of the exited instance: {e}");
+                Vec::new()
+            }
+        };
+        let Some(l) = st.workloads.get_mut(id) else {
+            return Ok(());
+        };
+        tracing::info!(workload = %id, ?exit_code, restarts = l.restarts, "instance exited");
+        l.exit_code = exit_code;
+        l.exited_at_ms = Some(now_ms().max(l.started_at_ms));
+        l.last_output = output;
+        save_state(&w.data_dir, st)
     }
 
     pub(super) fn has_local_workloads(&self) -> bool {
@@ -329,6 +351,16 @@ impl Workloads {
             gateway,
             mtu: Some(crate::overlay::MTU),
         });
+        // A restart in the same generation keeps how the last run ended and
+        // counts itself; a new generation starts afresh.
+        let prev = st
+            .workloads
+            .get(id)
+            .filter(|l| l.generation == svc.generation);
+        let restarts = prev.map_or(0, |l| l.restarts + u32::from(l.run_exited()));
+        let exit_code = prev.and_then(|l| l.exit_code);
+        let exited_at_ms = prev.and_then(|l| l.exited_at_ms);
+        let last_output = prev.map(|l| l.last_output.clone()).unwrap_or_default();
         st.workloads.insert(
             id.to_string(),
             LocalWorkload {
@@ -339,6 +371,10 @@ impl Workloads {
                 started_at_ms: now_ms(),
                 image: svc.image.digest.clone(),
                 image_known: true,
+                exit_code,
+                exited_at_ms,
+                restarts,
+                last_output,
             },
         );
         save_state(&w.data_dir, st)?;
@@ -460,5 +496,36 @@ impl Workloads {
             }
         }
         watcher.abort();
+    }
+}
+
+/// The record of instance `p` of `svc` on machine `me`, with what this
+/// machine remembers of its exits (`local`).
+fn instance_record(
+    svc: &ServiceRecord,
+    p: &Placement,
+    me: &str,
+    state: InstanceState,
+    generation: u64,
+    error: Option<String>,
+    local: Option<&LocalWorkload>,
+) -> InstanceRecord {
+    // An instance keeps its address across generations; what an older
+    // generation's runs did is not this one's story.
+    let overlay_ip = local.and_then(|l| l.ip).map(|ip| ip.to_string());
+    let local = local.filter(|l| l.generation == generation);
+    InstanceRecord {
+        service: svc.name.clone(),
+        machine: me.to_string(),
+        state,
+        overlay_ip,
+        slot: p.slot,
+        generation,
+        error,
+        updated_at_ms: now_ms(),
+        exit_code: local.and_then(|l| l.exit_code),
+        exited_at_ms: local.and_then(|l| l.exited_at_ms),
+        restarts: local.map_or(0, |l| l.restarts),
+        last_output: local.map(|l| l.last_output.clone()).unwrap_or_default(),
     }
 }

@@ -36,6 +36,54 @@ pub fn last_lines(s: &str, n: usize, max_bytes: usize) -> String {
     out.to_string()
 }
 
+/// The last [`EXIT_OUTPUT_LINES`] non-empty lines of `log`, each cut to
+/// [`EXIT_OUTPUT_LINE_CHARS`] characters: what an instance's record keeps
+/// of its output when it exits.
+pub fn output_tail(log: &str) -> Vec<String> {
+    let mut lines: Vec<String> = log
+        .lines()
+        .rev()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .take(EXIT_OUTPUT_LINES)
+        .map(|l| match l.char_indices().nth(EXIT_OUTPUT_LINE_CHARS) {
+            Some((cut, _)) => format!("{}…", &l[..cut]),
+            None => l.to_string(),
+        })
+        .collect();
+    lines.reverse();
+    lines
+}
+
+/// How an instance exited, for people: `exited with code 3 (restarted 2
+/// times); last output:` and the lines, indented. `None` if it never exited
+/// in its generation.
+pub fn exit_summary(i: &InstanceRecord) -> Option<String> {
+    i.exited_at_ms?;
+    let mut s = match i.exit_code {
+        Some(c) if (129..=128 + 64).contains(&c) => {
+            format!("exited with code {c} (signal {})", c - 128)
+        }
+        Some(c) => format!("exited with code {c}"),
+        None => "exited (exit code unknown)".to_string(),
+    };
+    match i.restarts {
+        0 => {}
+        1 => s.push_str(" (restarted 1 time)"),
+        n => s.push_str(&format!(" (restarted {n} times)")),
+    }
+    if i.last_output.is_empty() {
+        s.push_str("; it wrote no output");
+    } else {
+        s.push_str("; last output:");
+        for line in &i.last_output {
+            s.push_str("\n    ");
+            s.push_str(line);
+        }
+    }
+    Some(s)
+}
+
 // ---------------------------------------------------------------------------
 // Validation (pure)
 
@@ -197,8 +245,68 @@ pub(super) fn parse_subnet(subnet: &str) -> Result<(Ipv4Addr, u8), ApiError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    pub(in crate::workloads) fn instance(generation: u64) -> InstanceRecord {
+        InstanceRecord {
+            service: "web".into(),
+            machine: "m1".into(),
+            state: InstanceState::Running,
+            overlay_ip: None,
+            slot: 0,
+            generation,
+            error: None,
+            updated_at_ms: 1,
+            exit_code: None,
+            exited_at_ms: None,
+            restarts: 0,
+            last_output: vec![],
+        }
+    }
+
+    #[test]
+    fn output_tail_keeps_the_last_lines_cut_short() {
+        assert!(output_tail("").is_empty());
+        assert_eq!(output_tail("one\n\ntwo  \n"), ["one", "two"]);
+        let log: String = (0..25).map(|n| format!("line {n}\n")).collect();
+        let tail = output_tail(&log);
+        assert_eq!(tail.len(), EXIT_OUTPUT_LINES);
+        assert_eq!(tail[0], "line 15");
+        assert_eq!(tail[9], "line 24");
+        let long = "é".repeat(EXIT_OUTPUT_LINE_CHARS + 5);
+        let cut = &output_tail(&long)[0];
+        assert_eq!(cut.chars().count(), EXIT_OUTPUT_LINE_CHARS + 1);
+        assert!(cut.ends_with('…'));
+    }
+
+    #[test]
+    fn exit_summary_names_code_restarts_and_output() {
+        let mut i = instance(1);
+        assert_eq!(exit_summary(&i), None, "never exited");
+        i.exit_code = Some(3);
+        assert_eq!(exit_summary(&i), None, "only an exit seen counts");
+        i.exited_at_ms = Some(5);
+        assert_eq!(
+            exit_summary(&i).unwrap(),
+            "exited with code 3; it wrote no output"
+        );
+        i.restarts = 2;
+        i.last_output = vec!["starting".into(), "boom".into()];
+        assert_eq!(
+            exit_summary(&i).unwrap(),
+            "exited with code 3 (restarted 2 times); last output:\n    starting\n    boom"
+        );
+        i.exit_code = Some(137);
+        i.restarts = 1;
+        assert!(exit_summary(&i)
+            .unwrap()
+            .starts_with("exited with code 137 (signal 9) (restarted 1 time)"));
+        i.exit_code = None;
+        assert!(exit_summary(&i)
+            .unwrap()
+            .starts_with("exited (exit code unknown)"));
+    }
 
     #[test]
     fn names_and_ids() {
