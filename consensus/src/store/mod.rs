@@ -61,9 +61,30 @@ pub(crate) struct DbHandle {
     pub(crate) db: sled::Db,
 }
 
+/// How long an open waits for the previous owner's file lock: sled's
+/// flusher thread of a database just dropped in this process lets go of the
+/// lock only at its next wake-up (up to its 500 ms flush interval).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Opens sled in `dir`, waiting up to [`LOCK_WAIT`] for its file lock.
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// Opens (or creates) the database in `dir` and returns the log store and the state machine.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
-    let db = sled::Config::new().path(dir).open()?;
+    let db = open_db(dir)?;
     let handle = Arc::new(DbHandle { db });
     let log = handle.db.open_tree(LOG_TREE)?;
     let meta = handle.db.open_tree(META_TREE)?;
