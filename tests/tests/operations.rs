@@ -196,3 +196,109 @@ fn a_migration_whose_machine_dies_is_finished_by_the_leader() {
         );
     }
 }
+
+/// Item 2 of issue 18: the storage leader is killed -9 in the middle of a
+/// migration, once while it is the migration's target and once while it is
+/// only the store's leader. The machine running the migration keeps going
+/// (its writes retry on the new leader) or rolls back, and after the killed
+/// machine comes back the cluster converges: one instance running, nothing
+/// paused, the operation ended, and `op wait` exits as it ended.
+#[test]
+fn a_migration_survives_the_death_of_the_storage_leader() {
+    let tb = Testbed::new(3);
+    let mut ms = ployz_tests::cluster_on(&tb, "optest-lead");
+    let ids: Vec<String> = ms.iter().map(Machine::id).collect();
+    let r = ms[0].ctl_json(&[
+        "machine", "storage", "promote", "--replicas", "3", &ids[1], &ids[2],
+    ]);
+    assert_eq!(r["voters"].as_array().unwrap().len(), 3, "{r:#}");
+    let tmp = tempfile::tempdir().unwrap();
+    let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
+    let image = image.to_str().unwrap();
+    let leader = |ms: &[Machine]| -> usize {
+        eventually(Duration::from_secs(30), || {
+            ms.iter().find_map(|m| {
+                let s = m.ctl(&["--json", "mesh", "status"]);
+                let v: Value = serde_json::from_slice(&s.stdout).ok()?;
+                let l = v["store"]["leader"].as_str()?.to_string();
+                ids.iter().position(|i| *i == l)
+            })
+        })
+        .expect("a leader")
+    };
+
+    for leader_is_target in [true, false] {
+        let l = leader(&ms);
+        // The instance runs on a machine that is not the leader.
+        ms[(l + 1) % 3].ctl_json(&["machine", "drain", &ids[l]]);
+        let _ = ms[(l + 1) % 3].ctl(&["service", "rm", "mover"]);
+        let v = ms[(l + 1) % 3].deploy(&["mover", "--image", image]);
+        ms[(l + 1) % 3].ctl_json(&["machine", "activate", &ids[l]]);
+        let source = v["instances"][0]["machine"].as_str().unwrap().to_string();
+        let s = ids.iter().position(|i| *i == source).unwrap();
+        assert_ne!(s, l);
+        let other = (0..3).find(|i| *i != s && *i != l).unwrap();
+        let (target, owner) = if leader_is_target {
+            (l, other)
+        } else {
+            (other, other)
+        };
+        let cli = Command::new(bin("ployzctl"))
+            .arg("--socket")
+            .arg(ms[owner].socket())
+            .args(["--json", "service", "migrate", "mover", "--to", &ids[target]])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let kill_at = if leader_is_target { "start" } else { "stop" };
+        let id = eventually(Duration::from_secs(60), || {
+            let all = ops(&ms[owner]);
+            op_of(&all, "migrate", "mover")
+                .filter(|o| o["state"] == "running" && o["step"] == kill_at)
+                .map(|o| o["id"].as_str().unwrap().to_string())
+        })
+        .unwrap_or_else(|| panic!("never reached {kill_at}: {:#?}", ops(&ms[owner])));
+        std::thread::sleep(Duration::from_millis(250));
+        ms[l].kill9();
+        let killed = Instant::now();
+        std::thread::sleep(Duration::from_secs(3));
+        ms[l].restart();
+        let out = cli.wait_with_output().unwrap();
+        println!(
+            "leader{} killed at {kill_at}: migrate exited {:?} after {:?}: {}{}",
+            if leader_is_target { " (= target)" } else { "" },
+            out.status.code(),
+            killed.elapsed(),
+            stdout(&out),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let w = ms[other].ctl(&["--json", "op", "wait", &id, "--timeout-secs", "180"]);
+        let end: Value = serde_json::from_slice(&w.stdout)
+            .unwrap_or_else(|_| panic!("op wait: {}", String::from_utf8_lossy(&w.stderr)));
+        assert!(
+            end["state"] == "rolled_back" || end["state"] == "succeeded",
+            "{end:#}"
+        );
+        // The CLI said the truth: it exits as the operation ended.
+        let code = end["exit_code"].as_i64().unwrap() as i32;
+        assert_eq!(w.status.code(), Some(code), "{end:#}");
+        assert_eq!(out.status.code(), Some(code), "{end:#}\n{}", stdout(&out));
+        let at = if end["state"] == "succeeded" {
+            &ids[target]
+        } else {
+            &source
+        };
+        let one = eventually(Duration::from_secs(90), || {
+            let is = instances(&ms[other], "mover");
+            (is.len() == 1 && is[0]["state"] == "running" && is[0]["machine"] == at.as_str())
+                .then_some(())
+        });
+        assert!(
+            one.is_some(),
+            "{:#?}\n{end:#}",
+            instances(&ms[other], "mover")
+        );
+    }
+}
