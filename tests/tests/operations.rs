@@ -209,7 +209,13 @@ fn a_migration_survives_the_death_of_the_storage_leader() {
     let mut ms = ployz_tests::cluster_on(&tb, "optest-lead");
     let ids: Vec<String> = ms.iter().map(Machine::id).collect();
     let r = ms[0].ctl_json(&[
-        "machine", "storage", "promote", "--replicas", "3", &ids[1], &ids[2],
+        "machine",
+        "storage",
+        "promote",
+        "--replicas",
+        "3",
+        &ids[1],
+        &ids[2],
     ]);
     assert_eq!(r["voters"].as_array().unwrap().len(), 3, "{r:#}");
     let tmp = tempfile::tempdir().unwrap();
@@ -246,7 +252,14 @@ fn a_migration_survives_the_death_of_the_storage_leader() {
         let cli = Command::new(bin("ployzctl"))
             .arg("--socket")
             .arg(ms[owner].socket())
-            .args(["--json", "service", "migrate", "mover", "--to", &ids[target]])
+            .args([
+                "--json",
+                "service",
+                "migrate",
+                "mover",
+                "--to",
+                &ids[target],
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
