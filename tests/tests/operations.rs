@@ -315,3 +315,139 @@ fn a_migration_survives_the_death_of_the_storage_leader() {
         );
     }
 }
+
+/// `machine rm` while the machine being removed is killed -9 in the middle
+/// of its cleanup: the removal still completes and is recorded.
+#[test]
+fn rm_completes_when_the_target_dies_during_its_cleanup() {
+    let tb = Testbed::new(2);
+    let mut ms = ployz_tests::cluster_on(&tb, "optest-rmt");
+    let ids: Vec<String> = ms.iter().map(Machine::id).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
+    let image = image.to_str().unwrap();
+    ms[0].ctl_json(&["machine", "drain", &ids[0]]);
+    for n in 0..3 {
+        ms[0].deploy(&[&format!("rmf{n}"), "--image", image]);
+    }
+    let rm = Command::new(bin("ployzctl"))
+        .arg("--socket")
+        .arg(ms[0].socket())
+        .args(["--json", "machine", "rm", &ids[1]])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = eventually(Duration::from_secs(60), || {
+        let all = ops(&ms[0]);
+        op_of(&all, "machine_rm", &ids[1])
+            .filter(|o| o["step"] == "cleanup" || o["step"] == "records")
+            .map(|_| ())
+    });
+    assert!(seen.is_some(), "{:#?}", ops(&ms[0]));
+    ms[1].kill9();
+    let out = rm.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "rm: {}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("target killed during its cleanup: {report}");
+    assert!(!ms[0]
+        .ctl_json(&["machine", "ls"])
+        .to_string()
+        .contains(&ids[1]));
+    let rec = op_of(&ops(&ms[0]), "machine_rm", &ids[1]).unwrap().clone();
+    assert_eq!(rec["state"], "succeeded", "{rec:#}");
+    for n in 0..3 {
+        assert!(instances(&ms[0], &format!("rmf{n}")).is_empty());
+    }
+}
+
+/// `machine rm` of a storage machine whose remover (a compute machine) is
+/// killed -9 right after the target left the storage set: the storage
+/// leader finishes the removal, and the status shows the real voter set.
+#[test]
+fn rm_is_finished_by_the_leader_when_the_remover_dies() {
+    let tb = Testbed::new(4);
+    let mut ms = ployz_tests::cluster_on(&tb, "optest-rmr");
+    let ids: Vec<String> = ms.iter().map(Machine::id).collect();
+    let r = ms[0].ctl_json(&[
+        "machine",
+        "storage",
+        "promote",
+        "--replicas",
+        "3",
+        &ids[1],
+        &ids[2],
+    ]);
+    assert_eq!(r["voters"].as_array().unwrap().len(), 3, "{r:#}");
+    let rm = Command::new(bin("ployzctl"))
+        .arg("--socket")
+        .arg(ms[3].socket())
+        .args(["machine", "rm", &ids[2]])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let id = eventually(Duration::from_secs(60), || {
+        let all = ops(&ms[0]);
+        op_of(&all, "machine_rm", &ids[2])
+            .filter(|o| o["step"] != "start" && o["step"] != "storage")
+            .map(|o| o["id"].as_str().unwrap().to_string())
+    })
+    .unwrap_or_else(|| panic!("{:#?}", ops(&ms[0])));
+    ms[3].kill9();
+    let _ = rm.wait_with_output();
+    let w = ms[0].ctl(&["--json", "op", "wait", &id, "--timeout-secs", "180"]);
+    let end: Value = serde_json::from_slice(&w.stdout)
+        .unwrap_or_else(|_| panic!("op wait: {}", String::from_utf8_lossy(&w.stderr)));
+    println!("remover killed: {end}");
+    assert_eq!(end["state"], "succeeded", "{end:#}");
+    assert_eq!(w.status.code(), Some(0));
+    let machines = ms[0].ctl_json(&["machine", "ls"]).to_string();
+    assert!(!machines.contains(&ids[2]), "{machines}");
+    let st = ms[0].ctl_json(&["mesh", "status"]);
+    assert_eq!(st["store"]["voters"].as_array().unwrap().len(), 2, "{st:#}");
+    assert_eq!(st["network"]["storage_replicas"], 2, "{st:#}");
+}
+
+/// Two deploys of the same new service at once, from two machines: both
+/// end well (the second becomes a redeploy of the first), none with an
+/// internal error.
+#[test]
+fn concurrent_deploys_of_one_new_service_both_succeed() {
+    let tb = Testbed::new(2);
+    let ms = ployz_tests::cluster_on(&tb, "optest-cc");
+    let tmp = tempfile::tempdir().unwrap();
+    let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
+    let image = image.to_str().unwrap();
+    let spawn = |m: &Machine| {
+        Command::new(bin("ployzctl"))
+            .arg("--socket")
+            .arg(m.socket())
+            .args(["--json", "deploy", "service", "twin", "--image", image])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let a = spawn(&ms[0]);
+    let b = spawn(&ms[1]);
+    for out in [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()] {
+        assert!(
+            out.status.success(),
+            "{}{}",
+            stdout(&out),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let is = instances(&ms[0], "twin");
+    assert_eq!(is.len(), 1, "{is:#?}");
+    assert_eq!(is[0]["state"], "running");
+}
