@@ -5,7 +5,7 @@ mod common;
 use common::{busybox_rootfs, eventually, rand_u32, run_ok, unique, wget, TestNetns};
 use ployz_runtime::{
     BridgeNetwork, DockerRuntime, Image, NetworkAttachment, Runtime, RuntimeError, State,
-    VolumeMount, WorkloadSpec,
+    WorkloadSpec,
 };
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -142,17 +142,7 @@ async fn docker_lifecycle() {
         ],
     );
     spec.memory_limit = Some(64 << 20);
-    spec.mounts.push(VolumeMount {
-        source: vol.clone(),
-        target: "/data".into(),
-        read_only: false,
-    });
-    rt.create(&spec).await.unwrap();
-    assert_eq!(rt.state(&id).await.unwrap(), State::Created);
-    assert!(matches!(
-        rt.create(&spec).await,
-        Err(RuntimeError::AlreadyExists(_))
-    ));
+    common::create_with_data_volume(&rt, &mut spec, &vol).await;
     assert!(rt.list().await.unwrap().iter().any(|w| w.id == id));
 
     rt.start(&id).await.unwrap();

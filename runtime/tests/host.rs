@@ -6,7 +6,7 @@ use common::{busybox_rootfs, eventually, in_netns, rand_u32, unique, wget, TestN
 use ployz_runtime::host::HostEngine;
 use ployz_runtime::{
     BridgeNetwork, HostRuntime, Image, NetworkAttachment, Runtime, RuntimeError, State,
-    VolumeMount, WorkloadSpec,
+    WorkloadSpec,
 };
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -84,18 +84,7 @@ async fn lifecycle_logs_limits_and_volume() {
     );
     spec.memory_limit = Some(64 << 20);
     spec.cpu_shares = Some(512);
-    spec.mounts.push(VolumeMount {
-        source: vol.clone(),
-        target: "/data".into(),
-        read_only: false,
-    });
-
-    rt.create(&spec).await.unwrap();
-    assert_eq!(rt.state(&id).await.unwrap(), State::Created);
-    assert!(matches!(
-        rt.create(&spec).await,
-        Err(RuntimeError::AlreadyExists(_))
-    ));
+    common::create_with_data_volume(&rt, &mut spec, &vol).await;
     let listed = rt.list().await.unwrap();
     assert!(listed
         .iter()

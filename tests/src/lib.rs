@@ -292,6 +292,61 @@ impl Machine {
     }
 
     /// Run `ployzctl --json ARGS`, assert success and parse stdout.
+    /// `ployzctl nats url --json`, once the NATS server is up (15 s at most).
+    pub fn nats_info(&self) -> Value {
+        eventually(Duration::from_secs(15), || {
+            let o = self.ctl(&["--json", "nats", "url"]);
+            o.status
+                .success()
+                .then(|| serde_json::from_slice::<Value>(&o.stdout).expect("JSON"))
+        })
+        .expect("the NATS server did not come up")
+    }
+
+    /// `ployzctl --json deploy service ARGS…` that may fail: its exit code
+    /// and the JSON it printed (the service, or the error).
+    pub fn try_deploy(&self, args: &[&str]) -> (Option<i32>, Value) {
+        let mut a = vec!["--json", "deploy", "service"];
+        a.extend_from_slice(args);
+        let out = self.ctl(&a);
+        let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "ployzctl {a:?} printed no JSON ({e}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code(), v)
+    }
+
+    /// `ployzctl ARGS…` on this machine's socket, started and left
+    /// running (stdout and stderr piped): for commands killed or raced.
+    pub fn ctl_spawn(&self, args: &[&str]) -> std::process::Child {
+        Command::new(bin("ployzctl"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .env_remove("PLOYZ_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run ployzctl")
+    }
+
+    /// Promote `ids` to a storage set of three (this machine asks); every
+    /// target must succeed.
+    pub fn promote(&self, ids: &[&str]) -> Value {
+        let mut args = vec!["machine", "storage", "promote", "--replicas", "3"];
+        args.extend_from_slice(ids);
+        let r = self.ctl_json(&args);
+        for t in r["results"].as_array().expect("results") {
+            assert_eq!(t["ok"], true, "{r}");
+        }
+        assert_eq!(r["voters"].as_array().expect("voters").len(), 3, "{r}");
+        r
+    }
+
     /// `ployzctl --json deploy service ARGS…`, which must succeed.
     pub fn deploy(&self, args: &[&str]) -> Value {
         let mut a = vec!["deploy", "service"];
@@ -423,4 +478,16 @@ pub fn stdout(o: &Output) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A standard NATS client connected to `server` with the credentials
+/// `ployzctl nats url --json` printed (`info`).
+pub async fn nats_connect(info: &Value, server: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::with_user_and_password(
+        info["user"].as_str().expect("user").into(),
+        info["password"].as_str().expect("password").into(),
+    )
+    .connect(server)
+    .await
+    .expect("connect with the printed credentials")
 }

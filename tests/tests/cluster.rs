@@ -30,13 +30,8 @@ impl Cluster {
 
     /// Machine 0 promotes `ids` to a storage set of three.
     fn promote(&self, ids: &[String]) {
-        let mut args = vec!["machine", "storage", "promote", "--replicas", "3"];
-        args.extend(ids.iter().map(String::as_str));
-        let r = self.machines[0].ctl_json(&args);
-        for t in r["results"].as_array().unwrap() {
-            assert_eq!(t["ok"], true, "{r}");
-        }
-        assert_eq!(r["voters"].as_array().unwrap().len(), 3, "{r}");
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        self.machines[0].promote(&ids);
     }
 }
 

@@ -12,10 +12,15 @@ use std::time::Duration;
 
 const HTTPD: &[&str] = &["httpd", "-f", "-p", "8080", "-h", "/www"];
 
-fn one_machine(tb: &Testbed, network: &str) -> Machine {
+/// One machine founding `network` on a testbed of one host, and a busybox
+/// httpd image in a temp dir (kept alive by the returned guard).
+fn one_machine(network: &str) -> (Testbed, Machine, tempfile::TempDir, std::path::PathBuf) {
+    let tb = Testbed::new(1);
     let m = Machine::start_in(&tb.hosts[0], &[]);
     m.ctl_json(&["mesh", "init", network]);
-    m
+    let tmp = tempfile::tempdir().unwrap();
+    let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
+    (tb, m, tmp, image)
 }
 
 fn services(m: &Machine) -> Vec<Value> {
@@ -36,10 +41,7 @@ fn deploy_op(m: &Machine, service: &str) -> Option<Value> {
 
 #[test]
 fn a_crash_looping_command_fails_the_deploy_with_its_exit_code_and_output() {
-    let tb = Testbed::new(1);
-    let m = one_machine(&tb, "crashtest");
-    let tmp = tempfile::tempdir().unwrap();
-    let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
+    let (_tb, m, _tmp, image) = one_machine("crashtest");
     let out = m.ctl(&[
         "--json",
         "deploy",
@@ -105,13 +107,7 @@ fn a_crash_looping_command_fails_the_deploy_with_its_exit_code_and_output() {
     assert!(row.split_whitespace().any(|c| c == "3"), "{table}");
 
     // A service that stays up deploys as before, with no exit recorded.
-    let v = m.ctl_json(&[
-        "deploy",
-        "service",
-        "web",
-        "--image",
-        image.to_str().unwrap(),
-    ]);
+    let v = m.deploy(&["web", "--image", image.to_str().unwrap()]);
     let i = &v["instances"][0];
     assert_eq!(i["state"], "running", "{v:#}");
     assert_eq!(i["restarts"], 0, "{v:#}");
@@ -120,10 +116,7 @@ fn a_crash_looping_command_fails_the_deploy_with_its_exit_code_and_output() {
 
 #[test]
 fn a_broken_image_is_refused_before_anything_is_written() {
-    let tb = Testbed::new(1);
-    let m = one_machine(&tb, "imgtest");
-    let tmp = tempfile::tempdir().unwrap();
-    let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
+    let (_tb, m, tmp, image) = one_machine("imgtest");
     let whole = std::fs::read(&image).unwrap();
     let blobs = m.data_dir().join("images/blobs");
     let stored = || std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
@@ -185,13 +178,7 @@ fn a_broken_image_is_refused_before_anything_is_written() {
     assert!(!services(&m).iter().any(|s| s["name"] == "pipe"));
 
     // The whole archive still deploys.
-    let v = m.ctl_json(&[
-        "deploy",
-        "service",
-        "web",
-        "--image",
-        image.to_str().unwrap(),
-    ]);
+    let v = m.deploy(&["web", "--image", image.to_str().unwrap()]);
     assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
     assert_eq!(stored(), 2, "the archive and its metadata");
 }

@@ -40,16 +40,7 @@ impl Cluster {
             machines.push(m);
         }
         let ids: Vec<String> = machines.iter().map(|m| m.id()).collect();
-        let r = machines[0].ctl_json(&[
-            "machine",
-            "storage",
-            "promote",
-            "--replicas",
-            "3",
-            &ids[1],
-            &ids[2],
-        ]);
-        assert_eq!(r["voters"].as_array().unwrap().len(), 3, "{r}");
+        machines[0].promote(&[&ids[1], &ids[2]]);
         Cluster { machines, tb }
     }
 }
@@ -81,20 +72,8 @@ async fn nats_kv(
     async_nats::jetstream::Context,
     async_nats::jetstream::kv::Store,
 ) {
-    let info = eventually(Duration::from_secs(15), || {
-        let o = m.ctl(&["--json", "nats", "url"]);
-        o.status
-            .success()
-            .then(|| serde_json::from_slice::<Value>(&o.stdout).unwrap())
-    })
-    .expect("NATS server did not come up");
-    let client = async_nats::ConnectOptions::with_user_and_password(
-        info["user"].as_str().unwrap().into(),
-        info["password"].as_str().unwrap().into(),
-    )
-    .connect(format!("{host_ip}:4222"))
-    .await
-    .expect("connect to the follower's NATS");
+    let info = m.nats_info();
+    let client = ployz_tests::nats_connect(&info, &format!("{host_ip}:4222")).await;
     // Longer than ployzd's own 15 s of retrying: the client sees ployzd's
     // answer, not its own timeout.
     let js = async_nats::jetstream::context::ContextBuilder::new()

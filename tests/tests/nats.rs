@@ -18,16 +18,6 @@ fn nats_info(m: &Machine) -> Value {
     .expect("NATS server did not come up")
 }
 
-async fn connect(info: &Value, server: &str) -> async_nats::Client {
-    async_nats::ConnectOptions::with_user_and_password(
-        info["user"].as_str().unwrap().into(),
-        info["password"].as_str().unwrap().into(),
-    )
-    .connect(server)
-    .await
-    .expect("connect with the printed credentials")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_state_is_readable_as_jetstream_kv() {
     let m = Machine::start_with(&["--nats-port", "0"]);
@@ -39,7 +29,7 @@ async fn cluster_state_is_readable_as_jetstream_kv() {
         "{url}"
     );
     let server = info["servers"][0].as_str().unwrap().to_string();
-    let client = connect(&info, &server).await;
+    let client = ployz_tests::nats_connect(&info, &server).await;
     let js = async_nats::jetstream::new(client.clone());
     let machines = js.get_key_value("machines").await.expect("machines bucket");
     let id = m.id();
@@ -97,8 +87,8 @@ async fn messages_cross_machines() {
     let ia = nats_info(&a);
     let ib = nats_info(&b);
     assert_eq!(ia["password"], ib["password"], "one credential per network");
-    let ca = connect(&ia, &format!("{}:4222", tb.hosts[0].ip)).await;
-    let cb = connect(&ib, &format!("{}:4222", tb.hosts[1].ip)).await;
+    let ca = ployz_tests::nats_connect(&ia, &format!("{}:4222", tb.hosts[0].ip)).await;
+    let cb = ployz_tests::nats_connect(&ib, &format!("{}:4222", tb.hosts[1].ip)).await;
     let mut sub = ca.subscribe("demo.>").await.unwrap();
     ca.flush().await.unwrap();
     // Interest reaches B over the route; publish until it does.

@@ -6,9 +6,8 @@
 
 use ployz_tests::images::busybox_image;
 use ployz_tests::netns::Testbed;
-use ployz_tests::{bin, eventually, stdout, Machine};
+use ployz_tests::{eventually, stdout, Machine};
 use serde_json::Value;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const HTTPD: &[&str] = &["httpd", "-f", "-p", "8080", "-h", "/www"];
@@ -28,6 +27,14 @@ fn ops(m: &Machine) -> Vec<Value> {
         .as_array()
         .unwrap()
         .clone()
+}
+
+/// `op wait ID` (up to 180 s): the operation as it ended, and the exit code.
+fn wait_op(m: &Machine, id: &str) -> (Value, Option<i32>) {
+    let w = m.ctl(&["--json", "op", "wait", id, "--timeout-secs", "180"]);
+    let end = serde_json::from_slice(&w.stdout)
+        .unwrap_or_else(|_| panic!("op wait: {}", String::from_utf8_lossy(&w.stderr)));
+    (end, w.status.code())
 }
 
 fn op_of<'a>(ops: &'a [Value], kind: &str, subject: &str) -> Option<&'a Value> {
@@ -120,15 +127,7 @@ fn a_migration_whose_machine_dies_is_finished_by_the_leader() {
             .into_iter()
             .find(|id| *id != source)
             .unwrap();
-        let mut cli = Command::new(bin("ployzctl"))
-            .arg("--socket")
-            .arg(ms[1].socket())
-            .args(["service", "migrate", "mover", "--to", &target])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut cli = ms[1].ctl_spawn(&["service", "migrate", "mover", "--to", &target]);
         let seen = eventually(Duration::from_secs(60), || {
             let all = ops(&ms[0]);
             op_of(&all, "migrate", "mover")
@@ -150,9 +149,7 @@ fn a_migration_whose_machine_dies_is_finished_by_the_leader() {
         let healed = Instant::now();
         // `op wait` follows it to its end from another machine; the exit
         // code says how it ended.
-        let w = ms[0].ctl(&["--json", "op", "wait", &id, "--timeout-secs", "180"]);
-        let end: Value = serde_json::from_slice(&w.stdout)
-            .unwrap_or_else(|_| panic!("op wait: {}", String::from_utf8_lossy(&w.stderr)));
+        let (end, code) = wait_op(&ms[0], &id);
         println!(
             "killed at {kill_at}: ended {} after {:?}: {}",
             end["state"],
@@ -164,7 +161,7 @@ fn a_migration_whose_machine_dies_is_finished_by_the_leader() {
             "{end:#}"
         );
         let expect_code = if end["state"] == "succeeded" { 0 } else { 7 };
-        assert_eq!(w.status.code(), Some(expect_code), "{end:#}");
+        assert_eq!(code, Some(expect_code), "{end:#}");
         // Converges: exactly one instance, running, where the outcome says.
         let at = if end["state"] == "succeeded" {
             &target
@@ -208,16 +205,7 @@ fn a_migration_survives_the_death_of_the_storage_leader() {
     let tb = Testbed::new(3);
     let mut ms = ployz_tests::cluster_on(&tb, "optest-lead");
     let ids: Vec<String> = ms.iter().map(Machine::id).collect();
-    let r = ms[0].ctl_json(&[
-        "machine",
-        "storage",
-        "promote",
-        "--replicas",
-        "3",
-        &ids[1],
-        &ids[2],
-    ]);
-    assert_eq!(r["voters"].as_array().unwrap().len(), 3, "{r:#}");
+    ms[0].promote(&[&ids[1], &ids[2]]);
     let tmp = tempfile::tempdir().unwrap();
     let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
     let image = image.to_str().unwrap();
@@ -249,22 +237,14 @@ fn a_migration_survives_the_death_of_the_storage_leader() {
         } else {
             (other, other)
         };
-        let cli = Command::new(bin("ployzctl"))
-            .arg("--socket")
-            .arg(ms[owner].socket())
-            .args([
-                "--json",
-                "service",
-                "migrate",
-                "mover",
-                "--to",
-                &ids[target],
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let cli = ms[owner].ctl_spawn(&[
+            "--json",
+            "service",
+            "migrate",
+            "mover",
+            "--to",
+            &ids[target],
+        ]);
         let kill_at = if leader_is_target { "start" } else { "stop" };
         let id = eventually(Duration::from_secs(60), || {
             let all = ops(&ms[owner]);
@@ -287,16 +267,14 @@ fn a_migration_survives_the_death_of_the_storage_leader() {
             stdout(&out),
             String::from_utf8_lossy(&out.stderr)
         );
-        let w = ms[other].ctl(&["--json", "op", "wait", &id, "--timeout-secs", "180"]);
-        let end: Value = serde_json::from_slice(&w.stdout)
-            .unwrap_or_else(|_| panic!("op wait: {}", String::from_utf8_lossy(&w.stderr)));
+        let (end, waited) = wait_op(&ms[other], &id);
         assert!(
             end["state"] == "rolled_back" || end["state"] == "succeeded",
             "{end:#}"
         );
         // The CLI said the truth: it exits as the operation ended.
         let code = end["exit_code"].as_i64().unwrap() as i32;
-        assert_eq!(w.status.code(), Some(code), "{end:#}");
+        assert_eq!(waited, Some(code), "{end:#}");
         assert_eq!(out.status.code(), Some(code), "{end:#}\n{}", stdout(&out));
         let at = if end["state"] == "succeeded" {
             &ids[target]
@@ -330,15 +308,7 @@ fn rm_completes_when_the_target_dies_during_its_cleanup() {
     for n in 0..3 {
         ms[0].deploy(&[&format!("rmf{n}"), "--image", image]);
     }
-    let rm = Command::new(bin("ployzctl"))
-        .arg("--socket")
-        .arg(ms[0].socket())
-        .args(["--json", "machine", "rm", &ids[1]])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let rm = ms[0].ctl_spawn(&["--json", "machine", "rm", &ids[1]]);
     let seen = eventually(Duration::from_secs(60), || {
         let all = ops(&ms[0]);
         op_of(&all, "machine_rm", &ids[1])
@@ -375,25 +345,8 @@ fn rm_is_finished_by_the_leader_when_the_remover_dies() {
     let tb = Testbed::new(4);
     let mut ms = ployz_tests::cluster_on(&tb, "optest-rmr");
     let ids: Vec<String> = ms.iter().map(Machine::id).collect();
-    let r = ms[0].ctl_json(&[
-        "machine",
-        "storage",
-        "promote",
-        "--replicas",
-        "3",
-        &ids[1],
-        &ids[2],
-    ]);
-    assert_eq!(r["voters"].as_array().unwrap().len(), 3, "{r:#}");
-    let rm = Command::new(bin("ployzctl"))
-        .arg("--socket")
-        .arg(ms[3].socket())
-        .args(["machine", "rm", &ids[2]])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    ms[0].promote(&[&ids[1], &ids[2]]);
+    let rm = ms[3].ctl_spawn(&["machine", "rm", &ids[2]]);
     let id = eventually(Duration::from_secs(60), || {
         let all = ops(&ms[0]);
         op_of(&all, "machine_rm", &ids[2])
@@ -403,12 +356,10 @@ fn rm_is_finished_by_the_leader_when_the_remover_dies() {
     .unwrap_or_else(|| panic!("{:#?}", ops(&ms[0])));
     ms[3].kill9();
     let _ = rm.wait_with_output();
-    let w = ms[0].ctl(&["--json", "op", "wait", &id, "--timeout-secs", "180"]);
-    let end: Value = serde_json::from_slice(&w.stdout)
-        .unwrap_or_else(|_| panic!("op wait: {}", String::from_utf8_lossy(&w.stderr)));
+    let (end, code) = wait_op(&ms[0], &id);
     println!("remover killed: {end}");
     assert_eq!(end["state"], "succeeded", "{end:#}");
-    assert_eq!(w.status.code(), Some(0));
+    assert_eq!(code, Some(0));
     let machines = ms[0].ctl_json(&["machine", "ls"]).to_string();
     assert!(!machines.contains(&ids[2]), "{machines}");
     let st = ms[0].ctl_json(&["mesh", "status"]);
@@ -426,17 +377,8 @@ fn concurrent_deploys_of_one_new_service_both_succeed() {
     let tmp = tempfile::tempdir().unwrap();
     let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
     let image = image.to_str().unwrap();
-    let spawn = |m: &Machine| {
-        Command::new(bin("ployzctl"))
-            .arg("--socket")
-            .arg(m.socket())
-            .args(["--json", "deploy", "service", "twin", "--image", image])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let spawn =
+        |m: &Machine| m.ctl_spawn(&["--json", "deploy", "service", "twin", "--image", image]);
     let a = spawn(&ms[0]);
     let b = spawn(&ms[1]);
     for out in [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()] {

@@ -82,10 +82,7 @@ fn services_refuse_what_cannot_work_and_say_why() {
     }
 
     // A program the image does not have: one sentence, naming both.
-    let o = m.ctl(&[
-        "--json",
-        "deploy",
-        "service",
+    let (code, v) = m.try_deploy(&[
         "typo",
         "--image",
         image,
@@ -95,8 +92,7 @@ fn services_refuse_what_cannot_work_and_say_why() {
         "httpdd",
         "-f",
     ]);
-    assert_eq!(o.status.code(), Some(9), "{}", stderr(&o));
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(code, Some(9), "{v:#}");
     let why = v["instances"][0]["error"].as_str().unwrap_or_default();
     assert!(why.contains("has no executable `httpdd`"), "{why}");
     assert!(why.contains(image), "names the image: {why}");

@@ -9,7 +9,7 @@
 
 use ployz_tests::netns::Testbed;
 use ployz_tests::{eventually, stderr, stdout, Machine};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::Duration;
 
 fn sh(tb: &Testbed, host: usize, script: &str) -> std::process::Output {
@@ -69,20 +69,8 @@ async fn wireguard_go_peer_pings_a_ployz_machine() {
     assert!(o.status.success(), "wireguard-go setup: {}", stderr(&o));
 
     // Enrol it through the control plane, as a standard NATS client.
-    let info = eventually(Duration::from_secs(15), || {
-        let o = m.ctl(&["--json", "nats", "url"]);
-        o.status
-            .success()
-            .then(|| serde_json::from_slice::<Value>(&o.stdout).unwrap())
-    })
-    .expect("NATS is up");
-    let client = async_nats::ConnectOptions::with_user_and_password(
-        info["user"].as_str().unwrap().into(),
-        info["password"].as_str().unwrap().into(),
-    )
-    .connect(format!("{underlay}:4222"))
-    .await
-    .expect("connect to ployzd's NATS over the underlay");
+    let info = m.nats_info();
+    let client = ployz_tests::nats_connect(&info, &format!("{underlay}:4222")).await;
     let js = async_nats::jetstream::new(client);
     let machines = js.get_key_value("machines").await.unwrap();
     let record = json!({

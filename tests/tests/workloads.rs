@@ -486,10 +486,7 @@ fn docker_runtime_runs_the_same_deploy() {
     }
     // dockerd reports how a container ended: a crash fails its deploy with
     // the exit code and the output.
-    let out = m.ctl(&[
-        "--json",
-        "deploy",
-        "service",
+    let (code, v) = m.try_deploy(&[
         "crash",
         "--image",
         image.to_str().unwrap(),
@@ -498,8 +495,7 @@ fn docker_runtime_runs_the_same_deploy() {
         "-c",
         "echo docker-says-bye; exit 4",
     ]);
-    assert_eq!(out.status.code(), Some(9), "{}", stderr(&out));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(code, Some(9), "{v:#}");
     assert_eq!(v["instances"][0]["exit_code"], 4, "{v:#}");
     let why = v["instances"][0]["error"].as_str().unwrap_or_default();
     assert!(
@@ -668,18 +664,14 @@ fn instances_say_why_when_the_runtime_is_missing() {
     m.ctl_json(&["mesh", "init", "nodocker", "--cidr", "10.127.0.0/16"]);
     let tmp = tempfile::tempdir().unwrap();
     let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
-    let o = m.ctl(&[
-        "--json",
-        "deploy",
-        "service",
+    let (code, v) = m.try_deploy(&[
         "web",
         "--image",
         image.to_str().unwrap(),
         "--wait-secs",
         "30",
     ]);
-    assert_eq!(o.status.code(), Some(9), "{}", stderr(&o));
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(code, Some(9), "{v:#}");
     assert_eq!(v["instances"][0]["state"], "failed", "{v:#}");
     let why = v["instances"][0]["error"].as_str().unwrap_or_default();
     assert!(

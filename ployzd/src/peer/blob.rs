@@ -67,7 +67,71 @@ pub async fn fetch_blob(
     want_sha256: Option<&str>,
     dest: &std::path::Path,
 ) -> Result<(u64, String), FetchError> {
-    let r = fetch_blob_inner(addr, secret, me, req, want_sha256, dest).await;
+    let r = async {
+        use sha2::Digest as _;
+        use tokio::io::AsyncWriteExt;
+        let io_err = |source: io::Error| FetchError::Io {
+            addr: addr.to_string(),
+            source,
+        };
+        let mut conn = dial(addr, Service::Blob, secret, me)
+            .await
+            .map_err(io_err)?;
+        conn.send(&serde_json::to_vec(req).map_err(|e| io_err(bad(e.to_string())))?)
+            .await
+            .map_err(io_err)?;
+        let first = next_blob_frame(&mut conn).await.map_err(io_err)?;
+        let (size, sha256) = match serde_json::from_slice::<BlobAnswer>(&first)
+            .map_err(|e| io_err(bad(e.to_string())))?
+        {
+            BlobAnswer::Ok { size, sha256 } => (size, sha256),
+            BlobAnswer::Error(error) => {
+                return Err(FetchError::Refused {
+                    addr: addr.to_string(),
+                    error,
+                })
+            }
+        };
+        if let Some(want) = want_sha256 {
+            if want != sha256 {
+                return Err(FetchError::Corrupt {
+                    addr: addr.to_string(),
+                    size,
+                    got: 0,
+                    expected: want.to_string(),
+                    actual: sha256,
+                });
+            }
+        }
+        let mut file = tokio::fs::File::create(dest).await.map_err(io_err)?;
+        let mut hasher = sha2::Sha256::new();
+        let mut got = 0u64;
+        loop {
+            let chunk = next_blob_frame(&mut conn).await.map_err(io_err)?;
+            if chunk.is_empty() {
+                break;
+            }
+            got += chunk.len() as u64;
+            if got > size {
+                break;
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk).await.map_err(io_err)?;
+        }
+        file.sync_all().await.map_err(io_err)?;
+        let actual = format!("sha256:{:x}", hasher.finalize());
+        if got != size || actual != sha256 {
+            return Err(FetchError::Corrupt {
+                addr: addr.to_string(),
+                size,
+                got,
+                expected: sha256,
+                actual,
+            });
+        }
+        Ok((size, sha256))
+    }
+    .await;
     if r.is_err() {
         let _ = tokio::fs::remove_file(dest).await;
     }
@@ -80,78 +144,6 @@ async fn next_blob_frame(conn: &mut SecureConn) -> io::Result<Vec<u8>> {
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the sender stalled"))??
         .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "the sender closed early"))
-}
-
-async fn fetch_blob_inner(
-    addr: &str,
-    secret: &ClusterSecret,
-    me: &str,
-    req: &BlobRequest,
-    want_sha256: Option<&str>,
-    dest: &std::path::Path,
-) -> Result<(u64, String), FetchError> {
-    use sha2::Digest as _;
-    use tokio::io::AsyncWriteExt;
-    let io_err = |source: io::Error| FetchError::Io {
-        addr: addr.to_string(),
-        source,
-    };
-    let mut conn = dial(addr, Service::Blob, secret, me)
-        .await
-        .map_err(io_err)?;
-    conn.send(&serde_json::to_vec(req).map_err(|e| io_err(bad(e.to_string())))?)
-        .await
-        .map_err(io_err)?;
-    let first = next_blob_frame(&mut conn).await.map_err(io_err)?;
-    let (size, sha256) = match serde_json::from_slice::<BlobAnswer>(&first)
-        .map_err(|e| io_err(bad(e.to_string())))?
-    {
-        BlobAnswer::Ok { size, sha256 } => (size, sha256),
-        BlobAnswer::Error(error) => {
-            return Err(FetchError::Refused {
-                addr: addr.to_string(),
-                error,
-            })
-        }
-    };
-    if let Some(want) = want_sha256 {
-        if want != sha256 {
-            return Err(FetchError::Corrupt {
-                addr: addr.to_string(),
-                size,
-                got: 0,
-                expected: want.to_string(),
-                actual: sha256,
-            });
-        }
-    }
-    let mut file = tokio::fs::File::create(dest).await.map_err(io_err)?;
-    let mut hasher = sha2::Sha256::new();
-    let mut got = 0u64;
-    loop {
-        let chunk = next_blob_frame(&mut conn).await.map_err(io_err)?;
-        if chunk.is_empty() {
-            break;
-        }
-        got += chunk.len() as u64;
-        if got > size {
-            break;
-        }
-        hasher.update(&chunk);
-        file.write_all(&chunk).await.map_err(io_err)?;
-    }
-    file.sync_all().await.map_err(io_err)?;
-    let actual = format!("sha256:{:x}", hasher.finalize());
-    if got != size || actual != sha256 {
-        return Err(FetchError::Corrupt {
-            addr: addr.to_string(),
-            size,
-            got,
-            expected: sha256,
-            actual,
-        });
-    }
-    Ok((size, sha256))
 }
 
 pub(super) async fn serve_blob<H: PeerHandler>(

@@ -691,7 +691,7 @@ pub(super) fn shipped_image(reference: &str, info: &ImageInfo, me: &str) -> Serv
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workloads::spec::tests::instance;
+    use crate::workloads::spec::tests::{instance, placement};
 
     fn service(placements: Vec<Placement>) -> ServiceRecord {
         ServiceRecord {
@@ -713,15 +713,6 @@ mod tests {
             generation: 2,
             created_at_ms: 0,
             updated_at_ms: 0,
-        }
-    }
-
-    fn placement(machine: &str, slot: u32) -> Placement {
-        Placement {
-            machine: machine.into(),
-            slot,
-            paused: false,
-            generation: None,
         }
     }
 

@@ -543,15 +543,7 @@ fn pick_source(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn at(machine: &str, slot: u32) -> Placement {
-        Placement {
-            machine: machine.into(),
-            slot,
-            paused: false,
-            generation: None,
-        }
-    }
+    use crate::workloads::spec::tests::placement as at;
 
     #[test]
     fn the_source_is_the_named_machine_or_the_only_instance() {

@@ -248,6 +248,16 @@ pub(super) fn parse_subnet(subnet: &str) -> Result<(Ipv4Addr, u8), ApiError> {
 pub(super) mod tests {
     use super::*;
 
+    /// An unpaused, unpinned placement (fixture).
+    pub(in crate::workloads) fn placement(machine: &str, slot: u32) -> Placement {
+        Placement {
+            machine: machine.into(),
+            slot,
+            paused: false,
+            generation: None,
+        }
+    }
+
     pub(in crate::workloads) fn instance(generation: u64) -> InstanceRecord {
         InstanceRecord {
             service: "web".into(),

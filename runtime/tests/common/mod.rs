@@ -151,3 +151,26 @@ pub fn wget(ns: Option<&TestNetns>, url: &str, secs: u64) -> Result<String, Stri
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// Mount `vol` read-write at `/data` in `spec`, create it, and check that
+/// it is `Created` and that a second create is refused as a duplicate.
+pub async fn create_with_data_volume<R: ployz_runtime::Runtime>(
+    rt: &R,
+    spec: &mut ployz_runtime::WorkloadSpec,
+    vol: &Path,
+) {
+    spec.mounts.push(ployz_runtime::VolumeMount {
+        source: vol.to_path_buf(),
+        target: "/data".into(),
+        read_only: false,
+    });
+    rt.create(spec).await.unwrap();
+    assert_eq!(
+        rt.state(&spec.id).await.unwrap(),
+        ployz_runtime::State::Created
+    );
+    assert!(matches!(
+        rt.create(spec).await,
+        Err(ployz_runtime::RuntimeError::AlreadyExists(_))
+    ));
+}
