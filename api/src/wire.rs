@@ -92,6 +92,14 @@ pub enum Request {
         #[serde(default)]
         from: Option<String>,
     },
+    /// Leave the network from this machine alone, once the network has
+    /// removed it (`machine rm --force` while it was unreachable): stop and
+    /// delete its workloads and state. `force`: even when the network's
+    /// store cannot be asked whether it still counts this machine.
+    MeshLeave {
+        #[serde(default)]
+        force: bool,
+    },
     /// `op ls`: long operations, newest first.
     OpList,
     /// `op wait`: follow one operation until it ends (or `timeout_secs`).
@@ -229,6 +237,16 @@ pub enum Response {
     ServiceRemoved(ServiceRemoved),
     Operations(OpList),
     Operation(Box<OpView>),
+    Left(LeftNetwork),
+}
+
+/// `mesh leave --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeftNetwork {
+    pub machine: String,
+    pub network: String,
+    /// Workloads stopped and deleted.
+    pub removed_workloads: usize,
 }
 
 /// `op ls --json`.

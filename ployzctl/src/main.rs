@@ -197,6 +197,15 @@ enum MeshCmd {
     },
     /// This machine's network, record and store replica.
     Status,
+    /// Leave the network from this machine alone, once the network removed
+    /// it (`machine rm --force` while it was unreachable): its workloads and
+    /// state are deleted and ployzd stops.
+    Leave {
+        /// Also when the network's store cannot be asked whether it still
+        /// counts this machine.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -439,6 +448,7 @@ fn request_of(cmd: Top) -> Request {
         Top::Service(ServiceCmd::Migrate { name, to, from }) => {
             Request::ServiceMigrate { name, to, from }
         }
+        Top::Mesh(MeshCmd::Leave { force }) => Request::MeshLeave { force },
         Top::Op(OpCmd::Ls) => Request::OpList,
         Top::Op(OpCmd::Wait { id, timeout_secs }) => Request::OpWait {
             id,

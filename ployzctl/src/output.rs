@@ -362,6 +362,15 @@ pub fn print_response(resp: &Response, json: bool) {
             }
             print!("{}", ops_table(&l.operations));
         }
+        Response::Left(l) => {
+            if json {
+                return print_json(l);
+            }
+            println!(
+                "machine {} left network `{}`: {} workload(s) stopped and deleted; ployzd stops and deletes this machine's state (start it again to join a network)",
+                l.machine, l.network, l.removed_workloads
+            );
+        }
         Response::Operation(op) => {
             if json {
                 return print_json(op);

@@ -101,6 +101,7 @@ impl Daemon {
                 .service_migrate(&name, &to, from.as_deref(), sink)
                 .await
                 .map(|v| Response::Service(Box::new(v))),
+            Request::MeshLeave { force } => cluster.mesh_leave(force).await.map(Response::Left),
             Request::OpList => self.ops.list().await.map(Response::Operations),
             Request::OpWait { id, timeout_secs } => self
                 .ops

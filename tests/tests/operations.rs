@@ -6,7 +6,7 @@
 
 use ployz_tests::images::busybox_image;
 use ployz_tests::netns::Testbed;
-use ployz_tests::{eventually, stdout, Machine};
+use ployz_tests::{eventually, stderr, stdout, Machine};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -392,4 +392,57 @@ fn concurrent_deploys_of_one_new_service_both_succeed() {
     let is = instances(&ms[0], "twin");
     assert_eq!(is.len(), 1, "{is:#?}");
     assert_eq!(is[0]["state"], "running");
+}
+
+/// Item 6: a machine removed with `--force` while it was cut off is not
+/// stranded. Back on the network, `invite import` and `mesh init` say it is
+/// still in its old network and point at `mesh leave`; `mesh leave`
+/// refuses while it cannot ask the store, `--force` cleans it up and stops
+/// ployzd, and started again it joins with a new invite.
+#[test]
+fn a_machine_removed_while_cut_off_can_leave_and_join_again() {
+    let tb = Testbed::new(2);
+    let mut ms = ployz_tests::cluster_on(&tb, "optest-strand");
+    let ids: Vec<String> = ms.iter().map(Machine::id).collect();
+    tb.hosts[1].cut();
+    let rm = ms[0].ctl_json(&["machine", "rm", "--force", &ids[1]]);
+    assert_eq!(rm["cleaned_up"], false, "{rm:#}");
+    tb.hosts[1].heal();
+
+    let token = ms[0].ctl_json(&["machine", "invite", "create"])["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let refused = ms[1].ctl(&["machine", "invite", "import", "--token", &token]);
+    assert_eq!(refused.status.code(), Some(5), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("mesh leave"),
+        "{}",
+        stderr(&refused)
+    );
+    let init = ms[1].ctl(&["mesh", "init", "another"]);
+    assert_eq!(init.status.code(), Some(5), "{}", stderr(&init));
+    assert!(stderr(&init).contains("mesh leave"), "{}", stderr(&init));
+
+    // Its peers dropped it from the mesh: the store cannot be asked.
+    let unsure = ms[1].ctl(&["mesh", "leave"]);
+    assert_eq!(unsure.status.code(), Some(7), "{}", stderr(&unsure));
+    assert!(stderr(&unsure).contains("--force"), "{}", stderr(&unsure));
+    let left = ms[1].ctl_json(&["mesh", "leave", "--force"]);
+    assert_eq!(left["machine"], ids[1].as_str(), "{left:#}");
+    assert!(
+        ms[1].wait_exit(Duration::from_secs(30)).is_some(),
+        "ployzd stops after leaving"
+    );
+    ms[1].restart();
+    ms[1].ctl_json(&["machine", "invite", "import", "--token", &token]);
+    let machines = ms[0].ctl_json(&["machine", "ls"]);
+    assert_eq!(
+        machines["machines"].as_array().unwrap().len(),
+        2,
+        "{machines:#}"
+    );
+    // A member is refused: `machine rm` is for that.
+    let member = ms[1].ctl(&["mesh", "leave"]);
+    assert_eq!(member.status.code(), Some(5), "{}", stderr(&member));
 }

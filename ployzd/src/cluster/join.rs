@@ -44,7 +44,7 @@ impl Cluster {
                 ErrorCode::AlreadyInNetwork,
                 format!("this machine already belongs to network `{name}`"),
             )
-            .with_hint("a machine is in one network at a time; remove it from that network first (`ployzctl machine rm <id>` from another machine)"));
+            .with_hint("a machine is in one network at a time; remove it from that network first (`ployzctl machine rm <id>` from another machine), or, if the network already removed it, run `ployzctl mesh leave` here"));
         }
         let claims = invite::decode(token).map_err(|e| invalid(e.to_string()))?;
         if now_ms() >= claims.expires_at_ms {

@@ -149,6 +149,19 @@ impl Cluster {
         let range = ClusterRange::parse(&cidr).map_err(|e| invalid(e.to_string()))?;
 
         let _guard = self.init_lock.lock().await;
+        // Known locally first: a machine cut off from its network must
+        // still be told it is in one (and what to do), not that the store
+        // does not answer.
+        if let Some(f) = self.store.local().get() {
+            return Err(ApiError::new(
+                ErrorCode::AlreadyInNetwork,
+                format!(
+                    "this machine already belongs to network `{}` ({})",
+                    f.network_name, f.secret.network_id
+                ),
+            )
+            .with_hint("a machine is in one network at a time; remove it from that network first (`ployzctl machine rm`), or, if the network already removed it, run `ployzctl mesh leave` here"));
+        }
         if let Some(existing) = self.store.network().await? {
             return Err(ApiError::new(
                 ErrorCode::AlreadyInNetwork,
@@ -157,7 +170,7 @@ impl Cluster {
                     existing.name, existing.network_id
                 ),
             )
-            .with_hint("a machine is in one network at a time; remove it from that network first (`ployzctl machine rm`)"));
+            .with_hint("a machine is in one network at a time; remove it from that network first (`ployzctl machine rm`), or, if the network already removed it, run `ployzctl mesh leave` here"));
         }
         // The founder always takes the first slice: the store is empty.
         let slice = range.slice(1).expect("a valid range has slice 1");

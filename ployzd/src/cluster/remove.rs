@@ -21,6 +21,8 @@ use std::time::Duration;
 const CLEANUP_STALL: Duration = Duration::from_secs(30);
 /// How long to wait for the first answer of a machine asked to leave.
 const LEAVE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `mesh leave` asks the store whether this machine is a member.
+const MEMBERSHIP_CHECK: Duration = Duration::from_secs(5);
 /// Whether a machine removed with `--force` is still there to clean up.
 const FORCE_PING_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -342,6 +344,69 @@ impl Cluster {
             let _ = exit.send(true);
         });
         PeerResponse::Leaving(LeaveProgress::default())
+    }
+
+    /// `mesh leave`: this machine leaves on its own, once the network has
+    /// removed it. Refused while the store still has its record (that is
+    /// `machine rm`'s job), and, without `force`, when the store cannot be
+    /// asked. Answers after the cleanup; ployzd then exits and wipes its
+    /// state.
+    pub(crate) async fn mesh_leave(&self, force: bool) -> Result<LeftNetwork, ApiError> {
+        let Some(file) = self.store.local().get() else {
+            return Err(store::no_network());
+        };
+        let id = self.machine_id().to_string();
+        let asked = tokio::time::timeout(
+            MEMBERSHIP_CHECK,
+            self.store.get::<MachineRecord>(BUCKET_MACHINES, &id),
+        )
+        .await;
+        match asked {
+            Ok(Ok(Some(_))) => {
+                return Err(refused(format!(
+                    "machine {id} is still a member of network `{}`",
+                    file.network_name
+                ))
+                .with_hint(format!(
+                    "remove it from another machine of the network: `ployzctl machine rm {id}`"
+                )))
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) if !force => {
+                return Err(e.with_hint(
+                    "if the network removed this machine (`machine rm --force` while it was unreachable), run `ployzctl mesh leave --force`",
+                ))
+            }
+            Err(_) if !force => {
+                return Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "the store of network `{}` did not answer within {}, so this machine cannot tell whether it was removed",
+                        file.network_name,
+                        ployz_api::time::human(MEMBERSHIP_CHECK)
+                    ),
+                )
+                .with_hint("if it was (`machine rm --force` elsewhere), run `ployzctl mesh leave --force`"))
+            }
+            _ => {}
+        }
+        tracing::warn!(network = %file.network_name, force, "leaving the network on this machine's own");
+        let _ = self.leave("this machine (mesh leave)");
+        loop {
+            let p = self
+                .leaving
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_default();
+            if p.finished {
+                return Ok(LeftNetwork {
+                    machine: id,
+                    network: file.network_name,
+                    removed_workloads: p.removed,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// How far this machine's cleanup got (`LeaveStatus`).
