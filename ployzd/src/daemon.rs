@@ -91,7 +91,6 @@ impl Daemon {
         ));
         let overlay = Arc::new(Overlay::new(
             OverlayConfig {
-                enabled: cfg.mesh,
                 ifname: cfg.wg_interface.clone(),
                 wg_port: cfg.wg_port,
             },

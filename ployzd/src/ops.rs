@@ -418,9 +418,14 @@ async fn renew(
 ) {
     loop {
         tokio::time::sleep(RENEW_EVERY).await;
+        // A step written since counts as a renewal.
+        let fresh = renewed.lock().unwrap_or_else(|e| e.into_inner()).elapsed() < RENEW_EVERY;
         let mut c = cur.lock().await;
         if c.value.state.is_done() {
             return;
+        }
+        if fresh {
+            continue;
         }
         let next = c.value.clone();
         match write(&store, &mut c, next).await {

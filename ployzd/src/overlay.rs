@@ -34,10 +34,9 @@ struct Running {
     address: Ipv4Addr,
 }
 
+/// The WireGuard interface of this machine (whether a network runs a mesh
+/// is the network record's `mesh`).
 pub struct OverlayConfig {
-    /// Run the WireGuard mesh (off only where machines already share a
-    /// private network, e.g. several daemons on one test host).
-    pub enabled: bool,
     pub ifname: String,
     pub wg_port: u16,
 }
@@ -108,11 +107,6 @@ impl Overlay {
             starting: tokio::sync::Mutex::new(()),
             guarded: std::sync::Mutex::new(None),
         }
-    }
-
-    /// Whether this machine runs a mesh at all (`--no-mesh` turns it off).
-    pub fn enabled(&self) -> bool {
-        self.cfg.enabled
     }
 
     /// Whether the mesh is up.

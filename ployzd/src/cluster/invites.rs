@@ -23,12 +23,7 @@ impl Cluster {
             )));
         }
         let net = self.store.require_network().await?;
-        let me = self
-            .store
-            .get::<MachineRecord>(BUCKET_MACHINES, &self.identity.machine_id)
-            .await?
-            .ok_or_else(|| internal("this machine has no record in its own network's store"))?
-            .value;
+        let me = self.store.my_record().await?;
         let range = ClusterRange::parse(&net.cidr).map_err(|e| internal(e.to_string()))?;
         let now = now_ms();
         let expires_at_ms = now + ttl_secs * 1000;

@@ -92,10 +92,6 @@ impl ControlPlane {
         }
     }
 
-    pub fn is_started(&self) -> bool {
-        self.nats.get().is_some()
-    }
-
     /// The NATS client port, once the server listens.
     pub fn port(&self) -> Option<u16> {
         self.nats.get().map(|n| n.port)
