@@ -365,6 +365,10 @@ pub struct ServiceRecord {
     pub generation: u64,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    /// The deploy operation that wrote this generation (so the cluster can
+    /// tell, after its machine died, whether it got that far).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployed_by: Option<String>,
 }
 
 #[cfg(test)]
@@ -458,6 +462,9 @@ pub enum OpKind {
     MachineRm,
     Migrate,
     Deploy,
+    MachineAdd,
+    MachineUpdate,
+    StoragePromote,
 }
 
 impl fmt::Display for OpKind {
@@ -466,6 +473,9 @@ impl fmt::Display for OpKind {
             OpKind::MachineRm => "machine-rm",
             OpKind::Migrate => "migrate",
             OpKind::Deploy => "deploy",
+            OpKind::MachineAdd => "machine-add",
+            OpKind::MachineUpdate => "machine-update",
+            OpKind::StoragePromote => "storage-promote",
         })
     }
 }
@@ -515,4 +525,22 @@ pub struct OpDetail {
     /// `migrate`: the slot it gets there (recorded before it is placed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_slot: Option<u32>,
+    /// `machine add`: the invite issued for each SSH target (recorded
+    /// before the target gets it), so a takeover revokes the unused ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub invites: Vec<OpInvite>,
+    /// `machine update`, `storage promote`: the machines it works on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machines: Vec<String>,
+    /// `machine update`: the version asked for (none: the latest release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// An invite a `machine add` issued for one SSH target.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OpInvite {
+    /// The target as given (`user@host[:port]`).
+    pub target: String,
+    pub invite_id: String,
 }

@@ -239,6 +239,8 @@ pub enum MembershipError {
     },
     #[error("no leader is known right now; retry once one is elected")]
     NoLeader,
+    #[error("this node stopped being the leader before the new learner caught up; retry")]
+    LostLeadership,
     #[error("{}", change_refused(.0))]
     Change(#[from] ChangeMembershipError<NodeId>),
     #[error("raft stopped: {0}")]
@@ -514,8 +516,34 @@ impl Node {
         node: PloyzNode,
         blocking: bool,
     ) -> Result<(), MembershipError> {
-        let res = self.raft.add_learner(node_id, node, blocking).await;
-        self.membership_result(res).await
+        let res = self.raft.add_learner(node_id, node, false).await;
+        let entry = res.as_ref().ok().map(|r| r.log_id.index);
+        self.membership_result(res).await?;
+        let Some(entry) = entry.filter(|_| blocking && node_id != self.id) else {
+            return Ok(());
+        };
+        // openraft's own blocking wait counts a learner that never answered as caught up
+        // while the log is shorter than its lag threshold: wait until the learner has
+        // acknowledged the entry that added it.
+        let caught_up = |m: &openraft::RaftMetrics<NodeId, PloyzNode>| {
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(&node_id).cloned().flatten())
+                .is_some_and(|matched| matched.index >= entry)
+        };
+        let _ = self
+            .raft
+            .wait(None)
+            .metrics(
+                |m| m.replication.is_none() || caught_up(m),
+                "learner caught up",
+            )
+            .await;
+        if caught_up(&self.raft.metrics().borrow()) {
+            Ok(())
+        } else {
+            Err(MembershipError::LostLeadership)
+        }
     }
 
     /// Makes `voters` the voting members (they must be learners or voters already); removed
@@ -523,6 +551,22 @@ impl Node {
     pub async fn change_membership(&self, voters: BTreeSet<NodeId>) -> Result<(), MembershipError> {
         let res = self.raft.change_membership(voters, false).await;
         self.membership_result(res).await
+    }
+
+    /// Drops non-voting members (a promote that did not finish); voters among `ids` are
+    /// refused with an error and nothing changes.
+    pub async fn remove_learners(&self, ids: BTreeSet<NodeId>) -> Result<(), MembershipError> {
+        let res = self
+            .raft
+            .change_membership(openraft::ChangeMembers::RemoveNodes(ids), false)
+            .await;
+        self.membership_result(res).await
+    }
+
+    /// Non-voting members now.
+    pub fn learners(&self) -> BTreeSet<NodeId> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership().learner_ids().collect()
     }
 
     /// Stops serving RPCs, stops Raft, waits for its tasks to release the database and flushes

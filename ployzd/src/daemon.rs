@@ -127,6 +127,7 @@ impl Daemon {
             cfg.region,
             store.clone(),
             cluster.clone(),
+            ops.clone(),
         );
         let peer = cfg.peer_addr.parse::<std::net::SocketAddr>().ok();
         let advertise_ip = peer
@@ -239,6 +240,9 @@ impl Daemon {
                 OpKind::MachineRm => self.cluster.take_over_rm(op).await,
                 OpKind::Migrate => self.workloads.take_over_migrate(op).await,
                 OpKind::Deploy => self.workloads.take_over_deploy(op).await,
+                OpKind::MachineAdd => self.provisioning.take_over_add(op).await,
+                OpKind::MachineUpdate => self.provisioning.take_over_update(op).await,
+                OpKind::StoragePromote => self.cluster.take_over_promote(op).await,
             };
             if let Err(e) = done {
                 tracing::warn!(op = %id, "taking over: {}", e.message);

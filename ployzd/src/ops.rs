@@ -1,4 +1,5 @@
-//! Long operations (`machine rm`, `service migrate`, `deploy`) as records
+//! Long operations (`machine rm`, `machine add`, `machine update`,
+//! `machine storage promote`, `service migrate`, `deploy`) as records
 //! in the store, so that they can be followed from any machine (`op ls`,
 //! `op wait`) and so that the cluster finishes or rolls back one whose
 //! machine stopped running it.
@@ -141,13 +142,18 @@ impl OpHandle {
 
     /// Record the slot a migration places on its target (before placing it).
     pub async fn set_target_slot(&self, slot: u32) -> Result<(), ApiError> {
+        self.record_detail(|d| d.target_slot = Some(slot)).await
+    }
+
+    /// Change what the record says a takeover needs (before acting on it).
+    pub async fn record_detail(&self, change: impl FnOnce(&mut OpDetail)) -> Result<(), ApiError> {
         self.check_lease()?;
         let mut cur = self.cur.lock().await;
         if cur.value.state.is_done() {
             return Err(lost(&self.id, "the cluster took it over"));
         }
         let mut next = cur.value.clone();
-        next.detail.target_slot = Some(slot);
+        change(&mut next.detail);
         if write(&self.store, &mut cur, next).await? {
             *self.renewed.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
             Ok(())

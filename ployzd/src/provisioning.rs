@@ -5,7 +5,8 @@
 
 use crate::cluster::Cluster;
 use crate::errors::{invalid, note, ProgressSink};
-use crate::store::Store;
+use crate::ops::{OpHandle, Operations};
+use crate::store::{Store, Versioned};
 use ployz_api::*;
 use ployz_provision::provision::{
     provision_machine, update_machine, InstallSource, ProvisionOptions, UpdateOptions,
@@ -82,7 +83,56 @@ pub struct Provisioning {
     region: String,
     store: Arc<Store>,
     cluster: Arc<Cluster>,
+    ops: Arc<Operations>,
 }
+
+/// A result's SSH target, or its machine when it has none.
+fn who(r: &TargetResult) -> &str {
+    match r.target.as_deref() {
+        Some(t) if t != "-" => t,
+        _ => &r.machine,
+    }
+}
+
+/// How a multi-target operation ended, from its per-target results:
+/// every target done, none (nothing changed), or some.
+fn outcome(results: &[TargetResult], what: &str) -> (OpState, String, i32) {
+    let done: Vec<&str> = results.iter().filter(|r| r.ok).map(who).collect();
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| {
+            format!(
+                "{} ({}: {})",
+                who(r),
+                r.step.as_deref().unwrap_or("-"),
+                r.message
+            )
+        })
+        .collect();
+    if failed.is_empty() {
+        (
+            OpState::Succeeded,
+            format!("{what}: {}", done.join(", ")),
+            0,
+        )
+    } else if done.is_empty() {
+        (
+            OpState::Failed,
+            format!("none {what}; failed: {}", failed.join("; ")),
+            EXIT_PARTIAL,
+        )
+    } else {
+        (
+            OpState::Failed,
+            format!("{what}: {}; failed: {}", done.join(", "), failed.join("; ")),
+            EXIT_PARTIAL,
+        )
+    }
+}
+
+/// What `ployzctl` exits with when some targets of a command failed.
+const EXIT_PARTIAL: i32 = 9;
 
 impl Provisioning {
     pub fn new(
@@ -90,12 +140,14 @@ impl Provisioning {
         region: String,
         store: Arc<Store>,
         cluster: Arc<Cluster>,
+        ops: Arc<Operations>,
     ) -> Provisioning {
         Provisioning {
             data_dir,
             region,
             store,
             cluster,
+            ops,
         }
     }
 
@@ -132,8 +184,52 @@ impl Provisioning {
             .unwrap_or("host")
             .parse()
             .map_err(|e: ployz_runtime::UnknownRuntime| invalid(e.to_string()))?;
+        let names: Vec<String> = targets.iter().map(|(n, _)| n.clone()).collect();
+        let op = self
+            .ops
+            .begin(
+                OpKind::MachineAdd,
+                &names.join(","),
+                OpDetail {
+                    machines: names.clone(),
+                    ..OpDetail::default()
+                },
+            )
+            .await?;
+        let results = self
+            .add_targets(&op, targets, install, mode, runtime, &req, sink)
+            .await;
+        let (state, message, code) = outcome(&results, "joined");
+        op.finish(state, message, code).await;
+        Ok(TargetsReport { results })
+    }
+
+    /// The targets of `machine add`, one after the other; each invite is
+    /// recorded in the operation before its target gets it.
+    #[allow(clippy::too_many_arguments)]
+    async fn add_targets(
+        &self,
+        op: &OpHandle,
+        targets: Vec<(String, SshTarget)>,
+        install: InstallSource,
+        mode: ServiceMode,
+        runtime: ployz_runtime::RuntimeKind,
+        req: &AddRequest,
+        sink: &ProgressSink,
+    ) -> Vec<TargetResult> {
         let mut results = Vec::new();
-        for (name, target) in targets {
+        let total = targets.len();
+        for (n, (name, target)) in targets.into_iter().enumerate() {
+            if let Err(e) = op
+                .step(
+                    &format!("invite {name}"),
+                    format!("target {}/{total}: issuing a single-use invite", n + 1),
+                )
+                .await
+            {
+                results.push(result(&name, "-", false, Some("operation"), e.message));
+                continue;
+            }
             note(sink, &name, "invite", "issuing a single-use invite");
             let invite = match self.cluster.invite_create(600).await {
                 Ok(i) => i,
@@ -142,6 +238,29 @@ impl Provisioning {
                     continue;
                 }
             };
+            let recorded = op
+                .record_detail(|d| {
+                    d.invites.push(OpInvite {
+                        target: name.clone(),
+                        invite_id: invite.invite_id.clone(),
+                    })
+                })
+                .await;
+            let recorded = match recorded {
+                Ok(()) => {
+                    op.step(
+                        &format!("provision {name}"),
+                        format!("target {}/{total}: installing and joining over SSH", n + 1),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = recorded {
+                let _ = self.cluster.invite_revoke(&invite.invite_id).await;
+                results.push(result(&name, "-", false, Some("operation"), e.message));
+                continue;
+            }
             let mut opts = ProvisionOptions::new(
                 target.clone(),
                 self.ssh_options(req.identity.as_deref()),
@@ -200,7 +319,73 @@ impl Provisioning {
                 }
             }
         }
-        Ok(TargetsReport { results })
+        results
+    }
+
+    /// Leader: end the `machine add` of an owner that stopped running it.
+    /// An invite its target used means that machine joined (its SSH target
+    /// is recorded); every other invite is revoked, so a target that was
+    /// half-way through its install can never join with it.
+    pub(crate) async fn take_over_add(
+        &self,
+        op: Versioned<OperationRecord>,
+    ) -> Result<(), ApiError> {
+        let owner = op.value.owner.clone();
+        let Some(op) = self.ops.claim(&op).await? else {
+            return Ok(());
+        };
+        let mut results = Vec::new();
+        for name in &op.value.detail.machines {
+            let Some(inv) = op.value.detail.invites.iter().find(|i| &i.target == name) else {
+                results.push(result(
+                    name,
+                    "-",
+                    false,
+                    Some("invite"),
+                    "not started".into(),
+                ));
+                continue;
+            };
+            let used = self
+                .store
+                .get::<InviteRecord>(BUCKET_INVITES, &inv.invite_id)
+                .await?
+                .and_then(|r| r.value.consumed_by);
+            let used = match used {
+                Some(m) => Some(m),
+                None => match self.cluster.invite_revoke(&inv.invite_id).await {
+                    Ok(_) => None,
+                    // Used between the read and the revoke.
+                    Err(e) if e.code == ErrorCode::Refused => self
+                        .store
+                        .get::<InviteRecord>(BUCKET_INVITES, &inv.invite_id)
+                        .await?
+                        .and_then(|r| r.value.consumed_by),
+                    Err(e) if e.code == ErrorCode::NotFound => None,
+                    Err(e) => return Err(e),
+                },
+            };
+            match used {
+                Some(machine) => {
+                    if let Err(e) = self.remember_ssh_target(&machine, name).await {
+                        tracing::warn!("recording the SSH target of {machine}: {}", e.message);
+                    }
+                    results.push(result(name, &machine, true, None, "joined".into()));
+                }
+                None => results.push(result(
+                    name,
+                    "-",
+                    false,
+                    Some("provision"),
+                    "did not join; its invite is revoked (run `ployzctl machine add` again for it)"
+                        .into(),
+                )),
+            }
+        }
+        let (state, message, code) = outcome(&results, "joined");
+        let message = format!("{message} (its owner {owner} stopped; ended by the storage leader)");
+        self.ops.take_over(&op, state, message, code).await?;
+        Ok(())
     }
 
     async fn remember_ssh_target(&self, id: &str, target: &str) -> Result<(), ApiError> {
@@ -232,9 +417,58 @@ impl Provisioning {
             }
             v
         };
+        let ids: Vec<String> = machines.iter().map(|m| m.value.id.clone()).collect();
+        let op = self
+            .ops
+            .begin(
+                OpKind::MachineUpdate,
+                &ids.join(","),
+                OpDetail {
+                    machines: ids,
+                    version: version.clone(),
+                    ..OpDetail::default()
+                },
+            )
+            .await?;
+        let results = self
+            .update_each(
+                &op,
+                machines,
+                &version,
+                &location,
+                identity.as_deref(),
+                sink,
+            )
+            .await;
+        let (state, message, code) = outcome(&results, "updated");
+        op.finish(state, message, code).await;
+        Ok(TargetsReport { results })
+    }
+
+    /// The machines of `machine update`, one after the other.
+    async fn update_each(
+        &self,
+        op: &OpHandle,
+        machines: Vec<Versioned<MachineRecord>>,
+        version: &Option<String>,
+        location: &ReleaseLocation,
+        identity: Option<&str>,
+        sink: &ProgressSink,
+    ) -> Vec<TargetResult> {
         let mut results = Vec::new();
-        for m in machines {
+        let total = machines.len();
+        for (n, m) in machines.into_iter().enumerate() {
             let id = m.value.id.clone();
+            if let Err(e) = op
+                .step(
+                    &format!("update {id}"),
+                    format!("machine {}/{total}", n + 1),
+                )
+                .await
+            {
+                results.push(result("-", &id, false, Some("operation"), e.message));
+                continue;
+            }
             let Some(target) = m.value.ssh_target.clone() else {
                 results.push(result(
                     "-",
@@ -252,12 +486,8 @@ impl Provisioning {
                     continue;
                 }
             };
-            let mut opts = UpdateOptions::new(
-                parsed,
-                self.ssh_options(identity.as_deref()),
-                location.clone(),
-            );
-            if let Some(v) = &version {
+            let mut opts = UpdateOptions::new(parsed, self.ssh_options(identity), location.clone());
+            if let Some(v) = version {
                 opts.version = v.clone();
             }
             let progress = {
@@ -287,7 +517,51 @@ impl Provisioning {
                 )),
             }
         }
-        Ok(TargetsReport { results })
+        results
+    }
+
+    /// Leader: end the `machine update` of an owner that stopped running
+    /// it. Nothing can resume an SSH session, so it reports the version
+    /// each machine runs now (from its record, which ployzd rewrites when
+    /// it starts).
+    pub(crate) async fn take_over_update(
+        &self,
+        op: Versioned<OperationRecord>,
+    ) -> Result<(), ApiError> {
+        let owner = op.value.owner.clone();
+        let Some(op) = self.ops.claim(&op).await? else {
+            return Ok(());
+        };
+        let mut results = Vec::new();
+        for id in &op.value.detail.machines {
+            let rec = self.store.get::<MachineRecord>(BUCKET_MACHINES, id).await?;
+            results.push(match (rec, &op.value.detail.version) {
+                (None, _) => result(
+                    "-",
+                    id,
+                    false,
+                    Some("record"),
+                    "no longer in the network".into(),
+                ),
+                (Some(r), Some(want)) if r.value.version == *want => {
+                    result("-", id, true, None, format!("runs {want}"))
+                }
+                (Some(r), _) => result(
+                    "-",
+                    id,
+                    false,
+                    Some("update"),
+                    format!(
+                        "runs {}; run `ployzctl machine update {id}` again",
+                        r.value.version
+                    ),
+                ),
+            });
+        }
+        let (state, message, code) = outcome(&results, "updated");
+        let message = format!("{message} (its owner {owner} stopped; ended by the storage leader)");
+        self.ops.take_over(&op, state, message, code).await?;
+        Ok(())
     }
 }
 

@@ -60,6 +60,12 @@ fn append_symlink(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
 /// Writes `dir/<name>.tar`: a `docker save` archive of a busybox image
 /// tagged `name:latest`, whose default command is `cmd`.
 pub fn busybox_image(dir: &Path, name: &str, cmd: &[&str]) -> PathBuf {
+    padded_busybox_image(dir, name, cmd, 0)
+}
+
+/// [`busybox_image`] with a file of `pad` bytes in its layer (`/pad`), for
+/// an image whose import takes a while.
+pub fn padded_busybox_image(dir: &Path, name: &str, cmd: &[&str], pad: usize) -> PathBuf {
     assert!(
         Path::new(BUSYBOX).exists(),
         "{BUSYBOX} is missing: install Debian's busybox-static (apt-get install -y busybox-static)"
@@ -85,6 +91,11 @@ pub fn busybox_image(dir: &Path, name: &str, cmd: &[&str]) -> PathBuf {
         b"hello from a ployz workload\n",
         0o644,
     );
+    if pad > 0 {
+        // Not all zeros, so that nothing on the way can shortcut it.
+        let data: Vec<u8> = (0..pad).map(|i| (i % 251) as u8).collect();
+        append(&mut layer, "pad", &data, 0o644);
+    }
     let layer = layer.into_inner().expect("layer");
     let layer_hex = sha256_hex(&layer);
     let config = serde_json::json!({

@@ -4,7 +4,7 @@
 //! the switch, completed) by the storage leader, and `op ls` / `op wait`
 //! say which; the CLI's exit codes follow the outcome.
 
-use ployz_tests::images::busybox_image;
+use ployz_tests::images::{busybox_image, padded_busybox_image};
 use ployz_tests::netns::Testbed;
 use ployz_tests::{eventually, stderr, stdout, Machine};
 use serde_json::Value;
@@ -451,4 +451,177 @@ fn a_machine_removed_while_cut_off_can_leave_and_join_again() {
     // A member is refused: `machine rm` is for that.
     let member = ms[1].ctl(&["mesh", "leave"]);
     assert_eq!(member.status.code(), Some(5), "{}", stderr(&member));
+}
+
+/// Wait until `m`'s `op ls` shows a running operation of `kind` on
+/// `subject` at `step`; its id.
+fn running_at(m: &Machine, kind: &str, subject: &str, step: &str) -> String {
+    eventually(Duration::from_secs(60), || {
+        let all = ops(m);
+        op_of(&all, kind, subject)
+            .filter(|o| o["state"] == "running" && o["step"] == step)
+            .map(|o| o["id"].as_str().unwrap().to_string())
+    })
+    .unwrap_or_else(|| panic!("{kind} {subject} never reached {step}: {:#?}", ops(m)))
+}
+
+/// The machine running `deploy` is killed -9 before the service record is
+/// written (while it imports a large image) and, in a second deploy, after
+/// it (while it waits for the instances). The storage leader ends both: the
+/// first rolled back (no service), the second succeeded (it runs), and `op
+/// wait` exits as each ended.
+#[test]
+fn a_deploy_whose_machine_dies_is_ended_by_the_leader() {
+    let tb = Testbed::new(2);
+    let mut ms = ployz_tests::cluster_on(&tb, "optest-dep");
+    let tmp = tempfile::tempdir().unwrap();
+    // ms[1] only runs the commands; the founder (the storage leader) runs
+    // the instances.
+    ms[0].ctl_json(&["machine", "drain", &ms[1].id()]);
+
+    let big = padded_busybox_image(tmp.path(), "ployz-big", HTTPD, 384 << 20);
+    let cli = ms[1].ctl_spawn(&[
+        "deploy",
+        "service",
+        "early",
+        "--image",
+        big.to_str().unwrap(),
+    ]);
+    let id = running_at(&ms[0], "deploy", "early", "image");
+    ms[1].kill9();
+    let _ = cli.wait_with_output();
+    let (end, code) = wait_op(&ms[0], &id);
+    println!("owner killed while importing: {end}");
+    assert_eq!(end["state"], "rolled_back", "{end:#}");
+    assert_eq!(code, Some(7), "{end:#}");
+    let services = ms[0].ctl_json(&["service", "ls"]).to_string();
+    assert!(!services.contains("\"early\""), "{services}");
+
+    ms[1].restart();
+    let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
+    let cli = ms[1].ctl_spawn(&[
+        "deploy",
+        "service",
+        "late",
+        "--image",
+        image.to_str().unwrap(),
+    ]);
+    let id = running_at(&ms[0], "deploy", "late", "instances");
+    // Once the instance runs (its machine fetched the image from the owner),
+    // while the deploy still watches that it stays up.
+    let up = eventually(Duration::from_secs(60), || {
+        let is = instances(&ms[0], "late");
+        (is.len() == 1 && is[0]["state"] == "running").then_some(())
+    });
+    assert!(up.is_some(), "{:#?}", instances(&ms[0], "late"));
+    ms[1].kill9();
+    let _ = cli.wait_with_output();
+    let (end, code) = wait_op(&ms[0], &id);
+    println!("owner killed while waiting for instances: {end}");
+    if end["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("every instance runs")
+    {
+        // The deploy ended by itself before the kill: the takeover was not
+        // exercised, and the test would prove nothing.
+        panic!("the deploy ended before its owner was killed: {end:#}");
+    }
+    assert_eq!(end["state"], "succeeded", "{end:#}");
+    assert_eq!(code, Some(0), "{end:#}");
+    let is = instances(&ms[0], "late");
+    assert!(is.len() == 1 && is[0]["state"] == "running", "{is:#?}");
+}
+
+/// The storage leader is killed -9 during `machine storage promote` while a
+/// target (cut off the network) cannot catch up. Back up, it rolls the promote back:
+/// the storage set is the founder alone again and the targets are no
+/// learners, so the same promote succeeds once the target answers again.
+#[test]
+fn a_promote_whose_leader_dies_is_rolled_back() {
+    let tb = Testbed::new(3);
+    let mut ms = ployz_tests::cluster_on(&tb, "optest-prom");
+    let ids: Vec<String> = ms.iter().map(Machine::id).collect();
+    tb.hosts[2].cut();
+    let cli = ms[0].ctl_spawn(&[
+        "machine",
+        "storage",
+        "promote",
+        "--replicas",
+        "3",
+        &ids[1],
+        &ids[2],
+    ]);
+    let subject = format!("{},{}", ids[1], ids[2]);
+    let id = running_at(&ms[0], "storage_promote", &subject, "catch-up");
+    // The first target caught up; the second cannot.
+    std::thread::sleep(Duration::from_secs(2));
+    ms[0].kill9();
+    let _ = cli.wait_with_output();
+    ms[0].restart();
+    let (end, code) = wait_op(&ms[0], &id);
+    println!("leader killed during promote: {end}");
+    tb.hosts[2].heal();
+    assert_eq!(end["state"], "rolled_back", "{end:#}");
+    assert_eq!(code, Some(9), "{end:#}");
+    let st = ms[0].ctl_json(&["mesh", "status"]);
+    assert_eq!(st["store"]["voters"].as_array().unwrap().len(), 1, "{st:#}");
+    assert_eq!(st["network"]["storage_replicas"], 1, "{st:#}");
+    ms[0].promote(&[&ids[1], &ids[2]]);
+}
+
+/// The machine running `machine add` is killed -9 while it provisions a
+/// target (an address that accepts TCP but never speaks SSH). The storage
+/// leader ends the operation and revokes the invite issued for the target,
+/// so nothing can join with it later.
+#[test]
+fn an_add_whose_machine_dies_revokes_its_invite() {
+    let tb = Testbed::new(2);
+    let mut ms = ployz_tests::cluster_on(&tb, "optest-add");
+    let silent = std::net::TcpListener::bind((tb.gateway(), 0)).unwrap();
+    let target = format!(
+        "root@{}:{}",
+        tb.gateway(),
+        silent.local_addr().unwrap().port()
+    );
+    let key = tb.dir().join("id_ed25519");
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let cli = ms[1].ctl_spawn(&[
+        "machine",
+        "add",
+        "--network",
+        "optest-add",
+        "--identity",
+        key.to_str().unwrap(),
+        &target,
+    ]);
+    let id = running_at(
+        &ms[0],
+        "machine_add",
+        &target,
+        &format!("provision {target}"),
+    );
+    ms[1].kill9();
+    let _ = cli.wait_with_output();
+    let (end, code) = wait_op(&ms[0], &id);
+    println!("owner killed while provisioning: {end}");
+    assert_eq!(end["state"], "failed", "{end:#}");
+    assert_eq!(code, Some(9), "{end:#}");
+    assert!(
+        end["message"].as_str().unwrap().contains("none joined"),
+        "{end:#}"
+    );
+    let invites = ms[0].ctl_json(&["machine", "invite", "list"]);
+    let all = invites["invites"].as_array().unwrap();
+    assert!(
+        !all.is_empty() && all.iter().all(|i| i["status"] != "active"),
+        "{invites:#}"
+    );
+    assert!(all.iter().any(|i| i["status"] == "revoked"), "{invites:#}");
+    drop(silent);
 }

@@ -5,6 +5,7 @@
 use super::{rules, Cluster};
 use crate::errors::{internal, invalid, refused};
 use crate::identity::{machine_id_of, node_id_of};
+use crate::ops::OpHandle;
 use crate::peer::{PeerRequest, PeerResponse};
 use crate::store::{self, forward::PEER_CALL_TIMEOUT, Versioned, CAS_RETRIES};
 use crate::VERSION;
@@ -30,6 +31,51 @@ fn fail(machine: &str, step: &str, message: impl Into<String>) -> TargetResult {
         target: None,
         step: Some(step.to_string()),
         message: message.into(),
+    }
+}
+
+/// How a promote ended: every target a voter, none (nothing changed), or
+/// some.
+fn promote_outcome(
+    ids: &[String],
+    voters: &BTreeSet<u64>,
+    results: &[TargetResult],
+) -> (OpState, String, i32) {
+    let (voting, not): (Vec<&String>, Vec<&String>) = ids
+        .iter()
+        .partition(|id| node_id_of(id).is_some_and(|n| voters.contains(&n)));
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| format!("{} ({})", r.machine, r.message))
+        .collect();
+    let list = |v: &[&String]| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+    if failed.is_empty() && not.is_empty() {
+        (
+            OpState::Succeeded,
+            format!("promoted: {}", list(&voting)),
+            0,
+        )
+    } else if voting.is_empty() {
+        (
+            OpState::RolledBack,
+            format!(
+                "nothing promoted, the storage set is unchanged; failed: {}",
+                failed.join("; ")
+            ),
+            9,
+        )
+    } else {
+        (
+            OpState::Failed,
+            format!(
+                "promoted: {}; not promoted: {}; failed: {}",
+                list(&voting),
+                list(&not),
+                failed.join("; ")
+            ),
+            9,
+        )
     }
 }
 
@@ -171,9 +217,47 @@ impl Cluster {
                 (replicas as usize).saturating_sub(voters.len())
             )));
         }
+        let ids: Vec<String> = new.iter().map(|m| m.value.id.clone()).collect();
+        let op = self
+            .ops
+            .begin(
+                OpKind::StoragePromote,
+                &ids.join(","),
+                OpDetail {
+                    machines: ids.clone(),
+                    ..OpDetail::default()
+                },
+            )
+            .await?;
+        let results = self.promote_steps(&op, &new, &voters, results).await;
+        let now = self.voter_set();
+        let (state, message, code) = promote_outcome(&ids, &now, &results);
+        op.finish(state, message, code).await;
+        Ok(report(results, &now))
+    }
+
+    fn voter_set(&self) -> BTreeSet<u64> {
+        self.store.voters().into_iter().map(|(id, _)| id).collect()
+    }
+
+    /// Learners first, then one membership change, then the records. A
+    /// target that did not become a voter does not stay a learner.
+    async fn promote_steps(
+        &self,
+        op: &OpHandle,
+        new: &[Versioned<MachineRecord>],
+        voters: &BTreeSet<u64>,
+        mut results: Vec<TargetResult>,
+    ) -> Vec<TargetResult> {
+        if let Err(e) = op.step("catch-up", "adding the targets as learners").await {
+            for m in new {
+                results.push(fail(&m.value.id, "operation", e.message.clone()));
+            }
+            return results;
+        }
         // Learners first: each catches up before any vote depends on it.
         let mut learned = Vec::new();
-        for m in &new {
+        for m in new {
             let node_id = node_id_of(&m.value.id).expect("checked");
             let node = PloyzNode {
                 machine_id: m.value.id.clone(),
@@ -198,15 +282,25 @@ impl Cluster {
                 )),
             }
         }
-        if learned.len() != new.len() {
+        let step = if learned.len() == new.len() {
+            op.step("membership", "making the targets voters").await
+        } else {
+            Ok(())
+        };
+        if learned.len() != new.len() || step.is_err() {
+            let why = match &step {
+                Err(e) => e.message.clone(),
+                Ok(()) => "another target failed".into(),
+            };
+            let dropped = self.drop_learners(new).await;
             for m in learned {
                 results.push(fail(
                     &m.value.id,
                     "membership",
-                    "caught up as a learner, but not made a voter because another target failed; fix it and run promote again",
+                    format!("caught up as a learner, but not made a voter because {why}; {dropped}; fix it and run promote again"),
                 ));
             }
-            return Ok(report(results, &voters));
+            return results;
         }
         let mut next = voters.clone();
         next.extend(
@@ -214,12 +308,13 @@ impl Cluster {
                 .map(|m| node_id_of(&m.value.id).expect("checked")),
         );
         let changed = self.store.node().change_membership(next.clone()).await;
+        let _ = op.step("record", "recording the storage set").await;
         // Whatever got through (a change that timed out may still commit),
         // the records say what the voter set now is.
         let recorded = self.record_storage_set().await;
         self.store.refresh_storage_peers();
-        let now: BTreeSet<u64> = self.store.voters().into_iter().map(|(id, _)| id).collect();
-        for m in &new {
+        let now = self.voter_set();
+        for m in new {
             let voter = node_id_of(&m.value.id).is_some_and(|id| now.contains(&id));
             match (&changed, voter, &recorded) {
                 (_, true, Ok(())) => results.push(ok(&m.value.id, "promoted to storage")),
@@ -236,7 +331,78 @@ impl Cluster {
                 )),
             }
         }
-        Ok(report(results, &now))
+        if new
+            .iter()
+            .any(|m| !node_id_of(&m.value.id).is_some_and(|id| now.contains(&id)))
+        {
+            self.drop_learners(new).await;
+        }
+        results
+    }
+
+    /// Remove those of `machines` that are learners (not voters) from the
+    /// Raft membership; says what happened, for a result's message.
+    async fn drop_learners(&self, machines: &[Versioned<MachineRecord>]) -> String {
+        let learners = self.store.node().learners();
+        let ids: BTreeSet<u64> = machines
+            .iter()
+            .filter_map(|m| node_id_of(&m.value.id))
+            .filter(|id| learners.contains(id))
+            .collect();
+        if ids.is_empty() {
+            return "it is no learner any more".into();
+        }
+        match self.store.node().remove_learners(ids).await {
+            Ok(()) => {
+                self.store.refresh_storage_peers();
+                "removed again as a learner".into()
+            }
+            Err(e) => format!("it could not be removed as a learner ({e})"),
+        }
+    }
+
+    /// Leader: end the `storage promote` of a leader that stopped running
+    /// it. The records are made to match the voter set; targets that are
+    /// voters now count as promoted, the rest stop being learners.
+    pub(crate) async fn take_over_promote(
+        &self,
+        op: Versioned<OperationRecord>,
+    ) -> Result<(), ApiError> {
+        let owner = op.value.owner.clone();
+        let Some(op) = self.ops.claim(&op).await? else {
+            return Ok(());
+        };
+        if let Err(e) = self.record_storage_set().await {
+            return Err(store::unavailable(format!(
+                "recording the storage set: {e}"
+            )));
+        }
+        let ids = op.value.detail.machines.clone();
+        let mut leftovers = Vec::new();
+        for id in &ids {
+            if let Some(m) = self.store.get::<MachineRecord>(BUCKET_MACHINES, id).await? {
+                leftovers.push(m);
+            }
+        }
+        let now = self.voter_set();
+        leftovers.retain(|m| !node_id_of(&m.value.id).is_some_and(|n| now.contains(&n)));
+        if !leftovers.is_empty() {
+            self.drop_learners(&leftovers).await;
+        }
+        let results: Vec<TargetResult> = ids
+            .iter()
+            .map(|id| {
+                if node_id_of(id).is_some_and(|n| now.contains(&n)) {
+                    ok(id, "promoted to storage")
+                } else {
+                    fail(id, "membership", "not made a voter; run promote again")
+                }
+            })
+            .collect();
+        let (state, message, code) = promote_outcome(&ids, &now, &results);
+        let message = format!("{message} (its owner {owner} stopped; ended by the storage leader)");
+        self.ops.take_over(&op, state, message, code).await?;
+        Ok(())
     }
 
     /// Leader: makes the machine records (authority) and the network's

@@ -183,6 +183,7 @@ impl Workloads {
                     generation: cur.map_or(1, |c| c.generation + 1),
                     created_at_ms: cur.map_or(now, |c| c.created_at_ms),
                     updated_at_ms: now,
+                    deployed_by: Some(op.id().to_string()),
                 }))
             })
             .await
@@ -277,12 +278,15 @@ impl Workloads {
         op: Versioned<OperationRecord>,
     ) -> Result<(), ApiError> {
         let name = op.value.subject.clone();
-        let written = !matches!(op.value.step.as_str(), "start" | "image" | "record");
-        let pinned = match self
+        let service = self
             .store
             .get::<ServiceRecord>(BUCKET_SERVICES, &name)
-            .await?
-        {
+            .await?;
+        let ours = service
+            .as_ref()
+            .is_some_and(|s| s.value.deployed_by.as_deref() == Some(op.value.id.as_str()));
+        let written = ours || !matches!(op.value.step.as_str(), "start" | "image" | "record");
+        let pinned = match &service {
             Some(s) => s
                 .value
                 .placements
@@ -293,9 +297,17 @@ impl Workloads {
         };
         let (state, message) = if !written {
             (
+                OpState::RolledBack,
+                format!(
+                    "its owner {} stopped at step {} before the service record was written: nothing changed; deploy again",
+                    op.value.owner, op.value.step
+                ),
+            )
+        } else if !ours {
+            (
                 OpState::Failed,
                 format!(
-                    "its owner {} stopped at step {} (the service record may or may not have been written): `ployzctl service ls` shows what runs; deploy again",
+                    "its owner {} stopped at step {}; a later deploy has replaced what it wrote: `ployzctl service ls` shows what runs",
                     op.value.owner, op.value.step
                 ),
             )
@@ -316,7 +328,11 @@ impl Workloads {
                 ),
             )
         };
-        let code = if state == OpState::Succeeded { 0 } else { 9 };
+        let code = match state {
+            OpState::Succeeded => 0,
+            OpState::RolledBack => ErrorCode::Unavailable.exit_code(),
+            _ => 9,
+        };
         self.ops.take_over(&op, state, message, code).await?;
         Ok(())
     }
@@ -713,6 +729,7 @@ mod tests {
             generation: 2,
             created_at_ms: 0,
             updated_at_ms: 0,
+            deployed_by: None,
         }
     }
 
