@@ -108,6 +108,8 @@ pub enum Request {
         #[serde(default)]
         timeout_secs: Option<u64>,
     },
+    /// `status` / `doctor`: check this machine and say what is wrong.
+    Doctor,
 }
 
 /// `deploy service`.
@@ -238,6 +240,89 @@ pub enum Response {
     Operations(OpList),
     Operation(Box<OpView>),
     Left(LeftNetwork),
+    Doctor(DoctorReport),
+}
+
+/// `status --json`: one line per check of this machine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DoctorReport {
+    pub machine_id: String,
+    pub version: String,
+    pub checks: Vec<Check>,
+}
+
+impl DoctorReport {
+    /// Whether every check passed.
+    pub fn all_ok(&self) -> bool {
+        self.checks.iter().all(|c| c.status == CheckStatus::Ok)
+    }
+}
+
+/// One check of `status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Check {
+    /// What was checked: `network`, `store`, `mesh <peer>`, `nats`, `runtime`, `clock <peer>`, `disk`.
+    pub check: String,
+    pub status: CheckStatus,
+    pub message: String,
+    /// How to fix it (absent when ok).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+impl Check {
+    pub fn ok(check: impl Into<String>, message: impl Into<String>) -> Check {
+        Check {
+            check: check.into(),
+            status: CheckStatus::Ok,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    pub fn warn(
+        check: impl Into<String>,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> Check {
+        Check {
+            check: check.into(),
+            status: CheckStatus::Warn,
+            message: message.into(),
+            hint: Some(hint.into()),
+        }
+    }
+
+    pub fn fail(
+        check: impl Into<String>,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> Check {
+        Check {
+            check: check.into(),
+            status: CheckStatus::Fail,
+            message: message.into(),
+            hint: Some(hint.into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckStatus {
+    Ok,
+    Warn,
+    Fail,
+}
+
+impl std::fmt::Display for CheckStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CheckStatus::Ok => "ok",
+            CheckStatus::Warn => "warn",
+            CheckStatus::Fail => "fail",
+        })
+    }
 }
 
 /// `mesh leave --json`.

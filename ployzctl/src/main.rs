@@ -16,6 +16,8 @@ pub mod exit {
     pub const NO_DAEMON: i32 = 3;
     /// A multi-target command where some targets failed.
     pub const PARTIAL: i32 = 9;
+    /// `status`: some check is not ok.
+    pub const NOT_OK: i32 = 11;
 }
 
 #[derive(Parser)]
@@ -51,9 +53,18 @@ enum Top {
     /// Services running on the cluster.
     #[command(subcommand)]
     Service(ServiceCmd),
-    /// Long operations (machine rm, service migrate, deploy) and their outcome.
+    /// Long operations (machine add/update/rm, storage promote, service migrate, deploy) and their outcome.
     #[command(subcommand)]
     Op(OpCmd),
+    /// Check this machine: daemon, network, store quorum, mesh peers, NATS,
+    /// runtime, clocks, disk; exits 0 only when every check is ok.
+    #[command(alias = "doctor")]
+    Status,
+    /// Print a shell completion script: `ployzctl completions bash > /etc/bash_completion.d/ployzctl`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -361,7 +372,7 @@ fn check_image_path(image: &str) -> Result<(), String> {
 
 fn request_of(cmd: Top) -> Request {
     match cmd {
-        Top::Release(_) => unreachable!("handled locally"),
+        Top::Release(_) | Top::Completions { .. } => unreachable!("handled locally"),
         Top::Machine(MachineCmd::Init { target, install }) => add_request(vec![target], install),
         Top::Machine(MachineCmd::Add { install, targets }) => add_request(targets, install),
         Top::Machine(MachineCmd::Update {
@@ -450,6 +461,7 @@ fn request_of(cmd: Top) -> Request {
         }
         Top::Mesh(MeshCmd::Leave { force }) => Request::MeshLeave { force },
         Top::Op(OpCmd::Ls) => Request::OpList,
+        Top::Status => Request::Doctor,
         Top::Op(OpCmd::Wait { id, timeout_secs }) => Request::OpWait {
             id,
             timeout_secs: Some(timeout_secs),
@@ -472,6 +484,16 @@ fn main() {
     };
     let socket = cli.socket.clone().unwrap_or_else(client::default_socket);
     let json = cli.json;
+    if let Top::Completions { shell } = cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "ployzctl",
+            &mut std::io::stdout(),
+        );
+        std::process::exit(exit::OK);
+    }
     if let Top::Release(ReleaseCmd::Pack { out, version }) = cli.command {
         std::process::exit(release_pack(&out, version, json));
     }
@@ -493,6 +515,12 @@ fn main() {
             if let ployz_api::Response::Operation(op) = &resp {
                 // `op wait` exits as the operation did.
                 op.exit_code.unwrap_or(exit::OK)
+            } else if let ployz_api::Response::Doctor(r) = &resp {
+                if r.all_ok() {
+                    exit::OK
+                } else {
+                    exit::NOT_OK
+                }
             } else if output::has_failures(&resp) {
                 exit::PARTIAL
             } else {
@@ -502,6 +530,16 @@ fn main() {
         Ok(Err(api)) => {
             output::print_error(&api, json);
             api.code.exit_code()
+        }
+        Err(e) if matches!(request, Request::Doctor) && !json => {
+            // The first check: the daemon itself.
+            println!("CHECK   STATUS  DETAIL");
+            println!(
+                "daemon  fail    cannot reach ployzd at {}",
+                socket.display()
+            );
+            output::print_client_error(&e, json);
+            e.exit_code()
         }
         Err(e) => {
             output::print_client_error(&e, json);

@@ -362,6 +362,12 @@ pub fn print_response(resp: &Response, json: bool) {
             }
             print!("{}", ops_table(&l.operations));
         }
+        Response::Doctor(r) => {
+            if json {
+                return print_json(r);
+            }
+            print!("{}", doctor_table(r));
+        }
         Response::Left(l) => {
             if json {
                 return print_json(l);
@@ -406,6 +412,26 @@ fn ops_table(ops: &[OpView]) -> String {
         ],
         &rows,
     )
+}
+
+/// `status`: one line per check, then the hints of those not ok.
+pub fn doctor_table(r: &ployz_api::DoctorReport) -> String {
+    let rows: Vec<Vec<String>> = r
+        .checks
+        .iter()
+        .map(|c| vec![c.check.clone(), c.status.to_string(), c.message.clone()])
+        .collect();
+    let mut out = format!("machine {} (ployzd {})\n", r.machine_id, r.version);
+    out.push_str(&table(&["CHECK", "STATUS", "DETAIL"], &rows));
+    for c in r.checks.iter().filter(|c| c.hint.is_some()) {
+        out.push_str(&format!(
+            "{} {}: {}\n",
+            c.status,
+            c.check,
+            c.hint.as_deref().unwrap_or_default()
+        ));
+    }
+    out
 }
 
 /// Whether a multi-target answer reports a failed target.

@@ -111,6 +111,7 @@ impl Daemon {
                 )
                 .await
                 .map(|v| Response::Operation(Box::new(v))),
+            Request::Doctor => Ok(Response::Doctor(self.doctor().await)),
         }
     }
 
@@ -120,6 +121,7 @@ impl Daemon {
         match req {
             PeerRequest::Ping => PeerResponse::Pong {
                 machine_id: self.machine_id().to_string(),
+                time_ms: Some(ployz_api::time::now_ms()),
             },
             PeerRequest::Write { txn, hops } => answer(
                 self.store

@@ -57,6 +57,8 @@ pub enum StartError {
 /// One machine's daemon: its subsystems, each owning its own state.
 pub struct Daemon {
     pub(crate) identity: Arc<Identity>,
+    /// Where this machine keeps its state (for `status`'s disk check).
+    pub(crate) data_dir: std::path::PathBuf,
     /// The advertised underlay address (NATS without a mesh).
     pub(crate) advertise_ip: IpAddr,
     /// The TCP port peers reach this ployzd on.
@@ -138,6 +140,7 @@ impl Daemon {
             .unwrap_or(crate::peer::DEFAULT_PEER_PORT);
         Ok(Daemon {
             identity,
+            data_dir: cfg.data_dir.clone(),
             advertise_ip,
             peer_port,
             store,

@@ -250,6 +250,32 @@ impl Overlay {
         }
     }
 
+    /// Per other machine: how long ago its last WireGuard handshake was
+    /// (`None`: never), with the endpoint packets go to. `None` when the
+    /// mesh is not up.
+    pub(crate) fn handshakes(
+        &self,
+        machines: &[MachineRecord],
+    ) -> Option<Vec<(String, Option<std::time::Duration>, Option<SocketAddr>)>> {
+        let o = self.running.get()?;
+        let peers = o.mesh.peers();
+        let now = std::time::SystemTime::now();
+        Some(
+            machines
+                .iter()
+                .filter(|m| m.id != self.machine_id())
+                .map(|m| {
+                    let key = ployz_mesh::keys::decode_public(&m.wg_public_key);
+                    let peer = peers.iter().find(|p| Some(p.public_key) == key);
+                    let age = peer
+                        .and_then(|p| p.last_handshake)
+                        .map(|t| now.duration_since(t).unwrap_or_default());
+                    (m.id.clone(), age, peer.and_then(|p| p.endpoint))
+                })
+                .collect(),
+        )
+    }
+
     /// This machine's RTT rows (to every peer it probes).
     pub(crate) fn rtt_rows(&self) -> Vec<ployz_api::RttRow> {
         let Some(p) = self.running.get().and_then(|o| o.prober.as_ref()) else {

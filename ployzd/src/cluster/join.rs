@@ -6,7 +6,7 @@
 //! the same token race on the invite's revision and exactly one wins, and
 //! concurrent joiners never share a subnet.
 
-use super::{control_addr, Cluster};
+use super::{control_addr, Cluster, SERVING_TIMEOUT};
 use crate::errors::{internal, invalid, refused, validate_region};
 use crate::identity::sha256_hex;
 use crate::peer::{self, JoinAccepted, JoinRequest, JoinResponse, JoinerInfo};
@@ -127,6 +127,10 @@ impl Cluster {
         self.overlay.sync(&a.machines);
         tracing::info!(network = %a.network.name, "joined; confirming");
         self.confirm_active().await?;
+        // Return once what this started serves: `nats url` right after works.
+        if !self.control.wait_serving(SERVING_TIMEOUT).await {
+            tracing::warn!("the NATS control plane is not serving yet; ployzd keeps trying");
+        }
         self.status_within(None).await
     }
 

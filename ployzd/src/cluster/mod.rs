@@ -80,6 +80,10 @@ fn control_addr(mesh: bool, overlay_ip: &str, underlay: &str) -> String {
     }
 }
 
+/// How long `mesh init` / `invite import` wait for the NATS control plane
+/// they started to serve.
+pub(super) const SERVING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 impl Cluster {
     pub fn new(
         cfg: ClusterConfig,
@@ -245,6 +249,10 @@ impl Cluster {
                 .with_hint("see the ployzd log; ployzd retries bringing the mesh up every second")
         })?;
         tracing::info!(network = %net.name, machine = %id, "founded network");
+        // Return once what this started serves: `nats url` right after works.
+        if !self.control.wait_serving(SERVING_TIMEOUT).await {
+            tracing::warn!("the NATS control plane is not serving yet; ployzd keeps trying");
+        }
         self.status_within(None).await
     }
 

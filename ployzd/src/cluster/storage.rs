@@ -494,7 +494,7 @@ impl Cluster {
             .call_machine(id, &PeerRequest::Ping, timeout)
             .await?
         {
-            PeerResponse::Pong { machine_id } if machine_id == id => Ok(()),
+            PeerResponse::Pong { machine_id, .. } if machine_id == id => Ok(()),
             other => Err(format!("unexpected answer {other:?}")),
         }
     }

@@ -14,7 +14,7 @@ use crate::peer::{PeerHandler, PeerRequest, PeerResponse};
 use crate::store::{self, Store};
 use bus::{Bus, BusError};
 use nats::{Nats, NATS_USER};
-use ployz_api::{ApiError, NatsInfo};
+use ployz_api::{ApiError, ErrorCode, NatsInfo};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -92,6 +92,21 @@ impl ControlPlane {
         }
     }
 
+    /// Wait (up to `timeout`) until the NATS server listens and this
+    /// daemon's own client answers machine requests through it.
+    pub async fn wait_serving(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.nats.get().is_some() && self.bus.get().is_some() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The NATS client port, once the server listens.
     pub fn port(&self) -> Option<u16> {
         self.nats.get().map(|n| n.port)
@@ -153,7 +168,11 @@ impl ControlPlane {
             if self.store.local().get().is_none() {
                 store::no_network()
             } else {
-                store::unavailable("the NATS server is starting; retry in a moment")
+                ApiError::new(
+                    ErrorCode::Unavailable,
+                    "the NATS server on this machine is still starting",
+                )
+                .with_hint("retry in a moment; `ployzctl status` shows what this machine waits for")
             }
         })?;
         let password = self.password().ok_or_else(store::no_network)?;

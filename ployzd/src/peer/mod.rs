@@ -191,6 +191,10 @@ pub enum PeerRequest {
 pub enum PeerResponse {
     Pong {
         machine_id: String,
+        /// The answering machine's wall clock (ms since the epoch), for
+        /// `status`'s clock-skew check.
+        #[serde(default)]
+        time_ms: Option<u64>,
     },
     Written(TxnResult),
     Read(KvReadResult),

@@ -140,6 +140,19 @@ impl Workloads {
         Ok(self.engine.get().expect("just set"))
     }
 
+    /// Whether this machine's runtime answers: what it runs, or why not.
+    pub(crate) async fn runtime_check(&self) -> Result<String, String> {
+        let engine = self.engine().map_err(|e| e.message)?;
+        let kind = self.cfg.runtime;
+        match engine.runtime.list().await {
+            Ok(list) => Ok(format!(
+                "{kind} runtime answers; {} workload(s)",
+                list.len()
+            )),
+            Err(e) => Err(format!("the {kind} runtime does not answer: {e}")),
+        }
+    }
+
     /// This machine's image store, opened on first use (importing an image
     /// does not need the runtime; the runtime shares this one).
     fn image_store(&self) -> Result<Arc<ImageStore>, ApiError> {
