@@ -45,6 +45,10 @@ pub struct OverlayConfig {
 /// range, the machines' overlay addresses.
 type Guard = (Vec<u16>, String, Vec<Ipv4Addr>);
 
+/// A peer's last WireGuard handshake: its machine id, how long ago
+/// (`None`: never), and the endpoint packets go to.
+pub(crate) type Handshake = (String, Option<std::time::Duration>, Option<SocketAddr>);
+
 /// This machine's place in the mesh.
 pub struct Overlay {
     cfg: OverlayConfig,
@@ -253,10 +257,7 @@ impl Overlay {
     /// Per other machine: how long ago its last WireGuard handshake was
     /// (`None`: never), with the endpoint packets go to. `None` when the
     /// mesh is not up.
-    pub(crate) fn handshakes(
-        &self,
-        machines: &[MachineRecord],
-    ) -> Option<Vec<(String, Option<std::time::Duration>, Option<SocketAddr>)>> {
+    pub(crate) fn handshakes(&self, machines: &[MachineRecord]) -> Option<Vec<Handshake>> {
         let o = self.running.get()?;
         let peers = o.mesh.peers();
         let now = std::time::SystemTime::now();

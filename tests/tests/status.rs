@@ -99,6 +99,7 @@ fn status_across_a_mesh_names_a_dead_peer() {
         all_ok_but_disk(&v).then_some((v, code))
     });
     let (v, code) = ok.unwrap_or_else(|| panic!("{:#}", status(&ms[0]).0));
+    println!("{}", stdout(&ms[0].ctl(&["status"])));
     assert_eq!(check(&v, &format!("mesh {peer}"))["status"], "ok", "{v:#}");
     let clock = check(&v, &format!("clock {peer}"));
     assert!(
@@ -110,6 +111,7 @@ fn status_across_a_mesh_names_a_dead_peer() {
     }
 
     ms[1].kill9();
+    println!("{}", stdout(&ms[0].ctl(&["status"])));
     let (v, code) = status(&ms[0]);
     let clock = check(&v, &format!("clock {peer}"));
     assert_eq!(clock["status"], "warn", "{v:#}");

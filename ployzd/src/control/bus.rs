@@ -27,7 +27,7 @@ pub struct Msg {
 pub enum BusError {
     #[error("nobody answers on {0} (the machine is down, or its NATS route is not up yet)")]
     NoResponders(String),
-    #[error("no answer on {0} within {1:?}")]
+    #[error("no answer on {0} within {human}", human = ployz_api::time::human(*.1))]
     Timeout(String, Duration),
     #[error("the control plane connection is closed")]
     Closed,
