@@ -114,7 +114,7 @@ impl Daemon {
 
     /// One line per peer: its last WireGuard handshake.
     fn check_mesh(&self, machines: &[MachineRecord], checks: &mut Vec<Check>) {
-        let Some(peers) = self.overlay.handshakes(machines) else {
+        let Some(peers) = self.overlay.links(machines) else {
             checks.push(Check::fail(
                 "mesh",
                 "the WireGuard interface is not up",
@@ -125,7 +125,8 @@ impl Daemon {
         if peers.is_empty() {
             checks.push(Check::ok("mesh", "up; no other machine yet"));
         }
-        for (id, age, endpoint) in peers {
+        for link in peers {
+            let (id, age, endpoint) = (link.id, link.handshake_age, link.endpoint);
             let what = format!("mesh {id}");
             let to = endpoint
                 .map(|e| e.to_string())

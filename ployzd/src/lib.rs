@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod errors;
 pub mod identity;
+pub mod metrics;
 pub mod ops;
 pub mod overlay;
 pub mod peer;

@@ -89,10 +89,29 @@ enum Command {
         /// Name of the WireGuard interface.
         #[arg(long, default_value = "plz0")]
         wg_interface: String,
+        /// Serve Prometheus metrics at http://ADDR/metrics (`off`: not at all).
+        #[arg(long, default_value = "127.0.0.1:9101", value_parser = parse_listen)]
+        metrics_listen: Listen,
         /// Raft log entries between snapshots (log compaction).
         #[arg(long, default_value_t = 5000, hide = true)]
         snapshot_every: u64,
     },
+}
+
+/// A listen address flag that can be turned off.
+#[derive(Clone, Copy)]
+enum Listen {
+    On(std::net::SocketAddr),
+    Off,
+}
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen::Off);
+    }
+    s.parse()
+        .map(Listen::On)
+        .map_err(|_| format!("`{s}` is not IP:PORT (or `off`)"))
 }
 
 fn main() -> std::process::ExitCode {
@@ -158,6 +177,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         no_mesh,
         wg_interface,
         snapshot_every,
+        metrics_listen,
     } = cli.command;
     let env = Env::current();
     let layout = match service_mode {
@@ -213,6 +233,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         stop_rx.clone(),
     ));
     let background = tokio::spawn(daemon.clone().run(stop_rx));
+    let metrics = match metrics_listen {
+        Listen::On(addr) => Some(tokio::spawn(ployzd::metrics::serve(daemon.clone(), addr))),
+        Listen::Off => None,
+    };
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut leave = daemon.exit_requested();
@@ -225,6 +249,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let _ = server.await;
     let _ = peers.await;
     let _ = background.await;
+    if let Some(m) = metrics {
+        m.abort();
+    }
     daemon.shutdown().await;
     let _ = std::fs::remove_file(&socket);
     if leaving {

@@ -45,9 +45,16 @@ pub struct OverlayConfig {
 /// range, the machines' overlay addresses.
 type Guard = (Vec<u16>, String, Vec<Ipv4Addr>);
 
-/// A peer's last WireGuard handshake: its machine id, how long ago
-/// (`None`: never), and the endpoint packets go to.
-pub(crate) type Handshake = (String, Option<std::time::Duration>, Option<SocketAddr>);
+/// Another machine's WireGuard link.
+pub(crate) struct PeerLink {
+    pub id: String,
+    /// Since its last handshake (`None`: never).
+    pub handshake_age: Option<std::time::Duration>,
+    /// Where packets to it go.
+    pub endpoint: Option<SocketAddr>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
 
 /// This machine's place in the mesh.
 pub struct Overlay {
@@ -254,10 +261,9 @@ impl Overlay {
         }
     }
 
-    /// Per other machine: how long ago its last WireGuard handshake was
-    /// (`None`: never), with the endpoint packets go to. `None` when the
-    /// mesh is not up.
-    pub(crate) fn handshakes(&self, machines: &[MachineRecord]) -> Option<Vec<Handshake>> {
+    /// Per other machine: its WireGuard link as the mesh sees it. `None`
+    /// when the mesh is not up.
+    pub(crate) fn links(&self, machines: &[MachineRecord]) -> Option<Vec<PeerLink>> {
         let o = self.running.get()?;
         let peers = o.mesh.peers();
         let now = std::time::SystemTime::now();
@@ -268,10 +274,15 @@ impl Overlay {
                 .map(|m| {
                     let key = ployz_mesh::keys::decode_public(&m.wg_public_key);
                     let peer = peers.iter().find(|p| Some(p.public_key) == key);
-                    let age = peer
-                        .and_then(|p| p.last_handshake)
-                        .map(|t| now.duration_since(t).unwrap_or_default());
-                    (m.id.clone(), age, peer.and_then(|p| p.endpoint))
+                    PeerLink {
+                        id: m.id.clone(),
+                        handshake_age: peer
+                            .and_then(|p| p.last_handshake)
+                            .map(|t| now.duration_since(t).unwrap_or_default()),
+                        endpoint: peer.and_then(|p| p.endpoint),
+                        rx_bytes: peer.map_or(0, |p| p.rx_bytes),
+                        tx_bytes: peer.map_or(0, |p| p.tx_bytes),
+                    }
                 })
                 .collect(),
         )

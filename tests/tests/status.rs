@@ -147,3 +147,75 @@ fn completions_for_each_shell() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
+
+/// `GET /metrics` from inside a host's namespace (ployzd listens on the
+/// namespace's own loopback).
+fn scrape(tb: &Testbed, host: usize, path: &str) -> String {
+    let out = tb.hosts[host]
+        .command("curl")
+        .args(["-sS", "-i", "--max-time", "10"])
+        .arg(format!("http://127.0.0.1:9101{path}"))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn metrics_pass_promtool_and_cover_each_subsystem() {
+    let tb = Testbed::new(2);
+    let ms = ployz_tests::cluster_on(&tb, "metricsnet");
+    let peer = ms[1].id();
+    // A write and a read, so the latency histograms have samples.
+    ms[0].ctl_json(&["machine", "drain", &peer]);
+    ms[0].ctl_json(&["machine", "activate", &peer]);
+    let families = [
+        "ployz_build_info{".to_string(),
+        "ployz_raft_term ".into(),
+        "ployz_raft_is_leader 1".into(),
+        "ployz_raft_applied_index ".into(),
+        "ployz_store_write_duration_seconds_bucket{".into(),
+        "ployz_store_read_duration_seconds_count ".into(),
+        "ployz_store_keys{bucket=\"machines\"} 2".into(),
+        "ployz_store_disk_bytes ".into(),
+        "ployz_nats_connections ".into(),
+        "ployz_nats_routes 1".into(),
+        "ployz_mesh_up 1".into(),
+        format!("ployz_mesh_peer_received_bytes_total{{peer=\"{peer}\"}}"),
+        format!("ployz_mesh_peer_handshake_age_seconds{{peer=\"{peer}\"}}"),
+        format!("ployz_mesh_peer_rtt_median_seconds{{peer=\"{peer}\"}}"),
+        "ployz_instances{state=\"running\"} 0".into(),
+        "ployz_operations{kind=\"deploy\",state=\"running\"} 0".into(),
+    ];
+    // Routes and RTT samples take a moment after the join.
+    let text = ployz_tests::eventually(std::time::Duration::from_secs(30), || {
+        let r = scrape(&tb, 0, "/metrics");
+        families.iter().all(|f| r.contains(f.as_str())).then_some(r)
+    })
+    .unwrap_or_else(|| {
+        let r = scrape(&tb, 0, "/metrics");
+        let missing: Vec<&String> = families
+            .iter()
+            .filter(|f| !r.contains(f.as_str()))
+            .collect();
+        panic!("missing {missing:?}:\n{r}")
+    });
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = text.split("\r\n\r\n").nth(1).unwrap().to_string();
+    // promtool (Prometheus 2) lints the exposition text.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("metrics.txt");
+    std::fs::write(&file, &body).unwrap();
+    let lint = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("promtool check metrics < {}", file.display()))
+        .output()
+        .expect("promtool (Debian package prometheus)");
+    assert!(
+        lint.status.success(),
+        "promtool: {}{}\n{body}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    // Anything else is a 404 that says where the metrics are.
+    assert!(scrape(&tb, 0, "/").starts_with("HTTP/1.1 404"));
+}

@@ -107,6 +107,11 @@ impl ControlPlane {
         }
     }
 
+    /// The NATS server's counters, once it runs.
+    pub fn stats(&self) -> Option<ployz_natsd::ServerStats> {
+        self.nats.get().map(|n| n.server.stats())
+    }
+
     /// The NATS client port, once the server listens.
     pub fn port(&self) -> Option<u16> {
         self.nats.get().map(|n| n.port)

@@ -55,6 +55,27 @@ pub struct Store {
     /// Store change events relayed from a storage machine, for a machine
     /// without a replica of its own.
     remote_events: tokio::sync::broadcast::Sender<ployz_consensus::KvEvent>,
+    /// How long this machine's writes and reads took, end to end.
+    latency: Latency,
+}
+
+/// Store request latency histograms (seconds), shared with `/metrics`.
+#[derive(Clone)]
+pub struct Latency {
+    pub writes: prometheus_client::metrics::histogram::Histogram,
+    pub reads: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Latency {
+    fn new() -> Latency {
+        // 100 µs .. ~3.3 s.
+        let buckets =
+            || prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16);
+        Latency {
+            writes: prometheus_client::metrics::histogram::Histogram::new(buckets()),
+            reads: prometheus_client::metrics::histogram::Histogram::new(buckets()),
+        }
+    }
 }
 
 impl Store {
@@ -99,7 +120,13 @@ impl Store {
             node_id: cfg.node_id,
             local,
             remote_events,
+            latency: Latency::new(),
         })
+    }
+
+    /// The write and read latency histograms.
+    pub fn latency(&self) -> Latency {
+        self.latency.clone()
     }
 
     pub fn machine_id(&self) -> &str {
@@ -133,7 +160,10 @@ impl Store {
         if txn.id.is_none() {
             txn.id = Some(forward::new_txn_id(&self.machine_id));
         }
-        match self.call(forward::StoreCall::Write(txn), hops).await? {
+        let started = std::time::Instant::now();
+        let answer = self.call(forward::StoreCall::Write(txn), hops).await?;
+        self.latency.writes.observe(started.elapsed().as_secs_f64());
+        match answer {
             forward::StoreAnswer::Written(r) => Ok(r),
             other => Err(internal(format!("unexpected store answer {other:?}"))),
         }
@@ -142,7 +172,10 @@ impl Store {
     /// A linearizable read, from the local replica when it can serve it,
     /// else forwarded towards the leader; retried like writes.
     pub(crate) async fn read(&self, read: KvRead, hops: u8) -> Result<KvReadResult, ApiError> {
-        match self.call(forward::StoreCall::Read(read), hops).await? {
+        let started = std::time::Instant::now();
+        let answer = self.call(forward::StoreCall::Read(read), hops).await?;
+        self.latency.reads.observe(started.elapsed().as_secs_f64());
+        match answer {
             forward::StoreAnswer::Read(r) => Ok(r),
             other => Err(internal(format!("unexpected store answer {other:?}"))),
         }

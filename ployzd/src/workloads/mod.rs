@@ -140,6 +140,19 @@ impl Workloads {
         Ok(self.engine.get().expect("just set"))
     }
 
+    /// This machine's instances as the store records them: (state,
+    /// restarts since its deploy).
+    pub(crate) async fn local_instances(&self) -> Result<Vec<(InstanceState, u32)>, ApiError> {
+        let me = self.machine_id().to_string();
+        Ok(self
+            .instances()
+            .await?
+            .into_values()
+            .filter(|i| i.machine == me)
+            .map(|i| (i.state, i.restarts))
+            .collect())
+    }
+
     /// Whether this machine's runtime answers: what it runs, or why not.
     pub(crate) async fn runtime_check(&self) -> Result<String, String> {
         let engine = self.engine().map_err(|e| e.message)?;
