@@ -110,6 +110,8 @@ pub enum Request {
     },
     /// `status` / `doctor`: check this machine and say what is wrong.
     Doctor,
+    /// `dashboard`: a one-time login link to this machine's web UI.
+    Dashboard,
 }
 
 /// `deploy service`.
@@ -241,6 +243,14 @@ pub enum Response {
     Operation(Box<OpView>),
     Left(LeftNetwork),
     Doctor(DoctorReport),
+    Dashboard(DashboardLink),
+}
+
+/// `dashboard --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DashboardLink {
+    /// Opens a session once, within 5 minutes.
+    pub url: String,
 }
 
 /// `status --json`: one line per check of this machine.

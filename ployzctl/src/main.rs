@@ -60,6 +60,8 @@ enum Top {
     /// runtime, clocks, disk; exits 0 only when every check is ok.
     #[command(alias = "doctor")]
     Status,
+    /// Print a one-time login link to this machine's web dashboard.
+    Dashboard,
     /// Print a shell completion script: `ployzctl completions bash > /etc/bash_completion.d/ployzctl`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -462,6 +464,7 @@ fn request_of(cmd: Top) -> Request {
         Top::Mesh(MeshCmd::Leave { force }) => Request::MeshLeave { force },
         Top::Op(OpCmd::Ls) => Request::OpList,
         Top::Status => Request::Doctor,
+        Top::Dashboard => Request::Dashboard,
         Top::Op(OpCmd::Wait { id, timeout_secs }) => Request::OpWait {
             id,
             timeout_secs: Some(timeout_secs),

@@ -362,6 +362,13 @@ pub fn print_response(resp: &Response, json: bool) {
             }
             print!("{}", ops_table(&l.operations));
         }
+        Response::Dashboard(d) => {
+            if json {
+                return print_json(d);
+            }
+            println!("{}", d.url);
+            println!("(the link logs in once, within 5 minutes; the dashboard listens on this machine only unless ployzd runs with --ui-listen)");
+        }
         Response::Doctor(r) => {
             if json {
                 return print_json(r);

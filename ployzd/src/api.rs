@@ -112,6 +112,7 @@ impl Daemon {
                 .await
                 .map(|v| Response::Operation(Box::new(v))),
             Request::Doctor => Ok(Response::Doctor(self.doctor().await)),
+            Request::Dashboard => self.dashboard.login_link().map(Response::Dashboard),
         }
     }
 

@@ -70,6 +70,8 @@ pub struct Daemon {
     pub(crate) workloads: Arc<Workloads>,
     pub(crate) cluster: Arc<Cluster>,
     pub(crate) provisioning: Provisioning,
+    /// Logins and sessions of the web dashboard.
+    pub(crate) dashboard: crate::dashboard::Dashboard,
 }
 
 impl Daemon {
@@ -150,6 +152,7 @@ impl Daemon {
             workloads,
             cluster,
             provisioning,
+            dashboard: Default::default(),
         })
     }
 

@@ -14,6 +14,7 @@ pub mod api;
 pub mod cluster;
 pub mod control;
 pub mod daemon;
+pub mod dashboard;
 pub mod doctor;
 pub mod errors;
 pub mod identity;

@@ -92,6 +92,10 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics (`off`: not at all).
         #[arg(long, default_value = "127.0.0.1:9101", value_parser = parse_listen)]
         metrics_listen: Listen,
+        /// Serve the web dashboard on ADDR (`off`: not at all); `ployzctl
+        /// dashboard` prints a login link.
+        #[arg(long, default_value = "127.0.0.1:7180", value_parser = parse_listen)]
+        ui_listen: Listen,
         /// Raft log entries between snapshots (log compaction).
         #[arg(long, default_value_t = 5000, hide = true)]
         snapshot_every: u64,
@@ -178,6 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         wg_interface,
         snapshot_every,
         metrics_listen,
+        ui_listen,
     } = cli.command;
     let env = Env::current();
     let layout = match service_mode {
@@ -237,6 +242,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Listen::On(addr) => Some(tokio::spawn(ployzd::metrics::serve(daemon.clone(), addr))),
         Listen::Off => None,
     };
+    let ui = match ui_listen {
+        Listen::On(addr) => Some(tokio::spawn(ployzd::dashboard::serve(daemon.clone(), addr))),
+        Listen::Off => None,
+    };
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut leave = daemon.exit_requested();
@@ -249,8 +258,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let _ = server.await;
     let _ = peers.await;
     let _ = background.await;
-    if let Some(m) = metrics {
-        m.abort();
+    for task in [metrics, ui].into_iter().flatten() {
+        task.abort();
     }
     daemon.shutdown().await;
     let _ = std::fs::remove_file(&socket);
