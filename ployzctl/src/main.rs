@@ -305,9 +305,14 @@ enum InviteCmd {
     /// Revoke an unused invite.
     Revoke { invite_id: String },
     /// Join the network of an invite (run on the joining machine).
+    #[command(group = clap::ArgGroup::new("from").required(true))]
     Import {
-        #[arg(long)]
-        token: String,
+        /// The token (it shows in `ps` while the join runs: prefer --token-stdin).
+        #[arg(long, group = "from")]
+        token: Option<String>,
+        /// Read the token from the first line of stdin.
+        #[arg(long, group = "from")]
+        token_stdin: bool,
     },
 }
 
@@ -422,8 +427,10 @@ fn request_of(cmd: Top) -> Request {
         Top::Machine(MachineCmd::Invite(InviteCmd::Revoke { invite_id })) => {
             Request::InviteRevoke { invite_id }
         }
-        Top::Machine(MachineCmd::Invite(InviteCmd::Import { token })) => {
-            Request::InviteImport { token }
+        Top::Machine(MachineCmd::Invite(InviteCmd::Import { token, .. })) => {
+            Request::InviteImport {
+                token: token.unwrap_or_default(),
+            }
         }
         Top::Machine(MachineCmd::Storage(StorageCmd::Promote { replicas, machines })) => {
             Request::StoragePromote { replicas, machines }
@@ -511,7 +518,28 @@ fn main() {
             std::process::exit(ployz_api::ErrorCode::InvalidArgument.exit_code());
         }
     }
-    let request = request_of(cli.command);
+    let mut command = cli.command;
+    if let Top::Machine(MachineCmd::Invite(InviteCmd::Import {
+        token,
+        token_stdin: true,
+    })) = &mut command
+    {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        if line.trim().is_empty() {
+            output::print_error(
+                &ployz_api::ApiError::new(
+                    ployz_api::ErrorCode::InvalidArgument,
+                    "--token-stdin: stdin had no token",
+                )
+                .with_hint("pipe the token in: `echo \"$TOKEN\" | ployzctl machine invite import --token-stdin`"),
+                json,
+            );
+            std::process::exit(ployz_api::ErrorCode::InvalidArgument.exit_code());
+        }
+        *token = Some(line.trim().to_string());
+    }
+    let request = request_of(command);
     let code = match client::call(&socket, &request) {
         Ok(Ok(resp)) => {
             output::print_response(&resp, json);

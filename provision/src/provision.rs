@@ -591,11 +591,20 @@ pub async fn provision_over<T: Transport>(
     }
 
     progress(Step::Join);
-    let import = format!(
-        "{ctl} --socket {sock} --json machine invite import --token {}",
-        sh_quote(token)
-    );
-    let out = remote.exec(Step::Join, &import, owned, &[]).await?;
+    // The token goes on stdin: on the command line it would show in `ps`
+    // on the target for as long as the join takes.
+    let import = format!("{ctl} --socket {sock} --json machine invite import --token-stdin");
+    let mut out = remote
+        .exec(Step::Join, &import, owned, format!("{token}\n").as_bytes())
+        .await?;
+    if out.status == 2 && String::from_utf8_lossy(&out.stderr).contains("--token-stdin") {
+        // A release older than `--token-stdin` (a usage error): argv it is.
+        let argv = format!(
+            "{ctl} --socket {sock} --json machine invite import --token {}",
+            sh_quote(token)
+        );
+        out = remote.exec(Step::Join, &argv, owned, &[]).await?;
+    }
     let parsed: Option<serde_json::Value> = serde_json::from_slice(&out.stdout).ok();
     let machine_id = parsed
         .as_ref()
@@ -1037,7 +1046,10 @@ mod tests {
             cmds.iter().all(|c| !c.starts_with("sudo")),
             "root needs no sudo"
         );
-        let uploads: Vec<_> = rec.iter().filter(|r| !r.stdin.is_empty()).collect();
+        let uploads: Vec<_> = rec
+            .iter()
+            .filter(|r| !r.stdin.is_empty() && !r.cmd.contains("invite import"))
+            .collect();
         assert_eq!(uploads.len(), 3);
         assert!(uploads[0]
             .cmd
@@ -1062,7 +1074,14 @@ mod tests {
             .position(|c| c.contains("invite import"))
             .unwrap();
         assert!(start < join);
-        assert!(cmds[join].contains("--token TOKEN-1"));
+        // The token is never on the command line (it would show in `ps`).
+        assert!(cmds[join].contains("--token-stdin"));
+        assert!(cmds.iter().all(|c| !c.contains("TOKEN-1")), "{cmds:?}");
+        let fed = rec
+            .iter()
+            .find(|r| r.cmd.contains("invite import"))
+            .unwrap();
+        assert_eq!(fed.stdin, b"TOKEN-1\n");
         assert!(cmds[join].contains("--socket /run/ployz/ployzd.sock"));
     }
 

@@ -398,3 +398,39 @@ fn removing_a_storage_machine_from_a_compute_machine_changes_the_voter_set() {
     assert!(!voters.iter().any(|v| *v == ids[2].as_str()), "{s}");
     assert!(try_invite(&c.machines[3]).is_some());
 }
+
+/// `invite import --token-stdin`: the token never appears on a command
+/// line (`machine add` joins this way); an empty stdin is an invalid
+/// argument and changes nothing.
+#[test]
+fn join_with_the_token_on_stdin() {
+    use std::io::Write as _;
+    let tb = Testbed::new(2);
+    let founder = Machine::start_in(&tb.hosts[0], &[]);
+    founder.ctl_json(&["mesh", "init", "stdinnet"]);
+    let joiner = Machine::start_in(&tb.hosts[1], &[]);
+    let import = |input: &str| {
+        let mut c = std::process::Command::new(ployz_tests::bin("ployzctl"))
+            .arg("--socket")
+            .arg(joiner.socket())
+            .args(["--json", "machine", "invite", "import", "--token-stdin"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        c.wait_with_output().unwrap()
+    };
+    let empty = import("\n");
+    assert_eq!(empty.status.code(), Some(6), "{}", stderr(&empty));
+    assert!(stdout(&joiner.ctl(&["--json", "mesh", "status"])).contains("\"network\": null"));
+    let token = founder.invite();
+    let out = import(&format!("{token}\n"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["machine"]["lifecycle"], "active", "{v}");
+    // Neither --token nor --token-stdin: a usage error.
+    let neither = joiner.ctl(&["machine", "invite", "import"]);
+    assert_eq!(neither.status.code(), Some(2));
+}
