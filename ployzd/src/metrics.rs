@@ -175,6 +175,37 @@ impl Daemon {
             "Bytes queued for clients and not yet written",
             s.pending_bytes as i64,
         );
+        for (name, help, v) in [
+            (
+                "ployz_nats_received_messages",
+                "Messages published by clients",
+                s.in_msgs,
+            ),
+            (
+                "ployz_nats_received_bytes",
+                "Payload bytes (headers included) published by clients",
+                s.in_bytes,
+            ),
+            (
+                "ployz_nats_sent_messages",
+                "Messages delivered to clients",
+                s.out_msgs,
+            ),
+            (
+                "ployz_nats_sent_bytes",
+                "Payload bytes (headers included) delivered to clients",
+                s.out_bytes,
+            ),
+            (
+                "ployz_nats_slow_consumers",
+                "Clients closed because they did not read fast enough",
+                s.slow_consumers,
+            ),
+        ] {
+            let c = Counter::<u64>::default();
+            c.inc_by(v);
+            reg.register(name, help, c);
+        }
     }
 
     async fn mesh_metrics(&self, reg: &mut Registry) {

@@ -56,6 +56,14 @@ pub struct ServerStats {
     pub pending_bytes: usize,
     /// Live JetStream consumers.
     pub consumers: usize,
+    /// Client traffic since the server started (messages and payload
+    /// bytes, headers included), closed connections included.
+    pub in_msgs: u64,
+    pub in_bytes: u64,
+    pub out_msgs: u64,
+    pub out_bytes: u64,
+    /// Clients closed as slow consumers since the server started.
+    pub slow_consumers: u64,
 }
 
 /// Where a message comes from.
@@ -79,6 +87,10 @@ pub(crate) struct Router {
     local_interest: BTreeMap<(String, Option<String>), usize>,
     pub(crate) routes: HashMap<u64, Arc<RouteConn>>,
     pub(crate) remote: Sublist<u64>,
+    /// Traffic of clients that are gone (the live ones count their own).
+    closed_traffic: ployz_nats_proto::Stats,
+    /// Clients closed because they did not read fast enough.
+    slow_consumers: u64,
 }
 
 impl Router {
@@ -134,7 +146,17 @@ impl Router {
         for sid in sids {
             self.remove_sub(cid, &sid);
         }
-        self.clients.remove(&cid);
+        if let Some(c) = self.clients.remove(&cid) {
+            let st = lock(&c.state);
+            let t = st.session.stats();
+            self.closed_traffic.in_msgs += t.in_msgs;
+            self.closed_traffic.in_bytes += t.in_bytes;
+            self.closed_traffic.out_msgs += t.out_msgs;
+            self.closed_traffic.out_bytes += t.out_bytes;
+            if st.session.close_reason() == Some(CloseReason::SlowConsumerPendingBytes) {
+                self.slow_consumers += 1;
+            }
+        }
     }
 
     /// `RS+` lines for everything this server is interested in (sent to a new route).
@@ -427,6 +449,8 @@ impl Server {
                 local_interest: BTreeMap::new(),
                 routes: HashMap::new(),
                 remote: Sublist::new(),
+                closed_traffic: Default::default(),
+                slow_consumers: 0,
             }),
             next_id: AtomicU64::new(1),
             shutdown_tx,
@@ -568,14 +592,21 @@ impl Server {
     /// Current counters.
     pub fn stats(&self) -> ServerStats {
         let r = lock(&self.shared.router);
-        let pending_bytes = r
-            .clients
-            .values()
-            .map(|c| {
-                let st = lock(&c.state);
-                st.session.pending_bytes()
-            })
-            .sum();
+        let mut pending_bytes = 0;
+        let mut t = r.closed_traffic;
+        let mut slow_consumers = r.slow_consumers;
+        for c in r.clients.values() {
+            let st = lock(&c.state);
+            pending_bytes += st.session.pending_bytes();
+            let s = st.session.stats();
+            t.in_msgs += s.in_msgs;
+            t.in_bytes += s.in_bytes;
+            t.out_msgs += s.out_msgs;
+            t.out_bytes += s.out_bytes;
+            if st.session.close_reason() == Some(CloseReason::SlowConsumerPendingBytes) {
+                slow_consumers += 1;
+            }
+        }
         ServerStats {
             clients: r.clients.len(),
             routes: r.routes.len(),
@@ -583,6 +614,11 @@ impl Server {
             remote_subscriptions: r.remote.len(),
             pending_bytes,
             consumers: self.shared.js.as_ref().map_or(0, |j| j.consumer_count()),
+            in_msgs: t.in_msgs,
+            in_bytes: t.in_bytes,
+            out_msgs: t.out_msgs,
+            out_bytes: t.out_bytes,
+            slow_consumers,
         }
     }
 
