@@ -331,43 +331,20 @@ impl Daemon {
     }
 }
 
-/// Serve the dashboard on `addr` until the process ends; a listener that
-/// cannot bind is logged, never fatal.
+/// Serve the dashboard on `addr` until the process ends.
 pub async fn serve(daemon: Arc<Daemon>, addr: SocketAddr) {
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(%addr, "cannot serve the dashboard: {e}");
-            return;
+    let url = {
+        let daemon = daemon.clone();
+        move |bound: SocketAddr| {
+            let host = if bound.ip().is_unspecified() {
+                SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), bound.port())
+            } else {
+                bound
+            };
+            let _ = daemon.dashboard.url.set(format!("http://{host}"));
         }
     };
-    let bound = listener.local_addr().unwrap_or(addr);
-    let host = if bound.ip().is_unspecified() {
-        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), bound.port())
-    } else {
-        bound
-    };
-    let _ = daemon.dashboard.url.set(format!("http://{host}"));
-    tracing::info!(addr = %bound, "dashboard listening (`ployzctl dashboard` prints a login link)");
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let daemon = daemon.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let daemon = daemon.clone();
-                async move { Ok::<_, Infallible>(daemon.ui(req).await) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await
-            {
-                tracing::debug!("dashboard connection: {e}");
-            }
-        });
-    }
+    crate::http::serve(addr, "dashboard", url, move |req| daemon.clone().ui(req)).await
 }
 
 #[cfg(test)]

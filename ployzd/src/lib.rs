@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod dashboard;
 pub mod doctor;
 pub mod errors;
+pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod ops;

@@ -383,54 +383,32 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// Serve `GET /metrics` on `addr` until the process ends. A listener
-/// that cannot bind is logged, never fatal: metrics must not stop a
-/// machine.
+/// Serve `GET /metrics` on `addr` until the process ends.
 pub async fn serve(daemon: Arc<Daemon>, addr: SocketAddr) {
     use http_body_util::Full;
     use hyper::body::Bytes;
     use hyper::{Response, StatusCode};
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(%addr, "cannot serve metrics: {e}");
-            return;
-        }
-    };
-    tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "metrics at /metrics");
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let daemon = daemon.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let daemon = daemon.clone();
-                    async move {
-                        let resp = if req.uri().path() == "/metrics"
-                            && req.method() == hyper::Method::GET
-                        {
-                            Response::builder()
-                                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                                .body(Full::new(Bytes::from(daemon.metrics_text().await)))
-                        } else {
-                            Response::builder()
-                                .status(StatusCode::NOT_FOUND)
-                                .body(Full::new(Bytes::from("ployzd serves GET /metrics here\n")))
-                        };
-                        Ok::<_, std::convert::Infallible>(resp.expect("static response parts"))
-                    }
-                });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await
-            {
-                tracing::debug!("metrics connection: {e}");
+    crate::http::serve(
+        addr,
+        "metrics",
+        |_| {},
+        move |req| {
+            let daemon = daemon.clone();
+            async move {
+                let resp = if req.uri().path() == "/metrics" && req.method() == hyper::Method::GET {
+                    Response::builder()
+                        .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                        .body(Full::new(Bytes::from(daemon.metrics_text().await)))
+                } else {
+                    Response::builder()
+                        .status(StatusCode::NOT_FOUND)
+                        .body(Full::new(Bytes::from("ployzd serves GET /metrics here\n")))
+                };
+                resp.expect("static response parts")
             }
-        });
-    }
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

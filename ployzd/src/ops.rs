@@ -394,6 +394,26 @@ impl Operations {
         Ok(done)
     }
 
+    /// Leader: claim a stale operation, let `decide` work out (and do) what
+    /// ends it, and record that outcome, naming the owner that stopped.
+    pub(crate) async fn end_stale<Fut>(
+        &self,
+        op: Versioned<OperationRecord>,
+        decide: impl FnOnce(Versioned<OperationRecord>) -> Fut,
+    ) -> Result<(), ApiError>
+    where
+        Fut: std::future::Future<Output = Result<(OpState, String, i32), ApiError>>,
+    {
+        let owner = op.value.owner.clone();
+        let Some(op) = self.claim(&op).await? else {
+            return Ok(());
+        };
+        let (state, message, code) = decide(op.clone()).await?;
+        let message = format!("{message} (its owner {owner} stopped; ended by the storage leader)");
+        self.take_over(&op, state, message, code).await?;
+        Ok(())
+    }
+
     /// Leader: claim a stale operation before acting on it (so a late
     /// owner's next step fails), returning the claimed record.
     pub(crate) async fn claim(

@@ -330,10 +330,19 @@ impl Provisioning {
         &self,
         op: Versioned<OperationRecord>,
     ) -> Result<(), ApiError> {
-        let owner = op.value.owner.clone();
-        let Some(op) = self.ops.claim(&op).await? else {
-            return Ok(());
-        };
+        self.ops
+            .end_stale(op, |op| async move {
+                let results = self.add_outcome(&op).await?;
+                Ok(outcome(&results, "joined"))
+            })
+            .await
+    }
+
+    /// What became of each target of a `machine add` whose owner stopped.
+    async fn add_outcome(
+        &self,
+        op: &Versioned<OperationRecord>,
+    ) -> Result<Vec<TargetResult>, ApiError> {
         let mut results = Vec::new();
         for name in &op.value.detail.machines {
             let Some(inv) = op.value.detail.invites.iter().find(|i| &i.target == name) else {
@@ -382,10 +391,7 @@ impl Provisioning {
                 )),
             }
         }
-        let (state, message, code) = outcome(&results, "joined");
-        let message = format!("{message} (its owner {owner} stopped; ended by the storage leader)");
-        self.ops.take_over(&op, state, message, code).await?;
-        Ok(())
+        Ok(results)
     }
 
     async fn remember_ssh_target(&self, id: &str, target: &str) -> Result<(), ApiError> {
@@ -528,10 +534,19 @@ impl Provisioning {
         &self,
         op: Versioned<OperationRecord>,
     ) -> Result<(), ApiError> {
-        let owner = op.value.owner.clone();
-        let Some(op) = self.ops.claim(&op).await? else {
-            return Ok(());
-        };
+        self.ops
+            .end_stale(op, |op| async move {
+                let results = self.update_outcome(&op).await?;
+                Ok(outcome(&results, "updated"))
+            })
+            .await
+    }
+
+    /// The version each machine of a stopped `machine update` runs now.
+    async fn update_outcome(
+        &self,
+        op: &Versioned<OperationRecord>,
+    ) -> Result<Vec<TargetResult>, ApiError> {
         let mut results = Vec::new();
         for id in &op.value.detail.machines {
             let rec = self.store.get::<MachineRecord>(BUCKET_MACHINES, id).await?;
@@ -558,10 +573,7 @@ impl Provisioning {
                 ),
             });
         }
-        let (state, message, code) = outcome(&results, "updated");
-        let message = format!("{message} (its owner {owner} stopped; ended by the storage leader)");
-        self.ops.take_over(&op, state, message, code).await?;
-        Ok(())
+        Ok(results)
     }
 }
 

@@ -368,10 +368,17 @@ impl Cluster {
         &self,
         op: Versioned<OperationRecord>,
     ) -> Result<(), ApiError> {
-        let owner = op.value.owner.clone();
-        let Some(op) = self.ops.claim(&op).await? else {
-            return Ok(());
-        };
+        self.ops
+            .end_stale(op, |op| async move { self.promote_outcome_now(&op).await })
+            .await
+    }
+
+    /// Make the records match the voter set, drop targets left as
+    /// learners, and say how a stopped promote ended.
+    async fn promote_outcome_now(
+        &self,
+        op: &Versioned<OperationRecord>,
+    ) -> Result<(OpState, String, i32), ApiError> {
         if let Err(e) = self.record_storage_set().await {
             return Err(store::unavailable(format!(
                 "recording the storage set: {e}"
@@ -399,10 +406,7 @@ impl Cluster {
                 }
             })
             .collect();
-        let (state, message, code) = promote_outcome(&ids, &now, &results);
-        let message = format!("{message} (its owner {owner} stopped; ended by the storage leader)");
-        self.ops.take_over(&op, state, message, code).await?;
-        Ok(())
+        Ok(promote_outcome(&ids, &now, &results))
     }
 
     /// Leader: makes the machine records (authority) and the network's
