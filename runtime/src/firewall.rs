@@ -135,6 +135,13 @@ pub enum Cmd {
         spec: Vec<String>,
         tag: String,
     },
+    /// At 1-based position `pos` of `chain` (before the rule there).
+    InsertAt {
+        chain: String,
+        pos: usize,
+        spec: Vec<String>,
+        tag: String,
+    },
     /// Deletes the rule listed with `args`.
     Delete { chain: String, args: Vec<String> },
 }
@@ -154,6 +161,16 @@ impl Cmd {
         match self {
             Cmd::Insert { chain, spec, tag } => tagged("-I", chain, spec, tag),
             Cmd::Append { chain, spec, tag } => tagged("-A", chain, spec, tag),
+            Cmd::InsertAt {
+                chain,
+                pos,
+                spec,
+                tag,
+            } => {
+                let mut a = tagged("-I", chain, spec, tag);
+                a.insert(2, pos.to_string());
+                a
+            }
             Cmd::Delete { chain, args } => {
                 let mut a = vec!["-D".to_string(), chain.clone()];
                 a.extend_from_slice(args);
@@ -193,18 +210,36 @@ pub struct Want {
 /// missing rules are added first (so nothing wanted is ever missing in
 /// between), then every other rule of ours is deleted: tagged with the tag
 /// but not wanted (or a second copy), or untagged and `legacy` (an older
-/// ployzd's rule for the same thing).
+/// ployzd's rule for the same thing). Where the chain has an unconditional
+/// `-j RETURN`, the end rules go right before it, and rules of ours after
+/// it (never reached) are deleted first.
 pub fn converge(listed: &[Listed], want: &Want, legacy: impl Fn(&[String]) -> bool) -> Vec<Cmd> {
+    // An unconditional RETURN ends the chain early (dockerd before 28
+    // appends one to DOCKER-USER, and again whenever it finds it missing):
+    // a rule of ours after it is never reached, and the end rules go
+    // right before it.
+    let ret = listed
+        .iter()
+        .position(|r| r.comment.is_none() && r.spec == ["-j", "RETURN"]);
     let mut kept: Vec<&[String]> = Vec::new();
+    let mut dead = Vec::new();
     let mut delete = Vec::new();
-    for r in listed {
+    for (i, r) in listed.iter().enumerate() {
         let tagged = r.comment.as_deref() == Some(want.tag.as_str());
         let ours = tagged || (r.comment.is_none() && legacy(&r.spec));
         if !ours {
             continue;
         }
         let wanted = want.top.iter().chain(&want.end).any(|w| *w == r.spec);
-        if tagged && wanted && !kept.contains(&r.spec.as_slice()) {
+        let reached = ret.is_none_or(|k| i < k);
+        if !reached {
+            // Deleted first: `-D` by spec takes the first match, which
+            // would be the copy put back before the RETURN.
+            dead.push(Cmd::Delete {
+                chain: want.chain.clone(),
+                args: r.args.clone(),
+            });
+        } else if tagged && wanted && !kept.contains(&r.spec.as_slice()) {
             kept.push(&r.spec);
         } else {
             delete.push(Cmd::Delete {
@@ -220,8 +255,10 @@ pub fn converge(listed: &[Listed], want: &Want, legacy: impl Fn(&[String]) -> bo
             .cloned()
             .collect()
     };
-    let mut cmds = Vec::new();
-    for spec in missing(&want.top) {
+    let mut cmds = dead;
+    let top = missing(&want.top);
+    let inserted = top.len();
+    for spec in top {
         cmds.push(Cmd::Insert {
             chain: want.chain.clone(),
             spec,
@@ -229,10 +266,16 @@ pub fn converge(listed: &[Listed], want: &Want, legacy: impl Fn(&[String]) -> bo
         });
     }
     for spec in missing(&want.end) {
-        cmds.push(Cmd::Append {
-            chain: want.chain.clone(),
-            spec,
-            tag: want.tag.clone(),
+        let (chain, tag) = (want.chain.clone(), want.tag.clone());
+        cmds.push(match ret {
+            // The RETURN's 1-based position once the top rules are in.
+            Some(k) => Cmd::InsertAt {
+                chain,
+                pos: k + 1 + inserted,
+                spec,
+                tag,
+            },
+            None => Cmd::Append { chain, spec, tag },
         });
     }
     cmds.extend(delete);
@@ -709,7 +752,13 @@ impl Iptables for FakeIptables {
                 ran(true, out)
             }
             "-I" => {
-                rules.insert(0, rule);
+                match rule.first().and_then(|p| p.parse::<usize>().ok()) {
+                    Some(pos) if (1..=rules.len() + 1).contains(&pos) => {
+                        rules.insert(pos - 1, rule[1..].to_vec())
+                    }
+                    Some(_) => return ran(false, String::new()),
+                    None => rules.insert(0, rule),
+                }
                 ran(true, String::new())
             }
             "-A" => {
@@ -854,6 +903,62 @@ mod tests {
         assert_eq!(
             no_docker.rules("FORWARD"),
             ["-d 10.101.3.0/24 -m comment --comment ployz:plz0a650300 -j ACCEPT"]
+        );
+    }
+
+    /// dockerd 20.10 ends DOCKER-USER with `-j RETURN` (and appends it again
+    /// when missing): the drop goes right before it, and one an older ployzd
+    /// appended after it (never reached) is moved there.
+    #[test]
+    fn drops_go_before_dockers_return() {
+        let ipt = FakeIptables::with_chains(&["FORWARD", "DOCKER-USER"]);
+        add(&ipt, "DOCKER-USER", "-d 10.9.9.0/24 -j ACCEPT");
+        add(&ipt, "DOCKER-USER", "-j RETURN");
+        allow_subnet(&ipt, "plz0a650300", "10.101.3.0/24", Some("10.101.0.0/16")).unwrap();
+        let want = [
+            "-s 10.101.0.0/16 -d 10.101.3.0/24 -m comment --comment ployz:plz0a650300 -j ACCEPT",
+            "-d 10.9.9.0/24 -j ACCEPT",
+            "-d 10.101.3.0/24 -m comment --comment ployz:plz0a650300 -j DROP",
+            "-j RETURN",
+        ];
+        assert_eq!(ipt.rules("DOCKER-USER"), want);
+        // Converged: nothing more to do.
+        let n = ipt.log.lock().unwrap().len();
+        allow_subnet(&ipt, "plz0a650300", "10.101.3.0/24", Some("10.101.0.0/16")).unwrap();
+        let log = ipt.log.lock().unwrap();
+        assert!(log[n..].iter().all(|a| a[0] == "-S"), "{:?}", &log[n..]);
+        drop(log);
+
+        // What this ployzd wrote before: the drop after the RETURN.
+        let stranded = FakeIptables::with_chains(&["FORWARD", "DOCKER-USER"]);
+        add(
+            &stranded,
+            "DOCKER-USER",
+            "-s 10.101.0.0/16 -d 10.101.3.0/24 -m comment --comment ployz:plz0a650300 -j ACCEPT",
+        );
+        add(&stranded, "DOCKER-USER", "-d 10.9.9.0/24 -j ACCEPT");
+        add(&stranded, "DOCKER-USER", "-j RETURN");
+        add(
+            &stranded,
+            "DOCKER-USER",
+            "-d 10.101.3.0/24 -m comment --comment ployz:plz0a650300 -j DROP",
+        );
+        allow_subnet(
+            &stranded,
+            "plz0a650300",
+            "10.101.3.0/24",
+            Some("10.101.0.0/16"),
+        )
+        .unwrap();
+        assert_eq!(stranded.rules("DOCKER-USER"), want);
+
+        // The host runtime's bridge rules in a FORWARD that returns early.
+        let fwd = FakeIptables::with_chains(&["FORWARD"]);
+        add(&fwd, "FORWARD", "-j RETURN");
+        allow_bridge(&fwd, "plzbr0", Some("10.101.0.0/16")).unwrap();
+        assert_eq!(
+            fwd.rules("FORWARD").last().map(String::as_str),
+            Some("-j RETURN")
         );
     }
 

@@ -387,24 +387,34 @@ fn services_follow_lifecycle_migrate_with_volumes_and_leave_with_their_machine()
     assert!(instances(&ms[0], "web").is_empty());
 }
 
-/// Removes docker containers and networks this test created, also on failure.
+/// Removes what this test created in the root namespace, also on failure:
+/// the machine first (with its containers, so the network can go), then
+/// its docker network and every iptables rule tagged with it.
 struct DockerGuard {
+    machine: Option<Machine>,
     network: String,
-    subnet: String,
 }
 
 impl Drop for DockerGuard {
     fn drop(&mut self) {
+        drop(self.machine.take());
         let _ = std::process::Command::new("docker")
             .args(["network", "rm", &self.network])
             .output();
+        let tag = format!("\"ployz:{}\"", self.network);
         for chain in ["DOCKER-USER", "FORWARD"] {
-            let tag = format!("ployz:{}", self.network);
-            for comment in [&["-m", "comment", "--comment", &tag][..], &[]] {
-                let _ = std::process::Command::new("iptables")
-                    .args(["-D", chain, "-d", &self.subnet])
-                    .args(comment)
-                    .args(["-j", "ACCEPT"])
+            let Ok(o) = std::process::Command::new("iptables")
+                .args(["-S", chain])
+                .output()
+            else {
+                continue;
+            };
+            for rule in stdout(&o).lines().filter(|l| l.contains(&tag)) {
+                let Some(spec) = rule.strip_prefix("-A ") else {
+                    continue;
+                };
+                let _ = std::process::Command::new("sh")
+                    .args(["-c", &format!("iptables -w -D {spec}")])
                     .output();
             }
         }
@@ -437,9 +447,10 @@ fn docker_runtime_runs_the_same_deploy() {
         .to_string();
     let net: std::net::Ipv4Addr = subnet.split('/').next().unwrap().parse().unwrap();
     let guard = DockerGuard {
+        machine: Some(m),
         network: format!("plz{:08x}", u32::from(net)),
-        subnet: subnet.clone(),
     };
+    let m = guard.machine.as_ref().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let image = busybox_image(
         tmp.path(),
