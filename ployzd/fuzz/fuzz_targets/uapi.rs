@@ -18,7 +18,10 @@ fuzz_target!(|data: &[u8]| {
     match wg::uapi::parse_set(text.lines()) {
         Ok(req) => {
             // Every peer section starts with a public key line.
-            let keys = text.lines().filter(|l| l.starts_with("public_key=")).count();
+            let keys = text
+                .lines()
+                .filter(|l| l.starts_with("public_key="))
+                .count();
             assert_eq!(req.peers.len(), keys);
         }
         Err(e) => {
