@@ -112,6 +112,22 @@ pub enum Request {
     Doctor,
     /// `dashboard`: a one-time login link to this machine's web UI.
     Dashboard,
+    /// `registry add` / `registry login`: how to reach a registry.
+    RegistrySet {
+        host: String,
+        #[serde(default)]
+        insecure: bool,
+        #[serde(default)]
+        username: Option<String>,
+        #[serde(default)]
+        password: Option<String>,
+    },
+    /// `registry ls`.
+    RegistryList,
+    /// `registry rm`.
+    RegistryRm {
+        host: String,
+    },
 }
 
 /// `deploy service`.
@@ -244,6 +260,22 @@ pub enum Response {
     Left(LeftNetwork),
     Doctor(DoctorReport),
     Dashboard(DashboardLink),
+    Registries(RegistryList),
+}
+
+/// `registry ls --json` (no secrets).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegistryList {
+    pub registries: Vec<RegistryView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegistryView {
+    pub host: String,
+    pub insecure: bool,
+    /// `null` without credentials.
+    #[serde(default)]
+    pub username: Option<String>,
 }
 
 /// `dashboard --json`.
@@ -396,6 +428,9 @@ pub struct ServiceView {
     /// `null` for an image given by name (not shipped between machines).
     #[serde(default)]
     pub digest: Option<String>,
+    /// Image manifest digest of an image pulled from a registry.
+    #[serde(default)]
+    pub manifest_digest: Option<String>,
     pub replicas: u32,
     pub generation: u64,
     #[serde(default)]
@@ -861,6 +896,7 @@ mod tests {
             name: "web".into(),
             image: "busybox".into(),
             digest: None,
+            manifest_digest: None,
             replicas: 1,
             generation: 1,
             volumes: vec![],

@@ -62,11 +62,42 @@ enum Top {
     Status,
     /// Print a one-time login link to this machine's web dashboard.
     Dashboard,
+    /// Image registries: plain-HTTP hosts and credentials (stored in the cluster, never printed).
+    #[command(subcommand)]
+    Registry(RegistryCmd),
     /// Print a shell completion script: `ployzctl completions bash > /etc/bash_completion.d/ployzctl`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Subcommand)]
+enum RegistryCmd {
+    /// Store credentials for a registry (basic auth or its token flow).
+    Login {
+        /// host[:port] as in image references.
+        host: String,
+        #[arg(long)]
+        username: String,
+        /// Read the password from the first line of stdin (required: never on the command line).
+        #[arg(long, required = true)]
+        password_stdin: bool,
+        /// Talk plain HTTP to this host.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Name a registry; with --insecure ployz talks plain HTTP to it.
+    Add {
+        host: String,
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Registries ployz knows (no secrets).
+    #[command(alias = "list")]
+    Ls,
+    /// Forget a registry and its credentials.
+    Rm { host: String },
 }
 
 #[derive(Subcommand)]
@@ -472,6 +503,15 @@ fn request_of(cmd: Top) -> Request {
         Top::Op(OpCmd::Ls) => Request::OpList,
         Top::Status => Request::Doctor,
         Top::Dashboard => Request::Dashboard,
+        Top::Registry(RegistryCmd::Add { host, insecure }) => Request::RegistrySet {
+            host,
+            insecure,
+            username: None,
+            password: None,
+        },
+        Top::Registry(RegistryCmd::Login { .. }) => unreachable!("needs the password: see main"),
+        Top::Registry(RegistryCmd::Ls) => Request::RegistryList,
+        Top::Registry(RegistryCmd::Rm { host }) => Request::RegistryRm { host },
         Top::Op(OpCmd::Wait { id, timeout_secs }) => Request::OpWait {
             id,
             timeout_secs: Some(timeout_secs),
@@ -539,7 +579,36 @@ fn main() {
         }
         *token = Some(line.trim().to_string());
     }
-    let request = request_of(command);
+    let request = match command {
+        Top::Registry(RegistryCmd::Login {
+            host,
+            username,
+            insecure,
+            ..
+        }) => {
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+            let password = line.trim_end_matches(['\r', '\n']).to_string();
+            if password.is_empty() {
+                output::print_error(
+                    &ployz_api::ApiError::new(
+                        ployz_api::ErrorCode::InvalidArgument,
+                        "--password-stdin: stdin had no password",
+                    )
+                    .with_hint("pipe it in: `ployzctl registry login HOST --username U --password-stdin < FILE`"),
+                    json,
+                );
+                std::process::exit(ployz_api::ErrorCode::InvalidArgument.exit_code());
+            }
+            Request::RegistrySet {
+                host,
+                insecure,
+                username: Some(username),
+                password: Some(password),
+            }
+        }
+        other => request_of(other),
+    };
     let code = match client::call(&socket, &request) {
         Ok(Ok(resp)) => {
             output::print_response(&resp, json);

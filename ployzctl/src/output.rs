@@ -362,6 +362,27 @@ pub fn print_response(resp: &Response, json: bool) {
             }
             print!("{}", ops_table(&l.operations));
         }
+        Response::Registries(l) => {
+            if json {
+                return print_json(l);
+            }
+            if l.registries.is_empty() {
+                println!(
+                    "no registries (ployzctl registry add HOST --insecure, or registry login)"
+                );
+            }
+            for r in &l.registries {
+                println!(
+                    "{:<30} {:<8} {}",
+                    r.host,
+                    if r.insecure { "http" } else { "https" },
+                    r.username
+                        .as_deref()
+                        .map(|u| format!("user {u}"))
+                        .unwrap_or_else(|| "anonymous".into())
+                );
+            }
+        }
         Response::Dashboard(d) => {
             if json {
                 return print_json(d);
@@ -668,6 +689,7 @@ a1b2c3d4e5f6   b              -        -
             name: name.into(),
             image: "web:1".into(),
             digest: None,
+            manifest_digest: None,
             replicas,
             generation: 1,
             volumes: vec![],

@@ -3,6 +3,7 @@
 //! one at a time and wait for the machines to report them.
 
 use super::*;
+use ployz_runtime::registry::ImageRef;
 
 /// How much of a failed instance's error the deploy's operation record keeps.
 const OP_MESSAGE_ERROR_CHARS: usize = 300;
@@ -105,7 +106,11 @@ impl Workloads {
         op.step("image", req.image.clone())
             .await
             .map_err(unchanged)?;
-        let image = if req.image.starts_with('/') {
+        let image = if ImageRef::names_registry(&req.image) {
+            self.pull_image(&req.image, &req.name, sink)
+                .await
+                .map_err(unchanged)?
+        } else if req.image.starts_with('/') {
             let path = PathBuf::from(&req.image);
             progress("image", format!("importing {}", path.display()));
             let store = self.image_store().map_err(unchanged)?;
@@ -137,6 +142,7 @@ impl Workloads {
                     image_id: None,
                     size: 0,
                     sources: Vec::new(),
+                    manifest_digest: None,
                 },
             }
         };
@@ -592,6 +598,7 @@ impl Workloads {
             name: svc.name.clone(),
             image: svc.image.reference.clone(),
             digest: svc.image.digest.clone(),
+            manifest_digest: svc.image.manifest_digest.clone(),
             replicas: svc.replicas,
             generation: svc.generation,
             volumes: svc
@@ -701,6 +708,7 @@ pub(super) fn shipped_image(reference: &str, info: &ImageInfo, me: &str) -> Serv
         image_id: Some(info.image_id.clone()),
         size: info.size,
         sources: vec![me.to_string()],
+        manifest_digest: None,
     }
 }
 
@@ -716,6 +724,7 @@ mod tests {
                 reference: "web:1".into(),
                 digest: None,
                 image_id: None,
+                manifest_digest: None,
                 size: 0,
                 sources: vec![],
             },
