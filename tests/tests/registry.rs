@@ -1,0 +1,232 @@
+//! Images from a real OCI registry: Debian's `docker-registry` (distribution
+//! 2.8) with its own config file in host 0's namespace, one open and one with
+//! htpasswd (basic) auth; images pushed with `skopeo`. Deploys 3 replicas by
+//! reference on a 3-machine namespace cluster and checks the pinned digest
+//! against skopeo's; a wrong tag, a wrong password and an unreachable host
+//! fail with their exit codes and change nothing.
+
+use ployz_tests::images::busybox_image;
+use ployz_tests::netns::{Host, Testbed};
+use ployz_tests::{bin, eventually, stdout, Machine};
+use serde_json::Value;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const HTTPD: &[&str] = &["httpd", "-f", "-p", "8080", "-h", "/www"];
+const USER: &str = "ployzuser";
+const PASSWORD: &str = "s3cret-pa55word";
+
+/// A `docker-registry serve CONFIG` process, killed on drop.
+struct Registry {
+    child: Child,
+    addr: String,
+}
+
+impl Registry {
+    fn start(host: &Host, dir: &Path, port: u16, htpasswd: bool) -> Registry {
+        let addr = format!("{}:{port}", host.ip);
+        let root = dir.join(format!("reg-{port}"));
+        std::fs::create_dir_all(&root).unwrap();
+        let mut cfg = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {addr}\n",
+            root.display()
+        );
+        if htpasswd {
+            let o = Command::new("htpasswd")
+                .args(["-Bbn", USER, PASSWORD])
+                .output()
+                .expect("htpasswd (apt-get install apache2-utils)");
+            assert!(o.status.success());
+            let file = dir.join(format!("htpasswd-{port}"));
+            std::fs::write(&file, &o.stdout).unwrap();
+            cfg.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: ployz-test\n    path: {}\n",
+                file.display()
+            ));
+        }
+        let cfg_path = dir.join(format!("registry-{port}.yml"));
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let log = std::fs::File::create(dir.join(format!("registry-{port}.log"))).unwrap();
+        let child = host
+            .command("docker-registry")
+            .arg("serve")
+            .arg(&cfg_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry (apt-get install docker-registry)");
+        let up = eventually(Duration::from_secs(20), || {
+            let o = host.sh(&format!(
+                "curl -s -o /dev/null -w '%{{http_code}}' http://{addr}/v2/"
+            ));
+            let code = stdout(&o);
+            (code == "200" || code == "401").then_some(())
+        });
+        assert!(up.is_some(), "registry at {addr} did not come up");
+        Registry { child, addr }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn skopeo_push(host: &Host, archive: &Path, dest: &str, creds: Option<&str>) {
+    let mut c = host.command("skopeo");
+    c.args(["copy", "--dest-tls-verify=false"]);
+    if let Some(creds) = creds {
+        c.args(["--dest-creds", creds]);
+    }
+    let o = c
+        .arg(format!("docker-archive:{}", archive.display()))
+        .arg(format!("docker://{dest}"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("skopeo (apt-get install skopeo)");
+    assert!(
+        o.status.success(),
+        "skopeo copy to {dest}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn skopeo_digest(host: &Host, reference: &str) -> String {
+    let o = host
+        .command("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["Digest"].as_str().unwrap().to_string()
+}
+
+/// `ployzctl registry login HOST --username U --password-stdin --insecure`.
+fn login(m: &Machine, host: &str, password: &str) -> std::process::Output {
+    let mut c = Command::new(bin("ployzctl"))
+        .arg("--socket")
+        .arg(m.socket())
+        .args([
+            "registry",
+            "login",
+            host,
+            "--username",
+            USER,
+            "--password-stdin",
+            "--insecure",
+        ])
+        .env_remove("PLOYZ_SOCKET")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(c.stdin.take().unwrap(), "{password}").unwrap();
+    c.wait_with_output().unwrap()
+}
+
+fn service_names(m: &Machine) -> Vec<String> {
+    m.ctl_json(&["service", "ls"])["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
+    let tb = Testbed::new(3);
+    let ms = ployz_tests::cluster_on(&tb, "regtest");
+    let tmp = tempfile::tempdir().unwrap();
+    let open = Registry::start(&tb.hosts[0], tmp.path(), 5000, false);
+    let authed = Registry::start(&tb.hosts[0], tmp.path(), 5001, true);
+    let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
+    let reference = format!("{}/ployz/busybox:1", open.addr);
+    skopeo_push(&tb.hosts[0], &image, &reference, None);
+    let private = format!("{}/ployz/busybox:1", authed.addr);
+    skopeo_push(
+        &tb.hosts[0],
+        &image,
+        &private,
+        Some(&format!("{USER}:{PASSWORD}")),
+    );
+    let want = skopeo_digest(&tb.hosts[0], &reference);
+
+    // Plain HTTP only for a host named insecure.
+    let (code, v) = ms[0].try_deploy(&["web", "--image", &reference]);
+    assert_ne!(code, Some(0), "{v}");
+    assert!(service_names(&ms[0]).is_empty());
+    ms[0].ctl_json(&["registry", "add", &open.addr, "--insecure"]);
+    let ls = ms[1].ctl_json(&["registry", "ls"]);
+    assert_eq!(ls["registries"][0]["host"], open.addr.as_str(), "{ls}");
+    assert_eq!(ls["registries"][0]["insecure"], true, "{ls}");
+
+    // Three replicas from the registry, every machine running the pinned digest.
+    let v = ms[0].deploy(&["web", "--image", &reference, "--replicas", "3"]);
+    let inst = v["instances"].as_array().unwrap();
+    assert_eq!(inst.len(), 3, "{v:#}");
+    assert!(inst.iter().all(|i| i["state"] == "running"), "{v:#}");
+    assert_eq!(v["manifest_digest"], want.as_str(), "{v:#}");
+    assert_eq!(v["image"], format!("{reference}@{want}").as_str(), "{v:#}");
+    let ls = ms[2].ctl_json(&["service", "ls"]);
+    assert_eq!(ls["services"][0]["manifest_digest"], want.as_str(), "{ls}");
+
+    // A wrong tag: exit 6 with the registry's own message; nothing written.
+    let (code, v) = ms[0].try_deploy(&[
+        "web2",
+        "--image",
+        &format!("{}/ployz/busybox:nope", open.addr),
+    ]);
+    assert_eq!(code, Some(6), "{v}");
+    let msg = v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(msg.contains("manifest unknown"), "{v}");
+    assert!(!service_names(&ms[0]).contains(&"web2".to_string()));
+
+    // A wrong password: refused (exit 8), nothing written, never printed.
+    let o = login(&ms[0], &authed.addr, "wrong-password");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (code, v) = ms[0].try_deploy(&["priv", "--image", &private]);
+    assert_eq!(code, Some(8), "{v}");
+    assert!(!v.to_string().contains("wrong-password"), "{v}");
+    assert!(!service_names(&ms[0]).contains(&"priv".to_string()));
+
+    // The right one: deploys; `registry ls` names the user, never the password.
+    let o = login(&ms[0], &authed.addr, PASSWORD);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = ms[1].deploy(&["priv", "--image", &private]);
+    assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
+    let ls = ms[2].ctl(&["--json", "registry", "ls"]);
+    let text = stdout(&ls);
+    assert!(text.contains(USER), "{text}");
+    assert!(!text.contains(PASSWORD), "{text}");
+    for m in &ms {
+        assert!(!m.log().contains(PASSWORD), "the password is in a log");
+    }
+
+    // An unreachable registry names the host and the address tried.
+    let dead = format!("{}:5009", tb.hosts[0].ip);
+    ms[0].ctl_json(&["registry", "add", &dead, "--insecure"]);
+    let (code, v) = ms[0].try_deploy(&["gone", "--image", &format!("{dead}/x/y:1")]);
+    assert_eq!(code, Some(7), "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains(&format!("http://{dead}/v2/")), "{v}");
+    assert!(!service_names(&ms[0]).contains(&"gone".to_string()));
+
+    // registry rm forgets a host.
+    ms[0].ctl_json(&["registry", "rm", &dead]);
+    let ls = ms[0].ctl_json(&["registry", "ls"]);
+    assert_eq!(ls["registries"].as_array().unwrap().len(), 2, "{ls}");
+}
