@@ -2,6 +2,7 @@
 //! the answer (a table, or JSON with `--json`), exit with a documented code.
 
 mod client;
+mod compose;
 mod output;
 
 use clap::{Parser, Subcommand};
@@ -47,9 +48,9 @@ enum Top {
     /// Release locations for `--install-source release`.
     #[command(subcommand)]
     Release(ReleaseCmd),
-    /// Deploy a workload.
-    #[command(subcommand)]
-    Deploy(DeployCmd),
+    /// Deploy a workload: `deploy service NAME --image …`, or every service
+    /// of a compose file with `deploy -f compose.yaml`.
+    Deploy(DeployArgs),
     /// Services running on the cluster.
     #[command(subcommand)]
     Service(ServiceCmd),
@@ -114,8 +115,34 @@ enum OpCmd {
     },
 }
 
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct DeployArgs {
+    #[command(subcommand)]
+    cmd: Option<DeployCmd>,
+    /// A compose file: deploy each of its services, dependencies first.
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Project name (prefix of the services and volumes) [default: the file's directory name].
+    #[arg(long)]
+    project: Option<String>,
+    /// Warn about keys ployz does not support instead of refusing the file.
+    #[arg(long)]
+    ignore_unsupported: bool,
+    /// Seconds to wait for each service's instances to run.
+    #[arg(long, default_value_t = 120)]
+    wait_secs: u64,
+}
+
 #[derive(Subcommand)]
 enum DeployCmd {
+    /// Remove the services of a compose file (or of `--project`).
+    Rm {
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        project: Option<String>,
+    },
     /// Create or update a service and wait until its instances run.
     Service {
         name: String,
@@ -468,16 +495,25 @@ fn request_of(cmd: Top) -> Request {
         }
         Top::Machine(MachineCmd::Rm { force, machine }) => Request::MachineRm { machine, force },
         Top::Machine(MachineCmd::Rtt) => Request::MachineRtt,
-        Top::Deploy(DeployCmd::Service {
-            name,
-            image,
-            replicas,
-            env,
-            volumes,
-            wait_secs,
-            memory,
-            cpu_shares,
-            command,
+        Top::Deploy(DeployArgs {
+            cmd: Some(DeployCmd::Rm { .. }),
+            ..
+        })
+        | Top::Deploy(DeployArgs { cmd: None, .. }) => unreachable!("handled in main"),
+        Top::Deploy(DeployArgs {
+            cmd:
+                Some(DeployCmd::Service {
+                    name,
+                    image,
+                    replicas,
+                    env,
+                    volumes,
+                    wait_secs,
+                    memory,
+                    cpu_shares,
+                    command,
+                }),
+            ..
         }) => Request::ServiceDeploy(Box::new(ployz_api::DeployRequest {
             name,
             image: image_arg(&image),
@@ -547,7 +583,38 @@ fn main() {
     if let Top::Release(ReleaseCmd::Pack { out, version }) = cli.command {
         std::process::exit(release_pack(&out, version, json));
     }
-    if let Top::Deploy(DeployCmd::Service { image, .. }) = &cli.command {
+    if let Top::Deploy(d) = &cli.command {
+        match &d.cmd {
+            Some(DeployCmd::Rm { file, project }) => {
+                std::process::exit(compose::rm(&socket, file.as_deref(), project.clone(), json))
+            }
+            None => {
+                let Some(file) = d.file.clone() else {
+                    output::print_error(
+                        &ployz_api::ApiError::new(
+                            ployz_api::ErrorCode::InvalidArgument,
+                            "deploy needs a compose file (-f FILE) or a subcommand (deploy service …)",
+                        ),
+                        json,
+                    );
+                    std::process::exit(exit::USAGE);
+                };
+                let opts = compose::ComposeOpts {
+                    file,
+                    project: d.project.clone(),
+                    ignore_unsupported: d.ignore_unsupported,
+                    wait_secs: d.wait_secs,
+                };
+                std::process::exit(compose::deploy(&socket, &opts, json));
+            }
+            Some(DeployCmd::Service { .. }) => {}
+        }
+    }
+    if let Top::Deploy(DeployArgs {
+        cmd: Some(DeployCmd::Service { image, .. }),
+        ..
+    }) = &cli.command
+    {
         if let Err(msg) = check_image_path(image) {
             output::print_error(
                 &ployz_api::ApiError::new(ployz_api::ErrorCode::InvalidArgument, msg).with_hint(
