@@ -4,6 +4,7 @@
 mod client;
 mod compose;
 mod output;
+mod progress;
 
 use clap::{Parser, Subcommand};
 use ployz_api::{LifecycleAction, Request};
