@@ -421,6 +421,77 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Tries `access` against the registry `host` without fetching anything
+/// (`registry login`): `GET /v2/` with the credentials (basic), or the
+/// token flow its `WWW-Authenticate` challenge names (bearer). A registry
+/// that needs no credentials accepts any.
+pub async fn check_login(host: &str, access: &Access) -> Result<(), RegistryError> {
+    install_crypto();
+    // A reference only to name the host (and a repository for the token scope).
+    let r = ImageRef {
+        host: host.to_string(),
+        repository: "library/busybox".to_string(),
+        tag: Some("latest".to_string()),
+        digest: None,
+    };
+    let url = address(&r, access);
+    let unreachable = |e: reqwest::Error| RegistryError::Unreachable {
+        host: host.to_string(),
+        address: url.clone(),
+        why: error_chain(&e),
+    };
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| RegistryError::Protocol {
+            host: host.to_string(),
+            why: error_chain(&e),
+        })?;
+    let res = http.get(&url).send().await.map_err(unreachable)?;
+    if res.status().is_success() {
+        return Ok(());
+    }
+    let challenge = res
+        .headers()
+        .get(reqwest::header::WWW_AUTHENTICATE)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let refused = |message: String| RegistryError::Unauthorized {
+        reference: format!("{host}/v2/"),
+        host: host.to_string(),
+        message,
+    };
+    let Some((user, password)) = &access.credentials else {
+        return Err(refused(format!("{} without credentials", res.status())));
+    };
+    if challenge.to_ascii_lowercase().starts_with("bearer") {
+        // The token endpoint checks the credentials.
+        return client(&r, access)
+            .auth(&r.oci(), &auth(access), oci_client::RegistryOperation::Pull)
+            .await
+            .map(|_| ())
+            .map_err(|e| classify(&r, access, "login", e));
+    }
+    let res = http
+        .get(&url)
+        .basic_auth(user, Some(password))
+        .send()
+        .await
+        .map_err(unreachable)?;
+    match res.status() {
+        s if s.is_success() => Ok(()),
+        s if s == reqwest::StatusCode::UNAUTHORIZED || s == reqwest::StatusCode::FORBIDDEN => {
+            Err(refused(format!("{s} for user {user}")))
+        }
+        s => Err(RegistryError::Protocol {
+            host: host.to_string(),
+            why: format!("GET {url} answered {s}"),
+        }),
+    }
+}
+
 /// Resolves `r` to the digest of its image manifest (an index picks
 /// linux/amd64) without fetching any layer.
 pub async fn resolve(r: &ImageRef, access: &Access) -> Result<String, RegistryError> {

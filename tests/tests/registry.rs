@@ -161,6 +161,11 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
         Some(&format!("{USER}:{PASSWORD}")),
     );
     let want = skopeo_digest(&tb.hosts[0], &reference);
+    let solo = format!("{}/ployz/solo:1", open.addr);
+    skopeo_push(&tb.hosts[0], &image, &solo, None);
+    let fb = format!("{}/ployz/fb:1", open.addr);
+    skopeo_push(&tb.hosts[0], &image, &fb, None);
+    let ids: Vec<String> = ms.iter().map(|m| m.id()).collect();
 
     // Plain HTTP only for a host named insecure.
     let (code, v) = ms[0].try_deploy(&["web", "--image", &reference]);
@@ -181,6 +186,61 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
     let ls = ms[2].ctl_json(&["service", "ls"]);
     assert_eq!(ls["services"][0]["manifest_digest"], want.as_str(), "{ls}");
 
+    // Bare names: an image stored here under that name wins; any other name
+    // is a Docker Hub reference (no route to it from the namespaces).
+    ms[0].deploy(&["arch", "--image", image.to_str().unwrap()]);
+    ms[0].ctl_json(&["service", "rm", "arch"]);
+    let v = ms[0].deploy(&["byname", "--image", "ployz-busybox"]);
+    assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
+    assert!(v["manifest_digest"].is_null(), "{v:#}");
+    ms[0].ctl_json(&["service", "rm", "byname"]);
+    let (code, v) = ms[0].try_deploy(&["hub", "--image", "ployz-stored-nowhere"]);
+    assert!(matches!(code, Some(6 | 7)), "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("registry docker.io"), "{v}");
+    assert!(!service_names(&ms[0]).contains(&"hub".to_string()));
+
+    // Peers first: both images are pulled by machine 0 and run there only.
+    for id in &ids[1..] {
+        ms[0].ctl_json(&["machine", "drain", id]);
+    }
+    for (name, r) in [("solo", &solo), ("fb", &fb)] {
+        let v = ms[0].deploy(&[name, "--image", r]);
+        assert_eq!(v["instances"][0]["machine"], ids[0].as_str(), "{v:#}");
+    }
+    for id in &ids[1..] {
+        ms[0].ctl_json(&["machine", "activate", id]);
+    }
+    // With the registry gone, a machine new to the image gets it from a peer.
+    drop(open);
+    let v = ms[0].ctl_json(&["service", "migrate", "solo", "--to", &ids[1]]);
+    assert_eq!(v["instances"][0]["machine"], ids[1].as_str(), "{v:#}");
+    assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
+    assert!(ms[1].log().contains("image fetched"), "{}", ms[1].log());
+    // No peer has it any more (machine 0 lost its copy): from the registry,
+    // pinned to the digest, packed into the very archive the service runs.
+    let open = Registry::start(&tb.hosts[0], tmp.path(), 5000, false);
+    let ls = ms[0].ctl_json(&["service", "ls"]);
+    let fb_svc = ls["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "fb")
+        .unwrap()
+        .clone();
+    let archive = fb_svc["digest"].as_str().unwrap();
+    let hex = archive.strip_prefix("sha256:").unwrap();
+    std::fs::remove_file(ms[0].data_dir().join("images/blobs").join(hex)).unwrap();
+    let v = ms[0].ctl_json(&["service", "migrate", "fb", "--to", &ids[2]]);
+    assert_eq!(v["instances"][0]["machine"], ids[2].as_str(), "{v:#}");
+    assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
+    assert!(
+        ms[2].log().contains("image fetched from its registry"),
+        "{}",
+        ms[2].log()
+    );
+    assert!(ms[2].data_dir().join("images/blobs").join(hex).is_file());
+
     // A wrong tag: exit 6 with the registry's own message; nothing written.
     let (code, v) = ms[0].try_deploy(&[
         "web2",
@@ -195,9 +255,21 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
     assert!(msg.contains("manifest unknown"), "{v}");
     assert!(!service_names(&ms[0]).contains(&"web2".to_string()));
 
-    // A wrong password: refused (exit 8), nothing written, never printed.
+    // A wrong password: refused at login (exit 8), nothing stored, never
+    // printed; without credentials, the deploy is refused (exit 8) too.
     let o = login(&ms[0], &authed.addr, "wrong-password");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(8),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let said = format!("{}{}", stdout(&o), String::from_utf8_lossy(&o.stderr));
+    assert!(said.contains("refused"), "{said}");
+    assert!(!said.contains("wrong-password"), "{said}");
+    let ls = ms[0].ctl_json(&["registry", "ls"]);
+    assert_eq!(ls["registries"].as_array().unwrap().len(), 1, "{ls}");
+    ms[0].ctl_json(&["registry", "add", &authed.addr, "--insecure"]);
     let (code, v) = ms[0].try_deploy(&["priv", "--image", &private]);
     assert_eq!(code, Some(8), "{v}");
     assert!(!v.to_string().contains("wrong-password"), "{v}");
@@ -206,6 +278,12 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
     // The right one: deploys; `registry ls` names the user, never the password.
     let o = login(&ms[0], &authed.addr, PASSWORD);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for m in &ms {
+        assert!(
+            !m.log().contains("wrong-password"),
+            "a password is in a log"
+        );
+    }
     let v = ms[1].deploy(&["priv", "--image", &private]);
     assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
     let ls = ms[2].ctl(&["--json", "registry", "ls"]);

@@ -6,6 +6,7 @@ use crate::errors::{internal, invalid, note, ProgressSink};
 use crate::store::{self, put};
 use ployz_api::*;
 use ployz_consensus::Expect;
+use ployz_runtime::image::{ImageInfo, ImageStore};
 use ployz_runtime::registry::{self, Access, ImageRef, RegistryError};
 
 /// Checks `host[:port]` as it appears in image references.
@@ -60,8 +61,13 @@ impl Workloads {
             username,
             password,
         };
-        // FIXME: the credentials are not tried here; a wrong password shows
-        // at the first deploy (exit 8, nothing changed).
+        // Credentials are tried before they are stored: refused ones exit 8
+        // and an unreachable registry 7, storing nothing.
+        if rec.username.is_some() {
+            registry::check_login(host, &access_of(&rec))
+                .await
+                .map_err(pull_error)?;
+        }
         let key = RegistryRecord::key(host);
         let mut ops = store::records::ensure_bucket(BUCKET_REGISTRIES);
         ops.push(put(BUCKET_REGISTRIES, &key, &rec, Expect::Any));
@@ -154,6 +160,41 @@ impl Workloads {
         );
         image.manifest_digest = Some(pulled.manifest_digest);
         Ok(image)
+    }
+
+    /// Pulls a service's pinned registry image on this machine (when no peer
+    /// could serve it) and checks that it is the archive `digest`.
+    pub(super) async fn pull_pinned(
+        &self,
+        store: &ImageStore,
+        svc: &ServiceRecord,
+        digest: &str,
+    ) -> Result<ImageInfo, ApiError> {
+        let r = ImageRef::parse(&svc.image.reference).map_err(pull_error)?;
+        if r.digest.is_none() {
+            return Err(internal(format!(
+                "`{}` is not pinned to a digest",
+                svc.image.reference
+            )));
+        }
+        let access = self.access(&r.host).await?;
+        let pulled = registry::pull(store, &r, &access)
+            .await
+            .map_err(pull_error)?;
+        if pulled.info.digest != digest {
+            return Err(pull_error(RegistryError::DigestMismatch {
+                host: r.host.clone(),
+                what: format!("the image archive of {}", r.canonical()),
+                why: format!("packed {}, the service runs {digest}", pulled.info.digest),
+            }));
+        }
+        tracing::info!(
+            %digest,
+            registry = %r.host,
+            bytes = pulled.fetched_bytes,
+            "image fetched from its registry (no peer had it)"
+        );
+        Ok(pulled.info)
     }
 }
 
