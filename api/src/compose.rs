@@ -358,6 +358,7 @@ pub fn parse(
         };
         let mut d = DeployRequest {
             name: format!("{project}-{name}"),
+            project: Some(project.to_string()),
             replicas: 1,
             ..Default::default()
         };

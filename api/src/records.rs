@@ -408,6 +408,9 @@ pub struct ServiceRecord {
     /// tell, after its machine died, whether it got that far).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployed_by: Option<String>,
+    /// Compose project (`deploy -f`), grouping its services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
 }
 
 #[cfg(test)]

@@ -156,6 +156,10 @@ pub struct DeployRequest {
     /// Relative CPU weight per instance, 2–262144 (1024 is the default weight).
     #[serde(default)]
     pub cpu_shares: Option<u64>,
+    /// The compose project the service belongs to (`deploy -f`); a deploy
+    /// without one keeps the service's current project.
+    #[serde(default)]
+    pub project: Option<String>,
 }
 
 /// `machine init` / `machine add`: every flag of the page.
@@ -443,6 +447,9 @@ pub struct ServiceList {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServiceView {
     pub name: String,
+    /// Compose project (`deploy -f`); `null` for a service deployed alone.
+    #[serde(default)]
+    pub project: Option<String>,
     pub image: String,
     /// `null` for an image given by name (not shipped between machines).
     #[serde(default)]
@@ -913,6 +920,7 @@ mod tests {
         };
         let services = serde_json::json!({"services": [ServiceView {
             name: "web".into(),
+            project: None,
             image: "busybox".into(),
             digest: None,
             manifest_digest: None,

@@ -137,7 +137,7 @@ pub fn deploy(socket: &Path, opts: &ComposeOpts, json: bool) -> i32 {
 }
 
 /// `deploy rm`: the file's services (dependents first), or with only
-/// `--project` every service named `<project>-…`.
+/// `--project` every service recorded in that project.
 pub fn rm(socket: &Path, file: Option<&Path>, project: Option<String>, json: bool) -> i32 {
     let names: Vec<String> = match file {
         Some(f) => {
@@ -160,11 +160,12 @@ pub fn rm(socket: &Path, file: Option<&Path>, project: Option<String>, json: boo
                 );
             };
             match client::call(socket, &Request::ServiceList) {
+                // Every service recorded in the project.
                 Ok(Ok(Response::Services(l))) => l
                     .services
                     .into_iter()
+                    .filter(|s| s.project.as_deref() == Some(p.as_str()))
                     .map(|s| s.name)
-                    .filter(|n| n.starts_with(&format!("{p}-")))
                     .collect(),
                 Ok(Ok(_)) => return exit::INTERNAL,
                 Ok(Err(e)) => return fail(e, json),

@@ -525,6 +525,7 @@ fn request_of(cmd: Top) -> Request {
             wait_secs: Some(wait_secs),
             memory,
             cpu_shares,
+            project: None,
         })),
         Top::Service(ServiceCmd::Ls) => Request::ServiceList,
         Top::Service(ServiceCmd::Rm { name }) => Request::ServiceRm { name },

@@ -103,8 +103,9 @@ const RTT_COLUMNS: [Column<RttRow>; 4] = [
 /// One row per instance; a service without instances gets one row of dashes.
 type InstanceRow<'a> = (&'a ServiceView, Option<&'a InstanceView>);
 
-fn service_columns<'a>() -> [Column<InstanceRow<'a>>; 9] {
+fn service_columns<'a>() -> [Column<InstanceRow<'a>>; 10] {
     [
+        ("PROJECT", |(s, _)| opt(&s.project)),
         ("SERVICE", |(s, _)| s.name.clone()),
         ("IMAGE", |(s, _)| s.image.clone()),
         ("REPLICAS", |(s, _)| s.replicas.to_string()),
@@ -687,6 +688,7 @@ a1b2c3d4e5f6   b              -        -
             };
         let service = |name: &str, replicas, instances| ServiceView {
             name: name.into(),
+            project: None,
             image: "web:1".into(),
             digest: None,
             manifest_digest: None,
@@ -720,10 +722,10 @@ a1b2c3d4e5f6   b              -        -
         assert_eq!(
             services_table(&services),
             "\
-SERVICE   IMAGE   REPLICAS   MACHINE        SLOT   STATE                           RESTARTS   LAST EXIT   OVERLAY IP
-web       web:1   2          a1b2c3d4e5f6   0      running                         0          -           10.101.1.2
-web       web:1   2          0f0f0f0f0f0f   1      running (machine unreachable)   4          3           -
-idle      web:1   0          -              -      -                               -          -           -
+PROJECT   SERVICE   IMAGE   REPLICAS   MACHINE        SLOT   STATE                           RESTARTS   LAST EXIT   OVERLAY IP
+-         web       web:1   2          a1b2c3d4e5f6   0      running                         0          -           10.101.1.2
+-         web       web:1   2          0f0f0f0f0f0f   1      running (machine unreachable)   4          3           -
+-         idle      web:1   0          -              -      -                               -          -           -
 "
         );
     }

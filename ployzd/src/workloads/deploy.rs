@@ -16,6 +16,9 @@ impl Workloads {
         sink: &ProgressSink,
     ) -> Result<ServiceView, ApiError> {
         validate_service_name(&req.name)?;
+        if let Some(p) = &req.project {
+            crate::errors::validate_label("project name", p, MAX_SERVICE_NAME)?;
+        }
         if req.replicas > MAX_REPLICAS {
             return Err(invalid(format!(
                 "--replicas {} is too many: use 0 to {MAX_REPLICAS}",
@@ -203,6 +206,10 @@ impl Workloads {
                     created_at_ms: cur.map_or(now, |c| c.created_at_ms),
                     updated_at_ms: now,
                     deployed_by: Some(op.id().to_string()),
+                    project: req
+                        .project
+                        .clone()
+                        .or_else(|| cur.and_then(|c| c.project.clone())),
                 }))
             })
             .await
@@ -609,6 +616,7 @@ impl Workloads {
     ) -> ServiceView {
         ServiceView {
             name: svc.name.clone(),
+            project: svc.project.clone(),
             image: svc.image.reference.clone(),
             digest: svc.image.digest.clone(),
             manifest_digest: svc.image.manifest_digest.clone(),
@@ -780,6 +788,7 @@ mod tests {
             created_at_ms: 0,
             updated_at_ms: 0,
             deployed_by: None,
+            project: None,
         }
     }
 
