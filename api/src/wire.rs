@@ -135,7 +135,8 @@ pub enum Request {
 pub struct DeployRequest {
     pub name: String,
     /// An absolute path to an image archive or OCI layout on the machine
-    /// running ployzctl, or a name in the machines' local image stores.
+    /// running ployzctl, a registry reference, or a name (stored on the
+    /// deploying machine under it, else a Docker Hub reference).
     pub image: String,
     pub replicas: u32,
     /// `KEY=VALUE`.

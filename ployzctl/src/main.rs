@@ -148,7 +148,9 @@ enum DeployCmd {
     Service {
         name: String,
         /// Image: a `docker save` tarball or OCI image layout on this machine
-        /// (shipped to the machines that run it), or a name already in their stores.
+        /// (shipped to the machines that run it), a registry reference
+        /// (`host[:port]/repo[:tag][@sha256:…]`), or a name: the image stored
+        /// under it here, else Docker Hub (`busybox` = docker.io/library/busybox:latest).
         #[arg(long)]
         image: String,
         #[arg(long, default_value_t = 1)]
