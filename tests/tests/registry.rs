@@ -18,6 +18,30 @@ const HTTPD: &[&str] = &["httpd", "-f", "-p", "8080", "-h", "/www"];
 const USER: &str = "ployzuser";
 const PASSWORD: &str = "s3cret-pa55word";
 
+/// Where a registry and skopeo run: a namespace host, or the root namespace
+/// (next to dockerd, for the docker runtime).
+#[derive(Clone, Copy)]
+enum Place<'a> {
+    Ns(&'a Host),
+    Root,
+}
+
+impl Place<'_> {
+    fn ip(&self) -> String {
+        match self {
+            Place::Ns(h) => h.ip.to_string(),
+            Place::Root => "127.0.0.1".into(),
+        }
+    }
+
+    fn command(&self, program: &str) -> Command {
+        match self {
+            Place::Ns(h) => h.command(program),
+            Place::Root => Command::new(program),
+        }
+    }
+}
+
 /// A `docker-registry serve CONFIG` process, killed on drop.
 struct Registry {
     child: Child,
@@ -26,7 +50,11 @@ struct Registry {
 
 impl Registry {
     fn start(host: &Host, dir: &Path, port: u16, htpasswd: bool) -> Registry {
-        let addr = format!("{}:{port}", host.ip);
+        Registry::start_at(Place::Ns(host), dir, port, htpasswd)
+    }
+
+    fn start_at(place: Place, dir: &Path, port: u16, htpasswd: bool) -> Registry {
+        let addr = format!("{}:{port}", place.ip());
         let root = dir.join(format!("reg-{port}"));
         std::fs::create_dir_all(&root).unwrap();
         let mut cfg = format!(
@@ -50,7 +78,7 @@ impl Registry {
         let cfg_path = dir.join(format!("registry-{port}.yml"));
         std::fs::write(&cfg_path, cfg).unwrap();
         let log = std::fs::File::create(dir.join(format!("registry-{port}.log"))).unwrap();
-        let child = host
+        let child = place
             .command("docker-registry")
             .arg("serve")
             .arg(&cfg_path)
@@ -60,9 +88,13 @@ impl Registry {
             .spawn()
             .expect("docker-registry (apt-get install docker-registry)");
         let up = eventually(Duration::from_secs(20), || {
-            let o = host.sh(&format!(
-                "curl -s -o /dev/null -w '%{{http_code}}' http://{addr}/v2/"
-            ));
+            let o = place
+                .command("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("http://{addr}/v2/"))
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
             let code = stdout(&o);
             (code == "200" || code == "401").then_some(())
         });
@@ -79,7 +111,11 @@ impl Drop for Registry {
 }
 
 fn skopeo_push(host: &Host, archive: &Path, dest: &str, creds: Option<&str>) {
-    let mut c = host.command("skopeo");
+    skopeo_push_at(Place::Ns(host), archive, dest, creds)
+}
+
+fn skopeo_push_at(place: Place, archive: &Path, dest: &str, creds: Option<&str>) {
+    let mut c = place.command("skopeo");
     c.args(["copy", "--dest-tls-verify=false"]);
     if let Some(creds) = creds {
         c.args(["--dest-creds", creds]);
@@ -98,7 +134,11 @@ fn skopeo_push(host: &Host, archive: &Path, dest: &str, creds: Option<&str>) {
 }
 
 fn skopeo_digest(host: &Host, reference: &str) -> String {
-    let o = host
+    skopeo_digest_at(Place::Ns(host), reference)
+}
+
+fn skopeo_digest_at(place: Place, reference: &str) -> String {
+    let o = place
         .command("skopeo")
         .args(["inspect", "--tls-verify=false"])
         .arg(format!("docker://{reference}"))
@@ -307,4 +347,89 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
     ms[0].ctl_json(&["registry", "rm", &dead]);
     let ls = ms[0].ctl_json(&["registry", "ls"]);
     assert_eq!(ls["registries"].as_array().unwrap().len(), 2, "{ls}");
+}
+
+/// Removes what the docker test created in the root namespace, also on
+/// failure: the machine (with its containers), its docker network and the
+/// iptables rules tagged with it.
+struct DockerGuard {
+    machine: Option<Machine>,
+    network: String,
+}
+
+impl Drop for DockerGuard {
+    fn drop(&mut self) {
+        drop(self.machine.take());
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.network])
+            .output();
+        let tag = format!("\"ployz:{}\"", self.network);
+        for chain in ["DOCKER-USER", "FORWARD"] {
+            let Ok(o) = Command::new("iptables").args(["-S", chain]).output() else {
+                continue;
+            };
+            for rule in stdout(&o).lines().filter(|l| l.contains(&tag)) {
+                let Some(spec) = rule.strip_prefix("-A ") else {
+                    continue;
+                };
+                let _ = Command::new("sh")
+                    .args(["-c", &format!("iptables -w -D {spec}")])
+                    .output();
+            }
+        }
+    }
+}
+
+/// The docker runtime runs a pulled image: ployzd's archive is `docker
+/// load`ed and the container serves.
+#[test]
+fn docker_runtime_runs_an_image_pulled_from_a_registry() {
+    let info = Command::new("docker").arg("info").output();
+    assert!(
+        info.as_ref().is_ok_and(|o| o.status.success()),
+        "dockerd is not running: start it (scripts/setup does)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let reg = Registry::start_at(Place::Root, tmp.path(), port, false);
+    let image = busybox_image(tmp.path(), "ployz-dk-reg", HTTPD);
+    let reference = format!("{}/ployz/dk-{}:1", reg.addr, std::process::id());
+    skopeo_push_at(Place::Root, &image, &reference, None);
+    let want = skopeo_digest_at(Place::Root, &reference);
+
+    let octet = 128 + ((std::process::id() + 50) % 100) as u8;
+    let cidr = format!("10.{octet}.0.0/16");
+    let m = Machine::start_with(&["--runtime", "docker"]);
+    m.ctl_json(&["mesh", "init", "dockerreg", "--cidr", &cidr]);
+    let subnet = m.ctl_json(&["mesh", "status"])["machine"]["subnet"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let net: std::net::Ipv4Addr = subnet.split('/').next().unwrap().parse().unwrap();
+    let guard = DockerGuard {
+        machine: Some(m),
+        network: format!("plz{:08x}", u32::from(net)),
+    };
+    let m = guard.machine.as_ref().unwrap();
+    m.ctl_json(&["registry", "add", &reg.addr, "--insecure"]);
+    let v = m.deploy(&["web", "--image", &reference]);
+    assert_eq!(v["manifest_digest"], want.as_str(), "{v:#}");
+    assert_eq!(v["instances"][0]["state"], "running", "{v:#}\n{}", m.log());
+    let ip = v["instances"][0]["overlay_ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let page = eventually(Duration::from_secs(20), || {
+        let o = Command::new("curl")
+            .args(["-sf", "-m", "3", &format!("http://{ip}:8080/")])
+            .output()
+            .unwrap();
+        o.status.success().then(|| stdout(&o))
+    });
+    assert_eq!(
+        page.as_deref(),
+        Some("hello from a ployz workload\n"),
+        "the container serves"
+    );
+    m.ctl_json(&["service", "rm", "web"]);
 }
