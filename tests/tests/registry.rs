@@ -432,4 +432,6 @@ fn docker_runtime_runs_an_image_pulled_from_a_registry() {
         "the container serves"
     );
     m.ctl_json(&["service", "rm", "web"]);
+    // Images docker loaded are left to docker: remove this test's.
+    let _ = Command::new("docker").args(["rmi", &reference]).output();
 }
