@@ -120,7 +120,7 @@ pub enum Request {
         #[serde(default)]
         username: Option<String>,
         #[serde(default)]
-        password: Option<String>,
+        password: Option<Secret>,
     },
     /// `registry ls`.
     RegistryList,
@@ -161,6 +161,18 @@ pub struct DeployRequest {
     /// without one keeps the service's current project.
     #[serde(default)]
     pub project: Option<String>,
+}
+
+/// A password on the wire: serialized as the plain string, but its `Debug`
+/// (request logs) never shows it.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// `machine init` / `machine add`: every flag of the page.
@@ -852,6 +864,20 @@ impl std::error::Error for ApiError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_travel_plain_but_never_debug_print() {
+        let r = Request::RegistrySet {
+            host: "reg.example".into(),
+            insecure: false,
+            username: Some("u".into()),
+            password: Some(Secret("hunter2".into())),
+        };
+        assert!(!format!("{r:?}").contains("hunter2"));
+        let wire = serde_json::to_string(&r).unwrap();
+        assert!(wire.contains("\"password\":\"hunter2\""), "{wire}");
+        assert_eq!(serde_json::from_str::<Request>(&wire).unwrap(), r);
+    }
 
     #[test]
     fn request_wire_shape() {

@@ -675,7 +675,7 @@ fn main() {
                 host,
                 insecure,
                 username: Some(username),
-                password: Some(password),
+                password: Some(ployz_api::Secret(password)),
             }
         }
         other => request_of(other),

@@ -49,8 +49,9 @@ impl Workloads {
         host: &str,
         insecure: bool,
         username: Option<String>,
-        password: Option<String>,
+        password: Option<Secret>,
     ) -> Result<RegistryList, ApiError> {
+        let password = password.map(|p| p.0);
         check_host(host)?;
         if username.is_some() != password.is_some() {
             return Err(invalid("give both a username and a password, or neither"));
