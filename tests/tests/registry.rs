@@ -324,6 +324,8 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
             "a password is in a log"
         );
     }
+    // `registry add` again keeps the credentials the login stored.
+    ms[0].ctl_json(&["registry", "add", &authed.addr, "--insecure"]);
     let v = ms[1].deploy(&["priv", "--image", &private]);
     assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
     let ls = ms[2].ctl(&["--json", "registry", "ls"]);

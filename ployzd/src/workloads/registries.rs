@@ -56,6 +56,16 @@ impl Workloads {
         if username.is_some() != password.is_some() {
             return Err(invalid("give both a username and a password, or neither"));
         }
+        let key = RegistryRecord::key(host);
+        // `registry add` (no credentials) keeps those a login stored.
+        let (username, password) = match (username, password) {
+            (None, None) => self
+                .store
+                .get::<RegistryRecord>(BUCKET_REGISTRIES, &key)
+                .await?
+                .map_or((None, None), |v| (v.value.username, v.value.password)),
+            given => given,
+        };
         let rec = RegistryRecord {
             host: host.to_string(),
             insecure,
@@ -69,7 +79,6 @@ impl Workloads {
                 .await
                 .map_err(pull_error)?;
         }
-        let key = RegistryRecord::key(host);
         let mut ops = store::records::ensure_bucket(BUCKET_REGISTRIES);
         ops.push(put(BUCKET_REGISTRIES, &key, &rec, Expect::Any));
         self.store
