@@ -10,8 +10,8 @@
 //! <url>/<version>/ployzctl-<target>[.sha256]
 //! ```
 //!
-//! Everything is fetched on the initiating machine (HTTP with `ureq`,
-//! rustls + ring; `file://` read locally), verified against its sha256, and
+//! Everything is fetched on the initiating machine (HTTP with `reqwest`,
+//! rustls + ring, the system's CA roots; `file://` read locally), verified against its sha256, and
 //! only then uploaded to targets: targets need no HTTP client and no route to
 //! the release server.
 
@@ -104,46 +104,61 @@ impl ReleaseLocation {
             },
             ReleaseLocation::Http(base) => {
                 let url = format!("{base}/{rel}");
-                let u = url.clone();
-                tokio::task::spawn_blocking(move || http_get(&u))
-                    .await
-                    .map_err(|e| ReleaseError::Fetch {
-                        url: url.clone(),
-                        reason: e.to_string(),
-                    })?
+                http_get(&url).await
             }
         }
     }
 }
 
-fn http_get(url: &str) -> Result<Option<Vec<u8>>, ReleaseError> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(300)))
-        .timeout_connect(Some(Duration::from_secs(15)))
-        .http_status_as_error(false)
-        .build()
-        .into();
+async fn http_get(url: &str) -> Result<Option<Vec<u8>>, ReleaseError> {
     let fetch_err = |reason: String| ReleaseError::Fetch {
         url: url.to_string(),
         reason,
     };
-    let mut resp = agent
+    // rustls' one provider in this process: ring (a no-op when already set).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .connect_timeout(Duration::from_secs(15))
+        .build()
+        .map_err(|e| fetch_err(error_chain(&e)))?;
+    let mut resp = client
         .get(url)
-        .call()
-        .map_err(|e| fetch_err(e.to_string()))?;
-    let status = resp.status().as_u16();
-    if status == 404 {
-        return Ok(None);
+        .send()
+        .await
+        .map_err(|e| fetch_err(error_chain(&e)))?;
+    match resp.status().as_u16() {
+        200 => {}
+        404 => return Ok(None),
+        status => return Err(fetch_err(format!("HTTP status {status}"))),
     }
-    if status != 200 {
-        return Err(fetch_err(format!("HTTP status {status}")));
+    let too_big = || fetch_err(format!("larger than {MAX_ARTIFACT_BYTES} bytes"));
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_ARTIFACT_BYTES)
+    {
+        return Err(too_big());
     }
-    resp.body_mut()
-        .with_config()
-        .limit(MAX_ARTIFACT_BYTES)
-        .read_to_vec()
-        .map(Some)
-        .map_err(|e| fetch_err(e.to_string()))
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| fetch_err(error_chain(&e)))? {
+        if (body.len() + chunk.len()) as u64 > MAX_ARTIFACT_BYTES {
+            return Err(too_big());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
+/// An error with its causes (`reqwest` puts the useful part in the sources).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
 }
 
 #[derive(Debug, thiserror::Error)]
