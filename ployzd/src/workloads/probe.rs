@@ -40,14 +40,16 @@ pub(super) struct RuntimeProber<'a> {
 impl Prober for RuntimeProber<'_> {
     async fn probe(&self, t: &Target) -> ProbeOutcome {
         let timeout = Duration::from_millis(t.check.timeout_ms);
-        let timed_out = || ProbeOutcome::fail(format!("no answer within {}", human(timeout)));
+        let timed_out = |what: String| {
+            ProbeOutcome::fail(format!("{what}: no answer within {}", human(timeout)))
+        };
         match &t.check.probe {
             HealthProbe::Cmd { command } => {
                 let args = ["/bin/sh".to_string(), "-c".to_string(), command.clone()];
                 // The runtime bounds the command; this bounds the runtime.
                 let run = self.runtime.exec(&t.id, &args, timeout);
                 match tokio::time::timeout(timeout + Duration::from_secs(5), run).await {
-                    Err(_) => timed_out(),
+                    Err(_) => timed_out(format!("`{command}`")),
                     Ok(Err(e)) => ProbeOutcome::fail(e.to_string()),
                     Ok(Ok(out)) => {
                         let said = tail(&out.output, PROBE_OUTPUT_CHARS);
@@ -80,7 +82,7 @@ impl Prober for RuntimeProber<'_> {
                 };
                 tokio::time::timeout(timeout, http_get(addr, *port, path))
                     .await
-                    .unwrap_or_else(|_| timed_out())
+                    .unwrap_or_else(|_| timed_out(format!("GET http://{addr}:{port}{path}")))
             }
             HealthProbe::Tcp { port } => {
                 let Some(addr) = t.addr else {
@@ -89,7 +91,7 @@ impl Prober for RuntimeProber<'_> {
                 match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((addr, *port)))
                     .await
                 {
-                    Err(_) => timed_out(),
+                    Err(_) => timed_out(format!("connect to {addr}:{port}")),
                     Ok(Err(e)) => ProbeOutcome::fail(format!("connect to {addr}:{port}: {e}")),
                     Ok(Ok(_)) => ProbeOutcome::pass(format!("connected to {addr}:{port}")),
                 }
