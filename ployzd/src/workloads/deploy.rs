@@ -7,6 +7,14 @@ use super::*;
 /// How much of a failed instance's error the deploy's operation record keeps.
 const OP_MESSAGE_ERROR_CHARS: usize = 300;
 
+/// What a deploy request says, checked.
+struct Checked {
+    env: Vec<(String, String)>,
+    volumes: Vec<VolumeSpec>,
+    memory_limit: Option<u64>,
+    health: Option<HealthCheck>,
+}
+
 impl Workloads {
     pub(crate) async fn service_deploy(
         &self,
@@ -43,7 +51,17 @@ impl Workloads {
             .await?;
         let name = req.name.clone();
         match self
-            .deploy_steps(&op, req, env, volumes, memory_limit, health, sink)
+            .deploy_steps(
+                &op,
+                req,
+                Checked {
+                    env,
+                    volumes,
+                    memory_limit,
+                    health,
+                },
+                sink,
+            )
             .await
         {
             Ok(view) => {
@@ -108,12 +126,15 @@ impl Workloads {
         &self,
         op: &OpHandle,
         req: DeployRequest,
-        env: Vec<(String, String)>,
-        volumes: Vec<VolumeSpec>,
-        memory_limit: Option<u64>,
-        health: Option<HealthCheck>,
+        checked: Checked,
         sink: &ProgressSink,
     ) -> Result<ServiceView, (bool, ApiError)> {
+        let Checked {
+            env,
+            volumes,
+            memory_limit,
+            health,
+        } = checked;
         let unchanged = |e: ApiError| (false, e);
         let changed = |e: ApiError| (true, e);
         let progress = |step: &str, msg: String| note(sink, &req.name, step, msg);
