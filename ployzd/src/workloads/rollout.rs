@@ -19,6 +19,7 @@ impl Workloads {
         let name = &record.name;
         let gen = record.generation;
         let mut latest = record.clone();
+        let mut stopped: Option<(String, u32, String)> = None;
         for (n, p) in pinned.iter().enumerate() {
             progress(
                 "rollout",
@@ -54,6 +55,7 @@ impl Workloads {
                 }
             };
             if let Err(why) = self.wait_steady(name, p, gen, deadline).await {
+                stopped = Some((p.machine.clone(), p.slot, why.clone()));
                 progress(
                     "rollout",
                     format!(
@@ -70,11 +72,20 @@ impl Workloads {
                 format!("slot {} on {}: running generation {gen}", p.slot, p.machine),
             );
         }
-        Ok(Self::view_of(
-            &latest,
-            &self.instances().await?,
-            &HashSet::new(),
-        ))
+        let mut view = Self::view_of(&latest, &self.instances().await?, &HashSet::new());
+        // The one that stopped the rollout is failed in the answer, with why
+        // (its machine goes on restarting it).
+        if let Some((machine, slot, why)) = stopped {
+            if let Some(i) = view
+                .instances
+                .iter_mut()
+                .find(|i| i.machine == machine && i.slot == slot)
+            {
+                i.state = InstanceState::Failed;
+                i.error = Some(why);
+            }
+        }
+        Ok(view)
     }
 
     /// Once the instances first ran: the ones this deploy started must keep
