@@ -222,7 +222,48 @@ fn health_checks_gate_deploys_and_restart_unhealthy_instances() {
     let v = m.deploy(&["web", "--image", image, "--wait-secs", "120"]);
     assert_eq!(v["instances"][0]["health"], "none", "{v:#}");
     assert_eq!(v["health_check"], Value::Null, "{v:#}");
-    for s in ["web", "ready", "notready"] {
+    // 5. A rolling redeploy moves to the next instance only once the
+    // replaced one is healthy: with a check that never passes, it stops at
+    // the first; the other keeps running the previous generation.
+    let v = m.deploy(&[
+        "pair",
+        "--image",
+        image,
+        "--replicas",
+        "2",
+        "--wait-secs",
+        "120",
+    ]);
+    assert_eq!(v["instances"].as_array().unwrap().len(), 2, "{v:#}");
+    let (code, v) = m.try_deploy(&[
+        "pair",
+        "--image",
+        image,
+        "--replicas",
+        "2",
+        "--health-cmd",
+        "echo never-healthy; exit 1",
+        "--health-interval",
+        "1s",
+        "--health-retries",
+        "1",
+        "--wait-secs",
+        "120",
+    ]);
+    assert_eq!(code, Some(9), "{v:#}");
+    let inst = v["instances"].as_array().unwrap();
+    let old: Vec<&Value> = inst.iter().filter(|i| i["generation"] == 1).collect();
+    assert_eq!(old.len(), 1, "one instance kept generation 1: {v:#}");
+    assert_eq!(old[0]["state"], "running", "{v:#}");
+    let failed: Vec<&Value> = inst.iter().filter(|i| i["state"] == "failed").collect();
+    assert_eq!(failed.len(), 1, "{v:#}");
+    assert!(
+        failed[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("never-healthy")),
+        "{v:#}"
+    );
+    for s in ["web", "ready", "notready", "pair"] {
         m.ctl_json(&["service", "rm", s]);
     }
 }
