@@ -270,3 +270,39 @@ fn health_checks_gate_deploys_and_restart_unhealthy_instances() {
         m.ctl_json(&["service", "rm", s]);
     }
 }
+
+#[test]
+fn a_migration_waits_for_the_moved_instance_to_be_healthy() {
+    let tb = Testbed::new(2);
+    let ms = ployz_tests::cluster_on(&tb, "healthmig");
+    let tmp = tempfile::tempdir().unwrap();
+    let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
+    let v = ms[0].deploy(&[
+        "moved",
+        "--image",
+        image.to_str().unwrap(),
+        "--health-http",
+        "/index.html:8080",
+        "--health-interval",
+        "1s",
+        "--wait-secs",
+        "120",
+    ]);
+    assert_eq!(v["instances"][0]["health"], "healthy", "{v:#}");
+    let from = v["instances"][0]["machine"].as_str().unwrap().to_string();
+    let to = ms.iter().map(Machine::id).find(|id| *id != from).unwrap();
+    let out = ms[0].ctl(&["--json", "service", "migrate", "moved", "--to", &to]);
+    assert!(
+        out.status.success(),
+        "migrate: {}\n{}",
+        stderr(&out),
+        ms[0].log()
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let inst = v["instances"].as_array().unwrap();
+    assert_eq!(inst.len(), 1, "{v:#}");
+    assert_eq!(inst[0]["machine"], to.as_str(), "{v:#}");
+    // The source went only once the target was healthy.
+    assert_eq!(inst[0]["health"], "healthy", "{v:#}");
+    ms[0].ctl_json(&["service", "rm", "moved"]);
+}
