@@ -278,6 +278,90 @@ pub struct InstanceRecord {
     /// The last lines it wrote before it last exited (a few, cut short).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub last_output: Vec<String>,
+    /// What its health check says of its current run (`none`: the service
+    /// has no health check). Written, like the rest, only by its machine,
+    /// from the probes that machine runs; only `healthy` instances serve.
+    #[serde(default)]
+    pub health: InstanceHealth,
+    /// What the last failed health probe of this generation said (cut short).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_output: Option<String>,
+    /// Its last run was ended by its machine because it was unhealthy (not
+    /// by an exit of its own).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub killed_unhealthy: bool,
+}
+
+/// What an instance's health check says (see [`HealthCheck`]).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceHealth {
+    /// The service has no health check (or the instance does not run).
+    #[default]
+    None,
+    /// Started, no probe has passed yet.
+    Starting,
+    /// The last probe passed.
+    Healthy,
+    /// `retries` probes in a row failed after the start period: its machine
+    /// restarts it.
+    Unhealthy,
+}
+
+impl InstanceHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceHealth::None => "none",
+            InstanceHealth::Starting => "starting",
+            InstanceHealth::Healthy => "healthy",
+            InstanceHealth::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+impl fmt::Display for InstanceHealth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a service's instances are probed, by the machine running each.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub probe: HealthProbe,
+    /// Time between two probes (while in its start period and not yet
+    /// healthy, an instance is probed at least every second).
+    pub interval_ms: u64,
+    /// A probe that takes longer fails.
+    pub timeout_ms: u64,
+    /// Failed probes in a row (after the start period) that make an
+    /// instance unhealthy.
+    pub retries: u32,
+    /// After a start, failed probes do not count for this long (a passing
+    /// one makes the instance healthy at once).
+    pub start_period_ms: u64,
+}
+
+/// What a health probe does.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum HealthProbe {
+    /// `/bin/sh -c COMMAND` inside the instance; exit 0 passes.
+    Cmd { command: String },
+    /// `GET PATH` on the instance's address and port; 2xx and 3xx pass.
+    Http { path: String, port: u16 },
+    /// A TCP connection to the instance's address and port.
+    Tcp { port: u16 },
+}
+
+impl fmt::Display for HealthProbe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HealthProbe::Cmd { command } => write!(f, "cmd `{command}`"),
+            HealthProbe::Http { path, port } => write!(f, "http GET {path} on port {port}"),
+            HealthProbe::Tcp { port } => write!(f, "tcp port {port}"),
+        }
+    }
 }
 
 impl InstanceRecord {
@@ -411,6 +495,9 @@ pub struct ServiceRecord {
     /// Compose project (`deploy -f`), grouping its services.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<String>,
+    /// How its instances are probed; `None`: they are not (health `none`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
 }
 
 #[cfg(test)]
@@ -423,6 +510,35 @@ mod tests {
         let i: InstanceRecord = serde_json::from_str(old).unwrap();
         assert_eq!((i.exit_code, i.exited_at_ms, i.restarts), (None, None, 0));
         assert!(i.last_output.is_empty());
+        assert_eq!(i.health, InstanceHealth::None);
+        assert_eq!((i.health_output, i.killed_unhealthy), (None, false));
+    }
+
+    #[test]
+    fn health_checks_round_trip_and_old_services_decode() {
+        let h = HealthCheck {
+            probe: HealthProbe::Http {
+                path: "/up".into(),
+                port: 8080,
+            },
+            interval_ms: 1000,
+            timeout_ms: 500,
+            retries: 3,
+            start_period_ms: 0,
+        };
+        let s = serde_json::to_string(&h).unwrap();
+        assert!(
+            s.contains(r#""probe":{"kind":"http","path":"/up","port":8080}"#),
+            "{s}"
+        );
+        assert_eq!(serde_json::from_str::<HealthCheck>(&s).unwrap(), h);
+        let old = r#"{"name":"web","image":{"reference":"b"},"replicas":1,"placements":[],"generation":1,"created_at_ms":0,"updated_at_ms":0}"#;
+        let svc: ServiceRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(svc.health, None);
+        assert_eq!(
+            serde_json::to_string(&InstanceHealth::Unhealthy).unwrap(),
+            "\"unhealthy\""
+        );
     }
 
     fn invite() -> InviteRecord {

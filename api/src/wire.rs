@@ -161,6 +161,24 @@ pub struct DeployRequest {
     /// without one keeps the service's current project.
     #[serde(default)]
     pub project: Option<String>,
+    /// Health check: a shell command run inside each instance.
+    #[serde(default)]
+    pub health_cmd: Option<String>,
+    /// Health check: `PATH[:PORT]` to GET on each instance (port 80 by default).
+    #[serde(default)]
+    pub health_http: Option<String>,
+    /// Health check: a TCP port of each instance to connect to.
+    #[serde(default)]
+    pub health_tcp: Option<String>,
+    /// Durations like `10s`, `500ms`, `1m` (defaults in the README).
+    #[serde(default)]
+    pub health_interval: Option<String>,
+    #[serde(default)]
+    pub health_timeout: Option<String>,
+    #[serde(default)]
+    pub health_retries: Option<u32>,
+    #[serde(default)]
+    pub health_start_period: Option<String>,
 }
 
 /// A password on the wire: serialized as the plain string, but its `Debug`
@@ -474,6 +492,9 @@ pub struct ServiceView {
     pub generation: u64,
     #[serde(default)]
     pub volumes: Vec<String>,
+    /// How its instances are probed (`null`: they are not).
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
     pub instances: Vec<InstanceView>,
 }
 
@@ -484,6 +505,20 @@ impl ServiceView {
             .iter()
             .filter(|i| i.state != InstanceState::Running)
             .collect()
+    }
+
+    /// Instances that do not serve: not running, or running but not
+    /// healthy while the service has a health check.
+    pub fn not_ready(&self) -> Vec<&InstanceView> {
+        self.instances.iter().filter(|i| !i.ready()).collect()
+    }
+}
+
+impl InstanceView {
+    /// Running, and healthy if its service has a health check.
+    pub fn ready(&self) -> bool {
+        self.state == InstanceState::Running
+            && matches!(self.health, InstanceHealth::None | InstanceHealth::Healthy)
     }
 }
 
@@ -516,6 +551,12 @@ pub struct InstanceView {
     /// while a rolling update has not reached it); `null` while pending.
     #[serde(default)]
     pub generation: Option<u64>,
+    /// `starting`, `healthy`, `unhealthy`, or `none` (no health check).
+    #[serde(default)]
+    pub health: InstanceHealth,
+    /// What its last failed health probe said (`null`: none failed).
+    #[serde(default)]
+    pub health_output: Option<String>,
 }
 
 impl fmt::Display for InstanceState {
@@ -944,6 +985,8 @@ mod tests {
             restarts: 0,
             unreachable: false,
             generation: None,
+            health: InstanceHealth::Starting,
+            health_output: None,
         };
         let services = serde_json::json!({"services": [ServiceView {
             name: "web".into(),
@@ -954,6 +997,16 @@ mod tests {
             replicas: 1,
             generation: 1,
             volumes: vec![],
+            health_check: Some(HealthCheck {
+                probe: HealthProbe::Http {
+                    path: "/".into(),
+                    port: 80,
+                },
+                interval_ms: 10_000,
+                timeout_ms: 5_000,
+                retries: 3,
+                start_period_ms: 0,
+            }),
             instances: vec![instance],
         }]});
         let mut keys = Default::default();

@@ -135,6 +135,8 @@ struct DeployArgs {
     wait_secs: u64,
 }
 
+// Parsed once per run: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum DeployCmd {
     /// Remove the services of a compose file (or of `--project`).
@@ -170,6 +172,27 @@ enum DeployCmd {
         /// Relative CPU weight per instance, 2-262144 (default weight 1024).
         #[arg(long)]
         cpu_shares: Option<u64>,
+        /// Health check: a shell command run inside each instance (exit 0 passes).
+        #[arg(long)]
+        health_cmd: Option<String>,
+        /// Health check: GET PATH[:PORT] on each instance (2xx/3xx pass; port 80 by default).
+        #[arg(long)]
+        health_http: Option<String>,
+        /// Health check: connect to this TCP port of each instance.
+        #[arg(long)]
+        health_tcp: Option<String>,
+        /// Time between probes, e.g. 10s, 500ms [default: 10s].
+        #[arg(long)]
+        health_interval: Option<String>,
+        /// A probe taking longer fails [default: 5s].
+        #[arg(long)]
+        health_timeout: Option<String>,
+        /// Failed probes in a row that make an instance unhealthy (it is restarted) [default: 3].
+        #[arg(long)]
+        health_retries: Option<u32>,
+        /// Failed probes do not count for this long after a start [default: 0s].
+        #[arg(long)]
+        health_start_period: Option<String>,
         /// Command to run instead of the image's default.
         #[arg(last = true)]
         command: Vec<String>,
@@ -514,6 +537,13 @@ fn request_of(cmd: Top) -> Request {
                     wait_secs,
                     memory,
                     cpu_shares,
+                    health_cmd,
+                    health_http,
+                    health_tcp,
+                    health_interval,
+                    health_timeout,
+                    health_retries,
+                    health_start_period,
                     command,
                 }),
             ..
@@ -528,6 +558,13 @@ fn request_of(cmd: Top) -> Request {
             memory,
             cpu_shares,
             project: None,
+            health_cmd,
+            health_http,
+            health_tcp,
+            health_interval,
+            health_timeout,
+            health_retries,
+            health_start_period,
         })),
         Top::Service(ServiceCmd::Ls) => Request::ServiceList,
         Top::Service(ServiceCmd::Rm { name }) => Request::ServiceRm { name },

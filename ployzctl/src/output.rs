@@ -103,7 +103,7 @@ const RTT_COLUMNS: [Column<RttRow>; 4] = [
 /// One row per instance; a service without instances gets one row of dashes.
 type InstanceRow<'a> = (&'a ServiceView, Option<&'a InstanceView>);
 
-fn service_columns<'a>() -> [Column<InstanceRow<'a>>; 10] {
+fn service_columns<'a>() -> [Column<InstanceRow<'a>>; 11] {
     [
         ("PROJECT", |(s, _)| opt(&s.project)),
         ("SERVICE", |(s, _)| s.name.clone()),
@@ -122,6 +122,12 @@ fn service_columns<'a>() -> [Column<InstanceRow<'a>>; 10] {
                 } else {
                     i.state.to_string()
                 }
+            })
+        }),
+        ("HEALTH", |(_, i)| {
+            i.map_or("-".into(), |i| match i.health {
+                InstanceHealth::None => "-".into(),
+                h => h.to_string(),
             })
         }),
         // A crash loop shows here even while STATE reads running.
@@ -257,16 +263,18 @@ pub fn print_response(resp: &Response, json: bool) {
                 return print_json(v);
             }
             print!("{}", services_table(std::slice::from_ref(v.as_ref())));
-            for i in v.not_running() {
+            for i in v.not_ready() {
+                let what = if i.state == InstanceState::Running {
+                    i.health.to_string()
+                } else {
+                    i.state.to_string()
+                };
+                let why = i.error.as_ref().or(i.health_output.as_ref());
                 eprintln!(
-                    "warning: slot {} on {} is {}{}",
+                    "warning: slot {} on {} is {what}{}",
                     i.slot,
                     i.machine,
-                    i.state,
-                    i.error
-                        .as_ref()
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default()
+                    why.map(|e| format!(": {e}")).unwrap_or_default()
                 );
             }
         }
@@ -468,7 +476,7 @@ pub fn has_failures(resp: &Response) -> bool {
     match resp {
         Response::Promoted(r) => r.results.iter().any(|t| !t.ok),
         Response::Targets(r) => r.results.iter().any(|t| !t.ok),
-        Response::Service(v) => !v.not_running().is_empty(),
+        Response::Service(v) => !v.not_ready().is_empty(),
         Response::ServiceRemoved(r) => !r.pending_on.is_empty(),
         Response::Logs(l) => l.instances.iter().any(|i| i.error.is_some()),
         _ => false,
@@ -685,6 +693,8 @@ a1b2c3d4e5f6   b              -        -
                 restarts: 0,
                 unreachable,
                 generation: Some(1),
+                health: InstanceHealth::None,
+                health_output: None,
             };
         let service = |name: &str, replicas, instances| ServiceView {
             name: name.into(),
@@ -695,6 +705,7 @@ a1b2c3d4e5f6   b              -        -
             replicas,
             generation: 1,
             volumes: vec![],
+            health_check: None,
             instances,
         };
         let services = [
@@ -713,6 +724,7 @@ a1b2c3d4e5f6   b              -        -
                         exit_code: Some(3),
                         exited_at: Some("2026-11-27T12:05:18Z".into()),
                         restarts: 4,
+                        health: InstanceHealth::Unhealthy,
                         ..instance("0f0f0f0f0f0f", 1, InstanceState::Running, None, true)
                     },
                 ],
@@ -722,10 +734,10 @@ a1b2c3d4e5f6   b              -        -
         assert_eq!(
             services_table(&services),
             "\
-PROJECT   SERVICE   IMAGE   REPLICAS   MACHINE        SLOT   STATE                           RESTARTS   LAST EXIT   OVERLAY IP
--         web       web:1   2          a1b2c3d4e5f6   0      running                         0          -           10.101.1.2
--         web       web:1   2          0f0f0f0f0f0f   1      running (machine unreachable)   4          3           -
--         idle      web:1   0          -              -      -                               -          -           -
+PROJECT   SERVICE   IMAGE   REPLICAS   MACHINE        SLOT   STATE                           HEALTH      RESTARTS   LAST EXIT   OVERLAY IP
+-         web       web:1   2          a1b2c3d4e5f6   0      running                         -           0          -           10.101.1.2
+-         web       web:1   2          0f0f0f0f0f0f   1      running (machine unreachable)   unhealthy   4          3           -
+-         idle      web:1   0          -              -      -                               -           -          -           -
 "
         );
     }

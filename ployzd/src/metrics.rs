@@ -298,10 +298,24 @@ impl Daemon {
                 .get_or_create(&vec![("state".into(), s.to_string())])
                 .set(0);
         }
+        let by_health: Family<Labels, Gauge> = Family::default();
+        for h in [
+            InstanceHealth::None,
+            InstanceHealth::Starting,
+            InstanceHealth::Healthy,
+            InstanceHealth::Unhealthy,
+        ] {
+            by_health
+                .get_or_create(&vec![("health".into(), h.to_string())])
+                .set(0);
+        }
         let mut restarts = 0i64;
-        for (state, r) in &instances {
+        for (state, r, health) in &instances {
             by_state
                 .get_or_create(&vec![("state".into(), state.to_string())])
+                .inc();
+            by_health
+                .get_or_create(&vec![("health".into(), health.to_string())])
                 .inc();
             restarts += i64::from(*r);
         }
@@ -309,6 +323,11 @@ impl Daemon {
             "ployz_instances",
             "Instances placed on this machine, by state",
             by_state,
+        );
+        reg.register(
+            "ployz_instances_health",
+            "Instances placed on this machine, by health (none: no health check)",
+            by_health,
         );
         gauge(
             reg,

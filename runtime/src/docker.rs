@@ -482,6 +482,71 @@ impl Runtime for DockerRuntime {
         Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
+    /// `docker exec`: the output is collected until the command ends or
+    /// `timeout` passes (dockerd has no exec kill: a command that outlives
+    /// the timeout is left to end on its own).
+    async fn exec(
+        &self,
+        id: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<crate::ExecOutput, RuntimeError> {
+        crate::validate_id(id)?;
+        if args.is_empty() {
+            return Err(RuntimeError::InvalidSpec {
+                id: id.to_string(),
+                reason: "exec without a command".into(),
+            });
+        }
+        let created = self
+            .docker
+            .create_exec(
+                id,
+                bollard::exec::CreateExecOptions {
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    cmd: Some(args.to_vec()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(docker_err("exec in", id))?;
+        let run = async {
+            let mut out = Vec::new();
+            if let bollard::exec::StartExecResults::Attached { mut output, .. } = self
+                .docker
+                .start_exec(&created.id, None)
+                .await
+                .map_err(docker_err("exec in", id))?
+            {
+                while let Some(chunk) = output.next().await {
+                    out.extend_from_slice(&chunk.map_err(docker_err("exec in", id))?.into_bytes());
+                    if out.len() > 2 * crate::EXEC_OUTPUT_MAX {
+                        out.drain(..out.len() - crate::EXEC_OUTPUT_MAX);
+                    }
+                }
+            }
+            Ok::<_, RuntimeError>(out)
+        };
+        let (out, finished) = match tokio::time::timeout(timeout, run).await {
+            Ok(out) => (out?, true),
+            Err(_) => (Vec::new(), false),
+        };
+        let exit_code = if finished {
+            self.docker
+                .inspect_exec(&created.id)
+                .await
+                .map_err(docker_err("exec in", id))?
+                .exit_code
+        } else {
+            None
+        };
+        Ok(crate::ExecOutput {
+            exit_code,
+            output: crate::exec_output_tail(&out),
+        })
+    }
+
     async fn ensure_network(&self, net: &BridgeNetwork) -> Result<(), RuntimeError> {
         net.validate()?;
         let subnet = net.subnet();

@@ -150,6 +150,27 @@ impl Runtime for FakeRuntime {
         self.with(id, |_| Ok(String::new()))
     }
 
+    /// Succeeds with no output on a running workload.
+    async fn exec(
+        &self,
+        id: &str,
+        _args: &[String],
+        _timeout: Duration,
+    ) -> Result<crate::ExecOutput, RuntimeError> {
+        let state = self.with(id, |s| Ok(*s))?;
+        if state != State::Running {
+            return Err(RuntimeError::InvalidState {
+                id: id.to_string(),
+                op: "exec in",
+                state,
+            });
+        }
+        Ok(crate::ExecOutput {
+            exit_code: Some(0),
+            output: String::new(),
+        })
+    }
+
     async fn ensure_network(&self, net: &BridgeNetwork) -> Result<(), RuntimeError> {
         net.validate()?;
         let mut g = self.lock();

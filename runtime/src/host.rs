@@ -22,6 +22,7 @@
 
 mod bundle;
 mod cgroup;
+mod enter;
 mod exec;
 mod helper;
 pub mod net;
@@ -47,7 +48,7 @@ use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-fn io_err<'a>(
+pub(crate) fn io_err<'a>(
     what: &'static str,
     path: &'a Path,
 ) -> impl FnOnce(std::io::Error) -> RuntimeError + 'a {
@@ -445,6 +446,20 @@ impl HostEngine {
         Ok(self.map_status(id, &c))
     }
 
+    /// The pid of a running workload's init (to enter its namespaces).
+    pub fn running_pid(&mut self, id: &str) -> Result<i32, RuntimeError> {
+        let c = self.load(id)?;
+        let state = self.map_status(id, &c);
+        match (state, c.pid()) {
+            (State::Running, Some(pid)) => Ok(pid.as_raw()),
+            _ => Err(RuntimeError::InvalidState {
+                id: id.to_string(),
+                op: "exec in",
+                state,
+            }),
+        }
+    }
+
     fn map_status(&mut self, id: &str, c: &Container) -> State {
         match c.status() {
             ContainerStatus::Creating | ContainerStatus::Created => State::Created,
@@ -787,6 +802,24 @@ impl Runtime for HostRuntime {
     async fn remove_network(&self, bridge: &str) -> Result<(), RuntimeError> {
         let bridge = bridge.to_string();
         self.call(move |e| e.remove_network(&bridge)).await
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<crate::ExecOutput, RuntimeError> {
+        crate::validate_id(id)?;
+        if args.is_empty() {
+            return Err(RuntimeError::InvalidSpec {
+                id: id.to_string(),
+                reason: "exec without a command".into(),
+            });
+        }
+        let owned = id.to_string();
+        let pid = self.call(move |e| e.running_pid(&owned)).await?;
+        enter::exec_in(&self.root.join("exec"), id, pid, args, timeout).await
     }
 
     async fn logs(&self, id: &str) -> Result<String, RuntimeError> {

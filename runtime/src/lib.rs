@@ -410,6 +410,26 @@ pub struct WorkloadStatus {
     pub exit_code: Option<i64>,
 }
 
+/// What [`Runtime::exec`] saw of a command run inside a workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Its exit code (128+signal when killed); `None` when it did not end
+    /// within the timeout (it was killed then) or the runtime could not tell.
+    pub exit_code: Option<i64>,
+    /// The end of what it wrote to stdout and stderr (at most
+    /// [`EXEC_OUTPUT_MAX`] bytes, lossy UTF-8).
+    pub output: String,
+}
+
+/// Most output [`Runtime::exec`] keeps (the end of it).
+pub const EXEC_OUTPUT_MAX: usize = 4096;
+
+/// The last [`EXEC_OUTPUT_MAX`] bytes of `out`, as lossy UTF-8.
+pub(crate) fn exec_output_tail(out: &[u8]) -> String {
+    let start = out.len().saturating_sub(EXEC_OUTPUT_MAX);
+    String::from_utf8_lossy(&out[start..]).into_owned()
+}
+
 /// The kernel/daemon seam for workloads. See the crate docs for why it is async.
 pub trait Runtime: Send + Sync {
     fn kind(&self) -> RuntimeKind;
@@ -429,6 +449,15 @@ pub trait Runtime: Send + Sync {
     fn list(&self) -> impl Future<Output = Result<Vec<WorkloadStatus>, RuntimeError>> + Send;
     /// Everything the workload wrote to stdout and stderr so far (lossy UTF-8).
     fn logs(&self, id: &str) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    /// Runs `args` inside the running workload `id` (its namespaces and root
+    /// filesystem), killing it after `timeout`. An error means it could not
+    /// be started at all (the workload does not run, no such program).
+    fn exec(
+        &self,
+        id: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> impl Future<Output = Result<ExecOutput, RuntimeError>> + Send;
     /// Creates the workload bridge if it is missing and makes sure it holds the
     /// gateway address, is up, and that the kernel forwards to and from it
     /// (ip_forward, firewall accept rules). Idempotent: call it at every start.
@@ -481,6 +510,14 @@ impl Runtime for AnyRuntime {
     }
     async fn logs(&self, id: &str) -> Result<String, RuntimeError> {
         dispatch!(self, r => r.logs(id).await)
+    }
+    async fn exec(
+        &self,
+        id: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        dispatch!(self, r => r.exec(id, args, timeout).await)
     }
     async fn ensure_network(&self, net: &BridgeNetwork) -> Result<(), RuntimeError> {
         dispatch!(self, r => r.ensure_network(net).await)

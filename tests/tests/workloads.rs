@@ -518,6 +518,41 @@ fn docker_runtime_runs_the_same_deploy() {
         "{why}"
     );
     m.ctl_json(&["service", "rm", "crash"]);
+    // A command health check runs through `docker exec`, inside the
+    // container: it passes on a file of the image, and a failing one fails
+    // the deploy with what the command said.
+    let v = m.deploy(&[
+        "probed",
+        "--image",
+        image.to_str().unwrap(),
+        "--health-cmd",
+        "test -e /www/index.html && echo docker-exec-ok",
+        "--health-interval",
+        "1s",
+        "--wait-secs",
+        "120",
+    ]);
+    assert_eq!(v["instances"][0]["health"], "healthy", "{v:#}");
+    let (code, v) = m.try_deploy(&[
+        "probed",
+        "--image",
+        image.to_str().unwrap(),
+        "--health-cmd",
+        "echo docker-probe-says-no; exit 5",
+        "--health-interval",
+        "1s",
+        "--health-retries",
+        "1",
+        "--wait-secs",
+        "120",
+    ]);
+    assert_eq!(code, Some(9), "{v:#}");
+    let why = v["instances"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("exited with code 5") && why.contains("docker-probe-says-no"),
+        "{v:#}"
+    );
+    m.ctl_json(&["service", "rm", "probed"]);
     m.ctl_json(&["service", "rm", "web"]);
     let ps = std::process::Command::new("docker")
         .args([

@@ -43,6 +43,8 @@ pub enum Op {
         peer: String,
         peer_pid: Option<i32>,
         mtu: Option<u16>,
+        /// The peer's MAC address (the kernel picks a random one when `None`).
+        peer_mac: Option<[u8; 6]>,
     },
     DeleteLink {
         ifname: String,
@@ -130,11 +132,18 @@ impl fmt::Display for Op {
                 peer,
                 peer_pid,
                 mtu,
+                peer_mac,
             } => {
                 let mtu = mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
+                let mac = peer_mac
+                    .map(|m| {
+                        let hex: Vec<String> = m.iter().map(|b| format!("{b:02x}")).collect();
+                        format!(" address {}", hex.join(":"))
+                    })
+                    .unwrap_or_default();
                 write!(
                     f,
-                    "ip link add name {host}{mtu} type veth peer name {peer}{mtu}"
+                    "ip link add name {host}{mtu} type veth peer name {peer}{mtu}{mac}"
                 )?;
                 if let Some(pid) = peer_pid {
                     write!(f, " netns {pid}")?;
@@ -284,9 +293,13 @@ impl Netlink {
                 peer,
                 peer_pid,
                 mtu,
+                peer_mac,
             } => {
                 let mut p = LinkMessage::default();
                 p.attributes.push(LinkAttribute::IfName(peer.clone()));
+                if let Some(mac) = peer_mac {
+                    p.attributes.push(LinkAttribute::Address(mac.to_vec()));
+                }
                 if let Some(mtu) = mtu {
                     p.attributes.push(LinkAttribute::Mtu(u32::from(*mtu)));
                 }
@@ -585,8 +598,19 @@ mod tests {
                     peer: "eth0".into(),
                     peer_pid: Some(42),
                     mtu: Some(1420),
+                    peer_mac: None,
                 },
                 "ip link add name plzab mtu 1420 type veth peer name eth0 mtu 1420 netns 42",
+            ),
+            (
+                Op::AddVeth {
+                    host: "plzab".into(),
+                    peer: "eth0".into(),
+                    peer_pid: None,
+                    mtu: None,
+                    peer_mac: Some([0x02, 0x42, 10, 101, 3, 7]),
+                },
+                "ip link add name plzab type veth peer name eth0 address 02:42:0a:65:03:07",
             ),
             (
                 Op::ReplaceRoute {

@@ -101,6 +101,7 @@ fn bridge_veth_addresses_routes_and_namespaces() {
                 peer: s("vp0"),
                 peer_pid: Some(pid),
                 mtu: Some(1400),
+                peer_mac: Some([0x02, 0x42, 10, 10, 0, 9]),
             },
             Op::SetMaster {
                 ifname: s("vh0"),
@@ -112,6 +113,7 @@ fn bridge_veth_addresses_routes_and_namespaces() {
                 peer: s("vx1"),
                 peer_pid: None,
                 mtu: None,
+                peer_mac: None,
             },
             Op::MoveToNetns {
                 ifname: s("vx1"),
@@ -193,4 +195,20 @@ fn bridge_veth_addresses_routes_and_namespaces() {
         assert_eq!(vp.mtu, Some(1400));
         assert!(nl.link("vx1").unwrap().is_some());
     });
+    // With the MAC address asked for.
+    let shown = Command::new("nsenter")
+        .args([
+            "-t",
+            &pid.to_string(),
+            "-n",
+            "ip",
+            "-o",
+            "link",
+            "show",
+            "vp0",
+        ])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("link/ether 02:42:0a:0a:00:09"), "{shown}");
 }

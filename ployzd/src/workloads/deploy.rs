@@ -9,6 +9,14 @@ use ployz_runtime::registry::ImageRef;
 /// How much of a failed instance's error the deploy's operation record keeps.
 const OP_MESSAGE_ERROR_CHARS: usize = 300;
 
+/// What a deploy request says, checked.
+struct Checked {
+    env: Vec<(String, String)>,
+    volumes: Vec<VolumeSpec>,
+    memory_limit: Option<u64>,
+    health: Option<HealthCheck>,
+}
+
 impl Workloads {
     pub(crate) async fn service_deploy(
         &self,
@@ -26,6 +34,7 @@ impl Workloads {
             )));
         }
         let env = parse_env(&req.env)?;
+        let health = health::parse_health(&req)?;
         let volumes = parse_volumes(&req.volumes)?;
         let memory_limit = req.memory.as_deref().map(parse_memory).transpose()?;
         if let Some(shares) = req.cpu_shares {
@@ -47,17 +56,31 @@ impl Workloads {
             .await?;
         let name = req.name.clone();
         match self
-            .deploy_steps(&op, req, env, volumes, memory_limit, sink)
+            .deploy_steps(
+                &op,
+                req,
+                Checked {
+                    env,
+                    volumes,
+                    memory_limit,
+                    health,
+                },
+                sink,
+            )
             .await
         {
             Ok(view) => {
-                let down = view.not_running().len();
+                let down = view.not_ready().len();
                 if down == 0 {
-                    op.finish(OpState::Succeeded, "every instance runs", 0)
-                        .await;
+                    let what = if view.health_check.is_some() {
+                        "every instance runs and is healthy"
+                    } else {
+                        "every instance runs"
+                    };
+                    op.finish(OpState::Succeeded, what, 0).await;
                 } else {
                     let why = view
-                        .not_running()
+                        .not_ready()
                         .first()
                         .map(|i| {
                             // One line, short: the output is in the answer.
@@ -68,18 +91,27 @@ impl Workloads {
                                     None => flat,
                                 }
                             });
+                            let what = if i.state == InstanceState::Running {
+                                i.health.to_string()
+                            } else {
+                                i.state.to_string()
+                            };
                             format!(
-                                " (slot {} on {} is {}{})",
+                                " (slot {} on {} is {what}{})",
                                 i.slot,
                                 i.machine,
-                                i.state,
                                 error.map(|e| format!(": {e}")).unwrap_or_default()
                             )
                         })
                         .unwrap_or_default();
+                    let not = if view.health_check.is_some() {
+                        "not running and healthy"
+                    } else {
+                        "not running"
+                    };
                     op.finish(
                         OpState::Failed,
-                        format!("{down} instance(s) of {name} not running{why}"),
+                        format!("{down} instance(s) of {name} {not}{why}"),
                         9,
                     )
                     .await;
@@ -99,11 +131,15 @@ impl Workloads {
         &self,
         op: &OpHandle,
         req: DeployRequest,
-        env: Vec<(String, String)>,
-        volumes: Vec<VolumeSpec>,
-        memory_limit: Option<u64>,
+        checked: Checked,
         sink: &ProgressSink,
     ) -> Result<ServiceView, (bool, ApiError)> {
+        let Checked {
+            env,
+            volumes,
+            memory_limit,
+            health,
+        } = checked;
         let unchanged = |e: ApiError| (false, e);
         let changed = |e: ApiError| (true, e);
         let progress = |step: &str, msg: String| note(sink, &req.name, step, msg);
@@ -210,6 +246,7 @@ impl Workloads {
                         .project
                         .clone()
                         .or_else(|| cur.and_then(|c| c.project.clone())),
+                    health: health.clone(),
                 }))
             })
             .await
@@ -248,12 +285,23 @@ impl Workloads {
         let view = if wait.is_zero() {
             view
         } else {
-            self.wait_staying_up(&record, view, deadline, &progress)
+            let view = self
+                .wait_staying_up(&record, view, deadline, &progress)
                 .await
-                .map_err(changed)?
+                .map_err(changed)?;
+            if record.health.is_some() && view.not_running().is_empty() {
+                let _ = op
+                    .step("health", "waiting for the instances to be healthy")
+                    .await;
+                self.wait_healthy(&record, deadline, wait, &progress)
+                    .await
+                    .map_err(changed)?
+            } else {
+                view
+            }
         };
         let not_running: HashSet<(&str, u32)> = view
-            .not_running()
+            .not_ready()
             .iter()
             .map(|i| (i.machine.as_str(), i.slot))
             .collect();
@@ -363,168 +411,6 @@ impl Workloads {
         Ok(())
     }
 
-    /// Replaces the `pinned` instances of `record` one at a time: unpin one,
-    /// wait until its machine runs it at the new generation steadily, then
-    /// the next. Stops at the first that fails (the others keep running
-    /// their generation) or when a newer deploy took over.
-    pub(super) async fn roll(
-        &self,
-        record: &ServiceRecord,
-        pinned: Vec<Placement>,
-        deadline: tokio::time::Instant,
-        progress: &impl Fn(&str, String),
-    ) -> Result<ServiceView, ApiError> {
-        let name = &record.name;
-        let gen = record.generation;
-        let mut latest = record.clone();
-        for (n, p) in pinned.iter().enumerate() {
-            progress(
-                "rollout",
-                format!(
-                    "slot {} on {}: generation {} -> {gen}",
-                    p.slot,
-                    p.machine,
-                    p.generation.unwrap_or(0)
-                ),
-            );
-            let written = self
-                .write_service(name, |cur, _, _| {
-                    let Some(cur) = cur.filter(|c| c.generation == gen) else {
-                        return Err(refused(format!(
-                            "service {name} was redeployed or removed during the rollout"
-                        )));
-                    };
-                    let mut next = cur.clone();
-                    for q in &mut next.placements {
-                        if q.machine == p.machine && q.slot == p.slot {
-                            q.generation = None;
-                        }
-                    }
-                    Ok(Some(next))
-                })
-                .await;
-            latest = match written {
-                Ok(Some(r)) => r,
-                Ok(None) => break,
-                Err(e) => {
-                    progress("rollout", format!("stopped: {}", e.message));
-                    break;
-                }
-            };
-            if let Err(why) = self.wait_steady(name, p, gen, deadline).await {
-                progress(
-                    "rollout",
-                    format!(
-                        "stopped at slot {} on {}: {why}; {} instance(s) still run an older generation",
-                        p.slot,
-                        p.machine,
-                        pinned.len() - n - 1
-                    ),
-                );
-                break;
-            }
-            progress(
-                "rollout",
-                format!("slot {} on {}: running generation {gen}", p.slot, p.machine),
-            );
-        }
-        Ok(Self::view_of(
-            &latest,
-            &self.instances().await?,
-            &HashSet::new(),
-        ))
-    }
-
-    /// Once the instances first ran: the ones this deploy started must keep
-    /// running for [`ROLLOUT_STEADY`] (two reconciler passes, so one that
-    /// exits at once has been seen exiting), or until `deadline`. One that
-    /// exited meanwhile is failed in the answer, with its exit code and last
-    /// output (its machine goes on restarting it).
-    async fn wait_staying_up(
-        &self,
-        svc: &ServiceRecord,
-        mut view: ServiceView,
-        deadline: tokio::time::Instant,
-        progress: &impl Fn(&str, String),
-    ) -> Result<ServiceView, ApiError> {
-        let steady_until = tokio::time::Instant::now() + ROLLOUT_STEADY;
-        loop {
-            let records = self.instances().await?;
-            let crashed = crashed(svc, &records);
-            if !crashed.is_empty() {
-                view = Self::view_of(svc, &records, &HashSet::new());
-                for (machine, slot, why) in crashed {
-                    progress("instance", format!("slot {slot} on {machine}: {why}"));
-                    if let Some(i) = view
-                        .instances
-                        .iter_mut()
-                        .find(|i| i.machine == machine && i.slot == slot)
-                    {
-                        i.state = InstanceState::Failed;
-                        i.error = Some(why);
-                    }
-                }
-                return Ok(view);
-            }
-            let now = tokio::time::Instant::now();
-            // One that is not running already fails the deploy.
-            if !view.not_running().is_empty() || now >= steady_until || now >= deadline {
-                return Ok(view);
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            view = Self::view_of(svc, &self.instances().await?, &HashSet::new());
-        }
-    }
-
-    /// Until `deadline`: the instance of placement `p` runs generation `gen`
-    /// and keeps running for [`ROLLOUT_STEADY`] (one that crashes at start
-    /// must not pass for running).
-    pub(super) async fn wait_steady(
-        &self,
-        name: &str,
-        p: &Placement,
-        gen: u64,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), String> {
-        let key = InstanceRecord::key(name, &p.machine, p.slot);
-        let mut since: Option<(u64, tokio::time::Instant)> = None;
-        loop {
-            let now = self
-                .store
-                .get::<InstanceRecord>(BUCKET_INSTANCES, &key)
-                .await;
-            let i = match now {
-                Ok(i) => i.map(|v| v.value),
-                Err(e) => return Err(e.message),
-            };
-            let i = i.filter(|i| i.generation >= gen);
-            if let Some(why) = i.as_ref().and_then(exit_summary) {
-                return Err(why);
-            }
-            match i {
-                Some(i) if i.state == InstanceState::Running => match since {
-                    Some((at, t)) if at == i.updated_at_ms => {
-                        if t.elapsed() >= ROLLOUT_STEADY {
-                            return Ok(());
-                        }
-                    }
-                    _ => since = Some((i.updated_at_ms, tokio::time::Instant::now())),
-                },
-                Some(i) if i.state == InstanceState::Failed => {
-                    return Err(format!(
-                        "failed{}",
-                        i.error.map(|e| format!(" ({e})")).unwrap_or_default()
-                    ))
-                }
-                _ => since = None,
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err("not steadily running before the deploy's deadline".into());
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-
     /// The stored record of service `name`, or "no such service".
     pub(super) async fn service_record(
         &self,
@@ -627,6 +513,7 @@ impl Workloads {
                 .iter()
                 .map(|v| format!("{}:{}", v.name, v.target))
                 .collect(),
+            health_check: svc.health.clone(),
             instances: svc
                 .placements
                 .iter()
@@ -647,6 +534,8 @@ impl Workloads {
                                 restarts: i.restarts,
                                 unreachable: unreachable.contains(&p.machine),
                                 generation: Some(i.generation),
+                                health: i.health,
+                                health_output: i.health_output.clone(),
                             }
                         }
                         other => InstanceView {
@@ -660,66 +549,14 @@ impl Workloads {
                             restarts: 0,
                             unreachable: unreachable.contains(&p.machine),
                             generation: None,
+                            health: InstanceHealth::None,
+                            health_output: None,
                         },
                     }
                 })
                 .collect(),
         }
     }
-
-    /// Wait until every placement of `svc` runs its generation (or failed),
-    /// reporting each change once.
-    pub(super) async fn wait_for_instances(
-        &self,
-        svc: &ServiceRecord,
-        wait: Duration,
-        mut report: impl FnMut(&InstanceView),
-    ) -> Result<ServiceView, ApiError> {
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut seen: HashMap<(String, u32), (InstanceState, Option<String>)> = HashMap::new();
-        loop {
-            let view = Self::view_of(svc, &self.instances().await?, &HashSet::new());
-            for i in &view.instances {
-                let now = (i.state, i.error.clone());
-                if seen.get(&(i.machine.clone(), i.slot)) != Some(&now) {
-                    report(i);
-                    seen.insert((i.machine.clone(), i.slot), now);
-                }
-            }
-            let settled = view.instances.iter().all(|i| {
-                matches!(i.state, InstanceState::Running | InstanceState::Failed)
-                    || (i.state == InstanceState::Stopped
-                        && svc
-                            .placements
-                            .iter()
-                            .any(|p| p.machine == i.machine && p.slot == i.slot && p.paused))
-            });
-            if settled || tokio::time::Instant::now() >= deadline {
-                return Ok(view);
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-}
-
-/// The instances of `svc` a deploy started (placements neither pinned to
-/// an older generation nor paused) that exited since, with how:
-/// `(machine, slot, summary)`.
-fn crashed(
-    svc: &ServiceRecord,
-    records: &HashMap<String, InstanceRecord>,
-) -> Vec<(String, u32, String)> {
-    svc.placements
-        .iter()
-        .filter(|p| p.generation.is_none() && !p.paused)
-        .filter_map(|p| {
-            let i = records.get(&InstanceRecord::key(&svc.name, &p.machine, p.slot))?;
-            if i.generation < svc.generation {
-                return None;
-            }
-            Some((p.machine.clone(), p.slot, exit_summary(i)?))
-        })
-        .collect()
 }
 
 /// Where `--image` comes from. The rule, in order: an absolute path
@@ -764,33 +601,6 @@ pub(super) fn shipped_image(reference: &str, info: &ImageInfo, me: &str) -> Serv
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workloads::spec::tests::{instance, placement};
-
-    fn service(placements: Vec<Placement>) -> ServiceRecord {
-        ServiceRecord {
-            name: "web".into(),
-            image: ServiceImage {
-                reference: "web:1".into(),
-                digest: None,
-                image_id: None,
-                manifest_digest: None,
-                size: 0,
-                sources: vec![],
-            },
-            replicas: placements.len() as u32,
-            command: vec![],
-            env: vec![],
-            volumes: vec![],
-            memory_limit: None,
-            cpu_shares: None,
-            placements,
-            generation: 2,
-            created_at_ms: 0,
-            updated_at_ms: 0,
-            deployed_by: None,
-            project: None,
-        }
-    }
 
     #[test]
     fn image_sources_follow_the_documented_rule() {
@@ -807,53 +617,5 @@ mod tests {
         assert_eq!(image_source("busybox"), NameOrRegistry);
         assert_eq!(image_source("ployz-busybox:latest"), NameOrRegistry);
         assert_eq!(image_source("library/busybox:1"), NameOrRegistry);
-    }
-
-    #[test]
-    fn crashed_are_the_fresh_instances_that_exited() {
-        let svc = service(vec![
-            placement("m1", 0),
-            placement("m2", 1),
-            Placement {
-                generation: Some(1),
-                ..placement("m3", 2)
-            },
-            Placement {
-                paused: true,
-                ..placement("m4", 3)
-            },
-            placement("m5", 4),
-        ]);
-        let exited = |machine: &str, slot, generation| {
-            let mut i = instance(generation);
-            i.machine = machine.into();
-            i.slot = slot;
-            i.exit_code = Some(3);
-            i.exited_at_ms = Some(10);
-            i.restarts = 1;
-            i.last_output = vec!["bye".into()];
-            (InstanceRecord::key("web", machine, slot), i)
-        };
-        let mut up = instance(2);
-        up.machine = "m2".into();
-        up.slot = 1;
-        let records: HashMap<String, InstanceRecord> = [
-            // Exited at the new generation: crashed.
-            exited("m1", 0, 2),
-            // Running, never exited.
-            (InstanceRecord::key("web", "m2", 1), up),
-            // Pinned to generation 1, or paused: not this deploy's.
-            exited("m3", 2, 1),
-            exited("m4", 3, 2),
-            // Still reporting the previous generation's exit.
-            exited("m5", 4, 1),
-        ]
-        .into_iter()
-        .collect();
-        let c = crashed(&svc, &records);
-        assert_eq!(c.len(), 1, "{c:?}");
-        assert_eq!((c[0].0.as_str(), c[0].1), ("m1", 0));
-        assert!(c[0].2.contains("exited with code 3"), "{}", c[0].2);
-        assert!(c[0].2.contains("bye"), "{}", c[0].2);
     }
 }

@@ -38,6 +38,12 @@ pub(super) struct LocalWorkload {
     /// The last lines of output before it last exited.
     #[serde(default)]
     pub(super) last_output: Vec<String>,
+    /// Its last run was ended by this machine because it was unhealthy.
+    #[serde(default)]
+    pub(super) killed_unhealthy: bool,
+    /// What its last failed health probe said, in this generation.
+    #[serde(default)]
+    pub(super) health_output: Option<String>,
 }
 
 impl LocalWorkload {

@@ -372,12 +372,48 @@ impl Workloads {
         let running = self
             .wait_instance(&key, Duration::from_secs(120), |i| {
                 last = Some(i.clone());
+                // With a health check, running means healthy too.
                 i.generation == gen
-                    && matches!(i.state, InstanceState::Running | InstanceState::Failed)
+                    && (i.state == InstanceState::Failed
+                        || i.killed_unhealthy
+                        || i.health == InstanceHealth::Unhealthy
+                        || (i.state == InstanceState::Running
+                            && i.health != InstanceHealth::Starting))
             })
             .await
             .map_err(|e| ("start", e))?;
+        let unhealthy =
+            |i: &InstanceRecord| i.killed_unhealthy || i.health == InstanceHealth::Unhealthy;
+        let probe = |i: &InstanceRecord| {
+            i.health_output
+                .clone()
+                .unwrap_or_else(|| "none failed yet".into())
+        };
         match last {
+            Some(i) if running && unhealthy(&i) => {
+                return Err((
+                    "start",
+                    ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "the instance on {target} is unhealthy; last probe: {}",
+                            probe(&i)
+                        ),
+                    ),
+                ))
+            }
+            Some(i) if !running && i.state == InstanceState::Running && i.generation == gen => {
+                return Err((
+                    "start",
+                    ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "the instance on {target} did not become healthy within 120 s; last probe: {}",
+                            probe(&i)
+                        ),
+                    ),
+                ))
+            }
             Some(i) if running && i.state == InstanceState::Running => progress(
                 "start",
                 format!(

@@ -10,6 +10,9 @@
 //!   what is no longer placed on it, restarts what exited, and reports each
 //!   instance in the `instances` bucket. Only the machine running an
 //!   instance writes its record.
+//! - Health checks: [`health`] decides (pure), [`probe`] probes this
+//!   machine's instances and wakes the reconciler, which records health in
+//!   each instance's record and restarts unhealthy instances.
 //! - `migrate` ([`migrate`]) moves one instance with its volumes.
 //! - [`transfer`] serves and fetches blobs (images, volumes) between
 //!   machines; [`images`] prepares and collects images.
@@ -19,11 +22,14 @@
 
 mod deploy;
 mod engine;
+pub mod health;
 mod images;
 mod migrate;
 pub mod placement;
+mod probe;
 mod reconcile;
 mod registries;
+mod rollout;
 mod services;
 pub mod spec;
 mod transfer;
@@ -101,6 +107,10 @@ pub struct Workloads {
     engine_init: std::sync::Mutex<()>,
     /// The image store before the runtime is needed (a deploy's import).
     images: std::sync::Mutex<Option<Arc<ImageStore>>>,
+    /// The health of this machine's instances (probes in memory).
+    health: probe::HealthMonitor,
+    /// Wakes the reconciler (a service changed, an instance's health did).
+    kick: Arc<tokio::sync::Notify>,
 }
 
 impl Workloads {
@@ -120,6 +130,8 @@ impl Workloads {
             engine: OnceLock::new(),
             engine_init: std::sync::Mutex::new(()),
             images: std::sync::Mutex::new(None),
+            health: probe::HealthMonitor::new(),
+            kick: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -142,15 +154,17 @@ impl Workloads {
     }
 
     /// This machine's instances as the store records them: (state,
-    /// restarts since its deploy).
-    pub(crate) async fn local_instances(&self) -> Result<Vec<(InstanceState, u32)>, ApiError> {
+    /// restarts since its deploy, health).
+    pub(crate) async fn local_instances(
+        &self,
+    ) -> Result<Vec<(InstanceState, u32, InstanceHealth)>, ApiError> {
         let me = self.machine_id().to_string();
         Ok(self
             .instances()
             .await?
             .into_values()
             .filter(|i| i.machine == me)
-            .map(|i| (i.state, i.restarts))
+            .map(|i| (i.state, i.restarts, i.health))
             .collect())
     }
 

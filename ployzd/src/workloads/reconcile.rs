@@ -88,6 +88,8 @@ impl Workloads {
         // Run what is placed here.
         // This machine's record (its subnet), read only when something starts.
         let mut mine: Option<MachineRecord> = None;
+        // What the health monitor is to probe after this pass.
+        let mut targets = Vec::new();
         for (id, (svc, p)) in &desired {
             let key = InstanceRecord::key(&svc.name, &me, p.slot);
             let (state, exit_code) = match actual.get(id) {
@@ -103,13 +105,25 @@ impl Workloads {
             if exited && !p.paused && st.workloads.get(id).is_some_and(|l| !l.run_exited()) {
                 self.note_exit(w, &mut st, id, exit_code).await?;
             }
+            // Its health check failed `retries` times in a row: it is
+            // restarted like an instance that exited.
+            let unhealthy = current_gen
+                && !p.paused
+                && state == Some(State::Running)
+                && st.workloads.get(id).is_some_and(|l| {
+                    self.health.health_of(id, l.started_at_ms).map(|h| h.0)
+                        == Some(InstanceHealth::Unhealthy)
+                });
+            if unhealthy {
+                self.note_unhealthy(w, &mut st, id).await?;
+            }
             let local = st.workloads.get(id).cloned();
             let (next_state, error) = if p.paused {
                 if state == Some(State::Running) {
                     let _ = w.runtime.stop(id, STOP_GRACE).await;
                 }
                 (InstanceState::Stopped, None)
-            } else if current_gen && state == Some(State::Running) {
+            } else if current_gen && state == Some(State::Running) && !unhealthy {
                 (InstanceState::Running, None)
             } else {
                 if exited
@@ -162,7 +176,27 @@ impl Workloads {
                 .get(id)
                 .map_or(svc.generation, |l| l.generation);
             let local = st.workloads.get(id);
-            let rec = instance_record(svc, p, &me, next_state, generation, error, local);
+            let mut rec = instance_record(svc, p, &me, next_state, generation, error, local);
+            // Probed while it runs the service's generation with a check.
+            if let (Some(check), Some(l), InstanceState::Running) = (&svc.health, local, next_state)
+            {
+                if l.generation == svc.generation {
+                    targets.push(probe::Target {
+                        id: id.clone(),
+                        run: l.started_at_ms,
+                        addr: l.ip,
+                        check: check.clone(),
+                    });
+                    let (health, output) = self
+                        .health
+                        .health_of(id, l.started_at_ms)
+                        .unwrap_or((InstanceHealth::Starting, None));
+                    rec.health = health;
+                    if output.is_some() {
+                        rec.health_output = output;
+                    }
+                }
+            }
             let same = reported.get(&key).is_some_and(|r| {
                 r.state == rec.state
                     && r.generation == rec.generation
@@ -172,6 +206,9 @@ impl Workloads {
                     && r.exited_at_ms == rec.exited_at_ms
                     && r.restarts == rec.restarts
                     && r.last_output == rec.last_output
+                    && r.health == rec.health
+                    && r.health_output == rec.health_output
+                    && r.killed_unhealthy == rec.killed_unhealthy
             });
             if !same {
                 let _ = self
@@ -180,6 +217,7 @@ impl Workloads {
                     .await?;
             }
         }
+        self.health.set_targets(targets);
         Ok(())
     }
 
@@ -240,6 +278,29 @@ impl Workloads {
         l.exit_code = exit_code;
         l.exited_at_ms = Some(now_ms().max(l.started_at_ms));
         l.last_output = output;
+        l.killed_unhealthy = false;
+        save_state(&w.data_dir, st)
+    }
+
+    /// The current run of workload `id` is unhealthy: remember it ended so
+    /// (with its last probe's output and its own last lines) before the
+    /// restart that follows.
+    async fn note_unhealthy(
+        &self,
+        w: &Engine,
+        st: &mut LocalState,
+        id: &str,
+    ) -> Result<(), ApiError> {
+        let run = st.workloads.get(id).map(|l| l.started_at_ms);
+        let probe = run
+            .and_then(|r| self.health.health_of(id, r))
+            .and_then(|h| h.1);
+        tracing::warn!(workload = %id, probe = ?probe, "instance unhealthy: restarting it");
+        self.note_exit(w, st, id, None).await?;
+        if let Some(l) = st.workloads.get_mut(id) {
+            l.killed_unhealthy = true;
+            l.health_output = probe;
+        }
         save_state(&w.data_dir, st)
     }
 
@@ -361,6 +422,8 @@ impl Workloads {
         let exit_code = prev.and_then(|l| l.exit_code);
         let exited_at_ms = prev.and_then(|l| l.exited_at_ms);
         let last_output = prev.map(|l| l.last_output.clone()).unwrap_or_default();
+        let killed_unhealthy = prev.is_some_and(|l| l.killed_unhealthy);
+        let health_output = prev.and_then(|l| l.health_output.clone());
         st.workloads.insert(
             id.to_string(),
             LocalWorkload {
@@ -375,6 +438,8 @@ impl Workloads {
                 exited_at_ms,
                 restarts,
                 last_output,
+                killed_unhealthy,
+                health_output,
             },
         );
         save_state(&w.data_dir, st)?;
@@ -461,7 +526,8 @@ impl Workloads {
     /// to the services bucket, with image collection now and then.
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut last_gc = tokio::time::Instant::now();
-        let kick = Arc::new(tokio::sync::Notify::new());
+        let kick = self.kick.clone();
+        let health = tokio::spawn(self.clone().run_health(stop.clone()));
         let watcher = tokio::spawn(
             self.store
                 .clone()
@@ -496,6 +562,7 @@ impl Workloads {
             }
         }
         watcher.abort();
+        health.abort();
     }
 }
 
@@ -527,5 +594,8 @@ fn instance_record(
         exited_at_ms: local.and_then(|l| l.exited_at_ms),
         restarts: local.map_or(0, |l| l.restarts),
         last_output: local.map(|l| l.last_output.clone()).unwrap_or_default(),
+        health: InstanceHealth::None,
+        health_output: local.and_then(|l| l.health_output.clone()),
+        killed_unhealthy: local.is_some_and(|l| l.killed_unhealthy),
     }
 }

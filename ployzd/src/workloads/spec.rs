@@ -61,6 +61,10 @@ pub fn output_tail(log: &str) -> Vec<String> {
 pub fn exit_summary(i: &InstanceRecord) -> Option<String> {
     i.exited_at_ms?;
     let mut s = match i.exit_code {
+        _ if i.killed_unhealthy => format!(
+            "unhealthy, restarted by its machine; last probe: {}",
+            i.health_output.as_deref().unwrap_or("(no output)")
+        ),
         Some(c) if (129..=128 + 64).contains(&c) => {
             format!("exited with code {c} (signal {})", c - 128)
         }
@@ -272,6 +276,9 @@ pub(super) mod tests {
             exited_at_ms: None,
             restarts: 0,
             last_output: vec![],
+            health: InstanceHealth::None,
+            health_output: None,
+            killed_unhealthy: false,
         }
     }
 
@@ -316,6 +323,11 @@ pub(super) mod tests {
         assert!(exit_summary(&i)
             .unwrap()
             .starts_with("exited (exit code unknown)"));
+        i.killed_unhealthy = true;
+        i.health_output = Some("GET http://10.101.1.2:80/: cannot connect".into());
+        assert!(exit_summary(&i).unwrap().starts_with(
+            "unhealthy, restarted by its machine; last probe: GET http://10.101.1.2:80/: cannot connect (restarted 1 time); last output:"
+        ));
     }
 
     #[test]

@@ -122,6 +122,17 @@ pub fn bridge_plan(net: &BridgeNetwork, exists: bool) -> Vec<NetOp> {
     ops
 }
 
+/// The MAC address of a workload's interface, derived from its IPv4
+/// address (locally administered, `02:42:` + the address, as docker does):
+/// a workload started again with the same address keeps its MAC, so the
+/// neighbour entries its machine (and bridge) hold stay right. With a random
+/// one, traffic to a restarted workload went to the old MAC until the entry
+/// expired (seen: health probes timing out for many seconds after a restart).
+pub fn workload_mac(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x42, o[0], o[1], o[2], o[3]]
+}
+
 /// The changes that plug the workload whose init is `pid` into its bridge:
 /// first in the runtime's namespace, then in the workload's.
 pub fn attach_plan(pid: i32, host_veth: &str, att: &NetworkAttachment) -> [(Netns, Vec<NetOp>); 2] {
@@ -135,6 +146,7 @@ pub fn attach_plan(pid: i32, host_veth: &str, att: &NetworkAttachment) -> [(Netn
                     peer: eth.clone(),
                     peer_pid: Some(pid),
                     mtu: att.mtu,
+                    peer_mac: Some(workload_mac(att.address)),
                 }
                 .into(),
                 Op::SetMaster {
@@ -461,7 +473,7 @@ mod tests {
         assert_eq!(
             fake.commands(),
             [
-                "ip link add name plzabcdef012345 type veth peer name eth0 netns 4242",
+                "ip link add name plzabcdef012345 type veth peer name eth0 address 02:42:0a:65:03:07 netns 4242",
                 "ip link set dev plzabcdef012345 master plzbr0",
                 "ip link set dev plzabcdef012345 up",
                 "[pid 4242] ip link set dev lo up",
@@ -513,7 +525,7 @@ mod tests {
         let [(_, host), _] = attach_plan(4242, "plzabcdef012345", &att);
         assert_eq!(
             host[0].to_string(),
-            "ip link add name plzabcdef012345 mtu 1420 type veth peer name eth0 mtu 1420 netns 4242"
+            "ip link add name plzabcdef012345 mtu 1420 type veth peer name eth0 mtu 1420 address 02:42:0a:65:03:07 netns 4242"
         );
     }
 
