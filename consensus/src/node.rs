@@ -21,6 +21,7 @@ use openraft::ServerState;
 use openraft::SnapshotPolicy;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -300,6 +301,196 @@ pub struct Node {
     raft: Raft,
     sm: StateMachineStore,
     servers: Mutex<Vec<JoinHandle<()>>>,
+    proposer: Proposer,
+    combiner: Arc<Combiner>,
+}
+
+/// Most transactions one group entry carries.
+const MAX_GROUP: usize = 1024;
+/// Group entries in flight at once: while they replicate, the next group fills up.
+const MAX_PROPOSERS: usize = 2;
+
+type Waiter = oneshot::Sender<Result<TxnResult, WriteError>>;
+
+/// Group commit of [`Node::write`]s: concurrent writes queue here and a proposer takes every
+/// queued transaction into one log entry ([`Txn::group`]), so one Raft round (one flush on each
+/// voter) acknowledges all of them. Each waiter is answered only after its entry is committed
+/// (durable on a majority) and applied here.
+#[derive(Default)]
+struct Combiner {
+    state: Mutex<CombinerState>,
+}
+
+#[derive(Default)]
+struct CombinerState {
+    queue: Vec<(Txn, Waiter)>,
+    proposers: usize,
+}
+
+impl Combiner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CombinerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `txn`; `true` when the caller must start a proposer.
+    fn push(&self, txn: Txn, waiter: Waiter) -> bool {
+        let mut st = self.lock();
+        st.queue.push((txn, waiter));
+        if st.proposers < MAX_PROPOSERS {
+            st.proposers += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The next group to propose; `None` (and one proposer fewer) when the queue is empty.
+    fn take(&self) -> Option<Vec<(Txn, Waiter)>> {
+        let mut st = self.lock();
+        if st.queue.is_empty() {
+            st.proposers -= 1;
+            return None;
+        }
+        let n = st.queue.len().min(MAX_GROUP);
+        Some(st.queue.drain(..n).collect())
+    }
+}
+
+/// What proposing needs, cheap to clone into a task.
+#[derive(Clone)]
+struct Proposer {
+    id: NodeId,
+    raft: Raft,
+}
+
+impl Proposer {
+    /// Proposes `txn` (its id already set, if any) and waits until it is applied here.
+    async fn propose(&self, txn: Txn, timeout: Duration) -> Result<TxnResult, WriteError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let res = tokio::time::timeout_at(deadline, self.raft.client_write(txn.clone()))
+                .await
+                .map_err(|_| WriteError::Timeout { timeout })?;
+            let forward = match res {
+                Ok(resp) => return Ok(resp.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f,
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                    return Err(WriteError::Refused(e.to_string()))
+                }
+                Err(RaftError::Fatal(f)) => return Err(f.into()),
+            };
+            match self.redirect(forward).await {
+                Redirect::NotInitialized => return Err(WriteError::NotInitialized),
+                Redirect::Leader(leader_id, leader_node) => {
+                    return Err(WriteError::ForwardToLeader {
+                        leader_id,
+                        leader_node,
+                    })
+                }
+                Redirect::Wait => {
+                    if !self.wait_for_leader(deadline).await {
+                        return Err(WriteError::Timeout { timeout });
+                    }
+                }
+            }
+        }
+    }
+
+    async fn redirect(&self, f: ForwardToLeader<NodeId, PloyzNode>) -> Redirect {
+        match f.leader_id {
+            Some(id) if id != self.id => Redirect::Leader(id, f.leader_node),
+            _ if !self.raft.is_initialized().await.unwrap_or(false) => Redirect::NotInitialized,
+            _ => Redirect::Wait,
+        }
+    }
+
+    /// Waits until a leader is known (and, if it is us, until we act as leader). `false` when
+    /// the deadline passed first.
+    async fn wait_for_leader(&self, deadline: Instant) -> bool {
+        let id = self.id;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let ok = self
+            .raft
+            .wait(Some(remaining))
+            .metrics(
+                move |m| match m.current_leader {
+                    Some(l) if l == id => m.state == ServerState::Leader,
+                    Some(_) => true,
+                    None => false,
+                },
+                "leader known",
+            )
+            .await
+            .is_ok();
+        // Metrics can run slightly ahead of the core; do not spin.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        ok && Instant::now() < deadline
+    }
+}
+
+/// The same error for every member of a failed group, when it says nothing about one member
+/// (no leader here, timeout); `None` when each member must be retried alone.
+fn shared_error(e: &WriteError) -> Option<WriteError> {
+    match e {
+        WriteError::NotInitialized => Some(WriteError::NotInitialized),
+        WriteError::ForwardToLeader {
+            leader_id,
+            leader_node,
+        } => Some(WriteError::ForwardToLeader {
+            leader_id: *leader_id,
+            leader_node: leader_node.clone(),
+        }),
+        WriteError::Timeout { timeout } => Some(WriteError::Timeout { timeout: *timeout }),
+        _ => None,
+    }
+}
+
+/// What a group's member gets: its answer, or itself to be proposed again alone.
+fn member_answer(
+    sm: &StateMachineStore,
+    group: &Result<TxnResult, WriteError>,
+    txn: Txn,
+) -> Result<Result<TxnResult, WriteError>, Txn> {
+    match group {
+        // Committed and applied here: each member's outcome is remembered by its id.
+        Ok(_) => match sm.applied_txn(txn.id.as_deref().unwrap_or_default()) {
+            Ok(Some(applied)) => Ok(Ok(applied.result)),
+            Ok(None) => Err(txn),
+            Err(e) => Ok(Err(e.into())),
+        },
+        Err(e) => shared_error(e).map(Err).ok_or(txn),
+    }
+}
+
+/// Proposes queued writes as groups until the queue is empty.
+async fn run_proposer(proposer: Proposer, sm: StateMachineStore, combiner: Arc<Combiner>) {
+    while let Some(mut batch) = combiner.take() {
+        if batch.len() == 1 {
+            if let Some((txn, waiter)) = batch.pop() {
+                let _ = waiter.send(proposer.propose(txn, DEFAULT_REQUEST_TIMEOUT).await);
+            }
+            continue;
+        }
+        let (txns, waiters): (Vec<Txn>, Vec<Waiter>) = batch.into_iter().unzip();
+        let res = proposer
+            .propose(Txn::group(txns.clone()), DEFAULT_REQUEST_TIMEOUT)
+            .await;
+        for (txn, waiter) in txns.into_iter().zip(waiters) {
+            match member_answer(&sm, &res, txn) {
+                Ok(answer) => {
+                    let _ = waiter.send(answer);
+                }
+                // Alone, with its id: applied at most once.
+                Err(txn) => {
+                    let proposer = proposer.clone();
+                    tokio::spawn(async move {
+                        let answer = proposer.propose(txn, DEFAULT_REQUEST_TIMEOUT).await;
+                        let _ = waiter.send(answer);
+                    });
+                }
+            }
+        }
+    }
 }
 
 impl Node {
@@ -339,9 +530,14 @@ impl Node {
         );
         Ok(Node {
             id: cfg.node_id,
-            raft,
+            raft: raft.clone(),
             sm,
             servers: Mutex::new(Vec::new()),
+            proposer: Proposer {
+                id: cfg.node_id,
+                raft: raft.clone(),
+            },
+            combiner: Arc::new(Combiner::default()),
         })
     }
 
@@ -403,43 +599,39 @@ impl Node {
     }
 
     /// [`Node::write`] with an explicit timeout; waits for a leader election if needed.
+    ///
+    /// Concurrent writes share log entries (group commit, see [`Txn::group`]): each is answered
+    /// once the entry carrying it is committed (durable on a majority) and applied here.
     pub async fn write_timeout(
         &self,
         mut txn: Txn,
         timeout: Duration,
     ) -> Result<TxnResult, WriteError> {
+        self.assign_id(&mut txn)?;
+        let (tx, rx) = oneshot::channel();
+        if self.combiner.push(txn, tx) {
+            tokio::spawn(run_proposer(
+                self.proposer.clone(),
+                self.sm.clone(),
+                self.combiner.clone(),
+            ));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(WriteError::Refused(
+                "the proposer stopped before answering; the write may or may not be applied"
+                    .to_string(),
+            )),
+            Err(_) => Err(WriteError::Timeout { timeout }),
+        }
+    }
+
+    fn assign_id(&self, txn: &mut Txn) -> Result<(), WriteError> {
         if txn.id.is_none() {
             let n = self.sm.generate_id()?;
             txn.id = Some(format!("node{}-{n}", self.id));
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let res = tokio::time::timeout_at(deadline, self.raft.client_write(txn.clone()))
-                .await
-                .map_err(|_| WriteError::Timeout { timeout })?;
-            let forward = match res {
-                Ok(resp) => return Ok(resp.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f,
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                    return Err(WriteError::Refused(e.to_string()))
-                }
-                Err(RaftError::Fatal(f)) => return Err(f.into()),
-            };
-            match self.redirect(forward).await {
-                Redirect::NotInitialized => return Err(WriteError::NotInitialized),
-                Redirect::Leader(leader_id, leader_node) => {
-                    return Err(WriteError::ForwardToLeader {
-                        leader_id,
-                        leader_node,
-                    })
-                }
-                Redirect::Wait => {
-                    if !self.wait_for_leader(deadline).await {
-                        return Err(WriteError::Timeout { timeout });
-                    }
-                }
-            }
-        }
+        Ok(())
     }
 
     /// Linearizable read of a key's latest entry (a tombstone if it was deleted last).
@@ -613,34 +805,11 @@ impl Node {
     }
 
     async fn redirect(&self, f: ForwardToLeader<NodeId, PloyzNode>) -> Redirect {
-        match f.leader_id {
-            Some(id) if id != self.id => Redirect::Leader(id, f.leader_node),
-            _ if !self.is_initialized().await => Redirect::NotInitialized,
-            _ => Redirect::Wait,
-        }
+        self.proposer.redirect(f).await
     }
 
-    /// Waits until a leader is known (and, if it is us, until we act as leader). `false` when
-    /// the deadline passed first.
     async fn wait_for_leader(&self, deadline: Instant) -> bool {
-        let id = self.id;
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let ok = self
-            .raft
-            .wait(Some(remaining))
-            .metrics(
-                move |m| match m.current_leader {
-                    Some(l) if l == id => m.state == ServerState::Leader,
-                    Some(_) => true,
-                    None => false,
-                },
-                "leader known",
-            )
-            .await
-            .is_ok();
-        // Metrics can run slightly ahead of the core; do not spin.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        ok && Instant::now() < deadline
+        self.proposer.wait_for_leader(deadline).await
     }
 
     /// openraft's quorum report with the voters named.

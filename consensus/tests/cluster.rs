@@ -197,3 +197,74 @@ async fn a_write_retried_on_the_new_leader_answers_its_first_outcome() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// Group commit: concurrent writes share log entries, and every acknowledged write is
+/// committed on a majority: with the leader gone, the two survivors still have all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_share_entries_and_survive_the_leader() {
+    const WRITES: u64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let [(n1, _), (n2, _), (n3, m3)] = three_with_learner(dir.path()).await;
+    n1.add_learner(3, m3, true).await.unwrap();
+    n1.change_membership(BTreeSet::from([1, 2, 3]))
+        .await
+        .unwrap();
+    write(&n1, vec![Op::create_bucket("cfg", BucketConfig::default())]).await;
+    let before = leader_committed(&n1).await;
+
+    let n1 = std::sync::Arc::new(n1);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..WRITES {
+        let n1 = n1.clone();
+        tasks.spawn(async move {
+            let revs = write(&n1, vec![Op::put("cfg", format!("k{i}"), format!("{i}"))]).await;
+            (i, revs[0])
+        });
+    }
+    let mut acked = Vec::new();
+    while let Some(res) = tasks.join_next().await {
+        acked.push(res.unwrap());
+    }
+    let mut revisions: Vec<u64> = acked.iter().map(|(_, r)| *r).collect();
+    revisions.sort_unstable();
+    assert_eq!(
+        revisions,
+        (1..=WRITES).collect::<Vec<_>>(),
+        "one revision each"
+    );
+    let after = leader_committed(&n1).await;
+    assert!(
+        after - before < WRITES,
+        "{WRITES} concurrent writes took {} log entries: no group was formed",
+        after - before
+    );
+
+    let n1 = std::sync::Arc::into_inner(n1).expect("no write task left");
+    n1.shutdown().await.unwrap();
+    drop(n1);
+    let m = n2
+        .raft()
+        .wait(Some(WAIT))
+        .metrics(
+            |m| matches!(m.current_leader, Some(2 | 3)),
+            "a new leader among the survivors",
+        )
+        .await
+        .unwrap();
+    let new_leader = if m.current_leader == Some(2) {
+        &n2
+    } else {
+        &n3
+    };
+    for (i, rev) in &acked {
+        let e = new_leader
+            .get("cfg", &format!("k{i}"))
+            .await
+            .unwrap()
+            .expect("an acknowledged write survives the leader");
+        assert_eq!((e.value, e.revision), (format!("{i}").into_bytes(), *rev));
+    }
+    for n in [&n2, &n3] {
+        n.shutdown().await.unwrap();
+    }
+}

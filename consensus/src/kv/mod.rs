@@ -222,6 +222,13 @@ pub struct Txn {
     /// outcome. Absent in entries written before ids existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Group commit: independent transactions proposed as one log entry (then `ops` is empty
+    /// and `id` is `None`). Each member is applied on its own, in order, all-or-nothing by
+    /// itself; every member carries an id, so its outcome is remembered and a replay of a
+    /// partly applied group (crash between members) answers the first outcomes. Absent in
+    /// entries written before group commit existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group: Vec<Txn>,
 }
 
 impl Txn {
@@ -230,6 +237,18 @@ impl Txn {
             ops,
             now_ms,
             id: None,
+            group: Vec::new(),
+        }
+    }
+
+    /// One log entry carrying `members` (each with an id), applied one after the other.
+    pub fn group(members: Vec<Txn>) -> Self {
+        let now_ms = members.iter().map(|t| t.now_ms).max().unwrap_or(0);
+        Self {
+            ops: Vec::new(),
+            now_ms,
+            id: None,
+            group: members,
         }
     }
 
