@@ -303,6 +303,57 @@ pub struct Node {
     servers: Mutex<Vec<JoinHandle<()>>>,
     proposer: Proposer,
     combiner: Arc<Combiner>,
+    reads: Arc<ReadRounds>,
+}
+
+/// Batched ReadIndex: readers that arrive while a leadership round is in flight wait for the
+/// next round, which starts after they arrived (so it covers every write acknowledged before
+/// their read began); one round (one heartbeat to a quorum, no disk write) answers them all.
+#[derive(Default)]
+struct ReadRounds {
+    state: Mutex<ReadState>,
+}
+
+#[derive(Default)]
+struct ReadState {
+    waiting: Vec<oneshot::Sender<bool>>,
+    running: bool,
+}
+
+impl ReadRounds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReadState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a reader; `true` when the caller must start the rounds.
+    fn push(&self, waiter: oneshot::Sender<bool>) -> bool {
+        let mut st = self.lock();
+        st.waiting.push(waiter);
+        !std::mem::replace(&mut st.running, true)
+    }
+
+    /// The readers the next round answers; `None` (rounds stop) when there are none.
+    fn take(&self) -> Option<Vec<oneshot::Sender<bool>>> {
+        let mut st = self.lock();
+        if st.waiting.is_empty() {
+            st.running = false;
+            return None;
+        }
+        Some(std::mem::take(&mut st.waiting))
+    }
+}
+
+/// Runs leadership rounds until no reader waits; each reader learns whether its round passed.
+async fn run_read_rounds(raft: Raft, reads: Arc<ReadRounds>) {
+    while let Some(waiters) = reads.take() {
+        let ok = matches!(
+            tokio::time::timeout(DEFAULT_REQUEST_TIMEOUT, raft.ensure_linearizable()).await,
+            Ok(Ok(_))
+        );
+        for w in waiters {
+            let _ = w.send(ok);
+        }
+    }
 }
 
 /// Most transactions one group entry carries.
@@ -538,6 +589,7 @@ impl Node {
                 raft: raft.clone(),
             },
             combiner: Arc::new(Combiner::default()),
+            reads: Arc::new(ReadRounds::default()),
         })
     }
 
@@ -823,7 +875,21 @@ impl Node {
         NoQuorum::new(&q.got, &voters)
     }
 
+    /// Waits until this node may answer a linearizable read: it leads, a quorum confirmed it
+    /// after the call began, and it applied everything committed then. Concurrent readers share
+    /// one such round ([`ReadRounds`]); on any failure each reader runs its own, which says why.
     async fn linearize(&self) -> Result<(), ReadError> {
+        let (tx, rx) = oneshot::channel();
+        if self.reads.push(tx) {
+            tokio::spawn(run_read_rounds(self.raft.clone(), self.reads.clone()));
+        }
+        match rx.await {
+            Ok(true) => Ok(()),
+            _ => self.linearize_alone().await,
+        }
+    }
+
+    async fn linearize_alone(&self) -> Result<(), ReadError> {
         let timeout = DEFAULT_REQUEST_TIMEOUT;
         let deadline = Instant::now() + timeout;
         loop {

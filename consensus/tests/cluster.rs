@@ -239,6 +239,19 @@ async fn concurrent_writes_share_entries_and_survive_the_leader() {
         after - before
     );
 
+    // Concurrent linearizable reads (sharing leadership rounds) see every acknowledged write.
+    let mut reads = tokio::task::JoinSet::new();
+    for (i, rev) in acked.iter().copied() {
+        let n1 = n1.clone();
+        reads.spawn(async move {
+            let e = n1.get("cfg", &format!("k{i}")).await.unwrap().unwrap();
+            assert_eq!(e.revision, rev);
+        });
+    }
+    while let Some(res) = reads.join_next().await {
+        res.unwrap();
+    }
+
     let n1 = std::sync::Arc::into_inner(n1).expect("no write task left");
     n1.shutdown().await.unwrap();
     drop(n1);
