@@ -241,7 +241,7 @@ async fn concurrent_writes_share_entries_and_survive_the_leader() {
 
     // Concurrent linearizable reads (sharing leadership rounds) see every acknowledged write.
     let mut reads = tokio::task::JoinSet::new();
-    for (i, rev) in acked.iter().copied() {
+    for &(i, rev) in &acked {
         let n1 = n1.clone();
         reads.spawn(async move {
             let e = n1.get("cfg", &format!("k{i}")).await.unwrap().unwrap();

@@ -73,7 +73,7 @@ async fn client(
     for i in 0..OPS {
         let key = format!("k{}", (c * 7 + i * 3) % KEYS);
         let call = now();
-        let op = if (c + i) % 3 == 0 {
+        let op = if (c + i).is_multiple_of(3) {
             let got = kv.get(&key).await;
             let ret = now();
             match got {
