@@ -208,6 +208,25 @@ pub struct Progress {
     pub target: String,
     pub step: String,
     pub message: String,
+    /// Bytes moved so far in a transfer (upload, copy, pull); repeated
+    /// lines with the same step and message only advance it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<u64>,
+    /// The transfer's size, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+}
+
+impl Progress {
+    pub fn line(target: &str, step: &str, message: impl Into<String>) -> Progress {
+        Progress {
+            target: target.to_string(),
+            step: step.to_string(),
+            message: message.into(),
+            done: None,
+            total: None,
+        }
+    }
 }
 
 impl From<Result<Response, ApiError>> for Reply {

@@ -108,6 +108,16 @@ pub fn call(socket: &Path, req: &Request) -> Result<Result<Response, ApiError>, 
         .write_all(&line)
         .map_err(|e| ClientError::Protocol(format!("sending the request failed: {e}")))?;
     let mut rd = BufReader::new(&stream);
+    let mut progress = crate::progress::ProgressView::for_stderr();
+    let r = read_reply(&mut rd, &mut progress);
+    progress.finish();
+    r
+}
+
+fn read_reply(
+    rd: &mut impl BufRead,
+    progress: &mut crate::progress::ProgressView,
+) -> Result<Result<Response, ApiError>, ClientError> {
     loop {
         let mut reply = String::new();
         rd.read_line(&mut reply)
@@ -121,7 +131,7 @@ pub fn call(socket: &Path, req: &Request) -> Result<Result<Response, ApiError>, 
             Ok(Reply::Ok(r)) => return Ok(Ok(r)),
             Ok(Reply::Error(e)) => return Ok(Err(e)),
             // Live progress goes to stderr; stdout stays the result.
-            Ok(Reply::Progress(p)) => eprintln!("[{}] {} {}", p.target, p.step, p.message),
+            Ok(Reply::Progress(p)) => progress.show(&p),
             Err(e) => {
                 return Err(ClientError::Protocol(format!(
                     "ployzd's reply does not parse: {e}"

@@ -3,6 +3,7 @@
 
 mod client;
 mod output;
+mod progress;
 
 use clap::{Parser, Subcommand};
 use ployz_api::{LifecycleAction, Request};

@@ -152,6 +152,9 @@ impl Daemon {
                     .await
                     .map(|(bytes, sha256)| PeerResponse::VolumePulled { bytes, sha256 }),
             ),
+            PeerRequest::VolumePullProgress { name } => PeerResponse::VolumePullProgress {
+                bytes: self.workloads.volume_pull_progress(&name).await,
+            },
             PeerRequest::Logs {
                 service,
                 slot,

@@ -20,10 +20,22 @@ pub type ProgressSink = tokio::sync::mpsc::UnboundedSender<Progress>;
 
 /// Send one progress line; a caller that went away is not an error.
 pub(crate) fn note(sink: &ProgressSink, target: &str, step: &str, message: impl Into<String>) {
+    let _ = sink.send(Progress::line(target, step, message));
+}
+
+/// Send how far a transfer got (`done` of `total` bytes, when known).
+pub(crate) fn note_bytes(
+    sink: &ProgressSink,
+    target: &str,
+    step: &str,
+    message: &str,
+    done: u64,
+    total: Option<u64>,
+) {
     let _ = sink.send(Progress {
-        target: target.to_string(),
-        step: step.to_string(),
-        message: message.into(),
+        done: Some(done),
+        total,
+        ..Progress::line(target, step, message)
     });
 }
 

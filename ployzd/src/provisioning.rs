@@ -4,12 +4,13 @@
 //! that failed and why. Progress streams to the caller as it happens.
 
 use crate::cluster::Cluster;
-use crate::errors::{invalid, note, ProgressSink};
+use crate::errors::{invalid, note, note_bytes, ProgressSink};
 use crate::ops::{OpHandle, Operations};
 use crate::store::{Store, Versioned};
 use ployz_api::*;
 use ployz_provision::provision::{
     provision_machine, update_machine, InstallSource, ProvisionOptions, UpdateOptions,
+    UploadProgress,
 };
 use ployz_provision::release::ReleaseLocation;
 use ployz_provision::ssh::{SshOptions, SshTarget};
@@ -269,6 +270,7 @@ impl Provisioning {
             opts.service_mode = mode;
             opts.runtime = runtime.to_string();
             opts.region = Some(self.region.clone());
+            opts.uploads = Some(upload_progress(sink, &name));
             let started = std::time::Instant::now();
             let progress = {
                 let sink = sink.clone();
@@ -496,6 +498,7 @@ impl Provisioning {
             if let Some(v) = version {
                 opts.version = v.clone();
             }
+            opts.uploads = Some(upload_progress(sink, &target));
             let progress = {
                 let sink = sink.clone();
                 let target = target.clone();
@@ -596,6 +599,25 @@ fn parse_targets(targets: &[String]) -> Result<Vec<(String, SshTarget)>, ApiErro
             .with_hint("nothing was provisioned: fix the target and run the command again"));
     }
     Ok(out)
+}
+
+/// Byte progress of a target's binary uploads for `sink`: the first and
+/// last count of each file, and at most ten a second in between.
+fn upload_progress(sink: &ProgressSink, target: &str) -> UploadProgress {
+    let sink = sink.clone();
+    let target = target.to_string();
+    let last = std::sync::Mutex::new(None::<std::time::Instant>);
+    UploadProgress::new(move |file, done, total| {
+        let now = std::time::Instant::now();
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        let due = done == 0
+            || done == total
+            || last.is_none_or(|t| now - t >= std::time::Duration::from_millis(100));
+        if due {
+            *last = Some(now);
+            note_bytes(&sink, &target, "upload", file, done, Some(total));
+        }
+    })
 }
 
 #[cfg(test)]

@@ -181,6 +181,8 @@ pub struct ProvisionOptions {
     pub ready_timeout: Duration,
     /// Binaries fetched beforehand (used when their triple runs on the target).
     pub prefetched: Option<Arc<Binaries>>,
+    /// Progress of the binary uploads.
+    pub uploads: Option<UploadProgress>,
 }
 
 impl ProvisionOptions {
@@ -197,6 +199,7 @@ impl ProvisionOptions {
             ports: Ports::default(),
             ready_timeout: Duration::from_secs(60),
             prefetched: None,
+            uploads: None,
         }
     }
 }
@@ -280,12 +283,33 @@ impl ProvisionError {
 
 /// Commands on one target, with `sudo -n` for privileged ones when the
 /// login user is not root.
+/// Told how far each binary upload got: the file's name, bytes sent,
+/// its size. Called often; the receiver throttles.
+#[derive(Clone)]
+pub struct UploadProgress(Arc<UploadFn>);
+
+/// `(file, bytes sent, size)`.
+type UploadFn = dyn Fn(&str, u64, u64) + Send + Sync;
+
+impl UploadProgress {
+    pub fn new(f: impl Fn(&str, u64, u64) + Send + Sync + 'static) -> UploadProgress {
+        UploadProgress(Arc::new(f))
+    }
+}
+
+impl fmt::Debug for UploadProgress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("UploadProgress")
+    }
+}
+
 struct Remote<'a, T: Transport> {
     t: &'a T,
     target: String,
     sudo: bool,
     mode: ServiceMode,
     uid: u32,
+    uploads: Option<UploadProgress>,
 }
 
 impl<'a, T: Transport> Remote<'a, T> {
@@ -296,7 +320,13 @@ impl<'a, T: Transport> Remote<'a, T> {
             sudo: facts.sudo(),
             mode,
             uid: facts.uid,
+            uploads: None,
         }
+    }
+
+    fn reporting(mut self, uploads: Option<UploadProgress>) -> Self {
+        self.uploads = uploads;
+        self
     }
 
     /// Wrap `script` for `sh`; `privileged` adds `sudo -n` when needed.
@@ -385,7 +415,26 @@ impl<'a, T: Transport> Remote<'a, T> {
             "set -e; mkdir -p \"$(dirname {p})\"; tmp={p}.ployz-tmp.$$; trap 'rm -f \"$tmp\"' EXIT; \
              cat > \"$tmp\"; chmod {mode:o} \"$tmp\"; mv -f \"$tmp\" {p}"
         );
-        let out = self.exec(step, &script, privileged, bytes).await?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let total = bytes.len() as u64;
+        let report = |done: u64| {
+            if let Some(u) = self.uploads.as_ref().filter(|_| step == Step::Upload) {
+                (u.0)(&name, done, total)
+            }
+        };
+        report(0);
+        let out = self
+            .t
+            .exec_sending(&self.wrap(&script, privileged), bytes, &report)
+            .await
+            .map_err(|source| RemoteError::Transport {
+                target: self.target.clone(),
+                step,
+                source,
+            })?;
         if !out.success() {
             return Err(RemoteError::Command {
                 target: self.target.clone(),
@@ -513,7 +562,7 @@ pub async fn provision_over<T: Transport>(
 
     let mode = opts.service_mode;
     let layout = target_layout(mode, &facts);
-    let remote = Remote::new(t, &opts.target, &facts, mode);
+    let remote = Remote::new(t, &opts.target, &facts, mode).reporting(opts.uploads.clone());
     let owned = remote.owned();
 
     progress(Step::Upload);
@@ -648,6 +697,8 @@ pub struct UpdateOptions {
     pub ready_timeout: Duration,
     /// Binaries fetched beforehand (used when their triple runs on the target).
     pub prefetched: Option<Arc<Binaries>>,
+    /// Progress of the binary uploads.
+    pub uploads: Option<UploadProgress>,
 }
 
 impl UpdateOptions {
@@ -660,6 +711,7 @@ impl UpdateOptions {
             version: "latest".into(),
             ready_timeout: Duration::from_secs(60),
             prefetched: None,
+            uploads: None,
         }
     }
 }
@@ -827,7 +879,7 @@ pub async fn update_over<T: Transport>(
     .await?;
     let mode = opts.service_mode;
     let layout = target_layout(mode, &facts);
-    let remote = Remote::new(t, &opts.target, &facts, mode);
+    let remote = Remote::new(t, &opts.target, &facts, mode).reporting(opts.uploads.clone());
     let owned = remote.owned();
     let bin = layout.binary.display().to_string();
     let ctl = layout.ctl_binary().display().to_string();
@@ -1022,9 +1074,25 @@ mod tests {
             .on("@@uname", ExecOutput::ok(DEBIAN_ROOT))
             .on("invite import", ExecOutput::ok(JOINED));
         let mut steps = Vec::new();
-        let p = provision_over(&t, &opts(), "TOKEN-1", |s| steps.push(s))
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut o = opts();
+        o.uploads = Some(UploadProgress::new({
+            let sent = sent.clone();
+            move |file, done, total| sent.lock().unwrap().push((file.to_string(), done, total))
+        }));
+        let p = provision_over(&t, &o, "TOKEN-1", |s| steps.push(s))
             .await
             .unwrap();
+        // Both binaries report from 0 to their size; the unit file is no upload.
+        assert_eq!(
+            *sent.lock().unwrap(),
+            [
+                ("ployzd".to_string(), 0, 6),
+                ("ployzd".to_string(), 6, 6),
+                ("ployzctl".to_string(), 0, 3),
+                ("ployzctl".to_string(), 3, 3),
+            ]
+        );
         assert_eq!(p.machine_id, "m-2");
         assert_eq!(p.version, "0.4.2");
         assert_eq!(

@@ -144,6 +144,21 @@ pub trait Transport: Send + Sync {
         stdin: &[u8],
     ) -> impl Future<Output = Result<ExecOutput, SshError>> + Send;
 
+    /// [`Transport::exec_with_input`], calling `sent` with the bytes of
+    /// `stdin` sent so far as it goes out (for progress of an upload).
+    fn exec_sending(
+        &self,
+        cmd: &str,
+        stdin: &[u8],
+        sent: &(dyn Fn(u64) + Send + Sync),
+    ) -> impl Future<Output = Result<ExecOutput, SshError>> + Send {
+        async move {
+            let out = self.exec_with_input(cmd, stdin).await?;
+            sent(stdin.len() as u64);
+            Ok(out)
+        }
+    }
+
     /// Run `cmd` with an empty stdin.
     fn exec(&self, cmd: &str) -> impl Future<Output = Result<ExecOutput, SshError>> + Send {
         self.exec_with_input(cmd, &[])
@@ -403,16 +418,31 @@ fn join_paths(p: &[PathBuf]) -> String {
         .join(", ")
 }
 
+/// How much of an upload goes out between two progress reports.
+const SEND_CHUNK: usize = 256 * 1024;
+
 impl Transport for SshSession {
     async fn exec_with_input(&self, cmd: &str, stdin: &[u8]) -> Result<ExecOutput, SshError> {
+        self.exec_sending(cmd, stdin, &|_| {}).await
+    }
+
+    async fn exec_sending(
+        &self,
+        cmd: &str,
+        stdin: &[u8],
+        sent: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<ExecOutput, SshError> {
         let err = |e: russh::Error| SshError::Session {
             target: self.target.to_string(),
             reason: e.to_string(),
         };
         let mut channel = self.handle.channel_open_session().await.map_err(err)?;
         channel.exec(true, cmd).await.map_err(err)?;
-        if !stdin.is_empty() {
-            channel.data(stdin).await.map_err(err)?;
+        let mut done = 0;
+        for chunk in stdin.chunks(SEND_CHUNK) {
+            channel.data(chunk).await.map_err(err)?;
+            done += chunk.len() as u64;
+            sent(done);
         }
         channel.eof().await.map_err(err)?;
         let mut out = ExecOutput {

@@ -80,6 +80,18 @@ fn init_one_host_then_add_three_with_one_bad() {
             "no {step} progress: {progress}"
         );
     }
+    // Not a terminal: each binary's upload is one line with its size (no
+    // byte counts filling the log).
+    for bin in ["ployzd", "ployzctl"] {
+        let lines: Vec<&str> = progress
+            .lines()
+            .filter(|l| l.contains(&format!("] upload {bin}")))
+            .collect();
+        assert!(
+            lines.len() == 1 && lines[0].ends_with("iB)"),
+            "upload lines of {bin}: {lines:?}\n{progress}"
+        );
+    }
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     let id = r["results"][0]["machine"].as_str().unwrap().to_string();
     assert_eq!(a.exec_ok("systemctl is-active ployzd").trim(), "active");

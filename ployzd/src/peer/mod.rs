@@ -174,6 +174,10 @@ pub enum PeerRequest {
         name: String,
         from: String,
     },
+    /// How many bytes of volume `name` a `PullVolume` here received so far.
+    VolumePullProgress {
+        name: String,
+    },
     /// Delete this machine's copy of a volume no workload here uses any more.
     DropVolume {
         name: String,
@@ -210,6 +214,10 @@ pub enum PeerResponse {
     },
     VolumeDropped {
         dropped: bool,
+    },
+    /// Bytes received by the pull of a volume (`None`: none is running).
+    VolumePullProgress {
+        bytes: Option<u64>,
     },
     Logs(String),
     Error(ApiError),

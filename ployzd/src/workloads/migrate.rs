@@ -61,7 +61,7 @@ impl Workloads {
             )
             .await?;
         let outcome = self
-            .migrate_steps(&op, &svc.value, &src, &target.id, &progress)
+            .migrate_steps(&op, &svc.value, &src, &target.id, &progress, sink)
             .await;
         match outcome {
             Ok(view) => {
@@ -93,6 +93,46 @@ impl Workloads {
                 op.finish(state, message.clone(), e.code.exit_code()).await;
                 Err(ApiError::new(e.code, message)
                     .with_hint(e.hint.unwrap_or_else(|| "fix the cause and retry".into())))
+            }
+        }
+    }
+
+    /// Asks `target` to pull a volume (`pull`), and while it does, reports
+    /// the bytes it received so far to `sink` (twice a second).
+    async fn pull_reporting(
+        &self,
+        target: &str,
+        pull: &PeerRequest,
+        service: &str,
+        volume: &str,
+        sink: &ProgressSink,
+    ) -> Result<PeerResponse, String> {
+        let call = self
+            .control
+            .call_machine(target, pull, Duration::from_secs(600));
+        tokio::pin!(call);
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ask = PeerRequest::VolumePullProgress {
+            name: volume.to_string(),
+        };
+        let message = format!("volume {volume}");
+        loop {
+            tokio::select! {
+                r = &mut call => return r,
+                _ = tick.tick() => {
+                    // An older ployzd on the target does not know the
+                    // question: then there is just no byte count.
+                    let asked = self.control.call_machine(target, &ask, Duration::from_secs(2));
+                    tokio::select! {
+                        r = &mut call => return r,
+                        a = asked => {
+                            if let Ok(PeerResponse::VolumePullProgress { bytes: Some(b) }) = a {
+                                note_bytes(sink, service, "copy", &message, b, None);
+                            }
+                        }
+                    }
+                }
             }
         }
     }
@@ -209,6 +249,7 @@ impl Workloads {
         src: &Placement,
         target: &str,
         progress: &(impl Fn(&str, String) + Sync),
+        sink: &ProgressSink,
     ) -> Result<ServiceView, (&'static str, ApiError)> {
         let name = svc.name.as_str();
         // 1. Pause the source so the volume copy is consistent.
@@ -257,16 +298,12 @@ impl Workloads {
                 "copy",
                 format!("volume {} from {} to {target}", v.name, src.machine),
             );
+            let pull = PeerRequest::PullVolume {
+                name: v.name.clone(),
+                from: src.machine.clone(),
+            };
             let resp = self
-                .control
-                .call_machine(
-                    target,
-                    &PeerRequest::PullVolume {
-                        name: v.name.clone(),
-                        from: src.machine.clone(),
-                    },
-                    Duration::from_secs(600),
-                )
+                .pull_reporting(target, &pull, name, &v.name, sink)
                 .await
                 .map_err(|e| ("copy", ApiError::new(ErrorCode::Unavailable, e)))?;
             match resp {

@@ -28,7 +28,7 @@ pub mod spec;
 mod transfer;
 
 use crate::control::ControlPlane;
-use crate::errors::{internal, invalid, note, refused, ProgressSink};
+use crate::errors::{internal, invalid, note, note_bytes, refused, ProgressSink};
 use crate::ops::{OpHandle, Operations};
 use crate::overlay::Overlay;
 use crate::peer::{self, BlobRequest, BlobSource, PeerRequest, PeerResponse};

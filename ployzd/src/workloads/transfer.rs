@@ -104,6 +104,32 @@ impl Workloads {
         Ok((bytes, sha))
     }
 
+    /// Bytes a running [`Self::pull_volume`] of `name` received so far
+    /// (the size of its download file); `None` when none is running.
+    pub(crate) async fn volume_pull_progress(&self, name: &str) -> Option<u64> {
+        validate_volume_name(name).ok()?;
+        let prefix = format!("pull-{name}-");
+        let mut dir = tokio::fs::read_dir(self.cfg.data_dir.join("tmp"))
+            .await
+            .ok()?;
+        let mut found = None;
+        while let Ok(Some(e)) = dir.next_entry().await {
+            let file = e.file_name();
+            let Some(rand) = file
+                .to_str()
+                .and_then(|f| f.strip_prefix(&prefix))
+                .and_then(|f| f.strip_suffix(".tar"))
+            else {
+                continue;
+            };
+            if rand.len() == 12 && rand.bytes().all(|b| b.is_ascii_hexdigit()) {
+                let len = e.metadata().await.map_or(0, |m| m.len());
+                found = Some(found.unwrap_or(0) + len);
+            }
+        }
+        found
+    }
+
     /// Delete this machine's copy of a volume if no instance here uses it.
     pub(crate) async fn drop_volume(&self, name: &str) -> Result<bool, ApiError> {
         validate_volume_name(name)?;
