@@ -41,6 +41,7 @@
 //! [`kv`] (pure rules), [`store`] (sled storage implementing openraft's v2 storage traits),
 //! [`network`] (length-prefixed JSON over TCP), [`Node`] (the facade the daemon uses).
 
+mod gate;
 pub mod kv;
 pub mod network;
 mod node;
@@ -64,6 +65,8 @@ pub use kv::Txn;
 pub use kv::TxnResult;
 pub use network::serve_raft;
 pub use network::Dialer;
+pub use network::FeatureProbe;
+pub use network::Features;
 pub use network::FrameConn;
 pub use network::PlainTcp;
 pub use network::TcpNetworkFactory;

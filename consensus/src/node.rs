@@ -27,12 +27,14 @@ use tokio::time::Instant;
 
 use ployz_api::time::human;
 
+use crate::gate::GroupGate;
 use crate::kv::BucketInfo;
 use crate::kv::Entry;
 use crate::kv::KvEvent;
 use crate::kv::Txn;
 use crate::kv::TxnResult;
 use crate::network::serve_raft;
+use crate::network::FeatureProbe;
 use crate::network::TcpNetworkFactory;
 use crate::store;
 use crate::store::StateMachineStore;
@@ -304,6 +306,8 @@ pub struct Node {
     proposer: Proposer,
     combiner: Arc<Combiner>,
     reads: Arc<ReadRounds>,
+    /// Asks the members which log formats they read (only while leading); aborted on shutdown.
+    gate_task: JoinHandle<()>,
 }
 
 /// Batched ReadIndex: readers that arrive while a leadership round is in flight wait for the
@@ -412,9 +416,20 @@ impl Combiner {
 struct Proposer {
     id: NodeId,
     raft: Raft,
+    gate: Arc<GroupGate>,
 }
 
 impl Proposer {
+    /// Whether a group entry may be proposed now: every voter and learner recently said its
+    /// binary reads them (see [`crate::gate`]).
+    fn groups_allowed(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let members = m.membership_config.membership().nodes();
+        self.gate
+            .allows(self.id, members.map(|(id, n)| (*id, n)), Instant::now())
+    }
+
     /// Proposes `txn` (its id already set, if any) and waits until it is applied here.
     async fn propose(&self, txn: Txn, timeout: Duration) -> Result<TxnResult, WriteError> {
         let deadline = Instant::now() + timeout;
@@ -522,6 +537,18 @@ async fn run_proposer(proposer: Proposer, sm: StateMachineStore, combiner: Arc<C
             }
             continue;
         }
+        if !proposer.groups_allowed() {
+            // A member may not read group entries (older binary, not asked yet): one entry
+            // per write, proposed concurrently, as before group commit.
+            for (txn, waiter) in batch {
+                let proposer = proposer.clone();
+                tokio::spawn(async move {
+                    let answer = proposer.propose(txn, DEFAULT_REQUEST_TIMEOUT).await;
+                    let _ = waiter.send(answer);
+                });
+            }
+            continue;
+        }
         let (txns, waiters): (Vec<Txn>, Vec<Waiter>) = batch.into_iter().unzip();
         let res = proposer
             .propose(Txn::group(txns.clone()), DEFAULT_REQUEST_TIMEOUT)
@@ -544,6 +571,45 @@ async fn run_proposer(proposer: Proposer, sm: StateMachineStore, combiner: Arc<C
     }
 }
 
+/// How often the leader looks for members to ask about their features.
+const GATE_TICK: Duration = Duration::from_millis(200);
+/// How long a member has to answer the features request.
+const FEATURES_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// While this node leads, asks the members that are due which features they support.
+async fn run_gate<P: FeatureProbe + Clone>(probe: P, raft: Raft, gate: Arc<GroupGate>, me: NodeId) {
+    let mut tick = tokio::time::interval(GATE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let due = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            if m.state != ServerState::Leader {
+                continue;
+            }
+            let members = m.membership_config.membership().nodes();
+            gate.due(me, members.map(|(id, n)| (*id, n)), Instant::now())
+        };
+        let mut asks = tokio::task::JoinSet::new();
+        for (id, node) in due {
+            let (probe, gate) = (probe.clone(), gate.clone());
+            asks.spawn(async move {
+                let answer = probe.features(id, &node, FEATURES_TIMEOUT).await;
+                if !answer.is_some_and(|f| f.group_commit) {
+                    tracing::debug!(
+                        node_id = id,
+                        machine_id = %node.machine_id,
+                        "member does not read group entries (yet): one log entry per write"
+                    );
+                }
+                gate.record(id, &node.addr, answer, Instant::now());
+            });
+        }
+        while asks.join_next().await.is_some() {}
+    }
+}
+
 impl Node {
     /// Opens the database in `cfg.dir` and starts Raft with the TCP network.
     pub async fn open(cfg: NodeConfig) -> Result<Node, OpenError> {
@@ -554,7 +620,7 @@ impl Node {
     /// Like [`Node::open`] with another transport.
     pub async fn open_with_network<N>(cfg: NodeConfig, network: N) -> Result<Node, OpenError>
     where
-        N: RaftNetworkFactory<crate::TypeConfig>,
+        N: RaftNetworkFactory<crate::TypeConfig> + FeatureProbe + Clone,
     {
         if cfg.snapshot_logs_since_last == 0 {
             return Err(OpenError::InvalidConfig(
@@ -570,6 +636,7 @@ impl Node {
             path: cfg.dir.clone(),
             source,
         })?;
+        let probe = network.clone();
         let raft = Raft::new(cfg.node_id, Arc::new(config), network, log, sm.clone())
             .await
             .map_err(|f| OpenError::Raft(Box::new(f)))?;
@@ -579,6 +646,8 @@ impl Node {
             dir = %cfg.dir.display(),
             "raft node opened"
         );
+        let gate = Arc::new(GroupGate::default());
+        let gate_task = tokio::spawn(run_gate(probe, raft.clone(), gate.clone(), cfg.node_id));
         Ok(Node {
             id: cfg.node_id,
             raft: raft.clone(),
@@ -587,9 +656,11 @@ impl Node {
             proposer: Proposer {
                 id: cfg.node_id,
                 raft: raft.clone(),
+                gate,
             },
             combiner: Arc::new(Combiner::default()),
             reads: Arc::new(ReadRounds::default()),
+            gate_task,
         })
     }
 
@@ -631,6 +702,12 @@ impl Node {
             .await
             .map_err(|_| InitError::Timeout { timeout })?;
         Ok(())
+    }
+
+    /// Whether concurrent writes proposed here share log entries now: every voter and learner
+    /// recently said it reads group entries (asked while this node leads; see [`Txn::group`]).
+    pub fn group_commit(&self) -> bool {
+        self.proposer.groups_allowed()
     }
 
     /// Whether this node belongs to a cluster (it has a log or a vote).
@@ -824,6 +901,7 @@ impl Node {
         {
             task.abort();
         }
+        self.gate_task.abort();
         self.raft
             .shutdown()
             .await
@@ -954,6 +1032,7 @@ impl Drop for Node {
         {
             task.abort();
         }
+        self.gate_task.abort();
     }
 }
 
