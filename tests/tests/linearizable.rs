@@ -138,7 +138,9 @@ impl Recorder {
     }
 }
 
-/// Client `c`'s mix of puts and gets on phase `phase`'s keys until `stop`.
+/// Client `c`'s mix of puts and gets on phase `phase`'s keys until `stop`. The first client of
+/// each machine only reads: a machine whose writes hang (cut off, deposed) must still refuse
+/// stale reads, and a reader keeps asking it.
 async fn client(
     kv: async_nats::jetstream::kv::Store,
     c: usize,
@@ -146,10 +148,16 @@ async fn client(
     rec: Arc<Recorder>,
     stop: Arc<AtomicBool>,
 ) {
+    let reader = c.is_multiple_of(CLIENTS_PER_MACHINE);
+    // xorshift64: each client its own sequence of keys and of puts and gets.
+    let mut r = (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut i = 0usize;
     while !stop.load(Ordering::SeqCst) {
-        let key = format!("p{phase}-k{}", (c * 7 + i * 3) % KEYS);
-        let ok = if (c + i).is_multiple_of(3) {
+        r ^= r << 13;
+        r ^= r >> 7;
+        r ^= r << 17;
+        let key = format!("p{phase}-k{}", r % KEYS as u64);
+        let ok = if reader || (r >> 32).is_multiple_of(3) {
             rec.get(&kv, &key).await
         } else {
             let value = format!("c{c}-p{phase}-{i}").into_bytes();
