@@ -481,6 +481,13 @@ fn request_of(cmd: Top) -> Request {
 }
 
 fn main() {
+    // Like every Unix filter: when the reader of our output goes away
+    // (`ployzctl … | head`, `| grep -q`), end quietly on SIGPIPE instead of
+    // panicking on the failed write (Rust ignores SIGPIPE by default).
+    // SAFETY: restoring a signal's default disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
