@@ -21,7 +21,10 @@ ETCD_DIR=$(mktemp -d /tmp/ployz-etcd-bench.XXXXXX)
 OUT=$(mktemp /tmp/ployz-kv-bench.XXXXXX)
 
 command -v etcd >/dev/null || { apt-get install -y --no-install-recommends etcd-server etcd-client >/dev/null; }
-cargo build --locked --release -p ployzd -p ployzctl -p ployz-benches --bin kvbench
+# Two builds, not one: built together, kvbench's dependencies would change ployzd's features,
+# and scripts/local-cluster (which builds -p ployzd -p ployzctl) would build it again.
+cargo build --locked --release -p ployzd -p ployzctl
+cargo build --locked --release -p ployz-benches --bin kvbench
 
 etcd_pids=()
 cleanup() {
