@@ -925,12 +925,14 @@ impl Node {
 
     // ---- helpers ----
 
+    /// One lookup: a get must not cost a scan of its bucket.
     fn require_bucket(&self, bucket: &str) -> Result<(), ReadError> {
-        match self.sm.bucket_info(bucket)? {
-            Some(_) => Ok(()),
-            None => Err(ReadError::NoSuchBucket {
+        if self.sm.has_bucket(bucket)? {
+            Ok(())
+        } else {
+            Err(ReadError::NoSuchBucket {
                 bucket: bucket.to_string(),
-            }),
+            })
         }
     }
 

@@ -92,6 +92,7 @@ fn assert_same(sm: &StateMachineStore, mem: &MemState) {
     for b in &names {
         assert_eq!(sm.list(b).unwrap(), mem.list(b), "list {b}");
         assert_eq!(sm.bucket_info(b).unwrap(), mem.bucket_info(b), "info {b}");
+        assert!(sm.has_bucket(b).unwrap(), "{b}");
         for key in ["x", "y", "z", "big", "gone", "fresh", "k"] {
             assert_eq!(
                 sm.history(b, key).unwrap(),
@@ -120,6 +121,7 @@ async fn sled_matches_reference_and_snapshot_roundtrips() {
     }
     assert_same(&sm, &mem);
     assert!(sm.bucket_info("c").unwrap().is_none());
+    assert!(!sm.has_bucket("c").unwrap());
 
     let snap = snapshot_of(&mut sm).await;
     let (_log2, mut other) = store::open(&dir.path().join("b")).unwrap();

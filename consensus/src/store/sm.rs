@@ -189,6 +189,13 @@ impl StateMachineStore {
     }
 
     /// Bucket statistics; scans the bucket, so cost is linear in its stored entries.
+    /// Whether `bucket` exists: one lookup ([`Self::bucket_info`] counts every entry).
+    pub fn has_bucket(&self, bucket: &str) -> Result<bool, StoreError> {
+        let _g = self.read_lock();
+        Ok(self.view().bucket(bucket)?.is_some())
+    }
+
+    /// Bucket statistics; scans the bucket (entries and live keys are counted, not stored).
     pub fn bucket_info(&self, bucket: &str) -> Result<Option<BucketInfo>, StoreError> {
         let _g = self.read_lock();
         let Some(state) = self.view().bucket(bucket)? else {
