@@ -8,6 +8,7 @@
 //! Every JSON field is snake_case; the `--json` output schemas documented in
 //! the README are these types serialised as they are.
 
+pub mod compose;
 pub mod invite;
 pub mod records;
 pub mod time;

@@ -22,6 +22,8 @@ pub const BUCKET_INVITES: &str = "invites";
 pub const BUCKET_INSTANCES: &str = "instances";
 pub const BUCKET_SERVICES: &str = "services";
 pub const BUCKET_OPERATIONS: &str = "operations";
+/// Registry settings and credentials; never served over NATS.
+pub const BUCKET_REGISTRIES: &str = "registries";
 pub const NETWORK_KEY: &str = "config";
 
 /// Default cluster overlay range; each machine gets a /24 out of it.
@@ -307,6 +309,43 @@ pub struct ServiceImage {
     /// Machines holding the archive, to fetch it from.
     #[serde(default)]
     pub sources: Vec<String>,
+    /// For an image pulled from a registry: the digest of its image manifest
+    /// (linux/amd64), pinned at deploy time; `reference` then carries it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_digest: Option<String>,
+}
+
+/// How to reach one registry (`registry add` / `registry login`). The
+/// password never leaves the daemon: not in replies, logs or NATS.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegistryRecord {
+    /// `host[:port]` as in image references.
+    pub host: String,
+    /// Plain HTTP allowed.
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for RegistryRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryRecord")
+            .field("host", &self.host)
+            .field("insecure", &self.insecure)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl RegistryRecord {
+    /// The store key: the host with `:` (not allowed in KV keys) as `_`.
+    pub fn key(host: &str) -> String {
+        host.replace(':', "_")
+    }
 }
 
 /// A named volume mounted into a service's workloads.
@@ -369,6 +408,9 @@ pub struct ServiceRecord {
     /// tell, after its machine died, whether it got that far).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployed_by: Option<String>,
+    /// Compose project (`deploy -f`), grouping its services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
 }
 
 #[cfg(test)]

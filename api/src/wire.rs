@@ -112,6 +112,22 @@ pub enum Request {
     Doctor,
     /// `dashboard`: a one-time login link to this machine's web UI.
     Dashboard,
+    /// `registry add` / `registry login`: how to reach a registry.
+    RegistrySet {
+        host: String,
+        #[serde(default)]
+        insecure: bool,
+        #[serde(default)]
+        username: Option<String>,
+        #[serde(default)]
+        password: Option<Secret>,
+    },
+    /// `registry ls`.
+    RegistryList,
+    /// `registry rm`.
+    RegistryRm {
+        host: String,
+    },
 }
 
 /// `deploy service`.
@@ -119,7 +135,8 @@ pub enum Request {
 pub struct DeployRequest {
     pub name: String,
     /// An absolute path to an image archive or OCI layout on the machine
-    /// running ployzctl, or a name in the machines' local image stores.
+    /// running ployzctl, a registry reference, or a name (stored on the
+    /// deploying machine under it, else a Docker Hub reference).
     pub image: String,
     pub replicas: u32,
     /// `KEY=VALUE`.
@@ -140,6 +157,22 @@ pub struct DeployRequest {
     /// Relative CPU weight per instance, 2–262144 (1024 is the default weight).
     #[serde(default)]
     pub cpu_shares: Option<u64>,
+    /// The compose project the service belongs to (`deploy -f`); a deploy
+    /// without one keeps the service's current project.
+    #[serde(default)]
+    pub project: Option<String>,
+}
+
+/// A password on the wire: serialized as the plain string, but its `Debug`
+/// (request logs) never shows it.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// `machine init` / `machine add`: every flag of the page.
@@ -263,6 +296,22 @@ pub enum Response {
     Left(LeftNetwork),
     Doctor(DoctorReport),
     Dashboard(DashboardLink),
+    Registries(RegistryList),
+}
+
+/// `registry ls --json` (no secrets).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegistryList {
+    pub registries: Vec<RegistryView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegistryView {
+    pub host: String,
+    pub insecure: bool,
+    /// `null` without credentials.
+    #[serde(default)]
+    pub username: Option<String>,
 }
 
 /// `dashboard --json`.
@@ -411,10 +460,16 @@ pub struct ServiceList {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServiceView {
     pub name: String,
+    /// Compose project (`deploy -f`); `null` for a service deployed alone.
+    #[serde(default)]
+    pub project: Option<String>,
     pub image: String,
     /// `null` for an image given by name (not shipped between machines).
     #[serde(default)]
     pub digest: Option<String>,
+    /// Image manifest digest of an image pulled from a registry.
+    #[serde(default)]
+    pub manifest_digest: Option<String>,
     pub replicas: u32,
     pub generation: u64,
     #[serde(default)]
@@ -811,6 +866,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn secrets_travel_plain_but_never_debug_print() {
+        let r = Request::RegistrySet {
+            host: "reg.example".into(),
+            insecure: false,
+            username: Some("u".into()),
+            password: Some(Secret("hunter2".into())),
+        };
+        assert!(!format!("{r:?}").contains("hunter2"));
+        let wire = serde_json::to_string(&r).unwrap();
+        assert!(wire.contains("\"password\":\"hunter2\""), "{wire}");
+        assert_eq!(serde_json::from_str::<Request>(&wire).unwrap(), r);
+    }
+
+    #[test]
     fn request_wire_shape() {
         let r = Request::Lifecycle {
             machine: "abc".into(),
@@ -878,8 +947,10 @@ mod tests {
         };
         let services = serde_json::json!({"services": [ServiceView {
             name: "web".into(),
+            project: None,
             image: "busybox".into(),
             digest: None,
+            manifest_digest: None,
             replicas: 1,
             generation: 1,
             volumes: vec![],

@@ -83,6 +83,7 @@ pub use node::DEFAULT_REQUEST_TIMEOUT;
 pub use store::LogStore;
 pub use store::StateMachineStore;
 pub use store::StoreError;
+pub use store::Timings;
 
 /// Raft node id.
 pub type NodeId = u64;

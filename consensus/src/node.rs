@@ -672,6 +672,11 @@ impl Node {
         &self.raft
     }
 
+    /// This replica's storage latency histograms (log append, fsync, apply).
+    pub fn timings(&self) -> crate::Timings {
+        self.sm.timings()
+    }
+
     /// Answers Raft RPCs on `listener` (bound to this node's `addr`) until shutdown.
     pub fn serve(&self, listener: TcpListener) {
         let task = tokio::spawn(serve_raft(listener, self.raft.clone()));

@@ -2,6 +2,7 @@
 //! the answer (a table, or JSON with `--json`), exit with a documented code.
 
 mod client;
+mod compose;
 mod output;
 mod progress;
 
@@ -48,9 +49,9 @@ enum Top {
     /// Release locations for `--install-source release`.
     #[command(subcommand)]
     Release(ReleaseCmd),
-    /// Deploy a workload.
-    #[command(subcommand)]
-    Deploy(DeployCmd),
+    /// Deploy a workload: `deploy service NAME --image …`, or every service
+    /// of a compose file with `deploy -f compose.yaml`.
+    Deploy(DeployArgs),
     /// Services running on the cluster.
     #[command(subcommand)]
     Service(ServiceCmd),
@@ -63,11 +64,42 @@ enum Top {
     Status,
     /// Print a one-time login link to this machine's web dashboard.
     Dashboard,
+    /// Image registries: plain-HTTP hosts and credentials (stored in the cluster, never printed).
+    #[command(subcommand)]
+    Registry(RegistryCmd),
     /// Print a shell completion script: `ployzctl completions bash > /etc/bash_completion.d/ployzctl`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Subcommand)]
+enum RegistryCmd {
+    /// Store credentials for a registry (basic auth or its token flow).
+    Login {
+        /// host[:port] as in image references.
+        host: String,
+        #[arg(long)]
+        username: String,
+        /// Read the password from the first line of stdin (required: never on the command line).
+        #[arg(long, required = true)]
+        password_stdin: bool,
+        /// Talk plain HTTP to this host.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Name a registry; with --insecure ployz talks plain HTTP to it.
+    Add {
+        host: String,
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Registries ployz knows (no secrets).
+    #[command(alias = "list")]
+    Ls,
+    /// Forget a registry and its credentials.
+    Rm { host: String },
 }
 
 #[derive(Subcommand)]
@@ -84,13 +116,41 @@ enum OpCmd {
     },
 }
 
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct DeployArgs {
+    #[command(subcommand)]
+    cmd: Option<DeployCmd>,
+    /// A compose file: deploy each of its services, dependencies first.
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Project name (prefix of the services and volumes) [default: the file's directory name].
+    #[arg(long)]
+    project: Option<String>,
+    /// Warn about keys ployz does not support instead of refusing the file.
+    #[arg(long)]
+    ignore_unsupported: bool,
+    /// Seconds to wait for each service's instances to run.
+    #[arg(long, default_value_t = 120)]
+    wait_secs: u64,
+}
+
 #[derive(Subcommand)]
 enum DeployCmd {
+    /// Remove the services of a compose file (or of `--project`).
+    Rm {
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        project: Option<String>,
+    },
     /// Create or update a service and wait until its instances run.
     Service {
         name: String,
         /// Image: a `docker save` tarball or OCI image layout on this machine
-        /// (shipped to the machines that run it), or a name already in their stores.
+        /// (shipped to the machines that run it), a registry reference
+        /// (`host[:port]/repo[:tag][@sha256:…]`), or a name: the image stored
+        /// under it here, else Docker Hub (`busybox` = docker.io/library/busybox:latest).
         #[arg(long)]
         image: String,
         #[arg(long, default_value_t = 1)]
@@ -438,16 +498,25 @@ fn request_of(cmd: Top) -> Request {
         }
         Top::Machine(MachineCmd::Rm { force, machine }) => Request::MachineRm { machine, force },
         Top::Machine(MachineCmd::Rtt) => Request::MachineRtt,
-        Top::Deploy(DeployCmd::Service {
-            name,
-            image,
-            replicas,
-            env,
-            volumes,
-            wait_secs,
-            memory,
-            cpu_shares,
-            command,
+        Top::Deploy(DeployArgs {
+            cmd: Some(DeployCmd::Rm { .. }),
+            ..
+        })
+        | Top::Deploy(DeployArgs { cmd: None, .. }) => unreachable!("handled in main"),
+        Top::Deploy(DeployArgs {
+            cmd:
+                Some(DeployCmd::Service {
+                    name,
+                    image,
+                    replicas,
+                    env,
+                    volumes,
+                    wait_secs,
+                    memory,
+                    cpu_shares,
+                    command,
+                }),
+            ..
         }) => Request::ServiceDeploy(Box::new(ployz_api::DeployRequest {
             name,
             image: image_arg(&image),
@@ -458,6 +527,7 @@ fn request_of(cmd: Top) -> Request {
             wait_secs: Some(wait_secs),
             memory,
             cpu_shares,
+            project: None,
         })),
         Top::Service(ServiceCmd::Ls) => Request::ServiceList,
         Top::Service(ServiceCmd::Rm { name }) => Request::ServiceRm { name },
@@ -473,6 +543,15 @@ fn request_of(cmd: Top) -> Request {
         Top::Op(OpCmd::Ls) => Request::OpList,
         Top::Status => Request::Doctor,
         Top::Dashboard => Request::Dashboard,
+        Top::Registry(RegistryCmd::Add { host, insecure }) => Request::RegistrySet {
+            host,
+            insecure,
+            username: None,
+            password: None,
+        },
+        Top::Registry(RegistryCmd::Login { .. }) => unreachable!("needs the password: see main"),
+        Top::Registry(RegistryCmd::Ls) => Request::RegistryList,
+        Top::Registry(RegistryCmd::Rm { host }) => Request::RegistryRm { host },
         Top::Op(OpCmd::Wait { id, timeout_secs }) => Request::OpWait {
             id,
             timeout_secs: Some(timeout_secs),
@@ -515,7 +594,38 @@ fn main() {
     if let Top::Release(ReleaseCmd::Pack { out, version }) = cli.command {
         std::process::exit(release_pack(&out, version, json));
     }
-    if let Top::Deploy(DeployCmd::Service { image, .. }) = &cli.command {
+    if let Top::Deploy(d) = &cli.command {
+        match &d.cmd {
+            Some(DeployCmd::Rm { file, project }) => {
+                std::process::exit(compose::rm(&socket, file.as_deref(), project.clone(), json))
+            }
+            None => {
+                let Some(file) = d.file.clone() else {
+                    output::print_error(
+                        &ployz_api::ApiError::new(
+                            ployz_api::ErrorCode::InvalidArgument,
+                            "deploy needs a compose file (-f FILE) or a subcommand (deploy service …)",
+                        ),
+                        json,
+                    );
+                    std::process::exit(exit::USAGE);
+                };
+                let opts = compose::ComposeOpts {
+                    file,
+                    project: d.project.clone(),
+                    ignore_unsupported: d.ignore_unsupported,
+                    wait_secs: d.wait_secs,
+                };
+                std::process::exit(compose::deploy(&socket, &opts, json));
+            }
+            Some(DeployCmd::Service { .. }) => {}
+        }
+    }
+    if let Top::Deploy(DeployArgs {
+        cmd: Some(DeployCmd::Service { image, .. }),
+        ..
+    }) = &cli.command
+    {
         if let Err(msg) = check_image_path(image) {
             output::print_error(
                 &ployz_api::ApiError::new(ployz_api::ErrorCode::InvalidArgument, msg).with_hint(
@@ -547,7 +657,36 @@ fn main() {
         }
         *token = Some(line.trim().to_string());
     }
-    let request = request_of(command);
+    let request = match command {
+        Top::Registry(RegistryCmd::Login {
+            host,
+            username,
+            insecure,
+            ..
+        }) => {
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+            let password = line.trim_end_matches(['\r', '\n']).to_string();
+            if password.is_empty() {
+                output::print_error(
+                    &ployz_api::ApiError::new(
+                        ployz_api::ErrorCode::InvalidArgument,
+                        "--password-stdin: stdin had no password",
+                    )
+                    .with_hint("pipe it in: `ployzctl registry login HOST --username U --password-stdin < FILE`"),
+                    json,
+                );
+                std::process::exit(ployz_api::ErrorCode::InvalidArgument.exit_code());
+            }
+            Request::RegistrySet {
+                host,
+                insecure,
+                username: Some(username),
+                password: Some(ployz_api::Secret(password)),
+            }
+        }
+        other => request_of(other),
+    };
     let code = match client::call(&socket, &request) {
         Ok(Ok(resp)) => {
             output::print_response(&resp, json);

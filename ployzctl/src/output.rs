@@ -103,8 +103,9 @@ const RTT_COLUMNS: [Column<RttRow>; 4] = [
 /// One row per instance; a service without instances gets one row of dashes.
 type InstanceRow<'a> = (&'a ServiceView, Option<&'a InstanceView>);
 
-fn service_columns<'a>() -> [Column<InstanceRow<'a>>; 9] {
+fn service_columns<'a>() -> [Column<InstanceRow<'a>>; 10] {
     [
+        ("PROJECT", |(s, _)| opt(&s.project)),
         ("SERVICE", |(s, _)| s.name.clone()),
         ("IMAGE", |(s, _)| s.image.clone()),
         ("REPLICAS", |(s, _)| s.replicas.to_string()),
@@ -361,6 +362,27 @@ pub fn print_response(resp: &Response, json: bool) {
                 return print_json(l);
             }
             print!("{}", ops_table(&l.operations));
+        }
+        Response::Registries(l) => {
+            if json {
+                return print_json(l);
+            }
+            if l.registries.is_empty() {
+                println!(
+                    "no registries (ployzctl registry add HOST --insecure, or registry login)"
+                );
+            }
+            for r in &l.registries {
+                println!(
+                    "{:<30} {:<8} {}",
+                    r.host,
+                    if r.insecure { "http" } else { "https" },
+                    r.username
+                        .as_deref()
+                        .map(|u| format!("user {u}"))
+                        .unwrap_or_else(|| "anonymous".into())
+                );
+            }
         }
         Response::Dashboard(d) => {
             if json {
@@ -666,8 +688,10 @@ a1b2c3d4e5f6   b              -        -
             };
         let service = |name: &str, replicas, instances| ServiceView {
             name: name.into(),
+            project: None,
             image: "web:1".into(),
             digest: None,
+            manifest_digest: None,
             replicas,
             generation: 1,
             volumes: vec![],
@@ -698,10 +722,10 @@ a1b2c3d4e5f6   b              -        -
         assert_eq!(
             services_table(&services),
             "\
-SERVICE   IMAGE   REPLICAS   MACHINE        SLOT   STATE                           RESTARTS   LAST EXIT   OVERLAY IP
-web       web:1   2          a1b2c3d4e5f6   0      running                         0          -           10.101.1.2
-web       web:1   2          0f0f0f0f0f0f   1      running (machine unreachable)   4          3           -
-idle      web:1   0          -              -      -                               -          -           -
+PROJECT   SERVICE   IMAGE   REPLICAS   MACHINE        SLOT   STATE                           RESTARTS   LAST EXIT   OVERLAY IP
+-         web       web:1   2          a1b2c3d4e5f6   0      running                         0          -           10.101.1.2
+-         web       web:1   2          0f0f0f0f0f0f   1      running (machine unreachable)   4          3           -
+-         idle      web:1   0          -              -      -                               -          -           -
 "
         );
     }

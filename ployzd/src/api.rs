@@ -89,6 +89,19 @@ impl Daemon {
                 .await
                 .map(|v| Response::Service(Box::new(v))),
             Request::ServiceList => workloads.service_list().await.map(Response::Services),
+            Request::RegistrySet {
+                host,
+                insecure,
+                username,
+                password,
+            } => workloads
+                .registry_set(&host, insecure, username, password)
+                .await
+                .map(Response::Registries),
+            Request::RegistryList => workloads.registry_list().await.map(Response::Registries),
+            Request::RegistryRm { host } => {
+                workloads.registry_rm(&host).await.map(Response::Registries)
+            }
             Request::ServiceLogs { name, slot, tail } => workloads
                 .service_logs(&name, slot, tail)
                 .await

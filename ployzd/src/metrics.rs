@@ -111,6 +111,25 @@ impl Daemon {
             latency.reads,
         );
         let node = self.store.node();
+        let t = node.timings();
+        reg.register_with_unit(
+            "ployz_raft_append_duration",
+            "Raft log appends on this machine's replica: encode, write and fsync, until Raft may count the entries",
+            prometheus_client::registry::Unit::Seconds,
+            t.append,
+        );
+        reg.register_with_unit(
+            "ployz_raft_apply_duration",
+            "State machine applies on this machine's replica, per batch of committed entries",
+            prometheus_client::registry::Unit::Seconds,
+            t.apply,
+        );
+        reg.register_with_unit(
+            "ployz_store_fsync_duration",
+            "fsyncs of this machine's Raft log (sled flush)",
+            prometheus_client::registry::Unit::Seconds,
+            t.fsync,
+        );
         if let Ok(buckets) = node.buckets_local() {
             let keys: Family<Labels, Gauge> = Family::default();
             for b in buckets {

@@ -349,6 +349,12 @@ impl ImageStore {
         self.store_temp(tmp, Some(expected_digest), tmp)
     }
 
+    /// Stores an archive this machine built at `tmp` (a registry pull) after
+    /// the same checks as an import; `tmp` is removed whatever happens.
+    pub fn insert_archive(&self, tmp: &Path) -> Result<ImageInfo, ImageError> {
+        self.store_temp(tmp, None, tmp)
+    }
+
     /// Stores the archive at `tmp` (removing `tmp` whatever happens).
     /// `shown` is the path named in errors.
     fn store_temp(

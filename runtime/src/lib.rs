@@ -28,6 +28,7 @@ pub mod fake;
 pub mod firewall;
 pub mod host;
 pub mod image;
+pub mod registry;
 
 pub use docker::DockerRuntime;
 pub use error::RuntimeError;

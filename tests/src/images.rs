@@ -66,6 +66,26 @@ pub fn busybox_image(dir: &Path, name: &str, cmd: &[&str]) -> PathBuf {
 /// [`busybox_image`] with a file of `pad` bytes in its layer (`/pad`), for
 /// an image whose import takes a while.
 pub fn padded_busybox_image(dir: &Path, name: &str, cmd: &[&str], pad: usize) -> PathBuf {
+    let data: Vec<u8> = (0..pad).map(|i| (i % 251) as u8).collect();
+    busybox_image_with(dir, name, cmd, data)
+}
+
+/// [`busybox_image`] with `pad` bytes that do not compress (xorshift
+/// noise) in `/pad`: an image whose registry size is its real size.
+pub fn noisy_busybox_image(dir: &Path, name: &str, cmd: &[&str], pad: usize) -> PathBuf {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut data = Vec::with_capacity(pad + 8);
+    while data.len() < pad {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(pad);
+    busybox_image_with(dir, name, cmd, data)
+}
+
+fn busybox_image_with(dir: &Path, name: &str, cmd: &[&str], pad: Vec<u8>) -> PathBuf {
     assert!(
         Path::new(BUSYBOX).exists(),
         "{BUSYBOX} is missing: install Debian's busybox-static (apt-get install -y busybox-static)"
@@ -91,10 +111,9 @@ pub fn padded_busybox_image(dir: &Path, name: &str, cmd: &[&str], pad: usize) ->
         b"hello from a ployz workload\n",
         0o644,
     );
-    if pad > 0 {
+    if !pad.is_empty() {
         // Not all zeros, so that nothing on the way can shortcut it.
-        let data: Vec<u8> = (0..pad).map(|i| (i % 251) as u8).collect();
-        append(&mut layer, "pad", &data, 0o644);
+        append(&mut layer, "pad", &pad, 0o644);
     }
     let layer = layer.into_inner().expect("layer");
     let layer_hex = sha256_hex(&layer);

@@ -103,7 +103,11 @@ fn a_crash_looping_command_fails_the_deploy_with_its_exit_code_and_output() {
         header.contains("RESTARTS") && header.contains("LAST EXIT"),
         "{table}"
     );
-    let row = table.lines().find(|l| l.starts_with("crash")).unwrap();
+    // PROJECT (`-` for a service deployed alone), then SERVICE.
+    let row = table
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("crash"))
+        .unwrap_or_else(|| panic!("{table}"));
     assert!(row.split_whitespace().any(|c| c == "3"), "{table}");
 
     // A service that stays up deploys as before, with no exit recorded.

@@ -62,7 +62,8 @@ pub use error::ProtoError;
 pub use info::{ConnectInfo, ServerInfo};
 pub use parser::{ClientOp, Parser, ServerOp, ServerOpParser};
 pub use session::{
-    Action, Auth, CloseReason, ConnectionMeta, Delivery, Message, ServerConfig, Session, Stats,
+    Action, Auth, CloseReason, ConnectionMeta, Delivery, Message, Permissions, ResponsePermission,
+    ServerConfig, Session, Stats, SubjectPermission, User, MAX_TRACKED_REPLIES,
 };
 pub use subject::{Sublist, SublistResult};
 

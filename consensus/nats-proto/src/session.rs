@@ -15,7 +15,7 @@
 //! with [`Session::bytes_flushed`]; above [`ServerConfig::max_pending`] the
 //! session closes itself as a slow consumer and stops queueing.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ use crate::info::{ConnectInfo, ServerInfo};
 use crate::parser::{
     encode_err, push_usize, ClientOp, Parser, DEFAULT_MAX_CONTROL_LINE, DEFAULT_MAX_PAYLOAD,
 };
-use crate::subject::{is_valid_filter, is_valid_literal_subject};
+use crate::subject::{is_valid_filter, is_valid_literal_subject, subject_matches};
 
 /// nats-server's `MAX_PENDING_SIZE` (64 MiB).
 pub const DEFAULT_MAX_PENDING: usize = 64 * 1024 * 1024;
@@ -40,8 +40,9 @@ pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// an RTT sample, the ping timer sends a PING even on a busy connection.
 pub const RTT_MEASUREMENT_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Client authentication required by the server.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Client authentication required by the server. Its `Debug` never shows a
+/// password or token.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub enum Auth {
     /// Anyone may connect; `CONNECT` is optional.
     #[default]
@@ -55,6 +56,120 @@ pub enum Auth {
         /// Password (plain text; bcrypt hashes are not supported).
         pass: String,
     },
+    /// nats-server's `authorization { users = [...] }`: `CONNECT {"user",
+    /// "pass"}` must match one of them; that user's permissions then apply
+    /// to the connection.
+    Users(Vec<User>),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::None => f.write_str("None"),
+            Auth::Token(_) => f.write_str("Token(<redacted>)"),
+            Auth::UserPass { user, .. } => f
+                .debug_struct("UserPass")
+                .field("user", user)
+                .field("pass", &"<redacted>")
+                .finish(),
+            Auth::Users(users) => f.debug_tuple("Users").field(users).finish(),
+        }
+    }
+}
+
+/// One user of [`Auth::Users`]. Its `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct User {
+    /// Username.
+    pub user: String,
+    /// Password (plain text).
+    pub pass: String,
+    /// What the user may do; `None` is everything (nats-server's default).
+    pub permissions: Option<Arc<Permissions>>,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("user", &self.user)
+            .field("pass", &"<redacted>")
+            .field("permissions", &self.permissions)
+            .finish()
+    }
+}
+
+/// nats-server's user permissions: what a connection may publish to and
+/// subscribe to. Violations are answered with nats-server's
+/// `-ERR 'Permissions Violation for Publish to "SUBJECT"'` /
+/// `... for Subscription to "SUBJECT"` and leave the connection open.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Permissions {
+    /// Subjects the user may publish to.
+    pub publish: SubjectPermission,
+    /// Subjects the user may subscribe to.
+    pub subscribe: SubjectPermission,
+    /// nats-server's `allow_responses`: publishing to the reply subject of
+    /// a message this connection received is allowed, `max` times each,
+    /// whatever `publish` says (`expires` is not supported: a reply subject
+    /// stays usable until used, or until [`MAX_TRACKED_REPLIES`] newer
+    /// ones pushed it out).
+    pub responses: Option<ResponsePermission>,
+}
+
+/// Allow and deny lists of subjects (wildcards allowed). An empty `allow`
+/// allows everything; `deny` wins over `allow`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SubjectPermission {
+    /// Allowed subjects; empty: all.
+    pub allow: Vec<String>,
+    /// Denied subjects.
+    pub deny: Vec<String>,
+}
+
+/// See [`Permissions::responses`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResponsePermission {
+    /// Responses allowed per received request (nats-server's `max`, default 1).
+    pub max: u32,
+}
+
+impl Default for ResponsePermission {
+    fn default() -> Self {
+        ResponsePermission { max: 1 }
+    }
+}
+
+/// Reply subjects remembered per connection for `allow_responses`.
+pub const MAX_TRACKED_REPLIES: usize = 10_000;
+
+impl Permissions {
+    /// `PUB subject` without the responses allowance: allowed by `allow`
+    /// (or `allow` empty) and not denied (nats-server's `pubAllowed`).
+    pub fn may_publish(&self, subject: &str) -> bool {
+        let p = &self.publish;
+        (p.allow.is_empty() || p.allow.iter().any(|f| subject_matches(f, subject)))
+            && !p.deny.iter().any(|f| subject_matches(f, subject))
+    }
+
+    /// `SUB filter` (nats-server's `canSubscribe` for clients): the filter,
+    /// its wildcards taken as tokens, matches an allowed subject and no
+    /// denied one. A wildcard subscription that overlaps a denied subject is
+    /// allowed; [`Permissions::may_receive`] then filters its messages.
+    pub fn may_subscribe(&self, filter: &str) -> bool {
+        let s = &self.subscribe;
+        (s.allow.is_empty() || s.allow.iter().any(|f| subject_matches(f, filter)))
+            && !s.deny.iter().any(|f| subject_matches(f, filter))
+    }
+
+    /// Whether a message on `subject` may reach this user's subscriptions
+    /// (the subscribe deny list, as nats-server's deny filter does).
+    pub fn may_receive(&self, subject: &str) -> bool {
+        !self
+            .subscribe
+            .deny
+            .iter()
+            .any(|f| subject_matches(f, subject))
+    }
 }
 
 impl Auth {
@@ -75,7 +190,22 @@ impl Auth {
                 c.user.as_deref() == Some(user.as_str())
                     && ct_eq(pass.as_bytes(), c.pass.as_deref().unwrap_or("").as_bytes())
             }
+            Auth::Users(_) => self.user(c).is_some(),
         }
+    }
+
+    /// The [`Auth::Users`] entry a `CONNECT` authenticates as.
+    fn user(&self, c: &ConnectInfo) -> Option<&User> {
+        let Auth::Users(users) = self else {
+            return None;
+        };
+        let name = c.user.as_deref()?;
+        let u = users.iter().find(|u| u.user == name)?;
+        ct_eq(
+            u.pass.as_bytes(),
+            c.pass.as_deref().unwrap_or("").as_bytes(),
+        )
+        .then_some(u)
     }
 }
 
@@ -292,6 +422,9 @@ pub enum Delivery {
     /// Not delivered: the session is closed (possibly just now, as a slow
     /// consumer).
     Closed,
+    /// Not delivered: the user's subscribe permissions deny the subject
+    /// (a wildcard subscription overlapping a denied subject).
+    Denied,
 }
 
 /// Traffic counters.
@@ -347,6 +480,12 @@ struct Core {
     rtt: Option<Duration>,
     auth_deadline: Option<Duration>,
     stats: Stats,
+    /// The authenticated user's permissions; `None`: everything.
+    perms: Option<Arc<Permissions>>,
+    /// `allow_responses`: reply subjects received, with responses left.
+    replies: HashMap<String, u32>,
+    /// Their arrival order, to forget the oldest beyond the limit.
+    reply_order: VecDeque<String>,
 }
 
 const ERR_INVALID_SUBJECT: &str = "Invalid Subject";
@@ -405,6 +544,9 @@ impl Session {
             rtt: None,
             auth_deadline: None,
             stats: Stats::default(),
+            perms: None,
+            replies: HashMap::new(),
+            reply_order: VecDeque::new(),
             config,
         };
         let json = info.to_json();
@@ -719,6 +861,11 @@ impl Core {
             self.close(CloseReason::NoRespondersRequiresHeaders);
             return;
         }
+        self.perms = self
+            .config
+            .auth
+            .user(&ci)
+            .and_then(|u| u.permissions.clone());
         let verbose = ci.verbose;
         self.connect = Some(ci);
         if verbose {
@@ -750,6 +897,14 @@ impl Core {
         if self.pedantic && !is_valid_literal_subject(subject) {
             // Non-fatal, and the message is still processed (nats-server).
             self.send_err(ERR_INVALID_PUBLISH_SUBJECT);
+        }
+        if !self.may_publish(subject) {
+            // Non-fatal: the message is dropped, the connection stays.
+            self.send_err(&format!(
+                "Permissions Violation for Publish to {}",
+                go_quote(subject)
+            ));
+            return;
         }
         if self.verbose {
             self.send_ok();
@@ -787,6 +942,23 @@ impl Core {
         if !is_valid_filter(subject) {
             self.send_err(ERR_INVALID_SUBJECT);
             return;
+        }
+        if let Some(p) = &self.perms {
+            if !p.may_subscribe(subject) {
+                let text = match queue {
+                    None => format!(
+                        "Permissions Violation for Subscription to {}",
+                        go_quote(subject)
+                    ),
+                    Some(q) => format!(
+                        "Permissions Violation for Subscription to {} using queue {}",
+                        go_quote(subject),
+                        go_quote(q)
+                    ),
+                };
+                self.send_err(&text);
+                return;
+            }
         }
         self.subs.insert(
             sid.to_string(),
@@ -841,6 +1013,17 @@ impl Core {
         if from_self && !self.echo {
             return Delivery::EchoSuppressed;
         }
+        if !self.subs.contains_key(sid) {
+            return Delivery::NoSuchSubscription;
+        }
+        if let Some(p) = &self.perms {
+            if !p.may_receive(msg.subject) {
+                return Delivery::Denied;
+            }
+            if let (Some(r), Some(allow)) = (msg.reply, p.responses) {
+                self.remember_reply(r, allow.max);
+            }
+        }
         let Some(sub) = self.subs.get_mut(sid) else {
             return Delivery::NoSuchSubscription;
         };
@@ -881,6 +1064,46 @@ impl Core {
         }
     }
 
+    /// Publish permission, the responses allowance included (which a
+    /// response uses up).
+    fn may_publish(&mut self, subject: &str) -> bool {
+        let Some(p) = &self.perms else {
+            return true;
+        };
+        if p.may_publish(subject) {
+            return true;
+        }
+        match self.replies.get_mut(subject) {
+            Some(left) => {
+                *left -= 1;
+                if *left == 0 {
+                    self.replies.remove(subject);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn remember_reply(&mut self, reply: &str, max: u32) {
+        if max == 0 || self.replies.contains_key(reply) {
+            return;
+        }
+        self.replies.insert(reply.to_string(), max);
+        self.reply_order.push_back(reply.to_string());
+        while self.reply_order.len() > MAX_TRACKED_REPLIES {
+            if let Some(old) = self.reply_order.pop_front() {
+                self.replies.remove(&old);
+            }
+        }
+        // Used replies leave the map at once; drop their order entries
+        // when they dominate, so the queue stays bounded by live ones.
+        if self.reply_order.len() > 2 * self.replies.len() + 64 {
+            let live = &self.replies;
+            self.reply_order.retain(|r| live.contains_key(r));
+        }
+    }
+
     fn handle_timeout(&mut self, now: Duration) {
         if self.closed.is_some() {
             return;
@@ -918,6 +1141,24 @@ impl Core {
             self.next_ping = Some(now.saturating_add(interval));
         }
     }
+}
+
+/// Go's `%q` for the subject-like strings in permission errors.
+fn go_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 #[cfg(test)]

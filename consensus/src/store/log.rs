@@ -44,7 +44,12 @@ impl LogStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
         self.handle.db.flush_async().await?;
+        self.handle
+            .timings
+            .fsync
+            .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -194,6 +199,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = LogEntry> + Send,
         I::IntoIter: Send,
     {
+        let started = std::time::Instant::now();
         let mut batch = sled::Batch::default();
         for entry in entries {
             let bytes = encode("log entry", &entry).map_err(write_err)?;
@@ -206,6 +212,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let flushed = self.flush().await;
         match flushed {
             Ok(()) => {
+                self.handle
+                    .timings
+                    .append
+                    .observe(started.elapsed().as_secs_f64());
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }

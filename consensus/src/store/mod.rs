@@ -59,6 +59,30 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
 /// Shared ownership of the database; its strong count tells when every user is gone.
 pub(crate) struct DbHandle {
     pub(crate) db: sled::Db,
+    pub(crate) timings: Timings,
+}
+
+/// Latency histograms (seconds) of this replica's storage, shared with whoever
+/// exports them (ployzd's `/metrics`): Raft log appends (encode, write, fsync),
+/// fsyncs of the log (appends, truncations, purges), and state machine applies.
+#[derive(Clone, Debug)]
+pub struct Timings {
+    pub append: prometheus_client::metrics::histogram::Histogram,
+    pub fsync: prometheus_client::metrics::histogram::Histogram,
+    pub apply: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+        // 50 µs .. ~1.6 s.
+        let h = || Histogram::new(exponential_buckets(0.00005, 2.0, 16));
+        Timings {
+            append: h(),
+            fsync: h(),
+            apply: h(),
+        }
+    }
 }
 
 /// How long an open waits for the previous owner's file lock: sled's
@@ -85,7 +109,10 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
 /// Opens (or creates) the database in `dir` and returns the log store and the state machine.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     let db = open_db(dir)?;
-    let handle = Arc::new(DbHandle { db });
+    let handle = Arc::new(DbHandle {
+        db,
+        timings: Timings::default(),
+    });
     let log = handle.db.open_tree(LOG_TREE)?;
     let meta = handle.db.open_tree(META_TREE)?;
     let sm = handle.db.open_tree(SM_TREE)?;

@@ -118,6 +118,11 @@ impl StateMachineStore {
     }
 
     /// Subscribes to changes applied from now on.
+    /// The storage latency histograms of this replica (log and state machine).
+    pub fn timings(&self) -> super::Timings {
+        self.handle.timings.clone()
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<KvEvent> {
         self.shared.events.subscribe()
     }
@@ -608,6 +613,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = LogEntry> + Send,
         I::IntoIter: Send,
     {
+        let started = std::time::Instant::now();
         let mut results = Vec::new();
         for entry in entries {
             let (result, events) = self
@@ -619,6 +625,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
             results.push(result);
         }
+        self.handle
+            .timings
+            .apply
+            .observe(started.elapsed().as_secs_f64());
         Ok(results)
     }
 

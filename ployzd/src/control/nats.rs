@@ -25,11 +25,30 @@ fn gone() -> BackendError {
     BackendError::Unavailable("ployzd is shutting down".into())
 }
 
+/// Buckets NATS clients never see nor write: registry credentials.
+fn hidden(bucket: &str) -> bool {
+    bucket == ployz_api::BUCKET_REGISTRIES
+}
+
 impl StoreKv {
     async fn read(&self, read: KvRead) -> Result<KvReadResult, BackendError> {
+        let bucket = match &read {
+            KvRead::Get { bucket, .. }
+            | KvRead::List { bucket }
+            | KvRead::ListAll { bucket }
+            | KvRead::History { bucket, .. }
+            | KvRead::Bucket { bucket } => Some(bucket.clone()),
+            KvRead::Buckets => None,
+        };
+        if let Some(b) = bucket.filter(|b| hidden(b)) {
+            return Err(BackendError::NoSuchBucket(b));
+        }
         let d = self.store.upgrade().ok_or_else(gone)?;
         match d.read(read, 0).await {
             Ok(KvReadResult::NoSuchBucket(b)) => Err(BackendError::NoSuchBucket(b)),
+            Ok(KvReadResult::Buckets(b)) => Ok(KvReadResult::Buckets(
+                b.into_iter().filter(|b| !hidden(b)).collect(),
+            )),
             Ok(r) => Ok(r),
             Err(e) => Err(BackendError::Unavailable(e.message)),
         }
@@ -42,6 +61,15 @@ fn unexpected(r: KvReadResult) -> BackendError {
 
 impl KvBackend for StoreKv {
     async fn write(&self, txn: Txn) -> Result<TxnResult, BackendError> {
+        use ployz_consensus::Op;
+        if let Some(b) = txn.ops.iter().find_map(|op| match op {
+            Op::CreateBucket { bucket, .. }
+            | Op::DeleteBucket { bucket }
+            | Op::Put { bucket, .. }
+            | Op::Delete { bucket, .. } => hidden(bucket).then(|| bucket.clone()),
+        }) {
+            return Err(BackendError::NoSuchBucket(b));
+        }
         let d = self.store.upgrade().ok_or_else(gone)?;
         d.write_txn(txn, 0)
             .await

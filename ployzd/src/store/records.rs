@@ -22,6 +22,8 @@ pub const BUCKETS: &[(&str, u8)] = &[
     (ployz_api::BUCKET_INSTANCES, 1),
     (ployz_api::BUCKET_SERVICES, 5),
     (ployz_api::BUCKET_OPERATIONS, 1),
+    // One revision: a replaced password is not kept in history.
+    (ployz_api::BUCKET_REGISTRIES, 1),
 ];
 
 /// Ops creating one control-plane bucket (idempotent), for writes to a

@@ -3,6 +3,8 @@
 //! one at a time and wait for the machines to report them.
 
 use super::*;
+use ployz_runtime::image::ImageError;
+use ployz_runtime::registry::ImageRef;
 
 /// How much of a failed instance's error the deploy's operation record keeps.
 const OP_MESSAGE_ERROR_CHARS: usize = 300;
@@ -14,6 +16,9 @@ impl Workloads {
         sink: &ProgressSink,
     ) -> Result<ServiceView, ApiError> {
         validate_service_name(&req.name)?;
+        if let Some(p) = &req.project {
+            crate::errors::validate_label("project name", p, MAX_SERVICE_NAME)?;
+        }
         if req.replicas > MAX_REPLICAS {
             return Err(invalid(format!(
                 "--replicas {} is too many: use 0 to {MAX_REPLICAS}",
@@ -105,39 +110,56 @@ impl Workloads {
         op.step("image", req.image.clone())
             .await
             .map_err(unchanged)?;
-        let image = if req.image.starts_with('/') {
-            let path = PathBuf::from(&req.image);
-            progress("image", format!("importing {}", path.display()));
-            let store = self.image_store().map_err(unchanged)?;
-            let info = tokio::task::spawn_blocking(move || store.import_path(&path))
+        let image = match image_source(&req.image) {
+            ImageSource::Path => {
+                let path = PathBuf::from(&req.image);
+                progress("image", format!("importing {}", path.display()));
+                let store = self.image_store().map_err(unchanged)?;
+                let info = tokio::task::spawn_blocking(move || store.import_path(&path))
+                    .await
+                    .map_err(blocking_err)
+                    .map_err(unchanged)?
+                    .map_err(|e| invalid(e.to_string()))
+                    .map_err(unchanged)?;
+                progress(
+                    "image",
+                    format!("stored {} ({} bytes)", info.digest, info.size),
+                );
+                shipped_image(&req.image, &info, self.machine_id())
+            }
+            ImageSource::Registry => self
+                .pull_image(&req.image, &req.name, sink)
                 .await
-                .map_err(blocking_err)
-                .map_err(unchanged)?
-                .map_err(|e| invalid(e.to_string()))
-                .map_err(unchanged)?;
-            progress(
-                "image",
-                format!("stored {} ({} bytes)", info.digest, info.size),
-            );
-            shipped_image(&req.image, &info, self.machine_id())
-        } else {
-            let store = self.image_store().map_err(unchanged)?;
-            let name = req.image.clone();
-            match tokio::task::spawn_blocking(move || store.resolve(&name))
-                .await
-                .map_err(blocking_err)
-                .map_err(unchanged)?
-                .map_err(|e| internal(e.to_string()))
-                .map_err(unchanged)?
-            {
-                Some(info) => shipped_image(&req.image, &info, self.machine_id()),
-                None => ServiceImage {
-                    reference: req.image.clone(),
-                    digest: None,
-                    image_id: None,
-                    size: 0,
-                    sources: Vec::new(),
-                },
+                .map_err(unchanged)?,
+            source @ (ImageSource::NameOrRegistry | ImageSource::Digest) => {
+                let store = self.image_store().map_err(unchanged)?;
+                let name = req.image.clone();
+                let stored = tokio::task::spawn_blocking(move || store.resolve(&name))
+                    .await
+                    .map_err(blocking_err)
+                    .map_err(unchanged)?
+                    .map_err(|e| match e {
+                        ImageError::InvalidReference { .. } => invalid(e.to_string()),
+                        e => internal(e.to_string()),
+                    })
+                    .map_err(unchanged)?;
+                match (stored, source) {
+                    (Some(info), _) => shipped_image(&req.image, &info, self.machine_id()),
+                    // Not stored here: a name is a Docker Hub reference.
+                    (None, ImageSource::NameOrRegistry) => self
+                        .pull_image(&req.image, &req.name, sink)
+                        .await
+                        .map_err(unchanged)?,
+                    // A digest is looked up by each machine in its store.
+                    (None, _) => ServiceImage {
+                        reference: req.image.clone(),
+                        digest: None,
+                        image_id: None,
+                        size: 0,
+                        sources: Vec::new(),
+                        manifest_digest: None,
+                    },
+                }
             }
         };
         // A redeploy rolls: instances running now are pinned to what they
@@ -184,6 +206,10 @@ impl Workloads {
                     created_at_ms: cur.map_or(now, |c| c.created_at_ms),
                     updated_at_ms: now,
                     deployed_by: Some(op.id().to_string()),
+                    project: req
+                        .project
+                        .clone()
+                        .or_else(|| cur.and_then(|c| c.project.clone())),
                 }))
             })
             .await
@@ -590,8 +616,10 @@ impl Workloads {
     ) -> ServiceView {
         ServiceView {
             name: svc.name.clone(),
+            project: svc.project.clone(),
             image: svc.image.reference.clone(),
             digest: svc.image.digest.clone(),
+            manifest_digest: svc.image.manifest_digest.clone(),
             replicas: svc.replicas,
             generation: svc.generation,
             volumes: svc
@@ -694,6 +722,34 @@ fn crashed(
         .collect()
 }
 
+/// Where `--image` comes from. The rule, in order: an absolute path
+/// (ployzctl sends a file or directory that exists as one) is an archive or
+/// OCI layout to import; a reference naming a registry host or a digest is
+/// pulled; a bare `sha256:`/hex digest is a stored image; any other name is
+/// the image stored here under that name if there is one, and otherwise a
+/// Docker Hub reference (`busybox` = `docker.io/library/busybox:latest`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ImageSource {
+    Path,
+    Registry,
+    Digest,
+    NameOrRegistry,
+}
+
+pub(super) fn image_source(image: &str) -> ImageSource {
+    let hexlike =
+        |h: &str| (12..=64).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_hexdigit());
+    if image.starts_with('/') {
+        ImageSource::Path
+    } else if ImageRef::names_registry(image) {
+        ImageSource::Registry
+    } else if image.starts_with("sha256:") || hexlike(image) {
+        ImageSource::Digest
+    } else {
+        ImageSource::NameOrRegistry
+    }
+}
+
 pub(super) fn shipped_image(reference: &str, info: &ImageInfo, me: &str) -> ServiceImage {
     ServiceImage {
         reference: reference.to_string(),
@@ -701,6 +757,7 @@ pub(super) fn shipped_image(reference: &str, info: &ImageInfo, me: &str) -> Serv
         image_id: Some(info.image_id.clone()),
         size: info.size,
         sources: vec![me.to_string()],
+        manifest_digest: None,
     }
 }
 
@@ -716,6 +773,7 @@ mod tests {
                 reference: "web:1".into(),
                 digest: None,
                 image_id: None,
+                manifest_digest: None,
                 size: 0,
                 sources: vec![],
             },
@@ -730,7 +788,25 @@ mod tests {
             created_at_ms: 0,
             updated_at_ms: 0,
             deployed_by: None,
+            project: None,
         }
+    }
+
+    #[test]
+    fn image_sources_follow_the_documented_rule() {
+        use ImageSource::*;
+        assert_eq!(image_source("/tmp/busybox.tar"), Path);
+        assert_eq!(image_source("127.0.0.1:5000/app:1"), Registry);
+        assert_eq!(image_source("docker.io/library/busybox"), Registry);
+        assert_eq!(
+            image_source(&format!("busybox@sha256:{}", "a".repeat(64))),
+            Registry
+        );
+        assert_eq!(image_source("sha256:0123456789ab"), Digest);
+        assert_eq!(image_source("0123456789abcdef"), Digest);
+        assert_eq!(image_source("busybox"), NameOrRegistry);
+        assert_eq!(image_source("ployz-busybox:latest"), NameOrRegistry);
+        assert_eq!(image_source("library/busybox:1"), NameOrRegistry);
     }
 
     #[test]

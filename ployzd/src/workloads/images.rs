@@ -102,7 +102,29 @@ impl Workloads {
         let secret = self.store.secret()?;
         let machines = self.store.list::<MachineRecord>(BUCKET_MACHINES).await?;
         let mut errors = Vec::new();
-        for src in &svc.image.sources {
+        // Peers that hold the archive: where it was stored first, then the
+        // machines already running this generation (they fetched it).
+        let mut holders: Vec<String> = svc.image.sources.clone();
+        let me = self.machine_id().to_string();
+        let mut running: Vec<String> = self
+            .instances()
+            .await?
+            .into_values()
+            .filter(|i| {
+                i.service == svc.name
+                    && i.generation == svc.generation
+                    && i.state == InstanceState::Running
+            })
+            .map(|i| i.machine)
+            .collect();
+        running.sort();
+        for m in running {
+            if !holders.contains(&m) {
+                holders.push(m);
+            }
+        }
+        holders.retain(|m| *m != me);
+        for src in &holders {
             let Some(m) = machines.iter().find(|m| &m.value.id == src) else {
                 errors.push(format!("{src}: no longer in the network"));
                 continue;
@@ -138,6 +160,15 @@ impl Workloads {
                 Err(e) => errors.push(e.to_string()),
             }
             let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        // No peer could serve it: an image pulled at deploy time comes from
+        // its registry, pinned to the manifest digest, and must pack into
+        // the very archive the service record names.
+        if svc.image.manifest_digest.is_some() {
+            match self.pull_pinned(store, svc, &digest).await {
+                Ok(info) => return Ok(info),
+                Err(e) => errors.push(e.message),
+            }
         }
         Err(ApiError::new(
             ErrorCode::Unavailable,

@@ -23,6 +23,7 @@ mod images;
 mod migrate;
 pub mod placement;
 mod reconcile;
+mod registries;
 mod services;
 pub mod spec;
 mod transfer;

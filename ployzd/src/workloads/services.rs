@@ -21,7 +21,8 @@ impl Workloads {
             .iter()
             .map(|s| Self::view_of(&s.value, &instances, &unreachable))
             .collect();
-        services.sort_by(|a, b| a.name.cmp(&b.name));
+        // Grouped by project (services deployed alone first), then by name.
+        services.sort_by(|a, b| (&a.project, &a.name).cmp(&(&b.project, &b.name)));
         Ok(ServiceList { services })
     }
 

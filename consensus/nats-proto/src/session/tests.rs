@@ -878,3 +878,215 @@ fn malformed_arguments_close_silently_like_nats_server() {
         }]
     );
 }
+
+fn users_config() -> ServerConfig {
+    let perms = Permissions {
+        publish: SubjectPermission {
+            allow: vec!["app.>".into(), "$JS.API.>".into()],
+            deny: vec!["app.secret".into()],
+        },
+        subscribe: SubjectPermission {
+            allow: vec!["app.>".into(), "_INBOX.>".into()],
+            deny: vec!["app.private.>".into()],
+        },
+        responses: Some(ResponsePermission::default()),
+    };
+    ServerConfig {
+        auth: Auth::Users(vec![
+            User {
+                user: "app".into(),
+                pass: "app-pass".into(),
+                permissions: Some(Arc::new(perms)),
+            },
+            User {
+                user: "admin".into(),
+                pass: "admin-pass".into(),
+                permissions: None,
+            },
+        ]),
+        ..config()
+    }
+}
+
+fn login(cfg: &ServerConfig, user: &str, pass: &str) -> (Session, String, Vec<Action>) {
+    let mut s = session_with(cfg.clone());
+    let connect =
+        format!("CONNECT {{\"user\":\"{user}\",\"pass\":\"{pass}\",\"verbose\":false}}\r\n");
+    let (out, actions) = feed(&mut s, connect.as_bytes(), ms(5));
+    (s, out, actions)
+}
+
+#[test]
+fn users_authenticate_by_name_and_password() {
+    let cfg = users_config();
+    let (_, out, actions) = login(&cfg, "app", "app-pass");
+    assert_eq!((out.as_str(), actions), ("", vec![Action::Connected]));
+    let (_, out, actions) = login(&cfg, "admin", "admin-pass");
+    assert_eq!((out.as_str(), actions), ("", vec![Action::Connected]));
+    for (u, p) in [
+        ("app", "admin-pass"),
+        ("admin", "app-pass"),
+        ("nobody", "app-pass"),
+    ] {
+        let (_, out, actions) = login(&cfg, u, p);
+        assert_eq!(out, "-ERR 'Authorization Violation'\r\n", "{u}/{p}");
+        assert_eq!(
+            close_of(&actions),
+            Some(CloseReason::AuthenticationViolation)
+        );
+    }
+    // No password ever shows in Debug.
+    let dbg = format!("{:?}", cfg.auth);
+    assert!(
+        dbg.contains("\"app\"") && !dbg.contains("app-pass"),
+        "{dbg}"
+    );
+}
+
+#[test]
+fn publish_permissions_answer_like_nats_server_and_keep_the_connection() {
+    let (mut s, _, _) = login(&users_config(), "app", "app-pass");
+    let (out, actions) = feed(&mut s, b"PUB app.echo 2\r\nhi\r\n", ms(6));
+    assert_eq!(out, "");
+    assert!(matches!(&actions[..], [Action::Publish { subject, .. }] if subject == "app.echo"));
+    for (subject, text) in [
+        (
+            "ployz.machine.x",
+            "-ERR 'Permissions Violation for Publish to \"ployz.machine.x\"'\r\n",
+        ),
+        (
+            "app.secret",
+            "-ERR 'Permissions Violation for Publish to \"app.secret\"'\r\n",
+        ),
+        (
+            "$KV.machines.abc",
+            "-ERR 'Permissions Violation for Publish to \"$KV.machines.abc\"'\r\n",
+        ),
+    ] {
+        let line = format!("PUB {subject} 2\r\nhi\r\n");
+        let (out, actions) = feed(&mut s, line.as_bytes(), ms(7));
+        assert_eq!(out, text);
+        assert!(actions.is_empty(), "{actions:?}");
+    }
+    assert!(!s.is_closed());
+    // The unrestricted user publishes anywhere.
+    let (mut admin, _, _) = login(&users_config(), "admin", "admin-pass");
+    let (out, actions) = feed(&mut admin, b"PUB ployz.machine.x 0\r\n\r\n", ms(6));
+    assert_eq!(out, "");
+    assert_eq!(actions.len(), 1);
+}
+
+#[test]
+fn subscribe_permissions_take_wildcards_as_tokens() {
+    let (mut s, _, _) = login(&users_config(), "app", "app-pass");
+    for ok in ["app.echo", "app.*", "app.>", "_INBOX.abc.*"] {
+        let line = format!("SUB {ok} s-{ok}\r\n");
+        let (out, actions) = feed(&mut s, line.as_bytes(), ms(6));
+        assert_eq!(out, "", "{ok}");
+        assert!(matches!(&actions[..], [Action::Subscribe { .. }]), "{ok}");
+    }
+    for (bad, sid) in [
+        (">", "1"),
+        ("ployz.>", "2"),
+        ("app.private.x", "3"),
+        ("*.echo", "4"),
+    ] {
+        let line = format!("SUB {bad} {sid}\r\n");
+        let (out, actions) = feed(&mut s, line.as_bytes(), ms(7));
+        assert_eq!(
+            out,
+            format!("-ERR 'Permissions Violation for Subscription to \"{bad}\"'\r\n")
+        );
+        assert!(actions.is_empty());
+    }
+    let (out, _) = feed(&mut s, b"SUB ployz.x workers 9\r\n", ms(8));
+    assert_eq!(
+        out,
+        "-ERR 'Permissions Violation for Subscription to \"ployz.x\" using queue \"workers\"'\r\n"
+    );
+    assert!(!s.is_closed());
+}
+
+#[test]
+fn denied_subjects_never_reach_a_wildcard_subscription() {
+    let (mut s, _, _) = login(&users_config(), "app", "app-pass");
+    feed(&mut s, b"SUB app.> 1\r\n", ms(6));
+    let msg = |subject| Message {
+        subject,
+        reply: None,
+        headers: None,
+        payload: b"x",
+    };
+    assert_eq!(
+        s.deliver("1", &msg("app.private.k"), false),
+        Delivery::Denied
+    );
+    assert_eq!(
+        s.deliver("1", &msg("app.public"), false),
+        Delivery::Delivered
+    );
+    let (out, _) = drain(&mut s);
+    assert_eq!(String::from_utf8_lossy(&out), "MSG app.public 1 1\r\nx\r\n");
+}
+
+#[test]
+fn allow_responses_permits_one_reply_per_request_received() {
+    let (mut s, _, _) = login(&users_config(), "app", "app-pass");
+    feed(&mut s, b"SUB app.echo 1\r\n", ms(6));
+    // A reply subject it has not received: refused.
+    let (out, _) = feed(&mut s, b"PUB _INBOX.req.1 2\r\nno\r\n", ms(7));
+    assert_eq!(
+        out,
+        "-ERR 'Permissions Violation for Publish to \"_INBOX.req.1\"'\r\n"
+    );
+    let req = Message {
+        subject: "app.echo",
+        reply: Some("_INBOX.req.1"),
+        headers: None,
+        payload: b"ping",
+    };
+    assert_eq!(s.deliver("1", &req, false), Delivery::Delivered);
+    drain(&mut s);
+    let (out, actions) = feed(&mut s, b"PUB _INBOX.req.1 4\r\npong\r\n", ms(8));
+    assert_eq!(out, "");
+    assert!(matches!(&actions[..], [Action::Publish { subject, .. }] if subject == "_INBOX.req.1"));
+    // One response each (nats-server's default max of 1).
+    let (out, _) = feed(&mut s, b"PUB _INBOX.req.1 4\r\npong\r\n", ms(9));
+    assert_eq!(
+        out,
+        "-ERR 'Permissions Violation for Publish to \"_INBOX.req.1\"'\r\n"
+    );
+}
+
+#[test]
+fn tracked_replies_stay_bounded() {
+    let (mut s, _, _) = login(&users_config(), "app", "app-pass");
+    feed(&mut s, b"SUB app.echo 1\r\n", ms(6));
+    for i in 0..(MAX_TRACKED_REPLIES + 50) {
+        let reply = format!("_INBOX.r.{i}");
+        let req = Message {
+            subject: "app.echo",
+            reply: Some(&reply),
+            headers: None,
+            payload: b"",
+        };
+        s.deliver("1", &req, false);
+        let (out, _) = drain(&mut s);
+        s.bytes_flushed(out.len());
+    }
+    assert!(s.core.replies.len() <= MAX_TRACKED_REPLIES);
+    assert!(s.core.reply_order.len() <= 2 * MAX_TRACKED_REPLIES + 64);
+    // The oldest were forgotten, the newest still answerable.
+    let (out, _) = feed(&mut s, b"PUB _INBOX.r.0 0\r\n\r\n", ms(9));
+    assert!(out.starts_with("-ERR 'Permissions Violation"), "{out}");
+    let newest = format!("PUB _INBOX.r.{} 0\r\n\r\n", MAX_TRACKED_REPLIES + 49);
+    let (out, _) = feed(&mut s, newest.as_bytes(), ms(9));
+    assert_eq!(out, "");
+}
+
+#[test]
+fn go_quote_escapes_like_percent_q() {
+    assert_eq!(go_quote("a.b"), "\"a.b\"");
+    assert_eq!(go_quote("a\"b\\c"), "\"a\\\"b\\\\c\"");
+    assert_eq!(go_quote("a\u{1}"), "\"a\\x01\"");
+}

@@ -1,0 +1,754 @@
+//! Images from OCI registries.
+//!
+//! [`ImageRef::parse`] reads `[host[:port]/]repo[:tag][@sha256:digest]` with
+//! Docker's defaults (`busybox` is `docker.io/library/busybox:latest`); it is
+//! pure and tested without a registry. [`pull`] resolves a reference to one
+//! image manifest (an index picks linux/amd64), fetches its config and layers
+//! through `oci-client` (OCI and Docker v2 schema 2 manifests; basic and
+//! bearer auth), checks the sha256 of every blob, and stores the result in the
+//! [`ImageStore`] as a `docker save` archive: from then on the image is an
+//! ordinary stored image (shipped between machines by digest, unpacked by the
+//! host runtime, `docker load`ed by the docker runtime). Nothing is stored
+//! unless every blob arrived whole and matched its digest.
+
+use crate::image::{ImageError, ImageInfo, ImageStore};
+use oci_client::client::{linux_amd64_resolver, ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::time::Duration;
+
+/// Docker Hub, the registry of a reference without a host.
+pub const DOCKER_HUB: &str = "docker.io";
+
+/// A parsed image reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// `host[:port]`; [`DOCKER_HUB`] when the reference names none.
+    pub host: String,
+    /// Repository path (`library/busybox` on Docker Hub for `busybox`).
+    pub repository: String,
+    /// Tag; `latest` when neither a tag nor a digest is given.
+    pub tag: Option<String>,
+    /// `sha256:<hex>` when the reference pins one.
+    pub digest: Option<String>,
+}
+
+impl ImageRef {
+    /// Parses a reference the way Docker normalises it. The first path
+    /// component is a host when it contains `.` or `:` or is `localhost`.
+    pub fn parse(s: &str) -> Result<ImageRef, RegistryError> {
+        let bad = |why: &'static str| RegistryError::InvalidReference {
+            reference: s.to_string(),
+            why,
+        };
+        if s.is_empty() {
+            return Err(bad("it is empty"));
+        }
+        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad("it contains whitespace"));
+        }
+        let (rest, digest) = match s.split_once('@') {
+            Some((rest, d)) => {
+                let hex = d
+                    .strip_prefix("sha256:")
+                    .ok_or(bad("the digest must be sha256:<64 hex digits>"))?;
+                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(bad("the digest must be sha256:<64 hex digits>"));
+                }
+                (rest, Some(format!("sha256:{}", hex.to_ascii_lowercase())))
+            }
+            None => (s, None),
+        };
+        let (host, path) = match rest.split_once('/') {
+            Some((first, path))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                (first.to_string(), path.to_string())
+            }
+            _ => (DOCKER_HUB.to_string(), rest.to_string()),
+        };
+        if host.is_empty() {
+            return Err(bad("the registry host is empty"));
+        }
+        if let Some((_, port)) = host.rsplit_once(':') {
+            if port.parse::<u16>().is_err() {
+                return Err(bad("the registry port is not a number"));
+            }
+        }
+        // A tag follows the last `:` of the last path component.
+        let (path, tag) = match path.rsplit_once(':') {
+            Some((p, t)) if !t.contains('/') => (p.to_string(), Some(t.to_string())),
+            _ => (path, None),
+        };
+        if let Some(t) = &tag {
+            let ok = !t.is_empty()
+                && t.len() <= 128
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+                && !t.starts_with(['.', '-']);
+            if !ok {
+                return Err(bad("a tag is 1-128 letters, digits, `_`, `.` or `-`"));
+            }
+        }
+        if path.is_empty()
+            || path.split('/').any(|c| {
+                c.is_empty()
+                    || !c.bytes().all(|b| {
+                        b.is_ascii_lowercase()
+                            || b.is_ascii_digit()
+                            || matches!(b, b'_' | b'.' | b'-')
+                    })
+            })
+        {
+            return Err(bad(
+                "a repository is lowercase letters, digits, `_`, `.`, `-` in `/`-separated parts",
+            ));
+        }
+        let repository = if host == DOCKER_HUB && !path.contains('/') {
+            format!("library/{path}")
+        } else {
+            path
+        };
+        let tag = match (tag, &digest) {
+            (None, None) => Some("latest".to_string()),
+            (t, _) => t,
+        };
+        Ok(ImageRef {
+            host,
+            repository,
+            tag,
+            digest,
+        })
+    }
+
+    /// Whether `s` names a registry explicitly (a host, or a digest):
+    /// such a reference is always pulled, never looked up by name locally.
+    pub fn names_registry(s: &str) -> bool {
+        if s.contains('@') {
+            return true;
+        }
+        matches!(s.split_once('/'), Some((first, _))
+            if first.contains('.') || first.contains(':') || first == "localhost")
+    }
+
+    /// The canonical form: `host/repo[:tag][@digest]`.
+    pub fn canonical(&self) -> String {
+        let mut s = format!("{}/{}", self.host, self.repository);
+        if let Some(t) = &self.tag {
+            s.push(':');
+            s.push_str(t);
+        }
+        if let Some(d) = &self.digest {
+            s.push('@');
+            s.push_str(d);
+        }
+        s
+    }
+
+    /// The same image pinned to `digest` (what every machine runs).
+    pub fn pinned(&self, digest: &str) -> ImageRef {
+        ImageRef {
+            digest: Some(digest.to_string()),
+            ..self.clone()
+        }
+    }
+
+    fn oci(&self) -> Reference {
+        match (&self.tag, &self.digest) {
+            (Some(t), Some(d)) => Reference::with_tag_and_digest(
+                self.host.clone(),
+                self.repository.clone(),
+                t.clone(),
+                d.clone(),
+            ),
+            (_, Some(d)) => {
+                Reference::with_digest(self.host.clone(), self.repository.clone(), d.clone())
+            }
+            (t, None) => Reference::with_tag(
+                self.host.clone(),
+                self.repository.clone(),
+                t.clone().unwrap_or_else(|| "latest".into()),
+            ),
+        }
+    }
+}
+
+/// How to reach one registry.
+#[derive(Clone, Default)]
+pub struct Access {
+    /// Plain HTTP (only for hosts the user named insecure).
+    pub insecure: bool,
+    /// `(username, password)` for basic auth or the token flow.
+    pub credentials: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access")
+            .field("insecure", &self.insecure)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// Why a pull failed. Nothing was stored in any of these cases.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(
+        "`{reference}` is not an image reference: {why} \
+         (use [host[:port]/]repo[:tag][@sha256:digest])"
+    )]
+    InvalidReference {
+        reference: String,
+        why: &'static str,
+    },
+
+    #[error("{reference} not found: registry {host} says: {message}")]
+    NotFound {
+        reference: String,
+        host: String,
+        message: String,
+    },
+
+    #[error(
+        "registry {host} refused access to {reference}: {message}; check the credentials \
+         (ployzctl registry login {host} --username U --password-stdin)"
+    )]
+    Unauthorized {
+        reference: String,
+        host: String,
+        message: String,
+    },
+
+    #[error(
+        "registry {host} is unreachable at {address}: {why}; check the address, or name a \
+         plain-HTTP registry with `ployzctl registry add {host} --insecure`"
+    )]
+    Unreachable {
+        host: String,
+        address: String,
+        why: String,
+    },
+
+    #[error(
+        "{what} from registry {host} does not match its digest ({why}): refused, nothing stored"
+    )]
+    DigestMismatch {
+        host: String,
+        what: String,
+        why: String,
+    },
+
+    #[error("registry {host}: {why}")]
+    Protocol { host: String, why: String },
+
+    #[error(transparent)]
+    Store(#[from] ImageError),
+}
+
+/// A pulled image.
+#[derive(Debug, Clone)]
+pub struct Pulled {
+    /// The reference pinned to the image manifest's digest.
+    pub pinned: ImageRef,
+    /// `sha256:` of the image manifest (linux/amd64 for an index).
+    pub manifest_digest: String,
+    /// The stored archive.
+    pub info: ImageInfo,
+    /// Bytes fetched from the registry (manifest excluded).
+    pub fetched_bytes: u64,
+}
+
+fn install_crypto() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Fails only if another provider was installed first: keep that one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+fn client(r: &ImageRef, access: &Access) -> Client {
+    install_crypto();
+    Client::new(ClientConfig {
+        protocol: if access.insecure {
+            ClientProtocol::HttpsExcept(vec![r.host.clone()])
+        } else {
+            ClientProtocol::Https
+        },
+        platform_resolver: Some(Box::new(linux_amd64_resolver)),
+        connect_timeout: Some(Duration::from_secs(10)),
+        read_timeout: Some(Duration::from_secs(60)),
+        ..Default::default()
+    })
+}
+
+fn auth(access: &Access) -> RegistryAuth {
+    match &access.credentials {
+        Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+        None => RegistryAuth::Anonymous,
+    }
+}
+
+fn address(r: &ImageRef, access: &Access) -> String {
+    let scheme = if access.insecure { "http" } else { "https" };
+    let host = if r.host == DOCKER_HUB {
+        "registry-1.docker.io"
+    } else {
+        &r.host
+    };
+    format!("{scheme}://{host}/v2/")
+}
+
+/// Maps a client error to ours; `what` names the object fetched.
+fn classify(r: &ImageRef, access: &Access, what: &str, e: OciDistributionError) -> RegistryError {
+    let host = r.host.clone();
+    let reference = r.canonical();
+    match e {
+        OciDistributionError::RegistryError { envelope, .. } => {
+            let message = envelope
+                .errors
+                .iter()
+                .map(|e| e.message.clone())
+                .collect::<Vec<_>>()
+                .join("; ");
+            let message = if message.is_empty() {
+                envelope.to_string()
+            } else {
+                message
+            };
+            let unknown = envelope.errors.iter().any(|e| {
+                matches!(
+                    e.code,
+                    OciErrorCode::ManifestUnknown
+                        | OciErrorCode::NameUnknown
+                        | OciErrorCode::NotFound
+                        | OciErrorCode::BlobUnknown
+                )
+            });
+            let denied = envelope
+                .errors
+                .iter()
+                .any(|e| matches!(e.code, OciErrorCode::Unauthorized | OciErrorCode::Denied));
+            if unknown {
+                RegistryError::NotFound {
+                    reference,
+                    host,
+                    message,
+                }
+            } else if denied {
+                RegistryError::Unauthorized {
+                    reference,
+                    host,
+                    message,
+                }
+            } else {
+                RegistryError::Protocol {
+                    host,
+                    why: format!("{what}: {message}"),
+                }
+            }
+        }
+        OciDistributionError::ImageManifestNotFoundError(message) => RegistryError::NotFound {
+            reference,
+            host,
+            message,
+        },
+        OciDistributionError::AuthenticationFailure(message) => RegistryError::Unauthorized {
+            reference,
+            host,
+            message,
+        },
+        OciDistributionError::UnauthorizedError { url } => RegistryError::Unauthorized {
+            reference,
+            host,
+            message: format!("401 Unauthorized at {url}"),
+        },
+        OciDistributionError::ServerError {
+            code: 404, message, ..
+        } => RegistryError::NotFound {
+            reference,
+            host,
+            message,
+        },
+        OciDistributionError::ServerError {
+            code: 401 | 403,
+            message,
+            ..
+        } => RegistryError::Unauthorized {
+            reference,
+            host,
+            message,
+        },
+        OciDistributionError::DigestError(d) => RegistryError::DigestMismatch {
+            host,
+            what: what.to_string(),
+            why: d.to_string(),
+        },
+        OciDistributionError::RequestError(req) if req.is_connect() || req.is_timeout() => {
+            RegistryError::Unreachable {
+                host,
+                address: address(r, access),
+                why: error_chain(&req),
+            }
+        }
+        other => RegistryError::Protocol {
+            host,
+            why: format!("{what}: {}", error_chain(&other)),
+        },
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Tries `access` against the registry `host` without fetching anything
+/// (`registry login`): `GET /v2/` with the credentials (basic), or the
+/// token flow its `WWW-Authenticate` challenge names (bearer). A registry
+/// that needs no credentials accepts any.
+pub async fn check_login(host: &str, access: &Access) -> Result<(), RegistryError> {
+    install_crypto();
+    // A reference only to name the host (and a repository for the token scope).
+    let r = ImageRef {
+        host: host.to_string(),
+        repository: "library/busybox".to_string(),
+        tag: Some("latest".to_string()),
+        digest: None,
+    };
+    let url = address(&r, access);
+    let unreachable = |e: reqwest::Error| RegistryError::Unreachable {
+        host: host.to_string(),
+        address: url.clone(),
+        why: error_chain(&e),
+    };
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| RegistryError::Protocol {
+            host: host.to_string(),
+            why: error_chain(&e),
+        })?;
+    let res = http.get(&url).send().await.map_err(unreachable)?;
+    if res.status().is_success() {
+        return Ok(());
+    }
+    let challenge = res
+        .headers()
+        .get(reqwest::header::WWW_AUTHENTICATE)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let refused = |message: String| RegistryError::Unauthorized {
+        reference: format!("{host}/v2/"),
+        host: host.to_string(),
+        message,
+    };
+    let Some((user, password)) = &access.credentials else {
+        return Err(refused(format!("{} without credentials", res.status())));
+    };
+    if challenge.to_ascii_lowercase().starts_with("bearer") {
+        // The token endpoint checks the credentials.
+        return client(&r, access)
+            .auth(&r.oci(), &auth(access), oci_client::RegistryOperation::Pull)
+            .await
+            .map(|_| ())
+            .map_err(|e| classify(&r, access, "login", e));
+    }
+    let res = http
+        .get(&url)
+        .basic_auth(user, Some(password))
+        .send()
+        .await
+        .map_err(unreachable)?;
+    match res.status() {
+        s if s.is_success() => Ok(()),
+        s if s == reqwest::StatusCode::UNAUTHORIZED || s == reqwest::StatusCode::FORBIDDEN => {
+            Err(refused(format!("{s} for user {user}")))
+        }
+        s => Err(RegistryError::Protocol {
+            host: host.to_string(),
+            why: format!("GET {url} answered {s}"),
+        }),
+    }
+}
+
+/// Resolves `r` to the digest of its image manifest (an index picks
+/// linux/amd64) without fetching any layer.
+pub async fn resolve(r: &ImageRef, access: &Access) -> Result<String, RegistryError> {
+    let c = client(r, access);
+    let (_, digest) = c
+        .pull_image_manifest(&r.oci(), &auth(access))
+        .await
+        .map_err(|e| classify(r, access, "manifest", e))?;
+    Ok(digest)
+}
+
+/// Pulls `r` into `store` (see the module docs). The archive is written in
+/// the store's temp directory and removed on any failure.
+pub async fn pull(
+    store: &ImageStore,
+    r: &ImageRef,
+    access: &Access,
+) -> Result<Pulled, RegistryError> {
+    let c = client(r, access);
+    let a = auth(access);
+    let (manifest, digest) = c
+        .pull_image_manifest(&r.oci(), &a)
+        .await
+        .map_err(|e| classify(r, access, "manifest", e))?;
+    let pinned = r.pinned(&digest);
+    let oref = pinned.oci();
+    let dir = store.temp_path();
+    fs::create_dir(&dir).map_err(|e| store_io("create", &dir, e))?;
+    let res = fetch_and_pack(
+        store,
+        &c,
+        &oref,
+        r,
+        access,
+        &manifest.config,
+        &manifest.layers,
+        &dir,
+        &pinned,
+    )
+    .await;
+    let _ = fs::remove_dir_all(&dir);
+    let (info, fetched_bytes) = res?;
+    Ok(Pulled {
+        pinned,
+        manifest_digest: digest,
+        info,
+        fetched_bytes,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fetch_and_pack(
+    store: &ImageStore,
+    c: &Client,
+    oref: &Reference,
+    r: &ImageRef,
+    access: &Access,
+    config: &OciDescriptor,
+    layers: &[OciDescriptor],
+    dir: &Path,
+    pinned: &ImageRef,
+) -> Result<(ImageInfo, u64), RegistryError> {
+    let mut fetched = 0u64;
+    let mut members = Vec::new();
+    for (what, desc) in
+        std::iter::once(("config", config)).chain(layers.iter().map(|l| ("layer", l)))
+    {
+        let hex = desc
+            .digest
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| RegistryError::Protocol {
+                host: r.host.clone(),
+                why: format!("{what} digest `{}` is not sha256", desc.digest),
+            })?
+            .to_string();
+        let path = dir.join(&hex);
+        if !path.exists() {
+            let f = tokio::fs::File::create(&path)
+                .await
+                .map_err(|e| store_io("create", &path, e))?;
+            let what_d = format!("{what} {}", desc.digest);
+            c.pull_blob(oref, desc, f)
+                .await
+                .map_err(|e| classify(r, access, &what_d, e))?;
+            let len = fs::metadata(&path)
+                .map_err(|e| store_io("read", &path, e))?
+                .len();
+            if desc.size >= 0 && len != desc.size as u64 {
+                return Err(RegistryError::DigestMismatch {
+                    host: r.host.clone(),
+                    what: what_d,
+                    why: format!("{len} bytes, the manifest says {}", desc.size),
+                });
+            }
+            fetched += len;
+        }
+        members.push(hex);
+    }
+    let archive = store.temp_path();
+    let name = match &pinned.tag {
+        Some(t) => format!("{}/{}:{t}", pinned.host, pinned.repository),
+        None => pinned.canonical(),
+    };
+    let store2 = store.clone();
+    let dir2 = dir.to_path_buf();
+    let info = tokio::task::spawn_blocking(move || -> Result<ImageInfo, RegistryError> {
+        let res = write_archive(&archive, &dir2, &members, &name)
+            .map_err(|e| store_io("write", &archive, e))
+            .and_then(|()| store2.insert_archive(&archive).map_err(RegistryError::from));
+        let _ = fs::remove_file(&archive);
+        res
+    })
+    .await
+    .map_err(|e| RegistryError::Protocol {
+        host: r.host.clone(),
+        why: format!("storing the image failed: {e}"),
+    })??;
+    Ok((info, fetched))
+}
+
+fn store_io(what: &'static str, path: &Path, source: io::Error) -> RegistryError {
+    RegistryError::Store(ImageError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes a `docker save` archive: `manifest.json` naming the config and the
+/// layers (in order) as `blobs/sha256/<hex>`, every member 0644, mtime 0.
+fn write_archive(out: &Path, dir: &Path, members: &[String], name: &str) -> io::Result<()> {
+    let file = File::create(out)?;
+    let mut tar = tar::Builder::new(BufWriter::new(file));
+    let blob = |hex: &str| format!("blobs/sha256/{hex}");
+    let manifest = serde_json::json!([{
+        "Config": blob(&members[0]),
+        "RepoTags": [name],
+        "Layers": members[1..].iter().map(|h| blob(h)).collect::<Vec<_>>(),
+    }]);
+    let manifest = serde_json::to_vec(&manifest)?;
+    let header = |size: u64, kind: tar::EntryType| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(if kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h
+    };
+    for d in ["blobs/", "blobs/sha256/"] {
+        let mut h = header(0, tar::EntryType::Directory);
+        tar.append_data(&mut h, d, io::empty())?;
+    }
+    let mut written = std::collections::HashSet::new();
+    for hex in members {
+        if !written.insert(hex.clone()) {
+            continue;
+        }
+        let p: PathBuf = dir.join(hex);
+        let f = File::open(&p)?;
+        let mut h = header(f.metadata()?.len(), tar::EntryType::Regular);
+        tar.append_data(&mut h, blob(hex), f)?;
+    }
+    let mut h = header(manifest.len() as u64, tar::EntryType::Regular);
+    tar.append_data(&mut h, "manifest.json", &manifest[..])?;
+    let mut w = tar.into_inner()?;
+    w.flush()?;
+    w.into_inner().map_err(|e| e.into_error())?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> ImageRef {
+        ImageRef::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn docker_hub_defaults() {
+        let r = p("busybox");
+        assert_eq!(r.host, "docker.io");
+        assert_eq!(r.repository, "library/busybox");
+        assert_eq!(r.tag.as_deref(), Some("latest"));
+        assert_eq!(r.digest, None);
+        assert_eq!(r.canonical(), "docker.io/library/busybox:latest");
+        assert_eq!(p("nginx:1.25").canonical(), "docker.io/library/nginx:1.25");
+        assert_eq!(
+            p("bitnami/redis").canonical(),
+            "docker.io/bitnami/redis:latest"
+        );
+    }
+
+    #[test]
+    fn hosts_ports_tags_and_digests() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let r = p(&format!("10.0.0.1:5000/team/app:v1@{d}"));
+        assert_eq!(r.host, "10.0.0.1:5000");
+        assert_eq!(r.repository, "team/app");
+        assert_eq!(r.tag.as_deref(), Some("v1"));
+        assert_eq!(r.digest.as_deref(), Some(d.as_str()));
+        let r = p(&format!("ghcr.io/o/app@{d}"));
+        assert_eq!(r.tag, None);
+        assert_eq!(r.canonical(), format!("ghcr.io/o/app@{d}"));
+        let r = p("localhost/app");
+        assert_eq!(
+            (r.host.as_str(), r.repository.as_str()),
+            ("localhost", "app")
+        );
+        assert_eq!(p("localhost:5000/a/b:c").tag.as_deref(), Some("c"));
+        // A host with a port but no tag: the `:` belongs to the host.
+        assert_eq!(p("reg.example:443/app").tag.as_deref(), Some("latest"));
+    }
+
+    #[test]
+    fn names_registry_only_with_a_host_or_digest() {
+        assert!(!ImageRef::names_registry("busybox"));
+        assert!(!ImageRef::names_registry("library/busybox:1"));
+        assert!(ImageRef::names_registry("127.0.0.1:5000/busybox"));
+        assert!(ImageRef::names_registry("localhost/busybox"));
+        assert!(ImageRef::names_registry("docker.io/library/busybox"));
+        assert!(ImageRef::names_registry(&format!(
+            "busybox@sha256:{}",
+            "0".repeat(64)
+        )));
+    }
+
+    #[test]
+    fn refuses_malformed_references() {
+        for bad in [
+            "",
+            "Upper/case",
+            "a b",
+            "host:port/app",
+            "app@sha256:123",
+            "app@md5:0123",
+            "app:",
+            "app:-x",
+            "reg.io//app",
+            "reg.io/",
+        ] {
+            assert!(ImageRef::parse(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn access_debug_hides_the_password() {
+        let a = Access {
+            insecure: true,
+            credentials: Some(("u".into(), "hunter2".into())),
+        };
+        assert!(!format!("{a:?}").contains("hunter2"));
+    }
+}

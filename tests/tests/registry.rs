@@ -1,0 +1,439 @@
+//! Images from a real OCI registry: Debian's `docker-registry` (distribution
+//! 2.8) with its own config file in host 0's namespace, one open and one with
+//! htpasswd (basic) auth; images pushed with `skopeo`. Deploys 3 replicas by
+//! reference on a 3-machine namespace cluster and checks the pinned digest
+//! against skopeo's; a wrong tag, a wrong password and an unreachable host
+//! fail with their exit codes and change nothing.
+
+use ployz_tests::images::busybox_image;
+use ployz_tests::netns::{Host, Testbed};
+use ployz_tests::{bin, eventually, stdout, Machine};
+use serde_json::Value;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const HTTPD: &[&str] = &["httpd", "-f", "-p", "8080", "-h", "/www"];
+const USER: &str = "ployzuser";
+const PASSWORD: &str = "s3cret-pa55word";
+
+/// Where a registry and skopeo run: a namespace host, or the root namespace
+/// (next to dockerd, for the docker runtime).
+#[derive(Clone, Copy)]
+enum Place<'a> {
+    Ns(&'a Host),
+    Root,
+}
+
+impl Place<'_> {
+    fn ip(&self) -> String {
+        match self {
+            Place::Ns(h) => h.ip.to_string(),
+            Place::Root => "127.0.0.1".into(),
+        }
+    }
+
+    fn command(&self, program: &str) -> Command {
+        match self {
+            Place::Ns(h) => h.command(program),
+            Place::Root => Command::new(program),
+        }
+    }
+}
+
+/// A `docker-registry serve CONFIG` process, killed on drop.
+struct Registry {
+    child: Child,
+    addr: String,
+}
+
+impl Registry {
+    fn start(host: &Host, dir: &Path, port: u16, htpasswd: bool) -> Registry {
+        Registry::start_at(Place::Ns(host), dir, port, htpasswd)
+    }
+
+    fn start_at(place: Place, dir: &Path, port: u16, htpasswd: bool) -> Registry {
+        let addr = format!("{}:{port}", place.ip());
+        let root = dir.join(format!("reg-{port}"));
+        std::fs::create_dir_all(&root).unwrap();
+        let mut cfg = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {addr}\n",
+            root.display()
+        );
+        if htpasswd {
+            let o = Command::new("htpasswd")
+                .args(["-Bbn", USER, PASSWORD])
+                .output()
+                .expect("htpasswd (apt-get install apache2-utils)");
+            assert!(o.status.success());
+            let file = dir.join(format!("htpasswd-{port}"));
+            std::fs::write(&file, &o.stdout).unwrap();
+            cfg.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: ployz-test\n    path: {}\n",
+                file.display()
+            ));
+        }
+        let cfg_path = dir.join(format!("registry-{port}.yml"));
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let log = std::fs::File::create(dir.join(format!("registry-{port}.log"))).unwrap();
+        let child = place
+            .command("docker-registry")
+            .arg("serve")
+            .arg(&cfg_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry (apt-get install docker-registry)");
+        let up = eventually(Duration::from_secs(20), || {
+            let o = place
+                .command("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("http://{addr}/v2/"))
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let code = stdout(&o);
+            (code == "200" || code == "401").then_some(())
+        });
+        assert!(up.is_some(), "registry at {addr} did not come up");
+        Registry { child, addr }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn skopeo_push(host: &Host, archive: &Path, dest: &str, creds: Option<&str>) {
+    skopeo_push_at(Place::Ns(host), archive, dest, creds)
+}
+
+fn skopeo_push_at(place: Place, archive: &Path, dest: &str, creds: Option<&str>) {
+    let mut c = place.command("skopeo");
+    c.args(["copy", "--dest-tls-verify=false"]);
+    if let Some(creds) = creds {
+        c.args(["--dest-creds", creds]);
+    }
+    let o = c
+        .arg(format!("docker-archive:{}", archive.display()))
+        .arg(format!("docker://{dest}"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("skopeo (apt-get install skopeo)");
+    assert!(
+        o.status.success(),
+        "skopeo copy to {dest}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn skopeo_digest(host: &Host, reference: &str) -> String {
+    skopeo_digest_at(Place::Ns(host), reference)
+}
+
+fn skopeo_digest_at(place: Place, reference: &str) -> String {
+    let o = place
+        .command("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["Digest"].as_str().unwrap().to_string()
+}
+
+/// `ployzctl registry login HOST --username U --password-stdin --insecure`.
+fn login(m: &Machine, host: &str, password: &str) -> std::process::Output {
+    let mut c = Command::new(bin("ployzctl"))
+        .arg("--socket")
+        .arg(m.socket())
+        .args([
+            "registry",
+            "login",
+            host,
+            "--username",
+            USER,
+            "--password-stdin",
+            "--insecure",
+        ])
+        .env_remove("PLOYZ_SOCKET")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(c.stdin.take().unwrap(), "{password}").unwrap();
+    c.wait_with_output().unwrap()
+}
+
+fn service_names(m: &Machine) -> Vec<String> {
+    m.ctl_json(&["service", "ls"])["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
+    let tb = Testbed::new(3);
+    let ms = ployz_tests::cluster_on(&tb, "regtest");
+    let tmp = tempfile::tempdir().unwrap();
+    let open = Registry::start(&tb.hosts[0], tmp.path(), 5000, false);
+    let authed = Registry::start(&tb.hosts[0], tmp.path(), 5001, true);
+    let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
+    let reference = format!("{}/ployz/busybox:1", open.addr);
+    skopeo_push(&tb.hosts[0], &image, &reference, None);
+    let private = format!("{}/ployz/busybox:1", authed.addr);
+    skopeo_push(
+        &tb.hosts[0],
+        &image,
+        &private,
+        Some(&format!("{USER}:{PASSWORD}")),
+    );
+    let want = skopeo_digest(&tb.hosts[0], &reference);
+    let solo = format!("{}/ployz/solo:1", open.addr);
+    skopeo_push(&tb.hosts[0], &image, &solo, None);
+    let fb = format!("{}/ployz/fb:1", open.addr);
+    skopeo_push(&tb.hosts[0], &image, &fb, None);
+    let ids: Vec<String> = ms.iter().map(|m| m.id()).collect();
+
+    // Plain HTTP only for a host named insecure.
+    let (code, v) = ms[0].try_deploy(&["web", "--image", &reference]);
+    assert_ne!(code, Some(0), "{v}");
+    assert!(service_names(&ms[0]).is_empty());
+    ms[0].ctl_json(&["registry", "add", &open.addr, "--insecure"]);
+    let ls = ms[1].ctl_json(&["registry", "ls"]);
+    assert_eq!(ls["registries"][0]["host"], open.addr.as_str(), "{ls}");
+    assert_eq!(ls["registries"][0]["insecure"], true, "{ls}");
+
+    // Three replicas from the registry, every machine running the pinned digest.
+    let v = ms[0].deploy(&["web", "--image", &reference, "--replicas", "3"]);
+    let inst = v["instances"].as_array().unwrap();
+    assert_eq!(inst.len(), 3, "{v:#}");
+    assert!(inst.iter().all(|i| i["state"] == "running"), "{v:#}");
+    assert_eq!(v["manifest_digest"], want.as_str(), "{v:#}");
+    assert_eq!(v["image"], format!("{reference}@{want}").as_str(), "{v:#}");
+    let ls = ms[2].ctl_json(&["service", "ls"]);
+    assert_eq!(ls["services"][0]["manifest_digest"], want.as_str(), "{ls}");
+
+    // Bare names: an image stored here under that name wins; any other name
+    // is a Docker Hub reference (no route to it from the namespaces).
+    ms[0].deploy(&["arch", "--image", image.to_str().unwrap()]);
+    ms[0].ctl_json(&["service", "rm", "arch"]);
+    let v = ms[0].deploy(&["byname", "--image", "ployz-busybox"]);
+    assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
+    assert!(v["manifest_digest"].is_null(), "{v:#}");
+    ms[0].ctl_json(&["service", "rm", "byname"]);
+    let (code, v) = ms[0].try_deploy(&["hub", "--image", "ployz-stored-nowhere"]);
+    assert!(matches!(code, Some(6 | 7)), "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("registry docker.io"), "{v}");
+    assert!(!service_names(&ms[0]).contains(&"hub".to_string()));
+
+    // Peers first: both images are pulled by machine 0 and run there only.
+    for id in &ids[1..] {
+        ms[0].ctl_json(&["machine", "drain", id]);
+    }
+    for (name, r) in [("solo", &solo), ("fb", &fb)] {
+        let v = ms[0].deploy(&[name, "--image", r]);
+        assert_eq!(v["instances"][0]["machine"], ids[0].as_str(), "{v:#}");
+    }
+    for id in &ids[1..] {
+        ms[0].ctl_json(&["machine", "activate", id]);
+    }
+    // With the registry gone, a machine new to the image gets it from a peer.
+    drop(open);
+    let v = ms[0].ctl_json(&["service", "migrate", "solo", "--to", &ids[1]]);
+    assert_eq!(v["instances"][0]["machine"], ids[1].as_str(), "{v:#}");
+    assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
+    assert!(ms[1].log().contains("image fetched"), "{}", ms[1].log());
+    // No peer has it any more (machine 0 lost its copy): from the registry,
+    // pinned to the digest, packed into the very archive the service runs.
+    let open = Registry::start(&tb.hosts[0], tmp.path(), 5000, false);
+    let ls = ms[0].ctl_json(&["service", "ls"]);
+    let fb_svc = ls["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "fb")
+        .unwrap()
+        .clone();
+    let archive = fb_svc["digest"].as_str().unwrap();
+    let hex = archive.strip_prefix("sha256:").unwrap();
+    std::fs::remove_file(ms[0].data_dir().join("images/blobs").join(hex)).unwrap();
+    let v = ms[0].ctl_json(&["service", "migrate", "fb", "--to", &ids[2]]);
+    assert_eq!(v["instances"][0]["machine"], ids[2].as_str(), "{v:#}");
+    assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
+    assert!(
+        ms[2].log().contains("image fetched from its registry"),
+        "{}",
+        ms[2].log()
+    );
+    assert!(ms[2].data_dir().join("images/blobs").join(hex).is_file());
+
+    // A wrong tag: exit 6 with the registry's own message; nothing written.
+    let (code, v) = ms[0].try_deploy(&[
+        "web2",
+        "--image",
+        &format!("{}/ployz/busybox:nope", open.addr),
+    ]);
+    assert_eq!(code, Some(6), "{v}");
+    let msg = v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(msg.contains("manifest unknown"), "{v}");
+    assert!(!service_names(&ms[0]).contains(&"web2".to_string()));
+
+    // A wrong password: refused at login (exit 8), nothing stored, never
+    // printed; without credentials, the deploy is refused (exit 8) too.
+    let o = login(&ms[0], &authed.addr, "wrong-password");
+    assert_eq!(
+        o.status.code(),
+        Some(8),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let said = format!("{}{}", stdout(&o), String::from_utf8_lossy(&o.stderr));
+    assert!(said.contains("refused"), "{said}");
+    assert!(!said.contains("wrong-password"), "{said}");
+    let ls = ms[0].ctl_json(&["registry", "ls"]);
+    assert_eq!(ls["registries"].as_array().unwrap().len(), 1, "{ls}");
+    ms[0].ctl_json(&["registry", "add", &authed.addr, "--insecure"]);
+    let (code, v) = ms[0].try_deploy(&["priv", "--image", &private]);
+    assert_eq!(code, Some(8), "{v}");
+    assert!(!v.to_string().contains("wrong-password"), "{v}");
+    assert!(!service_names(&ms[0]).contains(&"priv".to_string()));
+
+    // The right one: deploys; `registry ls` names the user, never the password.
+    let o = login(&ms[0], &authed.addr, PASSWORD);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for m in &ms {
+        assert!(
+            !m.log().contains("wrong-password"),
+            "a password is in a log"
+        );
+    }
+    // `registry add` again keeps the credentials the login stored.
+    ms[0].ctl_json(&["registry", "add", &authed.addr, "--insecure"]);
+    let v = ms[1].deploy(&["priv", "--image", &private]);
+    assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
+    let ls = ms[2].ctl(&["--json", "registry", "ls"]);
+    let text = stdout(&ls);
+    assert!(text.contains(USER), "{text}");
+    assert!(!text.contains(PASSWORD), "{text}");
+    for m in &ms {
+        assert!(!m.log().contains(PASSWORD), "the password is in a log");
+    }
+
+    // An unreachable registry names the host and the address tried.
+    let dead = format!("{}:5009", tb.hosts[0].ip);
+    ms[0].ctl_json(&["registry", "add", &dead, "--insecure"]);
+    let (code, v) = ms[0].try_deploy(&["gone", "--image", &format!("{dead}/x/y:1")]);
+    assert_eq!(code, Some(7), "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains(&format!("http://{dead}/v2/")), "{v}");
+    assert!(!service_names(&ms[0]).contains(&"gone".to_string()));
+
+    // registry rm forgets a host.
+    ms[0].ctl_json(&["registry", "rm", &dead]);
+    let ls = ms[0].ctl_json(&["registry", "ls"]);
+    assert_eq!(ls["registries"].as_array().unwrap().len(), 2, "{ls}");
+}
+
+/// Removes what the docker test created in the root namespace, also on
+/// failure: the machine (with its containers), its docker network and the
+/// iptables rules tagged with it.
+struct DockerGuard {
+    machine: Option<Machine>,
+    network: String,
+}
+
+impl Drop for DockerGuard {
+    fn drop(&mut self) {
+        drop(self.machine.take());
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.network])
+            .output();
+        let tag = format!("\"ployz:{}\"", self.network);
+        for chain in ["DOCKER-USER", "FORWARD"] {
+            let Ok(o) = Command::new("iptables").args(["-S", chain]).output() else {
+                continue;
+            };
+            for rule in stdout(&o).lines().filter(|l| l.contains(&tag)) {
+                let Some(spec) = rule.strip_prefix("-A ") else {
+                    continue;
+                };
+                let _ = Command::new("sh")
+                    .args(["-c", &format!("iptables -w -D {spec}")])
+                    .output();
+            }
+        }
+    }
+}
+
+/// The docker runtime runs a pulled image: ployzd's archive is `docker
+/// load`ed and the container serves.
+#[test]
+fn docker_runtime_runs_an_image_pulled_from_a_registry() {
+    let info = Command::new("docker").arg("info").output();
+    assert!(
+        info.as_ref().is_ok_and(|o| o.status.success()),
+        "dockerd is not running: start it (scripts/setup does)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let reg = Registry::start_at(Place::Root, tmp.path(), port, false);
+    let image = busybox_image(tmp.path(), "ployz-dk-reg", HTTPD);
+    let reference = format!("{}/ployz/dk-{}:1", reg.addr, std::process::id());
+    skopeo_push_at(Place::Root, &image, &reference, None);
+    let want = skopeo_digest_at(Place::Root, &reference);
+
+    let octet = 128 + ((std::process::id() + 50) % 100) as u8;
+    let cidr = format!("10.{octet}.0.0/16");
+    let m = Machine::start_with(&["--runtime", "docker"]);
+    m.ctl_json(&["mesh", "init", "dockerreg", "--cidr", &cidr]);
+    let subnet = m.ctl_json(&["mesh", "status"])["machine"]["subnet"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let net: std::net::Ipv4Addr = subnet.split('/').next().unwrap().parse().unwrap();
+    let guard = DockerGuard {
+        machine: Some(m),
+        network: format!("plz{:08x}", u32::from(net)),
+    };
+    let m = guard.machine.as_ref().unwrap();
+    m.ctl_json(&["registry", "add", &reg.addr, "--insecure"]);
+    let v = m.deploy(&["web", "--image", &reference]);
+    assert_eq!(v["manifest_digest"], want.as_str(), "{v:#}");
+    assert_eq!(v["instances"][0]["state"], "running", "{v:#}\n{}", m.log());
+    let ip = v["instances"][0]["overlay_ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let page = eventually(Duration::from_secs(20), || {
+        let o = Command::new("curl")
+            .args(["-sf", "-m", "3", &format!("http://{ip}:8080/")])
+            .output()
+            .unwrap();
+        o.status.success().then(|| stdout(&o))
+    });
+    assert_eq!(
+        page.as_deref(),
+        Some("hello from a ployz workload\n"),
+        "the container serves"
+    );
+    m.ctl_json(&["service", "rm", "web"]);
+    // Images docker loaded are left to docker: remove this test's.
+    let _ = Command::new("docker").args(["rmi", &reference]).output();
+}
