@@ -16,6 +16,7 @@ fn put(key: &str, value: &[u8]) -> Txn {
         }],
         now_ms: 1,
         id: None,
+        group: Vec::new(),
     }
 }
 
@@ -47,6 +48,7 @@ fn single_node(c: &mut Criterion) {
             }],
             now_ms: 1,
             id: None,
+            group: Vec::new(),
         })
         .await
         .unwrap();
@@ -79,6 +81,7 @@ fn kv_rules(c: &mut Criterion) {
         }],
         now_ms: 1,
         id: None,
+        group: Vec::new(),
     });
     let value = vec![7u8; 256];
     let mut i = 0u64;

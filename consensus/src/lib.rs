@@ -23,6 +23,11 @@
 //!
 //! * A log append or vote is reported durable to Raft only after `sled::Db::flush_async`
 //!   returned, so an acknowledged entry survives a crash (sled alone would flush every 500 ms).
+//! * Group commit: [`Node::write`]s that arrive while an entry is in flight are proposed
+//!   together as one entry ([`Txn::group`]); each is answered only once that entry is committed
+//!   (durable on a majority) and applied. Members apply one after the other, each in its own
+//!   atomic batch with its remembered id, then `last_applied`: a replay after a crash in between
+//!   answers the members' first outcomes and changes nothing.
 //! * Applying an entry writes its data mutations, the remembered transaction ids **and**
 //!   `last_applied`/`last_membership` in one atomic sled batch: after a crash the state
 //!   machine is exactly the state after some applied prefix of the log, and Raft re-applies
@@ -36,6 +41,7 @@
 //! [`kv`] (pure rules), [`store`] (sled storage implementing openraft's v2 storage traits),
 //! [`network`] (length-prefixed JSON over TCP), [`Node`] (the facade the daemon uses).
 
+mod gate;
 pub mod kv;
 pub mod network;
 mod node;
@@ -59,6 +65,8 @@ pub use kv::Txn;
 pub use kv::TxnResult;
 pub use network::serve_raft;
 pub use network::Dialer;
+pub use network::FeatureProbe;
+pub use network::Features;
 pub use network::FrameConn;
 pub use network::PlainTcp;
 pub use network::TcpNetworkFactory;

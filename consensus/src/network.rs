@@ -62,6 +62,24 @@ pub enum RaftRequest {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// What this binary supports. A binary from before this request existed fails to decode it
+    /// and closes the connection: no answer means no optional feature.
+    Features,
+}
+
+/// Optional log formats a node's binary reads, as it answers [`RaftRequest::Features`].
+/// Unknown fields are ignored and missing ones are `false`, so any two versions understand
+/// each other's answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Features {
+    /// Reads group entries ([`crate::Txn::group`]).
+    #[serde(default)]
+    pub group_commit: bool,
+}
+
+impl Features {
+    /// What this binary supports.
+    pub const CURRENT: Features = Features { group_commit: true };
 }
 
 /// The answer to a [`RaftRequest`] of the same variant.
@@ -72,6 +90,7 @@ pub enum RaftResponse {
     InstallSnapshot(
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
+    Features(Features),
 }
 
 /// Writes one frame and flushes.
@@ -160,11 +179,21 @@ impl Dialer for PlainTcp {
 type Pool<C> = Arc<Mutex<HashMap<(NodeId, String), Vec<C>>>>;
 
 /// Creates Raft clients for openraft over a [`Dialer`]; clones share the connection pool.
-#[derive(Clone)]
 pub struct TcpNetworkFactory<D: Dialer = PlainTcp> {
     self_id: NodeId,
     dialer: D,
     pool: Pool<D::Conn>,
+}
+
+// Not derived: that would require the connections to be `Clone`.
+impl<D: Dialer> Clone for TcpNetworkFactory<D> {
+    fn clone(&self) -> Self {
+        Self {
+            self_id: self.self_id,
+            dialer: self.dialer.clone(),
+            pool: self.pool.clone(),
+        }
+    }
 }
 
 impl TcpNetworkFactory<PlainTcp> {
@@ -333,7 +362,40 @@ impl<D: Dialer> TcpNetwork<D> {
                 RaftResponse::AppendEntries(_) => "AppendEntries",
                 RaftResponse::Vote(_) => "Vote",
                 RaftResponse::InstallSnapshot(_) => "InstallSnapshot",
+                RaftResponse::Features(_) => "Features",
             },
+        }
+    }
+}
+
+/// Asks peers which optional features their binaries support ([`RaftRequest::Features`]).
+pub trait FeatureProbe: Send + Sync + 'static {
+    /// The peer's answer; `None` when it gave none (unreachable, or a binary from before the
+    /// request existed, which closes the connection).
+    fn features(
+        &self,
+        target: NodeId,
+        node: &PloyzNode,
+        ttl: Duration,
+    ) -> impl Future<Output = Option<Features>> + Send;
+}
+
+impl<D: Dialer> FeatureProbe for TcpNetworkFactory<D> {
+    async fn features(&self, target: NodeId, node: &PloyzNode, ttl: Duration) -> Option<Features> {
+        let client = TcpNetwork {
+            self_id: self.self_id,
+            target,
+            node: node.clone(),
+            dialer: self.dialer.clone(),
+            pool: self.pool.clone(),
+        };
+        match client.call(&RaftRequest::Features, ttl).await {
+            Ok(RaftResponse::Features(f)) => Some(f),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(target, error = %e, "peer did not say which features it supports");
+                None
+            }
         }
     }
 }
@@ -435,5 +497,6 @@ pub async fn handle(raft: &Raft, req: RaftRequest) -> RaftResponse {
         RaftRequest::InstallSnapshot(rpc) => {
             RaftResponse::InstallSnapshot(raft.install_snapshot(rpc).await)
         }
+        RaftRequest::Features => RaftResponse::Features(Features::CURRENT),
     }
 }

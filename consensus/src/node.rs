@@ -21,17 +21,20 @@ use openraft::ServerState;
 use openraft::SnapshotPolicy;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use ployz_api::time::human;
 
+use crate::gate::GroupGate;
 use crate::kv::BucketInfo;
 use crate::kv::Entry;
 use crate::kv::KvEvent;
 use crate::kv::Txn;
 use crate::kv::TxnResult;
 use crate::network::serve_raft;
+use crate::network::FeatureProbe;
 use crate::network::TcpNetworkFactory;
 use crate::store;
 use crate::store::StateMachineStore;
@@ -300,6 +303,311 @@ pub struct Node {
     raft: Raft,
     sm: StateMachineStore,
     servers: Mutex<Vec<JoinHandle<()>>>,
+    proposer: Proposer,
+    combiner: Arc<Combiner>,
+    reads: Arc<ReadRounds>,
+    /// Asks the members which log formats they read (only while leading); aborted on shutdown.
+    gate_task: JoinHandle<()>,
+}
+
+/// Batched ReadIndex: readers that arrive while a leadership round is in flight wait for the
+/// next round, which starts after they arrived (so it covers every write acknowledged before
+/// their read began); one round (one heartbeat to a quorum, no disk write) answers them all.
+#[derive(Default)]
+struct ReadRounds {
+    state: Mutex<ReadState>,
+}
+
+#[derive(Default)]
+struct ReadState {
+    waiting: Vec<oneshot::Sender<bool>>,
+    running: bool,
+}
+
+impl ReadRounds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReadState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a reader; `true` when the caller must start the rounds.
+    fn push(&self, waiter: oneshot::Sender<bool>) -> bool {
+        let mut st = self.lock();
+        st.waiting.push(waiter);
+        !std::mem::replace(&mut st.running, true)
+    }
+
+    /// The readers the next round answers; `None` (rounds stop) when there are none.
+    fn take(&self) -> Option<Vec<oneshot::Sender<bool>>> {
+        let mut st = self.lock();
+        if st.waiting.is_empty() {
+            st.running = false;
+            return None;
+        }
+        Some(std::mem::take(&mut st.waiting))
+    }
+}
+
+/// Runs leadership rounds until no reader waits; each reader learns whether its round passed.
+async fn run_read_rounds(raft: Raft, reads: Arc<ReadRounds>) {
+    while let Some(waiters) = reads.take() {
+        let ok = matches!(
+            tokio::time::timeout(DEFAULT_REQUEST_TIMEOUT, raft.ensure_linearizable()).await,
+            Ok(Ok(_))
+        );
+        for w in waiters {
+            let _ = w.send(ok);
+        }
+    }
+}
+
+/// Most transactions one group entry carries.
+const MAX_GROUP: usize = 1024;
+/// Group entries in flight at once: while they replicate, the next group fills up.
+const MAX_PROPOSERS: usize = 2;
+
+type Waiter = oneshot::Sender<Result<TxnResult, WriteError>>;
+
+/// Group commit of [`Node::write`]s: concurrent writes queue here and a proposer takes every
+/// queued transaction into one log entry ([`Txn::group`]), so one Raft round (one flush on each
+/// voter) acknowledges all of them. Each waiter is answered only after its entry is committed
+/// (durable on a majority) and applied here.
+#[derive(Default)]
+struct Combiner {
+    state: Mutex<CombinerState>,
+}
+
+#[derive(Default)]
+struct CombinerState {
+    queue: Vec<(Txn, Waiter)>,
+    proposers: usize,
+}
+
+impl Combiner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CombinerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `txn`; `true` when the caller must start a proposer.
+    fn push(&self, txn: Txn, waiter: Waiter) -> bool {
+        let mut st = self.lock();
+        st.queue.push((txn, waiter));
+        if st.proposers < MAX_PROPOSERS {
+            st.proposers += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The next group to propose; `None` (and one proposer fewer) when the queue is empty.
+    fn take(&self) -> Option<Vec<(Txn, Waiter)>> {
+        let mut st = self.lock();
+        if st.queue.is_empty() {
+            st.proposers -= 1;
+            return None;
+        }
+        let n = st.queue.len().min(MAX_GROUP);
+        Some(st.queue.drain(..n).collect())
+    }
+}
+
+/// What proposing needs, cheap to clone into a task.
+#[derive(Clone)]
+struct Proposer {
+    id: NodeId,
+    raft: Raft,
+    gate: Arc<GroupGate>,
+}
+
+impl Proposer {
+    /// Whether a group entry may be proposed now: every voter and learner recently said its
+    /// binary reads them (see [`crate::gate`]).
+    fn groups_allowed(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let members = m.membership_config.membership().nodes();
+        self.gate
+            .allows(self.id, members.map(|(id, n)| (*id, n)), Instant::now())
+    }
+
+    /// Proposes `txn` (its id already set, if any) and waits until it is applied here.
+    async fn propose(&self, txn: Txn, timeout: Duration) -> Result<TxnResult, WriteError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let res = tokio::time::timeout_at(deadline, self.raft.client_write(txn.clone()))
+                .await
+                .map_err(|_| WriteError::Timeout { timeout })?;
+            let forward = match res {
+                Ok(resp) => return Ok(resp.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f,
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                    return Err(WriteError::Refused(e.to_string()))
+                }
+                Err(RaftError::Fatal(f)) => return Err(f.into()),
+            };
+            match self.redirect(forward).await {
+                Redirect::NotInitialized => return Err(WriteError::NotInitialized),
+                Redirect::Leader(leader_id, leader_node) => {
+                    return Err(WriteError::ForwardToLeader {
+                        leader_id,
+                        leader_node,
+                    })
+                }
+                Redirect::Wait => {
+                    if !self.wait_for_leader(deadline).await {
+                        return Err(WriteError::Timeout { timeout });
+                    }
+                }
+            }
+        }
+    }
+
+    async fn redirect(&self, f: ForwardToLeader<NodeId, PloyzNode>) -> Redirect {
+        match f.leader_id {
+            Some(id) if id != self.id => Redirect::Leader(id, f.leader_node),
+            _ if !self.raft.is_initialized().await.unwrap_or(false) => Redirect::NotInitialized,
+            _ => Redirect::Wait,
+        }
+    }
+
+    /// Waits until a leader is known (and, if it is us, until we act as leader). `false` when
+    /// the deadline passed first.
+    async fn wait_for_leader(&self, deadline: Instant) -> bool {
+        let id = self.id;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let ok = self
+            .raft
+            .wait(Some(remaining))
+            .metrics(
+                move |m| match m.current_leader {
+                    Some(l) if l == id => m.state == ServerState::Leader,
+                    Some(_) => true,
+                    None => false,
+                },
+                "leader known",
+            )
+            .await
+            .is_ok();
+        // Metrics can run slightly ahead of the core; do not spin.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        ok && Instant::now() < deadline
+    }
+}
+
+/// The same error for every member of a failed group, when it says nothing about one member
+/// (no leader here, timeout); `None` when each member must be retried alone.
+fn shared_error(e: &WriteError) -> Option<WriteError> {
+    match e {
+        WriteError::NotInitialized => Some(WriteError::NotInitialized),
+        WriteError::ForwardToLeader {
+            leader_id,
+            leader_node,
+        } => Some(WriteError::ForwardToLeader {
+            leader_id: *leader_id,
+            leader_node: leader_node.clone(),
+        }),
+        WriteError::Timeout { timeout } => Some(WriteError::Timeout { timeout: *timeout }),
+        _ => None,
+    }
+}
+
+/// What a group's member gets: its answer, or itself to be proposed again alone.
+fn member_answer(
+    sm: &StateMachineStore,
+    group: &Result<TxnResult, WriteError>,
+    txn: Txn,
+) -> Result<Result<TxnResult, WriteError>, Txn> {
+    match group {
+        // Committed and applied here: each member's outcome is remembered by its id.
+        Ok(_) => match sm.applied_txn(txn.id.as_deref().unwrap_or_default()) {
+            Ok(Some(applied)) => Ok(Ok(applied.result)),
+            Ok(None) => Err(txn),
+            Err(e) => Ok(Err(e.into())),
+        },
+        Err(e) => shared_error(e).map(Err).ok_or(txn),
+    }
+}
+
+/// Proposes queued writes as groups until the queue is empty.
+async fn run_proposer(proposer: Proposer, sm: StateMachineStore, combiner: Arc<Combiner>) {
+    while let Some(mut batch) = combiner.take() {
+        if batch.len() == 1 {
+            if let Some((txn, waiter)) = batch.pop() {
+                let _ = waiter.send(proposer.propose(txn, DEFAULT_REQUEST_TIMEOUT).await);
+            }
+            continue;
+        }
+        if !proposer.groups_allowed() {
+            // A member may not read group entries (older binary, not asked yet): one entry
+            // per write, proposed concurrently, as before group commit.
+            for (txn, waiter) in batch {
+                let proposer = proposer.clone();
+                tokio::spawn(async move {
+                    let answer = proposer.propose(txn, DEFAULT_REQUEST_TIMEOUT).await;
+                    let _ = waiter.send(answer);
+                });
+            }
+            continue;
+        }
+        let (txns, waiters): (Vec<Txn>, Vec<Waiter>) = batch.into_iter().unzip();
+        let res = proposer
+            .propose(Txn::group(txns.clone()), DEFAULT_REQUEST_TIMEOUT)
+            .await;
+        for (txn, waiter) in txns.into_iter().zip(waiters) {
+            match member_answer(&sm, &res, txn) {
+                Ok(answer) => {
+                    let _ = waiter.send(answer);
+                }
+                // Alone, with its id: applied at most once.
+                Err(txn) => {
+                    let proposer = proposer.clone();
+                    tokio::spawn(async move {
+                        let answer = proposer.propose(txn, DEFAULT_REQUEST_TIMEOUT).await;
+                        let _ = waiter.send(answer);
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// How often the leader looks for members to ask about their features.
+const GATE_TICK: Duration = Duration::from_millis(200);
+/// How long a member has to answer the features request.
+const FEATURES_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// While this node leads, asks the members that are due which features they support.
+async fn run_gate<P: FeatureProbe + Clone>(probe: P, raft: Raft, gate: Arc<GroupGate>, me: NodeId) {
+    let mut tick = tokio::time::interval(GATE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let due = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            if m.state != ServerState::Leader {
+                continue;
+            }
+            let members = m.membership_config.membership().nodes();
+            gate.due(me, members.map(|(id, n)| (*id, n)), Instant::now())
+        };
+        let mut asks = tokio::task::JoinSet::new();
+        for (id, node) in due {
+            let (probe, gate) = (probe.clone(), gate.clone());
+            asks.spawn(async move {
+                let answer = probe.features(id, &node, FEATURES_TIMEOUT).await;
+                if !answer.is_some_and(|f| f.group_commit) {
+                    tracing::debug!(
+                        node_id = id,
+                        machine_id = %node.machine_id,
+                        "member does not read group entries (yet): one log entry per write"
+                    );
+                }
+                gate.record(id, &node.addr, answer, Instant::now());
+            });
+        }
+        while asks.join_next().await.is_some() {}
+    }
 }
 
 impl Node {
@@ -312,7 +620,7 @@ impl Node {
     /// Like [`Node::open`] with another transport.
     pub async fn open_with_network<N>(cfg: NodeConfig, network: N) -> Result<Node, OpenError>
     where
-        N: RaftNetworkFactory<crate::TypeConfig>,
+        N: RaftNetworkFactory<crate::TypeConfig> + FeatureProbe + Clone,
     {
         if cfg.snapshot_logs_since_last == 0 {
             return Err(OpenError::InvalidConfig(
@@ -328,6 +636,7 @@ impl Node {
             path: cfg.dir.clone(),
             source,
         })?;
+        let probe = network.clone();
         let raft = Raft::new(cfg.node_id, Arc::new(config), network, log, sm.clone())
             .await
             .map_err(|f| OpenError::Raft(Box::new(f)))?;
@@ -337,11 +646,21 @@ impl Node {
             dir = %cfg.dir.display(),
             "raft node opened"
         );
+        let gate = Arc::new(GroupGate::default());
+        let gate_task = tokio::spawn(run_gate(probe, raft.clone(), gate.clone(), cfg.node_id));
         Ok(Node {
             id: cfg.node_id,
-            raft,
+            raft: raft.clone(),
             sm,
             servers: Mutex::new(Vec::new()),
+            proposer: Proposer {
+                id: cfg.node_id,
+                raft: raft.clone(),
+                gate,
+            },
+            combiner: Arc::new(Combiner::default()),
+            reads: Arc::new(ReadRounds::default()),
+            gate_task,
         })
     }
 
@@ -390,6 +709,12 @@ impl Node {
         Ok(())
     }
 
+    /// Whether concurrent writes proposed here share log entries now: every voter and learner
+    /// recently said it reads group entries (asked while this node leads; see [`Txn::group`]).
+    pub fn group_commit(&self) -> bool {
+        self.proposer.groups_allowed()
+    }
+
     /// Whether this node belongs to a cluster (it has a log or a vote).
     pub async fn is_initialized(&self) -> bool {
         self.raft.is_initialized().await.unwrap_or(false)
@@ -408,43 +733,39 @@ impl Node {
     }
 
     /// [`Node::write`] with an explicit timeout; waits for a leader election if needed.
+    ///
+    /// Concurrent writes share log entries (group commit, see [`Txn::group`]): each is answered
+    /// once the entry carrying it is committed (durable on a majority) and applied here.
     pub async fn write_timeout(
         &self,
         mut txn: Txn,
         timeout: Duration,
     ) -> Result<TxnResult, WriteError> {
+        self.assign_id(&mut txn)?;
+        let (tx, rx) = oneshot::channel();
+        if self.combiner.push(txn, tx) {
+            tokio::spawn(run_proposer(
+                self.proposer.clone(),
+                self.sm.clone(),
+                self.combiner.clone(),
+            ));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(WriteError::Refused(
+                "the proposer stopped before answering; the write may or may not be applied"
+                    .to_string(),
+            )),
+            Err(_) => Err(WriteError::Timeout { timeout }),
+        }
+    }
+
+    fn assign_id(&self, txn: &mut Txn) -> Result<(), WriteError> {
         if txn.id.is_none() {
             let n = self.sm.generate_id()?;
             txn.id = Some(format!("node{}-{n}", self.id));
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let res = tokio::time::timeout_at(deadline, self.raft.client_write(txn.clone()))
-                .await
-                .map_err(|_| WriteError::Timeout { timeout })?;
-            let forward = match res {
-                Ok(resp) => return Ok(resp.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f,
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                    return Err(WriteError::Refused(e.to_string()))
-                }
-                Err(RaftError::Fatal(f)) => return Err(f.into()),
-            };
-            match self.redirect(forward).await {
-                Redirect::NotInitialized => return Err(WriteError::NotInitialized),
-                Redirect::Leader(leader_id, leader_node) => {
-                    return Err(WriteError::ForwardToLeader {
-                        leader_id,
-                        leader_node,
-                    })
-                }
-                Redirect::Wait => {
-                    if !self.wait_for_leader(deadline).await {
-                        return Err(WriteError::Timeout { timeout });
-                    }
-                }
-            }
-        }
+        Ok(())
     }
 
     /// Linearizable read of a key's latest entry (a tombstone if it was deleted last).
@@ -585,6 +906,7 @@ impl Node {
         {
             task.abort();
         }
+        self.gate_task.abort();
         self.raft
             .shutdown()
             .await
@@ -608,44 +930,23 @@ impl Node {
 
     // ---- helpers ----
 
+    /// One lookup: a get must not cost a scan of its bucket.
     fn require_bucket(&self, bucket: &str) -> Result<(), ReadError> {
-        match self.sm.bucket_info(bucket)? {
-            Some(_) => Ok(()),
-            None => Err(ReadError::NoSuchBucket {
+        if self.sm.has_bucket(bucket)? {
+            Ok(())
+        } else {
+            Err(ReadError::NoSuchBucket {
                 bucket: bucket.to_string(),
-            }),
+            })
         }
     }
 
     async fn redirect(&self, f: ForwardToLeader<NodeId, PloyzNode>) -> Redirect {
-        match f.leader_id {
-            Some(id) if id != self.id => Redirect::Leader(id, f.leader_node),
-            _ if !self.is_initialized().await => Redirect::NotInitialized,
-            _ => Redirect::Wait,
-        }
+        self.proposer.redirect(f).await
     }
 
-    /// Waits until a leader is known (and, if it is us, until we act as leader). `false` when
-    /// the deadline passed first.
     async fn wait_for_leader(&self, deadline: Instant) -> bool {
-        let id = self.id;
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let ok = self
-            .raft
-            .wait(Some(remaining))
-            .metrics(
-                move |m| match m.current_leader {
-                    Some(l) if l == id => m.state == ServerState::Leader,
-                    Some(_) => true,
-                    None => false,
-                },
-                "leader known",
-            )
-            .await
-            .is_ok();
-        // Metrics can run slightly ahead of the core; do not spin.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        ok && Instant::now() < deadline
+        self.proposer.wait_for_leader(deadline).await
     }
 
     /// openraft's quorum report with the voters named.
@@ -659,7 +960,21 @@ impl Node {
         NoQuorum::new(&q.got, &voters)
     }
 
+    /// Waits until this node may answer a linearizable read: it leads, a quorum confirmed it
+    /// after the call began, and it applied everything committed then. Concurrent readers share
+    /// one such round ([`ReadRounds`]); on any failure each reader runs its own, which says why.
     async fn linearize(&self) -> Result<(), ReadError> {
+        let (tx, rx) = oneshot::channel();
+        if self.reads.push(tx) {
+            tokio::spawn(run_read_rounds(self.raft.clone(), self.reads.clone()));
+        }
+        match rx.await {
+            Ok(true) => Ok(()),
+            _ => self.linearize_alone().await,
+        }
+    }
+
+    async fn linearize_alone(&self) -> Result<(), ReadError> {
         let timeout = DEFAULT_REQUEST_TIMEOUT;
         let deadline = Instant::now() + timeout;
         loop {
@@ -724,6 +1039,7 @@ impl Drop for Node {
         {
             task.abort();
         }
+        self.gate_task.abort();
     }
 }
 

@@ -2,6 +2,10 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ployz_consensus::BucketConfig;
@@ -60,6 +64,18 @@ async fn leader_committed(node: &Node) -> u64 {
         .expect("leader")
         .expect("leader committed something")
         .index
+}
+
+/// Waits until the leader `node` groups concurrent writes (it asked every member).
+async fn wait_group_commit(node: &Node) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !node.group_commit() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader never enabled group commit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Three nodes started in `dir`; node 1 initialised alone, node 2 a learner.
@@ -194,6 +210,238 @@ async fn a_write_retried_on_the_new_leader_answers_its_first_outcome() {
     let info = new_leader.bucket("cfg").await.unwrap().unwrap();
     assert_eq!((info.last_seq, info.entries), (1, 1), "applied once");
     for n in [&n2, &n3] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// Group commit: concurrent writes share log entries, and every acknowledged write is
+/// committed on a majority: with the leader gone, the two survivors still have all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_share_entries_and_survive_the_leader() {
+    const WRITES: u64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let [(n1, _), (n2, _), (n3, m3)] = three_with_learner(dir.path()).await;
+    n1.add_learner(3, m3, true).await.unwrap();
+    n1.change_membership(BTreeSet::from([1, 2, 3]))
+        .await
+        .unwrap();
+    write(&n1, vec![Op::create_bucket("cfg", BucketConfig::default())]).await;
+    wait_group_commit(&n1).await;
+    let before = leader_committed(&n1).await;
+
+    let n1 = std::sync::Arc::new(n1);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..WRITES {
+        let n1 = n1.clone();
+        tasks.spawn(async move {
+            let revs = write(&n1, vec![Op::put("cfg", format!("k{i}"), format!("{i}"))]).await;
+            (i, revs[0])
+        });
+    }
+    let mut acked = Vec::new();
+    while let Some(res) = tasks.join_next().await {
+        acked.push(res.unwrap());
+    }
+    let mut revisions: Vec<u64> = acked.iter().map(|(_, r)| *r).collect();
+    revisions.sort_unstable();
+    assert_eq!(
+        revisions,
+        (1..=WRITES).collect::<Vec<_>>(),
+        "one revision each"
+    );
+    let after = leader_committed(&n1).await;
+    assert!(
+        after - before < WRITES,
+        "{WRITES} concurrent writes took {} log entries: no group was formed",
+        after - before
+    );
+
+    // Concurrent linearizable reads (sharing leadership rounds) see every acknowledged write.
+    let mut reads = tokio::task::JoinSet::new();
+    for &(i, rev) in &acked {
+        let n1 = n1.clone();
+        reads.spawn(async move {
+            let e = n1.get("cfg", &format!("k{i}")).await.unwrap().unwrap();
+            assert_eq!(e.revision, rev);
+        });
+    }
+    while let Some(res) = reads.join_next().await {
+        res.unwrap();
+    }
+
+    let n1 = std::sync::Arc::into_inner(n1).expect("no write task left");
+    n1.shutdown().await.unwrap();
+    drop(n1);
+    let m = n2
+        .raft()
+        .wait(Some(WAIT))
+        .metrics(
+            |m| matches!(m.current_leader, Some(2 | 3)),
+            "a new leader among the survivors",
+        )
+        .await
+        .unwrap();
+    let new_leader = if m.current_leader == Some(2) {
+        &n2
+    } else {
+        &n3
+    };
+    for (i, rev) in &acked {
+        let e = new_leader
+            .get("cfg", &format!("k{i}"))
+            .await
+            .unwrap()
+            .expect("an acknowledged write survives the leader");
+        assert_eq!((e.value, e.revision), (format!("{i}").into_bytes(), *rev));
+    }
+    for n in [&n2, &n3] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// The payload of a log entry as a binary from before group commit decodes it.
+#[derive(serde::Deserialize)]
+#[allow(dead_code)] // decoded only
+struct PreGroupTxn {
+    ops: Vec<serde_json::Value>,
+    now_ms: u64,
+}
+
+/// Relays Raft frames to `upstream` like a binary from before group commit would take them:
+/// it closes the connection on a features request (it does not know it) and on an
+/// AppendEntries with an entry it cannot decode (counted in `unreadable`). Once `upgraded`,
+/// a plain relay.
+async fn pre_group_binary(
+    listener: TcpListener,
+    upstream: String,
+    upgraded: Arc<AtomicBool>,
+    unreadable: Arc<AtomicUsize>,
+) {
+    use ployz_consensus::network::read_frame;
+    use ployz_consensus::network::write_frame;
+    loop {
+        let Ok((mut client, _)) = listener.accept().await else {
+            return;
+        };
+        let (upstream, upgraded, unreadable) =
+            (upstream.clone(), upgraded.clone(), unreadable.clone());
+        tokio::spawn(async move {
+            let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                return;
+            };
+            while let Ok(Some(frame)) = read_frame(&mut client).await {
+                if !upgraded.load(Ordering::SeqCst) {
+                    let req: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+                    if req == "Features" {
+                        return;
+                    }
+                    let entries = req.pointer("/AppendEntries/entries");
+                    for e in entries.and_then(|e| e.as_array()).into_iter().flatten() {
+                        if let Some(txn) = e.pointer("/payload/Normal") {
+                            if serde_json::from_value::<PreGroupTxn>(txn.clone()).is_err() {
+                                unreadable.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                        }
+                    }
+                }
+                if write_frame(&mut server, &frame).await.is_err() {
+                    return;
+                }
+                let Ok(Some(resp)) = read_frame(&mut server).await else {
+                    return;
+                };
+                if write_frame(&mut client, &resp).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// `n` concurrent puts on `leader`; how many log entries they took.
+async fn concurrent_puts(leader: &Arc<Node>, round: u64, n: u64) -> u64 {
+    let before = leader_committed(leader).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let leader = leader.clone();
+        tasks.spawn(async move {
+            write(
+                &leader,
+                vec![Op::put("cfg", format!("k{i}"), format!("{round}-{i}"))],
+            )
+            .await
+        });
+    }
+    while let Some(res) = tasks.join_next().await {
+        res.unwrap();
+    }
+    leader_committed(leader).await - before
+}
+
+/// Rolling upgrade: while one member runs a binary that cannot read group entries, the
+/// leader proposes one entry per write (that member stays in step); once it is upgraded,
+/// writes share entries again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_group_entries_while_a_member_cannot_read_them() {
+    const WRITES: u64 = 150;
+    let dir = tempfile::tempdir().unwrap();
+    let [(n1, _), (n2, _), (n3, m3)] = three_with_learner(dir.path()).await;
+    let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let old3 = PloyzNode {
+        machine_id: m3.machine_id.clone(),
+        addr: proxy.local_addr().unwrap().to_string(),
+    };
+    let (upgraded, unreadable) = (Arc::new(AtomicBool::new(false)), Arc::default());
+    let relay = tokio::spawn(pre_group_binary(
+        proxy,
+        m3.addr.clone(),
+        upgraded.clone(),
+        Arc::clone(&unreadable),
+    ));
+    n1.add_learner(3, old3, true).await.unwrap();
+    n1.change_membership(BTreeSet::from([1, 2, 3]))
+        .await
+        .unwrap();
+    write(&n1, vec![Op::create_bucket("cfg", BucketConfig::default())]).await;
+    let n1 = Arc::new(n1);
+
+    // Give the leader time to ask (and to be refused) more than once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!n1.group_commit());
+    let entries = concurrent_puts(&n1, 1, WRITES).await;
+    assert!(
+        entries >= WRITES,
+        "{WRITES} writes in {entries} entries: a group was proposed"
+    );
+    assert_eq!(
+        unreadable.load(Ordering::SeqCst),
+        0,
+        "the old member got a group entry"
+    );
+    let committed = leader_committed(&n1).await;
+    wait_applied(&n3, committed).await;
+    assert_eq!(n3.list_local("cfg").unwrap(), n1.list("cfg").await.unwrap());
+
+    // Upgraded: within a few retries the leader groups again, and everyone stays in step.
+    upgraded.store(true, Ordering::SeqCst);
+    wait_group_commit(&n1).await;
+    let entries = concurrent_puts(&n1, 2, WRITES).await;
+    assert!(
+        entries < WRITES,
+        "no group after the upgrade ({entries} entries)"
+    );
+    let committed = leader_committed(&n1).await;
+    wait_applied(&n2, committed).await;
+    wait_applied(&n3, committed).await;
+    let all = n1.list("cfg").await.unwrap();
+    assert_eq!(all.len() as u64, WRITES);
+    assert_eq!(n3.list_local("cfg").unwrap(), all);
+    assert_eq!(n2.list_local("cfg").unwrap(), all);
+
+    relay.abort();
+    let n1 = Arc::into_inner(n1).expect("no write task left");
+    for n in [&n1, &n2, &n3] {
         n.shutdown().await.unwrap();
     }
 }

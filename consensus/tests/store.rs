@@ -92,6 +92,7 @@ fn assert_same(sm: &StateMachineStore, mem: &MemState) {
     for b in &names {
         assert_eq!(sm.list(b).unwrap(), mem.list(b), "list {b}");
         assert_eq!(sm.bucket_info(b).unwrap(), mem.bucket_info(b), "info {b}");
+        assert!(sm.has_bucket(b).unwrap(), "{b}");
         for key in ["x", "y", "z", "big", "gone", "fresh", "k"] {
             assert_eq!(
                 sm.history(b, key).unwrap(),
@@ -120,6 +121,7 @@ async fn sled_matches_reference_and_snapshot_roundtrips() {
     }
     assert_same(&sm, &mem);
     assert!(sm.bucket_info("c").unwrap().is_none());
+    assert!(!sm.has_bucket("c").unwrap());
 
     let snap = snapshot_of(&mut sm).await;
     let (_log2, mut other) = store::open(&dir.path().join("b")).unwrap();
@@ -325,4 +327,81 @@ async fn sled_forgets_ids_like_the_reference() {
     );
     assert_eq!(mem.txns.keys().collect::<Vec<_>>(), ["t1", "t3"]);
     assert_eq!(sm.history("a", "k").unwrap().len(), 3);
+}
+
+/// Group commit: members of one entry apply in order, each all-or-nothing by itself (a
+/// rejected member changes nothing and does not stop the others), and each outcome is
+/// remembered by id, so replaying the entry (crash before `last_applied`) answers the first
+/// outcomes and changes nothing.
+#[tokio::test]
+async fn a_group_entry_applies_members_in_order_and_replays_as_first_outcomes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = store_with_bucket(dir.path()).await;
+    let group = Txn::group(vec![
+        put_with_id("g1", "one", 10),
+        // Sees g1's revision 1: the CAS holds.
+        Txn::new(
+            vec![Op::put_expect("a", "k", "two", Expect::Revision(1))],
+            11,
+        )
+        .with_id("g2"),
+        // Expects revision 1 again: g2 moved it to 2, refused alone.
+        Txn::new(
+            vec![Op::put_expect("a", "k", "bad", Expect::Revision(1))],
+            12,
+        )
+        .with_id("g3"),
+        Txn::new(vec![Op::put("a", "other", "x")], 13).with_id("g4"),
+    ]);
+    let mut rx = sm.subscribe();
+    sm.apply([entry(2, group.clone())]).await.unwrap();
+    let outcome =
+        |sm: &StateMachineStore, id: &str| sm.applied_txn(id).unwrap().expect("remembered").result;
+    assert_eq!(
+        outcome(&sm, "g1"),
+        TxnResult::Applied { revisions: vec![1] }
+    );
+    assert_eq!(
+        outcome(&sm, "g2"),
+        TxnResult::Applied { revisions: vec![2] }
+    );
+    assert!(!outcome(&sm, "g3").is_applied());
+    assert_eq!(
+        outcome(&sm, "g4"),
+        TxnResult::Applied { revisions: vec![3] }
+    );
+    let mut seen = 0;
+    while rx.try_recv().is_ok() {
+        seen += 1;
+    }
+    assert_eq!(seen, 3, "one event per applied member");
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied.map(|l| l.index), Some(2));
+
+    // Raft applies the entry again (as after a crash before last_applied was written).
+    sm.apply([entry(3, group)]).await.unwrap();
+    assert_eq!(
+        outcome(&sm, "g2"),
+        TxnResult::Applied { revisions: vec![2] }
+    );
+    let hist: Vec<(u64, Vec<u8>)> = sm
+        .history("a", "k")
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.revision, e.value))
+        .collect();
+    assert_eq!(hist, [(1, b"one".to_vec()), (2, b"two".to_vec())]);
+    assert!(rx.try_recv().is_err(), "a replay publishes nothing");
+}
+
+/// A group whose member has no id could be applied twice on replay: refused as corrupt.
+#[tokio::test]
+async fn a_group_member_without_an_id_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = store_with_bucket(dir.path()).await;
+    let group = Txn::group(vec![
+        put_with_id("g1", "one", 10),
+        Txn::new(vec![Op::put("a", "k", "two")], 11),
+    ]);
+    assert!(sm.apply([entry(2, group)]).await.is_err());
 }

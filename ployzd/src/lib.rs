@@ -10,6 +10,10 @@
 //! way in; the binary (`main.rs`) only parses flags, starts things and maps
 //! errors to exit codes.
 
+// The request handlers' futures nest the store's (group commit, batched reads) deeper than
+// the default limit of 128 lets rustc compute their layout.
+#![recursion_limit = "256"]
+
 pub mod api;
 pub mod cluster;
 pub mod control;

@@ -1,5 +1,8 @@
 //! `ployzd`: parse flags, start the daemon, serve until SIGTERM/SIGINT.
 
+// As in lib.rs: the server's futures nest the store's deeper than the default limit.
+#![recursion_limit = "256"]
+
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use ployz_provision::{Env, Layout, ServiceMode};

@@ -9,6 +9,7 @@
 
 pub mod fresh;
 pub mod images;
+pub mod linearizability;
 
 pub use ployz_testbed as netns;
 pub use ployz_testbed::eventually;

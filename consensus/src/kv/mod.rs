@@ -210,8 +210,15 @@ impl Op {
 }
 
 /// The replicated command: applied all-or-nothing, in order; later ops see earlier ops' effects.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Wire and log format (JSON): `{"ops": [...], "now_ms": .., "id": ..}`. A group entry
+/// ([`Txn::group`]) is written **without** `ops`: `{"now_ms": .., "group": [...]}`. A binary from
+/// before group commit requires `ops`, so it refuses to decode a group entry (the Raft RPC
+/// carrying it fails and is retried) instead of applying it as an empty transaction. Leaders
+/// propose group entries only once every member said it reads them (see `Node::write`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Txn {
+    #[serde(default)]
     pub ops: Vec<Op>,
     /// Proposer's wall clock, milliseconds since the Unix epoch; becomes `Entry::created_ms`.
     /// Carried in the command so that applying it is deterministic on every node.
@@ -220,8 +227,41 @@ pub struct Txn {
     /// same `ops` and `now_ms`). A transaction whose id was applied less than
     /// [`TXN_ID_RETENTION_MS`] (proposer time) before is not applied again: it answers the first
     /// outcome. Absent in entries written before ids existed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub id: Option<String>,
+    /// Group commit: independent transactions proposed as one log entry (then `ops` is empty
+    /// and `id` is `None`). Each member is applied on its own, in order, all-or-nothing by
+    /// itself; every member carries an id, so its outcome is remembered and a replay of a
+    /// partly applied group (crash between members) answers the first outcomes. Absent in
+    /// entries written before group commit existed.
+    #[serde(default)]
+    pub group: Vec<Txn>,
+}
+
+impl Serialize for Txn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let grouped = !self.group.is_empty();
+        let fields = 2 + usize::from(self.id.is_some()) + usize::from(grouped);
+        let mut st = s.serialize_struct("Txn", fields)?;
+        if grouped {
+            // No `ops`: older binaries must fail to decode a group (see the type's docs).
+            st.skip_field("ops")?;
+        } else {
+            st.serialize_field("ops", &self.ops)?;
+        }
+        st.serialize_field("now_ms", &self.now_ms)?;
+        match &self.id {
+            Some(id) => st.serialize_field("id", id)?,
+            None => st.skip_field("id")?,
+        }
+        if grouped {
+            st.serialize_field("group", &self.group)?;
+        } else {
+            st.skip_field("group")?;
+        }
+        st.end()
+    }
 }
 
 impl Txn {
@@ -230,6 +270,18 @@ impl Txn {
             ops,
             now_ms,
             id: None,
+            group: Vec::new(),
+        }
+    }
+
+    /// One log entry carrying `members` (each with an id), applied one after the other.
+    pub fn group(members: Vec<Txn>) -> Self {
+        let now_ms = members.iter().map(|t| t.now_ms).max().unwrap_or(0);
+        Self {
+            ops: Vec::new(),
+            now_ms,
+            id: None,
+            group: members,
         }
     }
 

@@ -487,3 +487,30 @@ fn remembered_ids_are_forgotten_by_proposer_time_only() {
     assert_eq!(p.forget.len(), 2, "{:?}", p.forget);
     assert!(s.txns.is_empty());
 }
+
+/// `Txn` as binaries from before group commit decode it (serde ignores unknown fields).
+#[derive(Debug, serde::Deserialize)]
+#[allow(dead_code)] // fields only decoded
+struct PreGroupTxn {
+    ops: Vec<Op>,
+    now_ms: u64,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+#[test]
+fn a_group_entry_cannot_be_decoded_by_a_binary_from_before_groups() {
+    let a = txn(vec![Op::put("b", "k", "1")]).with_id("n1-1");
+    let b = txn(vec![Op::delete("b", "k")]).with_id("n1-2");
+    let group = Txn::group(vec![a.clone(), b]);
+    let json = serde_json::to_string(&group).unwrap();
+    assert!(!json.contains(r#""ops":[]"#), "{json}");
+    // An older binary refuses the entry instead of applying an empty transaction.
+    let err = serde_json::from_str::<PreGroupTxn>(&json).unwrap_err();
+    assert!(err.to_string().contains("missing field `ops`"), "{err}");
+    assert_eq!(serde_json::from_str::<Txn>(&json).unwrap(), group);
+    // Single transactions still decode on older binaries, exactly as before.
+    let single = serde_json::to_string(&a).unwrap();
+    let old: PreGroupTxn = serde_json::from_str(&single).unwrap();
+    assert_eq!((old.ops, old.now_ms, old.id), (a.ops, a.now_ms, a.id));
+}

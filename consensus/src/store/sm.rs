@@ -35,6 +35,7 @@ use crate::kv::Entry;
 use crate::kv::KvEvent;
 use crate::kv::KvView;
 use crate::kv::Mutation;
+use crate::kv::Txn;
 use crate::kv::TxnResult;
 use crate::NodeId;
 use crate::PloyzNode;
@@ -193,6 +194,13 @@ impl StateMachineStore {
     }
 
     /// Bucket statistics; scans the bucket, so cost is linear in its stored entries.
+    /// Whether `bucket` exists: one lookup ([`Self::bucket_info`] counts every entry).
+    pub fn has_bucket(&self, bucket: &str) -> Result<bool, StoreError> {
+        let _g = self.read_lock();
+        Ok(self.view().bucket(bucket)?.is_some())
+    }
+
+    /// Bucket statistics; scans the bucket (entries and live keys are counted, not stored).
     pub fn bucket_info(&self, bucket: &str) -> Result<Option<BucketInfo>, StoreError> {
         let _g = self.read_lock();
         let Some(state) = self.view().bucket(bucket)? else {
@@ -245,6 +253,11 @@ impl StateMachineStore {
     /// Applies one log entry in one atomic batch; returns the result and the events to publish.
     fn apply_entry(&self, entry: &LogEntry) -> Result<(TxnResult, Vec<KvEvent>), StoreError> {
         let _g = self.write_lock();
+        if let EntryPayload::Normal(group) = &entry.payload {
+            if !group.group.is_empty() {
+                return self.apply_group(entry, &group.group);
+            }
+        }
         let mut batch = PendingBatch::default();
         batch.put(
             keys::LAST_APPLIED.to_vec(),
@@ -284,6 +297,56 @@ impl StateMachineStore {
         };
         self.tree.apply_batch(batch.into_batch())?;
         Ok(out)
+    }
+
+    /// Applies a group entry (write lock held): each member in its own atomic batch, in order,
+    /// then `last_applied`. A crash in between leaves `last_applied` before the entry, so Raft
+    /// applies it again; the members already applied are remembered by id and answer their
+    /// first outcome without changing anything.
+    fn apply_group(
+        &self,
+        entry: &LogEntry,
+        members: &[Txn],
+    ) -> Result<(TxnResult, Vec<KvEvent>), StoreError> {
+        if members
+            .iter()
+            .any(|txn| txn.id.is_none() || !txn.group.is_empty())
+        {
+            return Err(StoreError::Corrupt(format!(
+                "log entry {} groups a transaction without an id or a nested group",
+                entry.log_id
+            )));
+        }
+        let mut events = Vec::new();
+        for txn in members {
+            let plan = kv::plan(&self.view(), txn)?;
+            let mut batch = PendingBatch::default();
+            for m in &plan.mutations {
+                batch.execute(&self.tree, m)?;
+            }
+            for (now_ms, id) in &plan.forget {
+                batch.remove(keys::txn(id));
+                batch.remove(keys::txn_time(*now_ms, id));
+            }
+            if let Some(t) = &plan.remember {
+                batch.remember(t)?;
+            }
+            self.tree.apply_batch(batch.into_batch())?;
+            events.extend(plan.events);
+        }
+        let mut batch = PendingBatch::default();
+        batch.put(
+            keys::LAST_APPLIED.to_vec(),
+            encode("last applied log id", &entry.log_id)?,
+        );
+        self.tree.apply_batch(batch.into_batch())?;
+        Ok((TxnResult::Applied { revisions: vec![] }, events))
+    }
+
+    /// The remembered outcome of the transaction with idempotency key `id`.
+    pub fn applied_txn(&self, id: &str) -> Result<Option<AppliedTxn>, StoreError> {
+        let _g = self.read_lock();
+        self.view().applied_txn(id)
     }
 
     // ---- snapshots ----

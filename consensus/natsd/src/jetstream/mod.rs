@@ -54,11 +54,15 @@ fn is_write(subject: &str) -> bool {
         || subject.starts_with("$JS.API.STREAM.DELETE.")
 }
 
-const WRITE_QUEUE: usize = 4096;
+/// Pending writes per lane before a publisher is told to back off.
+const WRITE_QUEUE: usize = 1024;
+/// Write lanes: writes to one subject (one key) stay in order on one lane; lanes run
+/// concurrently, so the store can commit many clients' writes in one group.
+const WRITE_LANES: usize = 256;
 
 pub(crate) struct JetStream {
     backend: Arc<dyn DynBackend>,
-    writer: OnceLock<mpsc::Sender<InMsg>>,
+    writers: OnceLock<Vec<mpsc::Sender<InMsg>>>,
     consumers: Mutex<HashMap<(String, String), Arc<ConsumerCtl>>>,
     flow: Mutex<HashMap<String, oneshot::Sender<()>>>,
     interest: Notify,
@@ -70,7 +74,7 @@ impl JetStream {
     pub(crate) fn new(backend: Arc<dyn DynBackend>) -> Self {
         JetStream {
             backend,
-            writer: OnceLock::new(),
+            writers: OnceLock::new(),
             consumers: Mutex::new(HashMap::new()),
             flow: Mutex::new(HashMap::new()),
             interest: Notify::new(),
@@ -105,11 +109,16 @@ impl JetStream {
             return;
         }
         if is_write(&msg.subject) {
-            let tx = self.writer.get_or_init(|| {
-                let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-                tokio::spawn(write_worker(Arc::downgrade(shared), rx));
-                tx
+            let lanes = self.writers.get_or_init(|| {
+                (0..WRITE_LANES)
+                    .map(|_| {
+                        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+                        tokio::spawn(write_worker(Arc::downgrade(shared), rx));
+                        tx
+                    })
+                    .collect()
             });
+            let tx = &lanes[lane_of(&msg.subject)];
             if let Err(mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m)) =
                 tx.try_send(msg)
             {
@@ -722,6 +731,16 @@ fn backend_err(e: BackendError) -> ApiError {
     }
 }
 
+/// The lane of a write subject: the same subject always maps to the same lane.
+fn lane_of(subject: &str) -> usize {
+    use std::hash::BuildHasher;
+    let h = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+        .hash_one(subject);
+    (h % WRITE_LANES as u64) as usize
+}
+
+/// Handles one lane's writes in arrival order (one connection's writes to one key keep their
+/// order, like a NATS stream's).
 async fn write_worker(shared: Weak<Shared>, mut rx: mpsc::Receiver<InMsg>) {
     while let Some(m) = rx.recv().await {
         let Some(shared) = shared.upgrade() else {
