@@ -657,10 +657,12 @@ fn healthcheck(
                                     .collect::<Vec<_>>()
                                     .join(" "),
                             ),
-                            _ => return Err(invalid(format!(
+                            _ => {
+                                return Err(invalid(format!(
                                 "line {kl}: healthcheck.test must be [\"CMD\", program, args…], \
                                      [\"CMD-SHELL\", \"command\"], [\"NONE\"] or a command string"
-                            ))),
+                            )))
+                            }
                         }
                     }
                     Node::Map(..) => {
