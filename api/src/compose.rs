@@ -9,7 +9,9 @@
 //! service `image`, `command`, `entrypoint`, `environment` (map or list),
 //! `env_file`, `volumes` (named volumes, `name:/path`), `deploy.replicas`,
 //! `deploy.resources.limits` (`memory`, `cpus`), `depends_on` (list, or map
-//! with `condition: service_started`), `restart` (ployz always restarts).
+//! with `condition: service_started` or `service_healthy`), `healthcheck`
+//! (`test`, `interval`, `timeout`, `retries`, `start_period`, `disable`),
+//! `restart` (ployz always restarts).
 
 use crate::wire::DeployRequest;
 use std::collections::{BTreeMap, HashMap};
@@ -511,8 +513,12 @@ pub fn parse(
                             deps.push((dep.clone(), *dl));
                             if let Node::Map(o, _) = opts {
                                 for (ok, ol, ov) in o {
+                                    // Deploys wait for their instances to be
+                                    // healthy (when there is a check), so
+                                    // `service_healthy` is dependency order too.
                                     let fine = ok == "condition"
-                                        && matches!(ov, Node::Scalar(s, _) if s == "service_started");
+                                        && matches!(ov, Node::Scalar(s, _)
+                                            if s == "service_started" || s == "service_healthy");
                                     if !fine {
                                         cx.flag(format!("{path}.{dep}.{ok}"), *ol);
                                     }
@@ -532,6 +538,7 @@ pub fn parse(
                         cx.flag(format!("{path} `{s}` (ployz always restarts)"), *line);
                     }
                 }
+                "healthcheck" => healthcheck(&mut cx, &mut d, v, &path, *line)?,
                 "container_name" | "hostname" => cx.flag(path, *line),
                 _ => cx.flag(path, *line),
             }
@@ -609,6 +616,124 @@ pub fn parse(
         deploys: out,
         unsupported,
     })
+}
+
+/// A compose `healthcheck:` as the deploy's health fields. `test` is
+/// `["CMD", args…]` (run as a shell command with each argument quoted),
+/// `["CMD-SHELL", "command"]` or a string (a shell command), or `["NONE"]`
+/// (no check, as `disable: true`). Durations are passed on as written
+/// (`10s`, `1m30s`); the daemon checks them.
+fn healthcheck(
+    cx: &mut Ctx,
+    d: &mut DeployRequest,
+    v: &Node,
+    path: &str,
+    line: usize,
+) -> Result<(), ComposeError> {
+    let Node::Map(keys, _) = v else {
+        return Err(invalid(format!(
+            "line {}: healthcheck must be a mapping",
+            v.line()
+        )));
+    };
+    let mut disabled = false;
+    let mut test: Option<(String, usize)> = None;
+    for (k, kl, kv) in keys {
+        match k.as_str() {
+            "test" => {
+                let cmd = match kv {
+                    Node::Scalar(..) => Some(cx.scalar(kv, "healthcheck.test")?),
+                    Node::Seq(items, _) => {
+                        let words: Vec<String> = items
+                            .iter()
+                            .map(|i| cx.scalar(i, "healthcheck.test"))
+                            .collect::<Result<_, _>>()?;
+                        match words.split_first() {
+                            Some((kind, rest)) if kind == "NONE" && rest.is_empty() => None,
+                            Some((kind, [cmd])) if kind == "CMD-SHELL" => Some(cmd.clone()),
+                            Some((kind, rest)) if kind == "CMD" && !rest.is_empty() => Some(
+                                rest.iter()
+                                    .map(|w| shell_quote(w))
+                                    .collect::<Vec<_>>()
+                                    .join(" "),
+                            ),
+                            _ => {
+                                return Err(invalid(format!(
+                                "line {kl}: healthcheck.test must be [\"CMD\", program, args…], \
+                                     [\"CMD-SHELL\", \"command\"], [\"NONE\"] or a command string"
+                            )))
+                            }
+                        }
+                    }
+                    Node::Map(..) => {
+                        return Err(invalid(format!(
+                            "line {kl}: healthcheck.test must be a list or a string"
+                        )))
+                    }
+                };
+                match cmd {
+                    Some(c) => test = Some((c, *kl)),
+                    None => disabled = true,
+                }
+            }
+            "disable" => {
+                let s = cx.scalar(kv, "healthcheck.disable")?;
+                match s.as_str() {
+                    "true" => disabled = true,
+                    "false" => {}
+                    _ => {
+                        return Err(invalid(format!(
+                            "line {kl}: healthcheck.disable `{s}` must be true or false"
+                        )))
+                    }
+                }
+            }
+            "interval" => d.health_interval = Some(cx.scalar(kv, "healthcheck.interval")?),
+            "timeout" => d.health_timeout = Some(cx.scalar(kv, "healthcheck.timeout")?),
+            "start_period" => {
+                d.health_start_period = Some(cx.scalar(kv, "healthcheck.start_period")?)
+            }
+            "retries" => {
+                let s = cx.scalar(kv, "healthcheck.retries")?;
+                d.health_retries = Some(s.parse().map_err(|_| {
+                    invalid(format!(
+                        "line {kl}: healthcheck.retries `{s}` is not a number"
+                    ))
+                })?);
+            }
+            _ => cx.flag(format!("{path}.{k}"), *kl),
+        }
+    }
+    if disabled {
+        d.health_interval = None;
+        d.health_timeout = None;
+        d.health_start_period = None;
+        d.health_retries = None;
+        return Ok(());
+    }
+    match test {
+        Some((cmd, _)) => d.health_cmd = Some(cmd),
+        None => {
+            return Err(invalid(format!(
+                "line {line}: healthcheck has no `test:` (ployz has no image health checks to inherit): \
+                 add one, or `disable: true`"
+            )))
+        }
+    }
+    Ok(())
+}
+
+/// `w` as one word for `/bin/sh -c`: as is when it has only safe characters,
+/// otherwise single-quoted.
+fn shell_quote(w: &str) -> String {
+    let safe = !w.is_empty()
+        && w.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c));
+    if safe {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', "'\\''"))
+    }
 }
 
 /// Compose memory (`64m`, `1g`, `512mb`, bytes) as ployz's `--memory`.
@@ -758,6 +883,81 @@ networks:
         );
         assert!(e("services: [\n").contains("YAML"));
         assert!(e("x: 1\n").contains("services"));
+    }
+
+    #[test]
+    fn healthchecks() {
+        let hc = |body: &str| {
+            let t = format!("services:\n  a:\n    image: x\n    healthcheck:\n{body}");
+            parse(&t, "p", &env, &no_files).map(|c| (c.deploys[0].clone(), c.unsupported))
+        };
+        let (d, u) = hc("      test: [\"CMD\", \"wget\", \"-q\", \"-O-\", \"http://localhost/it's ok\"]\n      interval: 1m30s\n      timeout: 5s\n      retries: 4\n      start_period: 500ms\n").unwrap();
+        assert!(u.is_empty(), "{u:?}");
+        assert_eq!(
+            d.health_cmd.as_deref(),
+            Some("wget -q -O- 'http://localhost/it'\\''s ok'")
+        );
+        assert_eq!(d.health_interval.as_deref(), Some("1m30s"));
+        assert_eq!(d.health_timeout.as_deref(), Some("5s"));
+        assert_eq!(d.health_retries, Some(4));
+        assert_eq!(d.health_start_period.as_deref(), Some("500ms"));
+        assert_eq!((d.health_http, d.health_tcp), (None, None));
+
+        let cmd = |body: &str| hc(body).unwrap().0.health_cmd;
+        assert_eq!(
+            cmd("      test: [\"CMD-SHELL\", \"test -e /tmp/ready || exit 1\"]\n").as_deref(),
+            Some("test -e /tmp/ready || exit 1")
+        );
+        assert_eq!(
+            cmd("      test: test -e /tmp/${TAG}\n").as_deref(),
+            Some("test -e /tmp/1.2")
+        );
+        let (d, _) = hc("      test: [\"NONE\"]\n      interval: 3s\n").unwrap();
+        assert_eq!((d.health_cmd, d.health_interval), (None, None));
+        let (d, _) = hc("      test: [\"CMD\", \"true\"]\n      disable: true\n").unwrap();
+        assert_eq!((d.health_cmd, d.health_retries), (None, None));
+
+        let err = |body: &str| hc(body).unwrap_err().to_string();
+        assert!(err("      interval: 3s\n").contains("line 4: healthcheck has no `test:`"));
+        assert!(err("      test: [\"CMD\"]\n").contains("line 5: healthcheck.test must be"));
+        assert!(err("      test: [\"CMD-SHELL\", \"a\", \"b\"]\n").contains("healthcheck.test"));
+        assert!(
+            err("      test: [\"CMD\", \"true\"]\n      retries: many\n")
+                .contains("`many` is not a number")
+        );
+        let (_, u) = hc("      test: [\"CMD\", \"true\"]\n      start_interval: 1s\n").unwrap();
+        assert_eq!(u[0].key, "services.a.healthcheck.start_interval");
+        assert_eq!(u[0].line, 6);
+    }
+
+    #[test]
+    fn depends_on_service_healthy_and_ports_refused() {
+        let t = "\
+services:
+  web:
+    image: x
+    ports:
+      - \"8080:80\"
+    depends_on:
+      db:
+        condition: service_healthy
+  db:
+    image: y
+    healthcheck:
+      test: [\"CMD-SHELL\", \"true\"]
+";
+        let c = parse(t, "p", &env, &no_files).unwrap();
+        let names: Vec<&str> = c.deploys.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["p-db", "p-web"]);
+        let got: Vec<(String, usize)> = c
+            .unsupported
+            .iter()
+            .map(|u| (u.key.clone(), u.line))
+            .collect();
+        assert_eq!(got, [("services.web.ports".to_string(), 4)]);
+        let t = t.replace("service_healthy", "service_completed_successfully");
+        let c = parse(&t, "p", &env, &no_files).unwrap();
+        assert_eq!(c.unsupported[1].key, "services.web.depends_on.db.condition");
     }
 
     #[test]

@@ -566,7 +566,7 @@ impl ImageStore {
     /// `root/rootfs/<hex>` (built in `tmp/` and renamed, so it is either
     /// complete or absent; concurrent callers may both build, one rename wins).
     ///
-    /// Layers are applied in order: plain or gzip tar (by magic bytes), OCI
+    /// Layers are applied in order: plain, gzip or zstd tar (by magic bytes), OCI
     /// whiteouts, hard links and symlinks inside the root, modes, owners (when
     /// running as root) and file mtimes. Entries that would land outside the
     /// root (`..`, a symlink leading out) fail with [`ImageError::UnsafePath`];
@@ -832,6 +832,10 @@ impl ArchiveIndex {
                 return Err(index
                     .bad("the archive itself is gzip-compressed; decompress it first (gunzip)"))
             }
+            Compression::Zstd => {
+                return Err(index
+                    .bad("the archive itself is zstd-compressed; decompress it first (unzstd)"))
+            }
             Compression::Other(kind) => {
                 return Err(index.bad(format!(
                     "the archive itself is {kind}-compressed; decompress it first"
@@ -973,6 +977,7 @@ impl ArchiveIndex {
 enum Compression {
     Plain,
     Gzip,
+    Zstd,
     Other(&'static str),
 }
 
@@ -981,7 +986,7 @@ fn compression(head: &[u8]) -> Compression {
     if head.starts_with(&[0x1f, 0x8b]) {
         Compression::Gzip
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Compression::Other("zstd")
+        Compression::Zstd
     } else if head.starts_with(b"BZh") {
         Compression::Other("bzip2")
     } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
@@ -1078,8 +1083,8 @@ fn parse_image(index: &ArchiveIndex) -> Result<ParsedImage, ImageError> {
         let n = read_up_to(&mut r, &mut head).map_err(io_err("read", &index.shown))?;
         if let Compression::Other(kind) = compression(&head[..n]) {
             return Err(index.bad(format!(
-                "layer `{layer}` is {kind}-compressed and ployz unpacks only plain and gzip \
-                 layers: save the image with docker save or convert its layers to gzip"
+                "layer `{layer}` is {kind}-compressed and ployz unpacks only plain, gzip and \
+                 zstd layers: save the image with docker save or convert its layers to gzip"
             )));
         }
     }
@@ -1519,10 +1524,79 @@ fn open_layer(index: &ArchiveIndex, member: &str) -> Result<Box<dyn Read>, Image
         Compression::Gzip => Ok(Box::new(flate2::read::MultiGzDecoder::new(
             BufReader::with_capacity(256 * 1024, stream),
         ))),
+        Compression::Zstd => Ok(Box::new(BufReader::with_capacity(
+            256 * 1024,
+            ZstdFrames::new(BufReader::with_capacity(256 * 1024, stream)),
+        ))),
         Compression::Other(kind) => Err(ImageError::BadLayer {
             layer: member.to_string(),
-            why: format!("it is {kind}-compressed; only plain and gzip layers are supported"),
+            why: format!("it is {kind}-compressed; only plain, gzip and zstd layers are supported"),
         }),
+    }
+}
+
+/// A zstd stream of one or more frames (skippable frames are skipped), as
+/// `zstd -d` reads it. Decoding errors are `io::Error`s (`InvalidData`).
+struct ZstdFrames<R: io::BufRead> {
+    src: R,
+    dec: ruzstd::decoding::FrameDecoder,
+    in_frame: bool,
+}
+
+impl<R: io::BufRead> ZstdFrames<R> {
+    fn new(src: R) -> Self {
+        ZstdFrames {
+            src,
+            dec: ruzstd::decoding::FrameDecoder::new(),
+            in_frame: false,
+        }
+    }
+}
+
+impl<R: io::BufRead> Read for ZstdFrames<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use ruzstd::decoding::errors::{FrameDecoderError, ReadFrameHeaderError};
+        use ruzstd::decoding::BlockDecodingStrategy;
+        let bad = |e: &dyn std::fmt::Display| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("zstd: {e}"))
+        };
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if self.in_frame {
+                while self.dec.can_collect() == 0 && !self.dec.is_finished() {
+                    self.dec
+                        .decode_blocks(&mut self.src, BlockDecodingStrategy::UptoBlocks(1))
+                        .map_err(|e| bad(&e))?;
+                }
+                let n = self.dec.read(buf)?;
+                if n > 0 {
+                    return Ok(n);
+                }
+                if self.dec.is_finished() && self.dec.can_collect() == 0 {
+                    self.in_frame = false;
+                }
+                continue;
+            }
+            if self.src.fill_buf()?.is_empty() {
+                return Ok(0);
+            }
+            match self.dec.reset(&mut self.src) {
+                Ok(()) => self.in_frame = true,
+                Err(FrameDecoderError::ReadFrameHeaderError(ReadFrameHeaderError::SkipFrame {
+                    length,
+                    ..
+                })) => {
+                    let want = u64::from(length);
+                    let got = io::copy(&mut (&mut self.src).take(want), &mut io::sink())?;
+                    if got < want {
+                        return Err(bad(&"a skippable frame is cut short"));
+                    }
+                }
+                Err(e) => return Err(bad(&e)),
+            }
+        }
     }
 }
 
@@ -1913,10 +1987,7 @@ mod tests {
     #[test]
     fn compression_magic() {
         assert_eq!(compression(&[0x1f, 0x8b, 8, 0]), Compression::Gzip);
-        assert_eq!(
-            compression(&[0x28, 0xb5, 0x2f, 0xfd]),
-            Compression::Other("zstd")
-        );
+        assert_eq!(compression(&[0x28, 0xb5, 0x2f, 0xfd]), Compression::Zstd);
         assert_eq!(compression(b"bin/\0\0"), Compression::Plain);
         assert_eq!(compression(b""), Compression::Plain);
     }

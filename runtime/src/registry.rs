@@ -4,7 +4,8 @@
 //! Docker's defaults (`busybox` is `docker.io/library/busybox:latest`); it is
 //! pure and tested without a registry. [`pull`] resolves a reference to one
 //! image manifest (an index picks linux/amd64), fetches its config and layers
-//! through `oci-client` (OCI and Docker v2 schema 2 manifests; basic and
+//! through `oci-client` (OCI and Docker v2 schema 2 manifests, plain, gzip
+//! or zstd layers, told apart by their bytes by the store; basic and
 //! bearer auth), checks the sha256 of every blob, and stores the result in the
 //! [`ImageStore`] as a `docker save` archive: from then on the image is an
 //! ordinary stored image (shipped between machines by digest, unpacked by the

@@ -115,6 +115,25 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
+/// `data` compressed by the `zstd` CLI (scripts/setup installs it), with a
+/// content checksum: the reference encoder, not the decoder under test.
+fn zstd(data: &[u8]) -> Vec<u8> {
+    let mut child = Command::new("zstd")
+        .args(["-q", "-c", "--check", "-3"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the zstd CLI is needed by this test: apt-get install zstd (scripts/setup)");
+    let mut stdin = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(out.status.success(), "zstd failed: {out:?}");
+    assert_eq!(&out.stdout[..4], [0x28, 0xb5, 0x2f, 0xfd]);
+    out.stdout
+}
+
 /// Layer 1: busybox with a shell symlink, a hard link, a file to be whited
 /// out, a directory to be made opaque, a setuid file and a file owned by 1000.
 fn layer1(bb: &[u8]) -> Vec<u8> {
@@ -488,6 +507,84 @@ fn oci_layout_directory_and_oci_tar_with_gzip_layer() {
     assert_config(&from_tar, &fx); // this machine's platform, not the first listed
     assert_rootfs(&store.rootfs(&from_tar.digest).unwrap());
     assert_eq!(store.list().unwrap().len(), 2);
+}
+
+const LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+
+/// An OCI layout directory of `fx`'s config with `layers` (as blobs, with
+/// their media types), tagged `name`.
+fn oci_dir_with(fx: &Fixture, dir: &Path, layers: &[(Vec<u8>, &str)], name: &str) {
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let manifest = manifest_json(&fx.config, layers);
+    for blob in layers.iter().map(|(b, _)| b).chain([&fx.config, &manifest]) {
+        fs::write(blobs.join(hex(&sha256(blob))), blob).unwrap();
+    }
+    let mut desc = descriptor(MANIFEST, &manifest);
+    desc["annotations"] = serde_json::json!({ "io.containerd.image.name": name });
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [desc]});
+    fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
+#[test]
+fn oci_layout_with_zstd_layers() {
+    let fx = Fixture::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(dir.path().join("store")).unwrap();
+
+    // Layer 1: one frame. Layer 2: two frames with a skippable frame between
+    // them (a valid zstd stream, as `zstd -d` reads it).
+    let z1 = zstd(&fx.layers[0]);
+    let (a, b) = fx.layers[1].split_at(fx.layers[1].len() / 2);
+    let mut z2 = zstd(a);
+    z2.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+    z2.extend_from_slice(&5u32.to_le_bytes());
+    z2.extend_from_slice(b"skip!");
+    z2.extend_from_slice(&zstd(b));
+    let layout = dir.path().join("zstd");
+    oci_dir_with(
+        &fx,
+        &layout,
+        &[(z1.clone(), LAYER_ZSTD), (z2, LAYER_ZSTD)],
+        "docker.io/ployz/zstd:v1",
+    );
+    let info = store.import_path(&layout).unwrap();
+    assert_eq!(info.names, ["docker.io/ployz/zstd:v1"]);
+    assert_config(&info, &fx);
+    assert_rootfs(&store.rootfs(&info.digest).unwrap());
+
+    // A damaged zstd layer (its own digest is right, its content is not) is
+    // refused when unpacked (layers are checked then), and leaves no rootfs.
+    let mut bad = z1.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    let layout = dir.path().join("zstd-bad");
+    oci_dir_with(
+        &fx,
+        &layout,
+        &[(bad, LAYER_ZSTD), (zstd(&fx.layers[1]), LAYER_ZSTD)],
+        "docker.io/ployz/zstd-bad:v1",
+    );
+    let bad = store.import_path(&layout).unwrap();
+    let err = store.rootfs(&bad.digest).unwrap_err().to_string();
+    assert!(err.contains("layer"), "{err}");
+    eprintln!("damaged: {err}");
+    // A cut-short one too.
+    let layout = dir.path().join("zstd-short");
+    oci_dir_with(
+        &fx,
+        &layout,
+        &[
+            (z1[..z1.len() - 100].to_vec(), LAYER_ZSTD),
+            (zstd(&fx.layers[1]), LAYER_ZSTD),
+        ],
+        "docker.io/ployz/zstd-short:v1",
+    );
+    let short = store.import_path(&layout).unwrap();
+    let err = store.rootfs(&short.digest).unwrap_err().to_string();
+    assert!(err.contains("layer"), "{err}");
+    eprintln!("cut short: {err}");
 }
 
 #[test]

@@ -1,9 +1,9 @@
 //! Compose files as deploy input on a 2-machine namespace cluster:
 //! `deploy -f` deploys a two-service file (environment with `.env`
 //! interpolation, entrypoint and command, a named volume, replicas, a memory
-//! limit, depends_on) in dependency order and it serves; a file with keys
-//! ployz does not support is refused listing each with its line (exit 6) and
-//! nothing is created; `service ls` groups by project; `deploy rm -f` removes
+//! limit, a healthcheck, depends_on with `condition: service_healthy`) in
+//! dependency order and it serves; a file with keys ployz does not support
+//! is refused listing each with its line (exit 6) and nothing is created; `service ls` groups by project; `deploy rm -f` removes
 //! the project's services.
 
 use ployz_tests::images::busybox_image;
@@ -28,12 +28,19 @@ const COMPOSE: &str = r#"services:
         limits:
           memory: 64M
     depends_on:
-      - cache
+      cache:
+        condition: service_healthy
   cache:
     image: ./busybox.tar
     command: ["sh", "-c", "echo $$ROLE > /tmp/index.html && exec httpd -f -p 8080 -h /tmp"]
     environment:
       - ROLE=cache
+    healthcheck:
+      test: ["CMD", "test", "-s", "/tmp/index.html"]
+      interval: 1s
+      timeout: 2s
+      retries: 3
+      start_period: 10s
 volumes:
   www:
 "#;
@@ -115,6 +122,17 @@ fn compose_files_deploy_in_dependency_order_refuse_unsupported_keys_and_remove()
             "{d:#}"
         );
     }
+    // The compose healthcheck is the cache's health check, and web was
+    // deployed once the cache was healthy (service_healthy).
+    let cache = &docs[0];
+    assert_eq!(
+        cache["health_check"]["probe"]["command"], "test -s /tmp/index.html",
+        "{cache:#}"
+    );
+    assert_eq!(cache["health_check"]["interval_ms"], 1000, "{cache:#}");
+    assert_eq!(cache["health_check"]["retries"], 3, "{cache:#}");
+    assert_eq!(cache["instances"][0]["health"], "healthy", "{cache:#}");
+    assert!(docs[1]["health_check"].is_null(), "{:#}", docs[1]);
     let web = &docs[1];
     assert_eq!(web["replicas"], 2, "{web:#}");
     assert_eq!(web["volumes"][0], "shop-www:/www", "{web:#}");

@@ -2,10 +2,11 @@
 //! 2.8) with its own config file in host 0's namespace, one open and one with
 //! htpasswd (basic) auth; images pushed with `skopeo`. Deploys 3 replicas by
 //! reference on a 3-machine namespace cluster and checks the pinned digest
-//! against skopeo's; a wrong tag, a wrong password and an unreachable host
+//! against skopeo's (and again for the image pushed with zstd layers in an
+//! OCI manifest); a wrong tag, a wrong password and an unreachable host
 //! fail with their exit codes and change nothing.
 
-use ployz_tests::images::busybox_image;
+use ployz_tests::images::{busybox_image, padded_busybox_image};
 use ployz_tests::netns::{Host, Testbed};
 use ployz_tests::{bin, eventually, stdout, Machine};
 use serde_json::Value;
@@ -115,8 +116,13 @@ fn skopeo_push(host: &Host, archive: &Path, dest: &str, creds: Option<&str>) {
 }
 
 fn skopeo_push_at(place: Place, archive: &Path, dest: &str, creds: Option<&str>) {
+    skopeo_push_with(place, archive, dest, creds, &[])
+}
+
+/// `skopeo copy` with `extra` options (e.g. the manifest format, the layers' compression).
+fn skopeo_push_with(place: Place, archive: &Path, dest: &str, creds: Option<&str>, extra: &[&str]) {
     let mut c = place.command("skopeo");
-    c.args(["copy", "--dest-tls-verify=false"]);
+    c.args(["copy", "--dest-tls-verify=false"]).args(extra);
     if let Some(creds) = creds {
         c.args(["--dest-creds", creds]);
     }
@@ -148,6 +154,19 @@ fn skopeo_digest_at(place: Place, reference: &str) -> String {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     v["Digest"].as_str().unwrap().to_string()
+}
+
+/// The manifest `reference` points at, as the registry serves it.
+fn skopeo_raw_manifest(host: &Host, reference: &str) -> Value {
+    let o = Place::Ns(host)
+        .command("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 /// `ployzctl registry login HOST --username U --password-stdin --insecure`.
@@ -225,6 +244,35 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
     assert_eq!(v["image"], format!("{reference}@{want}").as_str(), "{v:#}");
     let ls = ms[2].ctl_json(&["service", "ls"]);
     assert_eq!(ls["services"][0]["manifest_digest"], want.as_str(), "{ls}");
+
+    // zstd layers: skopeo pushes an image as an OCI manifest with a tar+zstd
+    // layer; it runs on every machine like the gzip one. (A layer of its own:
+    // skopeo would reuse the gzip blob of a layer the registry already has.)
+    let zst = format!("{}/ployz/zstd:1", open.addr);
+    let zimage = padded_busybox_image(tmp.path(), "ployz-zstd", HTTPD, 4096);
+    skopeo_push_with(
+        Place::Ns(&tb.hosts[0]),
+        &zimage,
+        &zst,
+        None,
+        &["--format", "oci", "--dest-compress-format", "zstd"],
+    );
+    let raw = skopeo_raw_manifest(&tb.hosts[0], &zst);
+    assert!(
+        raw["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd"),
+        "{raw}"
+    );
+    let want_zst = skopeo_digest(&tb.hosts[0], &zst);
+    let v = ms[0].deploy(&["zst", "--image", &zst, "--replicas", "3"]);
+    let inst = v["instances"].as_array().unwrap();
+    assert_eq!(inst.len(), 3, "{v:#}");
+    assert!(inst.iter().all(|i| i["state"] == "running"), "{v:#}");
+    assert_eq!(v["manifest_digest"], want_zst.as_str(), "{v:#}");
+    ms[0].ctl_json(&["service", "rm", "zst"]);
 
     // Bare names: an image stored here under that name wins; any other name
     // is a Docker Hub reference (no route to it from the namespaces).
