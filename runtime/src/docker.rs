@@ -491,13 +491,7 @@ impl Runtime for DockerRuntime {
         args: &[String],
         timeout: Duration,
     ) -> Result<crate::ExecOutput, RuntimeError> {
-        crate::validate_id(id)?;
-        if args.is_empty() {
-            return Err(RuntimeError::InvalidSpec {
-                id: id.to_string(),
-                reason: "exec without a command".into(),
-            });
-        }
+        crate::validate_exec(id, args)?;
         let created = self
             .docker
             .create_exec(

@@ -810,13 +810,7 @@ impl Runtime for HostRuntime {
         args: &[String],
         timeout: Duration,
     ) -> Result<crate::ExecOutput, RuntimeError> {
-        crate::validate_id(id)?;
-        if args.is_empty() {
-            return Err(RuntimeError::InvalidSpec {
-                id: id.to_string(),
-                reason: "exec without a command".into(),
-            });
-        }
+        crate::validate_exec(id, args)?;
         let owned = id.to_string();
         let pid = self.call(move |e| e.running_pid(&owned)).await?;
         enter::exec_in(&self.root.join("exec"), id, pid, args, timeout).await

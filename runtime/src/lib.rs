@@ -338,6 +338,18 @@ fn validate_ifname(name: &str) -> Result<(), String> {
 
 /// Checks a workload id: 1–64 chars of `[A-Za-z0-9_.-]`, starting alphanumeric
 /// (valid both as a libcontainer id and as a docker container name).
+/// The checks every runtime's `exec` makes before it runs anything.
+pub fn validate_exec(id: &str, args: &[String]) -> Result<(), RuntimeError> {
+    validate_id(id)?;
+    if args.is_empty() {
+        return Err(RuntimeError::InvalidSpec {
+            id: id.to_string(),
+            reason: "exec without a command".into(),
+        });
+    }
+    Ok(())
+}
+
 pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
     let ok = !id.is_empty()
         && id.len() <= 64

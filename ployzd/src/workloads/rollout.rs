@@ -106,17 +106,7 @@ impl Workloads {
             let crashed = crashed(svc, &records);
             if !crashed.is_empty() {
                 view = Self::view_of(svc, &records, &HashSet::new());
-                for (machine, slot, why) in crashed {
-                    progress("instance", format!("slot {slot} on {machine}: {why}"));
-                    if let Some(i) = view
-                        .instances
-                        .iter_mut()
-                        .find(|i| i.machine == machine && i.slot == slot)
-                    {
-                        i.state = InstanceState::Failed;
-                        i.error = Some(why);
-                    }
-                }
+                mark_crashed(&mut view, crashed, progress);
                 return Ok(view);
             }
             let now = tokio::time::Instant::now();
@@ -248,17 +238,7 @@ impl Workloads {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 continue;
             }
-            for (machine, slot, why) in crashed {
-                progress("instance", format!("slot {slot} on {machine}: {why}"));
-                if let Some(i) = view
-                    .instances
-                    .iter_mut()
-                    .find(|i| i.machine == machine && i.slot == slot)
-                {
-                    i.state = InstanceState::Failed;
-                    i.error = Some(why);
-                }
-            }
+            mark_crashed(&mut view, crashed, progress);
             for i in view.instances.iter_mut().filter(|i| {
                 fresh.contains(&(i.machine.as_str(), i.slot)) && !i.ready() && i.error.is_none()
             }) {
@@ -334,6 +314,25 @@ fn crashed(
             Some((p.machine.clone(), p.slot, exit_summary(i)?))
         })
         .collect()
+}
+
+/// Report each crashed instance and show it as failed, with why, in `view`.
+fn mark_crashed(
+    view: &mut ServiceView,
+    crashed: Vec<(String, u32, String)>,
+    progress: &impl Fn(&str, String),
+) {
+    for (machine, slot, why) in crashed {
+        progress("instance", format!("slot {slot} on {machine}: {why}"));
+        if let Some(i) = view
+            .instances
+            .iter_mut()
+            .find(|i| i.machine == machine && i.slot == slot)
+        {
+            i.state = InstanceState::Failed;
+            i.error = Some(why);
+        }
+    }
 }
 
 #[cfg(test)]
