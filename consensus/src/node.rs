@@ -378,7 +378,7 @@ struct Combiner {
 
 #[derive(Default)]
 struct CombinerState {
-    queue: Vec<(Txn, Waiter)>,
+    queue: Vec<(Txn, Waiter, Instant)>,
     proposers: usize,
 }
 
@@ -390,7 +390,7 @@ impl Combiner {
     /// Queues `txn`; `true` when the caller must start a proposer.
     fn push(&self, txn: Txn, waiter: Waiter) -> bool {
         let mut st = self.lock();
-        st.queue.push((txn, waiter));
+        st.queue.push((txn, waiter, Instant::now()));
         if st.proposers < MAX_PROPOSERS {
             st.proposers += 1;
             true
@@ -400,14 +400,25 @@ impl Combiner {
     }
 
     /// The next group to propose; `None` (and one proposer fewer) when the queue is empty.
-    fn take(&self) -> Option<Vec<(Txn, Waiter)>> {
+    fn take(&self, timings: &store::Timings) -> Option<Vec<(Txn, Waiter)>> {
         let mut st = self.lock();
         if st.queue.is_empty() {
             st.proposers -= 1;
             return None;
         }
         let n = st.queue.len().min(MAX_GROUP);
-        Some(st.queue.drain(..n).collect())
+        let now = Instant::now();
+        Some(
+            st.queue
+                .drain(..n)
+                .map(|(txn, waiter, queued)| {
+                    timings
+                        .queue
+                        .observe(now.duration_since(queued).as_secs_f64());
+                    (txn, waiter)
+                })
+                .collect(),
+        )
     }
 }
 
@@ -530,10 +541,15 @@ fn member_answer(
 
 /// Proposes queued writes as groups until the queue is empty.
 async fn run_proposer(proposer: Proposer, sm: StateMachineStore, combiner: Arc<Combiner>) {
-    while let Some(mut batch) = combiner.take() {
+    let timings = sm.timings();
+    while let Some(mut batch) = combiner.take(&timings) {
+        timings.group_size.observe(batch.len() as f64);
+        let started = Instant::now();
         if batch.len() == 1 {
             if let Some((txn, waiter)) = batch.pop() {
-                let _ = waiter.send(proposer.propose(txn, DEFAULT_REQUEST_TIMEOUT).await);
+                let answer = proposer.propose(txn, DEFAULT_REQUEST_TIMEOUT).await;
+                timings.propose.observe(started.elapsed().as_secs_f64());
+                let _ = waiter.send(answer);
             }
             continue;
         }
@@ -553,6 +569,7 @@ async fn run_proposer(proposer: Proposer, sm: StateMachineStore, combiner: Arc<C
         let res = proposer
             .propose(Txn::group(txns.clone()), DEFAULT_REQUEST_TIMEOUT)
             .await;
+        timings.propose.observe(started.elapsed().as_secs_f64());
         for (txn, waiter) in txns.into_iter().zip(waiters) {
             match member_answer(&sm, &res, txn) {
                 Ok(answer) => {

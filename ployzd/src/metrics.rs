@@ -130,6 +130,23 @@ impl Daemon {
             prometheus_client::registry::Unit::Seconds,
             t.fsync,
         );
+        reg.register_with_unit(
+            "ployz_store_queue_duration",
+            "Time a store write waits on this machine before its log entry is proposed",
+            prometheus_client::registry::Unit::Seconds,
+            t.queue,
+        );
+        reg.register_with_unit(
+            "ployz_store_propose_duration",
+            "From proposing a log entry (one write or a group) until it is committed and applied here",
+            prometheus_client::registry::Unit::Seconds,
+            t.propose,
+        );
+        reg.register(
+            "ployz_store_group_size",
+            "Writes carried by one proposed log entry (group commit)",
+            t.group_size,
+        );
         if let Ok(buckets) = node.buckets_local() {
             let keys: Family<Labels, Gauge> = Family::default();
             for b in buckets {

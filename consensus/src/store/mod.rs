@@ -64,12 +64,17 @@ pub(crate) struct DbHandle {
 
 /// Latency histograms (seconds) of this replica's storage, shared with whoever
 /// exports them (ployzd's `/metrics`): Raft log appends (encode, write, fsync),
-/// fsyncs of the log (appends, truncations, purges), and state machine applies.
+/// fsyncs of the log (appends, truncations, purges), and state machine applies;
+/// and the write path above the log on this node: time a write waits for a proposer,
+/// time from proposing a log entry until it is applied here, and writes per entry.
 #[derive(Clone, Debug)]
 pub struct Timings {
     pub append: prometheus_client::metrics::histogram::Histogram,
     pub fsync: prometheus_client::metrics::histogram::Histogram,
     pub apply: prometheus_client::metrics::histogram::Histogram,
+    pub queue: prometheus_client::metrics::histogram::Histogram,
+    pub propose: prometheus_client::metrics::histogram::Histogram,
+    pub group_size: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Default for Timings {
@@ -81,6 +86,10 @@ impl Default for Timings {
             append: h(),
             fsync: h(),
             apply: h(),
+            queue: h(),
+            propose: h(),
+            // 1 .. 1024 writes.
+            group_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
         }
     }
 }
