@@ -329,6 +329,44 @@ async fn sled_forgets_ids_like_the_reference() {
     assert_eq!(sm.history("a", "k").unwrap().len(), 3);
 }
 
+/// One apply call is one sled batch: each entry (and each group member) reads the writes of
+/// the entries before it in the same call, so the whole script applied at once, or as one
+/// group, ends exactly like the reference applying it one transaction at a time.
+#[tokio::test]
+async fn one_apply_call_or_one_group_matches_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut mem = MemState::default();
+    let mut expected = Vec::new();
+    for txn in script() {
+        expected.push(mem.apply(&txn).result);
+    }
+
+    let (_log, mut sm) = store::open(&dir.path().join("entries")).unwrap();
+    let entries: Vec<_> = script()
+        .into_iter()
+        .enumerate()
+        .map(|(i, txn)| entry(i as u64 + 1, txn))
+        .collect();
+    let got = sm.apply(entries).await.unwrap();
+    assert_eq!(got, expected);
+    assert_same(&sm, &mem);
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied.map(|l| l.index), Some(script().len() as u64));
+
+    let (_log, mut grouped) = store::open(&dir.path().join("group")).unwrap();
+    let members: Vec<Txn> = script()
+        .into_iter()
+        .enumerate()
+        .map(|(i, txn)| txn.with_id(format!("m{i}")))
+        .collect();
+    grouped.apply([entry(1, Txn::group(members))]).await.unwrap();
+    for (i, want) in expected.iter().enumerate() {
+        let first = grouped.applied_txn(&format!("m{i}")).unwrap().unwrap();
+        assert_eq!(&first.result, want, "member {i}");
+    }
+    assert_same(&grouped, &mem);
+}
+
 /// Group commit: members of one entry apply in order, each all-or-nothing by itself (a
 /// rejected member changes nothing and does not stop the others), and each outcome is
 /// remembered by id, so replaying the entry (crash before `last_applied`) answers the first

@@ -137,7 +137,18 @@ impl StateMachineStore {
     }
 
     fn view(&self) -> SledView<'_> {
-        SledView { tree: &self.tree }
+        SledView {
+            tree: &self.tree,
+            pending: None,
+        }
+    }
+
+    /// The committed state as `pending` will leave it (reads see its writes first).
+    fn view_with<'a>(&'a self, pending: &'a PendingBatch) -> SledView<'a> {
+        SledView {
+            tree: &self.tree,
+            pending: Some(pending),
+        }
     }
 
     // ---- local reads (not linearizable by themselves) ----
@@ -250,19 +261,14 @@ impl StateMachineStore {
         Ok((last_applied, membership))
     }
 
-    /// Applies one log entry in one atomic batch; returns the result and the events to publish.
-    fn apply_entry(&self, entry: &LogEntry) -> Result<(TxnResult, Vec<KvEvent>), StoreError> {
-        let _g = self.write_lock();
-        if let EntryPayload::Normal(group) = &entry.payload {
-            if !group.group.is_empty() {
-                return self.apply_group(entry, &group.group);
-            }
-        }
-        let mut batch = PendingBatch::default();
-        batch.put(
-            keys::LAST_APPLIED.to_vec(),
-            encode("last applied log id", &entry.log_id)?,
-        );
+    /// Adds one log entry's writes to `batch` (which holds the writes of the entries before it
+    /// in the same apply call, not yet in the tree: reads see them first); returns the result
+    /// and the events to publish once the batch is applied.
+    fn plan_entry(
+        &self,
+        batch: &mut PendingBatch,
+        entry: &LogEntry,
+    ) -> Result<(TxnResult, Vec<KvEvent>), StoreError> {
         let out = match &entry.payload {
             EntryPayload::Blank => (TxnResult::Applied { revisions: vec![] }, vec![]),
             EntryPayload::Membership(m) => {
@@ -273,8 +279,11 @@ impl StateMachineStore {
                 );
                 (TxnResult::Applied { revisions: vec![] }, vec![])
             }
+            EntryPayload::Normal(group) if !group.group.is_empty() => {
+                self.plan_group(batch, entry, &group.group)?
+            }
             EntryPayload::Normal(txn) => {
-                let plan = kv::plan(&self.view(), txn)?;
+                let plan = kv::plan(&self.view_with(batch), txn)?;
                 if plan.duplicate {
                     tracing::info!(
                         log_id = %entry.log_id,
@@ -282,29 +291,25 @@ impl StateMachineStore {
                         "transaction already applied: answering its first outcome"
                     );
                 }
-                for m in &plan.mutations {
-                    batch.execute(&self.tree, m)?;
-                }
-                for (now_ms, id) in &plan.forget {
-                    batch.remove(keys::txn(id));
-                    batch.remove(keys::txn_time(*now_ms, id));
-                }
-                if let Some(t) = &plan.remember {
-                    batch.remember(t)?;
-                }
+                batch.plan(&self.tree, &plan)?;
                 (plan.result, plan.events)
             }
         };
-        self.tree.apply_batch(batch.into_batch())?;
+        batch.put(
+            keys::LAST_APPLIED.to_vec(),
+            encode("last applied log id", &entry.log_id)?,
+        );
         Ok(out)
     }
 
-    /// Applies a group entry (write lock held): each member in its own atomic batch, in order,
-    /// then `last_applied`. A crash in between leaves `last_applied` before the entry, so Raft
-    /// applies it again; the members already applied are remembered by id and answer their
-    /// first outcome without changing anything.
-    fn apply_group(
+    /// Adds a group entry's members to `batch`, in order: each member is planned against the
+    /// state its predecessors leave (a rejected member adds nothing). The whole apply call is
+    /// one atomic sled batch, so a crash leaves either none or all of the group, with
+    /// `last_applied`; a replay after a snapshot or a re-apply answers each member's first
+    /// outcome (remembered by id) and changes nothing.
+    fn plan_group(
         &self,
+        batch: &mut PendingBatch,
         entry: &LogEntry,
         members: &[Txn],
     ) -> Result<(TxnResult, Vec<KvEvent>), StoreError> {
@@ -319,27 +324,10 @@ impl StateMachineStore {
         }
         let mut events = Vec::new();
         for txn in members {
-            let plan = kv::plan(&self.view(), txn)?;
-            let mut batch = PendingBatch::default();
-            for m in &plan.mutations {
-                batch.execute(&self.tree, m)?;
-            }
-            for (now_ms, id) in &plan.forget {
-                batch.remove(keys::txn(id));
-                batch.remove(keys::txn_time(*now_ms, id));
-            }
-            if let Some(t) = &plan.remember {
-                batch.remember(t)?;
-            }
-            self.tree.apply_batch(batch.into_batch())?;
+            let plan = kv::plan(&self.view_with(batch), txn)?;
+            batch.plan(&self.tree, &plan)?;
             events.extend(plan.events);
         }
-        let mut batch = PendingBatch::default();
-        batch.put(
-            keys::LAST_APPLIED.to_vec(),
-            encode("last applied log id", &entry.log_id)?,
-        );
-        self.tree.apply_batch(batch.into_batch())?;
         Ok((TxnResult::Applied { revisions: vec![] }, events))
     }
 
@@ -460,28 +448,62 @@ impl StateMachineStore {
     }
 }
 
-/// Reads the committed state for [`kv::plan`].
+/// Reads the committed state for [`kv::plan`], seen through the writes pending in a batch of
+/// the same apply call (they win over the tree).
 struct SledView<'a> {
     tree: &'a sled::Tree,
+    pending: Option<&'a PendingBatch>,
+}
+
+impl SledView<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
+        if let Some(v) = self.pending.and_then(|p| p.ops.get(key)) {
+            return Ok(v.as_deref().map(sled::IVec::from));
+        }
+        Ok(self.tree.get(key)?)
+    }
+
+    /// Keys in `[start, end)` (`end = None`: every key with prefix `start`), in order.
+    fn keys(&self, start: &[u8], end: Option<&[u8]>) -> Result<Vec<Vec<u8>>, StoreError> {
+        let in_range = |k: &[u8]| match end {
+            Some(end) => k < end,
+            None => k.starts_with(start),
+        };
+        let mut out: std::collections::BTreeSet<Vec<u8>> = match end {
+            Some(end) => self.tree.range(start..end).keys(),
+            None => self.tree.scan_prefix(start).keys(),
+        }
+        .map(|k| k.map(|k| k.to_vec()))
+        .collect::<Result<_, _>>()?;
+        if let Some(p) = self.pending {
+            for (k, v) in p.ops.range(start.to_vec()..) {
+                if !in_range(k) {
+                    break;
+                }
+                match v {
+                    Some(_) => out.insert(k.clone()),
+                    None => out.remove(k),
+                };
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
 }
 
 impl KvView for SledView<'_> {
     type Error = StoreError;
 
     fn applied_txn(&self, id: &str) -> Result<Option<AppliedTxn>, StoreError> {
-        self.tree
-            .get(keys::txn(id))?
+        self.get(&keys::txn(id))?
             .map(|v| decode("applied txn", &v))
             .transpose()
     }
 
     fn applied_txns_before(&self, before_ms: u64) -> Result<Vec<(u64, String)>, StoreError> {
         let end = keys::txn_time(before_ms, "");
-        self.tree
-            .range(keys::TXN_TIMES.to_vec()..end)
-            .keys()
+        self.keys(keys::TXN_TIMES, Some(&end))?
+            .into_iter()
             .map(|k| {
-                let k = k?;
                 keys::txn_time_parts(&k)
                     .map(|(t, id)| (t, id.to_string()))
                     .ok_or_else(|| StoreError::Corrupt("malformed txn time key".into()))
@@ -490,25 +512,22 @@ impl KvView for SledView<'_> {
     }
 
     fn bucket(&self, bucket: &str) -> Result<Option<BucketState>, StoreError> {
-        self.tree
-            .get(keys::bucket(bucket))?
+        self.get(&keys::bucket(bucket))?
             .map(|v| decode("bucket", &v))
             .transpose()
     }
 
     fn latest(&self, bucket: &str, key: &str) -> Result<Option<Entry>, StoreError> {
-        self.tree
-            .get(keys::latest(bucket, key))?
+        self.get(&keys::latest(bucket, key))?
             .map(|v| decode("entry", &v))
             .transpose()
     }
 
     fn revisions(&self, bucket: &str, key: &str) -> Result<Vec<u64>, StoreError> {
-        self.tree
-            .scan_prefix(keys::history_prefix(bucket, key))
-            .keys()
+        self.keys(&keys::history_prefix(bucket, key), None)?
+            .into_iter()
             .map(|k| {
-                keys::history_revision(&k?)
+                keys::history_revision(&k)
                     .ok_or_else(|| StoreError::Corrupt("short history key".into()))
             })
             .collect()
@@ -543,6 +562,21 @@ impl PendingBatch {
         }
         for k in tree.scan_prefix(prefix).keys() {
             self.ops.insert(k?.to_vec(), None);
+        }
+        Ok(())
+    }
+
+    /// Adds a plan's writes: its mutations, the remembered ids it forgets, its own outcome.
+    fn plan(&mut self, tree: &sled::Tree, plan: &kv::Plan) -> Result<(), StoreError> {
+        for m in &plan.mutations {
+            self.execute(tree, m)?;
+        }
+        for (now_ms, id) in &plan.forget {
+            self.remove(keys::txn(id));
+            self.remove(keys::txn_time(*now_ms, id));
+        }
+        if let Some(t) = &plan.remember {
+            self.remember(t)?;
         }
         Ok(())
     }
@@ -615,15 +649,29 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let started = std::time::Instant::now();
         let mut results = Vec::new();
-        for entry in entries {
-            let (result, events) = self
-                .apply_entry(&entry)
-                .map_err(|e| StorageIOError::apply(entry.log_id, AnyError::new(&e)))?;
-            for ev in events {
-                // No subscriber is not an error.
-                let _ = self.shared.events.send(ev);
+        let mut events = Vec::new();
+        {
+            // Every committed entry of this call in one sled batch, under one write lock.
+            let _g = self.write_lock();
+            let mut batch = PendingBatch::default();
+            let mut last = None;
+            for entry in entries {
+                let (result, evs) = self
+                    .plan_entry(&mut batch, &entry)
+                    .map_err(|e| StorageIOError::apply(entry.log_id, AnyError::new(&e)))?;
+                events.extend(evs);
+                results.push(result);
+                last = Some(entry.log_id);
             }
-            results.push(result);
+            if let Some(last) = last {
+                self.tree
+                    .apply_batch(batch.into_batch())
+                    .map_err(|e| StorageIOError::apply(last, AnyError::new(&e)))?;
+            }
+        }
+        for ev in events {
+            // No subscriber is not an error.
+            let _ = self.shared.events.send(ev);
         }
         self.handle
             .timings
