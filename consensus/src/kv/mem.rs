@@ -147,6 +147,12 @@ impl MemState {
                 .flat_map(|h| h.keys())
         };
         let entries = all().count() as u64;
+        let bytes = keys
+            .into_iter()
+            .flat_map(|k| k.values())
+            .flat_map(|h| h.values())
+            .map(|e| e.value.len() as u64)
+            .sum();
         let first_seq = super::first_seq(all().min().copied(), state.last_seq);
         Some(BucketInfo {
             bucket: bucket.to_string(),
@@ -156,6 +162,7 @@ impl MemState {
             last_seq: state.last_seq,
             live_keys: self.list(bucket).len() as u64,
             entries,
+            bytes,
         })
     }
 }

@@ -376,6 +376,9 @@ pub struct BucketInfo {
     pub live_keys: u64,
     /// Stored entries, history and tombstones included.
     pub entries: u64,
+    /// Value bytes of the stored entries (JetStream's `bytes`, counting payloads only).
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// JetStream's first sequence: the lowest stored revision, or `last_seq + 1` when nothing is

@@ -13,6 +13,9 @@
 //! | `h:{bucket}\0{key}\0{revision u64 BE}` | every stored `Entry` of the key (latest included) |
 //! | `t:{txn id}` | `AppliedTxn`: the remembered outcome of a transaction with an id |
 //! | `x:{now_ms u64 BE}{txn id}` | empty: the same ids ordered by proposer time, for forgetting |
+//! | `c:{bucket}` | `BucketCounters`: stored entries, live keys, value bytes (kept on apply) |
+//! | `r:{bucket}\0{revision u64 BE}` | empty: the bucket's stored revisions, for its first one |
+//! | `m:counters` | empty: counters and revisions were built for this database |
 
 pub const LAST_APPLIED: &[u8] = b"m:last_applied";
 pub const LAST_MEMBERSHIP: &[u8] = b"m:last_membership";
@@ -22,6 +25,9 @@ pub const LATEST: &[u8] = b"l:";
 pub const HISTORY: &[u8] = b"h:";
 pub const TXNS: &[u8] = b"t:";
 pub const TXN_TIMES: &[u8] = b"x:";
+pub const COUNTERS: &[u8] = b"c:";
+pub const REVISIONS: &[u8] = b"r:";
+pub const COUNTERS_BUILT: &[u8] = b"m:counters";
 
 fn join(parts: &[&[u8]]) -> Vec<u8> {
     let mut v = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
@@ -33,6 +39,18 @@ fn join(parts: &[&[u8]]) -> Vec<u8> {
 
 pub fn bucket(bucket: &str) -> Vec<u8> {
     join(&[BUCKETS, bucket.as_bytes()])
+}
+
+pub fn counters(bucket: &str) -> Vec<u8> {
+    join(&[COUNTERS, bucket.as_bytes()])
+}
+
+pub fn revisions_prefix(bucket: &str) -> Vec<u8> {
+    join(&[REVISIONS, bucket.as_bytes(), b"\0"])
+}
+
+pub fn revision(bucket: &str, revision: u64) -> Vec<u8> {
+    join(&[REVISIONS, bucket.as_bytes(), b"\0", &revision.to_be_bytes()])
 }
 
 pub fn bucket_name(key: &[u8]) -> Option<&str> {

@@ -125,8 +125,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     let log = handle.db.open_tree(LOG_TREE)?;
     let meta = handle.db.open_tree(META_TREE)?;
     let sm = handle.db.open_tree(SM_TREE)?;
-    Ok((
-        LogStore::new(handle.clone(), log, meta),
-        StateMachineStore::new(handle, sm),
-    ))
+    let sm = StateMachineStore::new(handle.clone(), sm);
+    sm.build_counters_if_missing()?;
+    Ok((LogStore::new(handle, log, meta), sm))
 }

@@ -74,6 +74,31 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// Per-bucket statistics kept on every apply (under [`keys::counters`]), so
+/// [`StateMachineStore::bucket_info`] never scans the bucket.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct BucketCounters {
+    /// Stored entries, history and tombstones included.
+    entries: u64,
+    /// Keys whose latest entry is a put.
+    live_keys: u64,
+    /// Value bytes of the stored entries.
+    bytes: u64,
+}
+
+impl BucketCounters {
+    /// The counters of a bucket's stored entries and the latest entry of each key.
+    fn of<'a>(stored: impl Iterator<Item = &'a Entry>, latest: impl Iterator<Item = &'a Entry>) -> Self {
+        let mut c = BucketCounters::default();
+        for e in stored {
+            c.entries += 1;
+            c.bytes += e.value.len() as u64;
+        }
+        c.live_keys = latest.filter(|e| e.is_live()).count() as u64;
+        c
+    }
+}
+
 /// Snapshot data: the whole state machine.
 #[derive(Serialize, Deserialize)]
 struct SnapshotPayload {
@@ -211,37 +236,76 @@ impl StateMachineStore {
         Ok(self.view().bucket(bucket)?.is_some())
     }
 
-    /// Bucket statistics; scans the bucket (entries and live keys are counted, not stored).
+    /// Bucket statistics: the bucket record, its counters and its first stored revision, three
+    /// lookups whatever the bucket's size.
     pub fn bucket_info(&self, bucket: &str) -> Result<Option<BucketInfo>, StoreError> {
         let _g = self.read_lock();
         let Some(state) = self.view().bucket(bucket)? else {
             return Ok(None);
         };
-        let mut entries = 0u64;
-        let mut first: Option<u64> = None;
-        for item in self.tree.scan_prefix(keys::history_bucket_prefix(bucket)) {
-            let (k, _) = item?;
-            let rev = keys::history_revision(&k)
-                .ok_or_else(|| StoreError::Corrupt("short history key".into()))?;
-            entries += 1;
-            first = Some(first.map_or(rev, |f| f.min(rev)));
-        }
-        let mut live_keys = 0u64;
-        for item in self.tree.scan_prefix(keys::latest_prefix(bucket)) {
-            let e: Entry = decode("entry", &item?.1)?;
-            if !e.is_tombstone() {
-                live_keys += 1;
-            }
-        }
+        let counters: BucketCounters = self
+            .tree
+            .get(keys::counters(bucket))?
+            .map(|v| decode("bucket counters", &v))
+            .transpose()?
+            .unwrap_or_default();
+        let first = match self.tree.scan_prefix(keys::revisions_prefix(bucket)).keys().next() {
+            Some(k) => Some(
+                keys::history_revision(&k?)
+                    .ok_or_else(|| StoreError::Corrupt("short revision key".into()))?,
+            ),
+            None => None,
+        };
         Ok(Some(BucketInfo {
             bucket: bucket.to_string(),
             config: state.config,
             created_ms: state.created_ms,
             first_seq: kv::first_seq(first, state.last_seq),
             last_seq: state.last_seq,
-            live_keys,
-            entries,
+            live_keys: counters.live_keys,
+            entries: counters.entries,
+            bytes: counters.bytes,
         }))
+    }
+
+    /// Builds the bucket counters and revision index of a database written before they existed
+    /// (one scan, once: afterwards every apply keeps them).
+    pub(crate) fn build_counters_if_missing(&self) -> Result<(), StoreError> {
+        let _g = self.write_lock();
+        if self.tree.contains_key(keys::COUNTERS_BUILT)? {
+            return Ok(());
+        }
+        let mut batch = PendingBatch::default();
+        for prefix in [keys::COUNTERS, keys::REVISIONS] {
+            for k in self.tree.scan_prefix(prefix).keys() {
+                batch.remove(k?.to_vec());
+            }
+        }
+        for item in self.tree.scan_prefix(keys::BUCKETS) {
+            let (k, _) = item?;
+            let name = keys::bucket_name(&k)
+                .ok_or_else(|| StoreError::Corrupt("bucket key is not UTF-8".into()))?;
+            let stored = self
+                .tree
+                .scan_prefix(keys::history_bucket_prefix(name))
+                .values()
+                .map(|v| decode::<Entry>("entry", &v?))
+                .collect::<Result<Vec<_>, _>>()?;
+            let latest = self
+                .tree
+                .scan_prefix(keys::latest_prefix(name))
+                .values()
+                .map(|v| decode::<Entry>("entry", &v?))
+                .collect::<Result<Vec<_>, _>>()?;
+            for e in &stored {
+                batch.put(keys::revision(name, e.revision), Vec::new());
+            }
+            let counters = BucketCounters::of(stored.iter(), latest.iter());
+            batch.put(keys::counters(name), encode("bucket counters", &counters)?);
+        }
+        batch.put(keys::COUNTERS_BUILT.to_vec(), Vec::new());
+        self.tree.apply_batch(batch.into_batch())?;
+        Ok(())
     }
 
     // ---- apply ----
@@ -418,6 +482,20 @@ impl StateMachineStore {
                     *slot = e;
                 }
             }
+            for e in &payload.entries {
+                batch.put(keys::revision(&e.bucket, e.revision), Vec::new());
+            }
+            for name in payload.buckets.keys() {
+                let counters = BucketCounters::of(
+                    payload.entries.iter().filter(|e| &e.bucket == name),
+                    latest
+                        .iter()
+                        .filter(|((b, _), _)| b == name)
+                        .map(|(_, e)| *e),
+                );
+                batch.put(keys::counters(name), encode("bucket counters", &counters)?);
+            }
+            batch.put(keys::COUNTERS_BUILT.to_vec(), Vec::new());
             for ((bucket, key), e) in latest {
                 batch.put(keys::latest(bucket, key), encode("entry", e)?);
             }
@@ -588,26 +666,84 @@ impl PendingBatch {
         Ok(())
     }
 
+    /// `key`'s value as this batch leaves it.
+    fn get(&self, tree: &sled::Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.ops.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(tree.get(key)?.map(|v| v.to_vec())),
+        }
+    }
+
+    /// Changes a bucket's counters as this batch leaves them.
+    fn count(
+        &mut self,
+        tree: &sled::Tree,
+        bucket: &str,
+        change: impl FnOnce(&mut BucketCounters),
+    ) -> Result<(), StoreError> {
+        let key = keys::counters(bucket);
+        let mut c: BucketCounters = self
+            .get(tree, &key)?
+            .map(|v| decode("bucket counters", &v))
+            .transpose()?
+            .unwrap_or_default();
+        change(&mut c);
+        self.put(key, encode("bucket counters", &c)?);
+        Ok(())
+    }
+
     fn execute(&mut self, tree: &sled::Tree, m: &Mutation) -> Result<(), StoreError> {
         match m {
             Mutation::PutBucket { bucket, state } => {
                 self.put(keys::bucket(bucket), encode("bucket", state)?);
+                if self.get(tree, &keys::counters(bucket))?.is_none() {
+                    self.count(tree, bucket, |_| {})?;
+                }
             }
             Mutation::RemoveBucket { bucket } => {
                 self.remove(keys::bucket(bucket));
+                self.remove(keys::counters(bucket));
                 self.remove_prefix(tree, &keys::latest_prefix(bucket))?;
                 self.remove_prefix(tree, &keys::history_bucket_prefix(bucket))?;
+                self.remove_prefix(tree, &keys::revisions_prefix(bucket))?;
             }
             Mutation::PutEntry(e) => {
+                let was_live = self
+                    .get(tree, &keys::latest(&e.bucket, &e.key))?
+                    .map(|v| decode::<Entry>("entry", &v))
+                    .transpose()?
+                    .is_some_and(|prev| prev.is_live());
                 let bytes = encode("entry", e)?;
                 self.put(keys::history(&e.bucket, &e.key, e.revision), bytes.clone());
                 self.put(keys::latest(&e.bucket, &e.key), bytes);
+                self.put(keys::revision(&e.bucket, e.revision), Vec::new());
+                let (len, live) = (e.value.len() as u64, e.is_live());
+                self.count(tree, &e.bucket, |c| {
+                    c.entries += 1;
+                    c.bytes += len;
+                    match (was_live, live) {
+                        (false, true) => c.live_keys += 1,
+                        (true, false) => c.live_keys = c.live_keys.saturating_sub(1),
+                        _ => {}
+                    }
+                })?;
             }
             Mutation::RemoveHistory {
                 bucket,
                 key,
                 revision,
-            } => self.remove(keys::history(bucket, key, *revision)),
+            } => {
+                let at = keys::history(bucket, key, *revision);
+                if let Some(v) = self.get(tree, &at)? {
+                    let len = decode::<Entry>("entry", &v)?.value.len() as u64;
+                    self.count(tree, bucket, |c| {
+                        c.entries = c.entries.saturating_sub(1);
+                        c.bytes = c.bytes.saturating_sub(len);
+                    })?;
+                }
+                self.remove(at);
+                self.remove(keys::revision(bucket, *revision));
+            }
         }
         Ok(())
     }
@@ -770,5 +906,57 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::CommittedLeaderId;
+
+    use super::*;
+    use crate::kv::BucketConfig;
+    use crate::kv::Op;
+
+    fn entry(index: u64, txn: Txn) -> LogEntry {
+        openraft::Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(txn),
+        }
+    }
+
+    /// A database from before the counters (no `c:`, `r:` keys, no marker) gets them built at
+    /// open, equal to what applying keeps.
+    #[tokio::test]
+    async fn counters_missing_from_an_older_database_are_built_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = BucketConfig {
+            history: 2,
+            max_value_size: None,
+        };
+        let (log, mut sm) = super::super::open(dir.path()).unwrap();
+        let txns = [
+            Txn::new(vec![Op::create_bucket("a", cfg)], 1),
+            Txn::new(vec![Op::put("a", "x", "1"), Op::put("a", "y", "22")], 2),
+            Txn::new(vec![Op::put("a", "x", "333"), Op::put("a", "x", "4444")], 3),
+            Txn::new(vec![Op::delete("a", "y")], 4),
+        ];
+        for (i, t) in txns.into_iter().enumerate() {
+            sm.apply([entry(i as u64 + 1, t)]).await.unwrap();
+        }
+        let kept = sm.bucket_info("a").unwrap().unwrap();
+        assert_eq!((kept.entries, kept.live_keys, kept.bytes), (4, 1, 9));
+        assert_eq!(kept.first_seq, 2);
+
+        for prefix in [keys::COUNTERS, keys::REVISIONS] {
+            for k in sm.tree.scan_prefix(prefix).keys() {
+                sm.tree.remove(k.unwrap()).unwrap();
+            }
+        }
+        sm.tree.remove(keys::COUNTERS_BUILT).unwrap();
+        sm.flush().await.unwrap();
+        drop((log, sm));
+
+        let (_log, sm) = super::super::open(dir.path()).unwrap();
+        assert_eq!(sm.bucket_info("a").unwrap().unwrap(), kept);
     }
 }

@@ -115,7 +115,7 @@ pub(crate) fn stream_info(
         "created": rfc3339_ms(info.created_ms),
         "state": {
             "messages": info.entries,
-            "bytes": 0,
+            "bytes": info.bytes,
             "first_seq": info.first_seq,
             "first_ts": ZERO_TIME,
             "last_seq": info.last_seq,
