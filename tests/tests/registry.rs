@@ -193,6 +193,23 @@ fn login(m: &Machine, host: &str, password: &str) -> std::process::Output {
     c.wait_with_output().unwrap()
 }
 
+/// `/metrics` of the ployzd in `host`'s namespace (its own loopback).
+fn scrape_metrics(host: &Host) -> String {
+    let out = host
+        .command("curl")
+        .args(["-sS", "--max-time", "10", "http://127.0.0.1:9101/metrics"])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value of one sample (`name{labels}` exactly as exported), 0 when absent.
+fn counter(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn service_names(m: &Machine) -> Vec<String> {
     m.ctl_json(&["service", "ls"])["services"]
         .as_array()
@@ -305,6 +322,15 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
     assert_eq!(v["instances"][0]["machine"], ids[1].as_str(), "{v:#}");
     assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
     assert!(ms[1].log().contains("image fetched"), "{}", ms[1].log());
+    let m1 = scrape_metrics(&tb.hosts[1]);
+    assert!(
+        counter(&m1, r#"ployz_image_pulls_total{source="peer",result="ok"}"#) >= 1.0,
+        "{m1}"
+    );
+    assert!(
+        counter(&m1, r#"ployz_image_pull_bytes_total{source="peer"}"#) > 0.0,
+        "{m1}"
+    );
     // No peer has it any more (machine 0 lost its copy): from the registry,
     // pinned to the digest, packed into the very archive the service runs.
     let open = Registry::start(&tb.hosts[0], tmp.path(), 5000, false);
@@ -328,6 +354,18 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
         ms[2].log()
     );
     assert!(ms[2].data_dir().join("images/blobs").join(hex).is_file());
+    let m2 = scrape_metrics(&tb.hosts[2]);
+    assert!(
+        counter(
+            &m2,
+            r#"ployz_image_pulls_total{source="registry",result="ok"}"#
+        ) >= 1.0,
+        "{m2}"
+    );
+    assert!(
+        counter(&m2, r#"ployz_image_pull_bytes_total{source="registry"}"#) > 0.0,
+        "{m2}"
+    );
 
     // A wrong tag: exit 6 with the registry's own message; nothing written.
     let (code, v) = ms[0].try_deploy(&[
