@@ -1,6 +1,7 @@
 //! Registries: `registry add/login/ls/rm` (records in the `registries`
 //! bucket, which NATS never serves) and pulls for `deploy`.
 
+use super::pulls::PullSource;
 use super::Workloads;
 use crate::errors::{internal, invalid, note, ProgressSink};
 use crate::store::{self, put};
@@ -148,9 +149,16 @@ impl Workloads {
         let access = self.access(&r.host).await?;
         note(sink, service, "image", format!("pulling {}", r.canonical()));
         let store = self.image_store()?;
-        let pulled = registry::pull(&store, &r, &access)
-            .await
-            .map_err(pull_error)?;
+        let started = std::time::Instant::now();
+        let pulled = registry::pull(&store, &r, &access).await.map_err(|e| {
+            self.pulls.failed(PullSource::Registry);
+            pull_error(e)
+        })?;
+        self.pulls.succeeded(
+            PullSource::Registry,
+            pulled.fetched_bytes,
+            started.elapsed(),
+        );
         note(
             sink,
             service,
@@ -188,16 +196,24 @@ impl Workloads {
             )));
         }
         let access = self.access(&r.host).await?;
-        let pulled = registry::pull(store, &r, &access)
-            .await
-            .map_err(pull_error)?;
+        let started = std::time::Instant::now();
+        let pulled = registry::pull(store, &r, &access).await.map_err(|e| {
+            self.pulls.failed(PullSource::Registry);
+            pull_error(e)
+        })?;
         if pulled.info.digest != digest {
+            self.pulls.failed(PullSource::Registry);
             return Err(pull_error(RegistryError::DigestMismatch {
                 host: r.host.clone(),
                 what: format!("the image archive of {}", r.canonical()),
                 why: format!("packed {}, the service runs {digest}", pulled.info.digest),
             }));
         }
+        self.pulls.succeeded(
+            PullSource::Registry,
+            pulled.fetched_bytes,
+            started.elapsed(),
+        );
         tracing::info!(
             %digest,
             registry = %r.host,
