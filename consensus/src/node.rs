@@ -367,9 +367,6 @@ const MAX_PROPOSERS: usize = 2;
 
 type Waiter = oneshot::Sender<Result<TxnResult, WriteError>>;
 
-/// Longest a proposer waits for a small group to fill up (see [`Combiner::take`]).
-const LINGER: Duration = Duration::from_millis(1);
-
 /// Group commit of [`Node::write`]s: concurrent writes queue here and a proposer takes every
 /// queued transaction into one log entry ([`Txn::group`]), so one Raft round (one flush on each
 /// voter) acknowledges all of them. Each waiter is answered only after its entry is committed
@@ -377,35 +374,12 @@ const LINGER: Duration = Duration::from_millis(1);
 #[derive(Default)]
 struct Combiner {
     state: Mutex<CombinerState>,
-    /// Woken when a lingering proposer's group is worth proposing.
-    filled: tokio::sync::Notify,
 }
 
 #[derive(Default)]
 struct CombinerState {
     queue: Vec<(Txn, Waiter, Instant)>,
     proposers: usize,
-    /// Writes taken by proposers and not answered yet.
-    in_flight: usize,
-    /// A proposer waits for its group to fill up.
-    lingering: bool,
-}
-
-/// What a proposer does next.
-enum Take {
-    Propose(Vec<(Txn, Waiter)>),
-    /// Few writes queued while many are in flight: wait up to [`LINGER`] for more.
-    Linger,
-}
-
-impl CombinerState {
-    /// Like PostgreSQL's `commit_delay` with `commit_siblings`: a group smaller than half of
-    /// the writes in flight waits briefly, because the writers answered next (those in flight)
-    /// usually write again at once. Otherwise groups alternate between large and nearly empty,
-    /// and a nearly empty one takes a whole Raft round. A lone writer never waits.
-    fn worth_proposing(&self) -> bool {
-        self.queue.len() * 2 >= self.in_flight
-    }
 }
 
 impl Combiner {
@@ -417,10 +391,6 @@ impl Combiner {
     fn push(&self, txn: Txn, waiter: Waiter) -> bool {
         let mut st = self.lock();
         st.queue.push((txn, waiter, Instant::now()));
-        if st.lingering && st.worth_proposing() {
-            st.lingering = false;
-            self.filled.notify_one();
-        }
         if st.proposers < MAX_PROPOSERS {
             st.proposers += 1;
             true
@@ -429,23 +399,16 @@ impl Combiner {
         }
     }
 
-    /// The next group to propose (after at most one [`Take::Linger`] when `may_linger`);
-    /// `None` (and one proposer fewer) when the queue is empty.
-    fn take(&self, timings: &store::Timings, may_linger: bool) -> Option<Take> {
+    /// The next group to propose; `None` (and one proposer fewer) when the queue is empty.
+    fn take(&self, timings: &store::Timings) -> Option<Vec<(Txn, Waiter)>> {
         let mut st = self.lock();
         if st.queue.is_empty() {
             st.proposers -= 1;
             return None;
         }
-        if may_linger && !st.worth_proposing() {
-            st.lingering = true;
-            return Some(Take::Linger);
-        }
-        st.lingering = false;
         let n = st.queue.len().min(MAX_GROUP);
-        st.in_flight += n;
         let now = Instant::now();
-        Some(Take::Propose(
+        Some(
             st.queue
                 .drain(..n)
                 .map(|(txn, waiter, queued)| {
@@ -455,13 +418,7 @@ impl Combiner {
                     (txn, waiter)
                 })
                 .collect(),
-        ))
-    }
-
-    /// A proposed group of `n` writes was answered (or handed to retries).
-    fn answered(&self, n: usize) {
-        let mut st = self.lock();
-        st.in_flight = st.in_flight.saturating_sub(n);
+        )
     }
 }
 
@@ -585,69 +542,47 @@ fn member_answer(
 /// Proposes queued writes as groups until the queue is empty.
 async fn run_proposer(proposer: Proposer, sm: StateMachineStore, combiner: Arc<Combiner>) {
     let timings = sm.timings();
-    let mut may_linger = true;
-    while let Some(take) = combiner.take(&timings, may_linger) {
-        let batch = match take {
-            Take::Linger => {
-                let _ = tokio::time::timeout(LINGER, combiner.filled.notified()).await;
-                may_linger = false;
-                continue;
-            }
-            Take::Propose(batch) => batch,
-        };
-        may_linger = true;
-        let n = batch.len();
-        propose_batch(&proposer, &sm, &timings, batch).await;
-        combiner.answered(n);
-    }
-}
-
-/// Proposes one batch of queued writes (one group entry when allowed) and answers them.
-async fn propose_batch(
-    proposer: &Proposer,
-    sm: &StateMachineStore,
-    timings: &store::Timings,
-    mut batch: Vec<(Txn, Waiter)>,
-) {
-    timings.group_size.observe(batch.len() as f64);
-    let started = Instant::now();
-    if batch.len() == 1 {
-        if let Some((txn, waiter)) = batch.pop() {
-            let answer = proposer.propose(txn, DEFAULT_REQUEST_TIMEOUT).await;
-            timings.propose.observe(started.elapsed().as_secs_f64());
-            let _ = waiter.send(answer);
-        }
-        return;
-    }
-    if !proposer.groups_allowed() {
-        // A member may not read group entries (older binary, not asked yet): one entry
-        // per write, proposed concurrently, as before group commit.
-        for (txn, waiter) in batch {
-            let proposer = proposer.clone();
-            tokio::spawn(async move {
+    while let Some(mut batch) = combiner.take(&timings) {
+        timings.group_size.observe(batch.len() as f64);
+        let started = Instant::now();
+        if batch.len() == 1 {
+            if let Some((txn, waiter)) = batch.pop() {
                 let answer = proposer.propose(txn, DEFAULT_REQUEST_TIMEOUT).await;
-                let _ = waiter.send(answer);
-            });
-        }
-        return;
-    }
-    let (txns, waiters): (Vec<Txn>, Vec<Waiter>) = batch.into_iter().unzip();
-    let res = proposer
-        .propose(Txn::group(txns.clone()), DEFAULT_REQUEST_TIMEOUT)
-        .await;
-    timings.propose.observe(started.elapsed().as_secs_f64());
-    for (txn, waiter) in txns.into_iter().zip(waiters) {
-        match member_answer(sm, &res, txn) {
-            Ok(answer) => {
+                timings.propose.observe(started.elapsed().as_secs_f64());
                 let _ = waiter.send(answer);
             }
-            // Alone, with its id: applied at most once.
-            Err(txn) => {
+            continue;
+        }
+        if !proposer.groups_allowed() {
+            // A member may not read group entries (older binary, not asked yet): one entry
+            // per write, proposed concurrently, as before group commit.
+            for (txn, waiter) in batch {
                 let proposer = proposer.clone();
                 tokio::spawn(async move {
                     let answer = proposer.propose(txn, DEFAULT_REQUEST_TIMEOUT).await;
                     let _ = waiter.send(answer);
                 });
+            }
+            continue;
+        }
+        let (txns, waiters): (Vec<Txn>, Vec<Waiter>) = batch.into_iter().unzip();
+        let res = proposer
+            .propose(Txn::group(txns.clone()), DEFAULT_REQUEST_TIMEOUT)
+            .await;
+        timings.propose.observe(started.elapsed().as_secs_f64());
+        for (txn, waiter) in txns.into_iter().zip(waiters) {
+            match member_answer(&sm, &res, txn) {
+                Ok(answer) => {
+                    let _ = waiter.send(answer);
+                }
+                // Alone, with its id: applied at most once.
+                Err(txn) => {
+                    let proposer = proposer.clone();
+                    tokio::spawn(async move {
+                        let answer = proposer.propose(txn, DEFAULT_REQUEST_TIMEOUT).await;
+                        let _ = waiter.send(answer);
+                    });
+                }
             }
         }
     }
@@ -1128,37 +1063,6 @@ impl Drop for Node {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn queue(c: &Combiner, n: usize) {
-        for i in 0..n {
-            let (tx, _rx) = oneshot::channel();
-            c.push(Txn::new(vec![], i as u64), tx);
-        }
-    }
-
-    /// A lone writer is proposed at once; a small group while many writes are in flight
-    /// lingers once, and is proposed when the queue reaches half of them or after lingering.
-    #[test]
-    fn small_groups_linger_only_while_many_writes_are_in_flight() {
-        let t = store::Timings::default();
-        let c = Combiner::default();
-        queue(&c, 1);
-        let Some(Take::Propose(first)) = c.take(&t, true) else {
-            panic!("a lone write must not wait")
-        };
-        assert_eq!(first.len(), 1);
-        c.answered(1);
-
-        queue(&c, 10);
-        assert!(matches!(c.take(&t, true), Some(Take::Propose(b)) if b.len() == 10));
-        queue(&c, 2);
-        assert!(matches!(c.take(&t, true), Some(Take::Linger)));
-        assert!(matches!(c.take(&t, false), Some(Take::Propose(b)) if b.len() == 2));
-        queue(&c, 6);
-        assert!(matches!(c.take(&t, true), Some(Take::Propose(b)) if b.len() == 6));
-        c.answered(18);
-        assert!(c.take(&t, true).is_none());
-    }
 
     #[test]
     fn no_quorum_names_the_voters_it_cannot_reach() {
