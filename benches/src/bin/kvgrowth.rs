@@ -1,0 +1,166 @@
+//! Growth figures for benches/growth.sh, through a standard client (async-nats JetStream KV):
+//!
+//!   kvgrowth fill URL FROM TO CLIENTS   puts keys g{FROM}..g{TO} (128-byte values) into the
+//!                                       bucket `growth` with CLIENTS connections; prints
+//!                                       `fill FROM TO SECS puts/s`
+//!   kvgrowth fanout URL WATCHERS PUTS   WATCHERS connections each watch the key `fan`; then
+//!                                       PUTS puts, one at a time; for each, the time until every
+//!                                       watcher saw it; prints `fanout WATCHERS p50_us max_us`
+//!   kvgrowth snapshot DIR               opens a stopped replica's store (a copy of its raft
+//!                                       directory), times opening it and building a snapshot;
+//!                                       prints `snapshot open_ms build_ms bytes`
+//!
+//! NATS credentials come from NATS_USER / NATS_PASSWORD.
+
+use std::time::Duration;
+use std::time::Instant;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+const VALUE_LEN: usize = 128;
+const BUCKET: &str = "growth";
+
+async fn store(url: &str, create: bool) -> Result<kv::Store, Error> {
+    let client = match (std::env::var("NATS_USER"), std::env::var("NATS_PASSWORD")) {
+        (Ok(user), Ok(password)) => {
+            async_nats::ConnectOptions::with_user_and_password(user, password)
+                .connect(url)
+                .await?
+        }
+        _ => async_nats::connect(url).await?,
+    };
+    let js = async_nats::jetstream::new(client);
+    if create {
+        if let Ok(kv) = js.get_key_value(BUCKET).await {
+            return Ok(kv);
+        }
+        return Ok(js
+            .create_key_value(kv::Config {
+                bucket: BUCKET.into(),
+                history: 1,
+                ..Default::default()
+            })
+            .await?);
+    }
+    Ok(js.get_key_value(BUCKET).await?)
+}
+
+async fn fill(url: &str, from: u64, to: u64, clients: u64) -> Result<(), Error> {
+    store(url, true).await?;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let kv = store(url, false).await?;
+        tasks.spawn(async move {
+            let value = Bytes::from(vec![b'g'; VALUE_LEN]);
+            let mut i = from + c;
+            while i < to {
+                // A write refused under load (too many pending) is retried.
+                let mut tries = 0;
+                loop {
+                    match kv.put(format!("g{i}"), value.clone()).await {
+                        Ok(_) => break,
+                        Err(e) if tries < 20 => {
+                            tries += 1;
+                            eprintln!("put g{i}: {e}; retrying");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(e) => return Err::<(), Error>(e.into()),
+                    }
+                }
+                i += clients;
+            }
+            Ok(())
+        });
+    }
+    while let Some(res) = tasks.join_next().await {
+        res??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("fill {from} {to} {secs:.1} {:.0}", (to - from) as f64 / secs);
+    Ok(())
+}
+
+async fn fanout(url: &str, watchers: usize, puts: usize) -> Result<(), Error> {
+    let writer = store(url, true).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..watchers {
+        let kv = store(url, false).await?;
+        let mut watch = kv.watch("fan").await?;
+        let tx = tx.clone();
+        tasks.spawn(async move {
+            while let Some(entry) = watch.next().await {
+                let entry = entry?;
+                let n: u64 = std::str::from_utf8(&entry.value)?.parse()?;
+                if tx.send((n, Instant::now())).is_err() {
+                    break;
+                }
+            }
+            Ok::<_, Error>(())
+        });
+    }
+    // Let every watcher's consumer start before the first put.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut lat = Vec::with_capacity(puts);
+    for n in 1..=puts as u64 {
+        let t0 = Instant::now();
+        writer.put("fan", Bytes::from(n.to_string())).await?;
+        let mut seen = 0;
+        let mut last = t0;
+        while seen < watchers {
+            let (got, at) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .map_err(|_| format!("put {n}: only {seen} of {watchers} watchers saw it"))?
+                .ok_or("watchers stopped")?;
+            if got == n {
+                seen += 1;
+                last = last.max(at);
+            }
+        }
+        lat.push(u64::try_from(last.duration_since(t0).as_micros()).unwrap_or(u64::MAX));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tasks.abort_all();
+    lat.sort_unstable();
+    println!(
+        "fanout {watchers} {} {}",
+        lat[lat.len() / 2],
+        lat[lat.len() - 1]
+    );
+    Ok(())
+}
+
+async fn snapshot(dir: &str) -> Result<(), Error> {
+    use openraft::storage::RaftStateMachine;
+    use openraft::RaftSnapshotBuilder;
+    let started = Instant::now();
+    let (_log, mut sm) = ployz_consensus::store::open(std::path::Path::new(dir))?;
+    let open_ms = started.elapsed().as_millis();
+    let started = Instant::now();
+    let snap = sm.get_snapshot_builder().await.build_snapshot().await?;
+    let build_ms = started.elapsed().as_millis();
+    println!(
+        "snapshot {open_ms} {build_ms} {}",
+        snap.snapshot.get_ref().len()
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        [_, "fill", url, from, to, clients] => {
+            fill(url, from.parse()?, to.parse()?, clients.parse()?).await
+        }
+        [_, "fanout", url, watchers, puts] => fanout(url, watchers.parse()?, puts.parse()?).await,
+        [_, "snapshot", dir] => snapshot(dir).await,
+        _ => Err("usage: kvgrowth fill URL FROM TO CLIENTS | fanout URL WATCHERS PUTS | snapshot DIR".into()),
+    }
+}
