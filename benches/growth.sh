@@ -13,6 +13,7 @@
 #
 #   benches/growth.sh                       SIZES="10000 100000 1000000"
 #   SIZES="10000 100000" SECS=5 benches/growth.sh
+#   NO_BUILD=1 benches/growth.sh            the binaries already built in target/
 #
 # Prints one line per size. Needs root (namespaces).
 set -euo pipefail
@@ -25,8 +26,11 @@ STATE=/var/lib/ployz-local
 WORK=$(mktemp -d /tmp/ployz-growth.XXXXXX)
 
 # Separate builds: the bench tools' dependencies must not change ployzd's features.
-cargo build --locked --release -p ployzd -p ployzctl
-cargo build --locked --release -p ployz-benches --bin kvbench --bin kvgrowth
+# NO_BUILD=1: measure the binaries already in target/.
+if [ "${NO_BUILD:-}" != 1 ]; then
+  cargo build --locked --release -p ployzd -p ployzctl
+  cargo build --locked --release -p ployz-benches --bin kvbench --bin kvgrowth
+fi
 
 cleanup() {
   rm -rf "$WORK"

@@ -359,7 +359,10 @@ async fn one_apply_call_or_one_group_matches_the_reference() {
         .enumerate()
         .map(|(i, txn)| txn.with_id(format!("m{i}")))
         .collect();
-    grouped.apply([entry(1, Txn::group(members))]).await.unwrap();
+    grouped
+        .apply([entry(1, Txn::group(members))])
+        .await
+        .unwrap();
     for (i, want) in expected.iter().enumerate() {
         let first = grouped.applied_txn(&format!("m{i}")).unwrap().unwrap();
         assert_eq!(&first.result, want, "member {i}");

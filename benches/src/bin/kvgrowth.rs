@@ -81,7 +81,10 @@ async fn fill(url: &str, from: u64, to: u64, clients: u64) -> Result<(), Error> 
         res??;
     }
     let secs = started.elapsed().as_secs_f64();
-    println!("fill {from} {to} {secs:.1} {:.0}", (to - from) as f64 / secs);
+    println!(
+        "fill {from} {to} {secs:.1} {:.0}",
+        (to - from) as f64 / secs
+    );
     Ok(())
 }
 
@@ -161,6 +164,9 @@ async fn main() -> Result<(), Error> {
         }
         [_, "fanout", url, watchers, puts] => fanout(url, watchers.parse()?, puts.parse()?).await,
         [_, "snapshot", dir] => snapshot(dir).await,
-        _ => Err("usage: kvgrowth fill URL FROM TO CLIENTS | fanout URL WATCHERS PUTS | snapshot DIR".into()),
+        _ => Err(
+            "usage: kvgrowth fill URL FROM TO CLIENTS | fanout URL WATCHERS PUTS | snapshot DIR"
+                .into(),
+        ),
     }
 }

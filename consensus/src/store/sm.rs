@@ -88,7 +88,10 @@ struct BucketCounters {
 
 impl BucketCounters {
     /// The counters of a bucket's stored entries and the latest entry of each key.
-    fn of<'a>(stored: impl Iterator<Item = &'a Entry>, latest: impl Iterator<Item = &'a Entry>) -> Self {
+    fn of<'a>(
+        stored: impl Iterator<Item = &'a Entry>,
+        latest: impl Iterator<Item = &'a Entry>,
+    ) -> Self {
         let mut c = BucketCounters::default();
         for e in stored {
             c.entries += 1;
@@ -249,7 +252,12 @@ impl StateMachineStore {
             .map(|v| decode("bucket counters", &v))
             .transpose()?
             .unwrap_or_default();
-        let first = match self.tree.scan_prefix(keys::revisions_prefix(bucket)).keys().next() {
+        let first = match self
+            .tree
+            .scan_prefix(keys::revisions_prefix(bucket))
+            .keys()
+            .next()
+        {
             Some(k) => Some(
                 keys::history_revision(&k?)
                     .ok_or_else(|| StoreError::Corrupt("short revision key".into()))?,
