@@ -66,14 +66,18 @@ for size in $SIZES; do
 
   # Restart of a follower with the whole store.
   applied=$(metric 1 ployz_raft_applied_index)
-  kill -9 "$(cat "$STATE/m3.pid")"
-  sleep 0.5
+  pid=$(cat "$STATE/m3.pid")
+  kill -9 "$pid"
+  # Dead once gone or a zombie (its parent, the shell that started it, is gone and nothing
+  # may reap it); without its pid file `local-cluster start` does not take it for running.
+  while [ -e "/proc/$pid" ] && ! grep -q '^State:.*Z' "/proc/$pid/status" 2>/dev/null; do sleep 0.05; done
+  rm -f "$STATE/m3.pid"
   cp -a "$STATE/m3/store" "$WORK/store3"
   t0=$(ms)
   ./scripts/local-cluster start 3
   until [ "$(metric 3 ployz_raft_applied_index || echo 0)" -ge "$applied" ] 2>/dev/null; do
     sleep 0.05
-    [ $(($(ms) - t0)) -lt 600000 ] || { echo "machine 3 did not catch up in 10 min" >&2; exit 1; }
+    [ $(($(ms) - t0)) -lt 600000 ] || { echo "machine 3 did not catch up in 10 min; see $STATE/m3.log" >&2; exit 1; }
   done
   restart=$(($(ms) - t0))
   snap=$("$BIN/kvgrowth" snapshot "$WORK/store3")
