@@ -25,7 +25,7 @@ async fn cluster_state_is_readable_as_jetstream_kv() {
     let info = nats_info(&m);
     let url = info["url"].as_str().unwrap();
     assert!(
-        url.starts_with("nats://ployz:") && url.contains("@127.0.0.1:"),
+        url.starts_with("nats://operator:") && url.contains("@127.0.0.1:"),
         "{url}"
     );
     let server = info["servers"][0].as_str().unwrap().to_string();
