@@ -306,7 +306,7 @@ async fn operator_and_app_users_get_only_their_permissions() {
     );
     assert!(!text.contains(&pass) && !text.contains(&kpass), "{text}");
     let bad = m.ctl(&["nats", "user", "add", "evil", "--kv-bucket", "machines"]);
-    assert_eq!(bad.status.code(), Some(2), "{}", ployz_tests::stderr(&bad));
+    assert_eq!(bad.status.code(), Some(6), "{}", ployz_tests::stderr(&bad));
     assert!(ployz_tests::stderr(&bad).contains("cluster's own buckets"));
 
     // --- rm closes the user's connections, and it cannot log in again ---

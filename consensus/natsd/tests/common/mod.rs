@@ -26,6 +26,58 @@ pub enum Kind {
 pub struct Opts {
     pub max_pending: Option<usize>,
     pub kv: bool,
+    /// Two users: [`USER`] with every right, [`LIMITED`] with [`limited`]'s permissions.
+    pub perms: bool,
+}
+
+/// The user with permissions of [`Opts::perms`].
+pub const LIMITED: &str = "limited";
+pub const LIMITED_PASS: &str = "l1m1ted";
+
+/// [`LIMITED`]'s permissions: publish `app.>` but not `app.secret`, subscribe `app.>` (not
+/// `app.private.>`) and `_INBOX.>`, one response per request received.
+pub fn limited() -> ployz_nats_proto::Permissions {
+    use ployz_nats_proto::{Permissions, ResponsePermission, SubjectPermission};
+    Permissions {
+        publish: SubjectPermission {
+            allow: vec!["app.>".into()],
+            deny: vec!["app.secret".into()],
+        },
+        subscribe: SubjectPermission {
+            allow: vec!["app.>".into(), "_INBOX.>".into()],
+            deny: vec!["app.private.>".into()],
+        },
+        responses: Some(ResponsePermission::default()),
+    }
+}
+
+/// The same users as a nats-server `authorization` block.
+const LIMITED_CONF: &str = r#"authorization {
+  users = [
+    {user: "ployz", password: "s3cret"}
+    {user: "limited", password: "l1m1ted", permissions: {
+      publish: {allow: ["app.>"], deny: ["app.secret"]}
+      subscribe: {allow: ["app.>", "_INBOX.>"], deny: ["app.private.>"]}
+      allow_responses: true
+    }}
+  ]
+}
+"#;
+
+/// Our users for [`Opts::perms`].
+pub fn users() -> Vec<ployz_nats_proto::User> {
+    vec![
+        ployz_nats_proto::User {
+            user: USER.into(),
+            pass: PASS.into(),
+            permissions: None,
+        },
+        ployz_nats_proto::User {
+            user: LIMITED.into(),
+            pass: LIMITED_PASS.into(),
+            permissions: Some(std::sync::Arc::new(limited())),
+        },
+    ]
 }
 
 /// A `nats-server` child process, killed on drop.
@@ -115,12 +167,11 @@ impl Target {
                 } else {
                     None
                 };
-                let (server, addr) = start_ours(
-                    "ployzd-test",
-                    our_config("ployzd-test", opts.max_pending),
-                    node.clone(),
-                )
-                .await;
+                let mut cfg = our_config("ployzd-test", opts.max_pending);
+                if opts.perms {
+                    cfg.credentials = Some(Credentials::Users(users()));
+                }
+                let (server, addr) = start_ours("ployzd-test", cfg, node.clone()).await;
                 Target {
                     kind,
                     addr,
@@ -134,9 +185,15 @@ impl Target {
                 let port = free_port();
                 let store = dir.path().join("js");
                 let mut cmd = Command::new("nats-server");
-                cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
-                    .args(["--user", USER, "--pass", PASS])
-                    .args(["-js", "-sd"])
+                cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+                if opts.perms {
+                    let conf = dir.path().join("users.conf");
+                    std::fs::write(&conf, LIMITED_CONF).expect("write conf");
+                    cmd.arg("-c").arg(&conf);
+                } else {
+                    cmd.args(["--user", USER, "--pass", PASS]);
+                }
+                cmd.args(["-js", "-sd"])
                     .arg(&store)
                     .stdout(Stdio::null())
                     .stderr(Stdio::null());
