@@ -57,6 +57,7 @@ both!(
     kv_consumer_before_its_subscription,
     malformed_protocol,
     permissions,
+    tls,
 );
 
 async fn next_msg(sub: &mut async_nats::Subscriber) -> async_nats::Message {
@@ -1189,5 +1190,44 @@ async fn permissions(kind: Kind) {
         assert!(rest.contains("-ERR 'Authorization Violation'"), "{rest}");
         assert!(limited().await.is_err(), "a removed user logged in");
     }
+    t.stop().await;
+}
+
+/// A TLS listener, nats-server's way: INFO in clear with `tls_required`, then the handshake. A
+/// client trusting the CA works; one without it, and a plaintext CONNECT, are refused.
+async fn tls(kind: Kind) {
+    let t = Target::start(
+        kind,
+        Opts {
+            tls: true,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let ca = t.ca_pem.clone().expect("a TLS target has a CA");
+    let c = common::opts()
+        .tls_client_config(common::client_tls(&ca))
+        .connect(t.url())
+        .await
+        .expect("a client trusting the CA connects");
+    let mut sub = c.subscribe("tls.x").await.unwrap();
+    c.flush().await.unwrap();
+    c.publish("tls.x", "secret".into()).await.unwrap();
+    assert_eq!(&next_msg(&mut sub).await.payload[..], b"secret");
+    let untrusted = tokio::time::timeout(WAIT, common::opts().connect(t.url())).await;
+    assert!(
+        !matches!(untrusted, Ok(Ok(_))),
+        "a client without the CA connected"
+    );
+    let (mut raw, info) = Raw::connect(t.addr).await;
+    assert!(info.contains("\"tls_required\":true"), "{info}");
+    raw.send(&Raw::connect_line("")).await;
+    raw.send("PING\r\n").await;
+    let (rest, closed) = raw.read_for(WAIT).await;
+    assert!(closed, "a plaintext client stayed connected: {rest}");
+    assert!(
+        !rest.contains("PONG"),
+        "a plaintext client was served: {rest}"
+    );
     t.stop().await;
 }
