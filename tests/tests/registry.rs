@@ -6,7 +6,7 @@
 //! OCI manifest); a wrong tag, a wrong password and an unreachable host
 //! fail with their exit codes and change nothing.
 
-use ployz_tests::images::{busybox_image, padded_busybox_image};
+use ployz_tests::images::{busybox_image, noisy_busybox_image, padded_busybox_image};
 use ployz_tests::netns::{Host, Testbed};
 use ployz_tests::{bin, eventually, stdout, Machine};
 use serde_json::Value;
@@ -854,6 +854,26 @@ fn bearer_token_registry_login_and_deploy() {
         .unwrap()
         .clone();
     assert_eq!(svc["manifest_digest"], want.as_str(), "{svc:#}");
+
+    // A pull that takes a while reports its bytes; without a terminal the
+    // transfer prints one line with the image's size, not one per report.
+    let noisy = noisy_busybox_image(tmp.path(), "ployz-noisy", HTTPD, 3 << 20);
+    let noisy_ref = format!("{}/ployz/noisy:1", reg.addr);
+    skopeo_push(
+        &tb.hosts[0],
+        &noisy,
+        &noisy_ref,
+        Some(&format!("{USER}:{PASSWORD}")),
+    );
+    let o = ms[0].ctl(&["deploy", "service", "noisy", "--image", &noisy_ref]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    let pulls: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with(&format!("[noisy] image pull {noisy_ref}")))
+        .collect();
+    assert_eq!(pulls.len(), 1, "{err}");
+    assert!(pulls[0].ends_with(" MiB)"), "{err}");
     for m in &ms {
         assert!(!m.log().contains(PASSWORD), "the password is in a log");
     }

@@ -3,12 +3,14 @@
 
 use super::pulls::PullSource;
 use super::Workloads;
-use crate::errors::{internal, invalid, note, ProgressSink};
+use crate::errors::{internal, invalid, note, note_bytes, ProgressSink};
 use crate::store::{self, put};
 use ployz_api::*;
 use ployz_consensus::Expect;
 use ployz_runtime::image::{ImageInfo, ImageStore};
 use ployz_runtime::registry::{self, Access, ImageRef, RegistryError};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 /// Checks `host[:port]` as it appears in image references.
 fn check_host(host: &str) -> Result<(), ApiError> {
@@ -150,7 +152,33 @@ impl Workloads {
         note(sink, service, "image", format!("pulling {}", r.canonical()));
         let store = self.image_store()?;
         let started = std::time::Instant::now();
-        let pulled = registry::pull(&store, &r, &access).await.map_err(|e| {
+        let progress = registry::PullProgress::default();
+        let pull = registry::pull(&store, &r, &access, &progress);
+        tokio::pin!(pull);
+        // Twice a second, how far the pull got (a bar on a terminal).
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let message = format!("pull {}", r.canonical());
+        let pulled = loop {
+            tokio::select! {
+                res = &mut pull => break res,
+                _ = tick.tick() => {
+                    let total = progress.total.load(Ordering::Relaxed);
+                    if total > 0 {
+                        note_bytes(
+                            sink,
+                            service,
+                            "image",
+                            &message,
+                            progress.done.load(Ordering::Relaxed),
+                            Some(total),
+                        );
+                    }
+                }
+            }
+        };
+        let pulled = pulled.map_err(|e| {
             self.pulls.failed(PullSource::Registry);
             pull_error(e)
         })?;
@@ -197,10 +225,13 @@ impl Workloads {
         }
         let access = self.access(&r.host).await?;
         let started = std::time::Instant::now();
-        let pulled = registry::pull(store, &r, &access).await.map_err(|e| {
-            self.pulls.failed(PullSource::Registry);
-            pull_error(e)
-        })?;
+        let progress = registry::PullProgress::default();
+        let pulled = registry::pull(store, &r, &access, &progress)
+            .await
+            .map_err(|e| {
+                self.pulls.failed(PullSource::Registry);
+                pull_error(e)
+            })?;
         if pulled.info.digest != digest {
             self.pulls.failed(PullSource::Registry);
             return Err(pull_error(RegistryError::DigestMismatch {
