@@ -179,6 +179,9 @@ pub struct DeployRequest {
     pub health_retries: Option<u32>,
     #[serde(default)]
     pub health_start_period: Option<String>,
+    /// Published ports, `[IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]`.
+    #[serde(default)]
+    pub publish: Vec<String>,
 }
 
 /// A password on the wire: serialized as the plain string, but its `Debug`
@@ -495,6 +498,9 @@ pub struct ServiceView {
     /// How its instances are probed (`null`: they are not).
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
+    /// Published ports as `[IP:]HOST_PORT:CONTAINER_PORT/PROTO`.
+    #[serde(default)]
+    pub ports: Vec<String>,
     pub instances: Vec<InstanceView>,
 }
 
@@ -1007,6 +1013,7 @@ mod tests {
                 retries: 3,
                 start_period_ms: 0,
             }),
+            ports: vec!["8080:80/tcp".into()],
             instances: vec![instance],
         }]});
         let mut keys = Default::default();

@@ -193,6 +193,9 @@ enum DeployCmd {
         /// Failed probes do not count for this long after a start [default: 0s].
         #[arg(long)]
         health_start_period: Option<String>,
+        /// Publish [IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp] on every serving machine (repeatable).
+        #[arg(short = 'p', long = "publish")]
+        publish: Vec<String>,
         /// Command to run instead of the image's default.
         #[arg(last = true)]
         command: Vec<String>,
@@ -544,6 +547,7 @@ fn request_of(cmd: Top) -> Request {
                     health_timeout,
                     health_retries,
                     health_start_period,
+                    publish,
                     command,
                 }),
             ..
@@ -565,6 +569,7 @@ fn request_of(cmd: Top) -> Request {
             health_timeout,
             health_retries,
             health_start_period,
+            publish,
         })),
         Top::Service(ServiceCmd::Ls) => Request::ServiceList,
         Top::Service(ServiceCmd::Rm { name }) => Request::ServiceRm { name },

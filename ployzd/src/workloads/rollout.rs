@@ -364,6 +364,7 @@ mod tests {
             deployed_by: None,
             project: None,
             health: None,
+            ports: vec![],
         }
     }
 
