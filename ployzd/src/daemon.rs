@@ -5,7 +5,7 @@
 //! Who depends on whom (arrows point down, never up or sideways back):
 //!
 //! ```text
-//!   api (routing) ─▶ provisioning ─▶ cluster ─▶ workloads ─▶ ops, overlay ─▶ control ─▶ store ─▶ peer
+//!   api (routing) ─▶ provisioning ─▶ cluster ─▶ workloads ─▶ ingress, ops, overlay ─▶ control ─▶ store ─▶ peer
 //! ```
 
 use crate::cluster::{Cluster, ClusterConfig};
