@@ -53,6 +53,9 @@ impl Workloads {
         self.store.require_network().await?;
         let ports = ployz_api::ports::parse_publishes(&req.publish).map_err(invalid)?;
         self.check_ports(&req.name, &ports, sink).await?;
+        if let Some(user) = &req.nats_user {
+            self.control.require_user(user).await?;
+        }
         let op = self
             .ops
             .begin(OpKind::Deploy, &req.name, OpDetail::default())
@@ -253,6 +256,7 @@ impl Workloads {
                         .or_else(|| cur.and_then(|c| c.project.clone())),
                     health: health.clone(),
                     ports: ports.clone(),
+                    nats_user: req.nats_user.clone(),
                 }))
             })
             .await

@@ -492,6 +492,7 @@ mod tests {
             health_retries: None,
             health_start_period: None,
             publish: vec![],
+            nats_user: None,
         }
     }
 
