@@ -11,6 +11,8 @@
 //! `deploy.resources.limits` (`memory`, `cpus`), `depends_on` (list, or map
 //! with `condition: service_started` or `service_healthy`), `healthcheck`
 //! (`test`, `interval`, `timeout`, `retries`, `start_period`, `disable`),
+//! `ports` (short syntax, or long with `target`, `published`, `protocol`,
+//! `host_ip`),
 //! `restart` (ployz always restarts).
 
 use crate::wire::DeployRequest;
@@ -539,6 +541,7 @@ pub fn parse(
                     }
                 }
                 "healthcheck" => healthcheck(&mut cx, &mut d, v, &path, *line)?,
+                "ports" => ports(&mut cx, &mut d, v, &path)?,
                 "container_name" | "hostname" => cx.flag(path, *line),
                 _ => cx.flag(path, *line),
             }
@@ -616,6 +619,61 @@ pub fn parse(
         deploys: out,
         unsupported,
     })
+}
+
+/// A compose `ports:` list as `--publish` specs: short syntax
+/// (`[IP:]HOST:CONTAINER[/PROTO]`) or long (`target`, `published`,
+/// `protocol`, `host_ip`; `mode: ingress` is what ployz does anyway).
+fn ports(
+    cx: &mut Ctx<'_>,
+    d: &mut DeployRequest,
+    v: &Node,
+    path: &str,
+) -> Result<(), ComposeError> {
+    let Node::Seq(items, _) = v else {
+        return Err(invalid(format!("line {}: ports must be a list", v.line())));
+    };
+    for item in items {
+        let l = item.line();
+        let spec = match item {
+            Node::Scalar(..) => cx.scalar(item, "ports")?,
+            Node::Map(kvs, _) => {
+                let (mut target, mut published, mut proto, mut ip) = (None, None, None, None);
+                for (k, kl, kv) in kvs {
+                    let val = || cx.scalar(kv, &format!("ports.{k}"));
+                    match k.as_str() {
+                        "target" => target = Some(val()?),
+                        "published" => published = Some(val()?),
+                        "protocol" => proto = Some(val()?),
+                        "host_ip" => ip = Some(val()?),
+                        "mode" if val()? == "ingress" => {}
+                        _ => cx.flag(format!("{path}.{k}"), *kl),
+                    }
+                }
+                let (Some(t), Some(p)) = (target, published) else {
+                    return Err(invalid(format!(
+                        "line {l}: a port needs `target:` and `published:` (ployz does not pick host ports)"
+                    )));
+                };
+                let mut s = format!("{p}:{t}");
+                if let Some(ip) = ip {
+                    s = format!("{ip}:{s}");
+                }
+                if let Some(proto) = proto {
+                    s = format!("{s}/{proto}");
+                }
+                s
+            }
+            Node::Seq(..) => {
+                return Err(invalid(format!(
+                    "line {l}: a port must be `HOST:CONTAINER` or a mapping"
+                )))
+            }
+        };
+        crate::ports::parse_publish(&spec).map_err(|e| invalid(format!("line {l}: {e}")))?;
+        d.publish.push(spec);
+    }
+    Ok(())
 }
 
 /// A compose `healthcheck:` as the deploy's health fields. `test` is
@@ -931,13 +989,17 @@ networks:
     }
 
     #[test]
-    fn depends_on_service_healthy_and_ports_refused() {
+    fn depends_on_service_healthy_and_ports() {
         let t = "\
 services:
   web:
     image: x
     ports:
       - \"8080:80\"
+      - target: 53
+        published: 5353
+        protocol: udp
+        host_ip: 127.0.0.1
     depends_on:
       db:
         condition: service_healthy
@@ -954,10 +1016,16 @@ services:
             .iter()
             .map(|u| (u.key.clone(), u.line))
             .collect();
-        assert_eq!(got, [("services.web.ports".to_string(), 4)]);
+        assert!(got.is_empty(), "{got:?}");
+        assert_eq!(c.deploys[1].publish, ["8080:80", "127.0.0.1:5353:53/udp"]);
         let t = t.replace("service_healthy", "service_completed_successfully");
         let c = parse(&t, "p", &env, &no_files).unwrap();
-        assert_eq!(c.unsupported[1].key, "services.web.depends_on.db.condition");
+        assert_eq!(c.unsupported[0].key, "services.web.depends_on.db.condition");
+        let bad = t.replace("\"8080:80\"", "\"80\"");
+        assert!(parse(&bad, "p", &env, &no_files)
+            .unwrap_err()
+            .to_string()
+            .contains("line 5: --publish `80`"));
     }
 
     #[test]

@@ -10,9 +10,11 @@
 
 pub mod compose;
 pub mod invite;
+pub mod ports;
 pub mod records;
 pub mod time;
 pub mod wire;
 
+pub use ports::{Protocol, PublishedPort};
 pub use records::*;
 pub use wire::*;

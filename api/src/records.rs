@@ -563,6 +563,9 @@ pub struct ServiceRecord {
     /// How its instances are probed; `None`: they are not (health `none`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthCheck>,
+    /// Host ports every serving machine forwards to its instances.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::ports::PublishedPort>,
     /// The NATS app user whose `NATS_URL` its instances get.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nats_user: Option<String>,

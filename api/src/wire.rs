@@ -200,6 +200,9 @@ pub struct DeployRequest {
     pub health_retries: Option<u32>,
     #[serde(default)]
     pub health_start_period: Option<String>,
+    /// Published ports, `[IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]`.
+    #[serde(default)]
+    pub publish: Vec<String>,
     /// `--nats-user NAME`: instances get `NATS_URL` with that app user's
     /// credentials and their machine's overlay address.
     #[serde(default)]
@@ -553,6 +556,9 @@ pub struct ServiceView {
     /// How its instances are probed (`null`: they are not).
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
+    /// Published ports as `[IP:]HOST_PORT:CONTAINER_PORT/PROTO`.
+    #[serde(default)]
+    pub ports: Vec<String>,
     pub instances: Vec<InstanceView>,
 }
 
@@ -1069,6 +1075,7 @@ mod tests {
                 retries: 3,
                 start_period_ms: 0,
             }),
+            ports: vec!["8080:80/tcp".into()],
             instances: vec![instance],
         }]});
         let mut keys = Default::default();

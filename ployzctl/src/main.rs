@@ -193,6 +193,9 @@ enum DeployCmd {
         /// Failed probes do not count for this long after a start [default: 0s].
         #[arg(long)]
         health_start_period: Option<String>,
+        /// Publish [IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp] on every serving machine (repeatable).
+        #[arg(short = 'p', long = "publish")]
+        publish: Vec<String>,
         /// Give the instances `NATS_URL` with this NATS app user's credentials (`nats user add`).
         #[arg(long)]
         nats_user: Option<String>,
@@ -591,6 +594,7 @@ fn request_of(cmd: Top) -> Request {
                     health_timeout,
                     health_retries,
                     health_start_period,
+                    publish,
                     nats_user,
                     command,
                 }),
@@ -613,6 +617,7 @@ fn request_of(cmd: Top) -> Request {
             health_timeout,
             health_retries,
             health_start_period,
+            publish,
             nats_user,
         })),
         Top::Service(ServiceCmd::Ls) => Request::ServiceList,

@@ -103,12 +103,19 @@ const RTT_COLUMNS: [Column<RttRow>; 4] = [
 /// One row per instance; a service without instances gets one row of dashes.
 type InstanceRow<'a> = (&'a ServiceView, Option<&'a InstanceView>);
 
-fn service_columns<'a>() -> [Column<InstanceRow<'a>>; 11] {
+fn service_columns<'a>() -> [Column<InstanceRow<'a>>; 12] {
     [
         ("PROJECT", |(s, _)| opt(&s.project)),
         ("SERVICE", |(s, _)| s.name.clone()),
         ("IMAGE", |(s, _)| s.image.clone()),
         ("REPLICAS", |(s, _)| s.replicas.to_string()),
+        ("PORTS", |(s, _)| {
+            if s.ports.is_empty() {
+                "-".into()
+            } else {
+                s.ports.join(",")
+            }
+        }),
         ("MACHINE", |(_, i)| {
             i.map_or("-".into(), |i| i.machine.clone())
         }),
@@ -729,6 +736,7 @@ a1b2c3d4e5f6   b              -        -
             generation: 1,
             volumes: vec![],
             health_check: None,
+            ports: vec![],
             instances,
         };
         let services = [
@@ -757,10 +765,10 @@ a1b2c3d4e5f6   b              -        -
         assert_eq!(
             services_table(&services),
             "\
-PROJECT   SERVICE   IMAGE   REPLICAS   MACHINE        SLOT   STATE                           HEALTH      RESTARTS   LAST EXIT   OVERLAY IP
--         web       web:1   2          a1b2c3d4e5f6   0      running                         -           0          -           10.101.1.2
--         web       web:1   2          0f0f0f0f0f0f   1      running (machine unreachable)   unhealthy   4          3           -
--         idle      web:1   0          -              -      -                               -           -          -           -
+PROJECT   SERVICE   IMAGE   REPLICAS   PORTS   MACHINE        SLOT   STATE                           HEALTH      RESTARTS   LAST EXIT   OVERLAY IP
+-         web       web:1   2          -       a1b2c3d4e5f6   0      running                         -           0          -           10.101.1.2
+-         web       web:1   2          -       0f0f0f0f0f0f   1      running (machine unreachable)   unhealthy   4          3           -
+-         idle      web:1   0          -       -              -      -                               -           -          -           -
 "
         );
     }

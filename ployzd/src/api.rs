@@ -197,6 +197,9 @@ impl Daemon {
                     .await
                     .map(PeerResponse::Logs),
             ),
+            PeerRequest::CheckPorts { service, ports } => {
+                PeerResponse::PortOwners(self.ingress.check_ports(&service, &ports))
+            }
             PeerRequest::DropVolume { name } => answer(
                 self.workloads
                     .drop_volume(&name)

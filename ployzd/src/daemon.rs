@@ -5,12 +5,13 @@
 //! Who depends on whom (arrows point down, never up or sideways back):
 //!
 //! ```text
-//!   api (routing) ─▶ provisioning ─▶ cluster ─▶ workloads ─▶ ops, overlay ─▶ control ─▶ store ─▶ peer
+//!   api (routing) ─▶ provisioning ─▶ cluster ─▶ workloads ─▶ ingress, ops, overlay ─▶ control ─▶ store ─▶ peer
 //! ```
 
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::control::ControlPlane;
 use crate::identity::Identity;
+use crate::ingress::Ingress;
 use crate::ops::Operations;
 use crate::overlay::{Overlay, OverlayConfig};
 use crate::provisioning::Provisioning;
@@ -68,6 +69,8 @@ pub struct Daemon {
     pub(crate) control: Arc<ControlPlane>,
     pub(crate) overlay: Arc<Overlay>,
     pub(crate) workloads: Arc<Workloads>,
+    /// Published ports and internal DNS.
+    pub(crate) ingress: Arc<Ingress>,
     pub(crate) cluster: Arc<Cluster>,
     pub(crate) provisioning: Provisioning,
     /// Logins and sessions of the web dashboard.
@@ -102,6 +105,7 @@ impl Daemon {
             store.clone(),
             control.clone(),
         ));
+        let ingress = Arc::new(Ingress::new(store.clone()));
         let workloads = Arc::new(Workloads::new(
             WorkloadsConfig {
                 data_dir: cfg.data_dir.clone(),
@@ -111,6 +115,7 @@ impl Daemon {
             control.clone(),
             overlay.clone(),
             ops.clone(),
+            ingress.clone(),
         ));
         let cluster = Arc::new(Cluster::new(
             ClusterConfig {
@@ -150,6 +155,7 @@ impl Daemon {
             control,
             overlay,
             workloads,
+            ingress,
             cluster,
             provisioning,
             dashboard: Default::default(),
@@ -183,8 +189,10 @@ impl Daemon {
     /// reconciler, the relay of store events, and the upkeep loop.
     pub async fn run(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
         let reconciler = tokio::spawn(self.workloads.clone().run(stop.clone()));
+        let ingress = tokio::spawn(self.ingress.clone().run(stop.clone()));
         self.upkeep(stop).await;
         let _ = reconciler.await;
+        let _ = ingress.await;
     }
 
     /// Periodic upkeep: bring the mesh up and keep its peers equal to the

@@ -23,6 +23,7 @@ pub mod doctor;
 pub mod errors;
 pub mod http;
 pub mod identity;
+pub mod ingress;
 pub mod metrics;
 pub mod ops;
 pub mod overlay;

@@ -49,11 +49,53 @@ impl Daemon {
         self.mesh_metrics(&mut reg).await;
         self.workload_metrics(&mut reg).await;
         self.operation_metrics(&mut reg).await;
+        self.ingress_metrics(&mut reg);
         let mut out = String::new();
         if let Err(e) = encode(&mut out, &reg) {
             tracing::warn!("encoding metrics: {e}");
         }
         to_prometheus_text(&out)
+    }
+
+    /// Published-port forwarding and internal DNS (`ingress`).
+    fn ingress_metrics(&self, reg: &mut Registry) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.ingress.stats;
+        let family = |rows: &[(&str, &AtomicU64)]| {
+            let f: Family<Labels, Counter> = Family::default();
+            for (label, v) in rows {
+                f.get_or_create(&vec![("protocol".to_string(), label.to_string())])
+                    .inc_by(v.load(Relaxed));
+            }
+            f
+        };
+        reg.register(
+            "ployz_published_connections_forwarded",
+            "Connections (TCP) and flows (UDP) to published ports forwarded to an instance",
+            family(&[("tcp", &s.tcp_forwarded), ("udp", &s.udp_flows)]),
+        );
+        reg.register(
+            "ployz_published_connections_failed",
+            "Connections and flows to published ports no healthy instance accepted",
+            family(&[("tcp", &s.tcp_failed), ("udp", &s.udp_failed)]),
+        );
+        let d = &s.dns;
+        let queries: Family<Labels, Counter> = Family::default();
+        for (result, v) in [
+            ("answered", &d.answered),
+            ("nxdomain", &d.nxdomain),
+            ("forwarded", &d.forwarded),
+            ("failed", &d.failed),
+        ] {
+            queries
+                .get_or_create(&vec![("result".to_string(), result.to_string())])
+                .inc_by(v.load(Relaxed));
+        }
+        reg.register(
+            "ployz_dns_queries",
+            "Queries to this machine's internal resolver, by result",
+            queries,
+        );
     }
 
     fn raft_metrics(&self, reg: &mut Registry) {

@@ -221,6 +221,17 @@ impl DockerRuntime {
                 memory: spec.memory_limit.map(|m| m as i64),
                 cpu_shares: spec.cpu_shares.map(|c| c as i64),
                 network_mode: Some(network_mode),
+                // The machine's resolver answers `SERVICE.internal`.
+                dns: spec
+                    .network
+                    .as_ref()
+                    .and_then(|a| a.dns)
+                    .map(|d| vec![d.to_string()]),
+                dns_search: spec
+                    .network
+                    .as_ref()
+                    .and_then(|a| a.dns)
+                    .map(|_| vec![crate::DNS_SEARCH.to_string()]),
                 ..Default::default()
             }),
             networking_config,
@@ -636,12 +647,13 @@ mod tests {
             prefix: 24,
             gateway: "10.101.3.1".parse().unwrap(),
             mtu: Some(1420),
+            dns: Some("10.101.3.1".parse().unwrap()),
         });
         let b = DockerRuntime::create_body(&s).unwrap();
-        assert_eq!(
-            b.host_config.unwrap().network_mode.as_deref(),
-            Some("plzbr0")
-        );
+        let hc = b.host_config.unwrap();
+        assert_eq!(hc.network_mode.as_deref(), Some("plzbr0"));
+        assert_eq!(hc.dns, Some(vec!["10.101.3.1".to_string()]));
+        assert_eq!(hc.dns_search, Some(vec!["internal".to_string()]));
         let ep = &b.networking_config.unwrap().endpoints_config.unwrap()["plzbr0"];
         assert_eq!(
             ep.ipam_config.as_ref().unwrap().ipv4_address.as_deref(),

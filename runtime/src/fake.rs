@@ -209,6 +209,7 @@ mod tests {
             prefix: 24,
             gateway: net.gateway,
             mtu: None,
+            dns: None,
         });
         let e = rt.create(&spec).await.unwrap_err();
         assert!(e.to_string().contains("ensure_network"), "{e}");

@@ -283,8 +283,28 @@ impl HostEngine {
         plan: &RootfsPlan,
         bundle: &Path,
     ) -> Result<(), RuntimeError> {
-        let oci = oci_spec(spec, plan)?;
+        let mut oci = oci_spec(spec, plan)?;
         fs::create_dir_all(bundle).map_err(io_err("create bundle directory", bundle))?;
+        if let Some(dns) = spec.network.as_ref().and_then(|a| a.dns) {
+            // Bound over the image's own file (read-only: the machine's
+            // resolver is the one to use).
+            let conf = bundle.join("resolv.conf");
+            fs::write(&conf, crate::resolv_conf(dns)).map_err(io_err("write", &conf))?;
+            let mut mounts = oci.mounts().clone().unwrap_or_default();
+            mounts.push(
+                libcontainer::oci_spec::runtime::MountBuilder::default()
+                    .destination("/etc/resolv.conf")
+                    .typ("bind")
+                    .source(conf)
+                    .options(vec!["rbind".to_string(), "ro".to_string()])
+                    .build()
+                    .map_err(|e| RuntimeError::Spec {
+                        id: spec.id.clone(),
+                        reason: format!("resolv.conf mount: {e}"),
+                    })?,
+            );
+            oci.set_mounts(Some(mounts));
+        }
         let config = bundle.join("config.json");
         oci.save(&config).map_err(|e| RuntimeError::Spec {
             id: spec.id.clone(),

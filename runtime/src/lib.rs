@@ -176,6 +176,14 @@ impl WorkloadSpec {
     }
 }
 
+/// The search domain written next to [`NetworkAttachment::dns`].
+pub const DNS_SEARCH: &str = "internal";
+
+/// The `/etc/resolv.conf` of a workload whose resolver is `dns`.
+pub fn resolv_conf(dns: Ipv4Addr) -> String {
+    format!("nameserver {dns}\nsearch {DNS_SEARCH}\noptions ndots:1\n")
+}
+
 /// The machine's workload bridge: it holds `gateway/prefix` (e.g. 10.101.3.1/24,
 /// the machine's slice of the cluster range; the mesh interface may hold the
 /// same address) and the kernel forwards between it and the mesh.
@@ -263,6 +271,11 @@ pub struct NetworkAttachment {
     /// backend takes the network's instead.
     #[serde(default)]
     pub mtu: Option<u16>,
+    /// The resolver the workload uses (host: its `/etc/resolv.conf`, with
+    /// `search internal`; docker: `--dns`). `None`: the image's own file
+    /// (host) or docker's default.
+    #[serde(default)]
+    pub dns: Option<Ipv4Addr>,
 }
 
 impl NetworkAttachment {
@@ -657,6 +670,7 @@ mod tests {
             prefix: 24,
             gateway: Ipv4Addr::new(10, 101, 3, 1),
             mtu: Some(1420),
+            dns: None,
         };
         s.network = Some(att.clone());
         s.validate().unwrap();

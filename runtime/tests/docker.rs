@@ -263,6 +263,7 @@ async fn docker_network_fixed_address_is_routable() {
         prefix: 24,
         gateway,
         mtu: Some(1420),
+        dns: None,
     });
     rt.create(&spec).await.unwrap();
     rt.start(&id).await.unwrap();

@@ -308,6 +308,7 @@ async fn workloads_on_a_bridge_reach_each_other_and_the_mesh() {
         prefix: 24,
         gateway,
         mtu: Some(1420),
+        dns: None,
     };
     let a = unique("net-a");
     let b = unique("net-b");

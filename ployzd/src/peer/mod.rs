@@ -188,6 +188,11 @@ pub enum PeerRequest {
         slot: u32,
         tail: usize,
     },
+    /// Could this machine listen on these host ports for `service`?
+    CheckPorts {
+        service: String,
+        ports: Vec<ployz_api::PublishedPort>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -220,6 +225,8 @@ pub enum PeerResponse {
         bytes: Option<u64>,
     },
     Logs(String),
+    /// Per port asked by `CheckPorts`: `None` free, else who holds it.
+    PortOwners(Vec<Option<String>>),
     Error(ApiError),
 }
 

@@ -15,6 +15,7 @@ struct Checked {
     volumes: Vec<VolumeSpec>,
     memory_limit: Option<u64>,
     health: Option<HealthCheck>,
+    ports: Vec<PublishedPort>,
 }
 
 impl Workloads {
@@ -50,6 +51,8 @@ impl Workloads {
             ));
         }
         self.store.require_network().await?;
+        let ports = ployz_api::ports::parse_publishes(&req.publish).map_err(invalid)?;
+        self.check_ports(&req.name, &ports, sink).await?;
         if let Some(user) = &req.nats_user {
             self.control.require_user(user).await?;
         }
@@ -67,6 +70,7 @@ impl Workloads {
                     volumes,
                     memory_limit,
                     health,
+                    ports,
                 },
                 sink,
             )
@@ -142,6 +146,7 @@ impl Workloads {
             volumes,
             memory_limit,
             health,
+            ports,
         } = checked;
         let unchanged = |e: ApiError| (false, e);
         let changed = |e: ApiError| (true, e);
@@ -250,6 +255,7 @@ impl Workloads {
                         .clone()
                         .or_else(|| cur.and_then(|c| c.project.clone())),
                     health: health.clone(),
+                    ports: ports.clone(),
                     nats_user: req.nats_user.clone(),
                 }))
             })
@@ -518,6 +524,7 @@ impl Workloads {
                 .map(|v| format!("{}:{}", v.name, v.target))
                 .collect(),
             health_check: svc.health.clone(),
+            ports: svc.ports.iter().map(|p| p.to_string()).collect(),
             instances: svc
                 .placements
                 .iter()

@@ -27,6 +27,7 @@ mod images;
 mod migrate;
 pub mod placement;
 mod probe;
+mod publish;
 pub mod pulls;
 mod reconcile;
 mod registries;
@@ -103,6 +104,9 @@ pub struct Workloads {
     control: Arc<ControlPlane>,
     overlay: Arc<Overlay>,
     ops: Arc<Operations>,
+    /// Published ports and internal DNS of this machine (port checks, the
+    /// resolver address workloads use).
+    ingress: Arc<crate::ingress::Ingress>,
     /// The runtime and image store, opened on first use.
     engine: OnceLock<Engine>,
     engine_init: std::sync::Mutex<()>,
@@ -123,6 +127,7 @@ impl Workloads {
         control: Arc<ControlPlane>,
         overlay: Arc<Overlay>,
         ops: Arc<Operations>,
+        ingress: Arc<crate::ingress::Ingress>,
     ) -> Workloads {
         Workloads {
             cfg,
@@ -130,6 +135,7 @@ impl Workloads {
             control,
             overlay,
             ops,
+            ingress,
             engine: OnceLock::new(),
             engine_init: std::sync::Mutex::new(()),
             images: std::sync::Mutex::new(None),

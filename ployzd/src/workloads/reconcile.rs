@@ -417,6 +417,8 @@ impl Workloads {
             prefix,
             gateway,
             mtu: Some(crate::overlay::MTU),
+            // The machine's resolver (`ingress::dns`) listens there.
+            dns: Some(gateway),
         });
         // A restart in the same generation keeps how the last run ended and
         // counts itself; a new generation starts afresh.

@@ -365,6 +365,7 @@ mod tests {
             deployed_by: None,
             project: None,
             health: None,
+            ports: vec![],
         }
     }
 

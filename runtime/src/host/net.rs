@@ -465,6 +465,7 @@ mod tests {
             prefix: 24,
             gateway: Ipv4Addr::new(10, 101, 3, 1),
             mtu: None,
+            dns: None,
         };
         let fake = RecordingNetConfig::default();
         for (ns, ops) in attach_plan(4242, "plzabcdef012345", &att) {
@@ -521,6 +522,7 @@ mod tests {
             prefix: 24,
             gateway: Ipv4Addr::new(10, 101, 3, 1),
             mtu: Some(1420),
+            dns: None,
         };
         let [(_, host), _] = attach_plan(4242, "plzabcdef012345", &att);
         assert_eq!(

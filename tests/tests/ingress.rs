@@ -1,0 +1,451 @@
+//! Reaching services on real ployzd machines (host runtime, 3 namespace
+//! hosts): a published port answers on every machine's underlay address,
+//! also where no instance runs, and keeps answering while an instance is
+//! killed; taken host ports are refused naming their owner; workloads
+//! resolve `web.internal` to exactly the healthy instances. And the docker
+//! runtime's containers get the resolver with `--dns`.
+//!
+//! Nothing here asserts a duration beyond generous bounds.
+
+use ployz_tests::images::busybox_image;
+use ployz_tests::netns::Testbed;
+use ployz_tests::{eventually, stderr, stdout, Machine};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const HTTPD: &[&str] = &["httpd", "-f", "-p", "8080", "-h", "/www"];
+
+/// `(machine, slot, overlay_ip, health)` of each instance of `service`.
+fn instances(m: &Machine, service: &str) -> Vec<(String, u64, String, String)> {
+    let v = m.ctl_json(&["service", "ls"]);
+    v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == service)
+        .flat_map(|s| s["instances"].as_array().unwrap().clone())
+        .map(|i| {
+            (
+                i["machine"].as_str().unwrap().to_string(),
+                i["slot"].as_u64().unwrap(),
+                i["overlay_ip"].as_str().unwrap_or("").to_string(),
+                i["health"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// GET `http://ip:port/index.html` from the root namespace (outside every
+/// machine), as an outside client would.
+fn get(ip: &str, port: u16) -> Result<String, String> {
+    let o = Command::new("curl")
+        .args([
+            "-sS",
+            "-f",
+            "-m",
+            "8",
+            &format!("http://{ip}:{port}/index.html"),
+        ])
+        .output()
+        .unwrap();
+    if o.status.success() {
+        Ok(stdout(&o))
+    } else {
+        Err(stderr(&o))
+    }
+}
+
+/// The host pid of workload `id`'s init on machine `m` (host runtime).
+fn workload_pid(m: &Machine, id: &str) -> Option<i32> {
+    let body = std::fs::read(
+        m.data_dir()
+            .join("runtime/state")
+            .join(id)
+            .join("state.json"),
+    )
+    .ok()?;
+    let v: Value = serde_json::from_slice(&body).ok()?;
+    v["pid"].as_i64().map(|p| p as i32).filter(|p| *p > 1)
+}
+
+fn workload_id(machine: &str, service: &str, slot: u64) -> String {
+    format!("plz-{}-{service}-{slot}", &machine[..machine.len().min(8)])
+}
+
+/// Runs `busybox ARGS` inside the workload with init `pid` (its mount and
+/// network namespaces: its own /etc/resolv.conf, its own address).
+fn in_workload(pid: i32, args: &[&str]) -> std::process::Output {
+    Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-m", "-n", "/bin/busybox"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The addresses `name` resolves to inside the workload (`None`: the
+/// lookup failed, e.g. NXDOMAIN).
+fn resolve(pid: i32, name: &str) -> Option<BTreeSet<String>> {
+    let o = in_workload(pid, &["nslookup", name]);
+    if !o.status.success() {
+        return None;
+    }
+    // busybox: "Server: …\nAddress: …:53\n\nName: web.internal\nAddress: 10.101.2.2\n"
+    let out = stdout(&o);
+    let answers = out.split_once("Name:")?.1;
+    Some(
+        answers
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Address:"))
+            .map(|a| a.trim().to_string())
+            .collect(),
+    )
+}
+
+/// A process holding a port inside a host namespace, killed on drop.
+struct Holder(Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn published_ports_answer_everywhere_and_dns_follows_health() {
+    let tb = Testbed::new(3);
+    let ms = ployz_tests::cluster_on(&tb, "ingress");
+    let ids: Vec<String> = ms.iter().map(|m| m.id()).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let image = busybox_image(tmp.path(), "ployz-ingress", HTTPD);
+    let image = image.to_str().unwrap();
+
+    // A process on machine 2 holds TCP 9090: publishing it is refused,
+    // naming the machine, and nothing is written.
+    let mut nc = tb.hosts[2].command("busybox");
+    nc.args(["httpd", "-f", "-p", "9090", "-h", "/"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let _holder = Holder(nc.spawn().unwrap());
+    let holds = eventually(Duration::from_secs(10), || {
+        let o = tb.hosts[2].sh("cat /proc/net/tcp /proc/net/tcp6");
+        // 9090 = 0x2382, state 0A = LISTEN.
+        stdout(&o)
+            .lines()
+            .any(|l| l.contains(":2382 ") && l.contains(" 0A "))
+            .then_some(())
+    });
+    assert!(holds.is_some(), "httpd did not listen on 9090");
+    let out = ms[0].ctl(&[
+        "deploy",
+        "service",
+        "taken",
+        "--image",
+        image,
+        "--publish",
+        "9090:8080",
+    ]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("a process on machine {}", ids[2])),
+        "{}",
+        stderr(&out)
+    );
+    let ls = ms[0].ctl_json(&["service", "ls"]);
+    assert_eq!(ls["services"].as_array().unwrap().len(), 0, "{ls:#}");
+    let ops = ms[0].ctl_json(&["op", "ls"]);
+    assert!(
+        !ops.to_string().contains("taken"),
+        "no operation for a refused deploy: {ops:#}"
+    );
+    // A malformed spec: exit 6 too.
+    let out = ms[0].ctl(&[
+        "deploy",
+        "service",
+        "bad",
+        "--image",
+        image,
+        "--publish",
+        "80",
+    ]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--publish `80`"), "{}", stderr(&out));
+
+    // Two healthy replicas of web published on 8080. The health check
+    // fails while /data/sick exists (a volume: it survives restarts).
+    let v = ms[0].deploy(&[
+        "web",
+        "--image",
+        image,
+        "--replicas",
+        "2",
+        "--publish",
+        "8080:8080",
+        "-v",
+        "webdata:/data",
+        "--health-cmd",
+        "test ! -e /data/sick",
+        "--health-interval",
+        "1s",
+        "--health-retries",
+        "1",
+        "--wait-secs",
+        "120",
+    ]);
+    assert_eq!(v["ports"], serde_json::json!(["8080:8080/tcp"]), "{v:#}");
+    let web = instances(&ms[0], "web");
+    assert_eq!(web.len(), 2, "{web:?}");
+    assert!(web.iter().all(|i| i.3 == "healthy"), "{web:?}");
+    let with: BTreeSet<&str> = web.iter().map(|i| i.0.as_str()).collect();
+    let without = ids
+        .iter()
+        .position(|id| !with.contains(id.as_str()))
+        .expect("a machine without an instance");
+    let table = stdout(&ms[0].ctl(&["service", "ls"]));
+    assert!(
+        table.contains("PORTS") && table.contains("8080:8080/tcp"),
+        "{table}"
+    );
+
+    // Every machine answers on its underlay address, also the one
+    // without an instance.
+    for (i, h) in tb.hosts.iter().enumerate() {
+        let ip = h.ip.to_string();
+        let page = eventually(Duration::from_secs(20), || get(&ip, 8080).ok());
+        assert!(
+            page.is_some(),
+            "machine {i} (instance: {}) does not forward 8080: {:?}\n{}",
+            i != without,
+            get(&ip, 8080),
+            ms[i].log()
+        );
+    }
+
+    // Another service cannot publish 8080; the owner is named.
+    let out = ms[1].ctl(&[
+        "deploy",
+        "service",
+        "other",
+        "--image",
+        image,
+        "--publish",
+        "8080:80",
+    ]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("published by service `web`"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(instances(&ms[0], "other").len(), 0);
+
+    // DNS: from inside an instance, web.internal is exactly the two
+    // instances, SLOT.web.internal one, unknown names NXDOMAIN.
+    let all: BTreeSet<String> = web.iter().map(|i| i.2.clone()).collect();
+    let (a_machine, a_slot) = (web[0].0.clone(), web[0].1);
+    let a_ms = ids.iter().position(|id| *id == a_machine).unwrap();
+    let a_pid = workload_pid(&ms[a_ms], &workload_id(&a_machine, "web", a_slot)).unwrap();
+    let conf = stdout(&in_workload(a_pid, &["cat", "/etc/resolv.conf"]));
+    assert!(
+        conf.contains("nameserver 10.") && conf.contains("search internal"),
+        "{conf}"
+    );
+    let got = eventually(Duration::from_secs(10), || {
+        resolve(a_pid, "web.internal").filter(|g| *g == all)
+    });
+    assert_eq!(
+        got.as_ref(),
+        Some(&all),
+        "{:?}",
+        resolve(a_pid, "web.internal")
+    );
+    let one = resolve(a_pid, &format!("{}.web.internal", web[1].1));
+    assert_eq!(one, Some(BTreeSet::from([web[1].2.clone()])));
+    assert_eq!(resolve(a_pid, "nothere.internal"), None);
+    // Short names through `search internal`.
+    assert_eq!(resolve(a_pid, "web"), Some(all.clone()));
+
+    // Kill instance A: requests to every machine keep succeeding (the
+    // other instance serves, over the mesh where needed).
+    // SAFETY: kill(2) with a pid read from the machine's runtime state.
+    unsafe { libc::kill(a_pid, libc::SIGKILL) };
+    let start = Instant::now();
+    let mut failures = Vec::new();
+    let mut n = 0;
+    while start.elapsed() < Duration::from_secs(8) {
+        for h in &tb.hosts {
+            n += 1;
+            if let Err(e) = get(&h.ip.to_string(), 8080) {
+                failures.push(format!("{}: {e}", h.ip));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {n} requests failed after the kill: {failures:?}",
+        failures.len()
+    );
+
+    // A comes back (restarted, healthy) and into DNS again.
+    let back = eventually(Duration::from_secs(60), || {
+        let w = instances(&ms[0], "web");
+        (w.len() == 2 && w.iter().all(|i| i.3 == "healthy")).then_some(())
+    });
+    assert!(back.is_some(), "{:?}", instances(&ms[0], "web"));
+    let a_pid = eventually(Duration::from_secs(10), || {
+        workload_pid(&ms[a_ms], &workload_id(&a_machine, "web", a_slot))
+    })
+    .unwrap();
+    let b_ip = web[1].2.clone();
+    let got = eventually(Duration::from_secs(10), || {
+        resolve(a_pid, "web.internal").filter(|g| *g == all)
+    });
+    assert_eq!(got.as_ref(), Some(&all));
+
+    // A turns unhealthy (and stays so across restarts): it leaves the
+    // answer, which is then exactly B.
+    let o = in_workload(a_pid, &["touch", "/data/sick"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let only_b = BTreeSet::from([b_ip.clone()]);
+    let b_machine = ids.iter().position(|id| *id == web[1].0).unwrap();
+    let b_pid = workload_pid(&ms[b_machine], &workload_id(&web[1].0, "web", web[1].1)).unwrap();
+    let got = eventually(Duration::from_secs(30), || {
+        resolve(b_pid, "web.internal").filter(|g| *g == only_b)
+    });
+    assert_eq!(
+        got.as_ref(),
+        Some(&only_b),
+        "{:?}",
+        instances(&ms[0], "web")
+    );
+    for _ in 0..5 {
+        assert_eq!(resolve(b_pid, "web.internal").as_ref(), Some(&only_b));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Names outside .internal go to the host's resolvers: none answers in
+    // a namespace host without one, so the lookup fails rather than
+    // hanging or answering NXDOMAIN itself.
+
+    // Metrics count what was forwarded.
+    let metrics = stdout(&ms[without].exec("curl", &["-s", "http://127.0.0.1:9101/metrics"]));
+    let forwarded = metrics
+        .lines()
+        .find(|l| l.starts_with("ployz_published_connections_forwarded_total{protocol=\"tcp\"}"))
+        .and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok());
+    assert!(forwarded.is_some_and(|n| n > 0), "{metrics}");
+    assert!(
+        metrics.contains("ployz_dns_queries_total{result=\"answered\"}"),
+        "{metrics}"
+    );
+
+    // rm: every machine stops listening.
+    ms[0].ctl_json(&["service", "rm", "web"]);
+    for h in &tb.hosts {
+        let ip = h.ip.to_string();
+        let gone = eventually(Duration::from_secs(10), || get(&ip, 8080).err());
+        assert!(gone.is_some(), "{ip} still answers 8080 after rm");
+    }
+}
+
+/// The docker runtime's containers resolve through the machine's resolver
+/// (`--dns` with the bridge gateway).
+#[test]
+fn docker_containers_resolve_service_names() {
+    let info = Command::new("docker").arg("info").output();
+    assert!(
+        info.as_ref().is_ok_and(|o| o.status.success()),
+        "dockerd is not running: start it (scripts/setup does)"
+    );
+    let octet = 128 + ((std::process::id() + 50) % 100) as u8;
+    let cidr = format!("10.{octet}.0.0/16");
+    let m = Machine::start_with(&["--runtime", "docker"]);
+    m.ctl_json(&["mesh", "init", "dockerdns", "--cidr", &cidr]);
+    let me = m.id();
+    let subnet = m.ctl_json(&["mesh", "status"])["machine"]["subnet"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let net: std::net::Ipv4Addr = subnet.split('/').next().unwrap().parse().unwrap();
+    let gateway = std::net::Ipv4Addr::from(u32::from(net) | 1).to_string();
+    let guard = DockerNet {
+        machine: Some(m),
+        network: format!("plz{:08x}", u32::from(net)),
+    };
+    let m = guard.machine.as_ref().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let image = busybox_image(
+        tmp.path(),
+        &format!("ployz-dkdns-{}", std::process::id()),
+        HTTPD,
+    );
+    let v = m.deploy(&["web", "--image", image.to_str().unwrap()]);
+    let web_ip = v["instances"][0]["overlay_ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let container = workload_id(&me, "web", v["instances"][0]["slot"].as_u64().unwrap());
+    let o = Command::new("docker")
+        .args(["inspect", "-f", "{{json .HostConfig.Dns}}", &container])
+        .output()
+        .unwrap();
+    assert_eq!(
+        stdout(&o).trim(),
+        format!("[\"{gateway}\"]"),
+        "{}",
+        stderr(&o)
+    );
+    let got = eventually(Duration::from_secs(20), || {
+        let o = Command::new("docker")
+            .args([
+                "exec",
+                &container,
+                "/bin/busybox",
+                "nslookup",
+                "web.internal",
+            ])
+            .output()
+            .unwrap();
+        let out = stdout(&o);
+        out.split_once("Name:")
+            .is_some_and(|(_, a)| a.contains(&web_ip))
+            .then_some(out)
+    });
+    assert!(
+        got.is_some(),
+        "web.internal did not resolve to {web_ip}\n{}",
+        m.log()
+    );
+}
+
+/// Removes the machine first (with its containers), then its docker
+/// network and its firewall rules, even when the test fails.
+struct DockerNet {
+    machine: Option<Machine>,
+    network: String,
+}
+
+impl Drop for DockerNet {
+    fn drop(&mut self) {
+        drop(self.machine.take());
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.network])
+            .output();
+        let tag = format!("\"ployz:{}\"", self.network);
+        for chain in ["DOCKER-USER", "FORWARD"] {
+            let Ok(o) = Command::new("iptables").args(["-S", chain]).output() else {
+                continue;
+            };
+            for rule in stdout(&o).lines().filter(|l| l.contains(&tag)) {
+                let Some(spec) = rule.strip_prefix("-A ") else {
+                    continue;
+                };
+                let _ = Command::new("sh")
+                    .args(["-c", &format!("iptables -w -D {spec}")])
+                    .output();
+            }
+        }
+    }
+}
