@@ -9,10 +9,12 @@
 //! the README are these types serialised as they are.
 
 pub mod compose;
+pub mod gateway;
 pub mod invite;
 pub mod records;
 pub mod time;
 pub mod wire;
 
+pub use gateway::*;
 pub use records::*;
 pub use wire::*;

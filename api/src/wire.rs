@@ -2,6 +2,7 @@
 //! The client writes a [`Request`], the daemon answers with a [`Reply`].
 //! A connection may carry several request/reply pairs in sequence.
 
+use crate::gateway::*;
 use crate::records::*;
 use crate::time::rfc3339;
 use serde::{Deserialize, Serialize};
@@ -128,6 +129,37 @@ pub enum Request {
     RegistryRm {
         host: String,
     },
+    // --- gateway (issue 14): routes and ACME ---
+    /// `route add`: route `host` + `path` to `service`'s `port`.
+    RouteAdd {
+        host: String,
+        #[serde(default)]
+        path: Option<String>,
+        service: String,
+        port: u16,
+        #[serde(default)]
+        tls: RouteTls,
+    },
+    /// `route ls`.
+    RouteList,
+    /// `route rm`: one path of `host`, or all of them without `path`.
+    RouteRm {
+        host: String,
+        #[serde(default)]
+        path: Option<String>,
+    },
+    /// `acme set`.
+    AcmeSet {
+        #[serde(default)]
+        directory: Option<String>,
+        email: String,
+        #[serde(default)]
+        ca_pem: Option<String>,
+        #[serde(default)]
+        challenge: AcmeChallenge,
+    },
+    /// `acme show`.
+    AcmeShow,
 }
 
 /// `deploy service`.
@@ -315,6 +347,8 @@ pub enum Response {
     Doctor(DoctorReport),
     Dashboard(DashboardLink),
     Registries(RegistryList),
+    Routes(RouteList),
+    Acme(AcmeView),
 }
 
 /// `registry ls --json` (no secrets).

@@ -10,6 +10,7 @@
 
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::control::ControlPlane;
+use crate::gateway::{Gateway, GatewayConfig};
 use crate::identity::Identity;
 use crate::ops::Operations;
 use crate::overlay::{Overlay, OverlayConfig};
@@ -44,6 +45,8 @@ pub struct DaemonConfig {
     pub wg_interface: String,
     /// Addresses the NATS server listens on besides loopback and the overlay.
     pub nats_listen: Vec<IpAddr>,
+    /// The HTTP(S) gateway's ports (0: off).
+    pub gateway: GatewayConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +73,8 @@ pub struct Daemon {
     pub(crate) workloads: Arc<Workloads>,
     pub(crate) cluster: Arc<Cluster>,
     pub(crate) provisioning: Provisioning,
+    /// The HTTP(S) gateway: routes, certificates, forwarding.
+    pub(crate) gateway: Arc<Gateway>,
     /// Logins and sessions of the web dashboard.
     pub(crate) dashboard: crate::dashboard::Dashboard,
 }
@@ -88,6 +93,7 @@ impl Daemon {
             .await?,
         );
         let ops = Arc::new(Operations::new(store.clone()));
+        let gateway = Arc::new(Gateway::new(cfg.gateway, store.clone()));
         let control = Arc::new(ControlPlane::new(
             store.clone(),
             cfg.nats_port,
@@ -152,6 +158,7 @@ impl Daemon {
             workloads,
             cluster,
             provisioning,
+            gateway,
             dashboard: Default::default(),
         })
     }
@@ -183,8 +190,10 @@ impl Daemon {
     /// reconciler, the relay of store events, and the upkeep loop.
     pub async fn run(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
         let reconciler = tokio::spawn(self.workloads.clone().run(stop.clone()));
+        let gateway = tokio::spawn(self.gateway.clone().run(stop.clone()));
         self.upkeep(stop).await;
         let _ = reconciler.await;
+        let _ = gateway.await;
     }
 
     /// Periodic upkeep: bring the mesh up and keep its peers equal to the

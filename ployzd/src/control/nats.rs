@@ -25,9 +25,10 @@ fn gone() -> BackendError {
     BackendError::Unavailable("ployzd is shutting down".into())
 }
 
-/// Buckets NATS clients never see nor write: registry credentials.
+/// Buckets NATS clients never see nor write: registry credentials, and
+/// the gateway's certificates with their private keys.
 fn hidden(bucket: &str) -> bool {
-    bucket == ployz_api::BUCKET_REGISTRIES
+    bucket == ployz_api::BUCKET_REGISTRIES || bucket == ployz_api::BUCKET_CERTIFICATES
 }
 
 impl StoreKv {
