@@ -114,12 +114,13 @@ pub struct AcmeRecord {
 
 /// The ACME challenge type certificates are validated with.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
 pub enum AcmeChallenge {
     /// The CA fetches `http://HOST/.well-known/acme-challenge/TOKEN` (port 80).
     #[default]
+    #[serde(rename = "http-01")]
     Http01,
     /// The CA connects to HOST:443 offering ALPN `acme-tls/1`.
+    #[serde(rename = "tls-alpn-01")]
     TlsAlpn01,
 }
 
