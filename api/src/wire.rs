@@ -1075,6 +1075,40 @@ mod tests {
         assert_eq!(keys, readme_keys("machine ls"));
     }
 
+    // --- gateway (issue 14) ---
+    #[test]
+    fn gateway_json_matches_the_readme() {
+        let routes = RouteList {
+            routes: vec![RouteView {
+                host: "a.test".into(),
+                path: "/".into(),
+                service: "web".into(),
+                port: 8080,
+                tls: RouteTls::Acme,
+                backends: 2,
+                certificate_expires: None,
+            }],
+        };
+        let mut keys = Default::default();
+        json_keys(&serde_json::to_value(routes).unwrap(), &mut keys);
+        assert_eq!(keys, readme_keys("route ls"));
+        let acme = AcmeView {
+            directory: None,
+            email: None,
+            custom_ca: false,
+            challenge: AcmeChallenge::TlsAlpn01,
+            certificates: vec![CertView {
+                host: "a.test".into(),
+                not_after: "t".into(),
+            }],
+        };
+        let v = serde_json::to_value(&acme).unwrap();
+        assert_eq!(v["challenge"], "tls-alpn-01");
+        let mut keys = Default::default();
+        json_keys(&v, &mut keys);
+        assert_eq!(keys, readme_keys("acme show"));
+    }
+
     #[test]
     fn reply_wire_shape() {
         let e = Reply::Error(ApiError::new(ErrorCode::NotFound, "no machine x"));

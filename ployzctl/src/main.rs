@@ -3,6 +3,7 @@
 
 mod client;
 mod compose;
+mod gateway;
 mod output;
 mod progress;
 
@@ -69,10 +70,10 @@ enum Top {
     Registry(RegistryCmd),
     /// HTTP(S) gateway routes: hostname (+ path prefix) → a service's port.
     #[command(subcommand)]
-    Route(RouteCmd),
+    Route(gateway::RouteCmd),
     /// ACME (certificates for `route add --tls acme`): the CA and contact.
     #[command(subcommand)]
-    Acme(AcmeCmd),
+    Acme(gateway::AcmeCmd),
     /// Print a shell completion script: `ployzctl completions bash > /etc/bash_completion.d/ployzctl`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -106,69 +107,6 @@ enum RegistryCmd {
     Ls,
     /// Forget a registry and its credentials.
     Rm { host: String },
-}
-
-// --- gateway (issue 14) ---
-#[derive(Subcommand)]
-enum RouteCmd {
-    /// Route HOSTNAME (and a path prefix) to SERVICE's PORT on every machine's gateway.
-    Add {
-        hostname: String,
-        #[arg(long)]
-        service: String,
-        /// The port the service's instances listen on.
-        #[arg(long)]
-        port: u16,
-        /// Only requests whose path starts with this prefix (longest prefix wins).
-        #[arg(long)]
-        path: Option<String>,
-        /// `acme`: HTTPS with an ACME certificate (port 80 redirects); `off`: plain HTTP.
-        #[arg(long, default_value = "off")]
-        tls: TlsArg,
-    },
-    /// Routes, with their healthy backends and certificates.
-    #[command(alias = "list")]
-    Ls,
-    /// Remove HOSTNAME's route for --path, or all of its routes.
-    Rm {
-        hostname: String,
-        #[arg(long)]
-        path: Option<String>,
-    },
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum TlsArg {
-    Acme,
-    Off,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ChallengeArg {
-    #[value(name = "http-01")]
-    Http01,
-    #[value(name = "tls-alpn-01")]
-    TlsAlpn01,
-}
-
-#[derive(Subcommand)]
-enum AcmeCmd {
-    /// Set the ACME directory and contact for this network.
-    Set {
-        /// The CA's directory URL [default: Let's Encrypt].
-        #[arg(long)]
-        directory: Option<String>,
-        #[arg(long)]
-        email: String,
-        /// PEM roots to trust for the directory (a private CA), read where ployzctl runs.
-        #[arg(long)]
-        ca_file: Option<PathBuf>,
-        /// The challenge the CA validates: http-01 (port 80) or tls-alpn-01 (port 443).
-        #[arg(long, default_value = "http-01")]
-        challenge: ChallengeArg,
-    },
-    /// The ACME settings and the stored certificates.
-    Show,
 }
 
 #[derive(Subcommand)]
@@ -530,7 +468,7 @@ fn check_image_path(image: &str) -> Result<(), String> {
     }
 }
 
-fn request_of(cmd: Top) -> Request {
+fn request_of(cmd: Top, json: bool) -> Request {
     match cmd {
         Top::Release(_) | Top::Completions { .. } => unreachable!("handled locally"),
         Top::Machine(MachineCmd::Init { target, install }) => add_request(vec![target], install),
@@ -658,29 +596,8 @@ fn request_of(cmd: Top) -> Request {
         Top::Registry(RegistryCmd::Login { .. }) => unreachable!("needs the password: see main"),
         Top::Registry(RegistryCmd::Ls) => Request::RegistryList,
         Top::Registry(RegistryCmd::Rm { host }) => Request::RegistryRm { host },
-        Top::Route(RouteCmd::Add {
-            hostname,
-            service,
-            port,
-            path,
-            tls,
-        }) => Request::RouteAdd {
-            host: hostname,
-            path,
-            service,
-            port,
-            tls: match tls {
-                TlsArg::Acme => ployz_api::RouteTls::Acme,
-                TlsArg::Off => ployz_api::RouteTls::Off,
-            },
-        },
-        Top::Route(RouteCmd::Ls) => Request::RouteList,
-        Top::Route(RouteCmd::Rm { hostname, path }) => Request::RouteRm {
-            host: hostname,
-            path,
-        },
-        Top::Acme(AcmeCmd::Set { .. }) => unreachable!("reads --ca-file: see main"),
-        Top::Acme(AcmeCmd::Show) => Request::AcmeShow,
+        Top::Route(cmd) => gateway::route_request(cmd),
+        Top::Acme(cmd) => gateway::acme_request(cmd, json),
         Top::Op(OpCmd::Wait { id, timeout_secs }) => Request::OpWait {
             id,
             timeout_secs: Some(timeout_secs),
@@ -814,36 +731,7 @@ fn main() {
                 password: Some(ployz_api::Secret(password)),
             }
         }
-        Top::Acme(AcmeCmd::Set {
-            directory,
-            email,
-            ca_file,
-            challenge,
-        }) => {
-            let ca_pem = ca_file.map(|f| {
-                std::fs::read_to_string(&f).unwrap_or_else(|e| {
-                    output::print_error(
-                        &ployz_api::ApiError::new(
-                            ployz_api::ErrorCode::InvalidArgument,
-                            format!("cannot read --ca-file {}: {e}", f.display()),
-                        )
-                        .with_hint("give a PEM file with the CA's root certificate(s)"),
-                        json,
-                    );
-                    std::process::exit(ployz_api::ErrorCode::InvalidArgument.exit_code());
-                })
-            });
-            Request::AcmeSet {
-                directory,
-                email,
-                ca_pem,
-                challenge: match challenge {
-                    ChallengeArg::Http01 => ployz_api::AcmeChallenge::Http01,
-                    ChallengeArg::TlsAlpn01 => ployz_api::AcmeChallenge::TlsAlpn01,
-                },
-            }
-        }
-        other => request_of(other),
+        other => request_of(other, json),
     };
     let code = match client::call(&socket, &request) {
         Ok(Ok(resp)) => {

@@ -143,7 +143,7 @@ impl Table {
             });
         }
         for rs in hosts.values_mut() {
-            rs.sort_by(|a, b| b.record.path.len().cmp(&a.record.path.len()));
+            rs.sort_by_key(|r| std::cmp::Reverse(r.record.path.len()));
         }
         Table { hosts }
     }
