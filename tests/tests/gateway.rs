@@ -71,6 +71,37 @@ fn kill_instance(ip: &str) {
     panic!("no httpd with address {ip}");
 }
 
+/// Through the gateway at `to`: an `Upgrade: websocket` request for
+/// ws.test, then a line that the backend echoes back.
+fn upgrade_echo(to: &Host) -> Result<String, String> {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::net::TcpStream::connect((to.ip, 80)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).map_err(|e| e.to_string())?;
+    if !status.contains(" 101 ") {
+        return Err(format!("status line {status:?}"));
+    }
+    loop {
+        let mut l = String::new();
+        r.read_line(&mut l).map_err(|e| e.to_string())?;
+        if l == "\r\n" || l.is_empty() {
+            break;
+        }
+    }
+    w.write_all(b"hello through the upgrade\n")
+        .map_err(|e| e.to_string())?;
+    let mut echoed = String::new();
+    r.read_line(&mut echoed).map_err(|e| e.to_string())?;
+    Ok(echoed)
+}
+
 /// Pebble in its own namespace host, killed (and its /etc/netns entry
 /// removed) on drop.
 struct Pebble {
@@ -319,6 +350,48 @@ fn gateway_routes_by_host_and_path_with_acme_certificates() {
     );
     assert!(ok && v == "2 200", "{v}");
 
+    // An upgrade (as WebSocket's) is passed through and spliced both ways:
+    // a backend that answers 101 and then echoes.
+    let echo = busybox_image(
+        tmp.path(),
+        "ployz-busybox-echo",
+        &[
+            "nc",
+            "-ll",
+            "-p",
+            "7000",
+            "-e",
+            "sh",
+            "-c",
+            "while read -r l; do [ ${#l} -le 1 ] && break; done; \
+             printf 'HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n'; \
+             exec cat",
+        ],
+    );
+    ms[0].deploy(&[
+        "echo",
+        "--image",
+        echo.to_str().unwrap(),
+        "--wait-secs",
+        "120",
+    ]);
+    ms[0].ctl_json(&[
+        "route",
+        "add",
+        "ws.test",
+        "--service",
+        "echo",
+        "--port",
+        "7000",
+    ]);
+    let upgraded = eventually(Duration::from_secs(10), || upgrade_echo(&hosts[2]).ok());
+    assert_eq!(
+        upgraded.as_deref(),
+        Some("hello through the upgrade\n"),
+        "{:?}",
+        upgrade_echo(&hosts[2])
+    );
+
     // One instance of web killed: every request still answers (the gateway
     // retries another instance when connecting fails), until its record
     // says it is not running and it is skipped.
@@ -489,11 +562,11 @@ fn gateway_routes_by_host_and_path_with_acme_certificates() {
 
     // route rm: one path, then the rest of the host.
     let ls = ms[0].ctl_json(&["route", "rm", "a.test", "--path", "/api"]);
-    assert_eq!(ls["routes"].as_array().unwrap().len(), 2, "{ls:#}");
+    assert_eq!(ls["routes"].as_array().unwrap().len(), 3, "{ls:#}");
     let o = ms[0].ctl(&["route", "rm", "nothere.test"]);
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     let ls = ms[0].ctl_json(&["route", "rm", "a.test"]);
-    assert_eq!(ls["routes"].as_array().unwrap().len(), 1, "{ls:#}");
+    assert_eq!(ls["routes"].as_array().unwrap().len(), 2, "{ls:#}");
     let gone = eventually(Duration::from_secs(10), || {
         (status(&hosts[1], &hosts[1], "a.test", "/") == "404").then_some(())
     });

@@ -126,6 +126,41 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// The headers a request carries to an instance: hop-by-hop ones out,
+/// `Host` kept (or set from the HTTP/2 authority), `X-Forwarded-For`
+/// appended, `X-Forwarded-Proto` and `X-Forwarded-Host` set.
+fn prepare_headers(
+    h: &mut HeaderMap,
+    upgrade: bool,
+    peer: IpAddr,
+    tls: bool,
+    original_host: Option<String>,
+) {
+    strip_hop_by_hop(h, upgrade);
+    if let Some(a) = &original_host {
+        if !h.contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(a) {
+                h.insert(header::HOST, v);
+            }
+        }
+    }
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let chain = match h.get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {peer}"),
+        None => peer.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&chain) {
+        h.insert(xff, v);
+    }
+    h.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
+    if let Some(v) = original_host.and_then(|a| HeaderValue::from_str(&a).ok()) {
+        h.insert(HeaderName::from_static("x-forwarded-host"), v);
+    }
+}
+
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() <= hyper::Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
@@ -319,31 +354,13 @@ impl Gateway {
             .parse()
             .map_err(|e| ForwardError::Backend(format!("{e}")))?;
         *req.version_mut() = hyper::Version::HTTP_11;
-        let h = req.headers_mut();
-        strip_hop_by_hop(h, upgrade);
-        let original_host = host_header.or(authority);
-        if let Some(a) = &original_host {
-            if !h.contains_key(header::HOST) {
-                if let Ok(v) = HeaderValue::from_str(a) {
-                    h.insert(header::HOST, v);
-                }
-            }
-        }
-        let xff = HeaderName::from_static("x-forwarded-for");
-        let chain = match h.get(&xff).and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {peer}"),
-            None => peer.to_string(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&chain) {
-            h.insert(xff, v);
-        }
-        h.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static(if tls { "https" } else { "http" }),
+        prepare_headers(
+            req.headers_mut(),
+            upgrade,
+            peer,
+            tls,
+            host_header.or(authority),
         );
-        if let Some(v) = original_host.and_then(|a| HeaderValue::from_str(&a).ok()) {
-            h.insert(HeaderName::from_static("x-forwarded-host"), v);
-        }
 
         let mut last_err = String::new();
         for &addr in backends {
@@ -471,11 +488,37 @@ mod tests {
     }
 
     #[test]
-    fn error_pages_escape_and_name_the_status() {
+    fn forwarded_headers() {
+        let peer: IpAddr = "192.0.2.7".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("198.51.100.1"));
+        prepare_headers(&mut h, false, peer, true, Some("a.test".into()));
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "198.51.100.1, 192.0.2.7");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "a.test");
+        // HTTP/2 has no Host header: the authority becomes one.
+        assert_eq!(h.get(header::HOST).unwrap(), "a.test");
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("b.test:8080"));
+        prepare_headers(&mut h, false, peer, false, Some("b.test:8080".into()));
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "192.0.2.7");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+        assert_eq!(h.get(header::HOST).unwrap(), "b.test:8080");
+    }
+
+    #[tokio::test]
+    async fn error_pages_name_the_route_escaped() {
         let r = page(
             StatusCode::SERVICE_UNAVAILABLE,
             "route <a> has no healthy instance",
         );
         assert_eq!(r.status(), 503);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(text.contains("503 Service Unavailable"), "{text}");
+        assert!(
+            text.contains("route &lt;a&gt; has no healthy instance"),
+            "{text}"
+        );
     }
 }
