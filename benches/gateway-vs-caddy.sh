@@ -6,7 +6,8 @@
 #   SECS=10 CONNS=64 THREADS=2 RUNS=3 benches/gateway-vs-caddy.sh
 #
 # One namespace host runs: ployzd (host runtime) with a busybox httpd service on 8080 and a
-# route bench.test → it (HTTPS with a certificate from pebble, validation skipped), Caddy with
+# routes plain.test (HTTP) and bench.test (HTTPS, a certificate from pebble, validation
+# skipped) → it, Caddy with
 # `reverse_proxy` to the same instance (plain on :8081, `tls internal` on :8443), and wrk.
 # Prints each run, then the medians and the ratios gateway/caddy.
 set -euo pipefail
@@ -75,6 +76,7 @@ pids+=($!)
 for _ in $(seq 100); do inns curl -s --cacert "$W/ca.pem" "https://$IP:14000/dir" >/dev/null && break; sleep 0.1; done
 ctl acme set --directory "https://$IP:14000/dir" --email bench@example.test --ca-file "$W/ca.pem" >/dev/null
 ctl route add bench.test --service web --port 8080 --tls acme >/dev/null
+ctl route add plain.test --service web --port 8080 >/dev/null
 for _ in $(seq 120); do
   [ "$(ctl --json route ls | jq -r '.routes[0].certificate_expires')" != null ] && break; sleep 1
 done
@@ -100,7 +102,7 @@ CADDY
 HOME=$W inns caddy run --config "$W/Caddyfile" --adapter caddyfile >"$W/caddy.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do inns curl -s -o /dev/null "http://$IP:8081/" && break; sleep 0.1; done
-for url in "-H Host:bench.test http://$IP/index.html" "http://$IP:8081/index.html" \
+for url in "-H Host:plain.test http://$IP/index.html" "http://$IP:8081/index.html" \
            "-k https://bench.test/index.html" "-k https://bench.test:8443/index.html"; do
   # shellcheck disable=SC2086
   body=$(inns curl -sf $url) || { echo "no answer from $url" >&2; tail -5 "$W"/*.log >&2; exit 1; }
@@ -119,7 +121,7 @@ bench() { # name, wrk args...
 }
 echo "run name requests/s p50_ms p99_ms"
 for r in $(seq "$RUNS"); do
-  echo -n "$r " ; bench http-gateway -H "Host: bench.test" "http://$IP/index.html"
+  echo -n "$r " ; bench http-gateway -H "Host: plain.test" "http://$IP/index.html"
   echo -n "$r " ; bench http-caddy "http://$IP:8081/index.html"
   echo -n "$r " ; bench tls-gateway "https://bench.test/index.html"
   echo -n "$r " ; bench tls-caddy "https://bench.test:8443/index.html"

@@ -26,6 +26,77 @@ pub const BUCKET_OPERATIONS: &str = "operations";
 pub const BUCKET_REGISTRIES: &str = "registries";
 pub const NETWORK_KEY: &str = "config";
 
+// --- NATS users and the protected buckets (issue 17) ---
+/// App users of the NATS control plane ([`NatsUserRecord`]); never served
+/// over NATS.
+pub const BUCKET_NATS_USERS: &str = "nats_users";
+/// The network's NATS CA ([`NatsCaRecord`], key [`NATS_CA_KEY`]); never
+/// served over NATS.
+pub const BUCKET_PKI: &str = "pki";
+pub const NATS_CA_KEY: &str = "nats-ca";
+/// The cluster's own buckets: only ployzd writes them (through its API,
+/// which checks the rules). NATS users other than ployzd's own may read and
+/// watch them, never write them (`$KV.<b>.>`, stream create/update/purge/
+/// delete, message delete). **A bucket a later feature adds for the cluster
+/// goes here.**
+pub const CLUSTER_BUCKETS: &[&str] = &[
+    BUCKET_NETWORK,
+    BUCKET_MACHINES,
+    BUCKET_SUBNETS,
+    BUCKET_INVITES,
+    BUCKET_INSTANCES,
+    BUCKET_SERVICES,
+    BUCKET_OPERATIONS,
+    BUCKET_REGISTRIES,
+    BUCKET_NATS_USERS,
+    BUCKET_PKI,
+];
+/// Buckets that NATS never serves to anyone (secrets): reads, writes,
+/// watches and the bucket list leave them out.
+pub const HIDDEN_BUCKETS: &[&str] = &[
+    BUCKET_REGISTRIES,
+    BUCKET_NATS_USERS,
+    BUCKET_PKI,
+    // The gateway's certificates and their keys (issue 14).
+    crate::gateway::BUCKET_CERTIFICATES,
+];
+
+/// The network's CA for NATS TLS listeners: each machine signs its own
+/// server certificate with it. Its `Debug` never shows the key.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NatsCaRecord {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl fmt::Debug for NatsCaRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsCaRecord")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+/// An app user of the NATS control plane (`nats user add`). Its password is
+/// not stored: every machine derives it from the network secret, the name
+/// and `salt` (so the store alone, or a copy of it, does not reveal it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NatsUserRecord {
+    pub name: String,
+    /// Random, base64url; a new one on every `add`.
+    pub salt: String,
+    #[serde(default)]
+    pub allow_pub: Vec<String>,
+    #[serde(default)]
+    pub allow_sub: Vec<String>,
+    #[serde(default)]
+    pub kv_buckets: Vec<String>,
+    #[serde(default)]
+    pub created_at_ms: u64,
+}
+// --- end NATS users ---
+
 /// Default cluster overlay range; each machine gets a /24 out of it.
 pub const DEFAULT_CLUSTER_CIDR: &str = "10.101.0.0/16";
 /// Default WireGuard listen port.
@@ -498,6 +569,9 @@ pub struct ServiceRecord {
     /// How its instances are probed; `None`: they are not (health `none`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthCheck>,
+    /// The NATS app user whose `NATS_URL` its instances get.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_user: Option<String>,
 }
 
 #[cfg(test)]

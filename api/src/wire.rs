@@ -58,8 +58,29 @@ pub enum Request {
         #[serde(default)]
         identity: Option<String>,
     },
-    /// How a standard NATS client connects to this machine's control plane.
-    NatsUrl,
+    /// How a standard NATS client connects to this machine's control plane
+    /// (the operator user; `admin`: ployzd's own full-rights user).
+    NatsUrl {
+        #[serde(default)]
+        admin: bool,
+    },
+    /// `nats user add`: an app user with these grants (replaces one of the
+    /// same name, with a new password).
+    NatsUserAdd {
+        name: String,
+        #[serde(default)]
+        allow_pub: Vec<String>,
+        #[serde(default)]
+        allow_sub: Vec<String>,
+        #[serde(default)]
+        kv_buckets: Vec<String>,
+    },
+    /// `nats user ls` (no passwords).
+    NatsUserList,
+    /// `nats user rm`: the user's connections are closed on every machine.
+    NatsUserRm {
+        name: String,
+    },
     /// The RTT matrix of the mesh.
     MachineRtt,
     /// Remove a machine from the network.
@@ -211,6 +232,10 @@ pub struct DeployRequest {
     pub health_retries: Option<u32>,
     #[serde(default)]
     pub health_start_period: Option<String>,
+    /// `--nats-user NAME`: instances get `NATS_URL` with that app user's
+    /// credentials and their machine's overlay address.
+    #[serde(default)]
+    pub nats_user: Option<String>,
 }
 
 /// A password on the wire: serialized as the plain string, but its `Debug`
@@ -349,6 +374,39 @@ pub enum Response {
     Registries(RegistryList),
     Routes(RouteList),
     Acme(AcmeView),
+    NatsUser(NatsUserCreated),
+    NatsUsers(NatsUserList),
+}
+
+/// `nats user add --json`: the one answer that carries the password.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NatsUserCreated {
+    pub user: String,
+    pub password: String,
+    /// `nats://user:password@host:port` (`tls://` where the listener is TLS).
+    pub url: String,
+}
+
+impl std::fmt::Debug for NatsUserCreated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsUserCreated")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `nats user ls --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NatsUserList {
+    pub users: Vec<NatsUserView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NatsUserView {
+    pub user: String,
+    pub allow_pub: Vec<String>,
+    pub allow_sub: Vec<String>,
+    pub kv_buckets: Vec<String>,
 }
 
 /// `registry ls --json` (no secrets).
@@ -666,6 +724,10 @@ pub struct NatsInfo {
     pub password: String,
     /// Addresses this machine's server listens on.
     pub servers: Vec<String>,
+    /// The network CA's certificate (PEM), when the server has TLS
+    /// listeners (`--nats-listen`): `url` is then `tls://` on the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
 }
 
 /// `machine storage promote --json`: one result per target.

@@ -200,6 +200,9 @@ enum DeployCmd {
         /// Failed probes do not count for this long after a start [default: 0s].
         #[arg(long)]
         health_start_period: Option<String>,
+        /// Give the instances `NATS_URL` with this NATS app user's credentials (`nats user add`).
+        #[arg(long)]
+        nats_user: Option<String>,
         /// Command to run instead of the image's default.
         #[arg(last = true)]
         command: Vec<String>,
@@ -282,8 +285,39 @@ struct InstallFlags {
 
 #[derive(Subcommand)]
 enum NatsCmd {
-    /// Print a URL (credentials included) a standard NATS client can connect with.
-    Url,
+    /// Print a URL (credentials included) a standard NATS client can connect with:
+    /// the operator user, who reads and watches the cluster's buckets but never writes them.
+    Url {
+        /// ployzd's own full-rights user instead (it can write the cluster's buckets:
+        /// for repairs and tooling that knows the records; keep it off apps).
+        #[arg(long)]
+        admin: bool,
+    },
+    /// App users: credentials with only the subjects and KV buckets they are granted.
+    #[command(subcommand)]
+    User(NatsUserCmd),
+}
+
+#[derive(Subcommand)]
+enum NatsUserCmd {
+    /// Create (or replace, with a new password) a user; prints its URL.
+    Add {
+        name: String,
+        /// A subject (wildcards allowed) the user may publish to; repeatable.
+        #[arg(long = "allow-pub", value_name = "SUBJ")]
+        allow_pub: Vec<String>,
+        /// A subject (wildcards allowed) the user may subscribe to; repeatable.
+        #[arg(long = "allow-sub", value_name = "SUBJ")]
+        allow_sub: Vec<String>,
+        /// A JetStream KV bucket the user may get, put and watch (created if missing); repeatable.
+        #[arg(long = "kv-bucket", value_name = "B")]
+        kv_bucket: Vec<String>,
+    },
+    /// Users and their grants (no passwords).
+    #[command(alias = "list")]
+    Ls,
+    /// Remove a user: its connections are closed on every machine.
+    Rm { name: String },
 }
 
 #[derive(Subcommand)]
@@ -494,7 +528,20 @@ fn request_of(cmd: Top, json: bool) -> Request {
             cidr: Some(cidr),
         },
         Top::Mesh(MeshCmd::Status) => Request::MeshStatus,
-        Top::Nats(NatsCmd::Url) => Request::NatsUrl,
+        Top::Nats(NatsCmd::Url { admin }) => Request::NatsUrl { admin },
+        Top::Nats(NatsCmd::User(NatsUserCmd::Add {
+            name,
+            allow_pub,
+            allow_sub,
+            kv_bucket,
+        })) => Request::NatsUserAdd {
+            name,
+            allow_pub,
+            allow_sub,
+            kv_buckets: kv_bucket,
+        },
+        Top::Nats(NatsCmd::User(NatsUserCmd::Ls)) => Request::NatsUserList,
+        Top::Nats(NatsCmd::User(NatsUserCmd::Rm { name })) => Request::NatsUserRm { name },
         Top::Machine(MachineCmd::Ls) => Request::MachineList,
         Top::Machine(MachineCmd::Activate { machine }) => Request::Lifecycle {
             machine,
@@ -551,6 +598,7 @@ fn request_of(cmd: Top, json: bool) -> Request {
                     health_timeout,
                     health_retries,
                     health_start_period,
+                    nats_user,
                     command,
                 }),
             ..
@@ -572,6 +620,7 @@ fn request_of(cmd: Top, json: bool) -> Request {
             health_timeout,
             health_retries,
             health_start_period,
+            nats_user,
         })),
         Top::Service(ServiceCmd::Ls) => Request::ServiceList,
         Top::Service(ServiceCmd::Rm { name }) => Request::ServiceRm { name },

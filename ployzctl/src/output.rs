@@ -420,6 +420,29 @@ pub fn print_response(resp: &Response, json: bool) {
                 println!("certificate {:<32} expires {}", c.host, c.not_after);
             }
         }
+        // --- NATS app users (issue 17) ---
+        Response::NatsUser(u) => {
+            if json {
+                return print_json(u);
+            }
+            println!("{}", u.url);
+        }
+        Response::NatsUsers(l) => {
+            if json {
+                return print_json(l);
+            }
+            if l.users.is_empty() {
+                println!("no NATS users (ployzctl nats user add NAME --allow-pub SUBJ …)");
+            }
+            for u in &l.users {
+                let mut grants = Vec::new();
+                grants.extend(u.allow_pub.iter().map(|s| format!("pub {s}")));
+                grants.extend(u.allow_sub.iter().map(|s| format!("sub {s}")));
+                grants.extend(u.kv_buckets.iter().map(|b| format!("kv {b}")));
+                println!("{:<24} {}", u.user, grants.join(", "));
+            }
+        }
+        // --- end NATS app users ---
         Response::Registries(l) => {
             if json {
                 return print_json(l);

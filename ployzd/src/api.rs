@@ -78,7 +78,26 @@ impl Daemon {
                 .storage_promote(replicas, machines, hops)
                 .await
                 .map(Response::Promoted),
-            Request::NatsUrl => self.control.url(self.nats_address()).map(Response::Nats),
+            Request::NatsUrl { admin } => self
+                .control
+                .url(self.nats_address(), admin)
+                .map(Response::Nats),
+            // --- NATS app users (issue 17) ---
+            Request::NatsUserAdd {
+                name,
+                allow_pub,
+                allow_sub,
+                kv_buckets,
+            } => self
+                .control
+                .user_add(self.nats_address(), name, allow_pub, allow_sub, kv_buckets)
+                .await
+                .map(Response::NatsUser),
+            Request::NatsUserList => self.control.user_list().await.map(Response::NatsUsers),
+            Request::NatsUserRm { name } => {
+                self.control.user_rm(&name).await.map(Response::NatsUsers)
+            }
+            // --- end NATS app users ---
             Request::MachineRtt => self.overlay.machine_rtt().await.map(Response::Rtt),
             Request::MachineRm { machine, force } => cluster
                 .machine_rm(&machine, force, hops)

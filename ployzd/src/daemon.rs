@@ -315,8 +315,9 @@ impl Daemon {
         }
         self.overlay.sync(&records);
         if let Some(net) = &file.network {
-            let mut ports = vec![self.peer_port];
-            ports.extend(self.control.port());
+            // The peer port only: NATS is open to workloads (issue 17), which
+            // need credentials there and get only their users' permissions.
+            let ports = vec![self.peer_port];
             self.overlay.guard_control(net, &records, ports).await;
         }
         self.store.local().cache_machines(None, records.clone());

@@ -310,6 +310,24 @@ impl Daemon {
     }
 
     async fn workload_metrics(&self, reg: &mut Registry) {
+        let pulls = self.workloads.pull_metrics();
+        reg.register(
+            "ployz_image_pulls",
+            "Images this machine fetched, by source (peer: another machine over the mesh; registry) and result",
+            pulls.pulls,
+        );
+        reg.register_with_unit(
+            "ployz_image_pull",
+            "Bytes received by image pulls, by source",
+            prometheus_client::registry::Unit::Bytes,
+            pulls.bytes,
+        );
+        reg.register_with_unit(
+            "ployz_image_pull_duration",
+            "Duration of successful image pulls, by source",
+            prometheus_client::registry::Unit::Seconds,
+            pulls.duration,
+        );
         let Ok(Ok(instances)) =
             tokio::time::timeout(STORE_BUDGET, self.workloads.local_instances()).await
         else {

@@ -21,6 +21,7 @@ use oci_client::{Client, Reference};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 use std::time::Duration;
 
@@ -254,6 +255,48 @@ pub enum RegistryError {
 
     #[error(transparent)]
     Store(#[from] ImageError),
+}
+
+/// How far a pull got, for progress reports: bytes of the image's blobs
+/// received so far and their total (0 until the manifest is known).
+#[derive(Debug, Default)]
+pub struct PullProgress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+}
+
+/// A writer that counts what passes through it into `n`.
+struct Counting<'a, W> {
+    inner: W,
+    n: &'a AtomicU64,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counting<'_, W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.n.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// A pulled image.
@@ -510,6 +553,7 @@ pub async fn pull(
     store: &ImageStore,
     r: &ImageRef,
     access: &Access,
+    progress: &PullProgress,
 ) -> Result<Pulled, RegistryError> {
     let c = client(r, access);
     let a = auth(access);
@@ -519,6 +563,11 @@ pub async fn pull(
         .map_err(|e| classify(r, access, "manifest", e))?;
     let pinned = r.pinned(&digest);
     let oref = pinned.oci();
+    let total: i64 = std::iter::once(&manifest.config)
+        .chain(&manifest.layers)
+        .map(|d| d.size.max(0))
+        .sum();
+    progress.total.store(total as u64, Ordering::Relaxed);
     let dir = store.temp_path();
     fs::create_dir(&dir).map_err(|e| store_io("create", &dir, e))?;
     let res = fetch_and_pack(
@@ -531,6 +580,7 @@ pub async fn pull(
         &manifest.layers,
         &dir,
         &pinned,
+        progress,
     )
     .await;
     let _ = fs::remove_dir_all(&dir);
@@ -554,6 +604,7 @@ async fn fetch_and_pack(
     layers: &[OciDescriptor],
     dir: &Path,
     pinned: &ImageRef,
+    progress: &PullProgress,
 ) -> Result<(ImageInfo, u64), RegistryError> {
     let mut fetched = 0u64;
     let mut members = Vec::new();
@@ -575,7 +626,11 @@ async fn fetch_and_pack(
                 .await
                 .map_err(|e| store_io("create", &path, e))?;
             let what_d = format!("{what} {}", desc.digest);
-            c.pull_blob(oref, desc, f)
+            let counted = Counting {
+                inner: f,
+                n: &progress.done,
+            };
+            c.pull_blob(oref, desc, counted)
                 .await
                 .map_err(|e| classify(r, access, &what_d, e))?;
             let len = fs::metadata(&path)

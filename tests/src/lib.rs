@@ -314,6 +314,18 @@ impl Machine {
         .expect("the NATS server did not come up")
     }
 
+    /// `ployzctl --json nats url --admin`: ployzd's own full-rights user
+    /// (the only NATS user that may write the cluster's buckets).
+    pub fn nats_admin_info(&self) -> Value {
+        eventually(Duration::from_secs(15), || {
+            let o = self.ctl(&["--json", "nats", "url", "--admin"]);
+            o.status
+                .success()
+                .then(|| serde_json::from_slice::<Value>(&o.stdout).expect("JSON"))
+        })
+        .expect("the NATS server did not come up")
+    }
+
     /// `ployzctl --json deploy service ARGS…` that may fail: its exit code
     /// and the JSON it printed (the service, or the error).
     pub fn try_deploy(&self, args: &[&str]) -> (Option<i32>, Value) {
@@ -494,11 +506,44 @@ pub fn stderr(o: &Output) -> String {
 /// A standard NATS client connected to `server` with the credentials
 /// `ployzctl nats url --json` printed (`info`).
 pub async fn nats_connect(info: &Value, server: &str) -> async_nats::Client {
-    async_nats::ConnectOptions::with_user_and_password(
+    nats_options(info)
+        .connect(server)
+        .await
+        .expect("connect with the printed credentials")
+}
+
+/// Options for the credentials of a `nats url` / `nats user add` answer
+/// (`user`, `password`), trusting `ca_pem` when given: a server that asks
+/// for TLS (ployzd's `--nats-listen` addresses) is then verified with it.
+pub fn nats_options(info: &Value) -> async_nats::ConnectOptions {
+    let o = async_nats::ConnectOptions::with_user_and_password(
         info["user"].as_str().expect("user").into(),
         info["password"].as_str().expect("password").into(),
-    )
-    .connect(server)
-    .await
-    .expect("connect with the printed credentials")
+    );
+    match info["ca_pem"].as_str() {
+        Some(pem) => o.tls_client_config(tls_trusting(pem)),
+        None => o,
+    }
+}
+
+/// A rustls client configuration whose only root is the CA in `pem`.
+pub fn tls_trusting(pem: &str) -> rustls::ClientConfig {
+    use base64::Engine as _;
+    let body: String = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .map(str::trim)
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("a PEM certificate");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der.into()).expect("a CA certificate");
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth()
 }

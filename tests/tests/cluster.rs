@@ -305,6 +305,13 @@ fn rm_cleans_up_the_target_and_force_only_deletes_the_record() {
     }
 
     // An unreachable machine: plain rm refuses and points at --force.
+    let key2 = c.machines[0]
+        .machines()
+        .into_iter()
+        .find(|m| m["id"] == ids[2].as_str())
+        .and_then(|m| m["wg_public_key"].as_str().map(str::to_string))
+        .expect("machine 2's WireGuard key");
+    assert!(stdout(&c.machines[0].exec("wg", &["show", "plz0", "peers"])).contains(&key2));
     c.tb.hosts[2].cut();
     let o = c.machines[0].ctl(&["machine", "rm", &ids[2]]);
     assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
@@ -313,6 +320,16 @@ fn rm_cleans_up_the_target_and_force_only_deletes_the_record() {
     let r = c.machines[0].ctl_json(&["machine", "rm", "--force", &ids[2]]);
     assert_eq!(r["cleaned_up"], false);
     assert_eq!(c.machines[0].machines().len(), 1);
+    // Its WireGuard key is dropped: no longer a peer (issue 17).
+    let dropped = eventually(Duration::from_secs(10), || {
+        let peers = stdout(&c.machines[0].exec("wg", &["show", "plz0", "peers"]));
+        (!peers.contains(&key2)).then_some(())
+    });
+    assert!(
+        dropped.is_some(),
+        "the removed machine is still a WireGuard peer: {}",
+        stdout(&c.machines[0].exec("wg", &["show", "plz0", "peers"]))
+    );
     // Its subnet is free again for the next joiner.
     c.tb.hosts[2].heal();
 }

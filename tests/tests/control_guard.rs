@@ -1,8 +1,10 @@
-//! Workloads cannot reach ployzd's control plane (issue 18, item 10): from
-//! inside an instance, the peer port and NATS of every machine (its own
-//! machine's over the bridge, the others' over the mesh) are dropped, while
-//! another service's instance answers; the machines themselves keep talking
-//! to each other. `machine rm` takes the guard away with the other rules.
+//! Workloads cannot reach ployzd's peer port (issue 18, item 10): from
+//! inside an instance, the peer port of every machine (its own machine's
+//! over the bridge, the others' over the mesh) is dropped, while another
+//! service's instance answers; the machines themselves keep talking to each
+//! other. NATS is reachable (issue 17: workloads deployed with `--nats-user`
+//! use it; without credentials they are refused, tests/tests/nats_perms.rs).
+//! `machine rm` takes the guard away with the other rules.
 
 use ployz_tests::images::busybox_image;
 use ployz_tests::netns::Testbed;
@@ -83,7 +85,7 @@ fn workloads_cannot_reach_the_control_plane() {
     });
     println!("{logs}");
     for t in &targets {
-        let want = if t.ends_with(":8080") {
+        let want = if t.ends_with(":8080") || t.ends_with(":4222") {
             "OPEN"
         } else {
             "CLOSED"

@@ -25,7 +25,7 @@ async fn cluster_state_is_readable_as_jetstream_kv() {
     let info = nats_info(&m);
     let url = info["url"].as_str().unwrap();
     assert!(
-        url.starts_with("nats://ployz:") && url.contains("@127.0.0.1:"),
+        url.starts_with("nats://operator:") && url.contains("@127.0.0.1:"),
         "{url}"
     );
     let server = info["servers"][0].as_str().unwrap().to_string();
@@ -159,4 +159,43 @@ async fn messages_cross_machines() {
     let js_a = async_nats::jetstream::new(ca.clone());
     let on_a = js_a.get_key_value("shared").await.unwrap();
     assert_eq!(on_a.get("x").await.unwrap().unwrap(), "from b");
+
+    // An app user added on A logs in on B within a second, and `nats user
+    // rm` on A closes its connection on B within a second (issue 17).
+    let user = a.ctl_json(&["nats", "user", "add", "crossapp", "--allow-pub", "demo.>"]);
+    let mut creds = user.clone();
+    creds["ca_pem"] = ib["ca_pem"].clone();
+    let at_b = format!("{}:4222", tb.hosts[1].ip);
+    let started = std::time::Instant::now();
+    let app = loop {
+        match tokio::time::timeout(
+            Duration::from_millis(500),
+            ployz_tests::nats_options(&creds).connect(&at_b),
+        )
+        .await
+        {
+            Ok(Ok(c)) => break c,
+            _ if started.elapsed() < Duration::from_secs(1) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => panic!(
+                "the new user could not log in on B within a second: {:?}",
+                other.map(|r| r.map(|_| ()))
+            ),
+        }
+    };
+    app.flush().await.unwrap();
+    let removed = std::time::Instant::now();
+    a.ctl_json(&["nats", "user", "rm", "crossapp"]);
+    let gone = tokio::time::timeout(Duration::from_secs(1), async {
+        while app.connection_state() == async_nats::connection::State::Connected {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        gone.is_ok(),
+        "B kept the removed user's connection for {:?}",
+        removed.elapsed()
+    );
 }

@@ -6,7 +6,7 @@
 //! OCI manifest); a wrong tag, a wrong password and an unreachable host
 //! fail with their exit codes and change nothing.
 
-use ployz_tests::images::{busybox_image, padded_busybox_image};
+use ployz_tests::images::{busybox_image, noisy_busybox_image, padded_busybox_image};
 use ployz_tests::netns::{Host, Testbed};
 use ployz_tests::{bin, eventually, stdout, Machine};
 use serde_json::Value;
@@ -55,15 +55,7 @@ impl Registry {
     }
 
     fn start_at(place: Place, dir: &Path, port: u16, htpasswd: bool) -> Registry {
-        let addr = format!("{}:{port}", place.ip());
-        let root = dir.join(format!("reg-{port}"));
-        std::fs::create_dir_all(&root).unwrap();
-        let mut cfg = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: {addr}\n",
-            root.display()
-        );
-        if htpasswd {
+        let auth = if htpasswd {
             let o = Command::new("htpasswd")
                 .args(["-Bbn", USER, PASSWORD])
                 .output()
@@ -71,11 +63,26 @@ impl Registry {
             assert!(o.status.success());
             let file = dir.join(format!("htpasswd-{port}"));
             std::fs::write(&file, &o.stdout).unwrap();
-            cfg.push_str(&format!(
+            format!(
                 "auth:\n  htpasswd:\n    realm: ployz-test\n    path: {}\n",
                 file.display()
-            ));
-        }
+            )
+        } else {
+            String::new()
+        };
+        Registry::start_with(place, dir, port, &auth)
+    }
+
+    /// A registry whose `auth:` section is `auth` (YAML, may be empty).
+    fn start_with(place: Place, dir: &Path, port: u16, auth: &str) -> Registry {
+        let addr = format!("{}:{port}", place.ip());
+        let root = dir.join(format!("reg-{port}"));
+        std::fs::create_dir_all(&root).unwrap();
+        let cfg = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {addr}\n{auth}",
+            root.display()
+        );
         let cfg_path = dir.join(format!("registry-{port}.yml"));
         std::fs::write(&cfg_path, cfg).unwrap();
         let log = std::fs::File::create(dir.join(format!("registry-{port}.log"))).unwrap();
@@ -193,6 +200,23 @@ fn login(m: &Machine, host: &str, password: &str) -> std::process::Output {
     c.wait_with_output().unwrap()
 }
 
+/// `/metrics` of the ployzd in `host`'s namespace (its own loopback).
+fn scrape_metrics(host: &Host) -> String {
+    let out = host
+        .command("curl")
+        .args(["-sS", "--max-time", "10", "http://127.0.0.1:9101/metrics"])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value of one sample (`name{labels}` exactly as exported), 0 when absent.
+fn counter(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn service_names(m: &Machine) -> Vec<String> {
     m.ctl_json(&["service", "ls"])["services"]
         .as_array()
@@ -305,6 +329,15 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
     assert_eq!(v["instances"][0]["machine"], ids[1].as_str(), "{v:#}");
     assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
     assert!(ms[1].log().contains("image fetched"), "{}", ms[1].log());
+    let m1 = scrape_metrics(&tb.hosts[1]);
+    assert!(
+        counter(&m1, r#"ployz_image_pulls_total{source="peer",result="ok"}"#) >= 1.0,
+        "{m1}"
+    );
+    assert!(
+        counter(&m1, r#"ployz_image_pull_bytes_total{source="peer"}"#) > 0.0,
+        "{m1}"
+    );
     // No peer has it any more (machine 0 lost its copy): from the registry,
     // pinned to the digest, packed into the very archive the service runs.
     let open = Registry::start(&tb.hosts[0], tmp.path(), 5000, false);
@@ -328,6 +361,18 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
         ms[2].log()
     );
     assert!(ms[2].data_dir().join("images/blobs").join(hex).is_file());
+    let m2 = scrape_metrics(&tb.hosts[2]);
+    assert!(
+        counter(
+            &m2,
+            r#"ployz_image_pulls_total{source="registry",result="ok"}"#
+        ) >= 1.0,
+        "{m2}"
+    );
+    assert!(
+        counter(&m2, r#"ployz_image_pull_bytes_total{source="registry"}"#) > 0.0,
+        "{m2}"
+    );
 
     // A wrong tag: exit 6 with the registry's own message; nothing written.
     let (code, v) = ms[0].try_deploy(&[
@@ -484,4 +529,352 @@ fn docker_runtime_runs_an_image_pulled_from_a_registry() {
     m.ctl_json(&["service", "rm", "web"]);
     // Images docker loaded are left to docker: remove this test's.
     let _ = Command::new("docker").args(["rmi", &reference]).output();
+}
+
+/// The token service of the Docker registry token protocol, the counterpart
+/// a registry configured with `auth: token:` sends clients to (the registry
+/// itself is the real `docker-registry`; it checks every token this signs):
+/// `GET /token?service=S&scope=repository:NAME:ACTIONS` with basic auth
+/// answers a JWT (ES256, the signing certificate in `x5c`) granting the
+/// requested scopes to `USER` with `PASSWORD`, and 401 to anyone else.
+struct TokenServer {
+    realm: String,
+    /// The certificate the registry trusts (`rootcertbundle`).
+    cert: std::path::PathBuf,
+    /// Users that were given a token, one entry per token.
+    issued: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Token requests refused (bad or missing credentials).
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+const TOKEN_SERVICE: &str = "ployz-test-registry";
+const TOKEN_ISSUER: &str = "ployz-test-issuer";
+
+impl TokenServer {
+    fn start(ip: std::net::Ipv4Addr, dir: &Path) -> TokenServer {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        use std::sync::{Arc, Mutex};
+        let key = dir.join("token-key.pem");
+        let cert = dir.join("token-cert.pem");
+        let o = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args([
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=ployz-test-token-issuer",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = Command::new("openssl")
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let cert_der = o.stdout;
+        let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let realm = format!("http://{}/token", listener.local_addr().unwrap());
+        let issued = Arc::new(Mutex::new(Vec::new()));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (i, r, st, k) = (issued.clone(), refused.clone(), stop.clone(), key.clone());
+        std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        conn.set_nonblocking(false).unwrap();
+                        let _ = serve_token(conn, &k, &cert_der, &i, &r);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        TokenServer {
+            realm,
+            cert,
+            issued,
+            refused,
+            stop,
+        }
+    }
+
+    /// The registry's `auth:` section for this token service.
+    fn registry_auth(&self) -> String {
+        format!(
+            "auth:\n  token:\n    realm: {}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+            self.realm,
+            self.cert.display()
+        )
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// An ECDSA signature in DER (`SEQUENCE { INTEGER r, INTEGER s }`, what
+/// openssl prints) as JWS wants it: r and s, 32 bytes each.
+fn der_signature_to_jws(der: &[u8]) -> Vec<u8> {
+    fn int(b: &[u8]) -> (&[u8], &[u8]) {
+        assert_eq!(b[0], 0x02, "INTEGER");
+        let n = b[1] as usize;
+        (&b[2..2 + n], &b[2 + n..])
+    }
+    assert_eq!(der[0], 0x30, "SEQUENCE");
+    let body = if der[1] & 0x80 != 0 {
+        &der[3..]
+    } else {
+        &der[2..]
+    };
+    let (r, rest) = int(body);
+    let (s, _) = int(rest);
+    let mut out = Vec::new();
+    for x in [r, s] {
+        let x: Vec<u8> = x.iter().copied().skip_while(|b| *b == 0).collect();
+        out.extend(std::iter::repeat_n(0u8, 32 - x.len()));
+        out.extend(x);
+    }
+    out
+}
+
+fn serve_token(
+    mut conn: std::net::TcpStream,
+    key: &Path,
+    cert_der: &[u8],
+    issued: &std::sync::Mutex<Vec<String>>,
+    refused: &std::sync::atomic::AtomicUsize,
+) -> std::io::Result<()> {
+    use base64::Engine as _;
+    use std::io::{BufRead, BufReader};
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut user = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        let (name, value) = line.split_once(':').unwrap_or_default();
+        if name.eq_ignore_ascii_case("authorization") {
+            let value = value.trim();
+            if let Some(b) = value.strip_prefix("Basic ") {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .unwrap_or_default();
+                let text = String::from_utf8_lossy(&raw).to_string();
+                if text == format!("{USER}:{PASSWORD}") {
+                    user = Some(USER.to_string());
+                }
+            }
+        }
+    }
+    let target = request_line.split_whitespace().nth(1).unwrap_or_default();
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or_default();
+    let Some(user) = user.filter(|_| request_line.starts_with("GET /token")) else {
+        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let body = r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#;
+        return write!(
+            conn,
+            "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    };
+    // Grant exactly the scopes asked for.
+    let mut access = Vec::new();
+    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        if k != "scope" {
+            continue;
+        }
+        let v = v
+            .replace("%3A", ":")
+            .replace("%2F", "/")
+            .replace("%2C", ",");
+        let mut parts = v.splitn(3, ':');
+        let (Some(kind), Some(name), Some(actions)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        access.push(serde_json::json!({
+            "type": kind, "name": name,
+            "actions": actions.split(',').collect::<Vec<_>>(),
+        }));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = serde_json::json!({
+        "alg": "ES256", "typ": "JWT",
+        "x5c": [base64::engine::general_purpose::STANDARD.encode(cert_der)],
+    });
+    let claims = serde_json::json!({
+        "iss": TOKEN_ISSUER, "sub": user, "aud": TOKEN_SERVICE,
+        "exp": now + 300, "nbf": now - 10, "iat": now,
+        "jti": format!("{now}-{}", issued.lock().unwrap().len()),
+        "access": access,
+    });
+    let signing_input = format!(
+        "{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes())
+    );
+    let mut sign = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    sign.stdin
+        .take()
+        .unwrap()
+        .write_all(signing_input.as_bytes())?;
+    let der = sign.wait_with_output()?.stdout;
+    let token = format!("{signing_input}.{}", b64url(&der_signature_to_jws(&der)));
+    issued.lock().unwrap().push(user);
+    let body =
+        serde_json::json!({"token": token, "access_token": token, "expires_in": 300}).to_string();
+    write!(
+        conn,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn bearer_token_registry_login_and_deploy() {
+    let tb = Testbed::new(2);
+    let ms = ployz_tests::cluster_on(&tb, "tokentest");
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = TokenServer::start(tb.gateway(), tmp.path());
+    let reg = Registry::start_with(
+        Place::Ns(&tb.hosts[0]),
+        tmp.path(),
+        5002,
+        &tokens.registry_auth(),
+    );
+    // The registry asks for a bearer token, naming the token service.
+    let o = tb.hosts[1]
+        .command("curl")
+        .args(["-s", "-D", "-", "-o", "/dev/null"])
+        .arg(format!("http://{}/v2/", reg.addr))
+        .output()
+        .unwrap();
+    let head = stdout(&o);
+    assert!(head.contains("401"), "{head}");
+    assert!(
+        head.contains(&format!("Bearer realm=\"{}\"", tokens.realm)),
+        "{head}"
+    );
+
+    let image = busybox_image(tmp.path(), "ployz-busybox", HTTPD);
+    let reference = format!("{}/ployz/busybox:1", reg.addr);
+    skopeo_push(
+        &tb.hosts[0],
+        &image,
+        &reference,
+        Some(&format!("{USER}:{PASSWORD}")),
+    );
+    let o = tb.hosts[0]
+        .command("skopeo")
+        .args(["inspect", "--tls-verify=false", "--creds"])
+        .arg(format!("{USER}:{PASSWORD}"))
+        .arg(format!("docker://{reference}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let want = want["Digest"].as_str().unwrap().to_string();
+    ms[0].ctl_json(&["registry", "add", &reg.addr, "--insecure"]);
+
+    // No credentials: the token service refuses, so does the deploy (8);
+    // nothing is created.
+    let (code, v) = ms[0].try_deploy(&["tok", "--image", &reference]);
+    assert_eq!(code, Some(8), "{v}");
+    assert!(!service_names(&ms[0]).contains(&"tok".to_string()));
+
+    // A wrong password is refused by the token service at login, stores
+    // nothing and is never printed.
+    let refused_before = tokens.refused.load(std::sync::atomic::Ordering::Relaxed);
+    let o = login(&ms[0], &reg.addr, "wrong-password");
+    assert_eq!(
+        o.status.code(),
+        Some(8),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("wrong-password"));
+    assert!(tokens.refused.load(std::sync::atomic::Ordering::Relaxed) > refused_before);
+
+    // The right password: login gets a token, the deploy pulls with one
+    // (on the deploying machine) and runs the pinned digest on both.
+    let before = tokens.issued.lock().unwrap().len();
+    let o = login(&ms[0], &reg.addr, PASSWORD);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(tokens.issued.lock().unwrap().len() > before);
+    let before = tokens.issued.lock().unwrap().len();
+    let v = ms[1].deploy(&["tok", "--image", &reference, "--replicas", "2"]);
+    for i in v["instances"].as_array().unwrap() {
+        assert_eq!(i["state"], "running", "{v:#}");
+    }
+    assert!(
+        tokens.issued.lock().unwrap().len() > before,
+        "no token was used"
+    );
+    let ls = ms[0].ctl_json(&["service", "ls"]);
+    let svc = ls["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "tok")
+        .unwrap()
+        .clone();
+    assert_eq!(svc["manifest_digest"], want.as_str(), "{svc:#}");
+
+    // A pull that takes a while reports its bytes; without a terminal the
+    // transfer prints one line with the image's size, not one per report.
+    let noisy = noisy_busybox_image(tmp.path(), "ployz-noisy", HTTPD, 3 << 20);
+    let noisy_ref = format!("{}/ployz/noisy:1", reg.addr);
+    skopeo_push(
+        &tb.hosts[0],
+        &noisy,
+        &noisy_ref,
+        Some(&format!("{USER}:{PASSWORD}")),
+    );
+    let o = ms[0].ctl(&["deploy", "service", "noisy", "--image", &noisy_ref]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    let pulls: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with(&format!("[noisy] image pull {noisy_ref}")))
+        .collect();
+    assert_eq!(pulls.len(), 1, "{err}");
+    assert!(pulls[0].ends_with(" MiB)"), "{err}");
+    for m in &ms {
+        assert!(!m.log().contains(PASSWORD), "the password is in a log");
+    }
 }

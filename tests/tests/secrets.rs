@@ -156,6 +156,25 @@ fn secrets_stay_out_of_logs_errors_and_json() {
     let server = nats["servers"][0].as_str().unwrap().to_string();
     let ok = nats_login(&tb.hosts[0], &server, &user, &password);
     assert!(ok.contains("PONG"), "{ok}");
+    // The admin user and an app user (issue 17): handed out once each.
+    let admin = handout(&ms[0], &["--json", "nats", "url", "--admin"]);
+    let admin_password = admin["password"].as_str().unwrap().to_string();
+    let app = handout(
+        &ms[0],
+        &[
+            "--json",
+            "nats",
+            "user",
+            "add",
+            "secretsapp",
+            "--allow-pub",
+            "app.>",
+        ],
+    );
+    let app_password = app["password"].as_str().unwrap().to_string();
+    let ok = nats_login(&tb.hosts[0], &server, "secretsapp", &app_password);
+    assert!(ok.contains("PONG"), "{ok}");
+    json(&seen.ctl(&ms[1], &["--json", "nats", "user", "ls"]));
     let wrong = "wrong-Pa55word-7f3a9c";
     let refused = nats_login(&tb.hosts[0], &server, &user, wrong);
     assert!(refused.contains("-ERR"), "{refused}");
@@ -186,6 +205,8 @@ fn secrets_stay_out_of_logs_errors_and_json() {
     let mut secrets: Vec<(String, String)> = vec![
         ("the network key".into(), key),
         ("the NATS password".into(), password),
+        ("the NATS admin password".into(), admin_password),
+        ("an app user's NATS password".into(), app_password),
         ("a wrong NATS password".into(), wrong.into()),
     ];
     for (i, t) in tokens.iter().enumerate() {

@@ -2,10 +2,12 @@
 //! a real ployzd machine over its userspace WireGuard interface.
 //!
 //! The wireguard-go host is not a ployz machine, so the test enrols it the
-//! way an operator's tooling could: it writes a machine record (its public
-//! key, endpoint and /24) into the `machines` bucket through the NATS
-//! control plane with a standard client (async-nats, JetStream KV). ployzd
-//! follows the record like any other and adds the peer.
+//! way an operator's tooling could, through the explicit admin path: it
+//! writes a machine record (its public key, endpoint and /24) into the
+//! `machines` bucket with the credentials of `ployzctl nats url --admin`
+//! (the operator user of `nats url` cannot write the cluster's buckets) and
+//! a standard client (async-nats, JetStream KV). ployzd follows the record
+//! like any other and adds the peer.
 
 use ployz_tests::netns::Testbed;
 use ployz_tests::{eventually, stderr, stdout, Machine};
@@ -68,8 +70,9 @@ async fn wireguard_go_peer_pings_a_ployz_machine() {
     );
     assert!(o.status.success(), "wireguard-go setup: {}", stderr(&o));
 
-    // Enrol it through the control plane, as a standard NATS client.
-    let info = m.nats_info();
+    // Enrol it through the control plane, as a standard NATS client with
+    // the admin credentials (the operator's are refused: tests/tests/nats_perms.rs).
+    let info = m.nats_admin_info();
     let client = ployz_tests::nats_connect(&info, &format!("{underlay}:4222")).await;
     let js = async_nats::jetstream::new(client);
     let machines = js.get_key_value("machines").await.unwrap();

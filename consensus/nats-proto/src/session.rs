@@ -290,6 +290,9 @@ pub struct ConnectionMeta {
     pub client_id: u64,
     /// `client_ip` in INFO.
     pub client_ip: Option<String>,
+    /// `tls_required` in INFO: the IO layer upgrades the connection to TLS
+    /// right after writing the INFO line (nats-server's TLS handshake).
+    pub tls_required: bool,
 }
 
 /// Why a session closed (names follow nats-server's `ClosedState`).
@@ -511,7 +514,7 @@ impl Session {
             port: config.port,
             headers: config.headers,
             auth_required: config.auth.required(),
-            tls_required: false,
+            tls_required: meta.tls_required,
             max_payload: i64::try_from(config.max_payload).unwrap_or(i64::MAX),
             jetstream: config.jetstream,
             client_id: meta.client_id,
@@ -647,6 +650,24 @@ impl Session {
     /// Closes the session (IO errors, shutdown). Idempotent.
     pub fn close(&mut self, reason: CloseReason) {
         self.core.close(reason);
+    }
+
+    /// The user's credentials were withdrawn (removed or changed, as on a
+    /// nats-server reload): `-ERR 'Authorization Violation'`, then close.
+    pub fn revoke(&mut self) {
+        if self.core.closed.is_none() {
+            self.core.send_err(crate::ERR_AUTH_VIOLATION);
+            self.core.close(CloseReason::AuthenticationViolation);
+        }
+    }
+
+    /// The user this connection authenticated as (once `CONNECT` was
+    /// accepted and the server requires credentials).
+    pub fn user(&self) -> Option<&str> {
+        if !self.core.config.auth.required() {
+            return None;
+        }
+        self.core.connect.as_ref().and_then(|c| c.user.as_deref())
     }
 
     /// Whether the session is closed.

@@ -6,7 +6,7 @@ use ployz_nats_proto::session::{
     DEFAULT_AUTH_TIMEOUT, DEFAULT_FIRST_PING_INTERVAL, DEFAULT_MAX_PENDING, DEFAULT_MAX_PINGS_OUT,
     DEFAULT_PING_INTERVAL,
 };
-use ployz_nats_proto::Auth;
+use ployz_nats_proto::{Auth, User};
 
 /// The single credential clients must present (nats-server's simple `authorization` block).
 #[derive(Clone, PartialEq, Eq)]
@@ -20,6 +20,9 @@ pub enum Credentials {
     },
     /// `CONNECT {"auth_token": ...}`.
     Token(String),
+    /// nats-server's `authorization { users = [...] }`: each user with its
+    /// own permissions; replaced at run time with [`crate::Server::set_users`].
+    Users(Vec<User>),
 }
 
 impl std::fmt::Debug for Credentials {
@@ -31,6 +34,7 @@ impl std::fmt::Debug for Credentials {
                 .field("password", &"<redacted>")
                 .finish(),
             Credentials::Token(_) => f.write_str("Token(<redacted>)"),
+            Credentials::Users(users) => f.debug_tuple("Users").field(users).finish(),
         }
     }
 }
@@ -43,6 +47,7 @@ impl Credentials {
                 pass: password.clone(),
             },
             Credentials::Token(t) => Auth::Token(t.clone()),
+            Credentials::Users(users) => Auth::Users(users.clone()),
         }
     }
 }

@@ -177,7 +177,10 @@ impl Router {
 
 pub(crate) struct Shared {
     pub(crate) cfg: ServerConfig,
-    proto: Arc<ployz_nats_proto::ServerConfig>,
+    /// The sessions' settings; replaced whole when the users change (a
+    /// session keeps the settings it started with; changed users' sessions
+    /// are closed).
+    proto: Mutex<Arc<ployz_nats_proto::ServerConfig>>,
     pub(crate) server_id: String,
     start: Instant,
     pub(crate) router: Mutex<Router>,
@@ -439,7 +442,7 @@ impl Server {
         let (shutdown_tx, _) = watch::channel(false);
         let shared = Shared {
             cfg,
-            proto: Arc::new(proto),
+            proto: Mutex::new(Arc::new(proto)),
             server_id,
             start: Instant::now(),
             router: Mutex::new(Router {
@@ -496,16 +499,100 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        self.serve_connection_inner(stream, client_ip, None);
+    }
+
+    /// Accepts TLS clients until [`Server::shutdown`], nats-server's way:
+    /// the INFO line (with `tls_required`) goes out in clear, then the
+    /// client must start the TLS handshake; anything else (a plaintext
+    /// `CONNECT`) fails the handshake and the connection is dropped.
+    pub async fn serve_tls(&self, listener: TcpListener, tls: tokio_rustls::TlsAcceptor) {
+        let mut shutdown = self.shared.shutdown_rx();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            tokio::select! {
+                res = listener.accept() => match res {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        self.serve_connection_inner(stream, Some(peer.ip().to_string()), Some(tls.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a NATS TLS client failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Replaces the users of a server configured with
+    /// [`crate::Credentials::Users`]: new connections authenticate against
+    /// `users`; every open connection of a user that is gone, or whose
+    /// password or permissions changed, gets `-ERR 'Authorization
+    /// Violation'` and is closed (its client reconnects with what it has).
+    /// Returns how many connections were closed.
+    pub fn set_users(&self, users: Vec<ployz_nats_proto::User>) -> usize {
+        use ployz_nats_proto::Auth;
+        let old = {
+            let mut p = lock(&self.shared.proto);
+            let old = match &p.auth {
+                Auth::Users(u) => u.clone(),
+                _ => Vec::new(),
+            };
+            let mut next = (**p).clone();
+            next.auth = Auth::Users(users.clone());
+            *p = Arc::new(next);
+            old
+        };
+        let stale: BTreeSet<String> = old
+            .iter()
+            .filter(|o| !users.iter().any(|n| n == *o))
+            .map(|o| o.user.clone())
+            .collect();
+        if stale.is_empty() {
+            return 0;
+        }
+        let clients: Vec<Arc<Client>> = lock(&self.shared.router)
+            .clients
+            .values()
+            .cloned()
+            .collect();
+        let mut closed = 0;
+        for c in clients {
+            let mut st = lock(&c.state);
+            if st.session.user().is_some_and(|u| stale.contains(u)) {
+                st.session.revoke();
+                st.pump();
+                closed += 1;
+                drop(st);
+                c.wake.notify_one();
+            }
+        }
+        closed
+    }
+
+    fn serve_connection_inner<S>(
+        &self,
+        stream: S,
+        client_ip: Option<String>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         if self.shared.is_shutting_down() {
             return;
         }
         let shared = self.shared.clone();
         let id = shared.next_id();
         let session = Session::new(
-            shared.proto.clone(),
+            lock(&shared.proto).clone(),
             ConnectionMeta {
                 client_id: id,
                 client_ip: client_ip.clone(),
+                tls_required: tls.is_some(),
             },
             shared.now(),
         );
@@ -524,7 +611,21 @@ impl Server {
             st.pump();
         }
         lock(&shared.router).clients.insert(id, client.clone());
-        tokio::spawn(run_client(shared, client, stream));
+        match tls {
+            None => {
+                tokio::spawn(run_client(shared, client, stream));
+            }
+            Some(acceptor) => {
+                tokio::spawn(async move {
+                    match tls_handshake(&client, stream, acceptor).await {
+                        Some(tls) => run_client(shared, client, tls).await,
+                        None => {
+                            lock(&shared.router).remove_client(client.id);
+                        }
+                    }
+                });
+            }
+        }
     }
 
     /// Attaches a route to another server of the cluster over an established stream (either
@@ -691,6 +792,39 @@ pub(crate) fn random_id(len: usize) -> String {
     (0..len)
         .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
         .collect()
+}
+
+/// Writes the INFO line in clear, then runs the server side of the TLS
+/// handshake (5 s at most). `None`: the client did not speak TLS.
+async fn tls_handshake<S>(
+    client: &Arc<Client>,
+    mut stream: S,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> Option<tokio_rustls::server::TlsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let info = {
+        let mut st = lock(&client.state);
+        st.pump();
+        std::mem::take(&mut st.out)
+    };
+    let handshake = async {
+        stream.write_all(&info).await.ok()?;
+        stream.flush().await.ok()?;
+        lock(&client.state).session.bytes_flushed(info.len());
+        acceptor.accept(stream).await.ok()
+    };
+    let tls = tokio::time::timeout(Duration::from_secs(5), handshake)
+        .await
+        .ok()
+        .flatten();
+    if tls.is_none() {
+        tracing::debug!(client = ?client.ip, "NATS client did not complete the TLS handshake; dropped");
+        let mut st = lock(&client.state);
+        st.session.close(CloseReason::ProtocolViolation);
+    }
+    tls
 }
 
 async fn run_client<S>(shared: Arc<Shared>, client: Arc<Client>, stream: S)

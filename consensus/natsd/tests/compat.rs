@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
-use common::{Kind, Opts, Raw, Target, PASS, USER, WAIT};
+use common::{Kind, Opts, Raw, Target, LIMITED, LIMITED_PASS, PASS, USER, WAIT};
 use futures::StreamExt;
 
 /// Runs a scenario against both servers.
@@ -56,6 +56,8 @@ both!(
     kv_watch_with_catch_all,
     kv_consumer_before_its_subscription,
     malformed_protocol,
+    permissions,
+    tls,
 );
 
 async fn next_msg(sub: &mut async_nats::Subscriber) -> async_nats::Message {
@@ -1097,5 +1099,135 @@ async fn malformed_protocol(kind: Kind) {
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
+    t.stop().await;
+}
+
+/// A user with permissions (nats-server's `authorization { users }` with `publish`/`subscribe`
+/// allow and deny lists and `allow_responses`): the violations' wording, the connection left
+/// open, wildcard subscriptions filtered, request/reply through the responses allowance.
+async fn permissions(kind: Kind) {
+    let t = Target::start(
+        kind,
+        Opts {
+            perms: true,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let connect = format!(
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"user\":\"{LIMITED}\",\"pass\":\"{LIMITED_PASS}\",\"protocol\":1,\"headers\":true}}\r\n"
+    );
+    let (mut raw, _) = Raw::connect(t.addr).await;
+    raw.send(&connect).await;
+    raw.send("PUB ployz.x 2\r\nhi\r\nPING\r\n").await;
+    assert_eq!(
+        raw.line_skip_ping().await,
+        "-ERR 'Permissions Violation for Publish to \"ployz.x\"'"
+    );
+    assert_eq!(raw.line_skip_ping().await, "PONG", "the connection stays");
+    raw.send("PUB app.secret 0\r\n\r\nPING\r\n").await;
+    assert_eq!(
+        raw.line_skip_ping().await,
+        "-ERR 'Permissions Violation for Publish to \"app.secret\"'"
+    );
+    assert_eq!(raw.line_skip_ping().await, "PONG");
+    raw.send("SUB ployz.> 1\r\nPING\r\n").await;
+    assert_eq!(
+        raw.line_skip_ping().await,
+        "-ERR 'Permissions Violation for Subscription to \"ployz.>\"'"
+    );
+    assert_eq!(raw.line_skip_ping().await, "PONG");
+    raw.send("SUB app.private.x q1 2\r\nPING\r\n").await;
+    assert_eq!(
+        raw.line_skip_ping().await,
+        "-ERR 'Permissions Violation for Subscription to \"app.private.x\" using queue \"q1\"'"
+    );
+    assert_eq!(raw.line_skip_ping().await, "PONG");
+    // A wildcard overlapping a denied subject is allowed; the denied messages never arrive.
+    raw.send("SUB app.> 3\r\nPING\r\n").await;
+    assert_eq!(raw.line_skip_ping().await, "PONG");
+    let admin = t.connect().await;
+    admin
+        .publish("app.private.hidden", "no".into())
+        .await
+        .unwrap();
+    admin.publish("app.open", "yes".into()).await.unwrap();
+    admin.flush().await.unwrap();
+    assert_eq!(raw.line_skip_ping().await, "MSG app.open 3 3");
+    assert_eq!(raw.payload(3).await, b"yes");
+
+    // Request/reply between two limited clients: the reply subject is not in `publish`,
+    // `allow_responses` lets the responder answer once.
+    let limited = || {
+        async_nats::ConnectOptions::with_user_and_password(LIMITED.into(), LIMITED_PASS.into())
+            .request_timeout(Some(Duration::from_secs(5)))
+            .connect(t.url())
+    };
+    let responder = limited().await.expect("limited connects");
+    let mut svc = responder.subscribe("app.echo").await.unwrap();
+    responder.flush().await.unwrap();
+    let r2 = responder.clone();
+    let task = tokio::spawn(async move {
+        if let Some(m) = svc.next().await {
+            let reply = m.reply.unwrap();
+            r2.publish(reply.clone(), m.payload).await.unwrap();
+            r2.flush().await.unwrap();
+        }
+    });
+    let requester = limited().await.expect("limited connects");
+    let answer = requester.request("app.echo", "ping".into()).await.unwrap();
+    assert_eq!(&answer.payload[..], b"ping");
+    task.await.unwrap();
+    if let Some(server) = &t.server {
+        // Ours: removing the user closes its connections with an Authorization Violation.
+        server.set_users(vec![ployz_nats_proto::User {
+            user: USER.into(),
+            pass: PASS.into(),
+            permissions: None,
+        }]);
+        let (rest, closed) = raw.read_for(WAIT).await;
+        assert!(closed, "a removed user's connection stayed open: {rest}");
+        assert!(rest.contains("-ERR 'Authorization Violation'"), "{rest}");
+        assert!(limited().await.is_err(), "a removed user logged in");
+    }
+    t.stop().await;
+}
+
+/// A TLS listener, nats-server's way: INFO in clear with `tls_required`, then the handshake. A
+/// client trusting the CA works; one without it, and a plaintext CONNECT, are refused.
+async fn tls(kind: Kind) {
+    let t = Target::start(
+        kind,
+        Opts {
+            tls: true,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let ca = t.ca_pem.clone().expect("a TLS target has a CA");
+    let c = common::opts()
+        .tls_client_config(common::client_tls(&ca))
+        .connect(t.url())
+        .await
+        .expect("a client trusting the CA connects");
+    let mut sub = c.subscribe("tls.x").await.unwrap();
+    c.flush().await.unwrap();
+    c.publish("tls.x", "secret".into()).await.unwrap();
+    assert_eq!(&next_msg(&mut sub).await.payload[..], b"secret");
+    let untrusted = tokio::time::timeout(WAIT, common::opts().connect(t.url())).await;
+    assert!(
+        !matches!(untrusted, Ok(Ok(_))),
+        "a client without the CA connected"
+    );
+    let (mut raw, info) = Raw::connect(t.addr).await;
+    assert!(info.contains("\"tls_required\":true"), "{info}");
+    raw.send(&Raw::connect_line("")).await;
+    raw.send("PING\r\n").await;
+    let (rest, closed) = raw.read_for(WAIT).await;
+    assert!(closed, "a plaintext client stayed connected: {rest}");
+    assert!(
+        !rest.contains("PONG"),
+        "a plaintext client was served: {rest}"
+    );
     t.stop().await;
 }

@@ -182,7 +182,8 @@ impl Bus {
         let mut r = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut r);
         let inbox = format!(
-            "_INBOX.{}",
+            "{}.{}",
+            super::users::INTERNAL_INBOX,
             r.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
         let (sid, mut rx) = self.subscribe(&inbox).await?;

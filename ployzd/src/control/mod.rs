@@ -6,18 +6,24 @@
 //! State: the server and the client, each started once the machine is in a
 //! network (and, on a mesh network, once the overlay is up).
 
+mod app_users;
 pub mod bus;
 pub mod nats;
+pub mod tls;
+pub mod users;
+
+use app_users::sync_users;
 
 use crate::errors::invalid;
 use crate::peer::{PeerHandler, PeerRequest, PeerResponse};
 use crate::store::{self, Store};
 use bus::{Bus, BusError};
-use nats::{Nats, NATS_USER};
+use nats::Nats;
 use ployz_api::{ApiError, ErrorCode, NatsInfo};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use users::{ADMIN_USER, OPERATOR_USER};
 
 pub struct ControlPlane {
     store: Arc<Store>,
@@ -40,16 +46,15 @@ impl ControlPlane {
         }
     }
 
-    /// The network's NATS password, derived from its secret.
-    fn password(&self) -> Option<String> {
-        use hkdf::Hkdf;
+    /// A NATS password derived from the network secret for `purpose`.
+    fn password_for(&self, purpose: &str) -> Option<String> {
         let secret = self.store.local().secret().get()?;
-        let key = ployz_api::invite::b64url_decode(&secret.key).ok()?;
-        let mut out = [0u8; 24];
-        Hkdf::<sha2::Sha256>::new(Some(secret.network_id.as_bytes()), &key)
-            .expand(b"ployz nats password v1", &mut out)
-            .ok()?;
-        Some(ployz_api::invite::b64url(&out))
+        users::derive_password(&secret.network_id, &secret.key, purpose)
+    }
+
+    /// ployzd's own (admin) NATS password.
+    fn password(&self) -> Option<String> {
+        self.password_for(&users::purpose_admin())
     }
 
     /// Start the server (advertised on `advertise`) and then this daemon's
@@ -60,18 +65,43 @@ impl ControlPlane {
             return;
         };
         if self.nats.get().is_none() {
+            let Some(secret) = self.store.local().secret().get() else {
+                return;
+            };
+            // The network CA exists from the founder's first start on (right
+            // after `mesh init`); listeners other than loopback and the
+            // overlay need it for their certificate.
+            let needs_tls = self
+                .listen
+                .iter()
+                .any(|a| !a.is_loopback() && *a != advertise);
+            let tls = match self.tls_config(&secret.network_id, advertise).await {
+                Ok(t) => Some(t),
+                Err(e) if needs_tls => {
+                    tracing::warn!("NATS TLS listeners wait for the network CA: {e}");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!("network CA not ready yet: {e}");
+                    None
+                }
+            };
+            let tls = tls.filter(|_| needs_tls);
+            let all = users::all_users(&secret.network_id, &secret.key, &[]);
             match Nats::start(
                 Arc::downgrade(&self.store),
                 self.store.machine_id().to_string(),
-                password.clone(),
+                all,
                 self.port,
                 advertise,
                 &self.listen,
+                tls,
             )
             .await
             {
                 Ok(n) => {
                     tracing::info!(port = n.port, "NATS control plane listening");
+                    tokio::spawn(sync_users(Arc::downgrade(&self.store), n.server.clone()));
                     let _ = self.nats.set(n);
                 }
                 Err(e) => tracing::warn!("cannot start the NATS server: {e}"),
@@ -81,7 +111,7 @@ impl ControlPlane {
             return;
         }
         let Some(n) = self.nats.get() else { return };
-        match Bus::connect(&n.server, NATS_USER, &password).await {
+        match Bus::connect(&n.server, ADMIN_USER, &password).await {
             Ok(bus) => match serve_machine_rpc(self.store.machine_id(), handler, &bus).await {
                 Ok(()) => {
                     let _ = self.bus.set(bus);
@@ -90,6 +120,56 @@ impl ControlPlane {
             },
             Err(e) => tracing::warn!("cannot connect to the control plane: {e}"),
         }
+    }
+
+    /// The network CA (made and stored once, create-if-absent) and this
+    /// machine's server certificate for every address it listens on.
+    async fn tls_config(
+        &self,
+        network_id: &str,
+        advertise: IpAddr,
+    ) -> Result<(Arc<rustls::ServerConfig>, String), String> {
+        use ployz_api::{NatsCaRecord, BUCKET_PKI, NATS_CA_KEY};
+        let read = |s: &Arc<Store>| {
+            let s = s.clone();
+            async move {
+                s.get::<NatsCaRecord>(BUCKET_PKI, NATS_CA_KEY)
+                    .await
+                    .map_err(|e| e.message)
+            }
+        };
+        let ca = match read(&self.store).await? {
+            Some(v) => v.value,
+            None => {
+                let fresh = tls::new_ca(network_id)?;
+                let mut ops = store::records::ensure_bucket(BUCKET_PKI);
+                ops.push(store::put(
+                    BUCKET_PKI,
+                    NATS_CA_KEY,
+                    &fresh,
+                    ployz_consensus::Expect::Absent,
+                ));
+                match self.store.txn(ops).await.map_err(|e| e.message)? {
+                    Ok(_) => {
+                        tracing::info!("created the network's NATS CA");
+                        fresh
+                    }
+                    // Another machine made it first: use theirs.
+                    Err(_) => {
+                        read(&self.store)
+                            .await?
+                            .ok_or("the network CA vanished")?
+                            .value
+                    }
+                }
+            }
+        };
+        let mut ips = vec![advertise, IpAddr::from([127, 0, 0, 1])];
+        ips.extend(self.listen.iter().copied());
+        ips.sort();
+        ips.dedup();
+        let cfg = tls::server_config(&ca, network_id, self.store.machine_id(), &ips)?;
+        Ok((cfg, ca.cert_pem))
     }
 
     /// Wait (up to `timeout`) until the NATS server listens and this
@@ -168,7 +248,7 @@ impl ControlPlane {
 
     /// `ployzctl nats url`: how clients on and off this machine connect;
     /// `advertise` is the overlay address (or the underlay without a mesh).
-    pub fn url(&self, advertise: IpAddr) -> Result<NatsInfo, ApiError> {
+    pub fn url(&self, advertise: IpAddr, admin: bool) -> Result<NatsInfo, ApiError> {
         let n = self.nats.get().ok_or_else(|| {
             if self.store.local().get().is_none() {
                 store::no_network()
@@ -180,7 +260,12 @@ impl ControlPlane {
                 .with_hint("retry in a moment; `ployzctl status` shows what this machine waits for")
             }
         })?;
-        let password = self.password().ok_or_else(store::no_network)?;
+        let (user, purpose) = if admin {
+            (ADMIN_USER, users::purpose_admin())
+        } else {
+            (OPERATOR_USER, users::purpose_operator())
+        };
+        let password = self.password_for(&purpose).ok_or_else(store::no_network)?;
         let mut servers = vec![format!("127.0.0.1:{}", n.port)];
         let mut ips = vec![advertise];
         ips.extend_from_slice(&self.listen);
@@ -190,9 +275,20 @@ impl ControlPlane {
                 servers.push(s);
             }
         }
+        // With TLS listeners, the URL names the first of them.
+        let tls_at = self
+            .listen
+            .iter()
+            .find(|a| !a.is_loopback() && **a != advertise)
+            .filter(|_| n.ca_pem.is_some());
+        let url = match tls_at {
+            Some(ip) => format!("tls://{user}:{password}@{}", SocketAddr::new(*ip, n.port)),
+            None => format!("nats://{user}:{password}@127.0.0.1:{}", n.port),
+        };
         Ok(NatsInfo {
-            url: format!("nats://{NATS_USER}:{password}@127.0.0.1:{}", n.port),
-            user: NATS_USER.into(),
+            url,
+            ca_pem: n.ca_pem.clone(),
+            user: user.into(),
             password,
             servers,
         })

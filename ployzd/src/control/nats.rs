@@ -14,7 +14,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, Weak};
 
 pub const DEFAULT_NATS_PORT: u16 = 4222;
-pub const NATS_USER: &str = "ployz";
 
 /// The store as the NATS server's JetStream sees it.
 pub struct StoreKv {
@@ -25,10 +24,10 @@ fn gone() -> BackendError {
     BackendError::Unavailable("ployzd is shutting down".into())
 }
 
-/// Buckets NATS clients never see nor write: registry credentials, and
-/// the gateway's certificates with their private keys.
+/// Buckets NATS clients never see nor write: registry credentials, NATS
+/// users, the gateway's certificates (`ployz_api::HIDDEN_BUCKETS`).
 fn hidden(bucket: &str) -> bool {
-    bucket == ployz_api::BUCKET_REGISTRIES || bucket == ployz_api::BUCKET_CERTIFICATES
+    ployz_api::HIDDEN_BUCKETS.contains(&bucket)
 }
 
 impl StoreKv {
@@ -149,6 +148,10 @@ impl KvBackend for StoreKv {
 pub struct Nats {
     pub server: Server,
     pub port: u16,
+    /// The overlay address (or the underlay without a mesh) it listens on.
+    pub advertise: IpAddr,
+    /// The network CA's certificate when the extra listeners are TLS.
+    pub ca_pem: Option<String>,
     /// Dialing tasks of the routes this machine keeps, by peer machine id.
     routes: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
 }
@@ -160,10 +163,11 @@ impl Nats {
     pub async fn start(
         store: Weak<Store>,
         name: String,
-        password: String,
+        users: Vec<ployz_nats_proto::User>,
         port: u16,
         advertise: IpAddr,
         extra: &[IpAddr],
+        tls: Option<(std::sync::Arc<rustls::ServerConfig>, String)>,
     ) -> std::io::Result<Nats> {
         let loopback = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let port = loopback.local_addr()?.port();
@@ -171,10 +175,7 @@ impl Nats {
             server_name: name,
             host: advertise.to_string(),
             port,
-            credentials: Some(Credentials::UserPassword {
-                user: NATS_USER.into(),
-                password,
-            }),
+            credentials: Some(Credentials::Users(users)),
             ..ServerConfig::default()
         };
         let server = Server::with_kv(cfg, StoreKv { store });
@@ -184,14 +185,29 @@ impl Nats {
         addrs.extend_from_slice(extra);
         addrs.retain(|a| !a.is_loopback());
         addrs.dedup();
+        let acceptor = tls
+            .as_ref()
+            .map(|(cfg, _)| tokio_rustls::TlsAcceptor::from(cfg.clone()));
         for a in addrs {
             let l = tokio::net::TcpListener::bind(SocketAddr::new(a, port)).await?;
             let s = server.clone();
-            tokio::spawn(async move { s.serve(l).await });
+            // Loopback and the overlay (WireGuard) are private; every other
+            // address speaks TLS when the caller gave a certificate.
+            match (&acceptor, a == advertise) {
+                (Some(acc), false) => {
+                    let acc = acc.clone();
+                    tokio::spawn(async move { s.serve_tls(l, acc).await });
+                }
+                _ => {
+                    tokio::spawn(async move { s.serve(l).await });
+                }
+            }
         }
         Ok(Nats {
             server,
             port,
+            advertise,
+            ca_pem: tls.map(|(_, pem)| pem),
             routes: Mutex::new(HashMap::new()),
         })
     }

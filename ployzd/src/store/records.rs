@@ -24,6 +24,10 @@ pub const BUCKETS: &[(&str, u8)] = &[
     (ployz_api::BUCKET_OPERATIONS, 1),
     // One revision: a replaced password is not kept in history.
     (ployz_api::BUCKET_REGISTRIES, 1),
+    // NATS app users (salts, grants): one revision.
+    (ployz_api::BUCKET_NATS_USERS, 1),
+    // The NATS CA (cert and key): one revision.
+    (ployz_api::BUCKET_PKI, 1),
     // The gateway (issue 14): routes, ACME settings + lease, pending
     // challenges, and certificates with their keys (one revision: a
     // replaced key is not kept; never served over NATS).

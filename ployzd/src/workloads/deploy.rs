@@ -50,6 +50,9 @@ impl Workloads {
             ));
         }
         self.store.require_network().await?;
+        if let Some(user) = &req.nats_user {
+            self.control.require_user(user).await?;
+        }
         let op = self
             .ops
             .begin(OpKind::Deploy, &req.name, OpDetail::default())
@@ -247,6 +250,7 @@ impl Workloads {
                         .clone()
                         .or_else(|| cur.and_then(|c| c.project.clone())),
                     health: health.clone(),
+                    nats_user: req.nats_user.clone(),
                 }))
             })
             .await

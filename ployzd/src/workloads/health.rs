@@ -491,6 +491,7 @@ mod tests {
             health_timeout: None,
             health_retries: None,
             health_start_period: None,
+            nats_user: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! runtime (fetched from a machine that has it), and collecting stored
 //! images nothing needs any more.
 
+use super::pulls::PullSource;
 use super::*;
 
 impl Workloads {
@@ -130,6 +131,7 @@ impl Workloads {
                 continue;
             };
             let tmp = store.temp_path();
+            let started = std::time::Instant::now();
             match peer::fetch_blob(
                 &m.value.peer_addr,
                 &secret,
@@ -142,7 +144,7 @@ impl Workloads {
             )
             .await
             {
-                Ok(_) => {
+                Ok((bytes, _)) => {
                     let s = store.clone();
                     let d = digest.clone();
                     let t = tmp.clone();
@@ -151,13 +153,21 @@ impl Workloads {
                         .map_err(blocking_err)?;
                     match r {
                         Ok(info) => {
+                            self.pulls
+                                .succeeded(PullSource::Peer, bytes, started.elapsed());
                             tracing::info!(%digest, from = %src, "image fetched");
                             return Ok(info);
                         }
-                        Err(e) => errors.push(format!("{src}: {e}")),
+                        Err(e) => {
+                            self.pulls.failed(PullSource::Peer);
+                            errors.push(format!("{src}: {e}"))
+                        }
                     }
                 }
-                Err(e) => errors.push(e.to_string()),
+                Err(e) => {
+                    self.pulls.failed(PullSource::Peer);
+                    errors.push(e.to_string())
+                }
             }
             let _ = tokio::fs::remove_file(&tmp).await;
         }

@@ -27,6 +27,7 @@ mod images;
 mod migrate;
 pub mod placement;
 mod probe;
+pub mod pulls;
 mod reconcile;
 mod registries;
 mod rollout;
@@ -111,6 +112,8 @@ pub struct Workloads {
     health: probe::HealthMonitor,
     /// Wakes the reconciler (a service changed, an instance's health did).
     kick: Arc<tokio::sync::Notify>,
+    /// Image pulls this machine made, for `/metrics`.
+    pulls: pulls::PullMetrics,
 }
 
 impl Workloads {
@@ -132,7 +135,13 @@ impl Workloads {
             images: std::sync::Mutex::new(None),
             health: probe::HealthMonitor::new(),
             kick: Arc::new(tokio::sync::Notify::new()),
+            pulls: pulls::PullMetrics::default(),
         }
+    }
+
+    /// The image pull counters (shared: registering them exports live values).
+    pub(crate) fn pull_metrics(&self) -> pulls::PullMetrics {
+        self.pulls.clone()
     }
 
     fn machine_id(&self) -> &str {

@@ -399,6 +399,12 @@ impl Workloads {
             env.retain(|(old, _)| old != k);
             env.push((k.clone(), v.clone()));
         }
+        if let Some(user) = &svc.nats_user {
+            // The NATS app user's credentials, on this machine's server.
+            let url = self.control.app_url(user).await?;
+            env.retain(|(old, _)| old != "NATS_URL");
+            env.push(("NATS_URL".into(), url));
+        }
         let mut spec = WorkloadSpec::new(id, image, args);
         spec.env = env;
         spec.mounts = mounts;

@@ -1,13 +1,16 @@
 //! Registries: `registry add/login/ls/rm` (records in the `registries`
 //! bucket, which NATS never serves) and pulls for `deploy`.
 
+use super::pulls::PullSource;
 use super::Workloads;
-use crate::errors::{internal, invalid, note, ProgressSink};
+use crate::errors::{internal, invalid, note, note_bytes, ProgressSink};
 use crate::store::{self, put};
 use ployz_api::*;
 use ployz_consensus::Expect;
 use ployz_runtime::image::{ImageInfo, ImageStore};
 use ployz_runtime::registry::{self, Access, ImageRef, RegistryError};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 /// Checks `host[:port]` as it appears in image references.
 fn check_host(host: &str) -> Result<(), ApiError> {
@@ -148,9 +151,42 @@ impl Workloads {
         let access = self.access(&r.host).await?;
         note(sink, service, "image", format!("pulling {}", r.canonical()));
         let store = self.image_store()?;
-        let pulled = registry::pull(&store, &r, &access)
-            .await
-            .map_err(pull_error)?;
+        let started = std::time::Instant::now();
+        let progress = registry::PullProgress::default();
+        let pull = registry::pull(&store, &r, &access, &progress);
+        tokio::pin!(pull);
+        // Twice a second, how far the pull got (a bar on a terminal).
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let message = format!("pull {}", r.canonical());
+        let pulled = loop {
+            tokio::select! {
+                res = &mut pull => break res,
+                _ = tick.tick() => {
+                    let total = progress.total.load(Ordering::Relaxed);
+                    if total > 0 {
+                        note_bytes(
+                            sink,
+                            service,
+                            "image",
+                            &message,
+                            progress.done.load(Ordering::Relaxed),
+                            Some(total),
+                        );
+                    }
+                }
+            }
+        };
+        let pulled = pulled.map_err(|e| {
+            self.pulls.failed(PullSource::Registry);
+            pull_error(e)
+        })?;
+        self.pulls.succeeded(
+            PullSource::Registry,
+            pulled.fetched_bytes,
+            started.elapsed(),
+        );
         note(
             sink,
             service,
@@ -188,16 +224,27 @@ impl Workloads {
             )));
         }
         let access = self.access(&r.host).await?;
-        let pulled = registry::pull(store, &r, &access)
+        let started = std::time::Instant::now();
+        let progress = registry::PullProgress::default();
+        let pulled = registry::pull(store, &r, &access, &progress)
             .await
-            .map_err(pull_error)?;
+            .map_err(|e| {
+                self.pulls.failed(PullSource::Registry);
+                pull_error(e)
+            })?;
         if pulled.info.digest != digest {
+            self.pulls.failed(PullSource::Registry);
             return Err(pull_error(RegistryError::DigestMismatch {
                 host: r.host.clone(),
                 what: format!("the image archive of {}", r.canonical()),
                 why: format!("packed {}, the service runs {digest}", pulled.info.digest),
             }));
         }
+        self.pulls.succeeded(
+            PullSource::Registry,
+            pulled.fetched_bytes,
+            started.elapsed(),
+        );
         tracing::info!(
             %digest,
             registry = %r.host,

@@ -359,6 +359,7 @@ mod tests {
             cpu_shares: None,
             placements,
             generation: 2,
+            nats_user: None,
             created_at_ms: 0,
             updated_at_ms: 0,
             deployed_by: None,

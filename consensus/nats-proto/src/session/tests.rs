@@ -16,6 +16,7 @@ fn session_with(cfg: ServerConfig) -> Session {
     let meta = ConnectionMeta {
         client_id: 7,
         client_ip: Some("10.0.0.1".into()),
+        ..ConnectionMeta::default()
     };
     let mut s = Session::new(Arc::new(cfg), meta, ms(0));
     // Drop the INFO greeting and mark it written.
@@ -75,6 +76,7 @@ fn info_greeting_like_nats_server() {
     let meta = ConnectionMeta {
         client_id: 42,
         client_ip: Some("127.0.0.1".into()),
+        ..ConnectionMeta::default()
     };
     let mut s = Session::new(Arc::new(cfg), meta, ms(0));
     let (out, actions) = drain(&mut s);
@@ -1089,4 +1091,34 @@ fn go_quote_escapes_like_percent_q() {
     assert_eq!(go_quote("a.b"), "\"a.b\"");
     assert_eq!(go_quote("a\"b\\c"), "\"a\\\"b\\\\c\"");
     assert_eq!(go_quote("a\u{1}"), "\"a\\x01\"");
+}
+
+#[test]
+fn revoked_users_get_an_authorization_violation_and_are_closed() {
+    let cfg = users_config();
+    let (mut s, _, _) = login(&cfg, "app", "app-pass");
+    assert_eq!(s.user(), Some("app"));
+    s.revoke();
+    let (out, actions) = drain(&mut s);
+    assert_eq!(out, b"-ERR 'Authorization Violation'\r\n");
+    assert_eq!(
+        close_of(&actions),
+        Some(CloseReason::AuthenticationViolation)
+    );
+    // Without required credentials there is no user to speak of.
+    let mut open = session_with(config());
+    let _ = feed(&mut open, b"CONNECT {\"user\":\"x\"}\r\n", ms(1));
+    assert_eq!(open.user(), None);
+}
+
+#[test]
+fn tls_required_is_announced_in_info() {
+    let meta = ConnectionMeta {
+        tls_required: true,
+        ..ConnectionMeta::default()
+    };
+    let mut s = Session::new(Arc::new(config()), meta, ms(0));
+    let (out, _) = drain(&mut s);
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.contains("\"tls_required\":true"), "{out}");
 }

@@ -26,6 +26,109 @@ pub enum Kind {
 pub struct Opts {
     pub max_pending: Option<usize>,
     pub kv: bool,
+    /// Two users: [`USER`] with every right, [`LIMITED`] with [`limited`]'s permissions.
+    pub perms: bool,
+    /// TLS with a certificate for 127.0.0.1 signed by a fresh CA ([`Target::ca_pem`]).
+    pub tls: bool,
+}
+
+/// A CA and a server certificate for 127.0.0.1: (CA PEM, server cert PEM, server key PEM).
+pub fn test_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().expect("server key");
+    let mut leaf = CertificateParams::default();
+    leaf.subject_alt_names = vec![SanType::IpAddress([127, 0, 0, 1].into())];
+    let cert = leaf.signed_by(&key, &issuer).expect("server cert");
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// A rustls client configuration trusting only `ca_pem`.
+pub fn client_tls(ca_pem: &str) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pem_der(ca_pem).into()).expect("CA");
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth()
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("PEM")
+}
+
+fn server_tls(cert_pem: &str, key_pem: &str) -> tokio_rustls::TlsAcceptor {
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(pem_der(key_pem).into());
+    let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![pem_der(cert_pem).into()], key)
+    .expect("server cert");
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg))
+}
+
+/// The user with permissions of [`Opts::perms`].
+pub const LIMITED: &str = "limited";
+pub const LIMITED_PASS: &str = "l1m1ted";
+
+/// [`LIMITED`]'s permissions: publish `app.>` but not `app.secret`, subscribe `app.>` (not
+/// `app.private.>`) and `_INBOX.>`, one response per request received.
+pub fn limited() -> ployz_nats_proto::Permissions {
+    use ployz_nats_proto::{Permissions, ResponsePermission, SubjectPermission};
+    Permissions {
+        publish: SubjectPermission {
+            allow: vec!["app.>".into()],
+            deny: vec!["app.secret".into()],
+        },
+        subscribe: SubjectPermission {
+            allow: vec!["app.>".into(), "_INBOX.>".into()],
+            deny: vec!["app.private.>".into()],
+        },
+        responses: Some(ResponsePermission::default()),
+    }
+}
+
+/// The same users as a nats-server `authorization` block.
+const LIMITED_CONF: &str = r#"authorization {
+  users = [
+    {user: "ployz", password: "s3cret"}
+    {user: "limited", password: "l1m1ted", permissions: {
+      publish: {allow: ["app.>"], deny: ["app.secret"]}
+      subscribe: {allow: ["app.>", "_INBOX.>"], deny: ["app.private.>"]}
+      allow_responses: true
+    }}
+  ]
+}
+"#;
+
+/// Our users for [`Opts::perms`].
+pub fn users() -> Vec<ployz_nats_proto::User> {
+    vec![
+        ployz_nats_proto::User {
+            user: USER.into(),
+            pass: PASS.into(),
+            permissions: None,
+        },
+        ployz_nats_proto::User {
+            user: LIMITED.into(),
+            pass: LIMITED_PASS.into(),
+            permissions: Some(std::sync::Arc::new(limited())),
+        },
+    ]
 }
 
 /// A `nats-server` child process, killed on drop.
@@ -46,6 +149,8 @@ pub struct Target {
     pub server: Option<Server>,
     node: Option<std::sync::Arc<Node>>,
     process: Option<NatsProcess>,
+    /// The CA of a TLS target.
+    pub ca_pem: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -108,25 +213,44 @@ fn free_port() -> u16 {
 impl Target {
     pub async fn start(kind: Kind, opts: Opts) -> Target {
         let dir = tempfile::tempdir().expect("tempdir");
+        let pki = opts.tls.then(test_pki);
         match kind {
+            Kind::Ployzd if pki.is_some() => {
+                let (ca, cert, key) = pki.expect("pki");
+                let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                let addr = listener.local_addr().expect("addr");
+                let server = Server::new(our_config("ployzd-test", opts.max_pending));
+                let s = server.clone();
+                let acceptor = server_tls(&cert, &key);
+                tokio::spawn(async move { s.serve_tls(listener, acceptor).await });
+                Target {
+                    kind,
+                    addr,
+                    server: Some(server),
+                    node: None,
+                    process: None,
+                    ca_pem: Some(ca),
+                    _dir: dir,
+                }
+            }
             Kind::Ployzd => {
                 let node = if opts.kv {
                     Some(std::sync::Arc::new(open_node(dir.path()).await))
                 } else {
                     None
                 };
-                let (server, addr) = start_ours(
-                    "ployzd-test",
-                    our_config("ployzd-test", opts.max_pending),
-                    node.clone(),
-                )
-                .await;
+                let mut cfg = our_config("ployzd-test", opts.max_pending);
+                if opts.perms {
+                    cfg.credentials = Some(Credentials::Users(users()));
+                }
+                let (server, addr) = start_ours("ployzd-test", cfg, node.clone()).await;
                 Target {
                     kind,
                     addr,
                     server: Some(server),
                     node,
                     process: None,
+                    ca_pem: None,
                     _dir: dir,
                 }
             }
@@ -134,12 +258,34 @@ impl Target {
                 let port = free_port();
                 let store = dir.path().join("js");
                 let mut cmd = Command::new("nats-server");
-                cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
-                    .args(["--user", USER, "--pass", PASS])
-                    .args(["-js", "-sd"])
+                cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+                if opts.perms {
+                    let conf = dir.path().join("users.conf");
+                    std::fs::write(&conf, LIMITED_CONF).expect("write conf");
+                    cmd.arg("-c").arg(&conf);
+                } else {
+                    cmd.args(["--user", USER, "--pass", PASS]);
+                }
+                cmd.args(["-js", "-sd"])
                     .arg(&store)
                     .stdout(Stdio::null())
                     .stderr(Stdio::null());
+                if let Some((_, cert, key)) = &pki {
+                    let (c, k) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+                    std::fs::write(&c, cert).expect("write cert");
+                    std::fs::write(&k, key).expect("write key");
+                    let conf = dir.path().join("tls.conf");
+                    std::fs::write(
+                        &conf,
+                        format!(
+                            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n",
+                            c.display(),
+                            k.display()
+                        ),
+                    )
+                    .expect("write conf");
+                    cmd.arg("-c").arg(&conf);
+                }
                 if let Some(m) = opts.max_pending {
                     let conf = dir.path().join("nats.conf");
                     // nats-server refuses max_payload > max_pending.
@@ -167,6 +313,7 @@ impl Target {
                     server: None,
                     node: None,
                     process: Some(process),
+                    ca_pem: pki.map(|(ca, _, _)| ca),
                     _dir: dir,
                 }
             }
