@@ -50,6 +50,11 @@ pub const CLUSTER_BUCKETS: &[&str] = &[
     BUCKET_REGISTRIES,
     BUCKET_NATS_USERS,
     BUCKET_PKI,
+    // The gateway (issue 14): written only through ployzd's API.
+    crate::gateway::BUCKET_ROUTES,
+    crate::gateway::BUCKET_ACME,
+    crate::gateway::BUCKET_ACME_CHALLENGES,
+    crate::gateway::BUCKET_CERTIFICATES,
 ];
 /// Buckets that NATS never serves to anyone (secrets): reads, writes,
 /// watches and the bucket list leave them out.
