@@ -9,12 +9,14 @@
 //! the README are these types serialised as they are.
 
 pub mod compose;
+pub mod gateway;
 pub mod invite;
 pub mod ports;
 pub mod records;
 pub mod time;
 pub mod wire;
 
+pub use gateway::*;
 pub use ports::{Protocol, PublishedPort};
 pub use records::*;
 pub use wire::*;

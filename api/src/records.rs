@@ -50,10 +50,21 @@ pub const CLUSTER_BUCKETS: &[&str] = &[
     BUCKET_REGISTRIES,
     BUCKET_NATS_USERS,
     BUCKET_PKI,
+    // The gateway (issue 14): written only through ployzd's API.
+    crate::gateway::BUCKET_ROUTES,
+    crate::gateway::BUCKET_ACME,
+    crate::gateway::BUCKET_ACME_CHALLENGES,
+    crate::gateway::BUCKET_CERTIFICATES,
 ];
 /// Buckets that NATS never serves to anyone (secrets): reads, writes,
 /// watches and the bucket list leave them out.
-pub const HIDDEN_BUCKETS: &[&str] = &[BUCKET_REGISTRIES, BUCKET_NATS_USERS, BUCKET_PKI];
+pub const HIDDEN_BUCKETS: &[&str] = &[
+    BUCKET_REGISTRIES,
+    BUCKET_NATS_USERS,
+    BUCKET_PKI,
+    // The gateway's certificates and their keys (issue 14).
+    crate::gateway::BUCKET_CERTIFICATES,
+];
 
 /// The network's CA for NATS TLS listeners: each machine signs its own
 /// server certificate with it. Its `Debug` never shows the key.

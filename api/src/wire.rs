@@ -2,6 +2,7 @@
 //! The client writes a [`Request`], the daemon answers with a [`Reply`].
 //! A connection may carry several request/reply pairs in sequence.
 
+use crate::gateway::*;
 use crate::records::*;
 use crate::time::rfc3339;
 use serde::{Deserialize, Serialize};
@@ -149,6 +150,37 @@ pub enum Request {
     RegistryRm {
         host: String,
     },
+    // --- gateway (issue 14): routes and ACME ---
+    /// `route add`: route `host` + `path` to `service`'s `port`.
+    RouteAdd {
+        host: String,
+        #[serde(default)]
+        path: Option<String>,
+        service: String,
+        port: u16,
+        #[serde(default)]
+        tls: RouteTls,
+    },
+    /// `route ls`.
+    RouteList,
+    /// `route rm`: one path of `host`, or all of them without `path`.
+    RouteRm {
+        host: String,
+        #[serde(default)]
+        path: Option<String>,
+    },
+    /// `acme set`.
+    AcmeSet {
+        #[serde(default)]
+        directory: Option<String>,
+        email: String,
+        #[serde(default)]
+        ca_pem: Option<String>,
+        #[serde(default)]
+        challenge: AcmeChallenge,
+    },
+    /// `acme show`.
+    AcmeShow,
 }
 
 /// `deploy service`.
@@ -343,6 +375,8 @@ pub enum Response {
     Doctor(DoctorReport),
     Dashboard(DashboardLink),
     Registries(RegistryList),
+    Routes(RouteList),
+    Acme(AcmeView),
     NatsUser(NatsUserCreated),
     NatsUsers(NatsUserList),
 }
@@ -1108,6 +1142,40 @@ mod tests {
             &mut keys,
         );
         assert_eq!(keys, readme_keys("machine ls"));
+    }
+
+    // --- gateway (issue 14) ---
+    #[test]
+    fn gateway_json_matches_the_readme() {
+        let routes = RouteList {
+            routes: vec![RouteView {
+                host: "a.test".into(),
+                path: "/".into(),
+                service: "web".into(),
+                port: 8080,
+                tls: RouteTls::Acme,
+                backends: 2,
+                certificate_expires: None,
+            }],
+        };
+        let mut keys = Default::default();
+        json_keys(&serde_json::to_value(routes).unwrap(), &mut keys);
+        assert_eq!(keys, readme_keys("route ls"));
+        let acme = AcmeView {
+            directory: None,
+            email: None,
+            custom_ca: false,
+            challenge: AcmeChallenge::TlsAlpn01,
+            certificates: vec![CertView {
+                host: "a.test".into(),
+                not_after: "t".into(),
+            }],
+        };
+        let v = serde_json::to_value(&acme).unwrap();
+        assert_eq!(v["challenge"], "tls-alpn-01");
+        let mut keys = Default::default();
+        json_keys(&v, &mut keys);
+        assert_eq!(keys, readme_keys("acme show"));
     }
 
     #[test]

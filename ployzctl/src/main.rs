@@ -3,6 +3,7 @@
 
 mod client;
 mod compose;
+mod gateway;
 mod output;
 mod progress;
 
@@ -67,6 +68,12 @@ enum Top {
     /// Image registries: plain-HTTP hosts and credentials (stored in the cluster, never printed).
     #[command(subcommand)]
     Registry(RegistryCmd),
+    /// HTTP(S) gateway routes: hostname (+ path prefix) → a service's port.
+    #[command(subcommand)]
+    Route(gateway::RouteCmd),
+    /// ACME (certificates for `route add --tls acme`): the CA and contact.
+    #[command(subcommand)]
+    Acme(gateway::AcmeCmd),
     /// Print a shell completion script: `ployzctl completions bash > /etc/bash_completion.d/ployzctl`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -498,7 +505,7 @@ fn check_image_path(image: &str) -> Result<(), String> {
     }
 }
 
-fn request_of(cmd: Top) -> Request {
+fn request_of(cmd: Top, json: bool) -> Request {
     match cmd {
         Top::Release(_) | Top::Completions { .. } => unreachable!("handled locally"),
         Top::Machine(MachineCmd::Init { target, install }) => add_request(vec![target], install),
@@ -643,6 +650,8 @@ fn request_of(cmd: Top) -> Request {
         Top::Registry(RegistryCmd::Login { .. }) => unreachable!("needs the password: see main"),
         Top::Registry(RegistryCmd::Ls) => Request::RegistryList,
         Top::Registry(RegistryCmd::Rm { host }) => Request::RegistryRm { host },
+        Top::Route(cmd) => gateway::route_request(cmd),
+        Top::Acme(cmd) => gateway::acme_request(cmd, json),
         Top::Op(OpCmd::Wait { id, timeout_secs }) => Request::OpWait {
             id,
             timeout_secs: Some(timeout_secs),
@@ -776,7 +785,7 @@ fn main() {
                 password: Some(ployz_api::Secret(password)),
             }
         }
-        other => request_of(other),
+        other => request_of(other, json),
     };
     let code = match client::call(&socket, &request) {
         Ok(Ok(resp)) => {

@@ -378,6 +378,55 @@ pub fn print_response(resp: &Response, json: bool) {
             }
             print!("{}", ops_table(&l.operations));
         }
+        Response::Routes(l) => {
+            if json {
+                return print_json(l);
+            }
+            if l.routes.is_empty() {
+                println!("no routes (ployzctl route add HOSTNAME --service S --port P)");
+                return;
+            }
+            println!(
+                "{:<32} {:<16} {:<20} {:<6} {:<5} {:<9} CERTIFICATE",
+                "HOST", "PATH", "SERVICE", "PORT", "TLS", "BACKENDS"
+            );
+            for r in &l.routes {
+                println!(
+                    "{:<32} {:<16} {:<20} {:<6} {:<5} {:<9} {}",
+                    r.host,
+                    r.path,
+                    r.service,
+                    r.port,
+                    r.tls.as_str(),
+                    r.backends,
+                    match (r.tls, &r.certificate_expires) {
+                        (ployz_api::RouteTls::Off, _) => "-".to_string(),
+                        (_, Some(t)) => format!("expires {t}"),
+                        (_, None) => "pending".to_string(),
+                    }
+                );
+            }
+        }
+        Response::Acme(a) => {
+            if json {
+                return print_json(a);
+            }
+            match (&a.directory, &a.email) {
+                (Some(d), Some(e)) => println!(
+                    "directory {d}\nemail     {e}\nchallenge {}{}",
+                    a.challenge.as_str(),
+                    if a.custom_ca {
+                        "\nca        custom roots"
+                    } else {
+                        ""
+                    }
+                ),
+                _ => println!("ACME is not set (ployzctl acme set --email E [--directory URL])"),
+            }
+            for c in &a.certificates {
+                println!("certificate {:<32} expires {}", c.host, c.not_after);
+            }
+        }
         // --- NATS app users (issue 17) ---
         Response::NatsUser(u) => {
             if json {

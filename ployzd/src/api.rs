@@ -121,6 +121,35 @@ impl Daemon {
             Request::RegistryRm { host } => {
                 workloads.registry_rm(&host).await.map(Response::Registries)
             }
+            // --- gateway (issue 14) ---
+            Request::RouteAdd {
+                host,
+                path,
+                service,
+                port,
+                tls,
+            } => self
+                .gateway
+                .route_add(&host, path.as_deref(), &service, port, tls)
+                .await
+                .map(Response::Routes),
+            Request::RouteList => self.gateway.route_list().await.map(Response::Routes),
+            Request::RouteRm { host, path } => self
+                .gateway
+                .route_rm(&host, path.as_deref())
+                .await
+                .map(Response::Routes),
+            Request::AcmeSet {
+                directory,
+                email,
+                ca_pem,
+                challenge,
+            } => self
+                .gateway
+                .acme_set(directory, &email, ca_pem, challenge)
+                .await
+                .map(Response::Acme),
+            Request::AcmeShow => self.gateway.acme_show().await.map(Response::Acme),
             Request::ServiceLogs { name, slot, tail } => workloads
                 .service_logs(&name, slot, tail)
                 .await

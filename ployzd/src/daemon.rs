@@ -10,6 +10,7 @@
 
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::control::ControlPlane;
+use crate::gateway::{Gateway, GatewayConfig};
 use crate::identity::Identity;
 use crate::ingress::Ingress;
 use crate::ops::Operations;
@@ -45,6 +46,8 @@ pub struct DaemonConfig {
     pub wg_interface: String,
     /// Addresses the NATS server listens on besides loopback and the overlay.
     pub nats_listen: Vec<IpAddr>,
+    /// The HTTP(S) gateway's ports (0: off).
+    pub gateway: GatewayConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +76,8 @@ pub struct Daemon {
     pub(crate) ingress: Arc<Ingress>,
     pub(crate) cluster: Arc<Cluster>,
     pub(crate) provisioning: Provisioning,
+    /// The HTTP(S) gateway: routes, certificates, forwarding.
+    pub(crate) gateway: Arc<Gateway>,
     /// Logins and sessions of the web dashboard.
     pub(crate) dashboard: crate::dashboard::Dashboard,
 }
@@ -91,6 +96,7 @@ impl Daemon {
             .await?,
         );
         let ops = Arc::new(Operations::new(store.clone()));
+        let gateway = Arc::new(Gateway::new(cfg.gateway, store.clone()));
         let control = Arc::new(ControlPlane::new(
             store.clone(),
             cfg.nats_port,
@@ -158,6 +164,7 @@ impl Daemon {
             ingress,
             cluster,
             provisioning,
+            gateway,
             dashboard: Default::default(),
         })
     }
@@ -190,9 +197,11 @@ impl Daemon {
     pub async fn run(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
         let reconciler = tokio::spawn(self.workloads.clone().run(stop.clone()));
         let ingress = tokio::spawn(self.ingress.clone().run(stop.clone()));
+        let gateway = tokio::spawn(self.gateway.clone().run(stop.clone()));
         self.upkeep(stop).await;
         let _ = reconciler.await;
         let _ = ingress.await;
+        let _ = gateway.await;
     }
 
     /// Periodic upkeep: bring the mesh up and keep its peers equal to the

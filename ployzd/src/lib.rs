@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod dashboard;
 pub mod doctor;
 pub mod errors;
+pub mod gateway;
 pub mod http;
 pub mod identity;
 pub mod ingress;

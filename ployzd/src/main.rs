@@ -99,6 +99,12 @@ enum Command {
         /// dashboard` prints a login link.
         #[arg(long, default_value = "127.0.0.1:7180", value_parser = parse_listen)]
         ui_listen: Listen,
+        /// The HTTP gateway's port on every address (0: off).
+        #[arg(long, default_value_t = 80)]
+        http_port: u16,
+        /// The HTTPS gateway's port on every address (0: off).
+        #[arg(long, default_value_t = 443)]
+        https_port: u16,
         /// Raft log entries between snapshots (log compaction).
         #[arg(long, default_value_t = 5000, hide = true)]
         snapshot_every: u64,
@@ -186,6 +192,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         snapshot_every,
         metrics_listen,
         ui_listen,
+        http_port,
+        https_port,
     } = cli.command;
     let env = Env::current();
     let layout = match service_mode {
@@ -217,6 +225,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             mesh: !no_mesh,
             wg_interface,
             nats_listen,
+            gateway: ployzd::gateway::GatewayConfig {
+                http_port,
+                https_port,
+            },
         })
         .await?,
     );

@@ -50,6 +50,7 @@ impl Daemon {
         self.workload_metrics(&mut reg).await;
         self.operation_metrics(&mut reg).await;
         self.ingress_metrics(&mut reg);
+        self.gateway_metrics(&mut reg);
         let mut out = String::new();
         if let Err(e) = encode(&mut out, &reg) {
             tracing::warn!("encoding metrics: {e}");
@@ -95,6 +96,33 @@ impl Daemon {
             "ployz_dns_queries",
             "Queries to this machine's internal resolver, by result",
             queries,
+        );
+    }
+
+    /// The gateway's requests (by status code), their duration, and when
+    /// each served certificate expires.
+    fn gateway_metrics(&self, reg: &mut Registry) {
+        let m = self.gateway.metrics().clone();
+        reg.register(
+            "ployz_gateway_requests",
+            "Requests the HTTP(S) gateway answered, by status code",
+            m.requests,
+        );
+        reg.register(
+            "ployz_gateway_request_duration_seconds",
+            "Time from a request's head to the response head, gateway errors included",
+            m.duration,
+        );
+        let expiry: Family<Labels, Gauge> = Family::default();
+        for (host, t) in self.gateway.certificate_expiry() {
+            expiry
+                .get_or_create(&vec![("host".to_string(), host)])
+                .set(t as i64);
+        }
+        reg.register(
+            "ployz_gateway_certificate_expiry_timestamp_seconds",
+            "When each certificate the gateway serves expires (unix time)",
+            expiry,
         );
     }
 

@@ -91,6 +91,11 @@ impl Machine {
                 "--no-mesh",
                 "--advertise-ip",
                 &ip,
+                // Several share the box's ports: no gateway.
+                "--http-port",
+                "0",
+                "--https-port",
+                "0",
             ],
         )
     }
@@ -102,6 +107,11 @@ impl Machine {
             "--advertise-ip",
             "127.0.0.1",
             "--no-mesh",
+            // Several share the box's ports: no gateway (80/443 are the host's).
+            "--http-port",
+            "0",
+            "--https-port",
+            "0",
         ];
         args.extend_from_slice(extra);
         args

@@ -25,7 +25,7 @@ fn gone() -> BackendError {
 }
 
 /// Buckets NATS clients never see nor write: registry credentials, NATS
-/// users (`ployz_api::HIDDEN_BUCKETS`).
+/// users, the gateway's certificates (`ployz_api::HIDDEN_BUCKETS`).
 fn hidden(bucket: &str) -> bool {
     ployz_api::HIDDEN_BUCKETS.contains(&bucket)
 }

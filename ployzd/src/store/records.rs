@@ -28,6 +28,13 @@ pub const BUCKETS: &[(&str, u8)] = &[
     (ployz_api::BUCKET_NATS_USERS, 1),
     // The NATS CA (cert and key): one revision.
     (ployz_api::BUCKET_PKI, 1),
+    // The gateway (issue 14): routes, ACME settings + lease, pending
+    // challenges, and certificates with their keys (one revision: a
+    // replaced key is not kept; never served over NATS).
+    (ployz_api::BUCKET_ROUTES, 5),
+    (ployz_api::BUCKET_ACME, 1),
+    (ployz_api::BUCKET_ACME_CHALLENGES, 1),
+    (ployz_api::BUCKET_CERTIFICATES, 1),
 ];
 
 /// Ops creating one control-plane bucket (idempotent), for writes to a

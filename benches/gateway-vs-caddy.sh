@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# The gateway (ployzd) against Caddy 2 (`reverse_proxy`), in front of the same backend, on the
+# same box, in the same run: plain HTTP and TLS, wrk's requests/s and p50/p99 latency.
+#
+#   benches/gateway-vs-caddy.sh                     (root; release binaries built if missing)
+#   SECS=10 CONNS=64 THREADS=2 RUNS=3 benches/gateway-vs-caddy.sh
+#
+# One namespace host runs: ployzd (host runtime) with a busybox httpd service on 8080 and a
+# routes plain.test (HTTP) and bench.test (HTTPS, a certificate from pebble, validation
+# skipped) → it, Caddy with
+# `reverse_proxy` to the same instance (plain on :8081, `tls internal` on :8443), and wrk.
+# Prints each run, then the medians and the ratios gateway/caddy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${SECS:-10}
+CONNS=${CONNS:-64}
+THREADS=${THREADS:-2}
+RUNS=${RUNS:-3}
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
+BIN=$TARGET/x86_64-unknown-linux-musl/release
+NS=plzgwbench
+W=$(mktemp -d /tmp/ployz-gw-bench.XXXXXX)
+IP=10.239.77.2
+
+for c in caddy wrk pebble openssl jq; do command -v $c >/dev/null || { echo "$c missing: scripts/setup" >&2; exit 1; }; done
+[ -x "$BIN/ployzd" ] || cargo build --locked --release -p ployzd -p ployzctl
+
+pids=()
+cleanup() {
+  [ -S "$W/ployzd.sock" ] && timeout 60 "$BIN/ployzctl" --socket "$W/ployzd.sock" service rm web >/dev/null 2>&1 || true
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  ip netns del $NS 2>/dev/null || true
+  ip link del plzgwb0 2>/dev/null || true
+  rm -rf "/etc/netns/$NS"
+  rm -rf "$W"
+}
+trap cleanup EXIT
+
+ip netns add $NS
+ip link add plzgwb0 type veth peer name eth0 netns $NS
+ip addr add 10.239.77.1/24 dev plzgwb0 && ip link set plzgwb0 up
+ip netns exec $NS sh -c "ip link set lo up && ip addr add $IP/24 dev eth0 && ip link set eth0 up"
+mkdir -p /etc/netns/$NS && printf '127.0.0.1 localhost\n%s bench.test\n' $IP >/etc/netns/$NS/hosts
+inns() { ip netns exec $NS "$@"; }
+ctl() { "$BIN/ployzctl" --socket "$W/ployzd.sock" "$@"; }
+
+# ployzd (as scripts/local-cluster starts it: its own /run/wireguard).
+nsenter --net=/run/netns/$NS unshare --mount --propagation private \
+  sh -c 'mkdir -p /run/wireguard && mount -t tmpfs ployz-wg /run/wireguard && exec "$0" "$@"' \
+  "$BIN/ployzd" --data-dir "$W/data" --socket "$W/ployzd.sock" run --advertise-ip $IP \
+  --metrics-listen off --ui-listen off >"$W/ployzd.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do [ -S "$W/ployzd.sock" ] && break; sleep 0.1; done
+ctl mesh init gwbench >/dev/null
+./scripts/busybox-image "$W/busybox.tar" >/dev/null
+ctl deploy service web --image "$W/busybox.tar" --wait-secs 120 >/dev/null
+BACKEND=$(ctl --json service ls | jq -r '.services[0].instances[0].overlay_ip'):8080
+
+# pebble (validation skipped: PEBBLE_VA_ALWAYS_VALID) for the gateway's certificate.
+(cd "$W" && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key \
+   -out ca.pem -days 1 -subj /CN=bench-ca 2>/dev/null &&
+ openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout leaf.key -out leaf.csr \
+   -subj /CN=pebble 2>/dev/null &&
+ printf 'subjectAltName=IP:%s\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' $IP >ext &&
+ openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out leaf.pem -days 1 \
+   -extfile ext 2>/dev/null)
+cat >"$W/pebble.json" <<JSON
+{"pebble": {"listenAddress": "$IP:14000", "managementListenAddress": "$IP:15000",
+ "certificate": "$W/leaf.pem", "privateKey": "$W/leaf.key", "httpPort": 80, "tlsPort": 443,
+ "ocspResponderURL": "", "externalAccountBindingRequired": false}}
+JSON
+PEBBLE_VA_ALWAYS_VALID=1 PEBBLE_VA_NOSLEEP=1 inns pebble -config "$W/pebble.json" >"$W/pebble.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do inns curl -s --cacert "$W/ca.pem" "https://$IP:14000/dir" >/dev/null && break; sleep 0.1; done
+ctl acme set --directory "https://$IP:14000/dir" --email bench@example.test --ca-file "$W/ca.pem" >/dev/null
+ctl route add bench.test --service web --port 8080 --tls acme >/dev/null
+ctl route add plain.test --service web --port 8080 >/dev/null
+for _ in $(seq 120); do
+  [ "$(ctl --json route ls | jq -r '.routes[0].certificate_expires')" != null ] && break; sleep 1
+done
+
+# Caddy in front of the same instance.
+cat >"$W/Caddyfile" <<CADDY
+{
+	admin off
+	http_port 8082
+	https_port 8443
+	auto_https disable_redirects
+	skip_install_trust
+	storage file_system $W/caddy
+}
+:8081 {
+	reverse_proxy $BACKEND
+}
+bench.test:8443 {
+	tls internal
+	reverse_proxy $BACKEND
+}
+CADDY
+HOME=$W inns caddy run --config "$W/Caddyfile" --adapter caddyfile >"$W/caddy.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do inns curl -s -o /dev/null "http://$IP:8081/" && break; sleep 0.1; done
+for url in "-H Host:plain.test http://$IP/index.html" "http://$IP:8081/index.html" \
+           "-k https://bench.test/index.html" "-k https://bench.test:8443/index.html"; do
+  # shellcheck disable=SC2086
+  body=$(inns curl -sf $url) || { echo "no answer from $url" >&2; tail -5 "$W"/*.log >&2; exit 1; }
+  [ "$body" = "hello from a ployz workload" ] || { echo "$url: $body" >&2; exit 1; }
+done
+
+# wrk: "Requests/sec", and the 50% / 99% lines of --latency (converted to ms).
+bench() { # name, wrk args...
+  local name=$1; shift
+  inns wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --latency "$@" >"$W/wrk.out"
+  local rps p50 p99
+  rps=$(awk '/^Requests\/sec/ {print $2}' "$W/wrk.out")
+  ms() { awk -v k="$1" '$1==k {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; print v}' "$W/wrk.out"; }
+  p50=$(ms 50%); p99=$(ms 99%)
+  echo "$name $rps $p50 $p99" | tee -a "$W/results"
+}
+echo "run name requests/s p50_ms p99_ms"
+for r in $(seq "$RUNS"); do
+  echo -n "$r " ; bench http-gateway -H "Host: plain.test" "http://$IP/index.html"
+  echo -n "$r " ; bench http-caddy "http://$IP:8081/index.html"
+  echo -n "$r " ; bench tls-gateway "https://bench.test/index.html"
+  echo -n "$r " ; bench tls-caddy "https://bench.test:8443/index.html"
+done
+echo
+echo "medians over $RUNS runs (wrk -t$THREADS -c$CONNS -d${SECS}s):"
+med() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+for proto in http tls; do
+  g=$(awk -v n=$proto-gateway '$1==n' "$W/results"); c=$(awk -v n=$proto-caddy '$1==n' "$W/results")
+  grps=$(awk '{print $2}' <<<"$g" | med); gp50=$(awk '{print $3}' <<<"$g" | med); gp99=$(awk '{print $4}' <<<"$g" | med)
+  crps=$(awk '{print $2}' <<<"$c" | med); cp50=$(awk '{print $3}' <<<"$c" | med); cp99=$(awk '{print $4}' <<<"$c" | med)
+  printf '%-4s gateway %10s req/s  p50 %7s ms  p99 %7s ms\n' $proto "$grps" "$gp50" "$gp99"
+  printf '%-4s caddy   %10s req/s  p50 %7s ms  p99 %7s ms\n' $proto "$crps" "$cp50" "$cp99"
+  awk -v a="$grps" -v b="$crps" -v c="$gp99" -v d="$cp99" -v p=$proto \
+    'BEGIN {printf "%-4s ratio gateway/caddy: requests/s %.2fx (target >= 1.0), p99 %.2fx (target <= 1.0)\n", p, a/b, c/d}'
+done
