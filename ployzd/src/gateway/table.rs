@@ -86,9 +86,7 @@ pub fn request_host(host_header: Option<&str>, authority: Option<&str>) -> Optio
 /// Whether an instance may take requests: running and healthy (or without
 /// a health check), with an overlay address.
 pub fn serves(i: &InstanceRecord) -> bool {
-    i.state == InstanceState::Running
-        && matches!(i.health, InstanceHealth::Healthy | InstanceHealth::None)
-        && i.overlay_ip.is_some()
+    crate::ingress::table::ready(i) && i.overlay_ip.is_some()
 }
 
 /// One route as the gateway serves it.
