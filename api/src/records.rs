@@ -34,6 +34,9 @@ pub const BUCKET_NATS_USERS: &str = "nats_users";
 /// served over NATS.
 pub const BUCKET_PKI: &str = "pki";
 pub const NATS_CA_KEY: &str = "nats-ca";
+/// The key every NATS password derives from ([`NatsCredentialsRecord`]), in
+/// the `pki` bucket; rotated by `machine rm`.
+pub const NATS_CREDENTIALS_KEY: &str = "nats-credentials";
 /// The cluster's own buckets: only ployzd writes them (through its API,
 /// which checks the rules). NATS users other than ployzd's own may read and
 /// watch them, never write them (`$KV.<b>.>`, stream create/update/purge/
@@ -79,6 +82,27 @@ impl fmt::Debug for NatsCaRecord {
         f.debug_struct("NatsCaRecord")
             .field("cert_pem", &self.cert_pem)
             .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The NATS credential key: every NATS password (ployzd's own, the
+/// operator's, app users') is derived from it together with the network
+/// secret. `machine rm` replaces it with a fresh one of the next
+/// generation, so a removed machine's passwords stop working. Its `Debug`
+/// never shows the key.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NatsCredentialsRecord {
+    pub generation: u64,
+    /// 32 random bytes, base64url.
+    pub key: String,
+}
+
+impl fmt::Debug for NatsCredentialsRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsCredentialsRecord")
+            .field("generation", &self.generation)
+            .field("key", &"<redacted>")
             .finish()
     }
 }

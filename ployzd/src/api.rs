@@ -252,6 +252,24 @@ impl PeerHandler for Daemon {
         self.identity.wg.static_secret()
     }
 
+    fn admit(&self, from: &str, source: std::net::IpAddr) -> Result<(), String> {
+        let file = self
+            .store
+            .local()
+            .get()
+            .ok_or("this machine is not in a network")?;
+        let mesh = file.network.as_ref().is_none_or(|n| n.mesh);
+        // This replica's records once it has caught up far enough to know
+        // this machine; before (a machine that just joined), the records the
+        // join or the last upkeep pass handed over.
+        let machines = self
+            .store
+            .local_machines()
+            .filter(|ms| ms.iter().any(|m| m.id == self.identity.machine_id))
+            .unwrap_or(file.machines);
+        peer::admission::admit(mesh, &machines, from, source)
+    }
+
     fn raft(&self) -> &ployz_consensus::Raft {
         self.store.node().raft()
     }

@@ -11,6 +11,7 @@ use ployzd::daemon::{Daemon, DaemonConfig};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -109,6 +110,22 @@ enum Command {
         #[arg(long, default_value_t = 5000, hide = true)]
         snapshot_every: u64,
     },
+    /// Diagnostic: open a `raft` or `rpc` session to a peer port with the
+    /// network secret in this data directory's cluster.json, as machine
+    /// `--as`, and say whether it was admitted (an `rpc` session lists the
+    /// machine records). Used by the tests of peer-port admission.
+    #[command(hide = true)]
+    PeerProbe {
+        /// The peer port, IP:PORT.
+        #[arg(long)]
+        addr: String,
+        /// `raft` or `rpc`.
+        #[arg(long, default_value = "rpc")]
+        service: String,
+        /// The machine id the hello names.
+        #[arg(long = "as")]
+        as_id: String,
+    },
 }
 
 /// A listen address flag that can be turned off.
@@ -140,7 +157,13 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let main = async {
+        match cli.command {
+            Command::PeerProbe { .. } => peer_probe(cli).await,
+            Command::Run { .. } => run(cli).await,
+        }
+    };
+    match rt.block_on(main) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ployzd: {e:#}");
@@ -177,6 +200,57 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ployzd peer-probe`: exit 0 when admitted, 3 when refused.
+async fn peer_probe(cli: Cli) -> anyhow::Result<()> {
+    use ployzd::peer::{self, KvRead, PeerRequest, PeerResponse, Service};
+    let Command::PeerProbe {
+        addr,
+        service,
+        as_id,
+    } = cli.command
+    else {
+        bail!("not a peer-probe command");
+    };
+    let data_dir = cli
+        .data_dir
+        .context("peer-probe needs --data-dir (the directory with cluster.json)")?;
+    let path = data_dir.join(ployzd::store::local::CLUSTER_FILE);
+    let file: ployzd::store::local::ClusterFile = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{} is not a cluster file", path.display()))?;
+    let refused = |e: std::io::Error| -> anyhow::Result<()> {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            println!("refused: {e}");
+            std::process::exit(3);
+        }
+        bail!("peer-probe to {addr}: {e}")
+    };
+    match service.as_str() {
+        "raft" => match peer::dial(&addr, Service::Raft, &file.secret, &as_id).await {
+            Ok(_) => println!("admitted: raft session open"),
+            Err(e) => return refused(e),
+        },
+        "rpc" => {
+            let req = PeerRequest::Read {
+                read: KvRead::List {
+                    bucket: ployz_api::BUCKET_MACHINES.into(),
+                },
+                hops: 0,
+            };
+            match peer::call(&addr, &file.secret, &as_id, &req, Duration::from_secs(5)).await {
+                Ok(PeerResponse::Read(peer::KvReadResult::Entries(es))) => {
+                    println!("admitted: read {} machine records", es.len())
+                }
+                Ok(other) => println!("admitted: answered {other:?}"),
+                Err(e) => return refused(e),
+            }
+        }
+        other => bail!("unknown service `{other}`: use raft or rpc"),
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let Command::Run {
         runtime,
@@ -194,7 +268,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ui_listen,
         http_port,
         https_port,
-    } = cli.command;
+    } = cli.command
+    else {
+        bail!("not a run command");
+    };
     let env = Env::current();
     let layout = match service_mode {
         Some(m) => Layout::for_mode(m, &env),

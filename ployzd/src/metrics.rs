@@ -51,6 +51,14 @@ impl Daemon {
         self.operation_metrics(&mut reg).await;
         self.ingress_metrics(&mut reg);
         self.gateway_metrics(&mut reg);
+        // Peer-port admission (issue 17).
+        let refused = Counter::<u64>::default();
+        refused.inc_by(crate::peer::admission::refused_total());
+        reg.register(
+            "ployz_peer_refused",
+            "Peer-port connections refused as not from a current member",
+            refused,
+        );
         let mut out = String::new();
         if let Err(e) = encode(&mut out, &reg) {
             tracing::warn!("encoding metrics: {e}");

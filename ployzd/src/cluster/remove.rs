@@ -206,8 +206,33 @@ impl Cluster {
 
     /// Delete a removed machine's placements, instance records, record and
     /// subnet claim (its placements go with it: workloads are never moved
-    /// automatically).
+    /// automatically), then rotate the NATS credential key: the removed
+    /// machine keeps the network secret, and with the old key it would know
+    /// every NATS password (issue 17, SECURITY.md).
     async fn delete_machine(&self, id: &str, subnet_key: &str) -> Result<(), ApiError> {
+        self.delete_records(id, subnet_key).await?;
+        let mut rotated = self.control.rotate_credentials().await;
+        for _ in 0..3 {
+            if rotated.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            rotated = self.control.rotate_credentials().await;
+        }
+        let generation = rotated.map_err(|e| {
+            let msg = format!(
+                "machine {id}'s records are deleted but the NATS credentials were not rotated: {}",
+                e.message
+            );
+            ApiError::new(e.code, msg).with_hint(
+                "until a later removal rotates them, the removed machine's copy of the network secret still opens NATS: check `ployzctl status` and see SECURITY.md",
+            )
+        })?;
+        tracing::info!(machine = %id, generation, "NATS credentials rotated after the removal");
+        Ok(())
+    }
+
+    async fn delete_records(&self, id: &str, subnet_key: &str) -> Result<(), ApiError> {
         self.workloads.forget_machine(id).await?;
         let mut ops = vec![store::delete(BUCKET_MACHINES, id, Expect::Any)];
         if !subnet_key.is_empty() {
@@ -288,6 +313,9 @@ impl Cluster {
                 })
                 .await?;
             self.delete_machine(&id, &key).await?;
+        } else {
+            // The owner stopped between deleting the records and rotating.
+            self.control.rotate_credentials().await?;
         }
         self.ops
             .take_over(

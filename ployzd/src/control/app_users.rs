@@ -1,11 +1,12 @@
 //! `nats user add/ls/rm` and keeping every machine's NATS server on the
 //! current users: the records live in the `nats_users` bucket (written only
 //! here, never served over NATS); each machine follows the bucket's changes
-//! and replaces its server's users, closing the connections of users that
-//! were removed or changed.
+//! and the NATS credential key (`pki` bucket) and replaces its server's
+//! users, closing the connections of users that were removed or changed,
+//! and of every user after a credential rotation.
 
 use super::users::{self, all_users};
-use super::ControlPlane;
+use super::{credentials, ControlPlane};
 use crate::errors::{internal, invalid};
 use crate::peer::{KvRead, KvReadResult};
 use crate::store::{self, Store};
@@ -70,7 +71,7 @@ impl ControlPlane {
             .ok_or_else(store::no_network)?;
         // This machine serves the user at once (the others within a second).
         if let Some(n) = self.nats.get() {
-            refresh(&self.store, &n.server).await;
+            refresh(self, &n.server).await;
         }
         let addr = SocketAddr::new(advertise, port);
         Ok(NatsUserCreated {
@@ -82,8 +83,9 @@ impl ControlPlane {
 
     /// `NATS_URL` for a workload of a service deployed with `--nats-user
     /// name`: that user's credentials and this machine's NATS server on its
-    /// overlay address. `NotFound` when the user is gone.
-    pub async fn app_url(&self, name: &str) -> Result<String, ApiError> {
+    /// overlay address, and the credential generation it belongs to.
+    /// `NotFound` when the user is gone.
+    pub async fn app_url(&self, name: &str) -> Result<(String, u64), ApiError> {
         let Some(rec) = self
             .store
             .get::<NatsUserRecord>(BUCKET_NATS_USERS, name)
@@ -97,11 +99,11 @@ impl ControlPlane {
                 "the NATS server on this machine is still starting",
             )
         })?;
-        let password = self
-            .password_for(&users::purpose_app(&rec.value))
+        let keys = self.keys().ok_or_else(store::no_network)?;
+        let password = users::derive_password(&keys, &users::purpose_app(&rec.value))
             .ok_or_else(store::no_network)?;
         let addr = SocketAddr::new(n.advertise, n.port);
-        Ok(format!("nats://{name}:{password}@{addr}"))
+        Ok((format!("nats://{name}:{password}@{addr}"), keys.generation))
     }
 
     /// Whether app user `name` exists (deploy checks `--nats-user`).
@@ -142,7 +144,7 @@ impl ControlPlane {
             .await?
             .map_err(|(_, r)| internal(format!("the store rejected the removal: {r}")))?;
         if let Some(n) = self.nats.get() {
-            refresh(&self.store, &n.server).await;
+            refresh(self, &n.server).await;
         }
         self.user_list().await
     }
@@ -155,40 +157,66 @@ fn no_user(name: &str) -> ApiError {
     )
 }
 
-/// Reads the app users and hands the server the full user list. Returns
-/// `false` when the store could not be read (the caller retries).
-async fn refresh(store: &Store, server: &ployz_natsd::Server) -> bool {
+/// Reads the credential key and the app users and hands the server the
+/// full user list; after a rotation, ployzd's own client logs in again with
+/// the new password. Returns `false` when the store could not be read (the
+/// caller retries).
+pub(super) async fn refresh(cp: &ControlPlane, server: &ployz_natsd::Server) -> bool {
+    let store: &Store = &cp.store;
     let Some(secret) = store.local().secret().get() else {
         return false;
     };
-    match store.values::<NatsUserRecord>(BUCKET_NATS_USERS).await {
-        Ok(mut recs) => {
-            recs.sort_by(|a, b| a.name.cmp(&b.name));
-            let closed = server.set_users(all_users(&secret.network_id, &secret.key, &recs));
-            if closed > 0 {
-                tracing::info!(
-                    closed,
-                    "NATS users changed: closed the connections of removed or changed users"
-                );
-            }
-            true
+    let keys = match credentials::read(store).await {
+        Ok(Some(rec)) => credentials::keys_of(&secret, &rec),
+        Ok(None) => match cp.keys() {
+            Some(k) => k,
+            None => return false,
+        },
+        Err(e) => {
+            tracing::debug!("cannot read the NATS credential key: {e}");
+            return false;
         }
+    };
+    let mut recs = match store.values::<NatsUserRecord>(BUCKET_NATS_USERS).await {
+        Ok(recs) => recs,
         Err(e) => {
             tracing::debug!("cannot read the NATS users: {}", e.message);
-            false
+            return false;
         }
+    };
+    recs.sort_by(|a, b| a.name.cmp(&b.name));
+    let rotated = cp.keys().as_ref() != Some(&keys);
+    let generation = keys.generation;
+    // The new passwords are handed out (`nats url`) only once the server
+    // accepts them.
+    let closed = server.set_users(all_users(&keys, &recs));
+    cp.set_keys(keys);
+    if rotated {
+        tracing::info!(
+            generation,
+            closed,
+            "NATS credentials rotated: only the new passwords are accepted"
+        );
+        cp.ensure_bus().await;
+    } else if closed > 0 {
+        tracing::info!(
+            closed,
+            "NATS users changed: closed the connections of removed or changed users"
+        );
     }
+    true
 }
 
 /// Keeps `server`'s users on the store's: after every change of the
-/// `nats_users` bucket (a store reset included), and every 30 s anyway.
-pub(super) async fn sync_users(store: Weak<Store>, server: ployz_natsd::Server) {
-    let Some(mut events) = store.upgrade().map(|s| s.events()) else {
+/// `nats_users` or `pki` bucket (a store reset included), and every 30 s
+/// anyway.
+pub(super) async fn sync_users(cp: Weak<ControlPlane>, server: ployz_natsd::Server) {
+    let Some(mut events) = cp.upgrade().map(|c| c.store.events()) else {
         return;
     };
     loop {
-        let ok = match store.upgrade() {
-            Some(s) => refresh(&s, &server).await,
+        let ok = match cp.upgrade() {
+            Some(c) => refresh(&c, &server).await,
             None => return,
         };
         let wait = if ok {
@@ -199,12 +227,16 @@ pub(super) async fn sync_users(store: Weak<Store>, server: ployz_natsd::Server) 
         let _ = tokio::time::timeout(wait, async {
             loop {
                 match events.recv().await {
-                    Ok(KvEvent::Entry(e)) if e.bucket != BUCKET_NATS_USERS => continue,
+                    Ok(KvEvent::Entry(e))
+                        if e.bucket != BUCKET_NATS_USERS && e.bucket != BUCKET_PKI =>
+                    {
+                        continue
+                    }
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                         tokio::time::sleep(Duration::from_millis(500)).await;
-                        if let Some(s) = store.upgrade() {
-                            events = s.events();
+                        if let Some(c) = cp.upgrade() {
+                            events = c.store.events();
                         }
                         return;
                     }

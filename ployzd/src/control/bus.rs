@@ -41,6 +41,9 @@ pub struct Bus {
     writer: tokio::sync::Mutex<WriteHalf<DuplexStream>>,
     subs: Subs,
     next_sid: AtomicU64,
+    /// Set when the server closed the connection (e.g. its password was
+    /// rotated): the owner connects a new one.
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub fn subject_for(machine_id: &str) -> String {
@@ -104,15 +107,20 @@ impl Bus {
             writer: tokio::sync::Mutex::new(wr),
             subs: Arc::default(),
             next_sid: AtomicU64::new(1),
+            closed: Arc::default(),
         });
-        tokio::spawn(read_loop(
-            rd,
-            parser,
-            buf,
-            Arc::downgrade(&bus),
-            bus.subs.clone(),
-        ));
+        let closed = bus.closed.clone();
+        let (weak, subs) = (Arc::downgrade(&bus), bus.subs.clone());
+        tokio::spawn(async move {
+            read_loop(rd, parser, buf, weak, subs).await;
+            closed.store(true, Ordering::Relaxed);
+        });
         Ok(bus)
+    }
+
+    /// Whether the server closed this connection.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
     }
 
     async fn send(&self, op: ClientOp<'_>) -> Result<(), BusError> {

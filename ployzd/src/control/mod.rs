@@ -8,6 +8,7 @@
 
 mod app_users;
 pub mod bus;
+mod credentials;
 pub mod nats;
 pub mod tls;
 pub mod users;
@@ -20,10 +21,19 @@ use crate::store::{self, Store};
 use bus::{Bus, BusError};
 use nats::Nats;
 use ployz_api::{ApiError, ErrorCode, NatsInfo};
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-use users::{ADMIN_USER, OPERATOR_USER};
+use users::{Keys, ADMIN_USER, OPERATOR_USER};
+
+/// How long one upkeep pass waits for the NATS credential key.
+const KEY_LOAD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What answers machine requests that arrive over the control plane.
+type Answer =
+    Arc<dyn Fn(PeerRequest) -> Pin<Box<dyn Future<Output = PeerResponse> + Send>> + Send + Sync>;
 
 pub struct ControlPlane {
     store: Arc<Store>,
@@ -32,7 +42,15 @@ pub struct ControlPlane {
     /// Addresses the NATS server listens on besides loopback and the overlay.
     listen: Vec<IpAddr>,
     nats: OnceLock<Nats>,
-    bus: OnceLock<Arc<Bus>>,
+    /// ployzd's own client, and the credential generation it logged in
+    /// with (a rotation closes it; a new one replaces it).
+    bus: Mutex<Option<(u64, Arc<Bus>)>>,
+    /// Held while a client is connected, so that one replaces a stale one.
+    connecting: tokio::sync::Mutex<()>,
+    answer: OnceLock<Answer>,
+    /// The keys this machine's NATS server applies (`None` before it
+    /// started).
+    keys: Mutex<Option<Keys>>,
 }
 
 impl ControlPlane {
@@ -42,32 +60,131 @@ impl ControlPlane {
             port,
             listen,
             nats: OnceLock::new(),
-            bus: OnceLock::new(),
+            bus: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            answer: OnceLock::new(),
+            keys: Mutex::new(None),
         }
     }
 
-    /// A NATS password derived from the network secret for `purpose`.
-    fn password_for(&self, purpose: &str) -> Option<String> {
-        let secret = self.store.local().secret().get()?;
-        users::derive_password(&secret.network_id, &secret.key, purpose)
+    /// The keys the NATS passwords derive from, as applied here.
+    fn keys(&self) -> Option<Keys> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// ployzd's own (admin) NATS password.
-    fn password(&self) -> Option<String> {
-        self.password_for(&users::purpose_admin())
+    fn set_keys(&self, keys: Keys) {
+        *self.keys.lock().unwrap_or_else(|e| e.into_inner()) = Some(keys);
+    }
+
+    /// The NATS credential generation this machine applies.
+    pub fn credentials_generation(&self) -> Option<u64> {
+        self.keys().map(|k| k.generation)
+    }
+
+    /// A NATS password for `purpose`, of the current credential key.
+    fn password_for(&self, purpose: &str) -> Option<String> {
+        users::derive_password(&self.keys()?, purpose)
+    }
+
+    /// ployzd's own client, while it is connected.
+    fn bus(&self) -> Option<Arc<Bus>> {
+        self.bus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|(_, b)| !b.is_closed())
+            .map(|(_, b)| b.clone())
+    }
+
+    /// (Re)connect ployzd's own client when it is missing, closed, or
+    /// logged in with a superseded credential generation, and answer
+    /// machine requests on it.
+    async fn ensure_bus(&self) {
+        let (Some(n), Some(answer), Some(keys)) = (self.nats.get(), self.answer.get(), self.keys())
+        else {
+            return;
+        };
+        let _one = self.connecting.lock().await;
+        let current = self
+            .bus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|(g, b)| *g == keys.generation && !b.is_closed());
+        if current {
+            return;
+        }
+        let Some(password) = users::derive_password(&keys, &users::purpose_admin()) else {
+            return;
+        };
+        match Bus::connect(&n.server, ADMIN_USER, &password).await {
+            Ok(bus) => match serve_machine_rpc(self.store.machine_id(), answer.clone(), &bus).await
+            {
+                Ok(()) => {
+                    let old = self
+                        .bus
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .replace((keys.generation, bus));
+                    if old.is_some() {
+                        tracing::info!(
+                            generation = keys.generation,
+                            "control plane client reconnected with the current NATS credentials"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!("cannot subscribe to machine requests: {e}"),
+            },
+            Err(e) => tracing::warn!("cannot connect to the control plane: {e}"),
+        }
     }
 
     /// Start the server (advertised on `advertise`) and then this daemon's
     /// client, which answers machine requests with `handler`; each at most
-    /// once, retried by the caller's next tick on failure.
-    pub async fn ensure_started<H: PeerHandler>(&self, advertise: IpAddr, handler: &Arc<H>) {
-        let Some(password) = self.password() else {
+    /// once (the client again after a credential rotation), retried by the
+    /// caller's next tick on failure.
+    pub async fn ensure_started<H: PeerHandler>(
+        self: &Arc<Self>,
+        advertise: IpAddr,
+        handler: &Arc<H>,
+    ) {
+        let Some(secret) = self.store.local().secret().get() else {
             return;
         };
+        if self.answer.get().is_none() {
+            // Weak: the daemon owns this control plane.
+            let h = Arc::downgrade(handler);
+            let answer: Answer = Arc::new(move |req| {
+                let h = h.upgrade();
+                Box::pin(async move {
+                    match h {
+                        Some(h) => h.rpc(req).await,
+                        None => PeerResponse::Error(ApiError::new(
+                            ErrorCode::Unavailable,
+                            "ployzd is shutting down",
+                        )),
+                    }
+                })
+            });
+            let _ = self.answer.set(answer);
+        }
+        if self.keys().is_none() {
+            // Bounded: the rest of the upkeep pass (the mesh) must not wait
+            // for a store that has no leader yet; the next tick retries.
+            let loaded =
+                tokio::time::timeout(KEY_LOAD_TIMEOUT, credentials::load_or_create(&self.store))
+                    .await
+                    .unwrap_or_else(|_| Err("the store did not answer in time".into()));
+            match loaded {
+                Ok(rec) => self.set_keys(credentials::keys_of(&secret, &rec)),
+                Err(e) => {
+                    tracing::debug!("NATS waits for the credential key: {e}");
+                    return;
+                }
+            }
+        }
         if self.nats.get().is_none() {
-            let Some(secret) = self.store.local().secret().get() else {
-                return;
-            };
+            let Some(keys) = self.keys() else { return };
             // The network CA exists from the founder's first start on (right
             // after `mesh init`); listeners other than loopback and the
             // overlay need it for their certificate.
@@ -87,7 +204,7 @@ impl ControlPlane {
                 }
             };
             let tls = tls.filter(|_| needs_tls);
-            let all = users::all_users(&secret.network_id, &secret.key, &[]);
+            let all = users::all_users(&keys, &[]);
             match Nats::start(
                 Arc::downgrade(&self.store),
                 self.store.machine_id().to_string(),
@@ -101,25 +218,14 @@ impl ControlPlane {
             {
                 Ok(n) => {
                     tracing::info!(port = n.port, "NATS control plane listening");
-                    tokio::spawn(sync_users(Arc::downgrade(&self.store), n.server.clone()));
+                    let server = n.server.clone();
                     let _ = self.nats.set(n);
+                    tokio::spawn(sync_users(Arc::downgrade(self), server));
                 }
                 Err(e) => tracing::warn!("cannot start the NATS server: {e}"),
             }
         }
-        if self.bus.get().is_some() {
-            return;
-        }
-        let Some(n) = self.nats.get() else { return };
-        match Bus::connect(&n.server, ADMIN_USER, &password).await {
-            Ok(bus) => match serve_machine_rpc(self.store.machine_id(), handler, &bus).await {
-                Ok(()) => {
-                    let _ = self.bus.set(bus);
-                }
-                Err(e) => tracing::warn!("cannot subscribe to machine requests: {e}"),
-            },
-            Err(e) => tracing::warn!("cannot connect to the control plane: {e}"),
-        }
+        self.ensure_bus().await;
     }
 
     /// The network CA (made and stored once, create-if-absent) and this
@@ -177,7 +283,7 @@ impl ControlPlane {
     pub async fn wait_serving(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if self.nats.get().is_some() && self.bus.get().is_some() {
+            if self.nats.get().is_some() && self.bus().is_some() {
                 return true;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -228,14 +334,15 @@ impl ControlPlane {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             // Right after start or join the client and the routes take a
             // moment; "nobody answers" is only final at the deadline.
-            let not_yet = match self.bus.get() {
+            let not_yet = match self.bus() {
                 None => "this machine's control plane is still starting".to_string(),
                 Some(bus) => match bus.request(&subject, &body, left).await {
                     Ok(answer) => {
                         return serde_json::from_slice(&answer)
                             .map_err(|e| format!("malformed answer: {e}"))
                     }
-                    Err(e @ BusError::NoResponders(_)) => e.to_string(),
+                    // Closed: a credential rotation replaces the client.
+                    Err(e @ (BusError::NoResponders(_) | BusError::Closed)) => e.to_string(),
                     Err(e) => return Err(e.to_string()),
                 },
             };
@@ -302,22 +409,17 @@ impl ControlPlane {
 }
 
 /// Answer requests addressed to this machine over the control plane.
-async fn serve_machine_rpc<H: PeerHandler>(
-    me: &str,
-    handler: &Arc<H>,
-    bus: &Arc<Bus>,
-) -> Result<(), BusError> {
+async fn serve_machine_rpc(me: &str, answer: Answer, bus: &Arc<Bus>) -> Result<(), BusError> {
     let (_, mut rx) = bus.subscribe(&bus::subject_for(me)).await?;
-    let handler = handler.clone();
     let bus = bus.clone();
     tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
             let Some(reply) = msg.reply else { continue };
-            let handler = handler.clone();
+            let answer = answer.clone();
             let bus = bus.clone();
             tokio::spawn(async move {
                 let resp = match serde_json::from_slice::<PeerRequest>(&msg.payload) {
-                    Ok(req) => handler.rpc(req).await,
+                    Ok(req) => answer(req).await,
                     Err(e) => {
                         PeerResponse::Error(invalid(format!("malformed machine request: {e}")))
                     }

@@ -11,8 +11,10 @@
 //! * app users (`nats user add`): only what they were granted, plus
 //!   `_INBOX.>` subscriptions and one response per request received.
 //!
-//! Passwords are derived from the network secret (every machine computes
-//! the same ones; the store holds only an app user's salt).
+//! Passwords are derived from the network secret together with the NATS
+//! credential key (`pki` bucket, [`ployz_api::NatsCredentialsRecord`]):
+//! every machine computes the same ones, the store alone does not reveal
+//! them, and `machine rm` rotating the credential key changes them all.
 
 use ployz_api::{NatsUserRecord, CLUSTER_BUCKETS};
 use ployz_nats_proto::{Permissions, ResponsePermission, SubjectPermission, User};
@@ -26,22 +28,41 @@ pub const INTERNAL_INBOX: &str = "_PLOYZ_INBOX";
 /// Machine-to-machine request subjects.
 pub const MACHINE_SUBJECTS: &str = "ployz.machine.>";
 
-/// A password derived from the network secret (`key`, base64url) for
-/// `purpose`.
-pub fn derive_password(network_id: &str, key_b64: &str, purpose: &str) -> Option<String> {
+/// What every NATS password derives from: the network secret and the
+/// current NATS credential key (both base64url) and its generation.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Keys {
+    pub network_id: String,
+    pub network_key: String,
+    pub generation: u64,
+    pub credential_key: String,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("network_id", &self.network_id)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A password for `purpose`, derived from `keys`.
+pub fn derive_password(keys: &Keys, purpose: &str) -> Option<String> {
     use hkdf::Hkdf;
-    let key = ployz_api::invite::b64url_decode(key_b64).ok()?;
+    let mut ikm = ployz_api::invite::b64url_decode(&keys.network_key).ok()?;
+    ikm.extend(ployz_api::invite::b64url_decode(&keys.credential_key).ok()?);
+    let info = format!("{purpose}\0generation {}", keys.generation);
     let mut out = [0u8; 24];
-    Hkdf::<sha2::Sha256>::new(Some(network_id.as_bytes()), &key)
-        .expand(purpose.as_bytes(), &mut out)
+    Hkdf::<sha2::Sha256>::new(Some(keys.network_id.as_bytes()), &ikm)
+        .expand(info.as_bytes(), &mut out)
         .ok()?;
     Some(ployz_api::invite::b64url(&out))
 }
 
 /// The derivation purpose of each user's password.
 pub fn purpose_admin() -> String {
-    // The v1 derivation: unchanged, so mixed versions keep one admin login.
-    "ployz nats password v1".into()
+    "ployz nats password v2".into()
 }
 
 pub fn purpose_operator() -> String {
@@ -137,18 +158,18 @@ pub fn app_permissions(rec: &NatsUserRecord) -> Permissions {
     }
 }
 
-/// Every user of the network's NATS servers, given the network id and
-/// secret key and the app user records.
-pub fn all_users(network_id: &str, key: &str, apps: &[NatsUserRecord]) -> Vec<User> {
+/// Every user of the network's NATS servers, given the keys and the app
+/// user records.
+pub fn all_users(keys: &Keys, apps: &[NatsUserRecord]) -> Vec<User> {
     let mut users = Vec::new();
-    if let Some(pass) = derive_password(network_id, key, &purpose_admin()) {
+    if let Some(pass) = derive_password(keys, &purpose_admin()) {
         users.push(User {
             user: ADMIN_USER.into(),
             pass,
             permissions: None,
         });
     }
-    if let Some(pass) = derive_password(network_id, key, &purpose_operator()) {
+    if let Some(pass) = derive_password(keys, &purpose_operator()) {
         users.push(User {
             user: OPERATOR_USER.into(),
             pass,
@@ -156,7 +177,7 @@ pub fn all_users(network_id: &str, key: &str, apps: &[NatsUserRecord]) -> Vec<Us
         });
     }
     for rec in apps {
-        if let Some(pass) = derive_password(network_id, key, &purpose_app(rec)) {
+        if let Some(pass) = derive_password(keys, &purpose_app(rec)) {
             users.push(User {
                 user: rec.name.clone(),
                 pass,
@@ -303,16 +324,29 @@ mod tests {
     }
 
     #[test]
-    fn passwords_differ_per_user_and_salt() {
-        let key = ployz_api::invite::b64url(&[7u8; 32]);
-        let a = derive_password("net", &key, &purpose_admin()).unwrap();
-        let o = derive_password("net", &key, &purpose_operator()).unwrap();
+    fn passwords_differ_per_user_salt_and_credential_generation() {
+        let keys = Keys {
+            network_id: "net".into(),
+            network_key: ployz_api::invite::b64url(&[7u8; 32]),
+            generation: 1,
+            credential_key: ployz_api::invite::b64url(&[9u8; 32]),
+        };
+        let rotated = Keys {
+            generation: 2,
+            credential_key: ployz_api::invite::b64url(&[5u8; 32]),
+            ..keys.clone()
+        };
+        let a = derive_password(&keys, &purpose_admin()).unwrap();
+        let o = derive_password(&keys, &purpose_operator()).unwrap();
         let r1 = rec(&["x"], &[], &[]);
         let mut r2 = r1.clone();
         r2.salt = "t".into();
-        let p1 = derive_password("net", &key, &purpose_app(&r1)).unwrap();
-        let p2 = derive_password("net", &key, &purpose_app(&r2)).unwrap();
-        let all = [&a, &o, &p1, &p2];
+        let p1 = derive_password(&keys, &purpose_app(&r1)).unwrap();
+        let p2 = derive_password(&keys, &purpose_app(&r2)).unwrap();
+        let a2 = derive_password(&rotated, &purpose_admin()).unwrap();
+        let o2 = derive_password(&rotated, &purpose_operator()).unwrap();
+        let p12 = derive_password(&rotated, &purpose_app(&r1)).unwrap();
+        let all = [&a, &o, &p1, &p2, &a2, &o2, &p12];
         for (i, x) in all.iter().enumerate() {
             for y in &all[i + 1..] {
                 assert_ne!(x, y);

@@ -10,7 +10,10 @@
 //! `raft` and `rpc` need the network's cluster key: both sides derive fresh
 //! session keys and every frame after the hello is sealed and numbered, so a
 //! party without the key can neither read nor inject nor replay traffic.
+//! Every service but `join` is also served only to a current member, from
+//! where it must be connecting ([`admission`]).
 
+pub mod admission;
 mod blob;
 pub mod seal;
 
@@ -545,6 +548,9 @@ pub trait PeerHandler: Send + Sync + 'static {
     fn machine_id(&self) -> &str;
     fn secret(&self) -> Option<ClusterSecret>;
     fn wg_secret(&self) -> &x25519_dalek::StaticSecret;
+    /// Whether machine `from`, connecting from `source`, is a current member
+    /// that may use the services other than `join` ([`admission::admit`]).
+    fn admit(&self, from: &str, source: std::net::IpAddr) -> Result<(), String>;
     fn raft(&self) -> &ployz_consensus::Raft;
     fn join(&self, req: JoinRequest) -> impl std::future::Future<Output = JoinResponse> + Send;
     fn rpc(&self, req: PeerRequest) -> impl std::future::Future<Output = PeerResponse> + Send;
@@ -616,7 +622,7 @@ pub async fn serve<H: PeerHandler>(
                 Ok((stream, peer)) => {
                     let handler = handler.clone();
                     conns.spawn(async move {
-                        if let Err(e) = serve_conn(stream, handler).await {
+                        if let Err(e) = serve_conn(stream, peer.ip(), handler).await {
                             tracing::debug!(%peer, "peer connection: {e}");
                         }
                     });
@@ -631,7 +637,11 @@ pub async fn serve<H: PeerHandler>(
     }
 }
 
-async fn serve_conn<H: PeerHandler>(stream: TcpStream, handler: Arc<H>) -> io::Result<()> {
+async fn serve_conn<H: PeerHandler>(
+    stream: TcpStream,
+    source: std::net::IpAddr,
+    handler: Arc<H>,
+) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let mut stream = BufReader::new(BufWriter::new(stream));
     let hello: Hello = tokio::time::timeout(CONNECT_TIMEOUT, recv_json(&mut stream))
@@ -664,6 +674,16 @@ async fn serve_conn<H: PeerHandler>(stream: TcpStream, handler: Arc<H>) -> io::R
                 "this machine belongs to network {}",
                 secret.network_id
             )),
+        )
+        .await?;
+        return Ok(());
+    }
+    // A removed machine keeps the secret: membership decides.
+    if let Err(why) = handler.admit(&hello.from, source) {
+        admission::note_refusal(source, &hello.from, hello.service.as_str(), &why);
+        send_json(
+            &mut stream,
+            &refuse(format!("not admitted as a member of this network: {why}")),
         )
         .await?;
         return Ok(());

@@ -44,6 +44,11 @@ pub(super) struct LocalWorkload {
     /// What its last failed health probe said, in this generation.
     #[serde(default)]
     pub(super) health_output: Option<String>,
+    /// The NATS credential generation its `NATS_URL` was made with (a
+    /// service deployed with `--nats-user`): after a rotation it is
+    /// replaced with the new credentials.
+    #[serde(default)]
+    pub(super) nats_generation: Option<u64>,
 }
 
 impl LocalWorkload {

@@ -90,17 +90,30 @@ impl Workloads {
         let mut mine: Option<MachineRecord> = None;
         // What the health monitor is to probe after this pass.
         let mut targets = Vec::new();
+        let nats_now = self.control.credentials_generation();
         for (id, (svc, p)) in &desired {
             let key = InstanceRecord::key(&svc.name, &me, p.slot);
             let (state, exit_code) = match actual.get(id) {
                 Some((s, c)) => (Some(*s), *c),
                 None => (None, None),
             };
+            // An instance given NATS credentials that were rotated since
+            // (`machine rm`) is replaced with the new ones.
+            let stale_nats = svc.nats_user.is_some()
+                && nats_now.is_some()
+                && st
+                    .workloads
+                    .get(id)
+                    .is_some_and(|l| l.nats_generation != nats_now);
+            if stale_nats && state == Some(State::Running) {
+                tracing::info!(workload = %id, "NATS credentials rotated: replacing the instance");
+            }
             // Pinned by a rolling update, an older instance keeps running.
-            let current_gen = st
-                .workloads
-                .get(id)
-                .is_some_and(|l| l.generation >= p.target_generation(svc.generation));
+            let current_gen = !stale_nats
+                && st
+                    .workloads
+                    .get(id)
+                    .is_some_and(|l| l.generation >= p.target_generation(svc.generation));
             let exited = current_gen && matches!(state, Some(State::Stopped | State::Failed));
             if exited && !p.paused && st.workloads.get(id).is_some_and(|l| !l.run_exited()) {
                 self.note_exit(w, &mut st, id, exit_code).await?;
@@ -399,11 +412,13 @@ impl Workloads {
             env.retain(|(old, _)| old != k);
             env.push((k.clone(), v.clone()));
         }
+        let mut nats_generation = None;
         if let Some(user) = &svc.nats_user {
             // The NATS app user's credentials, on this machine's server.
-            let url = self.control.app_url(user).await?;
+            let (url, generation) = self.control.app_url(user).await?;
             env.retain(|(old, _)| old != "NATS_URL");
             env.push(("NATS_URL".into(), url));
+            nats_generation = Some(generation);
         }
         let mut spec = WorkloadSpec::new(id, image, args);
         spec.env = env;
@@ -448,6 +463,7 @@ impl Workloads {
                 last_output,
                 killed_unhealthy,
                 health_output,
+                nats_generation,
             },
         );
         save_state(&w.data_dir, st)?;
