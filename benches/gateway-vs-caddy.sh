@@ -90,7 +90,7 @@ for _ in $(seq 120); do
   [ "$(ctl --json route ls | jq -r '.routes[0].certificate_expires')" != null ] && break; sleep 1
 done
 
-# Caddy in front of the same instance.
+# Caddy in front of the same instance (its log: warnings only).
 cat >"$W/Caddyfile" <<CADDY
 {
 	admin off
@@ -100,12 +100,24 @@ cat >"$W/Caddyfile" <<CADDY
 	skip_install_trust
 	storage file_system $W/caddy
 }
+# Caddy keeps 32 idle backend connections per host by default; the gateway
+# keeps 256. Both get 256 so neither reconnects under -c64.
+(pool) {
+	transport http {
+		keepalive 90s
+		keepalive_idle_conns_per_host 256
+	}
+}
 :8081 {
-	reverse_proxy $BACKEND
+	reverse_proxy $BACKEND {
+		import pool
+	}
 }
 bench.test:8443 {
 	tls internal
-	reverse_proxy $BACKEND
+	reverse_proxy $BACKEND {
+		import pool
+	}
 }
 CADDY
 HOME=$W inns caddy run --config "$W/Caddyfile" --adapter caddyfile >"$W/caddy.log" 2>&1 &
