@@ -403,10 +403,7 @@ fn udp_ports_answer_everywhere_and_racing_deploys_cannot_share_a_port() {
             ms[i].log()
         );
         // The flow keeps its backend: a second datagram answers too.
-        assert_eq!(
-            udp_ask(&ip, 5300, "again").as_deref(),
-            Some("echo: again")
-        );
+        assert_eq!(udp_ask(&ip, 5300, "again").as_deref(), Some("echo: again"));
     }
     let metrics = stdout(&ms[0].exec("curl", &["-s", "http://127.0.0.1:9101/metrics"]));
     assert!(
@@ -475,7 +472,13 @@ fn udp_ports_answer_everywhere_and_racing_deploys_cannot_share_a_port() {
         // (Each machine's listener of the winner closes within a moment.)
         let deploy = || {
             ms[1].ctl(&[
-                "deploy", "service", &names[l], "--image", httpd, "--publish", &spec,
+                "deploy",
+                "service",
+                &names[l],
+                "--image",
+                httpd,
+                "--publish",
+                &spec,
             ])
         };
         let taken = eventually(Duration::from_secs(20), || {

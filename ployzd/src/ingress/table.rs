@@ -142,6 +142,9 @@ pub fn clashes<'a>(
     out
 }
 
+/// Claim records to write: key and new value (`None`: delete it).
+pub type ClaimChanges = Vec<(String, Option<PortClaim>)>;
+
 /// The claim records a service's write needs (issue 14: two deploys must
 /// not both take a host port). `current` holds the claim record of every
 /// key (`PublishedPort::claim_key`) that `old` or `new` touches, if it
@@ -153,7 +156,7 @@ pub fn claim_changes(
     old: &[PublishedPort],
     new: &[PublishedPort],
     current: &std::collections::HashMap<String, PortClaim>,
-) -> Result<Vec<(String, Option<PortClaim>)>, (PublishedPort, String)> {
+) -> Result<ClaimChanges, (PublishedPort, String)> {
     let mut keys: Vec<String> = old.iter().chain(new).map(|p| p.claim_key()).collect();
     keys.sort();
     keys.dedup();
@@ -356,7 +359,9 @@ mod tests {
         let both = claim_changes("api", &[], &[p("10.0.0.2:8080:80")], &one_ip).unwrap();
         assert_eq!(both[0].1.as_ref().unwrap().owners.len(), 2);
         assert_eq!(
-            claim_changes("api", &[], &[p("8080:80")], &one_ip).unwrap_err().1,
+            claim_changes("api", &[], &[p("8080:80")], &one_ip)
+                .unwrap_err()
+                .1,
             "web"
         );
         // The owner redeploying the same port changes nothing; moving it
@@ -366,7 +371,10 @@ mod tests {
             .is_empty());
         let moved = claim_changes("web", &[p("8080:80")], &[p("9090:80")], &cur).unwrap();
         assert_eq!(
-            moved.iter().map(|(k, v)| (k.as_str(), v.is_some())).collect::<Vec<_>>(),
+            moved
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.is_some()))
+                .collect::<Vec<_>>(),
             vec![("tcp-8080", false), ("tcp-9090", true)]
         );
         // A legacy record (ports but no claim yet) gets its claim written.
