@@ -28,6 +28,25 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// Claims on host ports, one record ([`PortClaim`]) per protocol and port
+/// (key [`PublishedPort::claim_key`], `tcp-8080`). A service's record is
+/// written in the same transaction as its claims, conditioned on their
+/// revisions, so two deploys cannot both take a port.
+pub const BUCKET_PORT_CLAIMS: &str = "port_claims";
+
+/// Who publishes one protocol and port (on which addresses).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortClaim {
+    pub owners: Vec<PortOwner>,
+}
+
+/// One service's published port in a [`PortClaim`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortOwner {
+    pub service: String,
+    pub port: PublishedPort,
+}
+
 /// One published port of a service.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PublishedPort {
@@ -51,6 +70,13 @@ impl PublishedPort {
                 (Some(a), Some(b)) => a == b,
                 _ => true,
             }
+    }
+}
+
+impl PublishedPort {
+    /// The key of this port's claim record: protocol and host port.
+    pub fn claim_key(&self) -> String {
+        format!("{}-{}", self.protocol, self.host_port)
     }
 }
 

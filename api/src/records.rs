@@ -58,6 +58,8 @@ pub const CLUSTER_BUCKETS: &[&str] = &[
     crate::gateway::BUCKET_ACME,
     crate::gateway::BUCKET_ACME_CHALLENGES,
     crate::gateway::BUCKET_CERTIFICATES,
+    // Published ports' claims (issue 14).
+    crate::ports::BUCKET_PORT_CLAIMS,
 ];
 /// Buckets that NATS never serves to anyone (secrets): reads, writes,
 /// watches and the bucket list leave them out.

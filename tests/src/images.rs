@@ -67,7 +67,17 @@ pub fn busybox_image(dir: &Path, name: &str, cmd: &[&str]) -> PathBuf {
 /// an image whose import takes a while.
 pub fn padded_busybox_image(dir: &Path, name: &str, cmd: &[&str], pad: usize) -> PathBuf {
     let data: Vec<u8> = (0..pad).map(|i| (i % 251) as u8).collect();
-    busybox_image_with(dir, name, cmd, data)
+    busybox_image_with(dir, name, cmd, data, &[])
+}
+
+/// [`busybox_image`] with extra executables: `(path in the image, bytes)`.
+pub fn busybox_image_plus(
+    dir: &Path,
+    name: &str,
+    cmd: &[&str],
+    files: &[(&str, &[u8])],
+) -> PathBuf {
+    busybox_image_with(dir, name, cmd, Vec::new(), files)
 }
 
 /// [`busybox_image`] with `pad` bytes that do not compress (xorshift
@@ -82,10 +92,16 @@ pub fn noisy_busybox_image(dir: &Path, name: &str, cmd: &[&str], pad: usize) -> 
         data.extend_from_slice(&x.to_le_bytes());
     }
     data.truncate(pad);
-    busybox_image_with(dir, name, cmd, data)
+    busybox_image_with(dir, name, cmd, data, &[])
 }
 
-fn busybox_image_with(dir: &Path, name: &str, cmd: &[&str], pad: Vec<u8>) -> PathBuf {
+fn busybox_image_with(
+    dir: &Path,
+    name: &str,
+    cmd: &[&str],
+    pad: Vec<u8>,
+    files: &[(&str, &[u8])],
+) -> PathBuf {
     assert!(
         Path::new(BUSYBOX).exists(),
         "{BUSYBOX} is missing: install Debian's busybox-static (apt-get install -y busybox-static)"
@@ -111,6 +127,9 @@ fn busybox_image_with(dir: &Path, name: &str, cmd: &[&str], pad: Vec<u8>) -> Pat
         b"hello from a ployz workload\n",
         0o644,
     );
+    for (path, bytes) in files {
+        append(&mut layer, path.trim_start_matches('/'), bytes, 0o755);
+    }
     if !pad.is_empty() {
         // Not all zeros, so that nothing on the way can shortcut it.
         append(&mut layer, "pad", &pad, 0o644);

@@ -11,7 +11,7 @@
 //! to one machine, which answers the HTTP-01 or TLS-ALPN-01 challenge the
 //! ordering machine stored.
 
-use ployz_tests::images::busybox_image;
+use ployz_tests::images::{busybox_image, busybox_image_plus};
 use ployz_tests::netns::{Host, Testbed};
 use ployz_tests::{eventually, stderr, stdout, Machine};
 use std::path::{Path, PathBuf};
@@ -71,35 +71,32 @@ fn kill_instance(ip: &str) {
     panic!("no httpd with address {ip}");
 }
 
-/// Through the gateway at `to`: an `Upgrade: websocket` request for
-/// ws.test, then a line that the backend echoes back.
-fn upgrade_echo(to: &Host) -> Result<String, String> {
-    use std::io::{BufRead, BufReader, Write};
+/// Through the gateway at `to`: a WebSocket (tungstenite client) to
+/// ws://ws.test/chat, a text and a binary message, each echoed back.
+fn ws_echo(to: &Host) -> Result<(), String> {
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::Message;
     let s = std::net::TcpStream::connect((to.ip, 80)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut w = s.try_clone().unwrap();
-    w.write_all(
-        b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-    )
-    .map_err(|e| e.to_string())?;
-    let mut r = BufReader::new(s);
-    let mut status = String::new();
-    r.read_line(&mut status).map_err(|e| e.to_string())?;
-    if !status.contains(" 101 ") {
-        return Err(format!("status line {status:?}"));
+    let req = "ws://ws.test/chat"
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    let (mut ws, resp) = tungstenite::client(req, s).map_err(|e| e.to_string())?;
+    if resp.status() != 101 {
+        return Err(format!("status {}", resp.status()));
     }
-    loop {
-        let mut l = String::new();
-        r.read_line(&mut l).map_err(|e| e.to_string())?;
-        if l == "\r\n" || l.is_empty() {
-            break;
+    for m in [
+        Message::text("hello through the gateway"),
+        Message::binary(vec![0u8, 1, 2, 255]),
+    ] {
+        ws.send(m.clone()).map_err(|e| e.to_string())?;
+        let back = ws.read().map_err(|e| e.to_string())?;
+        if back != m {
+            return Err(format!("sent {m:?}, got {back:?}"));
         }
     }
-    w.write_all(b"hello through the upgrade\n")
-        .map_err(|e| e.to_string())?;
-    let mut echoed = String::new();
-    r.read_line(&mut echoed).map_err(|e| e.to_string())?;
-    Ok(echoed)
+    let _ = ws.close(None);
+    Ok(())
 }
 
 /// Pebble in its own namespace host, killed (and its /etc/netns entry
@@ -350,23 +347,14 @@ fn gateway_routes_by_host_and_path_with_acme_certificates() {
     );
     assert!(ok && v == "2 200", "{v}");
 
-    // An upgrade (as WebSocket's) is passed through and spliced both ways:
-    // a backend that answers 101 and then echoes.
-    let echo = busybox_image(
+    // A WebSocket is passed through and spliced both ways: a real
+    // WebSocket echo server (tungstenite) behind it, a real client.
+    let ws_bin = std::fs::read(env!("CARGO_BIN_EXE_ws-echo")).unwrap();
+    let echo = busybox_image_plus(
         tmp.path(),
-        "ployz-busybox-echo",
-        &[
-            "nc",
-            "-ll",
-            "-p",
-            "7000",
-            "-e",
-            "sh",
-            "-c",
-            "while read -r l; do [ ${#l} -le 1 ] && break; done; \
-             printf 'HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n'; \
-             exec cat",
-        ],
+        "ployz-ws-echo",
+        &["ws-echo", "7000"],
+        &[("bin/ws-echo", &ws_bin)],
     );
     ms[0].deploy(&[
         "echo",
@@ -384,13 +372,8 @@ fn gateway_routes_by_host_and_path_with_acme_certificates() {
         "--port",
         "7000",
     ]);
-    let upgraded = eventually(Duration::from_secs(10), || upgrade_echo(&hosts[2]).ok());
-    assert_eq!(
-        upgraded.as_deref(),
-        Some("hello through the upgrade\n"),
-        "{:?}",
-        upgrade_echo(&hosts[2])
-    );
+    let upgraded = eventually(Duration::from_secs(10), || ws_echo(&hosts[2]).ok());
+    assert!(upgraded.is_some(), "{:?}", ws_echo(&hosts[2]));
 
     // One instance of web killed: every request still answers (the gateway
     // retries another instance when connecting fails), until its record

@@ -7,7 +7,7 @@
 //!
 //! Nothing here asserts a duration beyond generous bounds.
 
-use ployz_tests::images::busybox_image;
+use ployz_tests::images::{busybox_image, busybox_image_plus};
 use ployz_tests::netns::Testbed;
 use ployz_tests::{eventually, stderr, stdout, Machine};
 use serde_json::Value;
@@ -347,6 +347,145 @@ fn published_ports_answer_everywhere_and_dns_follows_health() {
         let ip = h.ip.to_string();
         let gone = eventually(Duration::from_secs(10), || get(&ip, 8080).err());
         assert!(gone.is_some(), "{ip} still answers 8080 after rm");
+    }
+}
+
+/// Sends `msg` to `ip:port` over UDP from the root namespace and returns
+/// the answer, if one comes from that address within a second.
+fn udp_ask(ip: &str, port: u16, msg: &str) -> Option<String> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let to: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+    sock.send_to(msg.as_bytes(), to).ok()?;
+    let mut buf = [0u8; 2048];
+    let (n, from) = sock.recv_from(&mut buf).ok()?;
+    (from == to).then(|| String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// A UDP service published on a host port answers on every machine,
+/// including those without an instance; and two deploys racing for one
+/// host port (from two machines) cannot both take it: one wins, the other
+/// is refused with exit 6 naming the winner, and nothing of it is written.
+#[test]
+fn udp_ports_answer_everywhere_and_racing_deploys_cannot_share_a_port() {
+    let tb = Testbed::new(3);
+    let ms = ployz_tests::cluster_on(&tb, "udpports");
+    let ids: Vec<String> = ms.iter().map(|m| m.id()).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let echo = std::fs::read(env!("CARGO_BIN_EXE_udp-echo")).unwrap();
+    let image = busybox_image_plus(
+        tmp.path(),
+        "ployz-udp",
+        &["udp-echo", "5000"],
+        &[("bin/udp-echo", &echo)],
+    );
+    let v = ms[0].deploy(&[
+        "echo",
+        "--image",
+        image.to_str().unwrap(),
+        "--publish",
+        "5300:5000/udp",
+        "--wait-secs",
+        "120",
+    ]);
+    assert_eq!(v["ports"], serde_json::json!(["5300:5000/udp"]), "{v:#}");
+    let at = instances(&ms[0], "echo");
+    assert_eq!(at.len(), 1, "{at:?}");
+    for (i, h) in tb.hosts.iter().enumerate() {
+        let ip = h.ip.to_string();
+        let msg = format!("hi {i}");
+        let answer = eventually(Duration::from_secs(20), || udp_ask(&ip, 5300, &msg));
+        assert_eq!(
+            answer.as_deref(),
+            Some(format!("echo: hi {i}").as_str()),
+            "machine {i} (instance: {}) does not forward UDP 5300\n{}",
+            at[0].0 == ids[i],
+            ms[i].log()
+        );
+        // The flow keeps its backend: a second datagram answers too.
+        assert_eq!(udp_ask(&ip, 5300, "again").as_deref(), Some("echo: again"));
+    }
+    let metrics = stdout(&ms[0].exec("curl", &["-s", "http://127.0.0.1:9101/metrics"]));
+    assert!(
+        metrics.contains("ployz_published_connections_forwarded_total{protocol=\"udp\"}"),
+        "{metrics}"
+    );
+    ms[0].ctl_json(&["service", "rm", "echo"]);
+
+    // Races: two machines deploy two services on one host port at once.
+    let httpd = busybox_image(tmp.path(), "ployz-race", HTTPD);
+    let httpd = httpd.to_str().unwrap();
+    for round in 0..3u16 {
+        let port = (5400 + round).to_string();
+        let spec = format!("{port}:8080");
+        let names = [format!("race-a{round}"), format!("race-b{round}")];
+        let outs: Vec<std::process::Output> = std::thread::scope(|s| {
+            let hs: Vec<_> = names
+                .iter()
+                .zip(&ms)
+                .map(|(name, m)| {
+                    let spec = &spec;
+                    s.spawn(move || {
+                        m.ctl(&[
+                            "deploy",
+                            "service",
+                            name,
+                            "--image",
+                            httpd,
+                            "--publish",
+                            spec,
+                            "--wait-secs",
+                            "60",
+                        ])
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let won: Vec<usize> = (0..2).filter(|&i| outs[i].status.success()).collect();
+        assert_eq!(
+            won.len(),
+            1,
+            "round {round}: exactly one deploy may take port {port}: {:?}",
+            outs.iter()
+                .map(|o| (o.status.code(), stderr(o)))
+                .collect::<Vec<_>>()
+        );
+        let (w, l) = (won[0], 1 - won[0]);
+        assert_eq!(outs[l].status.code(), Some(6), "{}", stderr(&outs[l]));
+        assert!(
+            stderr(&outs[l]).contains(&format!("published by service `{}`", names[w])),
+            "{}",
+            stderr(&outs[l])
+        );
+        assert_eq!(instances(&ms[0], &names[l]).len(), 0);
+        let ls = ms[0].ctl_json(&["service", "ls"]);
+        let listed: Vec<&str> = ls["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["name"].as_str())
+            .collect();
+        assert_eq!(listed, vec![names[w].as_str()], "{ls:#}");
+        // Removing the winner releases the port: the loser may take it now.
+        ms[0].ctl_json(&["service", "rm", &names[w]]);
+        // (Each machine's listener of the winner closes within a moment.)
+        let deploy = || {
+            ms[1].ctl(&[
+                "deploy",
+                "service",
+                &names[l],
+                "--image",
+                httpd,
+                "--publish",
+                &spec,
+            ])
+        };
+        let taken = eventually(Duration::from_secs(20), || {
+            deploy().status.success().then_some(())
+        });
+        assert!(taken.is_some(), "{}", stderr(&deploy()));
+        ms[0].ctl_json(&["service", "rm", &names[l]]);
     }
 }
 

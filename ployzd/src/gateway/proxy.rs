@@ -303,34 +303,39 @@ impl Gateway {
                 &format!("no route for {host}{path} (ployzctl route ls)"),
             );
         };
-        let name = format!(
-            "{}{} → service {} port {}",
-            route.record.host,
-            if route.record.path == "/" {
-                ""
-            } else {
-                &route.record.path
-            },
-            route.record.service,
-            route.record.port
-        );
+        // Only error pages name the route: built when one is needed.
+        let name = |r: &table::Route| {
+            format!(
+                "{}{} → service {} port {}",
+                r.record.host,
+                if r.record.path == "/" {
+                    ""
+                } else {
+                    &r.record.path
+                },
+                r.record.service,
+                r.record.port
+            )
+        };
         let backends = route.pick();
         if backends.is_empty() {
             return page(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &format!("route {name} has no healthy instance"),
+                &format!("route {} has no healthy instance", name(route)),
             );
         }
-        drop(table);
         match self.forward(req, &backends, peer, tls, host_header).await {
             Ok(r) => r,
             Err(ForwardError::Connect(e)) => page(
                 StatusCode::BAD_GATEWAY,
-                &format!("route {name}: no instance accepted a connection ({e})"),
+                &format!(
+                    "route {}: no instance accepted a connection ({e})",
+                    name(route)
+                ),
             ),
             Err(ForwardError::Backend(e)) => page(
                 StatusCode::BAD_GATEWAY,
-                &format!("route {name}: the instance failed to answer ({e})"),
+                &format!("route {}: the instance failed to answer ({e})", name(route)),
             ),
         }
     }

@@ -101,17 +101,31 @@ pub struct Route {
 impl Route {
     /// Backends to try for one request, in order: the round-robin pick,
     /// then the next one (the one retry when connecting fails).
-    pub fn pick(&self) -> Vec<SocketAddr> {
+    pub fn pick(&self) -> Picked {
         let n = self.backends.len();
-        if n == 0 {
-            return vec![];
+        let mut p = Picked {
+            addrs: [SocketAddr::from(([0, 0, 0, 0], 0)); 2],
+            len: n.min(2),
+        };
+        if n > 0 {
+            let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
+            p.addrs = [self.backends[i], self.backends[(i + 1) % n]];
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        let mut out = vec![self.backends[i]];
-        if n > 1 {
-            out.push(self.backends[(i + 1) % n]);
-        }
-        out
+        p
+    }
+}
+
+/// The backends of one request (at most two; no allocation per request).
+#[derive(Debug, Clone, Copy)]
+pub struct Picked {
+    addrs: [SocketAddr; 2],
+    len: usize,
+}
+
+impl std::ops::Deref for Picked {
+    type Target = [SocketAddr];
+    fn deref(&self) -> &[SocketAddr] {
+        &self.addrs[..self.len]
     }
 }
 
@@ -310,11 +324,16 @@ mod tests {
         let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
         let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
         assert_eq!(r.backends, vec![a, b]);
-        assert_eq!(r.pick(), vec![a, b]);
-        assert_eq!(r.pick(), vec![b, a]);
-        assert_eq!(r.pick(), vec![a, b]);
+        assert_eq!(*r.pick(), [a, b]);
+        assert_eq!(*r.pick(), [b, a]);
+        assert_eq!(*r.pick(), [a, b]);
         let empty = Table::build(vec![route("a.com", "/", "web")], &[]);
         assert!(empty.find("a.com", "/").unwrap().pick().is_empty());
+        let one = Table::build(
+            vec![route("a.com", "/", "web")],
+            &[instance("web", "10.0.0.1", InstanceHealth::Healthy)],
+        );
+        assert_eq!(*one.find("a.com", "/").unwrap().pick(), [a]);
     }
 
     #[test]

@@ -47,6 +47,14 @@ impl Certs {
         .with_no_client_auth()
         .with_cert_resolver(self.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
+        // Resumption: stateless tickets (TLS 1.2 and 1.3; the key rotates
+        // every 6 hours, per process), and a larger session cache than the
+        // default 256 for clients that resume by session ID.
+        match rustls::crypto::ring::Ticketer::new() {
+            Ok(t) => cfg.ticketer = t,
+            Err(e) => tracing::warn!("gateway TLS: no session tickets: {e}"),
+        }
+        cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
         Arc::new(cfg)
     }
 

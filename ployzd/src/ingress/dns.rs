@@ -117,6 +117,14 @@ fn reply(m: Message, nx: bool) -> Decision {
     }
 }
 
+/// The host's resolvers as read from `/etc/resolv.conf` at `stamp`
+/// (modification time, size), without `skip`.
+pub(super) struct Upstreams {
+    stamp: Option<(Option<std::time::SystemTime>, u64)>,
+    skip: Ipv4Addr,
+    resolvers: Vec<SocketAddr>,
+}
+
 /// The resolvers of the host (`nameserver` lines of `/etc/resolv.conf`),
 /// without `skip` (this resolver itself).
 pub fn host_resolvers(resolv_conf: &str, skip: Ipv4Addr) -> Vec<SocketAddr> {
@@ -244,14 +252,32 @@ impl Ingress {
         }
     }
 
-    fn upstreams(addr: Ipv4Addr) -> Vec<SocketAddr> {
-        std::fs::read_to_string("/etc/resolv.conf")
+    /// The host's resolvers: /etc/resolv.conf is read again only when its
+    /// modification time or size changed (one `stat` per relayed query).
+    fn upstreams(&self, addr: Ipv4Addr) -> Vec<SocketAddr> {
+        const RESOLV_CONF: &str = "/etc/resolv.conf";
+        let stamp = std::fs::metadata(RESOLV_CONF)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()));
+        let mut cache = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.as_ref() {
+            if stamp.is_some() && c.stamp == stamp && c.skip == addr {
+                return c.resolvers.clone();
+            }
+        }
+        let resolvers = std::fs::read_to_string(RESOLV_CONF)
             .map(|c| host_resolvers(&c, addr))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        *cache = Some(Upstreams {
+            stamp,
+            skip: addr,
+            resolvers: resolvers.clone(),
+        });
+        resolvers
     }
 
     async fn relay_udp(&self, query: &[u8], addr: Ipv4Addr) -> Option<Vec<u8>> {
-        for up in Self::upstreams(addr) {
+        for up in self.upstreams(addr) {
             let bind: SocketAddr = if up.is_ipv4() {
                 (Ipv4Addr::UNSPECIFIED, 0).into()
             } else {
@@ -274,7 +300,7 @@ impl Ingress {
     }
 
     async fn relay_tcp(&self, query: &[u8], addr: Ipv4Addr) -> Option<Vec<u8>> {
-        for up in Self::upstreams(addr) {
+        for up in self.upstreams(addr) {
             let once = async {
                 let mut s = TcpStream::connect(up).await?;
                 s.write_u16(query.len() as u16).await?;

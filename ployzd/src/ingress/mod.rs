@@ -54,6 +54,8 @@ pub struct Ingress {
     failed: Mutex<std::collections::HashSet<ports::Key>>,
     /// Where the resolver should listen: this machine's gateway address.
     dns_addr: Mutex<Option<Ipv4Addr>>,
+    /// The host's resolvers as last read, and what they were read from.
+    upstreams: Mutex<Option<dns::Upstreams>>,
     turn: AtomicUsize,
     pub stats: Stats,
 }
@@ -67,6 +69,7 @@ impl Ingress {
             listeners: Mutex::default(),
             failed: Mutex::default(),
             dns_addr: Mutex::default(),
+            upstreams: Mutex::default(),
             turn: AtomicUsize::new(0),
             stats: Stats::default(),
         }

@@ -3,6 +3,7 @@
 //! without a health check), the ports this machine publishes, and the
 //! order in which a forwarder tries backends.
 
+use ployz_api::ports::{PortClaim, PortOwner};
 use ployz_api::*;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -139,6 +140,56 @@ pub fn clashes<'a>(
         }
     }
     out
+}
+
+/// Claim records to write: key and new value (`None`: delete it).
+pub type ClaimChanges = Vec<(String, Option<PortClaim>)>;
+
+/// The claim records a service's write needs (issue 14: two deploys must
+/// not both take a host port). `current` holds the claim record of every
+/// key (`PublishedPort::claim_key`) that `old` or `new` touches, if it
+/// exists. Returns the keys whose record changes and its new value (`None`:
+/// delete it, nobody publishes that port any more), or the first of `new`'s
+/// ports another service's claim clashes with, and that service.
+pub fn claim_changes(
+    service: &str,
+    old: &[PublishedPort],
+    new: &[PublishedPort],
+    current: &std::collections::HashMap<String, PortClaim>,
+) -> Result<ClaimChanges, (PublishedPort, String)> {
+    let mut keys: Vec<String> = old.iter().chain(new).map(|p| p.claim_key()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut out = Vec::new();
+    for key in keys {
+        let cur = current.get(&key).cloned().unwrap_or_default();
+        let mut next = PortClaim {
+            owners: cur
+                .owners
+                .iter()
+                .filter(|o| o.service != service)
+                .cloned()
+                .collect(),
+        };
+        for p in new.iter().filter(|p| p.claim_key() == key) {
+            if let Some(o) = next
+                .owners
+                .iter()
+                .find(|o| o.service != service && o.port.clashes(p))
+            {
+                return Err((p.clone(), o.service.clone()));
+            }
+            next.owners.push(PortOwner {
+                service: service.to_string(),
+                port: p.clone(),
+            });
+        }
+        if next == cur {
+            continue;
+        }
+        out.push((key, (!next.owners.is_empty()).then_some(next)));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -278,5 +329,63 @@ mod tests {
         assert_eq!(got[0].1, "web");
         let want = [parse_publish("9000:1/udp").unwrap()];
         assert_eq!(clashes(&services, "web", &want)[0].1, "api");
+    }
+
+    #[test]
+    fn port_claims_are_taken_kept_and_released() {
+        use std::collections::HashMap;
+        let p = |s: &str| parse_publish(s).unwrap();
+        let none = HashMap::new();
+        // A first claim creates the record.
+        let ch = claim_changes("web", &[], &[p("8080:80")], &none).unwrap();
+        assert_eq!(ch.len(), 1);
+        assert_eq!(ch[0].0, "tcp-8080");
+        let web = ch[0].1.clone().unwrap();
+        assert_eq!(web.owners[0].service, "web");
+        let cur: HashMap<String, PortClaim> = [("tcp-8080".to_string(), web.clone())].into();
+        // Another service is refused, naming the owner; UDP on the same
+        // port, or another address next to a specific one, is not a clash.
+        let err = claim_changes("api", &[], &[p("8080:81")], &cur).unwrap_err();
+        assert_eq!((err.0, err.1.as_str()), (p("8080:81"), "web"));
+        assert!(claim_changes("api", &[], &[p("8080:81/udp")], &cur).is_ok());
+        let one_ip: HashMap<String, PortClaim> = [(
+            "tcp-8080".to_string(),
+            claim_changes("web", &[], &[p("10.0.0.1:8080:80")], &none).unwrap()[0]
+                .1
+                .clone()
+                .unwrap(),
+        )]
+        .into();
+        let both = claim_changes("api", &[], &[p("10.0.0.2:8080:80")], &one_ip).unwrap();
+        assert_eq!(both[0].1.as_ref().unwrap().owners.len(), 2);
+        assert_eq!(
+            claim_changes("api", &[], &[p("8080:80")], &one_ip)
+                .unwrap_err()
+                .1,
+            "web"
+        );
+        // The owner redeploying the same port changes nothing; moving it
+        // releases the old record and takes the new one.
+        assert!(claim_changes("web", &[p("8080:80")], &[p("8080:80")], &cur)
+            .unwrap()
+            .is_empty());
+        let moved = claim_changes("web", &[p("8080:80")], &[p("9090:80")], &cur).unwrap();
+        assert_eq!(
+            moved
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.is_some()))
+                .collect::<Vec<_>>(),
+            vec![("tcp-8080", false), ("tcp-9090", true)]
+        );
+        // A legacy record (ports but no claim yet) gets its claim written.
+        assert_eq!(
+            claim_changes("web", &[p("8080:80")], &[p("8080:80")], &none).unwrap()[0].0,
+            "tcp-8080"
+        );
+        // Removing the service releases its claims.
+        assert_eq!(
+            claim_changes("web", &[p("8080:80")], &[], &cur).unwrap(),
+            vec![("tcp-8080".to_string(), None)]
+        );
     }
 }

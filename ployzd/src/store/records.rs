@@ -35,6 +35,8 @@ pub const BUCKETS: &[(&str, u8)] = &[
     (ployz_api::BUCKET_ACME, 1),
     (ployz_api::BUCKET_ACME_CHALLENGES, 1),
     (ployz_api::BUCKET_CERTIFICATES, 1),
+    // Host-port claims, written with the service records (issue 14).
+    (ployz_api::ports::BUCKET_PORT_CLAIMS, 1),
 ];
 
 /// Ops creating one control-plane bucket (idempotent), for writes to a

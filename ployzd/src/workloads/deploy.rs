@@ -463,6 +463,16 @@ impl Workloads {
                 None => Expect::Absent,
             };
             let mut ops = store::records::ensure_bucket(BUCKET_SERVICES);
+            // The host-port claims change in the same transaction, each
+            // conditioned on the revision it was decided from.
+            ops.extend(
+                self.port_claim_ops(
+                    name,
+                    cur.as_ref().map_or(&[][..], |c| &c.value.ports),
+                    next.as_ref().map_or(&[][..], |n| &n.ports),
+                )
+                .await?,
+            );
             match &next {
                 Some(rec) => ops.push(put(BUCKET_SERVICES, name, rec, expect)),
                 None => ops.push(store::delete(BUCKET_SERVICES, name, expect)),

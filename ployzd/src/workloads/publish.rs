@@ -4,7 +4,8 @@
 //! machine RPC).
 
 use super::*;
-use crate::ingress::table::{clashes, serves};
+use crate::ingress::table::{claim_changes, clashes, serves};
+use ployz_api::ports::{PortClaim, BUCKET_PORT_CLAIMS};
 
 impl Workloads {
     pub(super) async fn check_ports(
@@ -79,6 +80,65 @@ impl Workloads {
             }
         }
         Ok(())
+    }
+}
+
+impl Workloads {
+    /// The store ops that move `service`'s host-port claims from `old` to
+    /// `new` ports, each conditioned on the claim's revision as read here
+    /// (a concurrent claim makes the write fail; the caller reads again and
+    /// decides again). A port another service claimed is refused, exit 6.
+    pub(super) async fn port_claim_ops(
+        &self,
+        service: &str,
+        old: &[PublishedPort],
+        new: &[PublishedPort],
+    ) -> Result<Vec<ployz_consensus::Op>, ApiError> {
+        if old.is_empty() && new.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut current = HashMap::new();
+        let mut revisions = HashMap::new();
+        for p in old.iter().chain(new) {
+            let key = p.claim_key();
+            if revisions.contains_key(&key) {
+                continue;
+            }
+            match self.store.get_entry(BUCKET_PORT_CLAIMS, &key).await? {
+                Some(e) if e.is_live() => {
+                    let claim = store::decode::<PortClaim>(&e)?;
+                    revisions.insert(key.clone(), Some(claim.revision));
+                    current.insert(key, claim.value);
+                }
+                _ => {
+                    revisions.insert(key, None);
+                }
+            }
+        }
+        let changes = claim_changes(service, old, new, &current).map_err(|(p, owner)| {
+            invalid(format!(
+                "host port {}/{} (`--publish {p}`) is already published by service `{owner}`",
+                p.host_port, p.protocol
+            ))
+            .with_hint(format!(
+                "pick another host port, or remove it from `{owner}` first"
+            ))
+        })?;
+        let mut ops = Vec::new();
+        if !changes.is_empty() {
+            ops.extend(store::records::ensure_bucket(BUCKET_PORT_CLAIMS));
+        }
+        for (key, claim) in changes {
+            let expect = match revisions.get(&key).copied().flatten() {
+                Some(r) => Expect::Revision(r),
+                None => Expect::Absent,
+            };
+            ops.push(match claim {
+                Some(c) => put(BUCKET_PORT_CLAIMS, &key, &c, expect),
+                None => store::delete(BUCKET_PORT_CLAIMS, &key, expect),
+            });
+        }
+        Ok(ops)
     }
 }
 
