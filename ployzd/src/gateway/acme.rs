@@ -71,11 +71,95 @@ fn validity(chain_pem: &str) -> Result<(u64, u64), String> {
         .next()
         .ok_or("the CA sent no certificate")?
         .map_err(|e| format!("the CA's certificate PEM: {e}"))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der)
-        .map_err(|e| format!("the CA's certificate: {e}"))?;
-    let v = cert.validity();
-    let ms = |t: &x509_parser::time::ASN1Time| (t.timestamp().max(0) as u64) * 1000;
-    Ok((ms(&v.not_before), ms(&v.not_after)))
+    der_validity(&der).map_err(|e| format!("the CA's certificate: {e}"))
+}
+
+/// `notBefore` and `notAfter` of a DER X.509 certificate (RFC 5280 4.1), in
+/// unix ms: the only fields read, so a few lines of DER instead of a
+/// general X.509 parser in the binary (issue 16). The signature and the
+/// rest are rustls's business when the certificate is served.
+fn der_validity(der: &[u8]) -> Result<(u64, u64), &'static str> {
+    /// One DER TLV: (tag, contents, what follows).
+    fn tlv(b: &[u8]) -> Result<(u8, &[u8], &[u8]), &'static str> {
+        let (&tag, b) = b.split_first().ok_or("truncated DER")?;
+        let (&len0, mut b) = b.split_first().ok_or("truncated DER")?;
+        let len = if len0 < 0x80 {
+            len0 as usize
+        } else {
+            let n = (len0 & 0x7f) as usize;
+            if n == 0 || n > 4 || b.len() < n {
+                return Err("bad DER length");
+            }
+            let len = b[..n].iter().fold(0usize, |a, &x| (a << 8) | x as usize);
+            b = &b[n..];
+            len
+        };
+        if b.len() < len {
+            return Err("truncated DER");
+        }
+        Ok((tag, &b[..len], &b[len..]))
+    }
+    fn expect(b: &[u8], want: u8) -> Result<(&[u8], &[u8]), &'static str> {
+        match tlv(b)? {
+            (tag, body, rest) if tag == want => Ok((body, rest)),
+            _ => Err("not an X.509 certificate"),
+        }
+    }
+    const SEQ: u8 = 0x30;
+    let (cert, _) = expect(der, SEQ)?;
+    let (mut tbs, _) = expect(cert, SEQ)?;
+    if tbs.first() == Some(&0xa0) {
+        tbs = tlv(tbs)?.2; // [0] version
+    }
+    let (_, tbs) = expect(tbs, 0x02)?; // serialNumber
+    let (_, tbs) = expect(tbs, SEQ)?; // signature algorithm
+    let (_, tbs) = expect(tbs, SEQ)?; // issuer
+    let (validity, _) = expect(tbs, SEQ)?;
+    let (t0, b0, rest) = tlv(validity)?;
+    let (t1, b1, _) = tlv(rest)?;
+    Ok((asn1_time_ms(t0, b0)?, asn1_time_ms(t1, b1)?))
+}
+
+/// An X.509 `Time` (UTCTime `YYMMDDHHMMSSZ`, years 1950-2049, or
+/// GeneralizedTime `YYYYMMDDHHMMSSZ`, RFC 5280 4.1.2.5) in unix ms, 0 before 1970.
+fn asn1_time_ms(tag: u8, s: &[u8]) -> Result<u64, &'static str> {
+    const BAD: &str = "bad certificate time";
+    let (year, s) = match (tag, s.len()) {
+        (0x17, 13) => (0, s),
+        (0x18, 15) => (100 * two(&s[..2]).ok_or(BAD)? as i64, &s[2..]),
+        _ => return Err(BAD),
+    };
+    fn two(d: &[u8]) -> Option<u32> {
+        match d {
+            [a @ b'0'..=b'9', b @ b'0'..=b'9'] => Some(((a - b'0') * 10 + (b - b'0')) as u32),
+            _ => None,
+        }
+    }
+    if s[12] != b'Z' {
+        return Err(BAD);
+    }
+    let mut f = [0i64; 6];
+    for (i, pair) in s[..12].chunks(2).enumerate() {
+        f[i] = two(pair).ok_or(BAD)? as i64;
+    }
+    let [yy, m, d, hh, mm, ss] = f;
+    let year = match tag {
+        0x17 if yy < 50 => 2000 + yy,
+        0x17 => 1900 + yy,
+        _ => year + yy,
+    };
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return Err(BAD);
+    }
+    // Days from 1970-01-01 to year-m-d (proleptic Gregorian, Howard Hinnant's days_from_civil).
+    let y = if m <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    Ok(secs.max(0) as u64 * 1000)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -491,6 +575,50 @@ mod tests {
             .self_signed(&key)
             .unwrap();
         assert_eq!(parse_roots(&c.pem()).unwrap(), 1);
+    }
+
+    #[test]
+    fn validity_reads_utc_and_generalized_times() {
+        // rcgen writes UTCTime up to 2049 and GeneralizedTime from 2050 on.
+        for (nb, na) in [
+            ((2025, 1, 2), (2025, 4, 2)),
+            ((1999, 12, 31), (2049, 12, 31)),
+            ((2024, 2, 29), (2051, 6, 1)),
+        ] {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut p = rcgen::CertificateParams::new(vec!["v.test".into()]).unwrap();
+            p.not_before = rcgen::date_time_ymd(nb.0, nb.1, nb.2);
+            p.not_after = rcgen::date_time_ymd(na.0, na.1, na.2);
+            let c = p.self_signed(&key).unwrap();
+            let (_, x) = x509_parser::parse_x509_certificate(c.der()).unwrap();
+            let v = x.validity();
+            let want = (
+                v.not_before.timestamp() as u64 * 1000,
+                v.not_after.timestamp() as u64 * 1000,
+            );
+            assert_eq!(validity(&c.pem()).unwrap(), want, "{nb:?} {na:?}");
+        }
+        // 2025-01-02T00:00:00Z, independently of x509-parser.
+        assert_eq!(
+            asn1_time_ms(0x17, b"250102000000Z").unwrap(),
+            1_735_776_000_000
+        );
+        assert_eq!(
+            asn1_time_ms(0x18, b"20250102000000Z").unwrap(),
+            1_735_776_000_000
+        );
+    }
+
+    #[test]
+    fn validity_rejects_what_is_not_a_certificate() {
+        assert!(validity("hello").is_err());
+        assert!(der_validity(&[]).is_err());
+        assert!(der_validity(&[0x30, 0x82, 0xff]).is_err());
+        assert!(der_validity(&[0x30, 0x03, 0x02, 0x01, 0x00]).is_err());
+        assert!(asn1_time_ms(0x17, b"251302000000Z").is_err());
+        assert!(asn1_time_ms(0x17, b"2501020000001").is_err());
+        assert!(asn1_time_ms(0x18, b"250102000000Z").is_err());
+        assert!(asn1_time_ms(0x04, b"250102000000Z").is_err());
     }
 
     #[test]
