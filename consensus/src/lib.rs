@@ -47,8 +47,6 @@ pub mod network;
 mod node;
 pub mod store;
 
-use std::io::Cursor;
-
 use serde::Deserialize;
 use serde::Serialize;
 
@@ -105,7 +103,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = PloyzNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
