@@ -155,10 +155,8 @@ async fn snapshot(dir: &str) -> Result<(), Error> {
     let started = Instant::now();
     let snap = sm.get_snapshot_builder().await.build_snapshot().await?;
     let build_ms = started.elapsed().as_millis();
-    println!(
-        "snapshot {open_ms} {build_ms} {}",
-        snap.snapshot.get_ref().len()
-    );
+    let bytes = snap.snapshot.metadata().await?.len();
+    println!("snapshot {open_ms} {build_ms} {bytes}");
     println!("rss {open_kib} {}", rss_kib().1);
     Ok(())
 }
