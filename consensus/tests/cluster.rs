@@ -465,18 +465,25 @@ async fn a_new_replica_installs_a_snapshot_of_several_chunks() {
             .collect();
         write(&n1, ops).await;
     }
-    // 21 entries and more: the leader snapshots every 20 and purges its log.
-    for i in 0..50 {
+    // Small writes until the leader snapshotted past the big ones and purged its log (a
+    // snapshot is triggered by a commit 20 entries past the last one, and builds while writes
+    // go on, so keep committing).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut i = 0;
+    while !n1
+        .raft()
+        .metrics()
+        .borrow()
+        .purged
+        .is_some_and(|p| p.index > 22)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader never purged past the big writes"
+        );
         write(&n1, vec![Op::put("big", "tick", format!("{i}"))]).await;
+        i += 1;
     }
-    n1.raft()
-        .wait(Some(WAIT))
-        .metrics(
-            |m| m.purged.is_some_and(|p| p.index > 22),
-            "leader purged past the big writes",
-        )
-        .await
-        .unwrap();
     let snap_dir = dir.path().join("n1/raft-snapshots");
     let size: u64 = std::fs::read_dir(&snap_dir)
         .unwrap()

@@ -536,3 +536,50 @@ async fn a_group_member_without_an_id_is_refused() {
     ]);
     assert!(sm.apply([entry(2, group)]).await.is_err());
 }
+
+/// A snapshot is the state at its cut (when openraft asked for the builder) even though
+/// applies go on while it is dumped: keys written, overwritten, deleted and whole buckets
+/// dropped after the cut are dumped with their values at the cut.
+#[tokio::test]
+async fn snapshot_is_the_state_at_its_cut_while_applies_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = store::open(&dir.path().join("a")).unwrap();
+    let mut mem = MemState::default();
+    let txns = script();
+    let half = txns.len() / 2;
+    let mut index = 0;
+    for txn in &txns[..half] {
+        mem.apply(txn);
+        index += 1;
+        sm.apply([entry(index, txn.clone())]).await.unwrap();
+    }
+    let mut builder = sm.get_snapshot_builder().await;
+    // After the cut: the rest of the script, then every bucket of the cut dropped.
+    for txn in &txns[half..] {
+        index += 1;
+        sm.apply([entry(index, txn.clone())]).await.unwrap();
+    }
+    for b in sm.buckets().unwrap() {
+        index += 1;
+        sm.apply([entry(index, Txn::new(vec![Op::delete_bucket(b)], 0))])
+            .await
+            .unwrap();
+    }
+    assert!(sm.buckets().unwrap().is_empty());
+    let snap = builder.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id.unwrap().index, half as u64);
+    let (_log2, mut other) = store::open(&dir.path().join("b")).unwrap();
+    other
+        .install_snapshot(&snap.meta, snap.snapshot)
+        .await
+        .unwrap();
+    assert_same(&other, &mem);
+    // And the cut ended with the dump: a later snapshot is the state as it is then.
+    let snap = snapshot_of(&mut sm).await;
+    let (_log3, mut third) = store::open(&dir.path().join("c")).unwrap();
+    third
+        .install_snapshot(&snap.meta, snap.snapshot)
+        .await
+        .unwrap();
+    assert!(third.buckets().unwrap().is_empty());
+}

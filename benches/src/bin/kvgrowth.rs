@@ -15,7 +15,10 @@
 //!                                       per log entry) straight through the state machine;
 //!                                       prints `synth KEYS SECS`
 //!
-//! `snapshot` also prints `rss open_kib peak_kib` (VmRSS after opening, VmHWM after building).
+//!   kvgrowth install SRC DST            installs SRC's current snapshot into a new store DST;
+//!                                       prints `install ms`
+//!
+//! `snapshot` and `install` also print `rss open_kib peak_kib` (VmRSS after opening, VmHWM after building).
 //!
 //! NATS credentials come from NATS_USER / NATS_PASSWORD.
 
@@ -161,6 +164,25 @@ async fn snapshot(dir: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Installs the current snapshot of the stopped store SRC into a new store DST (what a
+/// replica that fell behind does); prints `install ms`, then `rss open_kib peak_kib`.
+async fn install(src: &str, dst: &str) -> Result<(), Error> {
+    use openraft::storage::RaftStateMachine;
+    let (_log, mut sm) = ployz_consensus::store::open(std::path::Path::new(src))?;
+    let snap = sm
+        .get_current_snapshot()
+        .await?
+        .ok_or("the source store has no snapshot")?;
+    drop((_log, sm));
+    let (_log2, mut other) = ployz_consensus::store::open(std::path::Path::new(dst))?;
+    let (open_kib, _) = rss_kib();
+    let started = Instant::now();
+    other.install_snapshot(&snap.meta, snap.snapshot).await?;
+    println!("install {}", started.elapsed().as_millis());
+    println!("rss {open_kib} {}", rss_kib().1);
+    Ok(())
+}
+
 /// `VmRSS` and `VmHWM` of this process, KiB.
 fn rss_kib() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -231,9 +253,10 @@ async fn main() -> Result<(), Error> {
         [_, "fanout", url, watchers, puts] => fanout(url, watchers.parse()?, puts.parse()?).await,
         [_, "snapshot", dir] => snapshot(dir).await,
         [_, "synth", dir, keys] => synth(dir, keys.parse()?).await,
+        [_, "install", src, dst] => install(src, dst).await,
         _ => Err(
             "usage: kvgrowth fill URL FROM TO CLIENTS | fanout URL WATCHERS PUTS | snapshot DIR \
-             | synth DIR KEYS"
+             | synth DIR KEYS | install SRC DST"
                 .into(),
         ),
     }

@@ -78,7 +78,19 @@ struct Shared {
     /// Files being received from a leader (`begin_receiving_snapshot`), by inode, so an
     /// install can keep the very file it was given as the new current snapshot.
     receiving: Mutex<HashMap<u64, PathBuf>>,
+    /// While a snapshot is being dumped: the value at the snapshot's cut of every key an apply
+    /// changed since (`None`: absent at the cut), recorded by the apply before it writes.
+    cut: Mutex<Option<PreImages>>,
+    /// Held by a dump for its whole run; an install takes it before filling and swapping trees,
+    /// so the tree a dump reads is never dropped under it.
+    dumping: tokio::sync::Mutex<()>,
 }
+
+/// Values of keys at a snapshot's cut, for keys changed after it.
+type PreImages = BTreeMap<Vec<u8>, Option<sled::IVec>>;
+
+/// The key prefixes a snapshot file holds, in file order.
+const DUMPED: [&[u8]; 3] = [keys::BUCKETS, keys::HISTORY, keys::TXNS];
 
 /// The state machine's sled tree and its name.
 pub(crate) struct SmTree {
@@ -158,6 +170,8 @@ impl StateMachineStore {
                 events,
                 snap_dir,
                 receiving: Mutex::new(HashMap::new()),
+                cut: Mutex::new(None),
+                dumping: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -429,52 +443,125 @@ impl StateMachineStore {
 
     // ---- snapshots ----
 
-    /// Writes the state machine, as it is now, to a new snapshot file (streamed record by
-    /// record, never whole in memory); returns its meta, path and size.
-    ///
-    /// Consistent cut: it holds the read lock for the whole dump, so nothing that takes the
-    /// write lock (apply, an install's swap) changes the tree meanwhile, and the file is
-    /// exactly the state at the `last_applied` it records. openraft calls it (through
-    /// [`RaftStateMachine::get_snapshot_builder`]) on its state-machine task, the only one that
-    /// applies, so applies wait for the dump anyway; reads go on.
-    fn dump(&self) -> Result<Built, StoreError> {
-        let started = std::time::Instant::now();
+    /// Marks the snapshot cut: the state as it is now, at `last_applied`. From here until the
+    /// dump ends, every apply first records the old value of each key it changes (see
+    /// [`Self::dump`]). Called by openraft on its state-machine task, the only one that applies,
+    /// so nothing is applied between reading `last_applied` and starting the recording.
+    fn mark_cut(&self) -> Result<Cut, StoreError> {
         let id = self.generate_id()?;
         let g = self.read_lock();
         let (last_applied, last_membership) = Self::applied_state_inner(&g.tree)?;
+        *self.cut() = Some(PreImages::new());
         let snapshot_id = match &last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, id),
             None => format!("none-{id}"),
         };
-        let meta = Meta {
-            last_log_id: last_applied,
-            last_membership,
-            snapshot_id,
+        Ok(Cut {
+            meta: Meta {
+                last_log_id: last_applied,
+                last_membership,
+                snapshot_id,
+            },
+            file: format!("{id}.snap"),
+        })
+    }
+
+    /// Records, while a dump runs, the value before this batch of every dumped key it changes
+    /// that no earlier batch since the cut changed. Called under the write lock, before the
+    /// batch is applied.
+    fn keep_pre_images(&self, tree: &sled::Tree, batch: &PendingBatch) -> Result<(), StoreError> {
+        let mut cut = self.cut();
+        let Some(pre) = cut.as_mut() else {
+            return Ok(());
         };
-        let file = format!("{id}.snap");
-        let path = self.shared.snap_dir.join(&file);
+        for k in batch.ops.keys() {
+            if DUMPED.iter().any(|p| k.starts_with(p)) && !pre.contains_key(k) {
+                pre.insert(k.clone(), tree.get(k)?);
+            }
+        }
+        Ok(())
+    }
+
+    fn cut(&self) -> std::sync::MutexGuard<'_, Option<PreImages>> {
+        self.shared.cut.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Streams the state at `cut` to a new snapshot file (record by record, never whole in
+    /// memory) while applies go on; returns the file's pointer and size.
+    ///
+    /// Consistent cut: the tree is read in key order while applies change it, and every key is
+    /// written with its value at the cut. An apply records a key's old value before it first
+    /// changes it after the cut (under the write lock, so a value the dump reads is either
+    /// from before the batch, or the batch's pre-image is already recorded). The dump uses the
+    /// recorded value for any key that has one (skipping keys absent at the cut), and also
+    /// writes recorded keys the tree no longer holds, in order. Keys no apply touched since the
+    /// cut are read as they were at the cut.
+    fn dump(&self, cut: Cut) -> Result<Built, StoreError> {
+        let started = std::time::Instant::now();
+        let _dumping = self.shared.dumping.blocking_lock();
+        let tree = self.read_lock().tree.clone();
+        let path = self.shared.snap_dir.join(&cut.file);
+        let pre_between = |from: &[u8], to: Option<&[u8]>| -> Vec<(Vec<u8>, sled::IVec)> {
+            let cut = self.cut();
+            let Some(pre) = cut.as_ref() else {
+                return Vec::new();
+            };
+            pre.range::<[u8], _>((
+                std::ops::Bound::Excluded(from),
+                match to {
+                    Some(to) => std::ops::Bound::Excluded(to),
+                    None => std::ops::Bound::Unbounded,
+                },
+            ))
+            .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
+            .collect()
+        };
         let written = (|| {
-            let mut w = snapshot::Writer::create(&path, &meta)?;
-            for item in g.tree.scan_prefix(keys::BUCKETS) {
-                let (k, v) = item?;
-                w.raw(&k, &v)?;
-            }
-            for item in g.tree.scan_prefix(keys::HISTORY) {
-                w.entry(&decode("entry", &item?.1)?)?;
-            }
-            for item in g.tree.scan_prefix(keys::TXNS) {
-                let (k, v) = item?;
-                w.raw(&k, &v)?;
+            let mut w = snapshot::Writer::create(&path, &cut.meta)?;
+            let emit = |w: &mut snapshot::Writer, k: &[u8], v: &[u8]| {
+                if k.starts_with(keys::HISTORY) {
+                    w.entry(&decode("entry", v)?)
+                } else {
+                    w.raw(k, v)
+                }
+            };
+            for prefix in DUMPED {
+                // Just below every key with `prefix`.
+                let mut last: Vec<u8> = prefix[..prefix.len() - 1].to_vec();
+                for item in tree.scan_prefix(prefix) {
+                    let (k, live) = item?;
+                    for (pk, pv) in pre_between(&last, Some(&k)) {
+                        if pk.starts_with(prefix) {
+                            emit(&mut w, &pk, &pv)?;
+                        }
+                    }
+                    let at_cut = match self.cut().as_ref().and_then(|p| p.get(&*k)) {
+                        Some(recorded) => recorded.clone(),
+                        None => Some(live),
+                    };
+                    if let Some(v) = at_cut {
+                        emit(&mut w, &k, &v)?;
+                    }
+                    last = k.to_vec();
+                }
+                for (pk, pv) in pre_between(&last, None) {
+                    if pk.starts_with(prefix) {
+                        emit(&mut w, &pk, &pv)?;
+                    }
+                }
             }
             w.finish()
         })();
-        drop(g);
+        *self.cut() = None;
         match written.and_then(|bytes| {
             sync_dir(&self.shared.snap_dir)?;
             Ok(bytes)
         }) {
             Ok(bytes) => Ok(Built {
-                pointer: SnapshotPointer { file, meta },
+                pointer: SnapshotPointer {
+                    file: cut.file,
+                    meta: cut.meta,
+                },
                 bytes,
                 took: started.elapsed(),
             }),
@@ -531,6 +618,7 @@ impl StateMachineStore {
     /// what a crash in between leaves).
     async fn install(&self, meta: &Meta, file: tokio::fs::File) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
+        let _no_dump = self.shared.dumping.lock().await;
         let mut file = file.into_std().await;
         let ino = file.metadata().map_err(StoreError::Io)?.ino();
         let received = self.receiving().remove(&ino);
@@ -681,6 +769,12 @@ struct SnapshotPointer {
     /// File name in the snapshot directory.
     file: String,
     meta: Meta,
+}
+
+/// A snapshot's cut: its meta and the file it goes to.
+struct Cut {
+    meta: Meta,
+    file: String,
 }
 
 /// A snapshot file written by [`StateMachineStore::dump`].
@@ -1079,6 +1173,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 last = Some(entry.log_id);
             }
             if let Some(last) = last {
+                self.keep_pre_images(&g.tree, &batch)
+                    .map_err(|e| StorageIOError::apply(last, AnyError::new(&e)))?;
                 g.tree
                     .apply_batch(batch.into_batch())
                     .map_err(|e| StorageIOError::apply(last, AnyError::new(&e)))?;
@@ -1095,14 +1191,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(results)
     }
 
-    /// Dumps the state to a snapshot file right here, on openraft's state-machine task: no
-    /// apply runs until it is written, so it is a consistent cut at `last_applied` (see
-    /// [`StateMachineStore::dump`]). The builder only publishes it.
+    /// Marks the snapshot's cut right here, on openraft's state-machine task, between two
+    /// applies; the builder (run in its own task while applies go on) dumps the state at that
+    /// cut (see [`StateMachineStore::dump`]).
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
-        let built = dump_blocking(self.clone()).await;
         SnapshotBuilder {
             sm: self.clone(),
-            built: Some(built),
+            cut: Some(self.mark_cut()),
         }
     }
 
@@ -1165,8 +1260,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
-async fn dump_blocking(sm: StateMachineStore) -> Result<Built, StoreError> {
-    tokio::task::spawn_blocking(move || sm.dump())
+async fn dump_blocking(sm: StateMachineStore, cut: Cut) -> Result<Built, StoreError> {
+    tokio::task::spawn_blocking(move || sm.dump(cut))
         .await
         .unwrap_or_else(|e| {
             Err(StoreError::Corrupt(format!(
@@ -1175,19 +1270,23 @@ async fn dump_blocking(sm: StateMachineStore) -> Result<Built, StoreError> {
         })
 }
 
-/// Publishes the snapshot file dumped when openraft asked for the builder.
+/// Dumps the state at the cut marked when openraft asked for the builder, and publishes it.
 pub struct SnapshotBuilder {
     sm: StateMachineStore,
-    built: Option<Result<Built, StoreError>>,
+    cut: Option<Result<Cut, StoreError>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let built = match self.built.take() {
-            Some(b) => b,
-            None => dump_blocking(self.sm.clone()).await,
-        }
-        .map_err(sm_read_err)?;
+        // A builder builds once: openraft asks for a new one (a new cut) every time.
+        let cut = self
+            .cut
+            .take()
+            .unwrap_or_else(|| Err(StoreError::Corrupt("snapshot builder used twice".into())))
+            .map_err(sm_read_err)?;
+        let built = dump_blocking(self.sm.clone(), cut)
+            .await
+            .map_err(sm_read_err)?;
         let Built {
             pointer,
             bytes,
