@@ -32,9 +32,11 @@
 //!   `last_applied`/`last_membership` in one atomic sled batch: after a crash the state
 //!   machine is exactly the state after some applied prefix of the log, and Raft re-applies
 //!   the rest from the (durable) log.
-//! * The current snapshot is stored in the same sled tree and flushed before it is reported;
-//!   installing a snapshot replaces the state, `last_applied` and the stored snapshot in one
-//!   batch. Logs are purged only up to a persisted snapshot (see [`NodeConfig`] for the policy).
+//! * A snapshot is a file beside the database, the state at exactly its `last_applied`
+//!   (dumped at a point-in-time cut while applies go on), fsynced and recorded as current in
+//!   the database before it is reported; installing one fills a fresh tree and switches the
+//!   state-machine tree and the current snapshot in one batch. Logs are purged only up to a
+//!   persisted snapshot (see [`NodeConfig`] for the policy).
 //!
 //! # Layout
 //!
@@ -46,8 +48,6 @@ pub mod kv;
 pub mod network;
 mod node;
 pub mod store;
-
-use std::io::Cursor;
 
 use serde::Deserialize;
 use serde::Serialize;
@@ -105,7 +105,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = PloyzNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

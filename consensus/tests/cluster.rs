@@ -445,3 +445,88 @@ async fn no_group_entries_while_a_member_cannot_read_them() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// A new replica joins after the leader purged its log: it is brought up by a snapshot file of
+/// several 1 MiB chunks (openraft's chunked streaming), installed into a fresh tree, and keeps
+/// that state across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_replica_installs_a_snapshot_of_several_chunks() {
+    const KEYS: usize = 5000;
+    const PER_TXN: usize = 250;
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, m1) = start(1, dir.path()).await;
+    n1.initialize_single(m1).await.unwrap();
+    write(&n1, vec![Op::create_bucket("big", BucketConfig::default())]).await;
+    let value = |i: usize| format!("{i:06}").repeat(170).into_bytes();
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(PER_TXN) {
+        let ops = chunk
+            .iter()
+            .map(|&i| Op::put("big", format!("k{i:05}"), value(i)))
+            .collect();
+        write(&n1, ops).await;
+    }
+    // Small writes until the leader snapshotted past the big ones and purged its log (a
+    // snapshot is triggered by a commit 20 entries past the last one, and builds while writes
+    // go on, so keep committing).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut i = 0;
+    while n1
+        .raft()
+        .metrics()
+        .borrow()
+        .purged
+        .is_none_or(|p| p.index <= 22)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader never purged past the big writes"
+        );
+        write(&n1, vec![Op::put("big", "tick", format!("{i}"))]).await;
+        i += 1;
+    }
+    let snap_dir = dir.path().join("n1/raft-snapshots");
+    let size: u64 = std::fs::read_dir(&snap_dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .max()
+        .unwrap();
+    assert!(
+        size > 4 * 1024 * 1024,
+        "the snapshot should span several 1 MiB chunks, it is {size} bytes"
+    );
+
+    let (n2, m2) = start(2, dir.path()).await;
+    let mut events2 = n2.subscribe();
+    n1.add_learner(2, m2, true).await.unwrap();
+    let idx = leader_committed(&n1).await;
+    wait_applied(&n2, idx).await;
+    assert!(
+        std::iter::from_fn(|| events2.try_recv().ok()).any(|e| e == KvEvent::Reset),
+        "node 2 was brought up by a snapshot"
+    );
+    let check = |n: &Node| {
+        let all = n.list_local("big").unwrap();
+        assert_eq!(all.len(), KEYS + 1);
+        for e in all.iter().filter(|e| e.key != "tick") {
+            let i: usize = e.key[1..].parse().unwrap();
+            assert_eq!(e.value, value(i), "{}", e.key);
+        }
+        assert_eq!(
+            n.bucket_local("big").unwrap(),
+            n1.bucket_local("big").unwrap()
+        );
+    };
+    check(&n2);
+
+    // After a restart node 2 reopens the installed tree and snapshot.
+    n2.shutdown().await.unwrap();
+    drop(n2);
+    let (n2, _) = start(2, dir.path()).await;
+    check(&n2);
+    let files = std::fs::read_dir(dir.path().join("n2/raft-snapshots"))
+        .unwrap()
+        .count();
+    assert_eq!(files, 1, "only the current snapshot file is kept");
+    n2.shutdown().await.unwrap();
+    n1.shutdown().await.unwrap();
+}

@@ -252,31 +252,121 @@ async fn remembered_ids_survive_snapshot_build_and_install() {
     assert_eq!(r3[0], r1[0]);
 }
 
+/// A leader still on a release before the snapshot files sends the whole state as one JSON
+/// value (and, before idempotency keys, without `txns`): it still installs.
 #[tokio::test]
-async fn snapshot_without_remembered_ids_still_installs() {
+async fn json_snapshot_of_an_older_release_still_installs() {
     let dir = tempfile::tempdir().unwrap();
     let mut sm = store_with_bucket(&dir.path().join("a")).await;
     sm.apply([entry(2, put_with_id("w1", "one", 10))])
         .await
         .unwrap();
     let snap = snapshot_of(&mut sm).await;
-    // What a store from before idempotency keys built: the same payload without `txns`.
-    let mut payload: serde_json::Value = serde_json::from_slice(snap.snapshot.get_ref()).unwrap();
-    assert!(payload["txns"].is_array(), "{payload}");
-    payload.as_object_mut().unwrap().remove("txns");
-    let old = std::io::Cursor::new(serde_json::to_vec(&payload).unwrap());
+    let info = sm.bucket_info("a").unwrap().unwrap();
+    let payload = serde_json::json!({
+        "last_applied": snap.meta.last_log_id,
+        "last_membership": snap.meta.last_membership,
+        "buckets": {"a": {
+            "config": info.config,
+            "last_seq": info.last_seq,
+            "created_ms": info.created_ms,
+        }},
+        "entries": sm.history("a", "k").unwrap(),
+    });
+    let path = dir.path().join("old.json");
+    std::fs::write(&path, serde_json::to_vec(&payload).unwrap()).unwrap();
+    let old = tokio::fs::File::open(&path).await.unwrap();
     let (_log2, mut other) = store::open(&dir.path().join("b")).unwrap();
     other
         .install_snapshot(&snap.meta, Box::new(old))
         .await
         .unwrap();
-    assert_eq!(other.history("a", "k").unwrap().len(), 1);
+    assert_eq!(
+        other.history("a", "k").unwrap(),
+        sm.history("a", "k").unwrap()
+    );
+    assert_eq!(
+        other.bucket_info("a").unwrap(),
+        sm.bucket_info("a").unwrap()
+    );
     // Without the remembered id, the same txn is a new write.
     let r = other
         .apply([entry(3, put_with_id("w1", "one", 10))])
         .await
         .unwrap();
     assert_eq!(r, [TxnResult::Applied { revisions: vec![2] }]);
+}
+
+/// A damaged snapshot (cut short, or one byte changed) is refused and leaves the receiver's
+/// state, applied position and current snapshot as they were; leftovers go at the next open.
+#[tokio::test]
+async fn damaged_snapshot_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = store_with_bucket(&dir.path().join("a")).await;
+    for i in 0..200u64 {
+        sm.apply([entry(
+            i + 2,
+            Txn::new(vec![Op::put("a", format!("k{i}"), "v")], 0),
+        )])
+        .await
+        .unwrap();
+    }
+    let snap = snapshot_of(&mut sm).await;
+    let mut good = Vec::new();
+    {
+        use tokio::io::AsyncReadExt;
+        let mut f = snap.snapshot;
+        f.read_to_end(&mut good).await.unwrap();
+    }
+    let rdir = dir.path().join("b");
+    let (_log2, mut other) = store::open(&rdir).unwrap();
+    other
+        .apply([entry(
+            1,
+            Txn::new(vec![Op::create_bucket("mine", cfg(1))], 0),
+        )])
+        .await
+        .unwrap();
+    let mine = snapshot_of(&mut other).await.meta;
+    let mut cut = good.clone();
+    cut.truncate(good.len() / 2);
+    let mut flipped = good.clone();
+    let at = good.len() * 2 / 3;
+    flipped[at] ^= 0x20;
+    for (what, bytes) in [("cut", cut), ("flipped", flipped)] {
+        let path = dir.path().join(what);
+        std::fs::write(&path, &bytes).unwrap();
+        let f = tokio::fs::File::open(&path).await.unwrap();
+        let err = other.install_snapshot(&snap.meta, Box::new(f)).await;
+        assert!(err.is_err(), "{what} installed");
+        assert_eq!(other.buckets().unwrap(), ["mine"], "{what}");
+        let (applied, _) = other.applied_state().await.unwrap();
+        assert_eq!(applied.unwrap().index, 1, "{what}");
+        let current = other.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, mine, "{what}");
+    }
+    // The good one installs.
+    let path = dir.path().join("good");
+    std::fs::write(&path, &good).unwrap();
+    let f = tokio::fs::File::open(&path).await.unwrap();
+    other
+        .install_snapshot(&snap.meta, Box::new(f))
+        .await
+        .unwrap();
+    assert_eq!(other.list("a").unwrap().len(), 200);
+    assert!(!other.has_bucket("mine").unwrap());
+    // Exactly one snapshot file is left, the current one, and it survives a reopen.
+    drop((other, _log2));
+    let (_log3, mut reopened) = store::open(&rdir).unwrap();
+    let files = std::fs::read_dir(rdir.join("raft-snapshots"))
+        .unwrap()
+        .count();
+    assert_eq!(files, 1);
+    assert_eq!(
+        reopened.get_current_snapshot().await.unwrap().unwrap().meta,
+        snap.meta
+    );
+    assert_eq!(reopened.list("a").unwrap().len(), 200);
 }
 
 #[tokio::test]
@@ -445,4 +535,51 @@ async fn a_group_member_without_an_id_is_refused() {
         Txn::new(vec![Op::put("a", "k", "two")], 11),
     ]);
     assert!(sm.apply([entry(2, group)]).await.is_err());
+}
+
+/// A snapshot is the state at its cut (when openraft asked for the builder) even though
+/// applies go on while it is dumped: keys written, overwritten, deleted and whole buckets
+/// dropped after the cut are dumped with their values at the cut.
+#[tokio::test]
+async fn snapshot_is_the_state_at_its_cut_while_applies_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = store::open(&dir.path().join("a")).unwrap();
+    let mut mem = MemState::default();
+    let txns = script();
+    let half = txns.len() / 2;
+    let mut index = 0;
+    for txn in &txns[..half] {
+        mem.apply(txn);
+        index += 1;
+        sm.apply([entry(index, txn.clone())]).await.unwrap();
+    }
+    let mut builder = sm.get_snapshot_builder().await;
+    // After the cut: the rest of the script, then every bucket of the cut dropped.
+    for txn in &txns[half..] {
+        index += 1;
+        sm.apply([entry(index, txn.clone())]).await.unwrap();
+    }
+    for b in sm.buckets().unwrap() {
+        index += 1;
+        sm.apply([entry(index, Txn::new(vec![Op::delete_bucket(b)], 0))])
+            .await
+            .unwrap();
+    }
+    assert!(sm.buckets().unwrap().is_empty());
+    let snap = builder.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id.unwrap().index, half as u64);
+    let (_log2, mut other) = store::open(&dir.path().join("b")).unwrap();
+    other
+        .install_snapshot(&snap.meta, snap.snapshot)
+        .await
+        .unwrap();
+    assert_same(&other, &mem);
+    // And the cut ended with the dump: a later snapshot is the state as it is then.
+    let snap = snapshot_of(&mut sm).await;
+    let (_log3, mut third) = store::open(&dir.path().join("c")).unwrap();
+    third
+        .install_snapshot(&snap.meta, snap.snapshot)
+        .await
+        .unwrap();
+    assert!(third.buckets().unwrap().is_empty());
 }

@@ -10,6 +10,16 @@
 //!                                       directory), times opening it and building a snapshot;
 //!                                       prints `snapshot open_ms build_ms bytes`
 //!
+//!   kvgrowth synth DIR KEYS             writes a store of KEYS keys (128-byte values, the
+//!                                       bucket `growth`, one remembered id per put, 256 puts
+//!                                       per log entry) straight through the state machine;
+//!                                       prints `synth KEYS SECS`
+//!
+//!   kvgrowth install SRC DST            installs SRC's current snapshot into a new store DST;
+//!                                       prints `install ms`
+//!
+//! `snapshot` and `install` also print `rss open_kib peak_kib` (VmRSS after opening, VmHWM after building).
+//!
 //! NATS credentials come from NATS_USER / NATS_PASSWORD.
 
 use std::time::Duration;
@@ -144,13 +154,91 @@ async fn snapshot(dir: &str) -> Result<(), Error> {
     let started = Instant::now();
     let (_log, mut sm) = ployz_consensus::store::open(std::path::Path::new(dir))?;
     let open_ms = started.elapsed().as_millis();
+    let (open_kib, _) = rss_kib();
     let started = Instant::now();
     let snap = sm.get_snapshot_builder().await.build_snapshot().await?;
     let build_ms = started.elapsed().as_millis();
-    println!(
-        "snapshot {open_ms} {build_ms} {}",
-        snap.snapshot.get_ref().len()
-    );
+    let bytes = snap.snapshot.metadata().await?.len();
+    println!("snapshot {open_ms} {build_ms} {bytes}");
+    println!("rss {open_kib} {}", rss_kib().1);
+    Ok(())
+}
+
+/// Installs the current snapshot of the stopped store SRC into a new store DST (what a
+/// replica that fell behind does); prints `install ms`, then `rss open_kib peak_kib`.
+async fn install(src: &str, dst: &str) -> Result<(), Error> {
+    use openraft::storage::RaftStateMachine;
+    let (_log, mut sm) = ployz_consensus::store::open(std::path::Path::new(src))?;
+    let snap = sm
+        .get_current_snapshot()
+        .await?
+        .ok_or("the source store has no snapshot")?;
+    drop((_log, sm));
+    let (_log2, mut other) = ployz_consensus::store::open(std::path::Path::new(dst))?;
+    let (open_kib, _) = rss_kib();
+    let started = Instant::now();
+    other.install_snapshot(&snap.meta, snap.snapshot).await?;
+    println!("install {}", started.elapsed().as_millis());
+    println!("rss {open_kib} {}", rss_kib().1);
+    Ok(())
+}
+
+/// `VmRSS` and `VmHWM` of this process, KiB.
+fn rss_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+async fn synth(dir: &str, keys: u64) -> Result<(), Error> {
+    use openraft::storage::RaftStateMachine;
+    use ployz_consensus::kv::BucketConfig;
+    use ployz_consensus::kv::Op;
+    use ployz_consensus::kv::Txn;
+    let (_log, mut sm) = ployz_consensus::store::open(std::path::Path::new(dir))?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let entry = |index: u64, txn: Txn| openraft::Entry::<ployz_consensus::TypeConfig> {
+        log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+        payload: openraft::EntryPayload::Normal(txn),
+    };
+    let started = Instant::now();
+    let config = BucketConfig {
+        history: 1,
+        max_value_size: None,
+    };
+    sm.apply([entry(
+        1,
+        Txn::new(vec![Op::create_bucket(BUCKET, config)], now_ms),
+    )])
+    .await?;
+    let value = vec![b'g'; VALUE_LEN];
+    let mut index = 1;
+    let mut i = 0;
+    while i < keys {
+        let members = (i..keys.min(i + 256))
+            .map(|k| {
+                let mut t = Txn::new(
+                    vec![Op::put(BUCKET, format!("g{k}"), value.clone())],
+                    now_ms,
+                );
+                t.id = Some(format!("synth-{k}"));
+                t
+            })
+            .collect::<Vec<_>>();
+        i += members.len() as u64;
+        index += 1;
+        sm.apply([entry(index, Txn::group(members))]).await?;
+    }
+    drop(sm);
+    println!("synth {keys} {:.1}", started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -164,8 +252,11 @@ async fn main() -> Result<(), Error> {
         }
         [_, "fanout", url, watchers, puts] => fanout(url, watchers.parse()?, puts.parse()?).await,
         [_, "snapshot", dir] => snapshot(dir).await,
+        [_, "synth", dir, keys] => synth(dir, keys.parse()?).await,
+        [_, "install", src, dst] => install(src, dst).await,
         _ => Err(
-            "usage: kvgrowth fill URL FROM TO CLIENTS | fanout URL WATCHERS PUTS | snapshot DIR"
+            "usage: kvgrowth fill URL FROM TO CLIENTS | fanout URL WATCHERS PUTS | snapshot DIR \
+             | synth DIR KEYS | install SRC DST"
                 .into(),
         ),
     }

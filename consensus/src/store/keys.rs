@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `m:last_applied` | `LogId` |
 //! | `m:last_membership` | `StoredMembership` |
-//! | `s:current` | the current snapshot (meta + data) |
+//! | `s:current` | releases before the snapshot files kept the snapshot here; removed at open |
 //! | `b:{bucket}` | `BucketState` |
 //! | `l:{bucket}\0{key}` | latest `Entry` of the key |
 //! | `h:{bucket}\0{key}\0{revision u64 BE}` | every stored `Entry` of the key (latest included) |
@@ -19,7 +19,7 @@
 
 pub const LAST_APPLIED: &[u8] = b"m:last_applied";
 pub const LAST_MEMBERSHIP: &[u8] = b"m:last_membership";
-pub const SNAPSHOT: &[u8] = b"s:current";
+pub const OLD_SNAPSHOT: &[u8] = b"s:current";
 pub const BUCKETS: &[u8] = b"b:";
 pub const LATEST: &[u8] = b"l:";
 pub const HISTORY: &[u8] = b"h:";
@@ -28,6 +28,12 @@ pub const TXN_TIMES: &[u8] = b"x:";
 pub const COUNTERS: &[u8] = b"c:";
 pub const REVISIONS: &[u8] = b"r:";
 pub const COUNTERS_BUILT: &[u8] = b"m:counters";
+
+/// In the database's default tree: the name of the current state-machine tree (absent:
+/// `state_machine`).
+pub const SM_TREE_NAME: &[u8] = b"ployz:sm_tree";
+/// In the database's default tree: the current snapshot's file name and meta (JSON).
+pub const CURRENT_SNAPSHOT: &[u8] = b"ployz:snapshot";
 
 fn join(parts: &[&[u8]]) -> Vec<u8> {
     let mut v = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());

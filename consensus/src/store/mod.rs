@@ -1,16 +1,23 @@
 //! sled-backed storage implementing openraft's v2 storage traits.
 //!
-//! One sled database per node, three trees:
+//! One sled database per node, three trees, and snapshot files beside it:
 //!
 //! * `raft_log`: log entries keyed by big-endian `u64` index (JSON values);
 //! * `raft_meta`: `vote`, `last_purged`, `committed`;
-//! * `state_machine`: the key-value state, `last_applied`, `last_membership` and the current
-//!   snapshot, all in one tree so a single `apply_batch` updates them together (key layout in
-//!   `store/keys.rs`).
+//! * the state machine (`state_machine`, or `state_machine.{n}` once a snapshot was
+//!   installed into a fresh tree): the key-value state, `last_applied` and `last_membership`,
+//!   all in one tree so a single `apply_batch` updates them together (key layout in
+//!   `store/keys.rs`);
+//! * the default tree: which tree is the state machine and which file is the current
+//!   snapshot, both changed in one batch when a snapshot is installed;
+//! * `raft-snapshots/{n}.snap`: snapshot files (format in `store/snapshot.rs`). Only the one
+//!   the default tree names is current; any other is an unfinished build or receive, removed
+//!   at open.
 
 pub(crate) mod keys;
 mod log;
 mod sm;
+mod snapshot;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -22,6 +29,8 @@ pub use sm::StateMachineStore;
 const LOG_TREE: &str = "raft_log";
 const META_TREE: &str = "raft_meta";
 const SM_TREE: &str = "state_machine";
+/// Snapshot files, inside the database directory.
+const SNAPSHOT_DIR: &str = "raft-snapshots";
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +49,8 @@ pub enum StoreError {
     },
     #[error("corrupt database: {0}")]
     Corrupt(String),
+    #[error("snapshot file I/O failed: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 pub(crate) fn encode<T: serde::Serialize>(
@@ -116,16 +127,48 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
 }
 
 /// Opens (or creates) the database in `dir` and returns the log store and the state machine.
+///
+/// Cleans up what a crash may have left: state-machine trees other than the current one (an
+/// install that did not swap, or an old tree not yet dropped after a swap), snapshot files
+/// other than the current one, and the snapshot that releases before the snapshot files kept
+/// inside the state-machine tree (without a current snapshot, openraft builds one at start
+/// if the log was purged).
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     let db = open_db(dir)?;
+    let snap_dir = dir.join(SNAPSHOT_DIR);
+    std::fs::create_dir_all(&snap_dir)?;
+    let sm_name = match db.get(keys::SM_TREE_NAME)? {
+        Some(v) => String::from_utf8(v.to_vec())
+            .map_err(|_| StoreError::Corrupt("state machine tree name is not UTF-8".into()))?,
+        None => SM_TREE.to_string(),
+    };
+    for name in db.tree_names() {
+        if name.starts_with(SM_TREE.as_bytes()) && name != sm_name.as_bytes() {
+            db.drop_tree(&name)?;
+        }
+    }
+    let current: Option<String> = db
+        .get(keys::CURRENT_SNAPSHOT)?
+        .map(|v| decode::<serde_json::Value>("current snapshot", &v))
+        .transpose()?
+        .and_then(|p| p.get("file")?.as_str().map(str::to_string));
+    for entry in std::fs::read_dir(&snap_dir)? {
+        let entry = entry?;
+        if Some(entry.file_name().to_string_lossy().as_ref()) != current.as_deref() {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
     let handle = Arc::new(DbHandle {
         db,
         timings: Timings::default(),
     });
     let log = handle.db.open_tree(LOG_TREE)?;
     let meta = handle.db.open_tree(META_TREE)?;
-    let sm = handle.db.open_tree(SM_TREE)?;
-    let sm = StateMachineStore::new(handle.clone(), sm);
+    let tree = handle.db.open_tree(&sm_name)?;
+    if tree.remove(keys::OLD_SNAPSHOT)?.is_some() {
+        tracing::info!("dropped the snapshot stored in the tree by an older release");
+    }
+    let sm = StateMachineStore::new(handle.clone(), sm::SmTree::new(sm_name, tree), snap_dir);
     sm.build_counters_if_missing()?;
     Ok((LogStore::new(handle, log, meta), sm))
 }

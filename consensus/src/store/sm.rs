@@ -2,8 +2,15 @@
 //! installs snapshots, publishes [`KvEvent`]s.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
+use std::collections::HashMap;
+use std::io::Read;
+use std::io::Seek;
+use std::io::SeekFrom;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::RwLock;
 use std::sync::RwLockReadGuard;
 use std::sync::RwLockWriteGuard;
@@ -25,6 +32,8 @@ use tokio::sync::broadcast;
 use super::decode;
 use super::encode;
 use super::keys;
+use super::snapshot;
+use super::snapshot::Record;
 use super::DbHandle;
 use super::StoreError;
 use crate::kv;
@@ -50,28 +59,64 @@ const EVENT_CAPACITY: usize = 4096;
 
 /// The replicated key-value state machine.
 ///
-/// Cloning is cheap; clones share the database, the apply lock and the event channel, so a clone
-/// kept outside openraft serves local reads.
+/// Cloning is cheap; clones share the database, the apply lock (with the current tree) and the
+/// event channel, so a clone kept outside openraft serves local reads.
 #[derive(Clone)]
 pub struct StateMachineStore {
     handle: Arc<DbHandle>,
-    tree: sled::Tree,
     shared: Arc<Shared>,
 }
 
 struct Shared {
-    /// Writers (apply, install, snapshot persist) take it exclusively; multi-key readers shared,
-    /// so a read never observes half of an applied transaction.
-    lock: RwLock<()>,
+    /// The current state-machine tree. Writers (apply, install's swap, snapshot publish) take
+    /// it exclusively; readers shared, so a read never observes half of an applied
+    /// transaction. Installing a snapshot fills a fresh tree and swaps it in here.
+    lock: RwLock<SmTree>,
     events: broadcast::Sender<KvEvent>,
+    /// Snapshot files live here, beside the database.
+    snap_dir: PathBuf,
+    /// Files being received from a leader (`begin_receiving_snapshot`), by inode, so an
+    /// install can keep the very file it was given as the new current snapshot.
+    receiving: Mutex<HashMap<u64, PathBuf>>,
+    /// While a snapshot is being dumped: the value at the snapshot's cut of every key an apply
+    /// changed since (`None`: absent at the cut), recorded by the apply before it writes.
+    cut: Mutex<Option<PreImages>>,
+    /// Held by a dump for its whole run; an install takes it before filling and swapping trees,
+    /// so the tree a dump reads is never dropped under it.
+    dumping: tokio::sync::Mutex<()>,
 }
 
-/// The current snapshot as stored under [`keys::SNAPSHOT`].
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: Meta,
-    #[serde(with = "crate::kv::base64_bytes")]
-    data: Vec<u8>,
+/// Values of keys at a snapshot's cut, for keys changed after it.
+type PreImages = BTreeMap<Vec<u8>, Option<sled::IVec>>;
+
+/// The key prefixes a snapshot file holds, in file order.
+const DUMPED: [&[u8]; 3] = [keys::BUCKETS, keys::HISTORY, keys::TXNS];
+
+/// The state machine's sled tree and its name.
+pub(crate) struct SmTree {
+    name: String,
+    tree: sled::Tree,
+}
+
+impl SmTree {
+    pub(crate) fn new(name: String, tree: sled::Tree) -> Self {
+        SmTree { name, tree }
+    }
+}
+
+fn view(tree: &sled::Tree) -> SledView<'_> {
+    SledView {
+        tree,
+        pending: None,
+    }
+}
+
+/// The committed state as `pending` will leave it (reads see its writes first).
+fn view_with<'a>(tree: &'a sled::Tree, pending: &'a PendingBatch) -> SledView<'a> {
+    SledView {
+        tree,
+        pending: Some(pending),
+    }
 }
 
 /// Per-bucket statistics kept on every apply (under [`keys::counters`]), so
@@ -102,11 +147,10 @@ impl BucketCounters {
     }
 }
 
-/// Snapshot data: the whole state machine.
+/// Snapshot data of releases before the binary snapshot files: the whole state machine as one
+/// JSON value. Still installed (from a leader running such a release), never built.
 #[derive(Serialize, Deserialize)]
-struct SnapshotPayload {
-    last_applied: Option<LogId<NodeId>>,
-    last_membership: Membership,
+struct JsonSnapshotPayload {
     buckets: BTreeMap<String, BucketState>,
     /// Every stored entry (history and tombstones included), in key order.
     entries: Vec<Entry>,
@@ -117,14 +161,17 @@ struct SnapshotPayload {
 }
 
 impl StateMachineStore {
-    pub(crate) fn new(handle: Arc<DbHandle>, tree: sled::Tree) -> Self {
+    pub(crate) fn new(handle: Arc<DbHandle>, tree: SmTree, snap_dir: PathBuf) -> Self {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Self {
             handle,
-            tree,
             shared: Arc::new(Shared {
-                lock: RwLock::new(()),
+                lock: RwLock::new(tree),
                 events,
+                snap_dir,
+                receiving: Mutex::new(HashMap::new()),
+                cut: Mutex::new(None),
+                dumping: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -145,53 +192,38 @@ impl StateMachineStore {
         Ok(())
     }
 
-    /// Subscribes to changes applied from now on.
     /// The storage latency histograms of this replica (log and state machine).
     pub fn timings(&self) -> super::Timings {
         self.handle.timings.clone()
     }
 
+    /// Subscribes to changes applied from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<KvEvent> {
         self.shared.events.subscribe()
     }
 
-    fn read_lock(&self) -> RwLockReadGuard<'_, ()> {
-        // The lock guards no data, so a poisoned lock is still usable.
+    fn read_lock(&self) -> RwLockReadGuard<'_, SmTree> {
+        // A poisoned lock still holds a usable tree handle (sled batches are atomic).
         self.shared.lock.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write_lock(&self) -> RwLockWriteGuard<'_, ()> {
+    fn write_lock(&self) -> RwLockWriteGuard<'_, SmTree> {
         self.shared.lock.write().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn view(&self) -> SledView<'_> {
-        SledView {
-            tree: &self.tree,
-            pending: None,
-        }
-    }
-
-    /// The committed state as `pending` will leave it (reads see its writes first).
-    fn view_with<'a>(&'a self, pending: &'a PendingBatch) -> SledView<'a> {
-        SledView {
-            tree: &self.tree,
-            pending: Some(pending),
-        }
     }
 
     // ---- local reads (not linearizable by themselves) ----
 
     /// The key's latest entry, tombstones included.
     pub fn get(&self, bucket: &str, key: &str) -> Result<Option<Entry>, StoreError> {
-        let _g = self.read_lock();
-        self.view().latest(bucket, key)
+        let g = self.read_lock();
+        view(&g.tree).latest(bucket, key)
     }
 
     /// Latest entry per key, live keys only, sorted by key.
     pub fn list(&self, bucket: &str) -> Result<Vec<Entry>, StoreError> {
-        let _g = self.read_lock();
+        let g = self.read_lock();
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix(keys::latest_prefix(bucket)) {
+        for item in g.tree.scan_prefix(keys::latest_prefix(bucket)) {
             let (_, v) = item?;
             let e: Entry = decode("entry", &v)?;
             if !e.is_tombstone() {
@@ -203,8 +235,8 @@ impl StateMachineStore {
 
     /// Latest entry of every key of a bucket, tombstones included, sorted by key.
     pub fn list_all(&self, bucket: &str) -> Result<Vec<Entry>, StoreError> {
-        let _g = self.read_lock();
-        self.tree
+        let g = self.read_lock();
+        g.tree
             .scan_prefix(keys::latest_prefix(bucket))
             .map(|item| decode("entry", &item?.1))
             .collect()
@@ -212,8 +244,8 @@ impl StateMachineStore {
 
     /// Stored entries of a key, oldest first.
     pub fn history(&self, bucket: &str, key: &str) -> Result<Vec<Entry>, StoreError> {
-        let _g = self.read_lock();
-        self.tree
+        let g = self.read_lock();
+        g.tree
             .scan_prefix(keys::history_prefix(bucket, key))
             .map(|item| decode("entry", &item?.1))
             .collect()
@@ -221,9 +253,9 @@ impl StateMachineStore {
 
     /// Names of all buckets, sorted.
     pub fn buckets(&self) -> Result<Vec<String>, StoreError> {
-        let _g = self.read_lock();
+        let g = self.read_lock();
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix(keys::BUCKETS) {
+        for item in g.tree.scan_prefix(keys::BUCKETS) {
             let (k, _) = item?;
             let name = keys::bucket_name(&k)
                 .ok_or_else(|| StoreError::Corrupt("bucket key is not UTF-8".into()))?;
@@ -235,24 +267,24 @@ impl StateMachineStore {
     /// Bucket statistics; scans the bucket, so cost is linear in its stored entries.
     /// Whether `bucket` exists: one lookup ([`Self::bucket_info`] counts every entry).
     pub fn has_bucket(&self, bucket: &str) -> Result<bool, StoreError> {
-        let _g = self.read_lock();
-        Ok(self.view().bucket(bucket)?.is_some())
+        let g = self.read_lock();
+        Ok(view(&g.tree).bucket(bucket)?.is_some())
     }
 
     /// Bucket statistics: the bucket record, its counters and its first stored revision, three
     /// lookups whatever the bucket's size.
     pub fn bucket_info(&self, bucket: &str) -> Result<Option<BucketInfo>, StoreError> {
-        let _g = self.read_lock();
-        let Some(state) = self.view().bucket(bucket)? else {
+        let g = self.read_lock();
+        let Some(state) = view(&g.tree).bucket(bucket)? else {
             return Ok(None);
         };
-        let counters: BucketCounters = self
+        let counters: BucketCounters = g
             .tree
             .get(keys::counters(bucket))?
             .map(|v| decode("bucket counters", &v))
             .transpose()?
             .unwrap_or_default();
-        let first = match self
+        let first = match g
             .tree
             .scan_prefix(keys::revisions_prefix(bucket))
             .keys()
@@ -279,27 +311,27 @@ impl StateMachineStore {
     /// Builds the bucket counters and revision index of a database written before they existed
     /// (one scan, once: afterwards every apply keeps them).
     pub(crate) fn build_counters_if_missing(&self) -> Result<(), StoreError> {
-        let _g = self.write_lock();
-        if self.tree.contains_key(keys::COUNTERS_BUILT)? {
+        let g = self.write_lock();
+        if g.tree.contains_key(keys::COUNTERS_BUILT)? {
             return Ok(());
         }
         let mut batch = PendingBatch::default();
         for prefix in [keys::COUNTERS, keys::REVISIONS] {
-            for k in self.tree.scan_prefix(prefix).keys() {
+            for k in g.tree.scan_prefix(prefix).keys() {
                 batch.remove(k?.to_vec());
             }
         }
-        for item in self.tree.scan_prefix(keys::BUCKETS) {
+        for item in g.tree.scan_prefix(keys::BUCKETS) {
             let (k, _) = item?;
             let name = keys::bucket_name(&k)
                 .ok_or_else(|| StoreError::Corrupt("bucket key is not UTF-8".into()))?;
-            let stored = self
+            let stored = g
                 .tree
                 .scan_prefix(keys::history_bucket_prefix(name))
                 .values()
                 .map(|v| decode::<Entry>("entry", &v?))
                 .collect::<Result<Vec<_>, _>>()?;
-            let latest = self
+            let latest = g
                 .tree
                 .scan_prefix(keys::latest_prefix(name))
                 .values()
@@ -312,20 +344,20 @@ impl StateMachineStore {
             batch.put(keys::counters(name), encode("bucket counters", &counters)?);
         }
         batch.put(keys::COUNTERS_BUILT.to_vec(), Vec::new());
-        self.tree.apply_batch(batch.into_batch())?;
+        g.tree.apply_batch(batch.into_batch())?;
         Ok(())
     }
 
     // ---- apply ----
 
-    fn applied_state_inner(&self) -> Result<(Option<LogId<NodeId>>, Membership), StoreError> {
-        let last_applied = self
-            .tree
+    fn applied_state_inner(
+        tree: &sled::Tree,
+    ) -> Result<(Option<LogId<NodeId>>, Membership), StoreError> {
+        let last_applied = tree
             .get(keys::LAST_APPLIED)?
             .map(|v| decode("last applied log id", &v))
             .transpose()?;
-        let membership = self
-            .tree
+        let membership = tree
             .get(keys::LAST_MEMBERSHIP)?
             .map(|v| decode("last membership", &v))
             .transpose()?
@@ -337,7 +369,7 @@ impl StateMachineStore {
     /// in the same apply call, not yet in the tree: reads see them first); returns the result
     /// and the events to publish once the batch is applied.
     fn plan_entry(
-        &self,
+        tree: &sled::Tree,
         batch: &mut PendingBatch,
         entry: &LogEntry,
     ) -> Result<(TxnResult, Vec<KvEvent>), StoreError> {
@@ -352,10 +384,10 @@ impl StateMachineStore {
                 (TxnResult::Applied { revisions: vec![] }, vec![])
             }
             EntryPayload::Normal(group) if !group.group.is_empty() => {
-                self.plan_group(batch, entry, &group.group)?
+                Self::plan_group(tree, batch, entry, &group.group)?
             }
             EntryPayload::Normal(txn) => {
-                let plan = kv::plan(&self.view_with(batch), txn)?;
+                let plan = kv::plan(&view_with(tree, batch), txn)?;
                 if plan.duplicate {
                     tracing::info!(
                         log_id = %entry.log_id,
@@ -363,7 +395,7 @@ impl StateMachineStore {
                         "transaction already applied: answering its first outcome"
                     );
                 }
-                batch.plan(&self.tree, &plan)?;
+                batch.plan(tree, &plan)?;
                 (plan.result, plan.events)
             }
         };
@@ -380,7 +412,7 @@ impl StateMachineStore {
     /// `last_applied`; a replay after a snapshot or a re-apply answers each member's first
     /// outcome (remembered by id) and changes nothing.
     fn plan_group(
-        &self,
+        tree: &sled::Tree,
         batch: &mut PendingBatch,
         entry: &LogEntry,
         members: &[Txn],
@@ -396,8 +428,8 @@ impl StateMachineStore {
         }
         let mut events = Vec::new();
         for txn in members {
-            let plan = kv::plan(&self.view_with(batch), txn)?;
-            batch.plan(&self.tree, &plan)?;
+            let plan = kv::plan(&view_with(tree, batch), txn)?;
+            batch.plan(tree, &plan)?;
             events.extend(plan.events);
         }
         Ok((TxnResult::Applied { revisions: vec![] }, events))
@@ -405,131 +437,469 @@ impl StateMachineStore {
 
     /// The remembered outcome of the transaction with idempotency key `id`.
     pub fn applied_txn(&self, id: &str) -> Result<Option<AppliedTxn>, StoreError> {
-        let _g = self.read_lock();
-        self.view().applied_txn(id)
+        let g = self.read_lock();
+        view(&g.tree).applied_txn(id)
     }
 
     // ---- snapshots ----
 
-    fn capture(&self) -> Result<Captured, StoreError> {
-        let _g = self.read_lock();
-        let (last_applied, last_membership) = self.applied_state_inner()?;
-        let mut buckets = BTreeMap::new();
-        for item in self.tree.scan_prefix(keys::BUCKETS) {
-            let (k, v) = item?;
-            let name = keys::bucket_name(&k)
-                .ok_or_else(|| StoreError::Corrupt("bucket key is not UTF-8".into()))?;
-            buckets.insert(name.to_string(), decode("bucket", &v)?);
-        }
-        let entries = self
-            .tree
-            .scan_prefix(keys::HISTORY)
-            .map(|item| decode("entry", &item?.1))
-            .collect::<Result<Vec<Entry>, _>>()?;
-        let txns = self
-            .tree
-            .scan_prefix(keys::TXNS)
-            .map(|item| decode("applied txn", &item?.1))
-            .collect::<Result<Vec<AppliedTxn>, _>>()?;
-        let payload = SnapshotPayload {
-            last_applied,
-            last_membership,
-            buckets,
-            entries,
-            txns,
+    /// Marks the snapshot cut: the state as it is now, at `last_applied`. From here until the
+    /// dump ends, every apply first records the old value of each key it changes (see
+    /// [`Self::dump`]). Called by openraft on its state-machine task, the only one that applies,
+    /// so nothing is applied between reading `last_applied` and starting the recording.
+    fn mark_cut(&self) -> Result<Cut, StoreError> {
+        let id = self.generate_id()?;
+        let g = self.read_lock();
+        let (last_applied, last_membership) = Self::applied_state_inner(&g.tree)?;
+        *self.cut() = Some(PreImages::new());
+        let snapshot_id = match &last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, id),
+            None => format!("none-{id}"),
         };
-        let data = encode("snapshot", &payload)?;
-        Ok(Captured {
-            last_applied: payload.last_applied,
-            last_membership: payload.last_membership,
-            data,
+        Ok(Cut {
+            meta: Meta {
+                last_log_id: last_applied,
+                last_membership,
+                snapshot_id,
+            },
+            file: format!("{id}.snap"),
         })
     }
 
-    fn current_snapshot(&self) -> Result<Option<StoredSnapshot>, StoreError> {
-        self.tree
-            .get(keys::SNAPSHOT)?
-            .map(|v| decode("snapshot", &v))
+    /// Records, while a dump runs, the value before this batch of every dumped key it changes
+    /// that no earlier batch since the cut changed. Called under the write lock, before the
+    /// batch is applied.
+    fn keep_pre_images(&self, tree: &sled::Tree, batch: &PendingBatch) -> Result<(), StoreError> {
+        let mut cut = self.cut();
+        let Some(pre) = cut.as_mut() else {
+            return Ok(());
+        };
+        for k in batch.ops.keys() {
+            if DUMPED.iter().any(|p| k.starts_with(p)) && !pre.contains_key(k) {
+                pre.insert(k.clone(), tree.get(k)?);
+            }
+        }
+        Ok(())
+    }
+
+    fn cut(&self) -> std::sync::MutexGuard<'_, Option<PreImages>> {
+        self.shared.cut.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Streams the state at `cut` to a new snapshot file (record by record, never whole in
+    /// memory) while applies go on; returns the file's pointer and size.
+    ///
+    /// Consistent cut: the tree is read in key order while applies change it, and every key is
+    /// written with its value at the cut. An apply records a key's old value before it first
+    /// changes it after the cut (under the write lock, so a value the dump reads is either
+    /// from before the batch, or the batch's pre-image is already recorded). The dump uses the
+    /// recorded value for any key that has one (skipping keys absent at the cut), and also
+    /// writes recorded keys the tree no longer holds, in order. Keys no apply touched since the
+    /// cut are read as they were at the cut.
+    fn dump(&self, cut: Cut) -> Result<Built, StoreError> {
+        let started = std::time::Instant::now();
+        let _dumping = self.shared.dumping.blocking_lock();
+        let tree = self.read_lock().tree.clone();
+        let path = self.shared.snap_dir.join(&cut.file);
+        let pre_between = |from: &[u8], to: Option<&[u8]>| -> Vec<(Vec<u8>, sled::IVec)> {
+            let cut = self.cut();
+            let Some(pre) = cut.as_ref() else {
+                return Vec::new();
+            };
+            pre.range::<[u8], _>((
+                std::ops::Bound::Excluded(from),
+                match to {
+                    Some(to) => std::ops::Bound::Excluded(to),
+                    None => std::ops::Bound::Unbounded,
+                },
+            ))
+            .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
+            .collect()
+        };
+        let written = (|| {
+            let mut w = snapshot::Writer::create(&path, &cut.meta)?;
+            let emit = |w: &mut snapshot::Writer, k: &[u8], v: &[u8]| {
+                if k.starts_with(keys::HISTORY) {
+                    w.entry(&decode("entry", v)?)
+                } else {
+                    w.raw(k, v)
+                }
+            };
+            for prefix in DUMPED {
+                // Just below every key with `prefix`.
+                let mut last: Vec<u8> = prefix[..prefix.len() - 1].to_vec();
+                for item in tree.scan_prefix(prefix) {
+                    let (k, live) = item?;
+                    for (pk, pv) in pre_between(&last, Some(&k)) {
+                        if pk.starts_with(prefix) {
+                            emit(&mut w, &pk, &pv)?;
+                        }
+                    }
+                    let at_cut = match self.cut().as_ref().and_then(|p| p.get(&*k)) {
+                        Some(recorded) => recorded.clone(),
+                        None => Some(live),
+                    };
+                    if let Some(v) = at_cut {
+                        emit(&mut w, &k, &v)?;
+                    }
+                    last = k.to_vec();
+                }
+                for (pk, pv) in pre_between(&last, None) {
+                    if pk.starts_with(prefix) {
+                        emit(&mut w, &pk, &pv)?;
+                    }
+                }
+            }
+            w.finish()
+        })();
+        *self.cut() = None;
+        match written.and_then(|bytes| {
+            sync_dir(&self.shared.snap_dir)?;
+            Ok(bytes)
+        }) {
+            Ok(bytes) => Ok(Built {
+                pointer: SnapshotPointer {
+                    file: cut.file,
+                    meta: cut.meta,
+                },
+                bytes,
+                took: started.elapsed(),
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    /// The current snapshot's file and meta, as recorded in the database.
+    fn current_pointer(&self) -> Result<Option<SnapshotPointer>, StoreError> {
+        self.handle
+            .db
+            .get(keys::CURRENT_SNAPSHOT)?
+            .map(|v| decode("current snapshot", &v))
             .transpose()
     }
 
-    /// Stores a freshly built snapshot unless a newer one (e.g. installed meanwhile) is there.
-    async fn persist_built(&self, snap: &StoredSnapshot) -> Result<(), StoreError> {
-        {
-            let _g = self.write_lock();
-            let newer_exists = self
-                .current_snapshot()?
-                .is_some_and(|cur| cur.meta.last_log_id > snap.meta.last_log_id);
-            if !newer_exists {
-                self.tree
-                    .insert(keys::SNAPSHOT, encode("snapshot", snap)?)?;
+    fn remove_snapshot_file(&self, file: &str) {
+        if let Err(e) = std::fs::remove_file(self.shared.snap_dir.join(file)) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(file, error = %e, "could not remove an old snapshot file");
             }
         }
-        self.flush().await
     }
 
-    async fn install(&self, meta: &Meta, data: Vec<u8>) -> Result<(), StoreError> {
-        let payload: SnapshotPayload = decode("snapshot", &data)?;
-        {
+    /// Makes a built snapshot the current one, unless a newer one (installed meanwhile) is.
+    async fn publish_built(&self, built: &SnapshotPointer) -> Result<(), StoreError> {
+        let replaced = {
             let _g = self.write_lock();
-            let mut batch = PendingBatch::default();
-            for item in self.tree.iter() {
-                batch.remove(item?.0.to_vec());
+            let cur = self.current_pointer()?;
+            if cur
+                .as_ref()
+                .is_some_and(|c| c.meta.last_log_id > built.meta.last_log_id)
+            {
+                Some(built.file.clone())
+            } else {
+                self.handle
+                    .db
+                    .insert(keys::CURRENT_SNAPSHOT, encode("current snapshot", built)?)?;
+                cur.map(|c| c.file)
             }
+        };
+        self.flush().await?;
+        if let Some(file) = replaced {
+            self.remove_snapshot_file(&file);
+        }
+        Ok(())
+    }
+
+    /// Installs a snapshot: streams it into a fresh tree, then swaps that tree in and makes the
+    /// file the current snapshot, in one atomic database write (see [`open`](super::open) for
+    /// what a crash in between leaves).
+    async fn install(&self, meta: &Meta, file: tokio::fs::File) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let _no_dump = self.shared.dumping.lock().await;
+        let mut file = file.into_std().await;
+        let ino = file.metadata().map_err(StoreError::Io)?.ino();
+        let received = self.receiving().remove(&ino);
+        let path = match received {
+            Some(path) => path,
+            None => {
+                // Not a file we are receiving (handed to us directly): keep a copy of it.
+                let path = self
+                    .shared
+                    .snap_dir
+                    .join(format!("{}.snap", self.generate_id()?));
+                file.seek(SeekFrom::Start(0)).map_err(StoreError::Io)?;
+                let mut copy = std::fs::File::create(&path).map_err(StoreError::Io)?;
+                std::io::copy(&mut file, &mut copy).map_err(StoreError::Io)?;
+                path
+            }
+        };
+        let file_name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| StoreError::Corrupt("snapshot file name is not UTF-8".into()))?
+            .to_string();
+        let name = format!("{}.{}", super::SM_TREE, self.generate_id()?);
+        let this = self.clone();
+        let (meta2, path2, name2) = (meta.clone(), path.clone(), name.clone());
+        let filled = tokio::task::spawn_blocking(move || this.fill(&meta2, &path2, &name2))
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::Corrupt(format!(
+                    "snapshot install task failed: {e}"
+                )))
+            });
+        let (tree, records) = match filled {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = self.handle.db.drop_tree(name.as_bytes());
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
+        self.flush().await?;
+        let pointer = SnapshotPointer {
+            file: file_name,
+            meta: meta.clone(),
+        };
+        let (old_tree, old_file) = {
+            let mut g = self.write_lock();
+            let old_file = self.current_pointer()?.map(|p| p.file);
+            let mut batch = sled::Batch::default();
+            batch.insert(keys::SM_TREE_NAME, name.as_bytes());
+            batch.insert(
+                keys::CURRENT_SNAPSHOT,
+                encode("current snapshot", &pointer)?,
+            );
+            self.handle.db.apply_batch(batch)?;
+            let old = std::mem::replace(&mut *g, SmTree { name, tree });
+            (old.name, old_file)
+        };
+        self.flush().await?;
+        self.handle.db.drop_tree(old_tree.as_bytes())?;
+        if let Some(f) = old_file.filter(|f| *f != pointer.file) {
+            self.remove_snapshot_file(&f);
+        }
+        tracing::info!(
+            snapshot = %meta,
+            records,
+            took_ms = started.elapsed().as_millis() as u64,
+            "installed snapshot"
+        );
+        let _ = self.shared.events.send(KvEvent::Reset);
+        Ok(())
+    }
+
+    /// Streams the snapshot file at `path` into a new tree `name` and flushes it; returns the
+    /// tree and how many records it read. The file is read to its end (count and CRC
+    /// checked) before this returns, so a damaged file leaves nothing to swap in.
+    fn fill(&self, meta: &Meta, path: &Path, name: &str) -> Result<(sled::Tree, u64), StoreError> {
+        let mut file = std::fs::File::open(path).map_err(StoreError::Io)?;
+        file.sync_all().map_err(StoreError::Io)?;
+        let mut head = [0u8; 8];
+        let n = file.read(&mut head).map_err(StoreError::Io)?;
+        file.seek(SeekFrom::Start(0)).map_err(StoreError::Io)?;
+        let tree = self.handle.db.open_tree(name)?;
+        let mut filler = Filler::new(&tree);
+        let mut records = 0;
+        if snapshot::is_binary(&head[..n]) {
+            let (mut reader, file_meta) = snapshot::Reader::open(file)?;
+            if file_meta.last_log_id != meta.last_log_id
+                || file_meta.snapshot_id != meta.snapshot_id
+            {
+                return Err(StoreError::Corrupt(format!(
+                    "snapshot file is {file_meta}, expected {meta}"
+                )));
+            }
+            while let Some(record) = reader.next_record()? {
+                filler.record(record)?;
+                records += 1;
+            }
+        } else {
+            // A snapshot from a release before the binary files: one JSON value.
+            let mut data = Vec::new();
+            file.read_to_end(&mut data).map_err(StoreError::Io)?;
+            let payload: JsonSnapshotPayload = decode("snapshot", &data)?;
+            drop(data);
+            let mut entries = payload.entries;
+            entries.sort_by(|a, b| {
+                (&a.bucket, &a.key, a.revision).cmp(&(&b.bucket, &b.key, b.revision))
+            });
             for (name, state) in &payload.buckets {
-                batch.put(keys::bucket(name), encode("bucket", state)?);
+                filler.record(Record::Raw {
+                    key: keys::bucket(name),
+                    value: encode("bucket", state)?,
+                })?;
             }
-            let mut latest: BTreeMap<(&str, &str), &Entry> = BTreeMap::new();
-            for e in &payload.entries {
-                batch.put(
-                    keys::history(&e.bucket, &e.key, e.revision),
-                    encode("entry", e)?,
-                );
-                let slot = latest.entry((&e.bucket, &e.key)).or_insert(e);
-                if e.revision > slot.revision {
-                    *slot = e;
-                }
-            }
-            for e in &payload.entries {
-                batch.put(keys::revision(&e.bucket, e.revision), Vec::new());
-            }
-            for name in payload.buckets.keys() {
-                let counters = BucketCounters::of(
-                    payload.entries.iter().filter(|e| &e.bucket == name),
-                    latest
-                        .iter()
-                        .filter(|((b, _), _)| b == name)
-                        .map(|(_, e)| *e),
-                );
-                batch.put(keys::counters(name), encode("bucket counters", &counters)?);
-            }
-            batch.put(keys::COUNTERS_BUILT.to_vec(), Vec::new());
-            for ((bucket, key), e) in latest {
-                batch.put(keys::latest(bucket, key), encode("entry", e)?);
+            for e in entries {
+                filler.record(Record::Entry(e))?;
             }
             for t in &payload.txns {
-                batch.remember(t)?;
+                filler.record(Record::Raw {
+                    key: keys::txn(&t.id),
+                    value: encode("applied txn", t)?,
+                })?;
             }
-            // The meta is authoritative for the log position of the snapshot.
-            if let Some(last) = &meta.last_log_id {
-                batch.put(
-                    keys::LAST_APPLIED.to_vec(),
-                    encode("last applied log id", last)?,
-                );
-            }
-            batch.put(
-                keys::LAST_MEMBERSHIP.to_vec(),
-                encode("last membership", &meta.last_membership)?,
-            );
-            let stored = StoredSnapshot {
-                meta: meta.clone(),
-                data,
-            };
-            batch.put(keys::SNAPSHOT.to_vec(), encode("snapshot", &stored)?);
-            self.tree.apply_batch(batch.into_batch())?;
+            records = filler.records;
         }
-        self.flush().await?;
-        let _ = self.shared.events.send(KvEvent::Reset);
+        filler.finish(meta)?;
+        Ok((tree, records))
+    }
+
+    fn receiving(&self) -> std::sync::MutexGuard<'_, HashMap<u64, PathBuf>> {
+        self.shared
+            .receiving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Fsyncs a directory, so the files created in it survive a crash.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::Io)
+}
+
+/// The current snapshot, as recorded in the database's default tree.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SnapshotPointer {
+    /// File name in the snapshot directory.
+    file: String,
+    meta: Meta,
+}
+
+/// A snapshot's cut: its meta and the file it goes to.
+struct Cut {
+    meta: Meta,
+    file: String,
+}
+
+/// A snapshot file written by [`StateMachineStore::dump`].
+struct Built {
+    pointer: SnapshotPointer,
+    bytes: u64,
+    took: std::time::Duration,
+}
+
+/// Writes snapshot records into a fresh tree in batches, deriving what the snapshot leaves
+/// out: the latest entry of each key (the last of its adjacent entries), the revision index,
+/// the bucket counters, the remembered ids' time index.
+struct Filler<'a> {
+    tree: &'a sled::Tree,
+    batch: sled::Batch,
+    pending: usize,
+    records: u64,
+    buckets: BTreeMap<String, BucketCounters>,
+    latest: Option<Entry>,
+}
+
+impl<'a> Filler<'a> {
+    const BATCH: usize = 8192;
+
+    fn new(tree: &'a sled::Tree) -> Self {
+        Filler {
+            tree,
+            batch: sled::Batch::default(),
+            pending: 0,
+            records: 0,
+            buckets: BTreeMap::new(),
+            latest: None,
+        }
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
+        self.batch.insert(key, value);
+        self.pending += 1;
+        if self.pending >= Self::BATCH {
+            self.tree.apply_batch(std::mem::take(&mut self.batch))?;
+            self.pending = 0;
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, record: Record) -> Result<(), StoreError> {
+        self.records += 1;
+        match record {
+            Record::Raw { key, value } if key.starts_with(keys::BUCKETS) => {
+                let name = keys::bucket_name(&key)
+                    .ok_or_else(|| StoreError::Corrupt("bucket key is not UTF-8".into()))?;
+                decode::<BucketState>("bucket", &value)?;
+                self.buckets.entry(name.to_string()).or_default();
+                self.put(key, value)
+            }
+            Record::Raw { key, value } if key.starts_with(keys::TXNS) => {
+                let t: AppliedTxn = decode("applied txn", &value)?;
+                self.put(keys::txn_time(t.now_ms, &t.id), Vec::new())?;
+                self.put(keys::txn(&t.id), value)
+            }
+            Record::Raw { key, .. } => Err(StoreError::Corrupt(format!(
+                "snapshot holds an unexpected key {:?}",
+                String::from_utf8_lossy(&key)
+            ))),
+            Record::Entry(e) => {
+                let c = self.buckets.get_mut(&e.bucket).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "snapshot holds an entry of bucket {:?}, which it does not hold",
+                        e.bucket
+                    ))
+                })?;
+                c.entries += 1;
+                c.bytes += e.value.len() as u64;
+                match &self.latest {
+                    Some(prev) if prev.bucket == e.bucket && prev.key == e.key => {
+                        if e.revision <= prev.revision {
+                            return Err(StoreError::Corrupt(
+                                "snapshot entries of a key are not in revision order".into(),
+                            ));
+                        }
+                    }
+                    _ => self.close_latest()?,
+                }
+                self.put(
+                    keys::history(&e.bucket, &e.key, e.revision),
+                    encode("entry", &e)?,
+                )?;
+                self.put(keys::revision(&e.bucket, e.revision), Vec::new())?;
+                self.latest = Some(e);
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes the latest entry of the key whose entries were just read.
+    fn close_latest(&mut self) -> Result<(), StoreError> {
+        if let Some(e) = self.latest.take() {
+            if e.is_live() {
+                if let Some(c) = self.buckets.get_mut(&e.bucket) {
+                    c.live_keys += 1;
+                }
+            }
+            self.put(keys::latest(&e.bucket, &e.key), encode("entry", &e)?)?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self, meta: &Meta) -> Result<(), StoreError> {
+        self.close_latest()?;
+        for (name, c) in std::mem::take(&mut self.buckets) {
+            self.put(keys::counters(&name), encode("bucket counters", &c)?)?;
+        }
+        self.put(keys::COUNTERS_BUILT.to_vec(), Vec::new())?;
+        // The meta is authoritative for the log position of the snapshot.
+        if let Some(last) = &meta.last_log_id {
+            self.put(
+                keys::LAST_APPLIED.to_vec(),
+                encode("last applied log id", last)?,
+            )?;
+        }
+        self.put(
+            keys::LAST_MEMBERSHIP.to_vec(),
+            encode("last membership", &meta.last_membership)?,
+        )?;
+        self.tree.apply_batch(std::mem::take(&mut self.batch))?;
         Ok(())
     }
 }
@@ -772,18 +1142,14 @@ fn sm_read_err(e: StoreError) -> StorageError<NodeId> {
     StorageIOError::read_state_machine(AnyError::new(&e)).into()
 }
 
-fn sm_write_err(e: StoreError) -> StorageError<NodeId> {
-    StorageIOError::write_state_machine(AnyError::new(&e)).into()
-}
-
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
-        let _g = self.read_lock();
-        self.applied_state_inner().map_err(sm_read_err)
+        let g = self.read_lock();
+        Self::applied_state_inner(&g.tree).map_err(sm_read_err)
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<TxnResult>, StorageError<NodeId>>
@@ -796,19 +1162,20 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut events = Vec::new();
         {
             // Every committed entry of this call in one sled batch, under one write lock.
-            let _g = self.write_lock();
+            let g = self.write_lock();
             let mut batch = PendingBatch::default();
             let mut last = None;
             for entry in entries {
-                let (result, evs) = self
-                    .plan_entry(&mut batch, &entry)
+                let (result, evs) = Self::plan_entry(&g.tree, &mut batch, &entry)
                     .map_err(|e| StorageIOError::apply(entry.log_id, AnyError::new(&e)))?;
                 events.extend(evs);
                 results.push(result);
                 last = Some(entry.log_id);
             }
             if let Some(last) = last {
-                self.tree
+                self.keep_pre_images(&g.tree, &batch)
+                    .map_err(|e| StorageIOError::apply(last, AnyError::new(&e)))?;
+                g.tree
                     .apply_batch(batch.into_batch())
                     .map_err(|e| StorageIOError::apply(last, AnyError::new(&e)))?;
             }
@@ -824,95 +1191,124 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(results)
     }
 
+    /// Marks the snapshot's cut right here, on openraft's state-machine task, between two
+    /// applies; the builder (run in its own task while applies go on) dumps the state at that
+    /// cut (see [`StateMachineStore::dump`]).
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         SnapshotBuilder {
             sm: self.clone(),
-            captured: Some(self.capture()),
+            cut: Some(self.mark_cut()),
         }
     }
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        let receive = || -> Result<tokio::fs::File, StoreError> {
+            // openraft receives one snapshot at a time: files of streams it gave up are left.
+            for (_, path) in self.receiving().drain() {
+                let _ = std::fs::remove_file(path);
+            }
+            let path = self
+                .shared
+                .snap_dir
+                .join(format!("{}.snap", self.generate_id()?));
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(StoreError::Io)?;
+            let ino = file.metadata().map_err(StoreError::Io)?.ino();
+            self.receiving().insert(ino, path);
+            Ok(tokio::fs::File::from_std(file))
+        };
+        receive()
+            .map(Box::new)
+            .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)).into())
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &Meta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
         tracing::info!(snapshot = %meta, "installing snapshot");
-        self.install(meta, snapshot.into_inner())
-            .await
-            .map_err(|e| {
-                StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e)).into()
-            })
+        self.install(meta, *snapshot).await.map_err(|e| {
+            StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e)).into()
+        })
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let cur = {
+        let current = || -> Result<Option<Snapshot<TypeConfig>>, StoreError> {
+            // Under the read lock: a publish or install replaces the pointer under the write
+            // lock and deletes the file it replaced only afterwards.
             let _g = self.read_lock();
-            self.current_snapshot()
-        }
-        .map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&e)))?;
-        Ok(cur.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+            let Some(p) = self.current_pointer()? else {
+                return Ok(None);
+            };
+            let file =
+                std::fs::File::open(self.shared.snap_dir.join(&p.file)).map_err(StoreError::Io)?;
+            Ok(Some(Snapshot {
+                meta: p.meta,
+                snapshot: Box::new(tokio::fs::File::from_std(file)),
+            }))
+        };
+        current().map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&e)).into())
     }
 }
 
-/// Builds a snapshot from the state captured when openraft asked for the builder, so the
-/// snapshot is consistent even though applies continue while it is being written.
-pub struct SnapshotBuilder {
-    sm: StateMachineStore,
-    captured: Option<Result<Captured, StoreError>>,
+async fn dump_blocking(sm: StateMachineStore, cut: Cut) -> Result<Built, StoreError> {
+    tokio::task::spawn_blocking(move || sm.dump(cut))
+        .await
+        .unwrap_or_else(|e| {
+            Err(StoreError::Corrupt(format!(
+                "snapshot build task failed: {e}"
+            )))
+        })
 }
 
-/// The state captured for a snapshot: its log position and the serialized payload.
-struct Captured {
-    last_applied: Option<LogId<NodeId>>,
-    last_membership: Membership,
-    data: Vec<u8>,
+/// Dumps the state at the cut marked when openraft asked for the builder, and publishes it.
+pub struct SnapshotBuilder {
+    sm: StateMachineStore,
+    cut: Option<Result<Cut, StoreError>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let captured = match self.captured.take() {
-            Some(c) => c,
-            None => self.sm.capture(),
+        // A builder builds once: openraft asks for a new one (a new cut) every time.
+        let cut = self
+            .cut
+            .take()
+            .unwrap_or_else(|| Err(StoreError::Corrupt("snapshot builder used twice".into())))
+            .map_err(sm_read_err)?;
+        let built = dump_blocking(self.sm.clone(), cut)
+            .await
+            .map_err(sm_read_err)?;
+        let Built {
+            pointer,
+            bytes,
+            took,
+        } = built;
+        let write_err = |e: StoreError| -> StorageError<NodeId> {
+            StorageIOError::write_snapshot(Some(pointer.meta.signature()), AnyError::new(&e)).into()
         };
-        let Captured {
-            last_applied,
-            last_membership,
-            data,
-        } = captured.map_err(sm_read_err)?;
-        let id = self
-            .sm
-            .handle
-            .db
-            .generate_id()
-            .map_err(|e| sm_write_err(e.into()))?;
-        let snapshot_id = match &last_applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, id),
-            None => format!("none-{id}"),
-        };
-        let meta = Meta {
-            last_log_id: last_applied,
-            last_membership,
-            snapshot_id,
-        };
-        let stored = StoredSnapshot { meta, data };
-        self.sm.persist_built(&stored).await.map_err(|e| {
-            StorageIOError::write_snapshot(Some(stored.meta.signature()), AnyError::new(&e))
-        })?;
-        tracing::info!(snapshot = %stored.meta, bytes = stored.data.len(), "built snapshot");
+        // Opened before publishing: a newer snapshot may replace (and delete) it meanwhile.
+        let file = tokio::fs::File::open(self.sm.shared.snap_dir.join(&pointer.file))
+            .await
+            .map_err(|e| write_err(StoreError::Io(e)))?;
+        self.sm.publish_built(&pointer).await.map_err(write_err)?;
+        tracing::info!(
+            snapshot = %pointer.meta,
+            bytes,
+            dump_ms = took.as_millis() as u64,
+            "built snapshot"
+        );
         Ok(Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            meta: pointer.meta,
+            snapshot: Box::new(file),
         })
     }
 }
@@ -956,11 +1352,12 @@ mod tests {
         assert_eq!(kept.first_seq, 2);
 
         for prefix in [keys::COUNTERS, keys::REVISIONS] {
-            for k in sm.tree.scan_prefix(prefix).keys() {
-                sm.tree.remove(k.unwrap()).unwrap();
+            let g = sm.read_lock();
+            for k in g.tree.scan_prefix(prefix).keys() {
+                g.tree.remove(k.unwrap()).unwrap();
             }
         }
-        sm.tree.remove(keys::COUNTERS_BUILT).unwrap();
+        sm.read_lock().tree.remove(keys::COUNTERS_BUILT).unwrap();
         sm.flush().await.unwrap();
         drop((log, sm));
 
