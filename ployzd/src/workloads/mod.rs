@@ -118,6 +118,9 @@ pub struct Workloads {
     kick: Arc<tokio::sync::Notify>,
     /// Image pulls this machine made, for `/metrics`.
     pulls: pulls::PullMetrics,
+    /// This machine is leaving the network (`machine rm`): the reconciler
+    /// starts nothing any more, whatever is still placed here.
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 impl Workloads {
@@ -142,6 +145,7 @@ impl Workloads {
             health: probe::HealthMonitor::new(),
             kick: Arc::new(tokio::sync::Notify::new()),
             pulls: pulls::PullMetrics::default(),
+            leaving: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

@@ -8,6 +8,9 @@ use super::*;
 impl Workloads {
     /// One pass: make this machine run exactly what is placed on it.
     pub(crate) async fn reconcile(&self) -> Result<(), ApiError> {
+        if self.is_leaving() {
+            return Ok(());
+        }
         let me = self.machine_id().to_string();
         let services: Vec<ServiceRecord> =
             self.store.values::<ServiceRecord>(BUCKET_SERVICES).await?;
@@ -47,6 +50,11 @@ impl Workloads {
             }
         };
         let mut st = w.state.lock().await;
+        // `remove_all` may have run while this pass waited for the lock:
+        // what it read is stale, and nothing may start again.
+        if self.is_leaving() {
+            return Ok(());
+        }
         // Remove what is no longer placed here.
         let stale: Vec<String> = actual
             .keys()
@@ -484,10 +492,23 @@ impl Workloads {
         Ok(())
     }
 
+    fn is_leaving(&self) -> bool {
+        self.leaving.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// `machine rm`: this machine is leaving, stop and delete its instances.
     /// `progress(removed, total)` is called as instances go.
+    ///
+    /// The reconciler starts nothing from here on (its placements are still
+    /// in the store until the remover deletes them, after this cleanup): a
+    /// pass running now is waited for (the state lock) and what it started
+    /// is in the list below. Otherwise a pass would restart what this
+    /// stopped, and that instance would outlive the machine's exit.
     pub(crate) async fn remove_all(&self, progress: impl Fn(usize, usize)) -> usize {
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let Ok(w) = self.engine() else { return 0 };
+        let mut st = w.state.lock().await;
         let prefix = workload_prefix(self.machine_id());
         let ids: Vec<String> = match w.runtime.list().await {
             Ok(l) => l
@@ -510,7 +531,6 @@ impl Workloads {
             }
             progress(done + 1, ids.len());
         }
-        let mut st = w.state.lock().await;
         st.workloads.clear();
         let _ = save_state(&w.data_dir, &st);
         w.remove_networks().await;
