@@ -2,7 +2,9 @@
 //! hosts): a published port answers on every machine's underlay address,
 //! also where no instance runs, and keeps answering while an instance is
 //! killed; taken host ports are refused naming their owner; workloads
-//! resolve `web.internal` to exactly the healthy instances. And the docker
+//! resolve `web.internal` to exactly the healthy instances. Drained and
+//! standby machines keep forwarding; a removed machine stops listening
+//! once it is leaving and leaves no instance running. And the docker
 //! runtime's containers get the resolver with `--dns`.
 //!
 //! Nothing here asserts a duration beyond generous bounds.
@@ -101,6 +103,28 @@ fn resolve(pid: i32, name: &str) -> Option<BTreeSet<String>> {
             .map(|a| a.trim().to_string())
             .collect(),
     )
+}
+
+/// The first answer for `name` inside the workload with init `pid`,
+/// asking again while lookups fail (a timeout on a loaded box); panics if
+/// none succeeds within 30 s.
+fn answer(pid: i32, name: &str) -> BTreeSet<String> {
+    eventually(Duration::from_secs(30), || resolve(pid, name))
+        .unwrap_or_else(|| panic!("no lookup of {name} succeeded in 30 s"))
+}
+
+/// How often instance `slot` of `service` on `machine` was restarted.
+fn restarts(m: &Machine, service: &str, machine: &str, slot: u64) -> u64 {
+    let v = m.ctl_json(&["service", "ls"]);
+    v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == service)
+        .flat_map(|s| s["instances"].as_array().unwrap().clone())
+        .find(|i| i["machine"] == machine && i["slot"].as_u64() == Some(slot))
+        .and_then(|i| i["restarts"].as_u64())
+        .unwrap_or(0)
 }
 
 /// A process holding a port inside a host namespace, killed on drop.
@@ -213,7 +237,7 @@ fn published_ports_answer_everywhere_and_dns_follows_health() {
     // without an instance.
     for (i, h) in tb.hosts.iter().enumerate() {
         let ip = h.ip.to_string();
-        let page = eventually(Duration::from_secs(20), || get(&ip, 8080).ok());
+        let page = eventually(Duration::from_secs(30), || get(&ip, 8080).ok());
         assert!(
             page.is_some(),
             "machine {i} (instance: {}) does not forward 8080: {:?}\n{}",
@@ -252,7 +276,7 @@ fn published_ports_answer_everywhere_and_dns_follows_health() {
         conf.contains("nameserver 10.") && conf.contains("search internal"),
         "{conf}"
     );
-    let got = eventually(Duration::from_secs(10), || {
+    let got = eventually(Duration::from_secs(30), || {
         resolve(a_pid, "web.internal").filter(|g| *g == all)
     });
     assert_eq!(
@@ -261,14 +285,17 @@ fn published_ports_answer_everywhere_and_dns_follows_health() {
         "{:?}",
         resolve(a_pid, "web.internal")
     );
-    let one = resolve(a_pid, &format!("{}.web.internal", web[1].1));
-    assert_eq!(one, Some(BTreeSet::from([web[1].2.clone()])));
+    // (A lookup that fails, e.g. times out on a loaded box, is asked
+    // again; the first answer must be the right one.)
+    let one = answer(a_pid, &format!("{}.web.internal", web[1].1));
+    assert_eq!(one, BTreeSet::from([web[1].2.clone()]));
     assert_eq!(resolve(a_pid, "nothere.internal"), None);
     // Short names through `search internal`.
-    assert_eq!(resolve(a_pid, "web"), Some(all.clone()));
+    assert_eq!(answer(a_pid, "web"), all);
 
     // Kill instance A: requests to every machine keep succeeding (the
     // other instance serves, over the mesh where needed).
+    let restarts_before = restarts(&ms[0], "web", &a_machine, a_slot);
     // SAFETY: kill(2) with a pid read from the machine's runtime state.
     unsafe { libc::kill(a_pid, libc::SIGKILL) };
     let start = Instant::now();
@@ -289,21 +316,38 @@ fn published_ports_answer_everywhere_and_dns_follows_health() {
         failures.len()
     );
 
-    // A comes back (restarted, healthy) and into DNS again.
-    let back = eventually(Duration::from_secs(60), || {
+    // A comes back (restarted, healthy) and into DNS again. Its machine
+    // may not have seen the kill yet (the records still say healthy): wait
+    // for the restart to be counted and for a new, living init.
+    let back = eventually(Duration::from_secs(90), || {
         let w = instances(&ms[0], "web");
-        (w.len() == 2 && w.iter().all(|i| i.3 == "healthy")).then_some(())
+        (w.len() == 2
+            && w.iter().all(|i| i.3 == "healthy")
+            && restarts(&ms[0], "web", &a_machine, a_slot) > restarts_before)
+            .then_some(())
     });
-    assert!(back.is_some(), "{:?}", instances(&ms[0], "web"));
-    let a_pid = eventually(Duration::from_secs(10), || {
+    assert!(
+        back.is_some(),
+        "{:?}\n{}",
+        instances(&ms[0], "web"),
+        ms[a_ms].log()
+    );
+    let old_pid = a_pid;
+    let a_pid = eventually(Duration::from_secs(30), || {
         workload_pid(&ms[a_ms], &workload_id(&a_machine, "web", a_slot))
+            .filter(|p| *p != old_pid && std::path::Path::new(&format!("/proc/{p}")).exists())
     })
-    .unwrap();
+    .expect("restarted instance A has no new init");
     let b_ip = web[1].2.clone();
-    let got = eventually(Duration::from_secs(10), || {
+    let got = eventually(Duration::from_secs(30), || {
         resolve(a_pid, "web.internal").filter(|g| *g == all)
     });
-    assert_eq!(got.as_ref(), Some(&all));
+    assert_eq!(
+        got.as_ref(),
+        Some(&all),
+        "{:?}",
+        resolve(a_pid, "web.internal")
+    );
 
     // A turns unhealthy (and stays so across restarts): it leaves the
     // answer, which is then exactly B.
@@ -312,7 +356,7 @@ fn published_ports_answer_everywhere_and_dns_follows_health() {
     let only_b = BTreeSet::from([b_ip.clone()]);
     let b_machine = ids.iter().position(|id| *id == web[1].0).unwrap();
     let b_pid = workload_pid(&ms[b_machine], &workload_id(&web[1].0, "web", web[1].1)).unwrap();
-    let got = eventually(Duration::from_secs(30), || {
+    let got = eventually(Duration::from_secs(60), || {
         resolve(b_pid, "web.internal").filter(|g| *g == only_b)
     });
     assert_eq!(
@@ -321,8 +365,10 @@ fn published_ports_answer_everywhere_and_dns_follows_health() {
         "{:?}",
         instances(&ms[0], "web")
     );
+    // And stays out while it restarts: every answer is exactly B (a
+    // lookup that fails is asked again, it proves nothing either way).
     for _ in 0..5 {
-        assert_eq!(resolve(b_pid, "web.internal").as_ref(), Some(&only_b));
+        assert_eq!(answer(b_pid, "web.internal"), only_b);
         std::thread::sleep(Duration::from_millis(300));
     }
     // Names outside .internal go to the host's resolvers: none answers in
@@ -345,7 +391,7 @@ fn published_ports_answer_everywhere_and_dns_follows_health() {
     ms[0].ctl_json(&["service", "rm", "web"]);
     for h in &tb.hosts {
         let ip = h.ip.to_string();
-        let gone = eventually(Duration::from_secs(10), || get(&ip, 8080).err());
+        let gone = eventually(Duration::from_secs(30), || get(&ip, 8080).err());
         assert!(gone.is_some(), "{ip} still answers 8080 after rm");
     }
 }
@@ -587,4 +633,186 @@ impl Drop for DockerNet {
             }
         }
     }
+}
+
+/// Whether `ip:port` refuses a TCP connection (nothing listens there):
+/// `false` when it accepts, or when no answer comes within 3 s.
+fn refuses(ip: &str, port: u16) -> bool {
+    let to: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+    matches!(
+        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// The processes in the host-runtime cgroups of the workloads of the
+/// machine whose id starts with `id8` (cgroup v2, or v1's pids hierarchy).
+fn workload_procs(id8: &str) -> Vec<i32> {
+    let prefix = format!("plz-{id8}-");
+    let mut out = Vec::new();
+    for base in ["/sys/fs/cgroup/ployz", "/sys/fs/cgroup/pids/ployz"] {
+        let Ok(dirs) = std::fs::read_dir(base) else {
+            continue;
+        };
+        for d in dirs.flatten() {
+            if !d.file_name().to_string_lossy().starts_with(&prefix) {
+                continue;
+            }
+            let procs = std::fs::read_to_string(d.path().join("cgroup.procs")).unwrap_or_default();
+            out.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+    }
+    out
+}
+
+/// Kills what runs in the workload cgroups of machine `.0` on drop.
+struct Reaper(String);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in workload_procs(&self.0) {
+            // SAFETY: kill(2) on a process in a test machine's cgroups.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Issue 14's lifecycle rule for published ports: drained and standby
+/// machines keep forwarding (a standby machine without an instance, over
+/// the mesh), a removed machine stops listening, and the rest go on.
+#[test]
+fn published_ports_follow_the_machine_lifecycle() {
+    let tb = Testbed::new(3);
+    let mut ms = ployz_tests::cluster_on(&tb, "ingresslife");
+    let ids: Vec<String> = ms.iter().map(|m| m.id()).collect();
+    let ip = |i: usize| tb.hosts[i].ip.to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    // httpd ignoring SIGTERM: stopping an instance takes the whole grace.
+    let image = busybox_image(
+        tmp.path(),
+        "ployz-ingress-life",
+        &["sh", "-c", "trap '' TERM; exec httpd -f -p 8080 -h /www"],
+    );
+    let image = image.to_str().unwrap();
+
+    // Two replicas spread over two machines: the removed machine `r` (one
+    // with an instance, not machine 0, which runs the commands), the
+    // drained machine `d` (the other instance, which stays) and the
+    // standby machine `s` (none).
+    ms[0].deploy(&[
+        "web",
+        "--image",
+        image,
+        "--replicas",
+        "2",
+        "--publish",
+        "8181:8080",
+        "--wait-secs",
+        "120",
+    ]);
+    let web = instances(&ms[0], "web");
+    let with: Vec<usize> = web
+        .iter()
+        .map(|i| ids.iter().position(|id| *id == i.0).unwrap())
+        .collect();
+    assert!(with.len() == 2 && with[0] != with[1], "{web:?}");
+    let r = *with.iter().find(|&&i| i != 0).unwrap();
+    let d = *with.iter().find(|&&i| i != r).unwrap();
+    let s = (0..3).find(|i| !with.contains(i)).unwrap();
+    for (i, m) in ms.iter().enumerate() {
+        let page = eventually(Duration::from_secs(30), || get(&ip(i), 8181).ok());
+        assert!(
+            page.is_some(),
+            "machine {i} does not forward 8181: {:?}\n{}",
+            get(&ip(i), 8181),
+            m.log()
+        );
+    }
+
+    ms[0].ctl_json(&["machine", "drain", &ids[d]]);
+    ms[0].ctl_json(&["machine", "standby", &ids[s]]);
+    assert_eq!(ms[0].lifecycle_of(&ids[d]).as_deref(), Some("draining"));
+    assert_eq!(ms[0].lifecycle_of(&ids[s]).as_deref(), Some("standby"));
+    // A barrier: a second service published after both changes. A machine
+    // that forwards it has rebuilt its table from the store since (the
+    // table is built from one pass over the machines, services and
+    // instances; the deploy takes seconds longer than that pass), so it
+    // serves in its new lifecycle. It lands on `r`, the only active one.
+    ms[0].deploy(&[
+        "mark",
+        "--image",
+        image,
+        "--publish",
+        "8282:8080",
+        "--wait-secs",
+        "120",
+    ]);
+    for i in [d, s] {
+        let marked = eventually(Duration::from_secs(30), || get(&ip(i), 8282).ok());
+        assert!(
+            marked.is_some(),
+            "machine {i} ({}) does not forward a port published after the change: {:?}\n{}",
+            ms[0].lifecycle_of(&ids[i]).unwrap_or_default(),
+            get(&ip(i), 8282),
+            ms[i].log()
+        );
+        let page = get(&ip(i), 8181);
+        assert!(page.is_ok(), "machine {i}: {page:?}\n{}", ms[i].log());
+    }
+    // (`d` kept its instance: draining moves nothing.)
+    let kept = instances(&ms[0], "web");
+    assert!(kept.iter().any(|x| x.0 == ids[d]), "{kept:?}");
+
+    // Removed: `r` stops listening as soon as it is leaving, before its
+    // cleanup is over (it stops its two instances one by one, and they
+    // ignore SIGTERM: 5 s each before they are killed; a listener closed
+    // only when ployzd stops would close after that), and exits; nothing of it keeps
+    // running, and the drained and the standby machine still forward to
+    // the instance left on `d`.
+    let r_id8 = &ids[r][..8];
+    assert!(!refuses(&ip(r), 8181), "machine {r} listens before rm");
+    let procs = workload_procs(r_id8);
+    assert!(procs.len() >= 2, "machine {r}'s instances: {procs:?}");
+    // Its data directory goes with it: kill what it leaves, also when an
+    // assertion below fails.
+    let _reaper = Reaper(r_id8.to_string());
+    let rm = ms[0].ctl_spawn(&["--json", "machine", "rm", &ids[r]]);
+    let closed_while_cleaning = eventually(Duration::from_secs(30), || {
+        refuses(&ip(r), 8181).then(|| !workload_procs(r_id8).is_empty())
+    });
+    let rm = rm.wait_with_output().unwrap();
+    assert!(rm.status.success(), "{}", stderr(&rm));
+    let rm: Value = serde_json::from_slice(&rm.stdout).unwrap();
+    assert_eq!(rm["cleaned_up"], true, "{rm}");
+    assert!(
+        ms[r].wait_exit(Duration::from_secs(30)).is_some(),
+        "removed ployzd kept running\n{}",
+        ms[r].log()
+    );
+    assert_eq!(
+        closed_while_cleaning,
+        Some(true),
+        "machine {r} listened on 8181 until its cleanup was over (None: still listens)\n{}",
+        ms[r].log()
+    );
+    let orphans = workload_procs(r_id8);
+    assert!(
+        orphans.is_empty(),
+        "instances of the removed machine outlived it: {orphans:?}\n{}",
+        ms[r].log()
+    );
+    let left = instances(&ms[0], "web");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].0, ids[d], "{left:?}");
+    for i in [d, s] {
+        let page = eventually(Duration::from_secs(30), || get(&ip(i), 8181).ok());
+        assert!(
+            page.is_some(),
+            "machine {i} stopped forwarding 8181 after the rm: {:?}\n{}",
+            get(&ip(i), 8181),
+            ms[i].log()
+        );
+    }
+    ms[0].ctl_json(&["service", "rm", "mark"]);
+    ms[0].ctl_json(&["service", "rm", "web"]);
 }
