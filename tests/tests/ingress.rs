@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 const HTTPD: &[&str] = &["httpd", "-f", "-p", "8080", "-h", "/www"];
 
-/// `(machine, slot, overlay_ip, health)` of each instance of `service`.
-fn instances(m: &Machine, service: &str) -> Vec<(String, u64, String, String)> {
+/// The `service ls --json` instance objects of `service`.
+fn instance_values(m: &Machine, service: &str) -> Vec<Value> {
     let v = m.ctl_json(&["service", "ls"]);
     v["services"]
         .as_array()
@@ -28,6 +28,13 @@ fn instances(m: &Machine, service: &str) -> Vec<(String, u64, String, String)> {
         .iter()
         .filter(|s| s["name"] == service)
         .flat_map(|s| s["instances"].as_array().unwrap().clone())
+        .collect()
+}
+
+/// `(machine, slot, overlay_ip, health)` of each instance of `service`.
+fn instances(m: &Machine, service: &str) -> Vec<(String, u64, String, String)> {
+    instance_values(m, service)
+        .into_iter()
         .map(|i| {
             (
                 i["machine"].as_str().unwrap().to_string(),
@@ -115,13 +122,8 @@ fn answer(pid: i32, name: &str) -> BTreeSet<String> {
 
 /// How often instance `slot` of `service` on `machine` was restarted.
 fn restarts(m: &Machine, service: &str, machine: &str, slot: u64) -> u64 {
-    let v = m.ctl_json(&["service", "ls"]);
-    v["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["name"] == service)
-        .flat_map(|s| s["instances"].as_array().unwrap().clone())
+    instance_values(m, service)
+        .into_iter()
         .find(|i| i["machine"] == machine && i["slot"].as_u64() == Some(slot))
         .and_then(|i| i["restarts"].as_u64())
         .unwrap_or(0)
