@@ -23,6 +23,10 @@
 //!
 //! * A log append or vote is reported durable to Raft only after `sled::Db::flush_async`
 //!   returned, so an acknowledged entry survives a crash (sled alone would flush every 500 ms).
+//!   Appends are flushed in groups (one flush at a time, covering every append before it).
+//!   The leader sends AppendEntries while its own flush runs (openraft patched in
+//!   `consensus/vendor/openraft`), but counts itself towards the commit quorum only once that
+//!   flush is done; followers flush before they answer.
 //! * Group commit: [`Node::write`]s that arrive while an entry is in flight are proposed
 //!   together as one entry ([`Txn::group`]); each is answered only once that entry is committed
 //!   (durable on a majority) and applied. Members apply one after the other, each in its own

@@ -720,7 +720,16 @@ impl Node {
         let timeout = DEFAULT_REQUEST_TIMEOUT;
         self.raft
             .wait(Some(timeout))
-            .metrics(|m| m.state == ServerState::Leader, "founder becomes leader")
+            // Leading is not enough: its first entry of the term (and so the initial
+            // membership) must be committed, or a membership change right after this returns
+            // is refused as in progress. The leader's own flush completes in the background.
+            .metrics(
+                |m| {
+                    m.state == ServerState::Leader
+                        && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
+                },
+                "founder leads and has committed its first entry",
+            )
             .await
             .map_err(|_| InitError::Timeout { timeout })?;
         Ok(())

@@ -3,6 +3,8 @@
 use std::fmt::Debug;
 use std::ops::Bound;
 use std::ops::RangeBounds;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use openraft::storage::LogFlushed;
@@ -36,21 +38,58 @@ pub struct LogStore {
     handle: Arc<DbHandle>,
     log: sled::Tree,
     meta: sled::Tree,
+    flushes: Arc<GroupFlush>,
+}
+
+/// Group commit of the log's flushes: at most one sled flush runs at a time, and a flush
+/// covers every write made before it started, so the writes that arrive while one flush runs
+/// share the next one. (Many concurrent `flush_async` calls can also exhaust sled 0.34's IO
+/// thread pool while a batch waits for its global lock, and hang.)
+#[derive(Default)]
+struct GroupFlush {
+    /// Writes made so far (a write takes its number once sled has it).
+    written: AtomicU64,
+    /// Held while flushing; the number of the last write known durable.
+    durable: tokio::sync::Mutex<u64>,
 }
 
 impl LogStore {
     pub(crate) fn new(handle: Arc<DbHandle>, log: sled::Tree, meta: sled::Tree) -> Self {
-        Self { handle, log, meta }
+        Self {
+            handle,
+            log,
+            meta,
+            flushes: Arc::default(),
+        }
     }
 
-    async fn flush(&self) -> Result<(), StoreError> {
+    /// Numbers a write sled already holds, for [`LogStore::flush_upto`].
+    fn written(&self) -> u64 {
+        self.flushes.written.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Returns once write number `seq` is durable: at once when a flush that started after it
+    /// has completed, else after a flush of its own (one at a time).
+    async fn flush_upto(&self, seq: u64) -> Result<(), StoreError> {
+        let mut durable = self.flushes.durable.lock().await;
+        if *durable >= seq {
+            return Ok(());
+        }
+        let covers = self.flushes.written.load(Ordering::SeqCst);
         let started = std::time::Instant::now();
         self.handle.db.flush_async().await?;
         self.handle
             .timings
             .fsync
             .observe(started.elapsed().as_secs_f64());
+        *durable = covers;
         Ok(())
+    }
+
+    /// Makes every write made so far durable.
+    async fn flush(&self) -> Result<(), StoreError> {
+        let seq = self.written();
+        self.flush_upto(seq).await
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(
@@ -208,22 +247,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| write_err(e.into()))?;
-        // Durable only once sled has flushed; only then may Raft count this node's ack.
-        let flushed = self.flush().await;
-        match flushed {
-            Ok(()) => {
-                self.handle
-                    .timings
-                    .append
-                    .observe(started.elapsed().as_secs_f64());
-                callback.log_io_completed(Ok(()));
-                Ok(())
+        // The entries are readable now (a leader's replication streams send them from here), but
+        // durable only once sled has flushed; only then is Raft told, through the callback, and
+        // only then may it count this node's ack. The flush runs in the background: a leader's
+        // core goes on (our openraft patch, `consensus/vendor/README.md`) while a follower's core
+        // waits for the callback before it answers. Flushes that overlap share sled's fsyncs.
+        let (store, seq) = (self.clone(), self.written());
+        tokio::spawn(async move {
+            match store.flush_upto(seq).await {
+                Ok(()) => {
+                    store
+                        .handle
+                        .timings
+                        .append
+                        .observe(started.elapsed().as_secs_f64());
+                    callback.log_io_completed(Ok(()));
+                }
+                Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
             }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(write_err(e))
-            }
-        }
+        });
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
