@@ -726,7 +726,8 @@ impl Node {
             .metrics(
                 |m| {
                     m.state == ServerState::Leader
-                        && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
+                        && m.last_applied
+                            .is_some_and(|l| l.leader_id.term == m.current_term)
                 },
                 "founder leads and has committed its first entry",
             )
