@@ -23,8 +23,11 @@ OUT=$(mktemp /tmp/ployz-kv-bench.XXXXXX)
 command -v etcd >/dev/null || { apt-get install -y --no-install-recommends etcd-server etcd-client >/dev/null; }
 # Two builds, not one: built together, kvbench's dependencies would change ployzd's features,
 # and scripts/local-cluster (which builds -p ployzd -p ployzctl) would build it again.
-cargo build --locked --release -p ployzd -p ployzctl
-cargo build --locked --release -p ployz-benches --bin kvbench
+# NO_BUILD=1 runs the binaries already in $BIN (A/B runs of two builds, each in its own target dir).
+if [ "${NO_BUILD:-}" != 1 ]; then
+  cargo build --locked --release -p ployzd -p ployzctl
+  cargo build --locked --release -p ployz-benches --bin kvbench
+fi
 
 etcd_pids=()
 cleanup() {
