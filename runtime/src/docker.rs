@@ -1,4 +1,4 @@
-//! Docker backend: the Docker Engine API through bollard. Images must already
+//! Docker backend: the Docker Engine API ([`crate::dockerd`]). Images must already
 //! be in dockerd's local store (no pulls): [`DockerRuntime::load_image`] puts
 //! them there from an archive. Every container ployz creates is labelled
 //! `ployz.managed=true`; `list` only sees those.
@@ -14,22 +14,15 @@
 //! rest (unprotected gateway mode would let anyone who routes to the subnet
 //! in). The network's MTU is [`BridgeNetwork::mtu`].
 
+use crate::dockerd::{self, query, segment, Body, Dockerd};
 use crate::firewall;
 use crate::host::serialized;
 use crate::{
     BridgeNetwork, Image, Runtime, RuntimeError, RuntimeKind, State, WorkloadSpec, WorkloadStatus,
 };
-use bollard::models::{
-    ContainerCreateBody, ContainerStateStatusEnum, EndpointIpamConfig, EndpointSettings,
-    HostConfig, Ipam, IpamConfig, NetworkCreateRequest, NetworkingConfig,
-};
-use bollard::query_parameters::{
-    CreateContainerOptions, ImportImageOptions, InspectContainerOptions, ListContainersOptions,
-    LogsOptions, RemoveContainerOptions, StopContainerOptions,
-};
-use bollard::Docker;
-use futures_util::StreamExt;
-use std::collections::{HashMap, HashSet};
+use hyper::Method;
+use serde_json::{json, Value};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -39,7 +32,7 @@ use tokio::io::AsyncReadExt;
 pub const MANAGED_LABEL: &str = "ployz.managed";
 
 pub struct DockerRuntime {
-    docker: Docker,
+    docker: Dockerd,
     /// Containers ended through `stop`, so their non-zero exit reads as stopped.
     stop_requested: Mutex<HashSet<String>>,
 }
@@ -47,18 +40,14 @@ pub struct DockerRuntime {
 fn docker_err<'a>(
     op: &'static str,
     id: &'a str,
-) -> impl FnOnce(bollard::errors::Error) -> RuntimeError + 'a {
-    move |e| match e {
-        bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        } => RuntimeError::NotFound(id.to_string()),
-        bollard::errors::Error::DockerResponseServerError {
-            status_code: 409, ..
-        } if op == "create" => RuntimeError::AlreadyExists(id.to_string()),
-        source => RuntimeError::Docker {
+) -> impl FnOnce(dockerd::Error) -> RuntimeError + 'a {
+    move |e| match e.status() {
+        Some(404) => RuntimeError::NotFound(id.to_string()),
+        Some(409) if op == "create" => RuntimeError::AlreadyExists(id.to_string()),
+        _ => RuntimeError::Docker {
             op,
             id: id.to_string(),
-            source: Box::new(source),
+            source: Box::new(e),
         },
     }
 }
@@ -77,15 +66,15 @@ impl DockerRuntime {
     /// Connects to the local dockerd (`DOCKER_HOST` or `/var/run/docker.sock`).
     /// Connecting is lazy: the first call reports an unreachable daemon.
     pub fn connect() -> Result<Self, RuntimeError> {
-        let docker = Docker::connect_with_local_defaults().map_err(docker_err("connect", "-"))?;
+        let docker = Dockerd::from_env().map_err(docker_err("connect", "-"))?;
         Ok(DockerRuntime {
             docker,
             stop_requested: Mutex::new(HashSet::new()),
         })
     }
 
-    /// The underlying client (tests use it to import and remove images).
-    pub fn client(&self) -> &Docker {
+    /// The underlying client (tests use it to read what dockerd holds).
+    pub fn client(&self) -> &Dockerd {
         &self.docker
     }
 
@@ -113,31 +102,42 @@ impl DockerRuntime {
             archive: archive.to_path_buf(),
             reason,
         };
-        let file = tokio::fs::File::open(archive)
+        let mut file = tokio::fs::File::open(archive)
             .await
             .map_err(|e| fail(format!("cannot open it: {e}")))?;
-        let chunks = futures_util::stream::unfold(Some(file), |file| async move {
-            let mut file = file?;
-            let mut buf = vec![0u8; 256 << 10];
-            match file.read(&mut buf).await {
-                Ok(0) => None,
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((Ok(buf.into()), Some(file)))
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let mut buf = vec![0u8; 256 << 10];
+                let chunk = match file.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Ok(buf.into())
+                    }
+                    // Ends the body: dockerd then reports a truncated archive.
+                    Err(e) => Err(e),
+                };
+                let last = chunk.is_err();
+                if tx.send(chunk).await.is_err() || last {
+                    return;
                 }
-                // Ends the body: dockerd then reports a truncated archive.
-                Err(e) => Some((Err::<_, std::io::Error>(e), None)),
             }
         });
-        let opts = ImportImageOptions {
-            quiet: true,
-            ..Default::default()
-        };
-        let mut progress = self.docker.import_image_stream(opts, chunks, None);
+        let answer = self
+            .docker
+            .call(Method::POST, "/images/load?quiet=1", Body::Stream(rx))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        // A JSON stream: `{"stream": "Loaded image: ..."}` lines, or an
+        // `{"error": ...}` when the archive is refused part-way.
         let mut loaded = Vec::new();
-        while let Some(item) = progress.next().await {
-            let info = item.map_err(|e| fail(e.to_string()))?;
-            if let Some(line) = info.stream {
+        for item in serde_json::Deserializer::from_slice(&answer).into_iter::<Value>() {
+            let item = item.map_err(|e| fail(format!("unreadable answer from dockerd: {e}")))?;
+            if let Some(error) = item.get("error").and_then(Value::as_str) {
+                return Err(fail(error.to_string()));
+            }
+            if let Some(line) = item.get("stream").and_then(Value::as_str) {
                 loaded.push(line.trim().to_string());
             }
         }
@@ -154,17 +154,16 @@ impl DockerRuntime {
     /// Whether dockerd has the image `reference` (a `name[:tag]` or an id
     /// `sha256:...`) in its local store.
     pub async fn has_image(&self, reference: &str) -> Result<bool, RuntimeError> {
-        match self.docker.inspect_image(reference).await {
+        let path = format!("/images/{}/json", segment(reference));
+        match self.docker.call(Method::GET, &path, Body::Empty).await {
             Ok(_) => Ok(true),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(false),
+            Err(e) if e.status() == Some(404) => Ok(false),
             Err(e) => Err(docker_err("inspect image", reference)(e)),
         }
     }
 
     /// The body of `POST /containers/create` for `spec`.
-    pub fn create_body(spec: &WorkloadSpec) -> Result<ContainerCreateBody, RuntimeError> {
+    pub fn create_body(spec: &WorkloadSpec) -> Result<Value, RuntimeError> {
         spec.validate()?;
         let image = match &spec.image {
             Image::Reference(r) => r.clone(),
@@ -177,7 +176,7 @@ impl DockerRuntime {
                 })
             }
         };
-        let binds = spec
+        let binds: Vec<String> = spec
             .mounts
             .iter()
             .map(|m| {
@@ -189,106 +188,90 @@ impl DockerRuntime {
                 )
             })
             .collect();
-        let (network_mode, networking_config) = match &spec.network {
-            None => ("none".to_string(), None),
-            Some(att) => (
-                att.bridge.clone(),
-                Some(NetworkingConfig {
-                    endpoints_config: Some(HashMap::from([(
-                        att.bridge.clone(),
-                        EndpointSettings {
-                            ipam_config: Some(EndpointIpamConfig {
-                                ipv4_address: Some(att.address.to_string()),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
-                    )])),
-                }),
-            ),
-        };
-        Ok(ContainerCreateBody {
-            image: Some(image),
-            cmd: Some(spec.args.clone()),
-            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
-            hostname: spec.hostname.clone(),
-            labels: Some(HashMap::from([
-                (MANAGED_LABEL.to_string(), "true".to_string()),
-                ("ployz.id".to_string(), spec.id.clone()),
-            ])),
-            host_config: Some(HostConfig {
-                binds: Some(binds),
-                memory: spec.memory_limit.map(|m| m as i64),
-                cpu_shares: spec.cpu_shares.map(|c| c as i64),
-                network_mode: Some(network_mode),
-                // The machine's resolver answers `SERVICE.internal`.
-                dns: spec
-                    .network
-                    .as_ref()
-                    .and_then(|a| a.dns)
-                    .map(|d| vec![d.to_string()]),
-                dns_search: spec
-                    .network
-                    .as_ref()
-                    .and_then(|a| a.dns)
-                    .map(|_| vec![crate::DNS_SEARCH.to_string()]),
-                ..Default::default()
-            }),
-            networking_config,
-            ..Default::default()
-        })
+        let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut host = json!({
+            "Binds": binds,
+            "NetworkMode": "none",
+        });
+        if let Some(m) = spec.memory_limit {
+            host["Memory"] = json!(m);
+        }
+        if let Some(c) = spec.cpu_shares {
+            host["CpuShares"] = json!(c);
+        }
+        let mut body = json!({
+            "Image": image,
+            "Cmd": spec.args,
+            "Env": env,
+            "Labels": {
+                MANAGED_LABEL: "true",
+                "ployz.id": spec.id,
+            },
+        });
+        if let Some(h) = &spec.hostname {
+            body["Hostname"] = json!(h);
+        }
+        if let Some(att) = &spec.network {
+            host["NetworkMode"] = json!(att.bridge);
+            // The machine's resolver answers `SERVICE.internal`.
+            if let Some(dns) = att.dns {
+                host["Dns"] = json!([dns.to_string()]);
+                host["DnsSearch"] = json!([crate::DNS_SEARCH]);
+            }
+            body["NetworkingConfig"] = json!({
+                "EndpointsConfig": {
+                    att.bridge.as_str(): {
+                        "IPAMConfig": { "IPv4Address": att.address.to_string() },
+                    },
+                },
+            });
+        }
+        body["HostConfig"] = host;
+        Ok(body)
     }
 
     /// The body of `POST /networks/create` for `net`.
-    pub fn network_body(net: &BridgeNetwork) -> NetworkCreateRequest {
-        let opt = |k: &str, v: &str| (format!("com.docker.network.bridge.{k}"), v.to_string());
-        NetworkCreateRequest {
-            name: net.bridge.clone(),
-            driver: Some("bridge".into()),
-            ipam: Some(Ipam {
-                config: Some(vec![IpamConfig {
-                    subnet: Some(net.subnet()),
-                    gateway: Some(net.gateway.to_string()),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            options: Some(
-                [
-                    opt("name", &net.bridge),
-                    opt("enable_ip_masquerade", "false"),
-                    opt("gateway_mode_ipv4", "nat-unprotected"),
-                ]
-                .into_iter()
-                .chain(
-                    net.mtu
-                        .map(|mtu| ("com.docker.network.driver.mtu".to_string(), mtu.to_string())),
-                )
-                .collect(),
-            ),
-            labels: Some(HashMap::from([(
-                MANAGED_LABEL.to_string(),
-                "true".to_string(),
-            )])),
-            ..Default::default()
+    pub fn network_body(net: &BridgeNetwork) -> Value {
+        let mut options = serde_json::Map::new();
+        for (k, v) in [
+            ("name", net.bridge.as_str()),
+            ("enable_ip_masquerade", "false"),
+            ("gateway_mode_ipv4", "nat-unprotected"),
+        ] {
+            options.insert(format!("com.docker.network.bridge.{k}"), json!(v));
         }
+        if let Some(mtu) = net.mtu {
+            options.insert(
+                "com.docker.network.driver.mtu".into(),
+                json!(mtu.to_string()),
+            );
+        }
+        json!({
+            "Name": net.bridge,
+            "Driver": "bridge",
+            "IPAM": {
+                "Config": [{ "Subnet": net.subnet(), "Gateway": net.gateway.to_string() }],
+            },
+            "Options": options,
+            "Labels": { MANAGED_LABEL: "true" },
+        })
     }
 
     /// The IPv4 subnets of docker network `name`, `None` when it does not exist.
     async fn network_subnets(&self, name: &str) -> Result<Option<Vec<String>>, RuntimeError> {
-        match self.docker.inspect_network(name, None).await {
+        let path = format!("/networks/{}", segment(name));
+        match self.docker.json(Method::GET, &path, Body::Empty).await {
             Ok(info) => Ok(Some(
-                info.ipam
-                    .and_then(|i| i.config)
-                    .unwrap_or_default()
+                info["IPAM"]["Config"]
+                    .as_array()
                     .into_iter()
-                    .filter_map(|c| c.subnet)
+                    .flatten()
+                    .filter_map(|c| c["Subnet"].as_str())
                     .filter(|s| !s.contains(':'))
+                    .map(str::to_string)
                     .collect(),
             )),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(None),
+            Err(e) if e.status() == Some(404) => Ok(None),
             Err(e) => Err(docker_err("inspect network", name)(e)),
         }
     }
@@ -326,19 +309,14 @@ async fn disallow_subnet(bridge: String, subnet: String) {
     .await;
 }
 
-fn map_state(
-    status: Option<ContainerStateStatusEnum>,
-    exit_code: Option<i64>,
-    stopped_by_us: bool,
-) -> State {
-    use ContainerStateStatusEnum as S;
+/// A container's `State.Status` as dockerd reports it.
+fn map_state(status: Option<&str>, exit_code: Option<i64>, stopped_by_us: bool) -> State {
     match status {
-        Some(S::CREATED) | None | Some(S::EMPTY) => State::Created,
-        Some(S::RUNNING) | Some(S::PAUSED) | Some(S::RESTARTING) | Some(S::STOPPING) => {
-            State::Running
-        }
-        Some(S::EXITED) | Some(S::REMOVING) => State::from_exit(exit_code, stopped_by_us),
-        Some(S::DEAD) => State::Failed,
+        Some("running" | "paused" | "restarting" | "stopping") => State::Running,
+        Some("exited" | "removing") => State::from_exit(exit_code, stopped_by_us),
+        Some("dead") => State::Failed,
+        // "created", or nothing said.
+        _ => State::Created,
     }
 }
 
@@ -348,13 +326,14 @@ impl DockerRuntime {
         crate::validate_id(id)?;
         let info = self
             .docker
-            .inspect_container(id, None::<InspectContainerOptions>)
+            .json(Method::GET, &format!("/containers/{id}/json"), Body::Empty)
             .await
             .map_err(docker_err("inspect", id))?;
-        let st = info.state.unwrap_or_default();
-        let state = map_state(st.status, st.exit_code, self.stopped_by_us(id));
+        let st = &info["State"];
+        let code = st["ExitCode"].as_i64();
+        let state = map_state(st["Status"].as_str(), code, self.stopped_by_us(id));
         let exit_code = match state {
-            State::Stopped | State::Failed => st.exit_code,
+            State::Stopped | State::Failed => code,
             State::Created | State::Running => None,
         };
         Ok((state, exit_code))
@@ -368,13 +347,10 @@ impl Runtime for DockerRuntime {
 
     async fn create(&self, spec: &WorkloadSpec) -> Result<(), RuntimeError> {
         let body = Self::create_body(spec)?;
-        let opts = CreateContainerOptions {
-            name: Some(spec.id.clone()),
-            ..Default::default()
-        };
         self.mark_stopped(&spec.id, false);
+        let path = format!("/containers/create?name={}", query(&spec.id));
         self.docker
-            .create_container(Some(opts), body)
+            .call(Method::POST, &path, Body::Json(body))
             .await
             .map_err(docker_err("create", &spec.id))?;
         Ok(())
@@ -382,14 +358,18 @@ impl Runtime for DockerRuntime {
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
         crate::validate_id(id)?;
-        let e = match self.docker.start_container(id, None).await {
-            Ok(()) => return Ok(()),
+        let path = format!("/containers/{id}/start");
+        let e = match self.docker.call(Method::POST, &path, Body::Empty).await {
+            Ok(_) => return Ok(()),
+            // 304: already running.
+            Err(e) if e.status() == Some(304) => return Ok(()),
             Err(e) => e,
         };
-        if let bollard::errors::Error::DockerResponseServerError { message, .. } = &e {
+        if let Some(message) = e.message() {
             if let Some(executable) = missing_executable(message) {
-                let image = match self.docker.inspect_container(id, None).await {
-                    Ok(c) => c.config.and_then(|c| c.image),
+                let path = format!("/containers/{id}/json");
+                let image = match self.docker.json(Method::GET, &path, Body::Empty).await {
+                    Ok(c) => c["Config"]["Image"].as_str().map(str::to_string),
                     Err(_) => None,
                 };
                 return Err(RuntimeError::ExecutableNotFound {
@@ -410,28 +390,23 @@ impl Runtime for DockerRuntime {
     async fn stop(&self, id: &str, timeout: Duration) -> Result<(), RuntimeError> {
         crate::validate_id(id)?;
         self.mark_stopped(id, true);
-        let opts = StopContainerOptions {
-            t: Some(timeout.as_secs().min(i32::MAX as u64) as i32),
-            signal: None,
-        };
-        match self.docker.stop_container(id, Some(opts)).await {
+        let t = timeout.as_secs().min(i32::MAX as u64);
+        let path = format!("/containers/{id}/stop?t={t}");
+        match self.docker.call(Method::POST, &path, Body::Empty).await {
             // 304: already stopped.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 304, ..
-            }) => Ok(()),
-            r => r.map_err(docker_err("stop", id)),
+            Err(e) if e.status() == Some(304) => Ok(()),
+            r => r.map(drop).map_err(docker_err("stop", id)),
         }
     }
 
     async fn delete(&self, id: &str) -> Result<(), RuntimeError> {
         crate::validate_id(id)?;
-        let opts = RemoveContainerOptions {
-            force: true,
-            v: true,
-            ..Default::default()
-        };
         self.docker
-            .remove_container(id, Some(opts))
+            .call(
+                Method::DELETE,
+                &format!("/containers/{id}?force=true&v=true"),
+                Body::Empty,
+            )
             .await
             .map_err(docker_err("delete", id))?;
         self.mark_stopped(id, false);
@@ -443,22 +418,16 @@ impl Runtime for DockerRuntime {
     }
 
     async fn list(&self) -> Result<Vec<WorkloadStatus>, RuntimeError> {
-        let opts = ListContainersOptions {
-            all: true,
-            filters: Some(HashMap::from([(
-                "label".to_string(),
-                vec![format!("{MANAGED_LABEL}=true")],
-            )])),
-            ..Default::default()
-        };
+        let filters = json!({ "label": [format!("{MANAGED_LABEL}=true")] }).to_string();
+        let path = format!("/containers/json?all=true&filters={}", query(&filters));
         let containers = self
             .docker
-            .list_containers(Some(opts))
+            .json(Method::GET, &path, Body::Empty)
             .await
             .map_err(docker_err("list", "*"))?;
         let mut out = Vec::new();
-        for c in containers {
-            let Some(id) = c.names.unwrap_or_default().into_iter().next() else {
+        for c in containers.as_array().into_iter().flatten() {
+            let Some(id) = c["Names"].get(0).and_then(Value::as_str) else {
                 continue;
             };
             let id = id.trim_start_matches('/').to_string();
@@ -478,19 +447,13 @@ impl Runtime for DockerRuntime {
 
     async fn logs(&self, id: &str) -> Result<String, RuntimeError> {
         crate::validate_id(id)?;
-        let opts = LogsOptions {
-            stdout: true,
-            stderr: true,
-            follow: false,
-            tail: "all".to_string(),
-            ..Default::default()
-        };
-        let mut stream = self.docker.logs(id, Some(opts));
-        let mut out = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            out.extend_from_slice(&chunk.map_err(docker_err("logs", id))?.into_bytes());
-        }
-        Ok(String::from_utf8_lossy(&out).into_owned())
+        let path = format!("/containers/{id}/logs?stdout=true&stderr=true&follow=false&tail=all");
+        let raw = self
+            .docker
+            .call(Method::GET, &path, Body::Empty)
+            .await
+            .map_err(docker_err("logs", id))?;
+        Ok(String::from_utf8_lossy(&dockerd::demux(&raw)).into_owned())
     }
 
     /// `docker exec`: the output is collected until the command ends or
@@ -503,34 +466,39 @@ impl Runtime for DockerRuntime {
         timeout: Duration,
     ) -> Result<crate::ExecOutput, RuntimeError> {
         crate::validate_exec(id, args)?;
+        let body = json!({ "AttachStdout": true, "AttachStderr": true, "Cmd": args });
         let created = self
             .docker
-            .create_exec(
-                id,
-                bollard::exec::CreateExecOptions {
-                    attach_stdout: Some(true),
-                    attach_stderr: Some(true),
-                    cmd: Some(args.to_vec()),
-                    ..Default::default()
-                },
+            .json(
+                Method::POST,
+                &format!("/containers/{id}/exec"),
+                Body::Json(body),
             )
             .await
             .map_err(docker_err("exec in", id))?;
+        let exec_id = created["Id"].as_str().unwrap_or_default().to_string();
+        if exec_id.is_empty() || !exec_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(docker_err("exec in", id)(dockerd::Error::Answer {
+                what: format!("exec create in {id}"),
+                reason: format!("no exec id in {created}"),
+            }));
+        }
+        // dockerd streams the output on the connection and closes it when the
+        // command ends; the tail is kept ([`crate::exec_output_tail`]).
         let run = async {
-            let mut out = Vec::new();
-            if let bollard::exec::StartExecResults::Attached { mut output, .. } = self
-                .docker
-                .start_exec(&created.id, None)
-                .await
-                .map_err(docker_err("exec in", id))?
-            {
-                while let Some(chunk) = output.next().await {
-                    out.extend_from_slice(&chunk.map_err(docker_err("exec in", id))?.into_bytes());
+            let path = format!("/exec/{exec_id}/start");
+            let start = Body::Json(json!({ "Detach": false, "Tty": false }));
+            let (mut demux, mut out) = (dockerd::Demux::default(), Vec::new());
+            self.docker
+                .call_stream(Method::POST, &path, start, |chunk| {
+                    demux.push(chunk, &mut out);
                     if out.len() > 2 * crate::EXEC_OUTPUT_MAX {
                         out.drain(..out.len() - crate::EXEC_OUTPUT_MAX);
                     }
-                }
-            }
+                })
+                .await
+                .map_err(docker_err("exec in", id))?;
+            demux.finish(&mut out);
             Ok::<_, RuntimeError>(out)
         };
         let (out, finished) = match tokio::time::timeout(timeout, run).await {
@@ -539,10 +507,10 @@ impl Runtime for DockerRuntime {
         };
         let exit_code = if finished {
             self.docker
-                .inspect_exec(&created.id)
+                .json(Method::GET, &format!("/exec/{exec_id}/json"), Body::Empty)
                 .await
-                .map_err(docker_err("exec in", id))?
-                .exit_code
+                .map_err(docker_err("exec in", id))?["ExitCode"]
+                .as_i64()
         } else {
             None
         };
@@ -569,12 +537,14 @@ impl Runtime for DockerRuntime {
                 })
             }
             None => {
-                match self.docker.create_network(Self::network_body(net)).await {
+                let body = Body::Json(Self::network_body(net));
+                match self
+                    .docker
+                    .call(Method::POST, "/networks/create", body)
+                    .await
+                {
                     // Created concurrently: fine, it is checked next time.
-                    Err(bollard::errors::Error::DockerResponseServerError {
-                        status_code: 409,
-                        ..
-                    }) => {}
+                    Err(e) if e.status() == Some(409) => {}
                     r => {
                         r.map_err(docker_err("create network", &net.bridge))?;
                     }
@@ -591,11 +561,10 @@ impl Runtime for DockerRuntime {
         for subnet in subnets {
             disallow_subnet(bridge.to_string(), subnet).await;
         }
-        match self.docker.remove_network(bridge).await {
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(()),
-            r => r.map_err(docker_err("remove network", bridge)),
+        let path = format!("/networks/{}", segment(bridge));
+        match self.docker.call(Method::DELETE, &path, Body::Empty).await {
+            Err(e) if e.status() == Some(404) => Ok(()),
+            r => r.map(drop).map_err(docker_err("remove network", bridge)),
         }
     }
 }
@@ -635,12 +604,16 @@ mod tests {
             read_only: false,
         });
         let b = DockerRuntime::create_body(&s).unwrap();
-        let hc = b.host_config.unwrap();
-        assert_eq!(hc.binds.unwrap(), vec!["/v:/data:rw"]);
-        assert_eq!(hc.memory, Some(1 << 26));
-        assert_eq!(hc.network_mode.as_deref(), Some("none"));
-        assert!(b.networking_config.is_none());
-        assert_eq!(b.labels.unwrap()[MANAGED_LABEL], "true");
+        let hc = &b["HostConfig"];
+        assert_eq!(hc["Binds"], json!(["/v:/data:rw"]));
+        assert_eq!(hc["Memory"], json!(1 << 26));
+        assert_eq!(hc["NetworkMode"], "none");
+        assert!(hc.get("CpuShares").is_none() && hc.get("Dns").is_none());
+        assert!(b.get("NetworkingConfig").is_none());
+        assert_eq!(b["Labels"][MANAGED_LABEL], "true");
+        assert_eq!(b["Labels"]["ployz.id"], "w");
+        assert_eq!(b["Image"], "busybox:t");
+        assert_eq!(b["Cmd"], json!(["true"]));
         s.network = Some(crate::NetworkAttachment {
             bridge: "plzbr0".into(),
             address: "10.101.3.9".parse().unwrap(),
@@ -650,15 +623,12 @@ mod tests {
             dns: Some("10.101.3.1".parse().unwrap()),
         });
         let b = DockerRuntime::create_body(&s).unwrap();
-        let hc = b.host_config.unwrap();
-        assert_eq!(hc.network_mode.as_deref(), Some("plzbr0"));
-        assert_eq!(hc.dns, Some(vec!["10.101.3.1".to_string()]));
-        assert_eq!(hc.dns_search, Some(vec!["internal".to_string()]));
-        let ep = &b.networking_config.unwrap().endpoints_config.unwrap()["plzbr0"];
-        assert_eq!(
-            ep.ipam_config.as_ref().unwrap().ipv4_address.as_deref(),
-            Some("10.101.3.9")
-        );
+        let hc = &b["HostConfig"];
+        assert_eq!(hc["NetworkMode"], "plzbr0");
+        assert_eq!(hc["Dns"], json!(["10.101.3.1"]));
+        assert_eq!(hc["DnsSearch"], json!(["internal"]));
+        let ep = &b["NetworkingConfig"]["EndpointsConfig"]["plzbr0"];
+        assert_eq!(ep["IPAMConfig"]["IPv4Address"], "10.101.3.9");
         let n = DockerRuntime::network_body(&BridgeNetwork {
             bridge: "plzbr0".into(),
             gateway: "10.101.3.1".parse().unwrap(),
@@ -666,10 +636,12 @@ mod tests {
             mtu: Some(1420),
             allow_from: Some("10.101.0.0/16".into()),
         });
-        let ipam = &n.ipam.unwrap().config.unwrap()[0];
-        assert_eq!(ipam.subnet.as_deref(), Some("10.101.3.0/24"));
-        assert_eq!(ipam.gateway.as_deref(), Some("10.101.3.1"));
-        let o = n.options.unwrap();
+        let ipam = &n["IPAM"]["Config"][0];
+        assert_eq!(ipam["Subnet"], "10.101.3.0/24");
+        assert_eq!(ipam["Gateway"], "10.101.3.1");
+        assert_eq!(n["Name"], "plzbr0");
+        assert_eq!(n["Labels"][MANAGED_LABEL], "true");
+        let o = &n["Options"];
         assert_eq!(o["com.docker.network.bridge.name"], "plzbr0");
         assert_eq!(o["com.docker.network.bridge.enable_ip_masquerade"], "false");
         assert_eq!(o["com.docker.network.driver.mtu"], "1420");
@@ -693,9 +665,11 @@ mod tests {
             DockerRuntime::create_body(&s),
             Err(RuntimeError::UnsupportedImage { .. })
         ));
-        use ContainerStateStatusEnum as S;
-        assert_eq!(map_state(Some(S::CREATED), None, false), State::Created);
-        assert_eq!(map_state(Some(S::EXITED), Some(137), true), State::Stopped);
-        assert_eq!(map_state(Some(S::EXITED), Some(2), false), State::Failed);
+        assert_eq!(map_state(Some("created"), None, false), State::Created);
+        assert_eq!(map_state(None, None, false), State::Created);
+        assert_eq!(map_state(Some("running"), None, false), State::Running);
+        assert_eq!(map_state(Some("exited"), Some(137), true), State::Stopped);
+        assert_eq!(map_state(Some("exited"), Some(2), false), State::Failed);
+        assert_eq!(map_state(Some("dead"), None, false), State::Failed);
     }
 }

@@ -101,6 +101,6 @@ pub enum RuntimeError {
         op: &'static str,
         id: String,
         #[source]
-        source: Box<bollard::errors::Error>,
+        source: Box<crate::dockerd::Error>,
     },
 }

@@ -5,7 +5,7 @@
 //!
 //! # Why the [`Runtime`] trait is async
 //! Its caller is ployzd, a tokio program, and the Docker backend is HTTP on a
-//! unix socket (bollard, async). The host backend is blocking by nature
+//! unix socket (`dockerd`, async). The host backend is blocking by nature
 //! (libcontainer forks and waits), so it keeps its own dedicated OS thread and
 //! the async methods only send it a command and await the reply: no
 //! libcontainer call ever runs on a tokio worker (it clones the calling
@@ -23,6 +23,7 @@ use std::time::Duration;
 
 mod alloc;
 pub mod docker;
+pub mod dockerd;
 mod error;
 pub mod fake;
 pub mod firewall;

@@ -3,6 +3,8 @@
 mod common;
 
 use common::{busybox_rootfs, eventually, rand_u32, run_ok, unique, wget, TestNetns};
+use hyper::Method;
+use ployz_runtime::dockerd::Body;
 use ployz_runtime::{
     BridgeNetwork, DockerRuntime, Image, NetworkAttachment, Runtime, RuntimeError, State,
     WorkloadSpec,
@@ -148,6 +150,45 @@ async fn docker_lifecycle() {
     rt.start(&id).await.unwrap();
     assert_eq!(rt.state(&id).await.unwrap(), State::Running);
     assert!(eventually(10, async || rt.logs(&id).await.unwrap().contains("hello")).await);
+    // exec: exit code, both streams, and only the tail of a long output.
+    let out = rt
+        .exec(
+            &id,
+            &[
+                "sh".into(),
+                "-c".into(),
+                "echo to-out; echo to-err >&2; exit 3".into(),
+            ],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, Some(3), "{out:?}");
+    assert!(
+        out.output.contains("to-out") && out.output.contains("to-err"),
+        "{out:?}"
+    );
+    let long = "i=0; while [ $i -lt 3000 ]; do echo line-$i; i=$((i+1)); done";
+    let out = rt
+        .exec(
+            &id,
+            &["sh".into(), "-c".into(), long.into()],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, Some(0), "{out:?}");
+    assert!(
+        out.output.len() <= ployz_runtime::EXEC_OUTPUT_MAX,
+        "{}",
+        out.output.len()
+    );
+    assert!(
+        out.output.trim_end().ends_with("line-2999"),
+        "{:?}",
+        out.output.get(..80)
+    );
+    assert!(!out.output.contains("line-0\n"));
     assert!(eventually(10, async || vol.join("out.txt").exists()).await);
     assert_eq!(
         std::fs::read_to_string(vol.join("out.txt")).unwrap(),
@@ -155,11 +196,12 @@ async fn docker_lifecycle() {
     );
     let full = rt
         .client()
-        .inspect_container(&id, None)
+        .json(Method::GET, &format!("/containers/{id}/json"), Body::Empty)
         .await
+        .unwrap()["Id"]
+        .as_str()
         .unwrap()
-        .id
-        .unwrap();
+        .to_string();
     let limit = std::fs::read_to_string(format!(
         "/sys/fs/cgroup/memory/docker/{full}/memory.limit_in_bytes"
     ))
@@ -339,7 +381,14 @@ async fn load_saved_image_and_run_it() {
     };
     import_busybox(&rootfs, &tag);
     let rt = DockerRuntime::connect().unwrap();
-    let image_id = rt.client().inspect_image(&tag).await.unwrap().id.unwrap();
+    let image_id = rt
+        .client()
+        .json(Method::GET, &format!("/images/{tag}/json"), Body::Empty)
+        .await
+        .unwrap()["Id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(image_id.starts_with("sha256:"), "{image_id}");
     let archive = tmp.path().join("saved.tar");
     run_ok("docker", &["save", "-o", archive.to_str().unwrap(), &tag]);
