@@ -32,6 +32,9 @@ pub enum Error {
     /// An answer that is not what the API documents.
     #[error("unexpected answer from dockerd to {what}: {reason}")]
     Answer { what: String, reason: String },
+    /// A request that could not be built (a path that is not a valid URI).
+    #[error("cannot build a request for {path}: {reason}")]
+    Request { path: String, reason: String },
     /// A `DOCKER_HOST` this client cannot use.
     #[error(
         "DOCKER_HOST={0} is not a unix socket (unix:///path): only a local dockerd is supported"
@@ -174,8 +177,8 @@ impl Dockerd {
                 StreamBody::new(ReceiverStream(rx)).boxed(),
             ),
         };
-        let req = req.body(body).map_err(|e| Error::Answer {
-            what: path.to_string(),
+        let req = req.body(body).map_err(|e| Error::Request {
+            path: path.to_string(),
             reason: e.to_string(),
         })?;
         sender

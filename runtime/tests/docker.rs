@@ -14,6 +14,19 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// The full `Id` dockerd reports for the object at `path` (an inspect endpoint).
+async fn object_id(rt: &DockerRuntime, path: &str) -> String {
+    let info = rt
+        .client()
+        .json(Method::GET, path, Body::Empty)
+        .await
+        .unwrap();
+    info["Id"]
+        .as_str()
+        .expect("an inspect answer has an Id")
+        .to_string()
+}
+
 fn docker_ok() -> bool {
     Command::new("docker")
         .arg("info")
@@ -194,14 +207,7 @@ async fn docker_lifecycle() {
         std::fs::read_to_string(vol.join("out.txt")).unwrap(),
         "from-inside\n"
     );
-    let full = rt
-        .client()
-        .json(Method::GET, &format!("/containers/{id}/json"), Body::Empty)
-        .await
-        .unwrap()["Id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let full = object_id(&rt, &format!("/containers/{id}/json")).await;
     let limit = std::fs::read_to_string(format!(
         "/sys/fs/cgroup/memory/docker/{full}/memory.limit_in_bytes"
     ))
@@ -381,14 +387,7 @@ async fn load_saved_image_and_run_it() {
     };
     import_busybox(&rootfs, &tag);
     let rt = DockerRuntime::connect().unwrap();
-    let image_id = rt
-        .client()
-        .json(Method::GET, &format!("/images/{tag}/json"), Body::Empty)
-        .await
-        .unwrap()["Id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let image_id = object_id(&rt, &format!("/images/{tag}/json")).await;
     assert!(image_id.starts_with("sha256:"), "{image_id}");
     let archive = tmp.path().join("saved.tar");
     run_ok("docker", &["save", "-o", archive.to_str().unwrap(), &tag]);
