@@ -89,7 +89,7 @@ impl MemState {
                     self.buckets.remove(bucket);
                     self.entries.remove(bucket);
                 }
-                Mutation::PutEntry(e) => {
+                Mutation::PutEntry { entry: e, .. } => {
                     self.entries
                         .entry(e.bucket.clone())
                         .or_default()
@@ -101,6 +101,7 @@ impl MemState {
                     bucket,
                     key,
                     revision,
+                    ..
                 } => {
                     if let Some(keys) = self.entries.get_mut(bucket) {
                         if let Some(hist) = keys.get_mut(key) {

@@ -57,12 +57,20 @@ pub enum Mutation {
     /// Drop the bucket record and every entry of the bucket (as of before this mutation).
     RemoveBucket { bucket: String },
     /// Store an entry in the key's history and make it the key's latest entry.
-    PutEntry(Entry),
+    PutEntry {
+        entry: Entry,
+        /// The key's latest entry before this one was a put (executors keep live-key counts
+        /// without reading it again).
+        replaces_live: bool,
+    },
     /// Drop one history entry (never the latest).
     RemoveHistory {
         bucket: String,
         key: String,
         revision: u64,
+        /// The dropped entry's value length, when the plan knows it (it was the latest);
+        /// `None`: executors read it.
+        value_len: Option<u64>,
     },
 }
 
@@ -147,7 +155,8 @@ struct Output {
 #[derive(Debug, Clone, Default)]
 struct KeyState {
     latest: Option<Entry>,
-    revisions: Vec<u64>,
+    /// Revisions of the key's stored entries, ascending; `None` until a write needs them.
+    revisions: Option<Vec<u64>>,
 }
 
 /// The view plus the effects of the ops planned so far.
@@ -170,20 +179,28 @@ impl<V: KvView> Overlay<'_, V> {
         }
     }
 
-    fn key(&mut self, bucket: &str, key: &str) -> Result<&mut KeyState, V::Error> {
+    /// The key's state; with `revisions`, its stored revisions loaded too.
+    fn key(&mut self, bucket: &str, key: &str, revisions: bool) -> Result<&mut KeyState, V::Error> {
         let id = (bucket.to_string(), key.to_string());
         if !self.keys.contains_key(&id) {
             let state = if self.wiped.contains(bucket) {
-                KeyState::default()
+                KeyState {
+                    latest: None,
+                    revisions: Some(Vec::new()),
+                }
             } else {
                 KeyState {
                     latest: self.view.latest(bucket, key)?,
-                    revisions: self.view.revisions(bucket, key)?,
+                    revisions: None,
                 }
             };
             self.keys.insert(id.clone(), state);
         }
-        Ok(self.keys.entry(id).or_default())
+        let ks = self.keys.entry(id).or_default();
+        if revisions && ks.revisions.is_none() {
+            ks.revisions = Some(self.view.revisions(bucket, key)?);
+        }
+        Ok(ks)
     }
 
     fn delete_bucket(&mut self, bucket: &str) {
@@ -328,12 +345,23 @@ fn write_entry<V: KvView>(
         }
     }
 
-    let ks = ov.key(w.bucket, w.key)?;
+    // A key of a bucket that keeps one entry per key stores exactly its latest entry (every
+    // write trims to the limit), so its revisions need no scan.
+    let limit = usize::from(state.config.history.max(1));
+    let ks = ov.key(w.bucket, w.key, limit > 1)?;
     if let Err(r) = check_expect(w.expect, ks.latest.as_ref()) {
         return Ok(Err(r));
     }
+    let latest_revision = ks.latest.as_ref().map(|e| e.revision);
+    let revisions = ks
+        .revisions
+        .get_or_insert_with(|| latest_revision.into_iter().collect());
 
     let revision = state.last_seq + 1;
+    let previous = ks
+        .latest
+        .as_ref()
+        .map(|e| (e.revision, e.value.len() as u64, e.is_live()));
     let entry = Entry {
         bucket: w.bucket.to_string(),
         key: w.key.to_string(),
@@ -344,15 +372,14 @@ fn write_entry<V: KvView>(
     };
 
     let mut dropped = if w.op == EntryOp::Purge {
-        std::mem::take(&mut ks.revisions)
+        std::mem::take(revisions)
     } else {
         Vec::new()
     };
-    ks.revisions.push(revision);
-    let limit = usize::from(state.config.history.max(1));
-    if ks.revisions.len() > limit {
-        let excess = ks.revisions.len() - limit;
-        dropped.extend(ks.revisions.drain(..excess));
+    revisions.push(revision);
+    if revisions.len() > limit {
+        let excess = revisions.len() - limit;
+        dropped.extend(revisions.drain(..excess));
     }
     ks.latest = Some(entry.clone());
 
@@ -361,9 +388,13 @@ fn write_entry<V: KvView>(
             bucket: w.bucket.to_string(),
             key: w.key.to_string(),
             revision: old,
+            value_len: previous.and_then(|(rev, len, _)| (rev == old).then_some(len)),
         });
     }
-    out.mutations.push(Mutation::PutEntry(entry.clone()));
+    out.mutations.push(Mutation::PutEntry {
+        entry: entry.clone(),
+        replaces_live: previous.is_some_and(|(_, _, live)| live),
+    });
 
     state.last_seq = revision;
     ov.buckets.insert(w.bucket.to_string(), Some(state));

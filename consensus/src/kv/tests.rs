@@ -184,7 +184,28 @@ fn purge_drops_history() {
     assert!(p.mutations.contains(&Mutation::RemoveHistory {
         bucket: "b".into(),
         key: "k".into(),
-        revision: 1
+        revision: 1,
+        value_len: None,
+    }));
+    assert!(
+        p.mutations.contains(&Mutation::RemoveHistory {
+            bucket: "b".into(),
+            key: "k".into(),
+            revision: 2,
+            value_len: Some(1),
+        }),
+        "the dropped latest carries its length"
+    );
+    assert!(p.mutations.contains(&Mutation::PutEntry {
+        entry: p
+            .mutations
+            .iter()
+            .find_map(|m| match m {
+                Mutation::PutEntry { entry, .. } => Some(entry.clone()),
+                _ => None,
+            })
+            .unwrap(),
+        replaces_live: true,
     }));
     let h = s.history("b", "k");
     assert_eq!(h.len(), 1);

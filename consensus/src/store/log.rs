@@ -6,6 +6,8 @@ use std::ops::RangeBounds;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::MutexGuard;
 
 use openraft::storage::LogFlushed;
 use openraft::storage::RaftLogStorage;
@@ -39,6 +41,92 @@ pub struct LogStore {
     log: sled::Tree,
     meta: sled::Tree,
     flushes: Arc<GroupFlush>,
+    tail: Arc<Mutex<Tail>>,
+}
+
+/// Entries kept decoded in [`Tail`] at most, and their encoded bytes at most.
+const TAIL_ENTRIES: usize = 4096;
+const TAIL_BYTES: usize = 8 << 20;
+
+/// The newest log entries, decoded, exactly as they are in the `log` tree: a contiguous run of
+/// indexes ending at the last appended entry. A leader's replication streams and every node's
+/// apply read the entries just appended; from here that is a clone, not a sled range scan and
+/// a JSON decode per entry and per reader.
+///
+/// Invariant: every entry held here is the entry the `log` tree holds at its index. `append`
+/// adds after writing sled, `truncate` and `purge` drop before changing sled; a read the tail
+/// does not wholly cover goes to sled.
+#[derive(Default)]
+struct Tail {
+    entries: std::collections::VecDeque<(LogEntry, usize)>,
+    bytes: usize,
+}
+
+impl Tail {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    fn last_index(&self) -> Option<u64> {
+        self.entries.back().map(|(e, _)| e.log_id.index)
+    }
+
+    fn push(&mut self, entry: LogEntry, size: usize) {
+        if self
+            .last_index()
+            .is_some_and(|last| last.checked_add(1) != Some(entry.log_id.index))
+        {
+            // Not contiguous (never from openraft, which truncates first): start over.
+            self.clear();
+        }
+        self.bytes += size;
+        self.entries.push_back((entry, size));
+        while self.entries.len() > TAIL_ENTRIES || self.bytes > TAIL_BYTES {
+            match self.entries.pop_front() {
+                Some((_, size)) => self.bytes -= size,
+                None => break,
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// Drops the entries at and after `index`.
+    fn truncate(&mut self, index: u64) {
+        while self.last_index().is_some_and(|last| last >= index) {
+            if let Some((_, size)) = self.entries.pop_back() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// Drops the entries at and before `index`.
+    fn purge(&mut self, index: u64) {
+        while self.first_index().is_some_and(|first| first <= index) {
+            if let Some((_, size)) = self.entries.pop_front() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// The entries `[start, end)`, if the tail holds every one of them.
+    fn get(&self, start: u64, end: u64) -> Option<Vec<LogEntry>> {
+        let (first, last) = (self.first_index()?, self.last_index()?);
+        if start < first || end > last.checked_add(1)? {
+            return None;
+        }
+        let from = usize::try_from(start - first).ok()?;
+        let to = usize::try_from(end.max(start) - first).ok()?;
+        Some(
+            self.entries
+                .range(from..to)
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
 }
 
 /// Group commit of the log's flushes: at most one sled flush runs at a time, and a flush
@@ -60,7 +148,13 @@ impl LogStore {
             log,
             meta,
             flushes: Arc::default(),
+            tail: Arc::default(),
         }
+    }
+
+    fn tail(&self) -> MutexGuard<'_, Tail> {
+        // Every change to the tail completes before its guard drops: a poisoned one is whole.
+        self.tail.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Numbers a write sled already holds, for [`LogStore::flush_upto`].
@@ -112,6 +206,11 @@ impl LogStore {
     }
 
     fn entries(&self, start: u64, end: Option<u64>) -> Result<Vec<LogEntry>, StoreError> {
+        if let Some(end) = end {
+            if let Some(hit) = self.tail().get(start, end) {
+                return Ok(hit);
+            }
+        }
         let mut out = Vec::new();
         for item in self.log.range(start.to_be_bytes()..) {
             let (k, v) = item?;
@@ -240,13 +339,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let started = std::time::Instant::now();
         let mut batch = sled::Batch::default();
+        let mut decoded = Vec::new();
         for entry in entries {
             let bytes = encode("log entry", &entry).map_err(write_err)?;
-            batch.insert(&entry.log_id.index.to_be_bytes(), bytes);
+            batch.insert(&entry.log_id.index.to_be_bytes(), bytes.as_slice());
+            decoded.push((entry, bytes.len()));
         }
         self.log
             .apply_batch(batch)
             .map_err(|e| write_err(e.into()))?;
+        {
+            let mut tail = self.tail();
+            for (entry, size) in decoded {
+                tail.push(entry, size);
+            }
+        }
         // The entries are readable now (a leader's replication streams send them from here), but
         // durable only once sled has flushed; only then is Raft told, through the callback, and
         // only then may it count this node's ack. The flush runs in the background: a leader's
@@ -270,6 +377,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.tail().truncate(log_id.index);
         let res: Result<(), StoreError> = async {
             self.remove_range(log_id.index, None)?;
             self.flush().await
@@ -282,6 +390,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let res: Result<(), StoreError> = async {
             // Record the purge point first: a crash in between leaves extra entries below it,
             // which are never read (the log starts after `last_purged`), never a hole.
+            self.tail().purge(log_id.index);
             self.meta
                 .insert(LAST_PURGED, encode("last purged log id", &log_id)?)?;
             self.remove_range(0, log_id.index.checked_add(1))?;
@@ -289,5 +398,65 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         .await;
         res.map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::CommittedLeaderId;
+    use openraft::EntryPayload;
+
+    use super::*;
+
+    fn entry(index: u64) -> LogEntry {
+        openraft::Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn indexes(entries: Option<Vec<LogEntry>>) -> Option<Vec<u64>> {
+        entries.map(|v| v.iter().map(|e| e.log_id.index).collect())
+    }
+
+    #[test]
+    fn tail_answers_only_ranges_it_wholly_holds() {
+        let mut t = Tail::default();
+        assert_eq!(indexes(t.get(0, 1)), None);
+        for i in 5..10 {
+            t.push(entry(i), 10);
+        }
+        assert_eq!(indexes(t.get(5, 10)), Some(vec![5, 6, 7, 8, 9]));
+        assert_eq!(indexes(t.get(7, 9)), Some(vec![7, 8]));
+        assert_eq!(indexes(t.get(7, 7)), Some(vec![]));
+        assert_eq!(indexes(t.get(4, 6)), None, "starts before the tail");
+        assert_eq!(indexes(t.get(8, 11)), None, "ends after the last entry");
+
+        t.truncate(8);
+        assert_eq!(indexes(t.get(5, 8)), Some(vec![5, 6, 7]));
+        assert_eq!(indexes(t.get(5, 9)), None);
+        t.purge(5);
+        assert_eq!(indexes(t.get(5, 6)), None);
+        assert_eq!(indexes(t.get(6, 8)), Some(vec![6, 7]));
+        assert_eq!(t.bytes, 20);
+
+        // A gap starts the tail over instead of holding a hole.
+        t.push(entry(12), 10);
+        assert_eq!(indexes(t.get(6, 8)), None);
+        assert_eq!(indexes(t.get(12, 13)), Some(vec![12]));
+        assert_eq!(t.bytes, 10);
+    }
+
+    #[test]
+    fn tail_keeps_the_newest_within_its_budget() {
+        let mut t = Tail::default();
+        for i in 1..=(TAIL_ENTRIES as u64 + 10) {
+            t.push(entry(i), 1);
+        }
+        assert_eq!(t.entries.len(), TAIL_ENTRIES);
+        assert_eq!(t.first_index(), Some(11));
+        t.push(entry(TAIL_ENTRIES as u64 + 11), TAIL_BYTES);
+        assert_eq!(t.entries.len(), 1, "one big entry evicts the rest");
+        assert_eq!(t.bytes, TAIL_BYTES);
     }
 }

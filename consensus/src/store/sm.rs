@@ -338,13 +338,13 @@ impl StateMachineStore {
                 .map(|v| decode::<Entry>("entry", &v?))
                 .collect::<Result<Vec<_>, _>>()?;
             for e in &stored {
-                batch.put(keys::revision(name, e.revision), Vec::new());
+                batch.put(keys::revision(name, e.revision), sled::IVec::default());
             }
             let counters = BucketCounters::of(stored.iter(), latest.iter());
             batch.put(keys::counters(name), encode("bucket counters", &counters)?);
         }
-        batch.put(keys::COUNTERS_BUILT.to_vec(), Vec::new());
-        g.tree.apply_batch(batch.into_batch())?;
+        batch.put(keys::COUNTERS_BUILT.to_vec(), sled::IVec::default());
+        g.tree.apply_batch(batch.into_batch()?)?;
         Ok(())
     }
 
@@ -399,10 +399,6 @@ impl StateMachineStore {
                 (plan.result, plan.events)
             }
         };
-        batch.put(
-            keys::LAST_APPLIED.to_vec(),
-            encode("last applied log id", &entry.log_id)?,
-        );
         Ok(out)
     }
 
@@ -914,7 +910,7 @@ struct SledView<'a> {
 impl SledView<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
         if let Some(v) = self.pending.and_then(|p| p.ops.get(key)) {
-            return Ok(v.as_deref().map(sled::IVec::from));
+            return Ok(v.clone());
         }
         Ok(self.tree.get(key)?)
     }
@@ -968,9 +964,13 @@ impl KvView for SledView<'_> {
     }
 
     fn bucket(&self, bucket: &str) -> Result<Option<BucketState>, StoreError> {
-        self.get(&keys::bucket(bucket))?
-            .map(|v| decode("bucket", &v))
-            .transpose()
+        match self.pending {
+            Some(p) => p.bucket(self.tree, bucket),
+            None => self
+                .get(&keys::bucket(bucket))?
+                .map(|v| decode("bucket", &v))
+                .transpose(),
+        }
     }
 
     fn latest(&self, bucket: &str, key: &str) -> Result<Option<Entry>, StoreError> {
@@ -991,14 +991,21 @@ impl KvView for SledView<'_> {
 }
 
 /// Writes accumulated in key order, last write per key wins, applied as one sled batch.
+///
+/// Bucket records and counters change with every put; the batch keeps them decoded
+/// (`buckets`, `counters`) and encodes each once, when sealed, instead of once per put.
 #[derive(Default)]
 struct PendingBatch {
-    ops: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    ops: BTreeMap<Vec<u8>, Option<sled::IVec>>,
+    /// Bucket records this batch writes (`None`: removes); not in `ops` until [`Self::seal`].
+    buckets: BTreeMap<String, Option<BucketState>>,
+    /// Bucket counters this batch writes (`None`: removes); not in `ops` until [`Self::seal`].
+    counters: BTreeMap<String, Option<BucketCounters>>,
 }
 
 impl PendingBatch {
-    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.ops.insert(key, Some(value));
+    fn put(&mut self, key: Vec<u8>, value: impl Into<sled::IVec>) {
+        self.ops.insert(key, Some(value.into()));
     }
 
     fn remove(&mut self, key: Vec<u8>) {
@@ -1040,62 +1047,82 @@ impl PendingBatch {
     /// Remembers a transaction's outcome under its id, with its time index.
     fn remember(&mut self, t: &AppliedTxn) -> Result<(), StoreError> {
         self.put(keys::txn(&t.id), encode("applied txn", t)?);
-        self.put(keys::txn_time(t.now_ms, &t.id), Vec::new());
+        self.put(keys::txn_time(t.now_ms, &t.id), sled::IVec::default());
         Ok(())
     }
 
-    /// `key`'s value as this batch leaves it.
-    fn get(&self, tree: &sled::Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    /// `key`'s value as this batch leaves it (not for bucket records or counters).
+    fn get(&self, tree: &sled::Tree, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
         match self.ops.get(key) {
             Some(v) => Ok(v.clone()),
-            None => Ok(tree.get(key)?.map(|v| v.to_vec())),
+            None => Ok(tree.get(key)?),
         }
     }
 
-    /// Changes a bucket's counters as this batch leaves them.
+    /// A bucket's record as this batch leaves it.
+    fn bucket(&self, tree: &sled::Tree, bucket: &str) -> Result<Option<BucketState>, StoreError> {
+        match self.buckets.get(bucket) {
+            Some(state) => Ok(*state),
+            None => tree
+                .get(keys::bucket(bucket))?
+                .map(|v| decode("bucket", &v))
+                .transpose(),
+        }
+    }
+
+    /// A bucket's counters as this batch leaves them, read into the batch.
+    fn counters_mut(
+        &mut self,
+        tree: &sled::Tree,
+        bucket: &str,
+    ) -> Result<&mut Option<BucketCounters>, StoreError> {
+        if !self.counters.contains_key(bucket) {
+            let stored = tree
+                .get(keys::counters(bucket))?
+                .map(|v| decode("bucket counters", &v))
+                .transpose()?;
+            self.counters.insert(bucket.to_string(), stored);
+        }
+        Ok(self.counters.entry(bucket.to_string()).or_default())
+    }
+
+    /// Changes a bucket's counters as this batch leaves them (absent ones start at zero).
     fn count(
         &mut self,
         tree: &sled::Tree,
         bucket: &str,
         change: impl FnOnce(&mut BucketCounters),
     ) -> Result<(), StoreError> {
-        let key = keys::counters(bucket);
-        let mut c: BucketCounters = self
-            .get(tree, &key)?
-            .map(|v| decode("bucket counters", &v))
-            .transpose()?
-            .unwrap_or_default();
-        change(&mut c);
-        self.put(key, encode("bucket counters", &c)?);
+        change(
+            self.counters_mut(tree, bucket)?
+                .get_or_insert_with(Default::default),
+        );
         Ok(())
     }
 
     fn execute(&mut self, tree: &sled::Tree, m: &Mutation) -> Result<(), StoreError> {
         match m {
             Mutation::PutBucket { bucket, state } => {
-                self.put(keys::bucket(bucket), encode("bucket", state)?);
-                if self.get(tree, &keys::counters(bucket))?.is_none() {
-                    self.count(tree, bucket, |_| {})?;
-                }
+                self.buckets.insert(bucket.clone(), Some(*state));
+                self.count(tree, bucket, |_| {})?;
             }
             Mutation::RemoveBucket { bucket } => {
-                self.remove(keys::bucket(bucket));
-                self.remove(keys::counters(bucket));
+                self.buckets.insert(bucket.clone(), None);
+                self.counters.insert(bucket.clone(), None);
                 self.remove_prefix(tree, &keys::latest_prefix(bucket))?;
                 self.remove_prefix(tree, &keys::history_bucket_prefix(bucket))?;
                 self.remove_prefix(tree, &keys::revisions_prefix(bucket))?;
             }
-            Mutation::PutEntry(e) => {
-                let was_live = self
-                    .get(tree, &keys::latest(&e.bucket, &e.key))?
-                    .map(|v| decode::<Entry>("entry", &v))
-                    .transpose()?
-                    .is_some_and(|prev| prev.is_live());
-                let bytes = encode("entry", e)?;
+            Mutation::PutEntry {
+                entry: e,
+                replaces_live,
+            } => {
+                // One shared buffer for both keys.
+                let bytes = sled::IVec::from(encode("entry", e)?);
                 self.put(keys::history(&e.bucket, &e.key, e.revision), bytes.clone());
                 self.put(keys::latest(&e.bucket, &e.key), bytes);
-                self.put(keys::revision(&e.bucket, e.revision), Vec::new());
-                let (len, live) = (e.value.len() as u64, e.is_live());
+                self.put(keys::revision(&e.bucket, e.revision), sled::IVec::default());
+                let (len, live, was_live) = (e.value.len() as u64, e.is_live(), *replaces_live);
                 self.count(tree, &e.bucket, |c| {
                     c.entries += 1;
                     c.bytes += len;
@@ -1110,10 +1137,18 @@ impl PendingBatch {
                 bucket,
                 key,
                 revision,
+                value_len,
             } => {
                 let at = keys::history(bucket, key, *revision);
-                if let Some(v) = self.get(tree, &at)? {
-                    let len = decode::<Entry>("entry", &v)?.value.len() as u64;
+                let len = match value_len {
+                    Some(len) => Some(*len),
+                    None => self
+                        .get(tree, &at)?
+                        .map(|v| decode::<Entry>("entry", &v))
+                        .transpose()?
+                        .map(|e| e.value.len() as u64),
+                };
+                if let Some(len) = len {
                     self.count(tree, bucket, |c| {
                         c.entries = c.entries.saturating_sub(1);
                         c.bytes = c.bytes.saturating_sub(len);
@@ -1126,7 +1161,26 @@ impl PendingBatch {
         Ok(())
     }
 
-    fn into_batch(self) -> sled::Batch {
+    /// Encodes the decoded bucket records and counters into `ops`; before the batch's keys are
+    /// read as a whole (pre-images) or applied.
+    fn seal(&mut self) -> Result<(), StoreError> {
+        for (name, state) in std::mem::take(&mut self.buckets) {
+            match state {
+                Some(state) => self.put(keys::bucket(&name), encode("bucket", &state)?),
+                None => self.remove(keys::bucket(&name)),
+            }
+        }
+        for (name, counters) in std::mem::take(&mut self.counters) {
+            match counters {
+                Some(c) => self.put(keys::counters(&name), encode("bucket counters", &c)?),
+                None => self.remove(keys::counters(&name)),
+            }
+        }
+        Ok(())
+    }
+
+    fn into_batch(mut self) -> Result<sled::Batch, StoreError> {
+        self.seal()?;
         let mut batch = sled::Batch::default();
         for (k, v) in self.ops {
             match v {
@@ -1134,7 +1188,7 @@ impl PendingBatch {
                 None => batch.remove(k),
             }
         }
-        batch
+        Ok(batch)
     }
 }
 
@@ -1173,10 +1227,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 last = Some(entry.log_id);
             }
             if let Some(last) = last {
-                self.keep_pre_images(&g.tree, &batch)
-                    .map_err(|e| StorageIOError::apply(last, AnyError::new(&e)))?;
+                let seal = |batch: &mut PendingBatch| -> Result<(), StoreError> {
+                    batch.put(
+                        keys::LAST_APPLIED.to_vec(),
+                        encode("last applied log id", &last)?,
+                    );
+                    batch.seal()?;
+                    self.keep_pre_images(&g.tree, batch)
+                };
+                seal(&mut batch).map_err(|e| StorageIOError::apply(last, AnyError::new(&e)))?;
                 g.tree
-                    .apply_batch(batch.into_batch())
+                    .apply_batch(
+                        batch
+                            .into_batch()
+                            .map_err(|e| StorageIOError::apply(last, AnyError::new(&e)))?,
+                    )
                     .map_err(|e| StorageIOError::apply(last, AnyError::new(&e)))?;
             }
         }
