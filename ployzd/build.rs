@@ -8,6 +8,7 @@ fn main() {
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
         return;
     }
+    fast_mem_functions();
     // A static-pie keeps one relocation per pointer in its data (vtables,
     // string tables...) so that it can be loaded at a random address (ASLR).
     // Packed relative relocations (DT_RELR, applied by musl's static-pie
@@ -38,4 +39,27 @@ fn main() {
         .expect("write the linker script into OUT_DIR");
         println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", script.display());
     }
+}
+
+/// musl's memcpy/memmove/memset/memcmp/bcmp replaced by `native/mem.c` (see there), in every
+/// musl build of this package: the binaries, and the unit tests that check them (`src/mem.rs`).
+fn fast_mem_functions() {
+    println!("cargo:rerun-if-changed=native/mem.c");
+    println!("cargo::rustc-check-cfg=cfg(ployz_fast_mem)");
+    let musl = std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("musl");
+    let x86_64 = std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64");
+    if !(musl && x86_64) {
+        return;
+    }
+    println!("cargo:rustc-cfg=ployz_fast_mem");
+    cc::Build::new()
+        .file("native/mem.c")
+        .opt_level(2)
+        .flag("-fno-builtin")
+        .flag("-fno-tree-loop-distribute-patterns")
+        .flag("-fno-stack-protector")
+        .warnings(true)
+        .extra_warnings(true)
+        .warnings_into_errors(true)
+        .compile("ployzmem");
 }

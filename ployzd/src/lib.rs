@@ -25,6 +25,8 @@ pub mod gateway;
 pub mod http;
 pub mod identity;
 pub mod ingress;
+#[cfg(ployz_fast_mem)]
+mod mem;
 pub mod metrics;
 pub mod ops;
 pub mod overlay;
