@@ -5,7 +5,7 @@
 //! the archive once, named by the sha256 of its bytes (a directory is first
 //! packed into a deterministic tar), with a small JSON file of metadata next
 //! to it. Other machines receive the same bytes over the mesh and insert them
-//! with [`ImageStore::insert_verified`]; the host runtime gets a root
+//! with [`ImageStore::insert_received`]; the host runtime gets a root
 //! filesystem from [`ImageStore::rootfs`], the docker runtime feeds
 //! [`ImageStore::blob_path`] to `docker load`.
 //!
@@ -329,7 +329,7 @@ impl ImageStore {
                 return Err(e);
             }
         }
-        self.store_temp(&tmp, None, path)
+        self.store_temp(&tmp, None, path, None)
     }
 
     /// Moves a downloaded archive at `tmp` into the store after checking that
@@ -346,24 +346,58 @@ impl ImageStore {
                 digest: expected_digest.to_string(),
             });
         }
-        self.store_temp(tmp, Some(expected_digest), tmp)
+        self.store_temp(tmp, Some(expected_digest), tmp, None)
+    }
+
+    /// Stores an archive received from another machine at `tmp`, whose
+    /// sha256 the caller computed while receiving it and found equal to
+    /// `digest`: the digest a service record names, of an archive the
+    /// machine that stored it first verified whole (blob digests and
+    /// diff_ids, as [`ImageStore::import_path`]). The same bytes need no
+    /// second reading: the archive is parsed (an image, every layer
+    /// present), not re-hashed. `tmp` is removed whatever happens.
+    pub fn insert_received(&self, tmp: &Path, digest: &str) -> Result<ImageInfo, ImageError> {
+        if digest_hex(digest).is_none() || !digest.starts_with("sha256:") {
+            let _ = fs::remove_file(tmp);
+            return Err(ImageError::InvalidDigest {
+                digest: digest.to_string(),
+            });
+        }
+        self.store_temp(tmp, None, tmp, Some((digest.to_string(), Verify::NONE)))
     }
 
     /// Stores an archive this machine built at `tmp` (a registry pull) after
     /// the same checks as an import; `tmp` is removed whatever happens.
     pub fn insert_archive(&self, tmp: &Path) -> Result<ImageInfo, ImageError> {
-        self.store_temp(tmp, None, tmp)
+        self.store_temp(tmp, None, tmp, None)
+    }
+
+    /// [`ImageStore::insert_archive`] for an archive whose sha256 the caller
+    /// computed while writing it (`digest`), packed from blobs whose own
+    /// digests were checked as they arrived: only the layers' diff_ids are
+    /// left to check (one decompression of each layer).
+    pub fn insert_packed(&self, tmp: &Path, digest: &str) -> Result<ImageInfo, ImageError> {
+        if digest_hex(digest).is_none() || !digest.starts_with("sha256:") {
+            let _ = fs::remove_file(tmp);
+            return Err(ImageError::InvalidDigest {
+                digest: digest.to_string(),
+            });
+        }
+        self.store_temp(tmp, None, tmp, Some((digest.to_string(), Verify::DIFF_IDS)))
     }
 
     /// Stores the archive at `tmp` (removing `tmp` whatever happens).
-    /// `shown` is the path named in errors.
+    /// `shown` is the path named in errors; `known`: the archive's digest as
+    /// the caller computed it, and what is left to verify (else the file is
+    /// hashed here and verified whole).
     fn store_temp(
         &self,
         tmp: &Path,
         expected: Option<&str>,
         shown: &Path,
+        known: Option<(String, Verify)>,
     ) -> Result<ImageInfo, ImageError> {
-        let res = self.store_temp_inner(tmp, expected, shown);
+        let res = self.store_temp_inner(tmp, expected, shown, known);
         // Renamed away on success; a leftover on failure or when already stored.
         let _ = fs::remove_file(tmp);
         res
@@ -374,8 +408,12 @@ impl ImageStore {
         tmp: &Path,
         expected: Option<&str>,
         shown: &Path,
+        known: Option<(String, Verify)>,
     ) -> Result<ImageInfo, ImageError> {
-        let digest = sha256_file(tmp).map_err(io_err("read", tmp))?;
+        let (digest, verify) = match known {
+            Some(k) => k,
+            None => (sha256_file(tmp).map_err(io_err("read", tmp))?, Verify::ALL),
+        };
         if let Some(expected) = expected {
             if expected != digest {
                 return Err(ImageError::DigestMismatch {
@@ -390,7 +428,7 @@ impl ImageStore {
                 return Ok(info);
             }
         }
-        let info = inspect_archive(tmp, shown, digest)?;
+        let info = inspect_archive(tmp, shown, digest, verify)?;
         File::open(tmp)
             .and_then(|f| f.sync_all())
             .map_err(io_err("sync", tmp))?;
@@ -465,7 +503,7 @@ impl ImageStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("read", &meta)(e)),
         }
-        let info = inspect_archive(&blob, &blob, format!("sha256:{hex}"))?;
+        let info = inspect_archive(&blob, &blob, format!("sha256:{hex}"), Verify::ALL)?;
         self.write_meta(hex, &info)?;
         Ok(Some(info))
     }
@@ -590,7 +628,9 @@ impl ImageStore {
             });
         }
         let index = ArchiveIndex::build(&blob, &blob)?;
-        let image = parse_image(&index)?;
+        // Verified when it was stored: unpack without reading every layer
+        // twice.
+        let image = parse_image(&index, Verify::NONE)?;
         let work = self
             .tmp_dir()
             .join(format!("rootfs-{hex}-{}", unique_suffix()));
@@ -1029,8 +1069,44 @@ fn digest_in_name(name: &str) -> Option<String> {
 }
 
 /// Reads every layer to its end and checks it against `check`.
-fn verify_layer(index: &ArchiveIndex, member: &str, check: &LayerCheck) -> Result<(), ImageError> {
-    if let Some(want) = &check.raw {
+/// Which of a layer's digests [`parse_image`] checks (reading the layer
+/// to its end, decompressing it for the diff_id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Verify {
+    /// The member's bytes as stored against their blob digest.
+    raw: bool,
+    /// The uncompressed stream against the config's diff_id.
+    diff_ids: bool,
+}
+
+impl Verify {
+    /// Bytes nobody here has checked: an import, or metadata rebuilt.
+    const ALL: Verify = Verify {
+        raw: true,
+        diff_ids: true,
+    };
+    /// An archive packed from blobs whose digests were checked as they
+    /// arrived (a registry pull): only the diff_ids remain.
+    const DIFF_IDS: Verify = Verify {
+        raw: false,
+        diff_ids: true,
+    };
+    /// An archive in the store, or one whose sha256 equals the digest of an
+    /// archive that was verified with [`Verify::ALL`] when it was first
+    /// stored (the same bytes, received from a peer).
+    const NONE: Verify = Verify {
+        raw: false,
+        diff_ids: false,
+    };
+}
+
+fn verify_layer(
+    index: &ArchiveIndex,
+    member: &str,
+    check: &LayerCheck,
+    verify: Verify,
+) -> Result<(), ImageError> {
+    if let (true, Some(want)) = (verify.raw, &check.raw) {
         let (got, _) = index.hash_member(member)?;
         if &got != want {
             return Err(index.corrupt(format!(
@@ -1038,7 +1114,7 @@ fn verify_layer(index: &ArchiveIndex, member: &str, check: &LayerCheck) -> Resul
             )));
         }
     }
-    if let Some(want) = &check.diff_id {
+    if let (true, Some(want)) = (verify.diff_ids, &check.diff_id) {
         let mut r = open_layer(index, member)?;
         let (got, _) = hash_reader(&mut r).map_err(|e| {
             index.corrupt(format!("layer `{member}` cannot be read to its end ({e})"))
@@ -1054,10 +1130,15 @@ fn verify_layer(index: &ArchiveIndex, member: &str, check: &LayerCheck) -> Resul
 }
 
 /// Scans and validates the archive at `file`; `digest` is its sha256.
-fn inspect_archive(file: &Path, shown: &Path, digest: String) -> Result<ImageInfo, ImageError> {
+fn inspect_archive(
+    file: &Path,
+    shown: &Path,
+    digest: String,
+    verify: Verify,
+) -> Result<ImageInfo, ImageError> {
     let size = fs::metadata(file).map_err(io_err("read", shown))?.len();
     let index = ArchiveIndex::build(file, shown)?;
-    let image = parse_image(&index)?;
+    let image = parse_image(&index, verify)?;
     Ok(ImageInfo {
         digest,
         size,
@@ -1068,7 +1149,9 @@ fn inspect_archive(file: &Path, shown: &Path, digest: String) -> Result<ImageInf
     })
 }
 
-fn parse_image(index: &ArchiveIndex) -> Result<ParsedImage, ImageError> {
+/// Reads the image an archive holds; `verify` says which layer digests to
+/// check (every layer's presence and compression is checked always).
+fn parse_image(index: &ArchiveIndex, verify: Verify) -> Result<ParsedImage, ImageError> {
     let image = if index.locate("manifest.json").is_some() {
         parse_docker(index)?
     } else if index.locate("index.json").is_some() {
@@ -1089,7 +1172,7 @@ fn parse_image(index: &ArchiveIndex) -> Result<ParsedImage, ImageError> {
         }
     }
     for (layer, check) in image.layers.iter().zip(&image.checks) {
-        verify_layer(index, layer, check)?;
+        verify_layer(index, layer, check, verify)?;
     }
     Ok(image)
 }

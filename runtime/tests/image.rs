@@ -741,6 +741,77 @@ fn insert_verified_checks_the_digest_and_the_content() {
     assert_rootfs(&store.rootfs(&digest).unwrap());
 }
 
+/// An archive received from a peer, its sha256 checked in transfer: stored
+/// and parsed without a second hash. A packed registry archive: its blobs
+/// were checked on arrival, so only the diff_ids are, and a layer that does
+/// not unpack to its diff_id is still refused with nothing stored.
+#[test]
+fn received_and_packed_archives_skip_what_was_checked_already() {
+    let fx = Fixture::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(dir.path().join("store")).unwrap();
+    let nothing_stored = |store: &ImageStore| {
+        assert!(store.list().unwrap().is_empty());
+        for sub in ["blobs", "rootfs", "tmp"] {
+            assert!(
+                files_in(&dir.path().join("store").join(sub)).is_empty(),
+                "{sub}"
+            );
+        }
+    };
+    let archive = docker_archive(&fx.layers, &fx.config, &["ployz/test:v1"]);
+    let digest = sha256(&archive);
+
+    // Not an image, whatever digest the sender vouched for.
+    let junk = b"not an image".to_vec();
+    let tmp = store.temp_path();
+    fs::write(&tmp, &junk).unwrap();
+    assert!(matches!(
+        store.insert_received(&tmp, &sha256(&junk)),
+        Err(ImageError::NotAnImage { .. })
+    ));
+    assert!(!tmp.exists());
+    nothing_stored(&store);
+    let tmp = store.temp_path();
+    fs::write(&tmp, &archive).unwrap();
+    assert!(matches!(
+        store.insert_received(&tmp, "sha256:abc"),
+        Err(ImageError::InvalidDigest { .. })
+    ));
+    nothing_stored(&store);
+
+    // A layer that does not unpack to the config's diff_id: a packed
+    // archive is still checked for that.
+    let layer0 = find(&archive, &fx.layers[0]);
+    let mut flipped = archive.clone();
+    flipped[layer0 + fx.layers[0].len() / 2] ^= 0x55;
+    let tmp = store.temp_path();
+    fs::write(&tmp, &flipped).unwrap();
+    let err = store.insert_packed(&tmp, &sha256(&flipped)).unwrap_err();
+    assert!(err.to_string().contains("diff_ids"), "{err}");
+    assert!(!tmp.exists());
+    nothing_stored(&store);
+
+    // The good archive, received: the same image an import of the same
+    // bytes gives, and a root filesystem from it.
+    let tmp = store.temp_path();
+    fs::write(&tmp, &archive).unwrap();
+    let info = store.insert_received(&tmp, &digest).unwrap();
+    assert!(!tmp.exists());
+    assert_eq!(info.digest, digest);
+    assert_eq!(info.names, ["ployz/test:v1"]);
+    let other = ImageStore::open(dir.path().join("other")).unwrap();
+    let path = write(dir.path(), "image.tar", &archive);
+    assert_eq!(other.import_path(&path).unwrap(), info);
+    assert_rootfs(&store.rootfs(&digest).unwrap());
+
+    // Packed, on a third machine: the same again.
+    let third = ImageStore::open(dir.path().join("third")).unwrap();
+    let tmp = third.temp_path();
+    fs::write(&tmp, &archive).unwrap();
+    assert_eq!(third.insert_packed(&tmp, &digest).unwrap(), info);
+}
+
 /// Builds an image from `layers`, imports it (which succeeds: layers are
 /// checked when unpacked) and returns the store's answer to `rootfs`.
 fn unpack(

@@ -149,6 +149,8 @@ fn main() {
             for m in &ms {
                 for l in m.log().lines().filter(|l| {
                     l.contains("image fetched")
+                        || l.contains("image pulled")
+                        || l.contains("root filesystem ready")
                         || l.contains("instance started")
                         || l.contains("operation started")
                 }) {

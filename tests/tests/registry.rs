@@ -388,6 +388,47 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
     assert!(msg.contains("manifest unknown"), "{v}");
     assert!(!service_names(&ms[0]).contains(&"web2".to_string()));
 
+    // A blob that does not match its digest (a layer flipped in the
+    // registry's storage): refused, nothing stored, no service.
+    let bad = format!("{}/ployz/bad:1", open.addr);
+    let bimage = padded_busybox_image(tmp.path(), "ployz-bad", HTTPD, 3000);
+    skopeo_push(&tb.hosts[0], &bimage, &bad, None);
+    let digests = |r: &str| -> Vec<String> {
+        skopeo_raw_manifest(&tb.hosts[0], r)["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let shared = digests(&reference);
+    let own: Vec<String> = digests(&bad)
+        .into_iter()
+        .filter(|d| !shared.contains(d))
+        .collect();
+    assert!(!own.is_empty(), "the image has no layer of its own");
+    let hex = own[0].strip_prefix("sha256:").unwrap();
+    let data = tmp
+        .path()
+        .join("reg-5000/docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&data, &bytes).unwrap();
+    let (code, v) = ms[0].try_deploy(&["bad", "--image", &bad]);
+    assert_ne!(code, Some(0), "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("does not match its digest"), "{v}");
+    assert!(msg.contains(&own[0]), "{v}");
+    assert!(!service_names(&ms[0]).contains(&"bad".to_string()));
+    let leftovers: Vec<_> = std::fs::read_dir(ms[0].data_dir().join("images/tmp"))
+        .unwrap()
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
     // A wrong password: refused at login (exit 8), nothing stored, never
     // printed; without credentials, the deploy is refused (exit 8) too.
     let o = login(&ms[0], &authed.addr, "wrong-password");

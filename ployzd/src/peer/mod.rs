@@ -365,7 +365,11 @@ impl FrameConn for SecureConn {
     async fn recv(&mut self) -> io::Result<Option<Vec<u8>>> {
         match read_frame(&mut self.stream).await? {
             None => Ok(None),
-            Some(f) => self.rx.open(&f).map(Some).map_err(|e| bad(e.to_string())),
+            Some(f) => self
+                .rx
+                .open_owned(f)
+                .map(Some)
+                .map_err(|e| bad(e.to_string())),
         }
     }
 }
@@ -595,7 +599,7 @@ pub fn byte_stream(conn: SecureConn) -> tokio::io::DuplexStream {
         };
         let inbound = async {
             while let Some(f) = read_frame(&mut down.0).await? {
-                let plain = down.1.open(&f).map_err(|e| bad(e.to_string()))?;
+                let plain = down.1.open_owned(f).map_err(|e| bad(e.to_string()))?;
                 pipe_wr.write_all(&plain).await?;
             }
             io::Result::Ok(())

@@ -10,11 +10,15 @@
 //!   two random nonces (one per side), and numbers its frames; a recorded
 //!   frame cannot be replayed into another connection or out of order.
 //!
-//! ChaCha20-Poly1305 with HKDF-SHA256 throughout.
+//! ChaCha20-Poly1305 (RFC 8439, 96-bit nonce: 4 zero bytes, then the frame
+//! number big-endian; tag appended) with HKDF-SHA256 throughout. The AEAD is
+//! ring's: its assembly runs 3-4x faster here than a portable Rust one, and
+//! image archives and volumes stream through it (a test checks it against
+//! RustCrypto's `chacha20poly1305`, which sealed the frames of earlier
+//! versions: the wire format is the same).
 
-use chacha20poly1305::aead::{Aead, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use hkdf::Hkdf;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 
@@ -38,18 +42,25 @@ fn derive(ikm: &[u8], salt: &[u8], info: &[u8]) -> [u8; 32] {
 
 /// One direction of an encrypted, numbered frame stream.
 pub struct Sealer {
-    aead: ChaCha20Poly1305,
+    aead: LessSafeKey,
     counter: u64,
 }
+
+/// Bytes of the Poly1305 tag after each sealed frame.
+pub const TAG_LEN: usize = 16;
 
 impl Sealer {
     pub fn new(key: [u8; 32]) -> Sealer {
         Sealer {
-            aead: ChaCha20Poly1305::new(Key::from_slice(&key)),
+            aead: LessSafeKey::new(
+                UnboundKey::new(&CHACHA20_POLY1305, &key).expect("a 32-byte ChaCha20 key"),
+            ),
             counter: 0,
         }
     }
 
+    /// The next frame's nonce. Each is used once: the counter only grows,
+    /// and a failed open still consumes its number (the stream is dead then).
     fn nonce(&mut self) -> Result<Nonce, SealError> {
         if self.counter == u64::MAX {
             return Err(SealError::Exhausted);
@@ -57,22 +68,37 @@ impl Sealer {
         let mut n = [0u8; 12];
         n[4..].copy_from_slice(&self.counter.to_be_bytes());
         self.counter += 1;
-        Ok(*Nonce::from_slice(&n))
+        Ok(Nonce::assume_unique_for_key(n))
     }
 
     pub fn seal(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
         let nonce = self.nonce()?;
+        let mut out = Vec::with_capacity(plaintext.len() + TAG_LEN);
+        out.extend_from_slice(plaintext);
         self.aead
-            .encrypt(&nonce, plaintext)
-            .map_err(|_| SealError::Malformed)
+            .seal_in_place_append_tag(nonce, Aad::empty(), &mut out)
+            .map_err(|_| SealError::Malformed)?;
+        Ok(out)
     }
 
     /// Open the next frame; frames must arrive in order.
     pub fn open(&mut self, ciphertext: &[u8]) -> Result<Vec<u8>, SealError> {
+        self.open_owned(ciphertext.to_vec())
+    }
+
+    /// [`Sealer::open`], decrypting in the frame's own buffer.
+    pub fn open_owned(&mut self, mut buf: Vec<u8>) -> Result<Vec<u8>, SealError> {
         let nonce = self.nonce()?;
-        self.aead
-            .decrypt(&nonce, ciphertext)
-            .map_err(|_| SealError::Open)
+        if buf.len() < TAG_LEN {
+            return Err(SealError::Open);
+        }
+        let n = self
+            .aead
+            .open_in_place(nonce, Aad::empty(), &mut buf)
+            .map_err(|_| SealError::Open)?
+            .len();
+        buf.truncate(n);
+        Ok(buf)
     }
 }
 
@@ -171,6 +197,71 @@ impl JoinServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RFC 8439 section 2.8.2: the AEAD test vector (with its 8-byte AAD,
+    /// so through ring directly; the frames themselves carry no AAD).
+    #[test]
+    fn rfc8439_aead_vector() {
+        let key: Vec<u8> = (0x80u8..0xa0).collect();
+        let nonce = [
+            0x07, 0, 0, 0, 0x40, 0x41, 0x42, 0x43, 0x44, 0x45, 0x46, 0x47,
+        ];
+        let aad = [
+            0x50, 0x51, 0x52, 0x53, 0xc0, 0xc1, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xc7,
+        ];
+        let mut msg = b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, sunscreen would be it.".to_vec();
+        let k = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &key).unwrap());
+        k.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut msg,
+        )
+        .unwrap();
+        let hex: String = msg.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(hex.starts_with("d31a8d34648e60db7b86afbc53ef7ec2"), "{hex}");
+        assert!(hex.ends_with("1ae10b594f09e26a7e902ecbd0600691"), "{hex}");
+    }
+
+    /// Frames sealed here open with RustCrypto's ChaCha20-Poly1305 (what
+    /// earlier versions sealed with) and the other way round: machines of
+    /// both versions talk during a rolling `machine update`.
+    #[test]
+    fn same_frames_as_rustcrypto() {
+        use chacha20poly1305::aead::{Aead, KeyInit};
+        let key = [42u8; 32];
+        let theirs = chacha20poly1305::ChaCha20Poly1305::new(&key.into());
+        let nonce = |i: u64| {
+            let mut n = [0u8; 12];
+            n[4..].copy_from_slice(&i.to_be_bytes());
+            n
+        };
+        let mut tx = Sealer::new(key);
+        let mut rx = Sealer::new(key);
+        for (i, len) in [0usize, 1, 15, 16, 17, 63, 64, 65, 1000, 1 << 20]
+            .into_iter()
+            .enumerate()
+        {
+            let msg: Vec<u8> = (0..len).map(|j| (j * 7 + i) as u8).collect();
+            let ours = tx.seal(&msg).unwrap();
+            let n = nonce(i as u64);
+            assert_eq!(
+                theirs.decrypt((&n).into(), ours.as_slice()).unwrap(),
+                msg,
+                "len {len}"
+            );
+            let sealed = theirs.encrypt((&n).into(), msg.as_slice()).unwrap();
+            assert_eq!(sealed, ours, "len {len}");
+            assert_eq!(rx.open(&sealed).unwrap(), msg, "len {len}");
+        }
+        // Short or altered frames are refused, never a panic.
+        let mut rx = Sealer::new(key);
+        assert_eq!(rx.open(&[1, 2, 3]), Err(SealError::Open));
+        let mut tx = Sealer::new(key);
+        let mut bad = tx.seal(b"hello").unwrap();
+        bad[0] ^= 1;
+        let mut rx = Sealer::new(key);
+        assert_eq!(rx.open(&bad), Err(SealError::Open));
+    }
 
     #[test]
     fn session_round_trip_and_order() {

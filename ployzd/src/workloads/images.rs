@@ -38,10 +38,16 @@ impl Workloads {
         match (&w.runtime, info) {
             (AnyRuntime::Host(_), Some(info)) => {
                 let d = info.digest.clone();
+                let started = std::time::Instant::now();
                 let rootfs = tokio::task::spawn_blocking(move || store.rootfs(&d))
                     .await
                     .map_err(blocking_err)?
                     .map_err(|e| internal(e.to_string()))?;
+                tracing::info!(
+                    digest = %info.digest,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "root filesystem ready"
+                );
                 Ok((Image::Rootfs(rootfs), Some(info.config)))
             }
             (AnyRuntime::Host(_), None) => Err(ApiError::new(
@@ -145,17 +151,28 @@ impl Workloads {
             .await
             {
                 Ok((bytes, _)) => {
+                    let fetch_ms = started.elapsed().as_millis() as u64;
                     let s = store.clone();
                     let d = digest.clone();
                     let t = tmp.clone();
-                    let r = tokio::task::spawn_blocking(move || s.insert_verified(&t, &d))
+                    // fetch_blob checked the sha256 of what arrived
+                    // against `digest`: the same bytes its first machine
+                    // verified whole.
+                    let r = tokio::task::spawn_blocking(move || s.insert_received(&t, &d))
                         .await
                         .map_err(blocking_err)?;
                     match r {
                         Ok(info) => {
                             self.pulls
                                 .succeeded(PullSource::Peer, bytes, started.elapsed());
-                            tracing::info!(%digest, from = %src, "image fetched");
+                            tracing::info!(
+                                %digest,
+                                from = %src,
+                                bytes,
+                                fetch_ms,
+                                store_ms = started.elapsed().as_millis() as u64 - fetch_ms,
+                                "image fetched"
+                            );
                             return Ok(info);
                         }
                         Err(e) => {

@@ -187,6 +187,14 @@ impl Workloads {
             pulled.fetched_bytes,
             started.elapsed(),
         );
+        tracing::info!(
+            digest = %pulled.info.digest,
+            registry = %r.host,
+            bytes = pulled.fetched_bytes,
+            fetch_ms = pulled.fetch_time.as_millis() as u64,
+            store_ms = pulled.store_time.as_millis() as u64,
+            "image pulled from its registry"
+        );
         note(
             sink,
             service,
