@@ -374,16 +374,28 @@ impl ImageStore {
 
     /// [`ImageStore::insert_archive`] for an archive whose sha256 the caller
     /// computed while writing it (`digest`), packed from blobs whose own
-    /// digests were checked as they arrived: only the layers' diff_ids are
-    /// left to check (one decompression of each layer).
-    pub fn insert_packed(&self, tmp: &Path, digest: &str) -> Result<ImageInfo, ImageError> {
+    /// digests were checked as they arrived. The layers' diff_ids are checked
+    /// here (one decompression of each layer) unless `diff_ids_checked`: the
+    /// caller decompressed every layer as it arrived ([`layer_diff_id`]) and
+    /// found each equal to the config's.
+    pub fn insert_packed(
+        &self,
+        tmp: &Path,
+        digest: &str,
+        diff_ids_checked: bool,
+    ) -> Result<ImageInfo, ImageError> {
         if digest_hex(digest).is_none() || !digest.starts_with("sha256:") {
             let _ = fs::remove_file(tmp);
             return Err(ImageError::InvalidDigest {
                 digest: digest.to_string(),
             });
         }
-        self.store_temp(tmp, None, tmp, Some((digest.to_string(), Verify::DIFF_IDS)))
+        let verify = if diff_ids_checked {
+            Verify::NONE
+        } else {
+            Verify::DIFF_IDS
+        };
+        self.store_temp(tmp, None, tmp, Some((digest.to_string(), verify)))
     }
 
     /// Stores the archive at `tmp` (removing `tmp` whatever happens).
@@ -1598,9 +1610,35 @@ const WHY_DOTDOT: &str = "has a `..` component";
 const WHY_LINK_ESCAPE: &str = "goes through a symlink that leads outside the root filesystem";
 
 fn open_layer(index: &ArchiveIndex, member: &str) -> Result<Box<dyn Read>, ImageError> {
-    let mut raw = index.open_member(member)?;
+    decompressed(
+        index.open_member(member)?,
+        member,
+        io_err("read", &index.shown),
+    )
+}
+
+/// The diff_id of a layer blob whose bytes `raw` yields: `sha256:<hex>` of
+/// its uncompressed tar stream (plain, gzip or zstd, told apart by the first
+/// bytes, as when unpacking). For a pull that checks layers as they arrive.
+pub fn layer_diff_id(raw: impl Read + 'static, layer: &str) -> Result<String, ImageError> {
+    let unreadable = |e: io::Error| ImageError::BadLayer {
+        layer: layer.to_string(),
+        why: format!("it cannot be read to its end ({e})"),
+    };
+    let mut r = decompressed(raw, layer, unreadable)?;
+    let (digest, _) = hash_reader(&mut r).map_err(unreadable)?;
+    Ok(digest)
+}
+
+/// `raw` decompressed according to its first bytes; `io` maps an error
+/// reading them.
+fn decompressed(
+    mut raw: impl Read + 'static,
+    member: &str,
+    io: impl FnOnce(io::Error) -> ImageError,
+) -> Result<Box<dyn Read>, ImageError> {
     let mut head = [0u8; 6];
-    let n = read_up_to(&mut raw, &mut head).map_err(io_err("read", &index.shown))?;
+    let n = read_up_to(&mut raw, &mut head).map_err(io)?;
     let stream = io::Cursor::new(head[..n].to_vec()).chain(raw);
     match compression(&head[..n]) {
         Compression::Plain => Ok(Box::new(BufReader::with_capacity(256 * 1024, stream))),

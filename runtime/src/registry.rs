@@ -637,8 +637,16 @@ async fn fetch_and_pack(
 ) -> Result<(ImageInfo, u64, Duration), RegistryError> {
     let mut fetched = 0u64;
     let mut members = Vec::new();
-    for (what, desc) in
-        std::iter::once(("config", config)).chain(layers.iter().map(|l| ("layer", l)))
+    let mut diff_ids_checked = true;
+    // The config's diff_ids, once it is here: each layer is decompressed and
+    // hashed on a blocking thread while it downloads, so the archive needs
+    // no second reading before it is stored.
+    let mut diff_ids: Option<Vec<String>> = None;
+    // Layer blob hex -> the diff_id its bytes unpacked to.
+    let mut unpacked_to: std::collections::HashMap<String, String> = Default::default();
+    for (i, (what, desc)) in std::iter::once(("config", config))
+        .chain(layers.iter().map(|l| ("layer", l)))
+        .enumerate()
     {
         let hex = desc
             .digest
@@ -672,16 +680,46 @@ async fn fetch_and_pack(
                 .await
                 .map_err(|e| classify(r, access, &what_d, e))?
                 .stream;
+            let (tx, verifier) = match (i, &diff_ids) {
+                (1.., Some(_)) => {
+                    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
+                    let layer = what_d.clone();
+                    let reader = ChunkReader {
+                        rx,
+                        cur: bytes::Bytes::new(),
+                    };
+                    let h = tokio::task::spawn_blocking(move || {
+                        crate::image::layer_diff_id(reader, &layer)
+                    });
+                    (Some(tx), Some(h))
+                }
+                _ => (None, None),
+            };
             {
                 use futures_util::StreamExt;
                 use tokio::io::AsyncWriteExt;
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk.map_err(|e| classify_stream(r, access, &what_d, e))?;
+                    if let Some(tx) = &tx {
+                        // A verifier that stopped has its error to tell.
+                        let _ = tx.send(chunk.clone()).await;
+                    }
                     out.write_all(&chunk)
                         .await
                         .map_err(|e| store_io("write", &path, e))?;
                 }
                 out.flush().await.map_err(|e| store_io("write", &path, e))?;
+            }
+            drop(tx);
+            if let Some(h) = verifier {
+                let got = h
+                    .await
+                    .map_err(|e| RegistryError::Protocol {
+                        host: r.host.clone(),
+                        why: format!("checking {what_d} failed: {e}"),
+                    })?
+                    .map_err(RegistryError::Store)?;
+                unpacked_to.insert(hex.clone(), got);
             }
             let len = fs::metadata(&path)
                 .map_err(|e| store_io("read", &path, e))?
@@ -694,9 +732,30 @@ async fn fetch_and_pack(
                 });
             }
             fetched += len;
+            if i == 0 {
+                diff_ids = config_diff_ids(&path, layers.len());
+            }
+        }
+        if let (1.., Some(want)) = (i, &diff_ids) {
+            let want = &want[i - 1];
+            match unpacked_to.get(&hex) {
+                Some(got) if got == want => {}
+                Some(got) => {
+                    return Err(RegistryError::DigestMismatch {
+                        host: r.host.clone(),
+                        what: format!("layer {}", desc.digest),
+                        why: format!(
+                            "it unpacks to {got} but the image config's diff_ids say {want}"
+                        ),
+                    })
+                }
+                // Not checked on the way in: the store checks it.
+                None => diff_ids_checked = false,
+            }
         }
         members.push(hex);
     }
+    let diff_ids_checked = diff_ids_checked && diff_ids.is_some();
     let archive = store.temp_path();
     let name = match &pinned.tag {
         Some(t) => format!("{}/{}:{t}", pinned.host, pinned.repository),
@@ -710,7 +769,7 @@ async fn fetch_and_pack(
             .map_err(|e| store_io("write", &archive, e))
             .and_then(|digest| {
                 store2
-                    .insert_packed(&archive, &digest)
+                    .insert_packed(&archive, &digest, diff_ids_checked)
                     .map_err(RegistryError::from)
             });
         let _ = fs::remove_file(&archive);
@@ -722,6 +781,42 @@ async fn fetch_and_pack(
         why: format!("storing the image failed: {e}"),
     })??;
     Ok((info, fetched, storing.elapsed()))
+}
+
+/// The diff_ids of the image config at `path`, when it lists one per layer
+/// (else the store checks the layers after the pull, and reports what is
+/// wrong with the config).
+fn config_diff_ids(path: &Path, layers: usize) -> Option<Vec<String>> {
+    #[derive(serde::Deserialize)]
+    struct Config {
+        rootfs: RootFs,
+    }
+    #[derive(serde::Deserialize)]
+    struct RootFs {
+        diff_ids: Vec<String>,
+    }
+    let c: Config = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+    (c.rootfs.diff_ids.len() == layers).then_some(c.rootfs.diff_ids)
+}
+
+/// The bytes of a blob as they download, for a blocking reader.
+struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    cur: bytes::Bytes,
+}
+
+impl io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur.split_to(n));
+        Ok(n)
+    }
 }
 
 fn store_io(what: &'static str, path: &Path, source: io::Error) -> RegistryError {
@@ -919,7 +1014,7 @@ mod tests {
         let store = ImageStore::open(dir.path().join("store")).unwrap();
         let tmp = store.temp_path();
         fs::copy(&out, &tmp).unwrap();
-        let info = store.insert_packed(&tmp, &digest).unwrap();
+        let info = store.insert_packed(&tmp, &digest, false).unwrap();
         assert_eq!(info.digest, digest);
         assert_eq!(info.names, ["reg.example/app:1"]);
     }

@@ -1,10 +1,12 @@
 //! The image store against real archives built here from Debian's static
 //! busybox (and, when a dockerd runs, a real `docker save`): no mocks.
 
-use ployz_runtime::image::{sha256_file, ImageError, ImageFormat, ImageInfo, ImageStore};
+use ployz_runtime::image::{
+    layer_diff_id, sha256_file, ImageError, ImageFormat, ImageInfo, ImageStore,
+};
 use sha2::{Digest, Sha256};
 use std::fs;
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -787,7 +789,9 @@ fn received_and_packed_archives_skip_what_was_checked_already() {
     flipped[layer0 + fx.layers[0].len() / 2] ^= 0x55;
     let tmp = store.temp_path();
     fs::write(&tmp, &flipped).unwrap();
-    let err = store.insert_packed(&tmp, &sha256(&flipped)).unwrap_err();
+    let err = store
+        .insert_packed(&tmp, &sha256(&flipped), false)
+        .unwrap_err();
     assert!(err.to_string().contains("diff_ids"), "{err}");
     assert!(!tmp.exists());
     nothing_stored(&store);
@@ -805,11 +809,33 @@ fn received_and_packed_archives_skip_what_was_checked_already() {
     assert_eq!(other.import_path(&path).unwrap(), info);
     assert_rootfs(&store.rootfs(&digest).unwrap());
 
+    // The diff_id of each layer, from a stream, as a pull computes it
+    // while the layer arrives: plain and gzip give the same.
+    for layer in &fx.layers {
+        assert_eq!(
+            layer_diff_id(io::Cursor::new(layer.clone()), "l").unwrap(),
+            sha256(layer)
+        );
+        assert_eq!(
+            layer_diff_id(io::Cursor::new(gzip(layer)), "l").unwrap(),
+            sha256(layer)
+        );
+        assert_eq!(
+            layer_diff_id(io::Cursor::new(zstd(layer)), "l").unwrap(),
+            sha256(layer)
+        );
+    }
+    let cut = gzip(&fx.layers[0]);
+    assert!(matches!(
+        layer_diff_id(io::Cursor::new(cut[..cut.len() / 2].to_vec()), "l"),
+        Err(ImageError::BadLayer { .. })
+    ));
+
     // Packed, on a third machine: the same again.
     let third = ImageStore::open(dir.path().join("third")).unwrap();
     let tmp = third.temp_path();
     fs::write(&tmp, &archive).unwrap();
-    assert_eq!(third.insert_packed(&tmp, &digest).unwrap(), info);
+    assert_eq!(third.insert_packed(&tmp, &digest, false).unwrap(), info);
 }
 
 /// Builds an image from `layers`, imports it (which succeeds: layers are

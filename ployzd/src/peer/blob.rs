@@ -36,6 +36,8 @@ pub struct BlobSource {
 
 /// Bytes per frame of a blob stream.
 const BLOB_CHUNK: usize = 1 << 20;
+/// Frames queued between the network and the file, each way.
+const BLOB_QUEUE: usize = 4;
 /// Longest wait for the next frame of a blob stream.
 const BLOB_IDLE: Duration = Duration::from_secs(30);
 
@@ -69,7 +71,6 @@ pub async fn fetch_blob(
 ) -> Result<(u64, String), FetchError> {
     let r = async {
         use sha2::Digest as _;
-        use tokio::io::AsyncWriteExt;
         let io_err = |source: io::Error| FetchError::Io {
             addr: addr.to_string(),
             source,
@@ -103,23 +104,50 @@ pub async fn fetch_blob(
                 });
             }
         }
-        let mut file = tokio::fs::File::create(dest).await.map_err(io_err)?;
-        let mut hasher = sha2::Sha256::new();
+        // Hashing and writing run on a blocking thread, fed through a short
+        // queue, while this task receives and decrypts the next frames.
+        let file = tokio::fs::File::create(dest)
+            .await
+            .map_err(io_err)?
+            .into_std()
+            .await;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(BLOB_QUEUE);
+        let writer = tokio::task::spawn_blocking(move || -> io::Result<String> {
+            use std::io::Write;
+            let mut file = file;
+            let mut hasher = sha2::Sha256::new();
+            while let Some(chunk) = rx.blocking_recv() {
+                hasher.update(&chunk);
+                file.write_all(&chunk)?;
+            }
+            file.sync_all()?;
+            Ok(format!("sha256:{:x}", hasher.finalize()))
+        });
         let mut got = 0u64;
-        loop {
-            let chunk = next_blob_frame(&mut conn).await.map_err(io_err)?;
-            if chunk.is_empty() {
-                break;
+        let received = async {
+            loop {
+                let chunk = next_blob_frame(&mut conn).await?;
+                if chunk.is_empty() {
+                    break;
+                }
+                got += chunk.len() as u64;
+                if got > size {
+                    break;
+                }
+                if tx.send(chunk).await.is_err() {
+                    // The writer failed: its error says why.
+                    break;
+                }
             }
-            got += chunk.len() as u64;
-            if got > size {
-                break;
-            }
-            hasher.update(&chunk);
-            file.write_all(&chunk).await.map_err(io_err)?;
+            io::Result::Ok(())
         }
-        file.sync_all().await.map_err(io_err)?;
-        let actual = format!("sha256:{:x}", hasher.finalize());
+        .await;
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| io_err(io::Error::other(e.to_string())))?;
+        received.map_err(io_err)?;
+        let actual = written.map_err(io_err)?;
         if got != size || actual != sha256 {
             return Err(FetchError::Corrupt {
                 addr: addr.to_string(),
@@ -150,7 +178,6 @@ pub(super) async fn serve_blob<H: PeerHandler>(
     mut conn: SecureConn,
     handler: Arc<H>,
 ) -> io::Result<()> {
-    use tokio::io::AsyncReadExt;
     let Some(frame) = conn.recv().await? else {
         return Ok(());
     };
@@ -164,22 +191,42 @@ pub(super) async fn serve_blob<H: PeerHandler>(
         }
     };
     let result = async {
-        let mut file = tokio::fs::File::open(&src.path).await?;
+        let file = tokio::fs::File::open(&src.path).await?.into_std().await;
         let answer = BlobAnswer::Ok {
             size: src.size,
             sha256: src.sha256.clone(),
         };
         conn.send(&serde_json::to_vec(&answer).map_err(|e| bad(e.to_string()))?)
             .await?;
-        let mut buf = vec![0u8; BLOB_CHUNK];
-        let mut left = src.size;
-        while left > 0 {
-            let want = (left as usize).min(BLOB_CHUNK);
-            file.read_exact(&mut buf[..want]).await?;
-            conn.send(&buf[..want]).await?;
-            left -= want as u64;
+        // The file is read ahead on a blocking thread while this task seals
+        // and sends what was read.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<io::Result<Vec<u8>>>(BLOB_QUEUE);
+        let size = src.size;
+        let reader = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut file = file;
+            let mut left = size;
+            while left > 0 {
+                let want = (left as usize).min(BLOB_CHUNK);
+                let mut buf = vec![0u8; want];
+                let read = file.read_exact(&mut buf).map(|()| buf);
+                let failed = read.is_err();
+                if tx.blocking_send(read).is_err() || failed {
+                    return;
+                }
+                left -= want as u64;
+            }
+        });
+        let sent = async {
+            while let Some(chunk) = rx.recv().await {
+                conn.send(&chunk?).await?;
+            }
+            conn.send(&[]).await
         }
-        conn.send(&[]).await
+        .await;
+        drop(rx);
+        let _ = reader.await;
+        sent
     }
     .await;
     if src.temporary {

@@ -182,6 +182,12 @@ impl Workloads {
             self.pulls.failed(PullSource::Registry);
             pull_error(e)
         })?;
+        // A last report, whole: a pull quicker than one tick is still shown
+        // as a transfer (one line with its size without a terminal).
+        let total = progress.total.load(Ordering::Relaxed);
+        if total > 0 {
+            note_bytes(sink, service, "image", &message, total, Some(total));
+        }
         self.pulls.succeeded(
             PullSource::Registry,
             pulled.fetched_bytes,
