@@ -827,17 +827,25 @@ fn store_io(what: &'static str, path: &Path, source: io::Error) -> RegistryError
     })
 }
 
-/// A writer that hashes what passes through it.
-struct Hashing<W> {
-    inner: W,
+/// A writer to a file that hashes what passes through it and starts the
+/// file's writeback every [`crate::image::WRITEBACK_EVERY`] bytes.
+struct Hashing {
+    inner: BufWriter<File>,
     sha: sha2::Sha256,
+    unsynced: u64,
 }
 
-impl<W: Write> Write for Hashing<W> {
+impl Write for Hashing {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         use sha2::Digest;
         let n = self.inner.write(buf)?;
         self.sha.update(&buf[..n]);
+        self.unsynced += n as u64;
+        if self.unsynced >= crate::image::WRITEBACK_EVERY {
+            self.inner.flush()?;
+            crate::image::start_writeback(self.inner.get_ref());
+            self.unsynced = 0;
+        }
         Ok(n)
     }
 
@@ -855,6 +863,7 @@ fn write_archive(out: &Path, dir: &Path, members: &[String], name: &str) -> io::
     let mut tar = tar::Builder::new(Hashing {
         inner: BufWriter::with_capacity(1 << 20, file),
         sha: sha2::Sha256::new(),
+        unsynced: 0,
     });
     let blob = |hex: &str| format!("blobs/sha256/{hex}");
     let manifest = serde_json::json!([{

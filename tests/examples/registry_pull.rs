@@ -79,6 +79,11 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mb: usize = args.get(1).map_or(60, |a| a.parse().expect("MB"));
     let runs: usize = args.get(2).map_or(3, |a| a.parse().expect("RUNS"));
+    // REPLICAS=1|2 to see one machine's pull or one peer transfer alone.
+    let replicas: usize = std::env::var("REPLICAS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
 
     let tb = Testbed::new(3);
     let ms = cluster_on(&tb, "regbench");
@@ -142,7 +147,7 @@ fn main() {
             "--image",
             &format!("{remote}/{repo}"),
             "--replicas",
-            "3",
+            &replicas.to_string(),
             "--wait-secs",
             "0",
         ]);
@@ -155,7 +160,7 @@ fn main() {
                 .find(|s| s["name"] == name.as_str())?
                 .clone();
             let inst = svc["instances"].as_array()?;
-            (inst.len() == 3 && inst.iter().all(|i| i["state"] == "running")).then_some(())
+            (inst.len() == replicas && inst.iter().all(|i| i["state"] == "running")).then_some(())
         });
         let ployz_s = t.elapsed().as_secs_f64();
         assert!(

@@ -35,7 +35,7 @@ pub struct BlobSource {
 }
 
 /// Bytes per frame of a blob stream.
-const BLOB_CHUNK: usize = 1 << 20;
+const BLOB_CHUNK: usize = 256 << 10;
 /// Frames queued between the network and the file, each way.
 const BLOB_QUEUE: usize = 4;
 /// Longest wait for the next frame of a blob stream.
@@ -116,9 +116,16 @@ pub async fn fetch_blob(
             use std::io::Write;
             let mut file = file;
             let mut hasher = sha2::Sha256::new();
+            let mut unsynced = 0u64;
             while let Some(chunk) = rx.blocking_recv() {
                 hasher.update(&chunk);
                 file.write_all(&chunk)?;
+                unsynced += chunk.len() as u64;
+                if unsynced >= ployz_runtime::image::WRITEBACK_EVERY {
+                    // The sync_all below then finds little left to write.
+                    ployz_runtime::image::start_writeback(&file);
+                    unsynced = 0;
+                }
             }
             file.sync_all()?;
             Ok(format!("sha256:{:x}", hasher.finalize()))
