@@ -419,7 +419,7 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
     bytes[mid] ^= 0x55;
     std::fs::write(&data, &bytes).unwrap();
     let (code, v) = ms[0].try_deploy(&["bad", "--image", &bad]);
-    assert_ne!(code, Some(0), "{v}");
+    assert_eq!(code, Some(6), "{v}");
     let msg = v["error"]["message"].as_str().unwrap_or_default();
     assert!(msg.contains("does not match its digest"), "{v}");
     assert!(msg.contains(&own[0]), "{v}");
