@@ -471,11 +471,22 @@ impl Drop for Machine {
 /// A network on every host of `tb`: host 0 founds `network`, the others join
 /// with invites it creates and are active. Machine `i` runs on host `i`.
 pub fn cluster_on(tb: &netns::Testbed, network: &str) -> Vec<Machine> {
-    let founder = Machine::start_in(&tb.hosts[0], &[]);
+    cluster_on_with_env(tb, network, &[])
+}
+
+/// [`cluster_on`], machine `i` started with the environment `env[i]` (none
+/// past the end of `env`).
+pub fn cluster_on_with_env(
+    tb: &netns::Testbed,
+    network: &str,
+    env: &[&[(&str, &str)]],
+) -> Vec<Machine> {
+    let env_of = |i: usize| env.get(i).copied().unwrap_or(&[]);
+    let founder = Machine::start_in_with_env(&tb.hosts[0], &[], env_of(0));
     founder.ctl_json(&["mesh", "init", network]);
     let mut ms = vec![founder];
-    for h in &tb.hosts[1..] {
-        let m = Machine::start_in(h, &[]);
+    for (i, h) in tb.hosts.iter().enumerate().skip(1) {
+        let m = Machine::start_in_with_env(h, &[], env_of(i));
         let token = ms[0].invite();
         let s = m.ctl_json(&["machine", "invite", "import", "--token", &token]);
         assert_eq!(s["machine"]["lifecycle"], "active", "{s}");

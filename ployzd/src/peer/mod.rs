@@ -75,6 +75,10 @@ struct Hello {
     network_id: Option<String>,
     from: String,
     nonce: String,
+    /// The session cipher the caller offers besides ChaCha20-Poly1305
+    /// (`seal::Cipher`); earlier versions send none and ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cipher: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -84,6 +88,9 @@ struct HelloAck {
     nonce: String,
     #[serde(default)]
     error: Option<String>,
+    /// The offered cipher, when accepted; else ChaCha20-Poly1305.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cipher: Option<String>,
 }
 
 /// The network's shared secret, kept in `cluster.json` (0600).
@@ -398,6 +405,7 @@ pub async fn dial(
     let fut = async {
         let mut stream = connect(addr).await?;
         let ours = nonce();
+        let offer = seal::Cipher::preferred();
         send_json(
             &mut stream,
             &Hello {
@@ -406,6 +414,7 @@ pub async fn dial(
                 network_id: Some(secret.network_id.clone()),
                 from: me.to_string(),
                 nonce: b64url(&ours),
+                cipher: (offer != seal::Cipher::ChaCha20Poly1305).then(|| offer.name().to_string()),
             },
         )
         .await?;
@@ -414,11 +423,13 @@ pub async fn dial(
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, e));
         }
         let theirs = b64url_decode(&ack.nonce).map_err(|_| bad("bad nonce"))?;
-        let (c2s, s2c) = seal::session_keys(&key, &ours, &theirs, service.as_str());
+        let cipher = seal::Cipher::agreed(offer, ack.cipher.as_deref())
+            .map_err(|_| bad("the peer answered with a cipher that was not offered"))?;
+        let (c2s, s2c) = seal::session_keys_for(&key, &ours, &theirs, service.as_str(), cipher);
         Ok(SecureConn {
             stream,
-            tx: Sealer::new(c2s),
-            rx: Sealer::new(s2c),
+            tx: Sealer::with(cipher, c2s),
+            rx: Sealer::with(cipher, s2c),
         })
     };
     tokio::time::timeout(CONNECT_TIMEOUT, fut)
@@ -511,6 +522,7 @@ pub async fn join(
                 network_id: None,
                 from: me.to_string(),
                 nonce: String::new(),
+                cipher: None,
             },
         )
         .await?;
@@ -662,6 +674,7 @@ async fn serve_conn<H: PeerHandler>(
         machine_id: handler.machine_id().to_string(),
         nonce: String::new(),
         error: Some(why),
+        cipher: None,
     };
     let Some(secret) = handler.secret() else {
         send_json(
@@ -693,6 +706,7 @@ async fn serve_conn<H: PeerHandler>(
         return Ok(());
     }
     let ours = nonce();
+    let cipher = seal::Cipher::choose(hello.cipher.as_deref(), seal::Cipher::preferred());
     send_json(
         &mut stream,
         &HelloAck {
@@ -700,16 +714,22 @@ async fn serve_conn<H: PeerHandler>(
             machine_id: handler.machine_id().to_string(),
             nonce: b64url(&ours),
             error: None,
+            cipher: (cipher != seal::Cipher::ChaCha20Poly1305).then(|| cipher.name().to_string()),
         },
     )
     .await?;
     let theirs = b64url_decode(&hello.nonce).map_err(|_| bad("bad nonce"))?;
-    let (c2s, s2c) =
-        seal::session_keys(&secret.key_bytes()?, &theirs, &ours, hello.service.as_str());
+    let (c2s, s2c) = seal::session_keys_for(
+        &secret.key_bytes()?,
+        &theirs,
+        &ours,
+        hello.service.as_str(),
+        cipher,
+    );
     let mut conn = SecureConn {
         stream,
-        tx: Sealer::new(s2c),
-        rx: Sealer::new(c2s),
+        tx: Sealer::with(cipher, s2c),
+        rx: Sealer::with(cipher, c2s),
     };
     match hello.service {
         Service::Raft => ployz_consensus::network::serve_frames(conn, handler.raft()).await,
