@@ -795,6 +795,10 @@ fn config_diff_ids(path: &Path, layers: usize) -> Option<Vec<String>> {
     struct RootFs {
         diff_ids: Vec<String>,
     }
+    // Image metadata is small; the store refuses a config this large itself.
+    if fs::metadata(path).ok()?.len() > 16 << 20 {
+        return None;
+    }
     let c: Config = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
     (c.rootfs.diff_ids.len() == layers).then_some(c.rootfs.diff_ids)
 }
