@@ -4,6 +4,14 @@
 
 use super::*;
 
+/// Whether an instance of `svc` already runs (or starts) a generation newer
+/// than `svc`'s: a later deploy of the service wrote its record.
+fn superseded(svc: &ServiceRecord, records: &HashMap<String, InstanceRecord>) -> bool {
+    records
+        .values()
+        .any(|i| i.service == svc.name && i.generation > svc.generation)
+}
+
 impl Workloads {
     /// Replaces the `pinned` instances of `record` one at a time: unpin one,
     /// wait until its machine runs it at the new generation steadily, then
@@ -115,7 +123,18 @@ impl Workloads {
                 return Ok(view);
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
-            view = Self::view_of(svc, &self.instances().await?, &HashSet::new());
+            let records = self.instances().await?;
+            // A newer deploy of the service took over (two deploys at once:
+            // the later one rolls what this one started). What this deploy
+            // started ran until then; the newer deploy answers for the rest.
+            if superseded(svc, &records) {
+                progress(
+                    "instances",
+                    "a newer deploy of the service took over".to_string(),
+                );
+                return Ok(view);
+            }
+            view = Self::view_of(svc, &records, &HashSet::new());
         }
     }
 
