@@ -332,6 +332,15 @@ fn files_in(dir: &Path) -> Vec<String> {
     v
 }
 
+/// The store at `root` lists no image and holds no blob, root filesystem or
+/// temp file (`case` names the case in a failure).
+fn assert_nothing_stored(store: &ImageStore, root: &Path, case: &str) {
+    assert!(store.list().unwrap().is_empty(), "{case}");
+    for sub in ["blobs", "rootfs", "tmp"] {
+        assert!(files_in(&root.join(sub)).is_empty(), "{case}: {sub}");
+    }
+}
+
 fn assert_config(info: &ImageInfo, fx: &Fixture) {
     assert_eq!(info.image_id, sha256(&fx.config));
     assert_eq!(info.config.cmd, ["sh", "-c", "echo hello"]);
@@ -678,15 +687,8 @@ fn insert_verified_checks_the_digest_and_the_content() {
     let store = ImageStore::open(dir.path().join("store")).unwrap();
     let archive = docker_archive(&fx.layers, &fx.config, &["ployz/test:v1"]);
     let digest = sha256(&archive);
-    let nothing_stored = |store: &ImageStore| {
-        assert!(store.list().unwrap().is_empty());
-        for sub in ["blobs", "rootfs", "tmp"] {
-            assert!(
-                files_in(&dir.path().join("store").join(sub)).is_empty(),
-                "{sub}"
-            );
-        }
-    };
+    let nothing_stored =
+        |store: &ImageStore| assert_nothing_stored(store, &dir.path().join("store"), "");
 
     let tmp = store.temp_path();
     assert!(tmp.starts_with(dir.path().join("store")));
@@ -752,15 +754,8 @@ fn received_and_packed_archives_skip_what_was_checked_already() {
     let fx = Fixture::new();
     let dir = tempfile::tempdir().unwrap();
     let store = ImageStore::open(dir.path().join("store")).unwrap();
-    let nothing_stored = |store: &ImageStore| {
-        assert!(store.list().unwrap().is_empty());
-        for sub in ["blobs", "rootfs", "tmp"] {
-            assert!(
-                files_in(&dir.path().join("store").join(sub)).is_empty(),
-                "{sub}"
-            );
-        }
-    };
+    let nothing_stored =
+        |store: &ImageStore| assert_nothing_stored(store, &dir.path().join("store"), "");
     let archive = docker_archive(&fx.layers, &fx.config, &["ployz/test:v1"]);
     let digest = sha256(&archive);
 
@@ -1135,13 +1130,7 @@ fn truncated_or_corrupt_archives_are_refused_and_store_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = ImageStore::open(dir.path().join("store")).unwrap();
     let nothing_stored = |store: &ImageStore, case: &str| {
-        assert!(store.list().unwrap().is_empty(), "{case}");
-        for sub in ["blobs", "rootfs", "tmp"] {
-            assert!(
-                files_in(&dir.path().join("store").join(sub)).is_empty(),
-                "{case}: {sub}"
-            );
-        }
+        assert_nothing_stored(store, &dir.path().join("store"), case)
     };
     let docker = docker_archive(&fx.layers, &fx.config, &["ployz/test:v1"]);
     let layer0 = find(&docker, &fx.layers[0]);

@@ -17,7 +17,7 @@
 
 use ployz_tests::images::noisy_busybox_image;
 use ployz_tests::netns::Testbed;
-use ployz_tests::{cluster_on, eventually, stdout};
+use ployz_tests::{cluster_on, eventually, eventually_every, stdout};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,23 +51,6 @@ fn run(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     stdout(&o)
-}
-
-/// Polls `f` every 50 ms (each poll is a `ployzctl` call, ~10 ms) until it
-/// returns `Some` or `timeout` passes: the time measured overshoots the
-/// moment the last instance ran by 25 ms on average, not 100 as with
-/// `eventually`'s 200 ms.
-fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -152,7 +135,9 @@ fn main() {
             "0",
         ]);
         assert!(matches!(code, Some(0 | 9)), "{v:#}");
-        let running = poll(Duration::from_secs(300), || {
+        // Every 50 ms (each poll is a `ployzctl` call, ~10 ms): the time
+        // measured overshoots the last instance's start by 25 ms on average.
+        let running = eventually_every(Duration::from_millis(50), Duration::from_secs(300), || {
             let ls = ms[0].ctl_json(&["service", "ls"]);
             let svc = ls["services"]
                 .as_array()?

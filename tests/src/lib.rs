@@ -12,7 +12,7 @@ pub mod images;
 pub mod linearizability;
 
 pub use ployz_testbed as netns;
-pub use ployz_testbed::eventually;
+pub use ployz_testbed::{eventually, eventually_every};
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
