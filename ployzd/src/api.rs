@@ -229,6 +229,7 @@ impl Daemon {
             PeerRequest::CheckPorts { service, ports } => {
                 PeerResponse::PortOwners(self.ingress.check_ports(&service, &ports))
             }
+            PeerRequest::Prefetch { pull, from } => self.workloads.prefetch(pull, from),
             PeerRequest::DropVolume { name } => answer(
                 self.workloads
                     .drop_volume(&name)
@@ -293,7 +294,7 @@ impl PeerHandler for Daemon {
         self.store.replica_events()
     }
 
-    async fn blob(&self, req: peer::BlobRequest) -> Result<peer::BlobSource, ApiError> {
+    async fn blob(&self, req: peer::BlobRequest) -> Result<peer::Blob, ApiError> {
         self.workloads.serve_blob(req).await
     }
 }

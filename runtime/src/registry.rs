@@ -22,7 +22,7 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 /// Docker Hub, the registry of a reference without a host.
@@ -258,11 +258,43 @@ pub enum RegistryError {
 }
 
 /// How far a pull got, for progress reports: bytes of the image's blobs
-/// received so far and their total (0 until the manifest is known).
-#[derive(Debug, Default)]
+/// received so far and their total (0 until the manifest is known); and the
+/// archive as it is written, for readers that follow it (peers fetching the
+/// image while it is still being pulled).
+#[derive(Debug)]
 pub struct PullProgress {
     pub done: AtomicU64,
     pub total: AtomicU64,
+    pub archive: Arc<tokio::sync::watch::Sender<ArchiveState>>,
+}
+
+impl Default for PullProgress {
+    fn default() -> Self {
+        PullProgress {
+            done: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            archive: Arc::new(tokio::sync::watch::Sender::new(ArchiveState::Waiting)),
+        }
+    }
+}
+
+/// A pull's archive seen from outside while it is written. The archive is
+/// written front to back once: the first `written` bytes of `file` never
+/// change again, so a reader may copy them (with `read_at`) at once.
+#[derive(Debug, Clone)]
+pub enum ArchiveState {
+    /// Not started (the manifest comes first).
+    Waiting,
+    /// The first `written` bytes are in `file`.
+    Writing { file: Arc<File>, written: u64 },
+    /// Whole, and stored as `digest`: `size` bytes, all in `file`.
+    Done {
+        file: Arc<File>,
+        size: u64,
+        digest: String,
+    },
+    /// The pull failed (nothing was stored): why.
+    Failed(String),
 }
 
 /// A writer that counts what passes through it into `n`.
@@ -581,6 +613,30 @@ pub async fn pull(
     access: &Access,
     progress: &PullProgress,
 ) -> Result<Pulled, RegistryError> {
+    match pull_and_store(store, r, access, progress).await {
+        Ok((pulled, file)) => {
+            progress.archive.send_replace(ArchiveState::Done {
+                file,
+                size: pulled.info.size,
+                digest: pulled.info.digest.clone(),
+            });
+            Ok(pulled)
+        }
+        Err(e) => {
+            progress
+                .archive
+                .send_replace(ArchiveState::Failed(e.to_string()));
+            Err(e)
+        }
+    }
+}
+
+async fn pull_and_store(
+    store: &ImageStore,
+    r: &ImageRef,
+    access: &Access,
+    progress: &PullProgress,
+) -> Result<(Pulled, Arc<File>), RegistryError> {
     let started = std::time::Instant::now();
     let c = client(r, access);
     let a = auth(access);
@@ -611,17 +667,38 @@ pub async fn pull(
     )
     .await;
     let _ = fs::remove_dir_all(&dir);
-    let (info, fetched_bytes, store_time) = res?;
-    Ok(Pulled {
+    let (info, file, fetched_bytes, store_time) = res?;
+    let pulled = Pulled {
         pinned,
         manifest_digest: digest,
         info,
         fetched_bytes,
         fetch_time: started.elapsed().saturating_sub(store_time),
         store_time,
-    })
+    };
+    Ok((pulled, file))
 }
 
+/// One member of the archive, handed to the packing thread in order.
+enum Pack {
+    /// A blob arriving from the registry: `size` bytes through `rx`.
+    Stream {
+        hex: String,
+        size: u64,
+        rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    },
+    /// A blob already in a file.
+    File { hex: String, path: PathBuf },
+    /// Every member was handed over: write `manifest.json`, end the archive.
+    Finish { manifest: Vec<u8> },
+}
+
+/// Fetches the config and layers and writes the archive while they arrive
+/// (one pass over each byte: the layers go from the network into the archive,
+/// through the diff_id check, never into a file of their own), then stores it.
+/// Returns the stored image, the archive's file (kept open for those
+/// following [`PullProgress::archive`]), the bytes fetched, and the time spent
+/// storing after the last byte arrived.
 #[allow(clippy::too_many_arguments)]
 async fn fetch_and_pack(
     store: &ImageStore,
@@ -634,7 +711,89 @@ async fn fetch_and_pack(
     dir: &Path,
     pinned: &ImageRef,
     progress: &PullProgress,
-) -> Result<(ImageInfo, u64, Duration), RegistryError> {
+) -> Result<(ImageInfo, Arc<File>, u64, Duration), RegistryError> {
+    let archive = store.temp_path();
+    let file = Arc::new(
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&archive)
+            .map_err(|e| store_io("create", &archive, e))?,
+    );
+    let (pack_tx, pack_rx) = tokio::sync::mpsc::channel::<Pack>(4);
+    let packer = {
+        let out = Tapped {
+            file: file.clone(),
+            written: 0,
+            tap: Some(progress.archive.clone()),
+        };
+        tokio::task::spawn_blocking(move || pack(out, pack_rx))
+    };
+    let fetched = fetch_members(c, oref, r, access, config, layers, dir, progress, &pack_tx).await;
+    let name = match &pinned.tag {
+        Some(t) => format!("{}/{}:{t}", pinned.host, pinned.repository),
+        None => pinned.canonical(),
+    };
+    if let Ok((members, _, _)) = &fetched {
+        let manifest =
+            archive_manifest(members, &name).map_err(|e| store_io("write", &archive, e))?;
+        // A packer that stopped has its error to tell (below).
+        let _ = pack_tx.send(Pack::Finish { manifest }).await;
+    }
+    drop(pack_tx);
+    let packed = packer.await.map_err(|e| RegistryError::Protocol {
+        host: r.host.clone(),
+        why: format!("writing the image archive failed: {e}"),
+    })?;
+    let storing = std::time::Instant::now();
+    let result = match (fetched, packed) {
+        (Err(Some(e)), _) => Err(e),
+        (_, Err(e)) => Err(store_io("write", &archive, e)),
+        (Err(None), Ok(_)) | (Ok(_), Ok(None)) => Err(store_io(
+            "write",
+            &archive,
+            io::Error::other("the archive writer stopped early"),
+        )),
+        (Ok((_, fetched, diff_ids_checked)), Ok(Some(digest))) => {
+            let store2 = store.clone();
+            let archive2 = archive.clone();
+            tokio::task::spawn_blocking(move || {
+                store2
+                    .insert_packed(&archive2, &digest, diff_ids_checked)
+                    .map_err(RegistryError::from)
+            })
+            .await
+            .map_err(|e| RegistryError::Protocol {
+                host: r.host.clone(),
+                why: format!("storing the image failed: {e}"),
+            })?
+            .map(|info| (info, fetched))
+        }
+    };
+    // Renamed into the store on success; a leftover otherwise.
+    let _ = fs::remove_file(&archive);
+    let (info, fetched) = result?;
+    Ok((info, file, fetched, storing.elapsed()))
+}
+
+/// Fetches every blob of the image in archive order and hands each to the
+/// packer. Returns the members (hex digests, config first), the bytes
+/// fetched and whether every layer's diff_id was checked on the way; `None`
+/// as the error when the packer stopped (its own error says why).
+#[allow(clippy::too_many_arguments)]
+async fn fetch_members(
+    c: &Client,
+    oref: &Reference,
+    r: &ImageRef,
+    access: &Access,
+    config: &OciDescriptor,
+    layers: &[OciDescriptor],
+    dir: &Path,
+    progress: &PullProgress,
+    pack: &tokio::sync::mpsc::Sender<Pack>,
+) -> Result<(Vec<String>, u64, bool), Option<RegistryError>> {
+    use futures_util::StreamExt;
     let mut fetched = 0u64;
     let mut members = Vec::new();
     let mut diff_ids_checked = true;
@@ -644,6 +803,7 @@ async fn fetch_and_pack(
     let mut diff_ids: Option<Vec<String>> = None;
     // Layer blob hex -> the diff_id its bytes unpacked to.
     let mut unpacked_to: std::collections::HashMap<String, String> = Default::default();
+    let mut seen = std::collections::HashSet::new();
     for (i, (what, desc)) in std::iter::once(("config", config))
         .chain(layers.iter().map(|l| ("layer", l)))
         .enumerate()
@@ -657,21 +817,8 @@ async fn fetch_and_pack(
                 why: format!("{what} digest `{}` is not sha256", desc.digest),
             })?
             .to_string();
-        let path = dir.join(&hex);
-        if !path.exists() {
-            let f = tokio::fs::File::create(&path)
-                .await
-                .map_err(|e| store_io("create", &path, e))?;
+        if seen.insert(hex.clone()) {
             let what_d = format!("{what} {}", desc.digest);
-            // Whole megabytes to the file (a tokio file write is a trip to
-            // the blocking pool; the network hands over ~16 KiB at a time).
-            let mut out = tokio::io::BufWriter::with_capacity(
-                1 << 20,
-                Counting {
-                    inner: f,
-                    n: &progress.done,
-                },
-            );
             // The stream checks the blob's digest (once, also when the
             // registry's Docker-Content-Digest header names the same one)
             // and fails at its end on a mismatch.
@@ -695,21 +842,83 @@ async fn fetch_and_pack(
                 }
                 _ => (None, None),
             };
-            {
-                use futures_util::StreamExt;
-                use tokio::io::AsyncWriteExt;
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|e| classify_stream(r, access, &what_d, e))?;
-                    if let Some(tx) = &tx {
-                        // A verifier that stopped has its error to tell.
-                        let _ = tx.send(chunk.clone()).await;
+            let mismatch = |len: u64| RegistryError::DigestMismatch {
+                host: r.host.clone(),
+                what: what_d.clone(),
+                why: format!("{len} bytes, the manifest says {}", desc.size),
+            };
+            let len = match u64::try_from(desc.size) {
+                // A layer of known size: into the archive as it arrives.
+                Ok(size) if i > 0 => {
+                    let (ptx, prx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
+                    pack.send(Pack::Stream {
+                        hex: hex.clone(),
+                        size,
+                        rx: prx,
+                    })
+                    .await
+                    .map_err(|_| None)?;
+                    let mut len = 0u64;
+                    while let Some(chunk) = stream.next().await {
+                        let chunk = chunk.map_err(|e| classify_stream(r, access, &what_d, e))?;
+                        len += chunk.len() as u64;
+                        if len > size {
+                            return Err(Some(mismatch(len)));
+                        }
+                        progress
+                            .done
+                            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        if let Some(tx) = &tx {
+                            // A verifier that stopped has its error to tell.
+                            let _ = tx.send(chunk.clone()).await;
+                        }
+                        ptx.send(chunk).await.map_err(|_| None)?;
                     }
-                    out.write_all(&chunk)
-                        .await
-                        .map_err(|e| store_io("write", &path, e))?;
+                    len
                 }
-                out.flush().await.map_err(|e| store_io("write", &path, e))?;
-            }
+                // The config (read for its diff_ids first), or a blob of
+                // unknown size: to a file, then into the archive.
+                _ => {
+                    use tokio::io::AsyncWriteExt;
+                    let path = dir.join(&hex);
+                    let f = tokio::fs::File::create(&path)
+                        .await
+                        .map_err(|e| store_io("create", &path, e))?;
+                    // Whole megabytes to the file (a tokio file write is a
+                    // trip to the blocking pool; the network hands over
+                    // ~16 KiB at a time).
+                    let mut out = tokio::io::BufWriter::with_capacity(
+                        1 << 20,
+                        Counting {
+                            inner: f,
+                            n: &progress.done,
+                        },
+                    );
+                    while let Some(chunk) = stream.next().await {
+                        let chunk = chunk.map_err(|e| classify_stream(r, access, &what_d, e))?;
+                        if let Some(tx) = &tx {
+                            let _ = tx.send(chunk.clone()).await;
+                        }
+                        out.write_all(&chunk)
+                            .await
+                            .map_err(|e| store_io("write", &path, e))?;
+                    }
+                    out.flush().await.map_err(|e| store_io("write", &path, e))?;
+                    let len = fs::metadata(&path)
+                        .map_err(|e| store_io("read", &path, e))?
+                        .len();
+                    if i == 0 {
+                        diff_ids = config_diff_ids(&path, layers.len());
+                    }
+                    pack.send(Pack::File {
+                        hex: hex.clone(),
+                        path,
+                    })
+                    .await
+                    .map_err(|_| None)?;
+                    len
+                }
+            };
             drop(tx);
             if let Some(h) = verifier {
                 let got = h
@@ -721,33 +930,23 @@ async fn fetch_and_pack(
                     .map_err(RegistryError::Store)?;
                 unpacked_to.insert(hex.clone(), got);
             }
-            let len = fs::metadata(&path)
-                .map_err(|e| store_io("read", &path, e))?
-                .len();
             if desc.size >= 0 && len != desc.size as u64 {
-                return Err(RegistryError::DigestMismatch {
-                    host: r.host.clone(),
-                    what: what_d,
-                    why: format!("{len} bytes, the manifest says {}", desc.size),
-                });
+                return Err(Some(mismatch(len)));
             }
             fetched += len;
-            if i == 0 {
-                diff_ids = config_diff_ids(&path, layers.len());
-            }
         }
         if let (1.., Some(want)) = (i, &diff_ids) {
             let want = &want[i - 1];
             match unpacked_to.get(&hex) {
                 Some(got) if got == want => {}
                 Some(got) => {
-                    return Err(RegistryError::DigestMismatch {
+                    return Err(Some(RegistryError::DigestMismatch {
                         host: r.host.clone(),
                         what: format!("layer {}", desc.digest),
                         why: format!(
                             "it unpacks to {got} but the image config's diff_ids say {want}"
                         ),
-                    })
+                    }))
                 }
                 // Not checked on the way in: the store checks it.
                 None => diff_ids_checked = false,
@@ -755,32 +954,7 @@ async fn fetch_and_pack(
         }
         members.push(hex);
     }
-    let diff_ids_checked = diff_ids_checked && diff_ids.is_some();
-    let archive = store.temp_path();
-    let name = match &pinned.tag {
-        Some(t) => format!("{}/{}:{t}", pinned.host, pinned.repository),
-        None => pinned.canonical(),
-    };
-    let store2 = store.clone();
-    let dir2 = dir.to_path_buf();
-    let storing = std::time::Instant::now();
-    let info = tokio::task::spawn_blocking(move || -> Result<ImageInfo, RegistryError> {
-        let res = write_archive(&archive, &dir2, &members, &name)
-            .map_err(|e| store_io("write", &archive, e))
-            .and_then(|digest| {
-                store2
-                    .insert_packed(&archive, &digest, diff_ids_checked)
-                    .map_err(RegistryError::from)
-            });
-        let _ = fs::remove_file(&archive);
-        res
-    })
-    .await
-    .map_err(|e| RegistryError::Protocol {
-        host: r.host.clone(),
-        why: format!("storing the image failed: {e}"),
-    })??;
-    Ok((info, fetched, storing.elapsed()))
+    Ok((members, fetched, diff_ids_checked && diff_ids.is_some()))
 }
 
 /// The diff_ids of the image config at `path`, when it lists one per layer
@@ -831,10 +1005,37 @@ fn store_io(what: &'static str, path: &Path, source: io::Error) -> RegistryError
     })
 }
 
+/// The archive's file as its writer sees it: every write is told to
+/// [`PullProgress::archive`]'s followers (whole buffers of the `BufWriter`
+/// above it, so about once per MiB).
+struct Tapped {
+    file: Arc<File>,
+    written: u64,
+    tap: Option<Arc<tokio::sync::watch::Sender<ArchiveState>>>,
+}
+
+impl Write for Tapped {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = (&*self.file).write(buf)?;
+        self.written += n as u64;
+        if let Some(tap) = &self.tap {
+            tap.send_replace(ArchiveState::Writing {
+                file: self.file.clone(),
+                written: self.written,
+            });
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A writer to a file that hashes what passes through it and starts the
 /// file's writeback every [`crate::image::WRITEBACK_EVERY`] bytes.
 struct Hashing {
-    inner: BufWriter<File>,
+    inner: BufWriter<Tapped>,
     sha: sha2::Sha256,
     unsynced: u64,
 }
@@ -847,7 +1048,7 @@ impl Write for Hashing {
         self.unsynced += n as u64;
         if self.unsynced >= crate::image::WRITEBACK_EVERY {
             self.inner.flush()?;
-            crate::image::start_writeback(self.inner.get_ref());
+            crate::image::start_writeback(&self.inner.get_ref().file);
             self.unsynced = 0;
         }
         Ok(n)
@@ -858,62 +1059,148 @@ impl Write for Hashing {
     }
 }
 
-/// Writes a `docker save` archive: `manifest.json` naming the config and the
-/// layers (in order) as `blobs/sha256/<hex>`, every member 0644, mtime 0.
-/// Returns the archive's `sha256:<hex>`, computed as it was written.
-fn write_archive(out: &Path, dir: &Path, members: &[String], name: &str) -> io::Result<String> {
-    use sha2::Digest;
-    let file = File::create(out)?;
-    let mut tar = tar::Builder::new(Hashing {
-        inner: BufWriter::with_capacity(1 << 20, file),
-        sha: sha2::Sha256::new(),
-        unsynced: 0,
+/// A reader that counts what it hands out.
+struct Measured<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: io::Read> io::Read for Measured<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+}
+
+fn blob_member(hex: &str) -> String {
+    format!("blobs/sha256/{hex}")
+}
+
+fn member_header(size: u64, kind: tar::EntryType) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(kind);
+    h.set_size(size);
+    h.set_mode(if kind == tar::EntryType::Directory {
+        0o755
+    } else {
+        0o644
     });
-    let blob = |hex: &str| format!("blobs/sha256/{hex}");
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h
+}
+
+/// `manifest.json` of the archive: the config and the layers (in order).
+fn archive_manifest(members: &[String], name: &str) -> io::Result<Vec<u8>> {
     let manifest = serde_json::json!([{
-        "Config": blob(&members[0]),
+        "Config": blob_member(&members[0]),
         "RepoTags": [name],
-        "Layers": members[1..].iter().map(|h| blob(h)).collect::<Vec<_>>(),
+        "Layers": members[1..].iter().map(|h| blob_member(h)).collect::<Vec<_>>(),
     }]);
-    let manifest = serde_json::to_vec(&manifest)?;
-    let header = |size: u64, kind: tar::EntryType| {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(kind);
-        h.set_size(size);
-        h.set_mode(if kind == tar::EntryType::Directory {
-            0o755
-        } else {
-            0o644
+    Ok(serde_json::to_vec(&manifest)?)
+}
+
+/// Writes a `docker save` archive front to back: the `blobs/` directories,
+/// each blob once as `blobs/sha256/<hex>` (in the order given), then
+/// `manifest.json`; every member 0644, mtime 0. Every machine that packs the
+/// same image writes the same bytes (the service record pins the archive's
+/// digest, and a machine that pulls it itself must arrive at that digest).
+struct Packer {
+    tar: tar::Builder<Hashing>,
+    written: std::collections::HashSet<String>,
+}
+
+impl Packer {
+    fn new(out: Tapped) -> io::Result<Packer> {
+        use sha2::Digest;
+        let mut tar = tar::Builder::new(Hashing {
+            inner: BufWriter::with_capacity(1 << 20, out),
+            sha: sha2::Sha256::new(),
+            unsynced: 0,
         });
-        h.set_mtime(0);
-        h.set_uid(0);
-        h.set_gid(0);
-        h
-    };
-    for d in ["blobs/", "blobs/sha256/"] {
-        let mut h = header(0, tar::EntryType::Directory);
-        tar.append_data(&mut h, d, io::empty())?;
-    }
-    let mut written = std::collections::HashSet::new();
-    for hex in members {
-        if !written.insert(hex.clone()) {
-            continue;
+        for d in ["blobs/", "blobs/sha256/"] {
+            let mut h = member_header(0, tar::EntryType::Directory);
+            tar.append_data(&mut h, d, io::empty())?;
         }
-        let p: PathBuf = dir.join(hex);
-        let f = File::open(&p)?;
-        let mut h = header(f.metadata()?.len(), tar::EntryType::Regular);
-        tar.append_data(&mut h, blob(hex), f)?;
+        Ok(Packer {
+            tar,
+            written: Default::default(),
+        })
     }
-    let mut h = header(manifest.len() as u64, tar::EntryType::Regular);
-    tar.append_data(&mut h, "manifest.json", &manifest[..])?;
-    let mut w = tar.into_inner()?;
-    w.flush()?;
-    let digest = format!("sha256:{:x}", w.sha.finalize());
-    w.inner
-        .into_inner()
-        .map_err(|e| e.into_error())?
-        .sync_all()?;
-    Ok(digest)
+
+    /// Appends blob `hex` (`size` bytes from `data`) unless it is in already.
+    fn member(&mut self, hex: &str, size: u64, data: impl io::Read) -> io::Result<()> {
+        if !self.written.insert(hex.to_string()) {
+            return Ok(());
+        }
+        let mut data = Measured { inner: data, n: 0 };
+        let mut h = member_header(size, tar::EntryType::Regular);
+        self.tar.append_data(&mut h, blob_member(hex), &mut data)?;
+        if data.n != size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("blob {hex}: {} bytes, the manifest says {size}", data.n),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ends the archive, makes it durable and returns its `sha256:<hex>`.
+    fn finish(mut self, manifest: &[u8]) -> io::Result<String> {
+        use sha2::Digest;
+        let mut h = member_header(manifest.len() as u64, tar::EntryType::Regular);
+        self.tar.append_data(&mut h, "manifest.json", manifest)?;
+        let mut w = self.tar.into_inner()?;
+        w.flush()?;
+        let digest = format!("sha256:{:x}", w.sha.finalize());
+        let out = w.inner.into_inner().map_err(|e| e.into_error())?;
+        out.file.sync_all()?;
+        Ok(digest)
+    }
+}
+
+/// The packing thread of a pull: members as they come, `Ok(None)` when the
+/// pull stopped before [`Pack::Finish`].
+fn pack(out: Tapped, mut rx: tokio::sync::mpsc::Receiver<Pack>) -> io::Result<Option<String>> {
+    let mut p = Packer::new(out)?;
+    while let Some(m) = rx.blocking_recv() {
+        match m {
+            Pack::Stream { hex, size, rx } => p.member(
+                &hex,
+                size,
+                ChunkReader {
+                    rx,
+                    cur: bytes::Bytes::new(),
+                },
+            )?,
+            Pack::File { hex, path } => {
+                let f = File::open(&path)?;
+                let size = f.metadata()?.len();
+                p.member(&hex, size, f)?
+            }
+            Pack::Finish { manifest } => return p.finish(&manifest).map(Some),
+        }
+    }
+    Ok(None)
+}
+
+/// Packs the blobs in `dir` (named by hex) into an archive at `out`, as a
+/// pull does; returns its digest.
+#[cfg(test)]
+fn write_archive(out: &Path, dir: &Path, members: &[String], name: &str) -> io::Result<String> {
+    let mut p = Packer::new(Tapped {
+        file: Arc::new(File::create(out)?),
+        written: 0,
+        tap: None,
+    })?;
+    for hex in members {
+        let f = File::open(dir.join(hex))?;
+        let size = f.metadata()?.len();
+        p.member(hex, size, f)?;
+    }
+    p.finish(&archive_manifest(members, name)?)
 }
 
 #[cfg(test)]
@@ -1024,6 +1311,14 @@ mod tests {
         let members = [hex(&config), hex(&layer)];
         let digest = write_archive(&out, &blobs, &members, "reg.example/app:1").unwrap();
         assert_eq!(digest, crate::image::sha256_file(&out).unwrap());
+        // The archive's bytes are part of the protocol between machines:
+        // one that pulls a pinned image itself must arrive at the digest the
+        // service record names (this one was written by the packer before
+        // pulls streamed into the archive).
+        assert_eq!(
+            digest,
+            "sha256:903749fc2961b15e1e0d0f99878e47f83f78d0e3c235d6d583818bfa1e978a71"
+        );
         let store = ImageStore::open(dir.path().join("store")).unwrap();
         let tmp = store.temp_path();
         fs::copy(&out, &tmp).unwrap();

@@ -17,7 +17,7 @@
 
 use ployz_tests::images::noisy_busybox_image;
 use ployz_tests::netns::Testbed;
-use ployz_tests::{cluster_on, eventually, eventually_every, stdout};
+use ployz_tests::{cluster_on_with_env, eventually, eventually_every, stdout};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -53,6 +53,42 @@ fn run(cmd: &mut Command) -> String {
     stdout(&o)
 }
 
+/// CPU time (ms, user + system) used so far by each process whose name is
+/// in `names`, summed per name (for BENCH_TRACE: CPU spent per phase).
+fn cpu_ms(names: &[&str]) -> Vec<(String, u64)> {
+    let tick = 100u64; // USER_HZ on Linux
+    let mut out: Vec<(String, u64)> = names.iter().map(|n| (n.to_string(), 0)).collect();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let (Some(u), Some(s)) = (f.get(11), f.get(12)) else {
+            continue;
+        };
+        let ms = (u.parse::<u64>().unwrap_or(0) + s.parse::<u64>().unwrap_or(0)) * 1000 / tick;
+        if let Some(slot) = out.iter_mut().find(|(n, _)| comm.starts_with(n.as_str())) {
+            slot.1 += ms;
+        }
+    }
+    out
+}
+
+fn cpu_delta(before: &[(String, u64)], after: &[(String, u64)]) -> String {
+    before
+        .iter()
+        .zip(after)
+        .map(|((n, b), (_, a))| format!("{n} {} ms", a.saturating_sub(*b)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+const CPU_OF: &[&str] = &["ployzd", "docker-registry", "dockerd", "containerd"];
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -69,7 +105,10 @@ fn main() {
         .unwrap_or(3);
 
     let tb = Testbed::new(3);
-    let ms = cluster_on(&tb, "regbench");
+    // BENCH_LOG=<filter>: the machines' RUST_LOG (e.g. `info,ployzd=debug`).
+    let filter = std::env::var("BENCH_LOG").unwrap_or_else(|_| "info".into());
+    let env: &[(&str, &str)] = &[("RUST_LOG", &filter)];
+    let ms = cluster_on_with_env(&tb, "regbench", &[env, env, env]);
     let tmp = tempfile::tempdir().unwrap();
     let port = 20000 + (std::process::id() % 20000) as u16;
     let root = tmp.path().join("registry");
@@ -121,6 +160,7 @@ fn main() {
             .arg(format!("docker://{local}/{repo}")));
         // ployz: 3 replicas on 3 machines.
         let off = log_len(&log);
+        let cpu0 = cpu_ms(CPU_OF);
         let t = Instant::now();
         let name = format!("big{r}");
         // With --wait-secs 0 the deploy returns once the record is written
@@ -153,6 +193,7 @@ fn main() {
             "{name} did not reach 3 running instances"
         );
         if std::env::var_os("BENCH_TRACE").is_some() {
+            println!("  cpu: {}", cpu_delta(&cpu0, &cpu_ms(CPU_OF)));
             for m in &ms {
                 for l in m.log().lines().filter(|l| {
                     l.contains("image fetched")
@@ -160,6 +201,7 @@ fn main() {
                         || l.contains("root filesystem ready")
                         || l.contains("instance started")
                         || l.contains("operation started")
+                        || l.contains("prefetch")
                 }) {
                     println!("  {l}");
                 }
@@ -172,6 +214,7 @@ fn main() {
         let reference = format!("{local}/{repo}");
         let off = log_len(&log);
         let mut pulls = Vec::new();
+        let cpu0 = cpu_ms(CPU_OF);
         for _ in 0..3 {
             let _ = Command::new("docker")
                 .args(["rmi", "-f", &reference])
@@ -179,6 +222,12 @@ fn main() {
             let t = Instant::now();
             run(Command::new("docker").args(["pull", "-q", &reference]));
             pulls.push(t.elapsed().as_secs_f64());
+        }
+        if std::env::var_os("BENCH_TRACE").is_some() {
+            println!(
+                "  cpu of 3 docker pulls: {}",
+                cpu_delta(&cpu0, &cpu_ms(CPU_OF))
+            );
         }
         let _ = Command::new("docker")
             .args(["rmi", "-f", &reference])

@@ -226,6 +226,18 @@ fn service_names(m: &Machine) -> Vec<String> {
         .collect()
 }
 
+/// Images a machine's log says it fetched from a peer after the service
+/// record named them (not while the deploy pulled them, not from a registry).
+fn fetched_from_peers(log: &str) -> usize {
+    log.lines()
+        .filter(|l| {
+            l.contains("image fetched")
+                && !l.contains("while its deploy pulled it")
+                && !l.contains("from its registry")
+        })
+        .count()
+}
+
 #[test]
 fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
     let tb = Testbed::new(3);
@@ -276,6 +288,16 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
     assert_eq!(v["image"], format!("{reference}@{want}").as_str(), "{v:#}");
     let ls = ms[2].ctl_json(&["service", "ls"]);
     assert_eq!(ls["services"][0]["manifest_digest"], want.as_str(), "{ls}");
+    // The other two machines followed the archive while machine 0 pulled it
+    // (placement was known when the pull began), not after the record.
+    for m in &ms[1..] {
+        let log = m.log();
+        assert!(
+            log.contains("image fetched while its deploy pulled it"),
+            "{log}"
+        );
+        assert_eq!(fetched_from_peers(&log), 0, "{log}");
+    }
 
     // zstd layers: skopeo pushes an image as an OCI manifest with a tar+zstd
     // layer; it runs on every machine like the gzip one. (A layer of its own:
@@ -333,10 +355,16 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
     }
     // With the registry gone, a machine new to the image gets it from a peer.
     drop(open);
+    let fetched = fetched_from_peers(&ms[1].log());
     let v = ms[0].ctl_json(&["service", "migrate", "solo", "--to", &ids[1]]);
     assert_eq!(v["instances"][0]["machine"], ids[1].as_str(), "{v:#}");
     assert_eq!(v["instances"][0]["state"], "running", "{v:#}");
-    assert!(ms[1].log().contains("image fetched"), "{}", ms[1].log());
+    assert_eq!(
+        fetched_from_peers(&ms[1].log()),
+        fetched + 1,
+        "{}",
+        ms[1].log()
+    );
     let m1 = scrape_metrics(&tb.hosts[1]);
     assert!(
         counter(&m1, r#"ployz_image_pulls_total{source="peer",result="ok"}"#) >= 1.0,
@@ -426,7 +454,15 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x55;
     std::fs::write(&data, &bytes).unwrap();
-    let (code, v) = ms[0].try_deploy(&["bad", "--image", &bad]);
+    let stored = |m: &Machine| {
+        std::fs::read_dir(m.data_dir().join("images/blobs"))
+            .unwrap()
+            .count()
+    };
+    let before: Vec<usize> = ms.iter().map(stored).collect();
+    // Three replicas: the other machines follow the pull, and drop what
+    // they received when it fails.
+    let (code, v) = ms[0].try_deploy(&["bad", "--image", &bad, "--replicas", "3"]);
     assert_eq!(code, Some(6), "{v}");
     let msg = v["error"]["message"].as_str().unwrap_or_default();
     assert!(msg.contains("does not match its digest"), "{v}");
@@ -436,6 +472,18 @@ fn deploys_from_a_registry_by_reference_with_pinned_digest_and_clear_errors() {
         .unwrap()
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    for m in &ms[1..] {
+        let failed = eventually(Duration::from_secs(20), || {
+            m.log().contains("prefetch failed").then_some(())
+        });
+        assert!(failed.is_some(), "{}", m.log());
+        let tmp_left: Vec<_> = std::fs::read_dir(m.data_dir().join("images/tmp"))
+            .unwrap()
+            .collect();
+        assert!(tmp_left.is_empty(), "{tmp_left:?}");
+    }
+    let after: Vec<usize> = ms.iter().map(stored).collect();
+    assert_eq!(before, after, "a failed pull stored something");
 
     // A wrong password: refused at login (exit 8), nothing stored, never
     // printed; without credentials, the deploy is refused (exit 8) too.

@@ -3,6 +3,7 @@
 //! announced first.
 
 use super::*;
+use ployz_api::ErrorCode;
 
 /// What a `blob` session asks for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -12,6 +13,10 @@ pub enum BlobRequest {
     Image { digest: String },
     /// A volume, packed as a tar archive.
     Volume { name: String },
+    /// The archive of the image pull `id` (a deploy's operation id) running
+    /// on the serving machine, sent while it is written. Earlier versions do
+    /// not know it and close the session.
+    Pulling { id: String },
 }
 
 /// The first answer of a `blob` session; `size` bytes follow in frames,
@@ -19,8 +24,24 @@ pub enum BlobRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BlobAnswer {
-    Ok { size: u64, sha256: String },
+    Ok {
+        size: u64,
+        sha256: String,
+    },
     Error(ApiError),
+    /// The blob is still being written: frames follow as it grows, then an
+    /// empty frame, then a last answer: `Ok` with its size and sha256, or
+    /// `Error` (the writer failed; nothing of it is to be kept).
+    Growing,
+}
+
+/// What a `blob` session serves.
+#[derive(Debug)]
+pub enum Blob {
+    /// A whole file.
+    File(BlobSource),
+    /// An image archive being written by a pull here.
+    Growing(tokio::sync::watch::Receiver<ployz_runtime::registry::ArchiveState>),
 }
 
 /// A file the handler serves for a `blob` session.
@@ -82,28 +103,34 @@ pub async fn fetch_blob(
             .await
             .map_err(io_err)?;
         let first = next_blob_frame(&mut conn).await.map_err(io_err)?;
-        let (size, sha256) = match serde_json::from_slice::<BlobAnswer>(&first)
+        let refused = |error| FetchError::Refused {
+            addr: addr.to_string(),
+            error,
+        };
+        let wrong = |size, sha256: String| match want_sha256 {
+            Some(want) if want != sha256 => Some(FetchError::Corrupt {
+                addr: addr.to_string(),
+                size,
+                got: 0,
+                expected: want.to_string(),
+                actual: sha256,
+            }),
+            _ => None,
+        };
+        // Size and sha256 announced first, or (a growing blob) at the end.
+        let announced = match serde_json::from_slice::<BlobAnswer>(&first)
             .map_err(|e| io_err(bad(e.to_string())))?
         {
-            BlobAnswer::Ok { size, sha256 } => (size, sha256),
-            BlobAnswer::Error(error) => {
-                return Err(FetchError::Refused {
-                    addr: addr.to_string(),
-                    error,
-                })
+            BlobAnswer::Ok { size, sha256 } => {
+                if let Some(e) = wrong(size, sha256.clone()) {
+                    return Err(e);
+                }
+                Some((size, sha256))
             }
+            BlobAnswer::Growing => None,
+            BlobAnswer::Error(error) => return Err(refused(error)),
         };
-        if let Some(want) = want_sha256 {
-            if want != sha256 {
-                return Err(FetchError::Corrupt {
-                    addr: addr.to_string(),
-                    size,
-                    got: 0,
-                    expected: want.to_string(),
-                    actual: sha256,
-                });
-            }
-        }
+        let limit = announced.as_ref().map_or(u64::MAX, |(size, _)| *size);
         // Hashing and writing run on a blocking thread, fed through a short
         // queue, while this task receives and decrypts the next frames.
         let file = tokio::fs::File::create(dest)
@@ -138,7 +165,7 @@ pub async fn fetch_blob(
                     break;
                 }
                 got += chunk.len() as u64;
-                if got > size {
+                if got > limit {
                     break;
                 }
                 if tx.send(chunk).await.is_err() {
@@ -154,6 +181,25 @@ pub async fn fetch_blob(
             .await
             .map_err(|e| io_err(io::Error::other(e.to_string())))?;
         received.map_err(io_err)?;
+        let (size, sha256) = match announced {
+            Some(a) => a,
+            None => match serde_json::from_slice::<BlobAnswer>(
+                &next_blob_frame(&mut conn).await.map_err(io_err)?,
+            )
+            .map_err(|e| io_err(bad(e.to_string())))?
+            {
+                BlobAnswer::Ok { size, sha256 } => {
+                    if let Some(e) = wrong(size, sha256.clone()) {
+                        return Err(e);
+                    }
+                    (size, sha256)
+                }
+                BlobAnswer::Error(error) => return Err(refused(error)),
+                BlobAnswer::Growing => {
+                    return Err(io_err(bad("a growing blob ended without its size")))
+                }
+            },
+        };
         let actual = written.map_err(io_err)?;
         if got != size || actual != sha256 {
             return Err(FetchError::Corrupt {
@@ -190,7 +236,8 @@ pub(super) async fn serve_blob<H: PeerHandler>(
     };
     let req: BlobRequest = serde_json::from_slice(&frame).map_err(|e| bad(e.to_string()))?;
     let src = match handler.blob(req).await {
-        Ok(src) => src,
+        Ok(Blob::File(src)) => src,
+        Ok(Blob::Growing(rx)) => return serve_growing(conn, rx).await,
         Err(e) => {
             let answer =
                 serde_json::to_vec(&BlobAnswer::Error(e)).map_err(|e| bad(e.to_string()))?;
@@ -240,4 +287,70 @@ pub(super) async fn serve_blob<H: PeerHandler>(
         let _ = tokio::fs::remove_file(&src.path).await;
     }
     result
+}
+
+/// Sends a pull's archive while it is written: what is written so far, then
+/// more as the pull reports it, then the end (size and digest once the image
+/// is stored, or the pull's error).
+async fn serve_growing(
+    mut conn: SecureConn,
+    mut rx: tokio::sync::watch::Receiver<ployz_runtime::registry::ArchiveState>,
+) -> io::Result<()> {
+    use ployz_runtime::registry::ArchiveState;
+    let json = |a: &BlobAnswer| serde_json::to_vec(a).map_err(|e| bad(e.to_string()));
+    conn.send(&json(&BlobAnswer::Growing)?).await?;
+    let mut sent = 0u64;
+    let mut closed = false;
+    let end = loop {
+        let state = rx.borrow_and_update().clone();
+        let (file, upto, end) = match state {
+            ArchiveState::Waiting => (None, 0, None),
+            ArchiveState::Writing { file, written } => (Some(file), written, None),
+            ArchiveState::Done { file, size, digest } => (
+                Some(file),
+                size,
+                Some(BlobAnswer::Ok {
+                    size,
+                    sha256: digest,
+                }),
+            ),
+            ArchiveState::Failed(why) => (
+                None,
+                0,
+                Some(BlobAnswer::Error(ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("the pull failed: {why}"),
+                ))),
+            ),
+        };
+        if let Some(file) = file {
+            while sent < upto {
+                let want = (upto - sent).min(BLOB_CHUNK as u64) as usize;
+                let f = file.clone();
+                let at = sent;
+                let chunk = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; want];
+                    f.read_exact_at(&mut buf, at).map(|()| buf)
+                })
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))??;
+                conn.send(&chunk).await?;
+                sent += want as u64;
+            }
+        }
+        if let Some(end) = end {
+            break end;
+        }
+        if closed {
+            break BlobAnswer::Error(ApiError::new(
+                ErrorCode::Unavailable,
+                "the pull stopped before it finished",
+            ));
+        }
+        // Closed: one more look at the last state it left.
+        closed = rx.changed().await.is_err();
+    };
+    conn.send(&[]).await?;
+    conn.send(&json(&end)?).await
 }

@@ -18,7 +18,7 @@ mod blob;
 pub mod seal;
 
 use blob::serve_blob;
-pub use blob::{fetch_blob, BlobAnswer, BlobRequest, BlobSource, FetchError};
+pub use blob::{fetch_blob, Blob, BlobAnswer, BlobRequest, BlobSource, FetchError};
 
 use ployz_api::invite::{b64url, b64url_decode};
 use ployz_api::{ApiError, MachineRecord, NetworkRecord, Reply, Request};
@@ -203,6 +203,14 @@ pub enum PeerRequest {
         service: String,
         ports: Vec<ployz_api::PublishedPort>,
     },
+    /// Machine `from` is pulling an image for a deploy (operation `pull`)
+    /// that will likely place an instance here: fetch the archive from it
+    /// while it is written (`blob` `Pulling`). Answered at once; the fetch
+    /// runs in the background and is kept only if the pull succeeds.
+    Prefetch {
+        pull: String,
+        from: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -237,6 +245,8 @@ pub enum PeerResponse {
     Logs(String),
     /// Per port asked by `CheckPorts`: `None` free, else who holds it.
     PortOwners(Vec<Option<String>>),
+    /// A `Prefetch` was taken (or one for that pull already runs).
+    Prefetching,
     Error(ApiError),
 }
 
@@ -578,7 +588,7 @@ pub trait PeerHandler: Send + Sync + 'static {
     fn blob(
         &self,
         req: BlobRequest,
-    ) -> impl std::future::Future<Output = Result<BlobSource, ApiError>> + Send;
+    ) -> impl std::future::Future<Output = Result<Blob, ApiError>> + Send;
 }
 
 /// Size of the in-memory pipe between a byte-stream user and its sealed frames.

@@ -172,7 +172,7 @@ impl Workloads {
                 shipped_image(&req.image, &info, self.machine_id())
             }
             ImageSource::Registry => self
-                .pull_image(&req.image, &req.name, sink)
+                .pull_image(&req.image, &req.name, sink, Some((op.id(), req.replicas)))
                 .await
                 .map_err(unchanged)?,
             source @ (ImageSource::NameOrRegistry | ImageSource::Digest) => {
@@ -191,7 +191,7 @@ impl Workloads {
                     (Some(info), _) => shipped_image(&req.image, &info, self.machine_id()),
                     // Not stored here: a name is a Docker Hub reference.
                     (None, ImageSource::NameOrRegistry) => self
-                        .pull_image(&req.image, &req.name, sink)
+                        .pull_image(&req.image, &req.name, sink, Some((op.id(), req.replicas)))
                         .await
                         .map_err(unchanged)?,
                     // A digest is looked up by each machine in its store.
@@ -435,6 +435,21 @@ impl Workloads {
     /// Read-modify-write of a service record with compare-and-set. `change`
     /// gets the current record, the machines and their live-instance counts;
     /// it returns the new record, or `None` to delete it.
+    /// The machines, and how many live instances each runs (placement's input).
+    pub(super) async fn machines_and_load(
+        &self,
+    ) -> Result<(Vec<MachineRecord>, HashMap<String, usize>), ApiError> {
+        let machines: Vec<MachineRecord> =
+            self.store.values::<MachineRecord>(BUCKET_MACHINES).await?;
+        let mut load: HashMap<String, usize> = HashMap::new();
+        for i in self.store.list::<InstanceRecord>(BUCKET_INSTANCES).await? {
+            if i.value.is_live() {
+                *load.entry(i.value.machine).or_default() += 1;
+            }
+        }
+        Ok((machines, load))
+    }
+
     pub(super) async fn write_service(
         &self,
         name: &str,
@@ -449,14 +464,7 @@ impl Workloads {
                 .store
                 .get::<ServiceRecord>(BUCKET_SERVICES, name)
                 .await?;
-            let machines: Vec<MachineRecord> =
-                self.store.values::<MachineRecord>(BUCKET_MACHINES).await?;
-            let mut load: HashMap<String, usize> = HashMap::new();
-            for i in self.store.list::<InstanceRecord>(BUCKET_INSTANCES).await? {
-                if i.value.is_live() {
-                    *load.entry(i.value.machine).or_default() += 1;
-                }
-            }
+            let (machines, load) = self.machines_and_load().await?;
             let next = change(cur.as_ref().map(|c| &c.value), &machines, &load)?;
             let expect = match &cur {
                 Some(c) => Expect::Revision(c.revision),

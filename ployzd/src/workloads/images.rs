@@ -106,6 +106,9 @@ impl Workloads {
         svc: &ServiceRecord,
     ) -> Result<ImageInfo, ApiError> {
         let digest = svc.image.digest.clone().expect("called with a digest");
+        if let Some(info) = self.prefetched(store, svc, &digest).await {
+            return Ok(info);
+        }
         let secret = self.store.secret()?;
         let machines = self.store.list::<MachineRecord>(BUCKET_MACHINES).await?;
         let mut errors = Vec::new();

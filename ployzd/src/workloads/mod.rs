@@ -15,7 +15,9 @@
 //!   each instance's record and restarts unhealthy instances.
 //! - `migrate` ([`migrate`]) moves one instance with its volumes.
 //! - [`transfer`] serves and fetches blobs (images, volumes) between
-//!   machines; [`images`] prepares and collects images.
+//!   machines; [`images`] prepares and collects images; [`prefetch`] lets
+//!   the machines a deploy will likely place instances on fetch a registry
+//!   image from the deploying machine while it is still being pulled.
 //!
 //! State: the engine (runtime, image store, local workload state), opened
 //! on first use; everything else lives in the store.
@@ -26,6 +28,7 @@ pub mod health;
 mod images;
 mod migrate;
 pub mod placement;
+mod prefetch;
 mod probe;
 mod publish;
 pub mod pulls;
@@ -40,7 +43,7 @@ use crate::control::ControlPlane;
 use crate::errors::{internal, invalid, note, note_bytes, refused, ProgressSink};
 use crate::ops::{OpHandle, Operations};
 use crate::overlay::Overlay;
-use crate::peer::{self, BlobRequest, BlobSource, PeerRequest, PeerResponse};
+use crate::peer::{self, Blob, BlobRequest, BlobSource, PeerRequest, PeerResponse};
 use crate::store::{self, put, Store, Versioned, CAS_RETRIES};
 use engine::*;
 use placement::candidates;
@@ -118,6 +121,8 @@ pub struct Workloads {
     kick: Arc<tokio::sync::Notify>,
     /// Image pulls this machine made, for `/metrics`.
     pulls: pulls::PullMetrics,
+    /// Pulls here that peers follow, and peers' pulls followed from here.
+    prefetch: Arc<prefetch::Prefetches>,
     /// This machine is leaving the network (`machine rm`): the reconciler
     /// starts nothing any more, whatever is still placed here.
     leaving: std::sync::atomic::AtomicBool,
@@ -145,6 +150,7 @@ impl Workloads {
             health: probe::HealthMonitor::new(),
             kick: Arc::new(tokio::sync::Notify::new()),
             pulls: pulls::PullMetrics::default(),
+            prefetch: Arc::default(),
             leaving: std::sync::atomic::AtomicBool::new(false),
         }
     }

@@ -141,11 +141,15 @@ impl Workloads {
     /// Pulls `reference` into this machine's image store (deploy's image
     /// step): the service record then pins the manifest digest and ships the
     /// archive like any stored image.
+    /// `follow`: the deploy's operation id and replicas, to let the
+    /// machines it will likely place instances on fetch the archive while
+    /// it is written ([`super::prefetch`]).
     pub(super) async fn pull_image(
         &self,
         reference: &str,
         service: &str,
         sink: &ProgressSink,
+        follow: Option<(&str, u32)>,
     ) -> Result<ServiceImage, ApiError> {
         let r = ImageRef::parse(reference).map_err(pull_error)?;
         let access = self.access(&r.host).await?;
@@ -160,24 +164,36 @@ impl Workloads {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         let message = format!("pull {}", r.canonical());
-        let pulled = loop {
-            tokio::select! {
-                res = &mut pull => break res,
-                _ = tick.tick() => {
-                    let total = progress.total.load(Ordering::Relaxed);
-                    if total > 0 {
-                        note_bytes(
-                            sink,
-                            service,
-                            "image",
-                            &message,
-                            progress.done.load(Ordering::Relaxed),
-                            Some(total),
-                        );
+        let pulling = async {
+            loop {
+                tokio::select! {
+                    res = &mut pull => break res,
+                    _ = tick.tick() => {
+                        let total = progress.total.load(Ordering::Relaxed);
+                        if total > 0 {
+                            note_bytes(
+                                sink,
+                                service,
+                                "image",
+                                &message,
+                                progress.done.load(Ordering::Relaxed),
+                                Some(total),
+                            );
+                        }
                     }
                 }
             }
         };
+        let offer = async {
+            if let Some((id, replicas)) = follow {
+                self.offer_pull(id, service, replicas, progress.archive.subscribe())
+                    .await;
+            }
+        };
+        let (pulled, ()) = tokio::join!(pulling, offer);
+        if let Some((id, _)) = follow {
+            self.pull_ended(id);
+        }
         let pulled = pulled.map_err(|e| {
             self.pulls.failed(PullSource::Registry);
             pull_error(e)

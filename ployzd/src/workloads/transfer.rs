@@ -5,8 +5,9 @@ use super::*;
 
 impl Workloads {
     /// Serve an image archive or a packed volume to a peer.
-    pub(crate) async fn serve_blob(&self, req: BlobRequest) -> Result<BlobSource, ApiError> {
+    pub(crate) async fn serve_blob(&self, req: BlobRequest) -> Result<Blob, ApiError> {
         match req {
+            BlobRequest::Pulling { id } => self.prefetch.serving(&id).map(Blob::Growing),
             BlobRequest::Image { digest } => {
                 let store = self.image_store()?;
                 let d = digest.clone();
@@ -28,12 +29,12 @@ impl Workloads {
                         ),
                     ));
                 };
-                Ok(BlobSource {
+                Ok(Blob::File(BlobSource {
                     path,
                     size: info.size,
                     sha256: info.digest,
                     temporary: false,
-                })
+                }))
             }
             BlobRequest::Volume { name } => {
                 validate_volume_name(&name)?;
@@ -42,6 +43,7 @@ impl Workloads {
                 tokio::task::spawn_blocking(move || pack_volume(&dir, &tmp_dir, &name))
                     .await
                     .map_err(blocking_err)?
+                    .map(Blob::File)
             }
         }
     }
