@@ -689,6 +689,46 @@ impl ImageStore {
         }
     }
 
+    /// A fresh directory in the store's temp area for a root filesystem
+    /// built while its image arrives (see [`layer_diff_id_unpacking`]).
+    pub fn rootfs_work_dir(&self) -> Result<PathBuf, ImageError> {
+        let work = self
+            .tmp_dir()
+            .join(format!("rootfs-incoming-{}", unique_suffix()));
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&work)
+            .map_err(io_err("create directory", &work))?;
+        Ok(work)
+    }
+
+    /// Makes `work`, a root filesystem built from every layer of the stored
+    /// image `digest` in order, that image's root filesystem (what
+    /// [`ImageStore::rootfs`] would have unpacked), unless it has one.
+    /// `work` is gone afterwards either way.
+    pub fn adopt_rootfs(&self, digest: &str, work: &Path) -> Result<PathBuf, ImageError> {
+        let res = (|| {
+            let hex = digest_hex(digest).ok_or_else(|| ImageError::InvalidDigest {
+                digest: digest.to_string(),
+            })?;
+            if !self.blob_file(hex).is_file() {
+                return Err(ImageError::UnknownImage {
+                    digest: digest.to_string(),
+                });
+            }
+            let dest = self.rootfs_dir(hex);
+            match fs::rename(work, &dest) {
+                Ok(()) => Ok(dest),
+                Err(_) if dest.is_dir() => Ok(dest),
+                Err(e) => Err(io_err("move root filesystem to", &dest)(e)),
+            }
+        })();
+        if work.exists() {
+            let _ = fs::remove_dir_all(work);
+        }
+        res
+    }
+
     /// Removes an image's archive, metadata and root filesystem. Removing an
     /// image that is not stored does nothing.
     pub fn remove(&self, digest: &str) -> Result<(), ImageError> {
@@ -1645,6 +1685,65 @@ pub fn layer_diff_id(raw: impl Read + 'static, layer: &str) -> Result<String, Im
     let mut r = decompressed(raw, layer, unreadable)?;
     let (digest, _) = hash_reader(&mut r).map_err(unreadable)?;
     Ok(digest)
+}
+
+/// [`layer_diff_id`], and the layer's entries applied to the root
+/// filesystem under construction at `root` on the way (the layers of an
+/// image in their order, as [`ImageStore::rootfs`] does). Returns the
+/// diff_id and whether the layer was applied: a layer that is no readable
+/// tar stream (or that cannot be applied) still gets its diff_id, and the
+/// caller drops the half-built tree (`rootfs` then reports what is wrong).
+pub fn layer_diff_id_unpacking(
+    raw: impl Read + 'static,
+    layer: &str,
+    root: &Path,
+) -> Result<(String, bool), ImageError> {
+    let unreadable = |e: io::Error| ImageError::BadLayer {
+        layer: layer.to_string(),
+        why: format!("it cannot be read to its end ({e})"),
+    };
+    let r = decompressed(raw, layer, unreadable)?;
+    let mut tee = HashingReader {
+        inner: r,
+        sha: Sha256::new(),
+    };
+    let applied = {
+        let mut archive = tar::Archive::new(&mut tee);
+        let mut unpacker = Unpacker {
+            root,
+            layer,
+            seen: HashSet::new(),
+            dir_modes: Vec::new(),
+        };
+        let mut apply = || -> Result<(), ImageError> {
+            let bad = |e: io::Error| ImageError::BadLayer {
+                layer: layer.to_string(),
+                why: format!("it is not a readable tar stream ({e})"),
+            };
+            for entry in archive.entries().map_err(bad)? {
+                unpacker.apply(&mut entry.map_err(bad)?)?;
+            }
+            Ok(())
+        };
+        apply().and_then(|()| unpacker.finish()).is_ok()
+    };
+    // Whatever follows the tar stream (its padding) is part of the diff_id.
+    io::copy(&mut tee, &mut io::sink()).map_err(unreadable)?;
+    Ok((format!("sha256:{:x}", tee.sha.finalize()), applied))
+}
+
+/// A reader that hashes what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    sha: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sha.update(&buf[..n]);
+        Ok(n)
+    }
 }
 
 /// `raw` decompressed according to its first bytes; `io` maps an error

@@ -345,6 +345,9 @@ pub struct Pulled {
     /// Time spent fetching (manifest and blobs) and storing (archive, checks).
     pub fetch_time: Duration,
     pub store_time: Duration,
+    /// Whether the image's root filesystem was built on the way (see
+    /// [`pull`]'s `unpack`).
+    pub unpacked: bool,
 }
 
 fn install_crypto() {
@@ -612,8 +615,9 @@ pub async fn pull(
     r: &ImageRef,
     access: &Access,
     progress: &PullProgress,
+    unpack: bool,
 ) -> Result<Pulled, RegistryError> {
-    match pull_and_store(store, r, access, progress).await {
+    match pull_and_store(store, r, access, progress, unpack).await {
         Ok((pulled, file)) => {
             progress.archive.send_replace(ArchiveState::Done {
                 file,
@@ -636,6 +640,7 @@ async fn pull_and_store(
     r: &ImageRef,
     access: &Access,
     progress: &PullProgress,
+    unpack: bool,
 ) -> Result<(Pulled, Arc<File>), RegistryError> {
     let started = std::time::Instant::now();
     let c = client(r, access);
@@ -664,10 +669,11 @@ async fn pull_and_store(
         &dir,
         &pinned,
         progress,
+        unpack,
     )
     .await;
     let _ = fs::remove_dir_all(&dir);
-    let (info, file, fetched_bytes, store_time) = res?;
+    let (info, file, fetched_bytes, store_time, unpacked) = res?;
     let pulled = Pulled {
         pinned,
         manifest_digest: digest,
@@ -675,6 +681,7 @@ async fn pull_and_store(
         fetched_bytes,
         fetch_time: started.elapsed().saturating_sub(store_time),
         store_time,
+        unpacked,
     };
     Ok((pulled, file))
 }
@@ -711,7 +718,48 @@ async fn fetch_and_pack(
     dir: &Path,
     pinned: &ImageRef,
     progress: &PullProgress,
-) -> Result<(ImageInfo, Arc<File>, u64, Duration), RegistryError> {
+    unpack: bool,
+) -> Result<(ImageInfo, Arc<File>, u64, Duration, bool), RegistryError> {
+    let work = if unpack {
+        Some(store.rootfs_work_dir()?)
+    } else {
+        None
+    };
+    let res = fetch_and_pack_into(
+        store,
+        c,
+        oref,
+        r,
+        access,
+        config,
+        layers,
+        dir,
+        pinned,
+        progress,
+        work.as_deref(),
+    )
+    .await;
+    if let Some(w) = &work {
+        // Adopted into the store, or a leftover.
+        let _ = fs::remove_dir_all(w);
+    }
+    res
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fetch_and_pack_into(
+    store: &ImageStore,
+    c: &Client,
+    oref: &Reference,
+    r: &ImageRef,
+    access: &Access,
+    config: &OciDescriptor,
+    layers: &[OciDescriptor],
+    dir: &Path,
+    pinned: &ImageRef,
+    progress: &PullProgress,
+    work: Option<&Path>,
+) -> Result<(ImageInfo, Arc<File>, u64, Duration, bool), RegistryError> {
     let archive = store.temp_path();
     let file = Arc::new(
         fs::OpenOptions::new()
@@ -730,12 +778,15 @@ async fn fetch_and_pack(
         };
         tokio::task::spawn_blocking(move || pack(out, pack_rx))
     };
-    let fetched = fetch_members(c, oref, r, access, config, layers, dir, progress, &pack_tx).await;
+    let fetched = fetch_members(
+        c, oref, r, access, config, layers, dir, progress, &pack_tx, work,
+    )
+    .await;
     let name = match &pinned.tag {
         Some(t) => format!("{}/{}:{t}", pinned.host, pinned.repository),
         None => pinned.canonical(),
     };
-    if let Ok((members, _, _)) = &fetched {
+    if let Ok((members, ..)) = &fetched {
         let manifest =
             archive_manifest(members, &name).map_err(|e| store_io("write", &archive, e))?;
         // A packer that stopped has its error to tell (below).
@@ -755,26 +806,38 @@ async fn fetch_and_pack(
             &archive,
             io::Error::other("the archive writer stopped early"),
         )),
-        (Ok((_, fetched, diff_ids_checked)), Ok(Some(digest))) => {
+        (Ok((_, fetched, diff_ids_checked, built)), Ok(Some(digest))) => {
             let store2 = store.clone();
             let archive2 = archive.clone();
+            let built = work.filter(|_| built).map(Path::to_path_buf);
             tokio::task::spawn_blocking(move || {
-                store2
-                    .insert_packed(&archive2, &digest, diff_ids_checked)
-                    .map_err(RegistryError::from)
+                let info = store2.insert_packed(&archive2, &digest, diff_ids_checked)?;
+                // Every layer was applied in order on the way in: that tree
+                // is the image's root filesystem.
+                let unpacked = match built {
+                    Some(w) => match store2.adopt_rootfs(&info.digest, &w) {
+                        Ok(_) => true,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "root filesystem built during the pull not kept");
+                            false
+                        }
+                    },
+                    None => false,
+                };
+                Ok::<_, RegistryError>((info, unpacked))
             })
             .await
             .map_err(|e| RegistryError::Protocol {
                 host: r.host.clone(),
                 why: format!("storing the image failed: {e}"),
             })?
-            .map(|info| (info, fetched))
+            .map(|(info, unpacked)| (info, fetched, unpacked))
         }
     };
     // Renamed into the store on success; a leftover otherwise.
     let _ = fs::remove_file(&archive);
-    let (info, fetched) = result?;
-    Ok((info, file, fetched, storing.elapsed()))
+    let (info, fetched, unpacked) = result?;
+    Ok((info, file, fetched, storing.elapsed(), unpacked))
 }
 
 /// Fetches every blob of the image in archive order and hands each to the
@@ -792,7 +855,8 @@ async fn fetch_members(
     dir: &Path,
     progress: &PullProgress,
     pack: &tokio::sync::mpsc::Sender<Pack>,
-) -> Result<(Vec<String>, u64, bool), Option<RegistryError>> {
+    work: Option<&Path>,
+) -> Result<(Vec<String>, u64, bool, bool), Option<RegistryError>> {
     use futures_util::StreamExt;
     let mut fetched = 0u64;
     let mut members = Vec::new();
@@ -804,6 +868,8 @@ async fn fetch_members(
     // Layer blob hex -> the diff_id its bytes unpacked to.
     let mut unpacked_to: std::collections::HashMap<String, String> = Default::default();
     let mut seen = std::collections::HashSet::new();
+    // Whether `work` holds every layer so far, applied in order.
+    let mut built = work.is_some();
     for (i, (what, desc)) in std::iter::once(("config", config))
         .chain(layers.iter().map(|l| ("layer", l)))
         .enumerate()
@@ -835,13 +901,18 @@ async fn fetch_members(
                         rx,
                         cur: bytes::Bytes::new(),
                     };
-                    let h = tokio::task::spawn_blocking(move || {
-                        crate::image::layer_diff_id(reader, &layer)
+                    let root = work.filter(|_| built).map(Path::to_path_buf);
+                    let h = tokio::task::spawn_blocking(move || match root {
+                        Some(root) => crate::image::layer_diff_id_unpacking(reader, &layer, &root),
+                        None => crate::image::layer_diff_id(reader, &layer).map(|d| (d, false)),
                     });
                     (Some(tx), Some(h))
                 }
                 _ => (None, None),
             };
+            if i > 0 && verifier.is_none() {
+                built = false;
+            }
             let mismatch = |len: u64| RegistryError::DigestMismatch {
                 host: r.host.clone(),
                 what: what_d.clone(),
@@ -928,12 +999,16 @@ async fn fetch_members(
                         why: format!("checking {what_d} failed: {e}"),
                     })?
                     .map_err(RegistryError::Store)?;
-                unpacked_to.insert(hex.clone(), got);
+                built &= got.1;
+                unpacked_to.insert(hex.clone(), got.0);
             }
             if desc.size >= 0 && len != desc.size as u64 {
                 return Err(Some(mismatch(len)));
             }
             fetched += len;
+        } else if i > 0 {
+            // A layer listed twice is applied twice by `rootfs`.
+            built = false;
         }
         if let (1.., Some(want)) = (i, &diff_ids) {
             let want = &want[i - 1];
@@ -954,7 +1029,8 @@ async fn fetch_members(
         }
         members.push(hex);
     }
-    Ok((members, fetched, diff_ids_checked && diff_ids.is_some()))
+    let checked = diff_ids_checked && diff_ids.is_some();
+    Ok((members, fetched, checked, built && checked))
 }
 
 /// The diff_ids of the image config at `path`, when it lists one per layer

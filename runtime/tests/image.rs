@@ -2,7 +2,8 @@
 //! busybox (and, when a dockerd runs, a real `docker save`): no mocks.
 
 use ployz_runtime::image::{
-    layer_diff_id, sha256_file, ImageError, ImageFormat, ImageInfo, ImageStore,
+    layer_diff_id, layer_diff_id_unpacking, sha256_file, ImageError, ImageFormat, ImageInfo,
+    ImageStore,
 };
 use sha2::{Digest, Sha256};
 use std::fs;
@@ -1238,4 +1239,54 @@ fn truncated_or_corrupt_archives_are_refused_and_store_nothing() {
     assert_config(&store.import_path(&ok).unwrap(), &fx);
     let ok = write(dir.path(), "whole-oci.tar", &oci);
     assert_config(&store.import_path(&ok).unwrap(), &fx);
+}
+
+/// A pull builds the root filesystem while the layers arrive
+/// (`layer_diff_id_unpacking`, layer after layer): the same diff_ids, the
+/// same tree as `rootfs` unpacks from the stored archive; `adopt_rootfs`
+/// makes it the image's, and a layer that is no tar still gets its diff_id
+/// but says it was not applied.
+#[test]
+fn root_filesystem_built_while_layers_arrive_matches_the_unpacked_one() {
+    let fx = Fixture::new();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = docker_archive(&fx.layers, &fx.config, &["busybox:latest"]);
+    let path = write(dir.path(), "image.tar", &archive);
+    let reference = ImageStore::open(dir.path().join("reference")).unwrap();
+    let info = reference.import_path(&path).unwrap();
+    let unpacked = reference.rootfs(&info.digest).unwrap();
+
+    let store = ImageStore::open(dir.path().join("store")).unwrap();
+    let work = store.rootfs_work_dir().unwrap();
+    let compressed = [gzip(&fx.layers[0]), zstd(&fx.layers[1])];
+    for (i, layer) in compressed.into_iter().enumerate() {
+        let (diff_id, applied) =
+            layer_diff_id_unpacking(io::Cursor::new(layer), &format!("layer {i}"), &work).unwrap();
+        assert_eq!(diff_id, sha256(&fx.layers[i]));
+        assert!(applied, "layer {i}");
+    }
+    assert_eq!(tree(&work), tree(&unpacked));
+    assert_rootfs(&work);
+
+    // Adopted once the image is stored; refused for an image that is not.
+    let stranger = store.rootfs_work_dir().unwrap();
+    assert!(matches!(
+        store.adopt_rootfs(&info.digest, &stranger),
+        Err(ImageError::UnknownImage { .. })
+    ));
+    assert!(!stranger.exists());
+    let stored = store.import_path(&path).unwrap();
+    let root = store.adopt_rootfs(&stored.digest, &work).unwrap();
+    assert!(!work.exists());
+    assert_eq!(store.rootfs(&stored.digest).unwrap(), root);
+    assert_rootfs(&root);
+    assert!(files_in(&dir.path().join("store/tmp")).is_empty());
+
+    // Not a tar stream: hashed all the same, not applied.
+    let junk = b"this is no tar stream at all, just some bytes".repeat(40);
+    let scratch = store.rootfs_work_dir().unwrap();
+    let (diff_id, applied) =
+        layer_diff_id_unpacking(io::Cursor::new(gzip(&junk)), "junk", &scratch).unwrap();
+    assert_eq!(diff_id, sha256(&junk));
+    assert!(!applied);
 }

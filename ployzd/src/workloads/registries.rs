@@ -157,7 +157,9 @@ impl Workloads {
         let store = self.image_store()?;
         let started = std::time::Instant::now();
         let progress = registry::PullProgress::default();
-        let pull = registry::pull(&store, &r, &access, &progress);
+        // The host runtime runs the root filesystem: built on the way in.
+        let unpack = self.cfg.runtime == ployz_runtime::RuntimeKind::Host;
+        let pull = registry::pull(&store, &r, &access, &progress, unpack);
         tokio::pin!(pull);
         // Twice a second, how far the pull got (a bar on a terminal).
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -215,6 +217,7 @@ impl Workloads {
             bytes = pulled.fetched_bytes,
             fetch_ms = pulled.fetch_time.as_millis() as u64,
             store_ms = pulled.store_time.as_millis() as u64,
+            unpacked = pulled.unpacked,
             "image pulled from its registry"
         );
         note(
@@ -256,7 +259,8 @@ impl Workloads {
         let access = self.access(&r.host).await?;
         let started = std::time::Instant::now();
         let progress = registry::PullProgress::default();
-        let pulled = registry::pull(store, &r, &access, &progress)
+        let unpack = self.cfg.runtime == ployz_runtime::RuntimeKind::Host;
+        let pulled = registry::pull(store, &r, &access, &progress, unpack)
             .await
             .map_err(|e| {
                 self.pulls.failed(PullSource::Registry);
