@@ -1707,29 +1707,95 @@ pub fn layer_diff_id_unpacking(
         inner: r,
         sha: Sha256::new(),
     };
-    let applied = {
-        let mut archive = tar::Archive::new(&mut tee);
-        let mut unpacker = Unpacker {
-            root,
-            layer,
-            seen: HashSet::new(),
-            dir_modes: Vec::new(),
-        };
-        let mut apply = || -> Result<(), ImageError> {
-            let bad = |e: io::Error| ImageError::BadLayer {
-                layer: layer.to_string(),
-                why: format!("it is not a readable tar stream ({e})"),
-            };
-            for entry in archive.entries().map_err(bad)? {
-                unpacker.apply(&mut entry.map_err(bad)?)?;
-            }
-            Ok(())
-        };
-        apply().and_then(|()| unpacker.finish()).is_ok()
-    };
+    let applied = apply_layer(&mut tee, layer, root);
     // Whatever follows the tar stream (its padding) is part of the diff_id.
     io::copy(&mut tee, &mut io::sink()).map_err(unreadable)?;
     Ok((format!("sha256:{:x}", tee.sha.finalize()), applied))
+}
+
+/// Applies the uncompressed layer `r` to the tree at `root`; whether it
+/// could be (the caller drops the tree when not).
+fn apply_layer(r: impl Read, layer: &str, root: &Path) -> bool {
+    let mut archive = tar::Archive::new(r);
+    let mut unpacker = Unpacker {
+        root,
+        layer,
+        seen: HashSet::new(),
+        dir_modes: Vec::new(),
+    };
+    let mut apply = || -> Result<(), ImageError> {
+        let bad = |e: io::Error| ImageError::BadLayer {
+            layer: layer.to_string(),
+            why: format!("it is not a readable tar stream ({e})"),
+        };
+        for entry in archive.entries().map_err(bad)? {
+            unpacker.apply(&mut entry.map_err(bad)?)?;
+        }
+        Ok(())
+    };
+    apply().and_then(|()| unpacker.finish()).is_ok()
+}
+
+/// Builds the root filesystem of the `docker save` archive whose bytes `r`
+/// yields as they arrive (a machine receiving an image from a peer): the
+/// blobs named by `layers` (hex digests, in the image's order, as the
+/// sender announced them) are applied to `root` as they pass. Returns
+/// whether the tree is the image's: every layer applied, in that order, and
+/// the archive's own `manifest.json` lists exactly those layers. Reads `r`
+/// to its end whatever happens (the caller hashes what it reads).
+pub fn unpack_archive_stream(mut r: impl Read, layers: &[String], root: &Path) -> bool {
+    let mut next = 0;
+    let mut applied = true;
+    let mut manifest: Option<Vec<u8>> = None;
+    {
+        let mut archive = tar::Archive::new(&mut r);
+        let Ok(entries) = archive.entries() else {
+            return false;
+        };
+        for entry in entries {
+            let Ok(mut entry) = entry else {
+                applied = false;
+                break;
+            };
+            let path = entry.path_bytes().into_owned();
+            if path == b"manifest.json" {
+                let mut m = Vec::new();
+                if (&mut entry).take(MAX_JSON).read_to_end(&mut m).is_err() {
+                    applied = false;
+                }
+                manifest = Some(m);
+                continue;
+            }
+            let Some(hex) = path.strip_prefix(b"blobs/sha256/") else {
+                continue;
+            };
+            if applied && layers.get(next).map(String::as_bytes) == Some(hex) {
+                let layer = format!("blobs/sha256/{}", layers[next]);
+                applied = decompressed(&mut entry, &layer, |_| ImageError::BadLayer {
+                    layer: layer.clone(),
+                    why: "unreadable".into(),
+                })
+                .map(|d| apply_layer(d, &layer, root))
+                .unwrap_or(false);
+                next += 1;
+            }
+        }
+    }
+    let _ = io::copy(&mut r, &mut io::sink());
+    let listed = manifest.and_then(|m| {
+        #[derive(serde::Deserialize)]
+        struct Item {
+            #[serde(rename = "Layers")]
+            layers: Vec<String>,
+        }
+        let items: Vec<Item> = serde_json::from_slice(&m).ok()?;
+        match items.as_slice() {
+            [one] => Some(one.layers.clone()),
+            _ => None,
+        }
+    });
+    let want: Vec<String> = layers.iter().map(|h| format!("blobs/sha256/{h}")).collect();
+    applied && next == layers.len() && listed.as_ref() == Some(&want)
 }
 
 /// A reader that hashes what passes through it.
@@ -1748,11 +1814,11 @@ impl<R: Read> Read for HashingReader<R> {
 
 /// `raw` decompressed according to its first bytes; `io` maps an error
 /// reading them.
-fn decompressed(
-    mut raw: impl Read + 'static,
+fn decompressed<'a>(
+    mut raw: impl Read + 'a,
     member: &str,
     io: impl FnOnce(io::Error) -> ImageError,
-) -> Result<Box<dyn Read>, ImageError> {
+) -> Result<Box<dyn Read + 'a>, ImageError> {
     let mut head = [0u8; 6];
     let n = read_up_to(&mut raw, &mut head).map_err(io)?;
     let stream = io::Cursor::new(head[..n].to_vec()).chain(raw);

@@ -285,13 +285,20 @@ impl Default for PullProgress {
 pub enum ArchiveState {
     /// Not started (the manifest comes first).
     Waiting,
-    /// The first `written` bytes are in `file`.
-    Writing { file: Arc<File>, written: u64 },
+    /// The first `written` bytes are in `file`. `layers`: the hex digests
+    /// of the image's layers in order (members `blobs/sha256/<hex>`), for a
+    /// reader that unpacks as it goes.
+    Writing {
+        file: Arc<File>,
+        written: u64,
+        layers: Arc<[String]>,
+    },
     /// Whole, and stored as `digest`: `size` bytes, all in `file`.
     Done {
         file: Arc<File>,
         size: u64,
         digest: String,
+        layers: Arc<[String]>,
     },
     /// The pull failed (nothing was stored): why.
     Failed(String),
@@ -618,11 +625,12 @@ pub async fn pull(
     unpack: bool,
 ) -> Result<Pulled, RegistryError> {
     match pull_and_store(store, r, access, progress, unpack).await {
-        Ok((pulled, file)) => {
+        Ok((pulled, file, layers)) => {
             progress.archive.send_replace(ArchiveState::Done {
                 file,
                 size: pulled.info.size,
                 digest: pulled.info.digest.clone(),
+                layers,
             });
             Ok(pulled)
         }
@@ -641,7 +649,7 @@ async fn pull_and_store(
     access: &Access,
     progress: &PullProgress,
     unpack: bool,
-) -> Result<(Pulled, Arc<File>), RegistryError> {
+) -> Result<(Pulled, Arc<File>, Arc<[String]>), RegistryError> {
     let started = std::time::Instant::now();
     let c = client(r, access);
     let a = auth(access);
@@ -674,6 +682,7 @@ async fn pull_and_store(
     .await;
     let _ = fs::remove_dir_all(&dir);
     let (info, file, fetched_bytes, store_time, unpacked) = res?;
+    let layers = layer_hexes(&manifest.layers);
     let pulled = Pulled {
         pinned,
         manifest_digest: digest,
@@ -683,7 +692,16 @@ async fn pull_and_store(
         store_time,
         unpacked,
     };
-    Ok((pulled, file))
+    Ok((pulled, file, layers))
+}
+
+/// The hex digests of `layers` (those that are sha256; a pull refuses others).
+fn layer_hexes(layers: &[OciDescriptor]) -> Arc<[String]> {
+    layers
+        .iter()
+        .filter_map(|d| d.digest.strip_prefix("sha256:"))
+        .map(str::to_string)
+        .collect()
 }
 
 /// One member of the archive, handed to the packing thread in order.
@@ -774,7 +792,7 @@ async fn fetch_and_pack_into(
         let out = Tapped {
             file: file.clone(),
             written: 0,
-            tap: Some(progress.archive.clone()),
+            tap: Some((progress.archive.clone(), layer_hexes(layers))),
         };
         tokio::task::spawn_blocking(move || pack(out, pack_rx))
     };
@@ -1087,17 +1105,21 @@ fn store_io(what: &'static str, path: &Path, source: io::Error) -> RegistryError
 struct Tapped {
     file: Arc<File>,
     written: u64,
-    tap: Option<Arc<tokio::sync::watch::Sender<ArchiveState>>>,
+    /// Where to tell, and the layers to tell with it.
+    tap: Option<(ArchiveTap, Arc<[String]>)>,
 }
+
+type ArchiveTap = Arc<tokio::sync::watch::Sender<ArchiveState>>;
 
 impl Write for Tapped {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = (&*self.file).write(buf)?;
         self.written += n as u64;
-        if let Some(tap) = &self.tap {
+        if let Some((tap, layers)) = &self.tap {
             tap.send_replace(ArchiveState::Writing {
                 file: self.file.clone(),
                 written: self.written,
+                layers: layers.clone(),
             });
         }
         Ok(n)

@@ -2,8 +2,8 @@
 //! busybox (and, when a dockerd runs, a real `docker save`): no mocks.
 
 use ployz_runtime::image::{
-    layer_diff_id, layer_diff_id_unpacking, sha256_file, ImageError, ImageFormat, ImageInfo,
-    ImageStore,
+    layer_diff_id, layer_diff_id_unpacking, sha256_file, unpack_archive_stream, ImageError,
+    ImageFormat, ImageInfo, ImageStore,
 };
 use sha2::{Digest, Sha256};
 use std::fs;
@@ -1289,4 +1289,73 @@ fn root_filesystem_built_while_layers_arrive_matches_the_unpacked_one() {
         layer_diff_id_unpacking(io::Cursor::new(gzip(&junk)), "junk", &scratch).unwrap();
     assert_eq!(diff_id, sha256(&junk));
     assert!(!applied);
+}
+
+/// A machine receiving an archive as a pull writes it (config, layers in
+/// order, `manifest.json` last) builds the same tree `rootfs` unpacks from
+/// the stored archive; announced layers that do not match the archive's
+/// manifest, or an archive laid out otherwise (docker's, with a layer
+/// behind a symlink), give no tree.
+#[test]
+fn root_filesystem_built_from_an_archive_stream_matches_the_unpacked_one() {
+    let fx = Fixture::new();
+    let dir = tempfile::tempdir().unwrap();
+    let layers = [gzip(&fx.layers[0]), zstd(&fx.layers[1])];
+    let hexes: Vec<String> = layers.iter().map(|l| hex(&sha256(l)).to_string()).collect();
+    let blob = |h: &str| format!("blobs/sha256/{h}");
+    let config_hex = hex(&sha256(&fx.config)).to_string();
+    let mut t = TarBuf::new();
+    t.dir("blobs", 0o755).dir("blobs/sha256", 0o755);
+    t.file(&blob(&config_hex), 0o644, &fx.config);
+    for (h, l) in hexes.iter().zip(&layers) {
+        t.file(&blob(h), 0o644, l);
+    }
+    let manifest = serde_json::json!([{
+        "Config": blob(&config_hex),
+        "RepoTags": ["reg.example/app:1"],
+        "Layers": hexes.iter().map(|h| blob(h)).collect::<Vec<_>>(),
+    }]);
+    t.file("manifest.json", 0o644, manifest.to_string().as_bytes());
+    let archive = t.finish();
+
+    let store = ImageStore::open(dir.path().join("store")).unwrap();
+    let info = store
+        .import_path(&write(dir.path(), "image.tar", &archive))
+        .unwrap();
+    let unpacked = store.rootfs(&info.digest).unwrap();
+
+    let work = store.rootfs_work_dir().unwrap();
+    assert!(unpack_archive_stream(
+        io::Cursor::new(&archive),
+        &hexes,
+        &work
+    ));
+    assert_eq!(tree(&work), tree(&unpacked));
+    assert_rootfs(&work);
+
+    let reversed: Vec<String> = hexes.iter().rev().cloned().collect();
+    let scratch = store.rootfs_work_dir().unwrap();
+    assert!(!unpack_archive_stream(
+        io::Cursor::new(&archive),
+        &reversed,
+        &scratch
+    ));
+    let scratch = store.rootfs_work_dir().unwrap();
+    assert!(!unpack_archive_stream(
+        io::Cursor::new(&archive),
+        &hexes[..1],
+        &scratch
+    ));
+    let docker = docker_archive(&fx.layers, &fx.config, &[]);
+    let plain: Vec<String> = fx
+        .layers
+        .iter()
+        .map(|l| hex(&sha256(l)).to_string())
+        .collect();
+    let scratch = store.rootfs_work_dir().unwrap();
+    assert!(!unpack_archive_stream(
+        io::Cursor::new(&docker),
+        &plain,
+        &scratch
+    ));
 }

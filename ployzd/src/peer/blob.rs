@@ -29,10 +29,15 @@ pub enum BlobAnswer {
         sha256: String,
     },
     Error(ApiError),
-    /// The blob is still being written: frames follow as it grows, then an
-    /// empty frame, then a last answer: `Ok` with its size and sha256, or
-    /// `Error` (the writer failed; nothing of it is to be kept).
-    Growing,
+    /// The blob (an image archive) is still being written: frames follow as
+    /// it grows, then an empty frame, then a last answer: `Ok` with its size
+    /// and sha256, or `Error` (the writer failed; nothing of it is to be
+    /// kept). `layers`: the image's layers in order (hex digests), for a
+    /// receiver that unpacks while it receives.
+    Growing {
+        #[serde(default)]
+        layers: Vec<String>,
+    },
 }
 
 /// What a `blob` session serves.
@@ -90,6 +95,28 @@ pub async fn fetch_blob(
     want_sha256: Option<&str>,
     dest: &std::path::Path,
 ) -> Result<(u64, String), FetchError> {
+    fetch_blob_unpacking(addr, secret, me, req, want_sha256, dest, None)
+        .await
+        .map(|(size, sha256, _)| (size, sha256))
+}
+
+/// [`fetch_blob`]; and when the sender streams an image archive as it is
+/// written (`Growing` with its layers) and `unpack` names a directory, the
+/// image's root filesystem is built there from the bytes as they arrive
+/// ([`ployz_runtime::image::unpack_archive_stream`]). The last value says
+/// whether that tree is whole (else the caller drops it).
+pub async fn fetch_blob_unpacking(
+    addr: &str,
+    secret: &ClusterSecret,
+    me: &str,
+    req: &BlobRequest,
+    want_sha256: Option<&str>,
+    dest: &std::path::Path,
+    unpack: Option<&std::path::Path>,
+) -> Result<(u64, String, bool), FetchError> {
+    // The unpacker, once started: awaited before returning, whatever happens,
+    // so nothing writes into `unpack` after this returns.
+    let mut unpacker = None;
     let r = async {
         use sha2::Digest as _;
         let io_err = |source: io::Error| FetchError::Io {
@@ -103,6 +130,7 @@ pub async fn fetch_blob(
             .await
             .map_err(io_err)?;
         let first = next_blob_frame(&mut conn).await.map_err(io_err)?;
+        let mut unpack_layers = Vec::new();
         let refused = |error| FetchError::Refused {
             addr: addr.to_string(),
             error,
@@ -127,10 +155,35 @@ pub async fn fetch_blob(
                 }
                 Some((size, sha256))
             }
-            BlobAnswer::Growing => None,
+            BlobAnswer::Growing { layers } => {
+                unpack_layers = layers;
+                None
+            }
             BlobAnswer::Error(error) => return Err(refused(error)),
         };
         let limit = announced.as_ref().map_or(u64::MAX, |(size, _)| *size);
+        // The unpacker reads what the writer wrote, on its own thread.
+        let unpack_tx = match unpack {
+            Some(root) if !unpack_layers.is_empty() => {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(BLOB_QUEUE);
+                let root = root.to_path_buf();
+                let layers = std::mem::take(&mut unpack_layers);
+                let h = tokio::task::spawn_blocking(move || {
+                    ployz_runtime::image::unpack_archive_stream(
+                        ChanReader {
+                            rx,
+                            cur: Vec::new(),
+                            pos: 0,
+                        },
+                        &layers,
+                        &root,
+                    )
+                });
+                unpacker = Some(h);
+                Some(tx)
+            }
+            _ => None,
+        };
         // Hashing and writing run on a blocking thread, fed through a short
         // queue, while this task receives and decrypts the next frames.
         let file = tokio::fs::File::create(dest)
@@ -144,6 +197,7 @@ pub async fn fetch_blob(
             let mut file = file;
             let mut hasher = sha2::Sha256::new();
             let mut unsynced = 0u64;
+            let mut unpack_tx = unpack_tx;
             while let Some(chunk) = rx.blocking_recv() {
                 hasher.update(&chunk);
                 file.write_all(&chunk)?;
@@ -153,7 +207,13 @@ pub async fn fetch_blob(
                     ployz_runtime::image::start_writeback(&file);
                     unsynced = 0;
                 }
+                if let Some(tx) = &unpack_tx {
+                    if tx.send(chunk).is_err() {
+                        unpack_tx = None;
+                    }
+                }
             }
+            drop(unpack_tx);
             file.sync_all()?;
             Ok(format!("sha256:{:x}", hasher.finalize()))
         });
@@ -195,7 +255,7 @@ pub async fn fetch_blob(
                     (size, sha256)
                 }
                 BlobAnswer::Error(error) => return Err(refused(error)),
-                BlobAnswer::Growing => {
+                BlobAnswer::Growing { .. } => {
                     return Err(io_err(bad("a growing blob ended without its size")))
                 }
             },
@@ -213,6 +273,11 @@ pub async fn fetch_blob(
         Ok((size, sha256))
     }
     .await;
+    let unpacked = match unpacker {
+        Some(h) => h.await.unwrap_or(false),
+        None => false,
+    };
+    let r = r.map(|(size, sha256)| (size, sha256, unpacked));
     if r.is_err() {
         let _ = tokio::fs::remove_file(dest).await;
     }
@@ -298,15 +363,26 @@ async fn serve_growing(
 ) -> io::Result<()> {
     use ployz_runtime::registry::ArchiveState;
     let json = |a: &BlobAnswer| serde_json::to_vec(a).map_err(|e| bad(e.to_string()));
-    conn.send(&json(&BlobAnswer::Growing)?).await?;
+    // The layers are known once the archive is begun.
+    let layers = match &*rx
+        .wait_for(|s| !matches!(s, ArchiveState::Waiting))
+        .await
+        .map_err(|_| bad("the pull stopped before it began"))?
+    {
+        ArchiveState::Writing { layers, .. } | ArchiveState::Done { layers, .. } => layers.to_vec(),
+        _ => Vec::new(),
+    };
+    conn.send(&json(&BlobAnswer::Growing { layers })?).await?;
     let mut sent = 0u64;
     let mut closed = false;
     let end = loop {
         let state = rx.borrow_and_update().clone();
         let (file, upto, end) = match state {
             ArchiveState::Waiting => (None, 0, None),
-            ArchiveState::Writing { file, written } => (Some(file), written, None),
-            ArchiveState::Done { file, size, digest } => (
+            ArchiveState::Writing { file, written, .. } => (Some(file), written, None),
+            ArchiveState::Done {
+                file, size, digest, ..
+            } => (
                 Some(file),
                 size,
                 Some(BlobAnswer::Ok {
@@ -353,4 +429,29 @@ async fn serve_growing(
     };
     conn.send(&[]).await?;
     conn.send(&json(&end)?).await
+}
+
+/// Reads the chunks a channel delivers, in order, until it closes.
+struct ChanReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl io::Read for ChanReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(c) => {
+                    self.cur = c;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }

@@ -18,7 +18,9 @@ mod blob;
 pub mod seal;
 
 use blob::serve_blob;
-pub use blob::{fetch_blob, Blob, BlobAnswer, BlobRequest, BlobSource, FetchError};
+pub use blob::{
+    fetch_blob, fetch_blob_unpacking, Blob, BlobAnswer, BlobRequest, BlobSource, FetchError,
+};
 
 use ployz_api::invite::{b64url, b64url_decode};
 use ployz_api::{ApiError, MachineRecord, NetworkRecord, Reply, Request};

@@ -189,8 +189,17 @@ impl Workloads {
             .map(|m| m.peer_addr)
             .ok_or_else(|| internal(format!("machine {from} is not in the network")))?;
         let tmp = store.temp_path();
+        // The host runtime runs the root filesystem: built as bytes arrive.
+        let work = match self.cfg.runtime {
+            RuntimeKind::Host => Some(
+                store
+                    .rootfs_work_dir()
+                    .map_err(|e| internal(e.to_string()))?,
+            ),
+            RuntimeKind::Docker => None,
+        };
         let started = Instant::now();
-        let (bytes, digest) = peer::fetch_blob(
+        let fetched = peer::fetch_blob_unpacking(
             &addr,
             &secret,
             self.machine_id(),
@@ -199,25 +208,44 @@ impl Workloads {
             },
             None,
             &tmp,
+            work.as_deref(),
         )
         .await
-        .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()))?;
+        .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()));
         let fetch_ms = started.elapsed().as_millis() as u64;
-        let (s, d, t) = (store.clone(), digest.clone(), tmp.clone());
-        // fetch_blob checked that the bytes hash to the digest of the archive
-        // the pull stored (after checking its layers) before it ended well.
-        let info = tokio::task::spawn_blocking(move || s.insert_received(&t, &d))
-            .await
-            .map_err(blocking_err)?
-            .map_err(|e| internal(e.to_string()))?;
+        let s = store.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            let res = fetched.and_then(|(bytes, digest, unpacked)| {
+                // fetch_blob checked that the bytes hash to the digest of the
+                // archive the pull stored (after checking its layers) before
+                // it ended well.
+                let info = s
+                    .insert_received(&tmp, &digest)
+                    .map_err(|e| internal(e.to_string()))?;
+                let unpacked = match (&work, unpacked) {
+                    (Some(w), true) => s.adopt_rootfs(&info.digest, w).is_ok(),
+                    _ => false,
+                };
+                Ok((bytes, info, unpacked))
+            });
+            if let Some(w) = &work {
+                // Adopted by the store, or a leftover.
+                let _ = std::fs::remove_dir_all(w);
+            }
+            res
+        })
+        .await
+        .map_err(blocking_err)?;
+        let (bytes, info, unpacked) = stored?;
         self.pulls
             .succeeded(PullSource::Peer, bytes, started.elapsed());
         tracing::info!(
-            %digest,
+            digest = %info.digest,
             %from,
             bytes,
             fetch_ms,
             store_ms = started.elapsed().as_millis() as u64 - fetch_ms,
+            unpacked,
             "image fetched while its deploy pulled it"
         );
         Ok(info.digest)
