@@ -184,31 +184,33 @@ fn bridge_veth_addresses_routes_and_namespaces() {
         assert!(nl.link("br0").unwrap().is_none());
         nl.apply(&Op::SetDown { ifname: s("vh0") }).unwrap();
         assert!(!nl.link("vh0").unwrap().unwrap().up);
+        // Checked while this namespace lives: when it goes (asynchronously,
+        // after its thread ends) the kernel deletes vh0 and with it vp0.
+        // The workload's side: both links arrived, with their MTU.
+        in_netns(Some(pid), || {
+            let mut nl = Netlink::open().unwrap();
+            let vp = nl
+                .link("vp0")
+                .unwrap()
+                .expect("vp0 in the workload's namespace");
+            assert_eq!(vp.mtu, Some(1400));
+            assert!(nl.link("vx1").unwrap().is_some());
+        });
+        // With the MAC address asked for.
+        let shown = Command::new("nsenter")
+            .args([
+                "-t",
+                &pid.to_string(),
+                "-n",
+                "ip",
+                "-o",
+                "link",
+                "show",
+                "vp0",
+            ])
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&shown.stdout);
+        assert!(shown.contains("link/ether 02:42:0a:0a:00:09"), "{shown}");
     });
-    // The workload's side: both links arrived, with their MTU.
-    in_netns(Some(pid), || {
-        let mut nl = Netlink::open().unwrap();
-        let vp = nl
-            .link("vp0")
-            .unwrap()
-            .expect("vp0 in the workload's namespace");
-        assert_eq!(vp.mtu, Some(1400));
-        assert!(nl.link("vx1").unwrap().is_some());
-    });
-    // With the MAC address asked for.
-    let shown = Command::new("nsenter")
-        .args([
-            "-t",
-            &pid.to_string(),
-            "-n",
-            "ip",
-            "-o",
-            "link",
-            "show",
-            "vp0",
-        ])
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&shown.stdout);
-    assert!(shown.contains("link/ether 02:42:0a:0a:00:09"), "{shown}");
 }

@@ -66,7 +66,8 @@ impl Prefetches {
 impl Workloads {
     /// Deploy side, when pull `id` of `service` starts: offers its archive
     /// to peers and asks the machines likely to run its `replicas` to follow
-    /// it. Failures only cost the overlap (logged at debug).
+    /// it (the asks run on their own). Failures only cost the overlap
+    /// (logged at debug).
     pub(super) async fn offer_pull(
         &self,
         id: &str,
@@ -86,14 +87,15 @@ impl Workloads {
             return;
         };
         let me = self.machine_id().to_string();
-        let mut asks = tokio::task::JoinSet::new();
+        // Not awaited: a machine that does not answer must not hold up the
+        // deploy (it fetches the image when the record reaches it).
         for (machine, addr) in targets {
             let req = PeerRequest::Prefetch {
                 pull: id.to_string(),
                 from: me.clone(),
             };
             let (secret, me) = (secret.clone(), me.clone());
-            asks.spawn(async move {
+            tokio::spawn(async move {
                 match peer::call(&addr, &secret, &me, &req, ASK_TIMEOUT).await {
                     Ok(PeerResponse::Prefetching) => {}
                     Ok(other) => tracing::debug!(%machine, ?other, "prefetch not taken"),
@@ -101,7 +103,6 @@ impl Workloads {
                 }
             });
         }
-        asks.join_all().await;
     }
 
     /// Deploy side, when pull `id` ended (well or not): followers still
