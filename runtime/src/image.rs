@@ -660,13 +660,7 @@ impl ImageStore {
         // Verified when it was stored: unpack without reading every layer
         // twice.
         let image = parse_image(&index, Verify::NONE)?;
-        let work = self
-            .tmp_dir()
-            .join(format!("rootfs-{hex}-{}", unique_suffix()));
-        fs::DirBuilder::new()
-            .mode(0o755)
-            .create(&work)
-            .map_err(io_err("create directory", &work))?;
+        let work = self.rootfs_work_dir()?;
         let built = image
             .layers
             .iter()
@@ -675,26 +669,14 @@ impl ImageStore {
             let _ = fs::remove_dir_all(&work);
             return Err(e);
         }
-        match fs::rename(&work, &dest) {
-            Ok(()) => Ok(dest),
-            Err(_) if dest.is_dir() => {
-                // Someone else finished first.
-                let _ = fs::remove_dir_all(&work);
-                Ok(dest)
-            }
-            Err(e) => {
-                let _ = fs::remove_dir_all(&work);
-                Err(io_err("move root filesystem to", &dest)(e))
-            }
-        }
+        install_rootfs(&work, dest)
     }
 
     /// A fresh directory in the store's temp area for a root filesystem
-    /// built while its image arrives (see [`layer_diff_id_unpacking`]).
+    /// under construction (by `rootfs`, or while its image arrives: see
+    /// [`layer_diff_id_unpacking`]).
     pub fn rootfs_work_dir(&self) -> Result<PathBuf, ImageError> {
-        let work = self
-            .tmp_dir()
-            .join(format!("rootfs-incoming-{}", unique_suffix()));
+        let work = self.tmp_dir().join(format!("rootfs-{}", unique_suffix()));
         fs::DirBuilder::new()
             .mode(0o755)
             .create(&work)
@@ -707,26 +689,23 @@ impl ImageStore {
     /// [`ImageStore::rootfs`] would have unpacked), unless it has one.
     /// `work` is gone afterwards either way.
     pub fn adopt_rootfs(&self, digest: &str, work: &Path) -> Result<PathBuf, ImageError> {
-        let res = (|| {
-            let hex = digest_hex(digest).ok_or_else(|| ImageError::InvalidDigest {
+        let stored = digest_hex(digest)
+            .ok_or_else(|| ImageError::InvalidDigest {
                 digest: digest.to_string(),
-            })?;
-            if !self.blob_file(hex).is_file() {
-                return Err(ImageError::UnknownImage {
+            })
+            .and_then(|hex| match self.blob_file(hex).is_file() {
+                true => Ok(self.rootfs_dir(hex)),
+                false => Err(ImageError::UnknownImage {
                     digest: digest.to_string(),
-                });
+                }),
+            });
+        match stored {
+            Ok(dest) => install_rootfs(work, dest),
+            Err(e) => {
+                let _ = fs::remove_dir_all(work);
+                Err(e)
             }
-            let dest = self.rootfs_dir(hex);
-            match fs::rename(work, &dest) {
-                Ok(()) => Ok(dest),
-                Err(_) if dest.is_dir() => Ok(dest),
-                Err(e) => Err(io_err("move root filesystem to", &dest)(e)),
-            }
-        })();
-        if work.exists() {
-            let _ = fs::remove_dir_all(work);
         }
-        res
     }
 
     /// Removes an image's archive, metadata and root filesystem. Removing an
@@ -1707,15 +1686,34 @@ pub fn layer_diff_id_unpacking(
         inner: r,
         sha: Sha256::new(),
     };
-    let applied = apply_layer(&mut tee, layer, root);
+    let applied = apply_layer(&mut tee, layer, root).is_ok();
     // Whatever follows the tar stream (its padding) is part of the diff_id.
     io::copy(&mut tee, &mut io::sink()).map_err(unreadable)?;
     Ok((format!("sha256:{:x}", tee.sha.finalize()), applied))
 }
 
-/// Applies the uncompressed layer `r` to the tree at `root`; whether it
-/// could be (the caller drops the tree when not).
-fn apply_layer(r: impl Read, layer: &str, root: &Path) -> bool {
+/// Moves the finished tree `work` to `dest`, unless another caller finished
+/// first (then `work` is dropped and theirs is the image's).
+fn install_rootfs(work: &Path, dest: PathBuf) -> Result<PathBuf, ImageError> {
+    match fs::rename(work, &dest) {
+        Ok(()) => Ok(dest),
+        Err(_) if dest.is_dir() => {
+            let _ = fs::remove_dir_all(work);
+            Ok(dest)
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(work);
+            Err(io_err("move root filesystem to", &dest)(e))
+        }
+    }
+}
+
+/// Applies the uncompressed layer `r` (member `layer`) to the tree at `root`.
+fn apply_layer(r: impl Read, layer: &str, root: &Path) -> Result<(), ImageError> {
+    let bad = |e: io::Error| ImageError::BadLayer {
+        layer: layer.to_string(),
+        why: format!("it is not a readable tar stream ({e})"),
+    };
     let mut archive = tar::Archive::new(r);
     let mut unpacker = Unpacker {
         root,
@@ -1723,17 +1721,10 @@ fn apply_layer(r: impl Read, layer: &str, root: &Path) -> bool {
         seen: HashSet::new(),
         dir_modes: Vec::new(),
     };
-    let mut apply = || -> Result<(), ImageError> {
-        let bad = |e: io::Error| ImageError::BadLayer {
-            layer: layer.to_string(),
-            why: format!("it is not a readable tar stream ({e})"),
-        };
-        for entry in archive.entries().map_err(bad)? {
-            unpacker.apply(&mut entry.map_err(bad)?)?;
-        }
-        Ok(())
-    };
-    apply().and_then(|()| unpacker.finish()).is_ok()
+    for entry in archive.entries().map_err(bad)? {
+        unpacker.apply(&mut entry.map_err(bad)?)?;
+    }
+    unpacker.finish()
 }
 
 /// Builds the root filesystem of the `docker save` archive whose bytes `r`
@@ -1775,8 +1766,8 @@ pub fn unpack_archive_stream(mut r: impl Read, layers: &[String], root: &Path) -
                     layer: layer.clone(),
                     why: "unreadable".into(),
                 })
-                .map(|d| apply_layer(d, &layer, root))
-                .unwrap_or(false);
+                .and_then(|d| apply_layer(d, &layer, root))
+                .is_ok();
                 next += 1;
             }
         }
@@ -1904,22 +1895,7 @@ impl<R: io::BufRead> Read for ZstdFrames<R> {
 }
 
 fn unpack_layer(index: &ArchiveIndex, member: &str, root: &Path) -> Result<(), ImageError> {
-    let bad = |e: io::Error| ImageError::BadLayer {
-        layer: member.to_string(),
-        why: format!("it is not a readable tar stream ({e})"),
-    };
-    let mut archive = tar::Archive::new(open_layer(index, member)?);
-    let mut unpacker = Unpacker {
-        root,
-        layer: member,
-        seen: HashSet::new(),
-        dir_modes: Vec::new(),
-    };
-    for entry in archive.entries().map_err(bad)? {
-        let mut entry = entry.map_err(bad)?;
-        unpacker.apply(&mut entry)?;
-    }
-    unpacker.finish()
+    apply_layer(open_layer(index, member)?, member, root)
 }
 
 /// Applies one layer's entries to a root filesystem under construction.

@@ -704,6 +704,15 @@ fn layer_hexes(layers: &[OciDescriptor]) -> Arc<[String]> {
         .collect()
 }
 
+/// A directory removed when dropped (unless moved away before).
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// One member of the archive, handed to the packing thread in order.
 enum Pack {
     /// A blob arriving from the registry: `size` bytes through `rx`.
@@ -738,46 +747,12 @@ async fn fetch_and_pack(
     progress: &PullProgress,
     unpack: bool,
 ) -> Result<(ImageInfo, Arc<File>, u64, Duration, bool), RegistryError> {
-    let work = if unpack {
-        Some(store.rootfs_work_dir()?)
-    } else {
-        None
+    // The tree built on the way: adopted by the store, else removed here.
+    let guard = match unpack {
+        true => Some(WorkDir(store.rootfs_work_dir()?)),
+        false => None,
     };
-    let res = fetch_and_pack_into(
-        store,
-        c,
-        oref,
-        r,
-        access,
-        config,
-        layers,
-        dir,
-        pinned,
-        progress,
-        work.as_deref(),
-    )
-    .await;
-    if let Some(w) = &work {
-        // Adopted into the store, or a leftover.
-        let _ = fs::remove_dir_all(w);
-    }
-    res
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn fetch_and_pack_into(
-    store: &ImageStore,
-    c: &Client,
-    oref: &Reference,
-    r: &ImageRef,
-    access: &Access,
-    config: &OciDescriptor,
-    layers: &[OciDescriptor],
-    dir: &Path,
-    pinned: &ImageRef,
-    progress: &PullProgress,
-    work: Option<&Path>,
-) -> Result<(ImageInfo, Arc<File>, u64, Duration, bool), RegistryError> {
+    let work = guard.as_ref().map(|w| w.0.as_path());
     let archive = store.temp_path();
     let file = Arc::new(
         fs::OpenOptions::new()
