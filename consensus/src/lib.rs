@@ -32,19 +32,21 @@
 //!   (durable on a majority) and applied. Members apply one after the other, each in its own
 //!   atomic batch with its remembered id, then `last_applied`: a replay after a crash in between
 //!   answers the members' first outcomes and changes nothing.
-//! * Applying an entry writes its data mutations, the remembered transaction ids **and**
-//!   `last_applied`/`last_membership` in one atomic sled batch: after a crash the state
-//!   machine is exactly the state after some applied prefix of the log, and Raft re-applies
-//!   the rest from the (durable) log.
+//! * The state machine is held in memory. Applying an entry writes its data mutations, the
+//!   remembered transaction ids **and** `last_applied`/`last_membership` in one batch under
+//!   the write lock: a reader sees the state after some applied prefix of the log.
 //! * A snapshot is a file beside the database, the state at exactly its `last_applied`
 //!   (dumped at a point-in-time cut while applies go on), fsynced and recorded as current in
-//!   the database before it is reported; installing one fills a fresh tree and switches the
-//!   state-machine tree and the current snapshot in one batch. Logs are purged only up to a
-//!   persisted snapshot (see [`NodeConfig`] for the policy).
+//!   the database before it is reported; installing one fills a fresh tree, records the file
+//!   as current and swaps the tree in. Logs are purged only up to a persisted snapshot (see
+//!   [`NodeConfig`] for the policy), so the current snapshot plus the log after it are the
+//!   whole state: at open the state machine is loaded from the snapshot and Raft re-applies
+//!   the rest from the (durable) log.
 //!
 //! # Layout
 //!
-//! [`kv`] (pure rules), [`store`] (sled storage implementing openraft's v2 storage traits),
+//! [`kv`] (pure rules), [`store`] (the log in sled, the state machine in memory and snapshot
+//! files, implementing openraft's v2 storage traits),
 //! [`network`] (length-prefixed JSON over TCP), [`Node`] (the facade the daemon uses).
 
 mod gate;

@@ -1,23 +1,26 @@
-//! sled-backed storage implementing openraft's v2 storage traits.
+//! Storage implementing openraft's v2 storage traits: the log in sled, the state machine in
+//! memory, snapshot files.
 //!
-//! One sled database per node, three trees, and snapshot files beside it:
+//! One sled database per node, two trees, and snapshot files beside it:
 //!
 //! * `raft_log`: log entries keyed by big-endian `u64` index (JSON values);
 //! * `raft_meta`: `vote`, `last_purged`, `committed`;
-//! * the state machine (`state_machine`, or `state_machine.{n}` once a snapshot was
-//!   installed into a fresh tree): the key-value state, `last_applied` and `last_membership`,
-//!   all in one tree so a single `apply_batch` updates them together (key layout in
-//!   `store/keys.rs`);
-//! * the default tree: which tree is the state machine and which file is the current
-//!   snapshot, both changed in one batch when a snapshot is installed;
+//! * the default tree: which file is the current snapshot;
 //! * `raft-snapshots/{n}.snap`: snapshot files (format in `store/snapshot.rs`). Only the one
 //!   the default tree names is current; any other is an unfinished build or receive, removed
 //!   at open.
+//!
+//! The state machine (the key-value state, `last_applied`, `last_membership`; key layout in
+//! `store/keys.rs`) is held in memory (`store/tree.rs`) and loaded at open from the current
+//! snapshot; openraft re-applies the committed log after it. Releases before kept it in a sled
+//! tree (`state_machine`, or `state_machine.{n}` after an install, named in the default tree);
+//! the first open by this release writes that tree out as a snapshot and drops it.
 
 pub(crate) mod keys;
 mod log;
 mod sm;
 mod snapshot;
+mod tree;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -126,13 +129,12 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
     }
 }
 
-/// Opens (or creates) the database in `dir` and returns the log store and the state machine.
+/// Opens (or creates) the database in `dir` and returns the log store and the state machine,
+/// loaded from the current snapshot.
 ///
-/// Cleans up what a crash may have left: state-machine trees other than the current one (an
-/// install that did not swap, or an old tree not yet dropped after a swap), snapshot files
-/// other than the current one, and the snapshot that releases before the snapshot files kept
-/// inside the state-machine tree (without a current snapshot, openraft builds one at start
-/// if the log was purged).
+/// Cleans up what a crash may have left: snapshot files other than the current one, and the
+/// state-machine trees of older releases (other than the current one, which is first written
+/// out as a snapshot).
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     let db = open_db(dir)?;
     let snap_dir = dir.join(SNAPSHOT_DIR);
@@ -142,10 +144,19 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
             .map_err(|_| StoreError::Corrupt("state machine tree name is not UTF-8".into()))?,
         None => SM_TREE.to_string(),
     };
+    let mut legacy = None;
     for name in db.tree_names() {
-        if name.starts_with(SM_TREE.as_bytes()) && name != sm_name.as_bytes() {
-            db.drop_tree(&name)?;
+        if !name.starts_with(SM_TREE.as_bytes()) {
+            continue;
         }
+        if name == sm_name.as_bytes() {
+            let tree = db.open_tree(&name)?;
+            if !tree.is_empty() {
+                legacy = Some(tree);
+                continue;
+            }
+        }
+        db.drop_tree(&name)?;
     }
     let current: Option<String> = db
         .get(keys::CURRENT_SNAPSHOT)?
@@ -164,11 +175,13 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     });
     let log = handle.db.open_tree(LOG_TREE)?;
     let meta = handle.db.open_tree(META_TREE)?;
-    let tree = handle.db.open_tree(&sm_name)?;
-    if tree.remove(keys::OLD_SNAPSHOT)?.is_some() {
-        tracing::info!("dropped the snapshot stored in the tree by an older release");
+    let migrated = legacy.is_some();
+    let sm = StateMachineStore::load(handle.clone(), snap_dir, legacy)?;
+    if migrated {
+        // The tree is in the current snapshot now (flushed by `load`).
+        handle.db.drop_tree(sm_name.as_bytes())?;
+        handle.db.remove(keys::SM_TREE_NAME)?;
+        handle.db.flush()?;
     }
-    let sm = StateMachineStore::new(handle.clone(), sm::SmTree::new(sm_name, tree), snap_dir);
-    sm.build_counters_if_missing()?;
     Ok((LogStore::new(handle, log, meta), sm))
 }

@@ -1,5 +1,5 @@
-//! The state machine on sled: applies [`Txn`]s with the [`kv`](crate::kv) rules, builds and
-//! installs snapshots, publishes [`KvEvent`]s.
+//! The state machine, in memory: applies [`Txn`]s with the [`kv`](crate::kv) rules, builds and
+//! installs snapshots (its only persistence besides the Raft log), publishes [`KvEvent`]s.
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -34,6 +34,8 @@ use super::encode;
 use super::keys;
 use super::snapshot;
 use super::snapshot::Record;
+use super::tree::MemTree;
+use super::tree::Ops;
 use super::DbHandle;
 use super::StoreError;
 use crate::kv;
@@ -59,8 +61,8 @@ const EVENT_CAPACITY: usize = 4096;
 
 /// The replicated key-value state machine.
 ///
-/// Cloning is cheap; clones share the database, the apply lock (with the current tree) and the
-/// event channel, so a clone kept outside openraft serves local reads.
+/// Cloning is cheap; clones share the database, the apply lock (with the state in memory) and
+/// the event channel, so a clone kept outside openraft serves local reads.
 #[derive(Clone)]
 pub struct StateMachineStore {
     handle: Arc<DbHandle>,
@@ -68,9 +70,9 @@ pub struct StateMachineStore {
 }
 
 struct Shared {
-    /// The current state-machine tree. Writers (apply, install's swap, snapshot publish) take
-    /// it exclusively; readers shared, so a read never observes half of an applied
-    /// transaction. Installing a snapshot fills a fresh tree and swaps it in here.
+    /// The state. Writers (apply, install's swap, snapshot publish) take it exclusively;
+    /// readers shared, so a read never observes half of an applied transaction. Installing a
+    /// snapshot fills a fresh tree and swaps it in here.
     lock: RwLock<SmTree>,
     events: broadcast::Sender<KvEvent>,
     /// Snapshot files live here, beside the database.
@@ -92,28 +94,30 @@ type PreImages = BTreeMap<Vec<u8>, Option<sled::IVec>>;
 /// The key prefixes a snapshot file holds, in file order.
 const DUMPED: [&[u8]; 3] = [keys::BUCKETS, keys::HISTORY, keys::TXNS];
 
-/// The state machine's sled tree and its name.
+/// Keys a dump reads per hold of the read lock (applies wait at most one chunk).
+const DUMP_CHUNK: usize = 1024;
+
+/// The state machine's key space.
 pub(crate) struct SmTree {
-    name: String,
-    tree: sled::Tree,
+    tree: MemTree,
 }
 
 impl SmTree {
-    pub(crate) fn new(name: String, tree: sled::Tree) -> Self {
-        SmTree { name, tree }
+    pub(crate) fn new(tree: MemTree) -> Self {
+        SmTree { tree }
     }
 }
 
-fn view(tree: &sled::Tree) -> SledView<'_> {
-    SledView {
+fn view(tree: &MemTree) -> TreeView<'_> {
+    TreeView {
         tree,
         pending: None,
     }
 }
 
 /// The committed state as `pending` will leave it (reads see its writes first).
-fn view_with<'a>(tree: &'a sled::Tree, pending: &'a PendingBatch) -> SledView<'a> {
-    SledView {
+fn view_with<'a>(tree: &'a MemTree, pending: &'a PendingBatch) -> TreeView<'a> {
+    TreeView {
         tree,
         pending: Some(pending),
     }
@@ -161,6 +165,74 @@ struct JsonSnapshotPayload {
 }
 
 impl StateMachineStore {
+    /// The state at open: the current snapshot, or the sled tree `legacy` of a release that
+    /// kept the state machine in sled, whichever is further along. A legacy tree is written
+    /// out as a snapshot here (once: it is dropped after that snapshot is the current one);
+    /// openraft then re-applies the log after the snapshot.
+    pub(crate) fn load(
+        handle: Arc<DbHandle>,
+        snap_dir: PathBuf,
+        legacy: Option<sled::Tree>,
+    ) -> Result<Self, StoreError> {
+        let pointer: Option<SnapshotPointer> = handle
+            .db
+            .get(keys::CURRENT_SNAPSHOT)?
+            .map(|v| decode("current snapshot", &v))
+            .transpose()?;
+        let from_snapshot = |p: &SnapshotPointer| -> Result<MemTree, StoreError> {
+            let (tree, records) = Self::fill(&p.meta, &snap_dir.join(&p.file))?;
+            tracing::info!(snapshot = %p.meta, records, "loaded the state machine from its snapshot");
+            Ok(tree)
+        };
+        let Some(legacy) = legacy else {
+            let tree = match &pointer {
+                Some(p) => from_snapshot(p)?,
+                None => MemTree::default(),
+            };
+            return Ok(Self::new(handle, SmTree::new(tree), snap_dir));
+        };
+        let mut tree = MemTree::default();
+        for item in legacy.iter() {
+            let (k, v) = item?;
+            if &*k != keys::OLD_SNAPSHOT {
+                tree.insert(k.to_vec(), v);
+            }
+        }
+        Self::build_counters_if_missing(&mut tree)?;
+        let (legacy_applied, _) = Self::applied_state_inner(&tree)?;
+        let tree = match &pointer {
+            Some(p) if p.meta.last_log_id > legacy_applied => from_snapshot(p)?,
+            _ => tree,
+        };
+        let sm = Self::new(handle, SmTree::new(tree), snap_dir);
+        let (applied, _) = Self::applied_state_inner(&sm.read_lock().tree)?;
+        if pointer
+            .as_ref()
+            .is_none_or(|p| p.meta.last_log_id < applied)
+        {
+            let _dumping = sm
+                .shared
+                .dumping
+                .try_lock()
+                .map_err(|_| StoreError::Corrupt("snapshot dump running at open".into()))?;
+            let built = sm.dump_locked(sm.mark_cut()?)?;
+            sm.handle.db.insert(
+                keys::CURRENT_SNAPSHOT,
+                encode("current snapshot", &built.pointer)?,
+            )?;
+            sm.handle.db.flush()?;
+            if let Some(old) = pointer {
+                sm.remove_snapshot_file(&old.file);
+            }
+            tracing::info!(
+                snapshot = %built.pointer.meta,
+                bytes = built.bytes,
+                "wrote the state machine of an older release's sled tree as a snapshot"
+            );
+        }
+        Ok(sm)
+    }
+
     pub(crate) fn new(handle: Arc<DbHandle>, tree: SmTree, snap_dir: PathBuf) -> Self {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Self {
@@ -203,7 +275,8 @@ impl StateMachineStore {
     }
 
     fn read_lock(&self) -> RwLockReadGuard<'_, SmTree> {
-        // A poisoned lock still holds a usable tree handle (sled batches are atomic).
+        // A poisoned lock still holds a whole state: an apply computes its writes first and
+        // only then applies them, with nothing in between that can panic.
         self.shared.lock.read().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -223,9 +296,8 @@ impl StateMachineStore {
     pub fn list(&self, bucket: &str) -> Result<Vec<Entry>, StoreError> {
         let g = self.read_lock();
         let mut out = Vec::new();
-        for item in g.tree.scan_prefix(keys::latest_prefix(bucket)) {
-            let (_, v) = item?;
-            let e: Entry = decode("entry", &v)?;
+        for (_, v) in g.tree.scan_prefix(&keys::latest_prefix(bucket)) {
+            let e: Entry = decode("entry", v)?;
             if !e.is_tombstone() {
                 out.push(e);
             }
@@ -237,8 +309,8 @@ impl StateMachineStore {
     pub fn list_all(&self, bucket: &str) -> Result<Vec<Entry>, StoreError> {
         let g = self.read_lock();
         g.tree
-            .scan_prefix(keys::latest_prefix(bucket))
-            .map(|item| decode("entry", &item?.1))
+            .scan_prefix(&keys::latest_prefix(bucket))
+            .map(|(_, v)| decode("entry", v))
             .collect()
     }
 
@@ -246,8 +318,8 @@ impl StateMachineStore {
     pub fn history(&self, bucket: &str, key: &str) -> Result<Vec<Entry>, StoreError> {
         let g = self.read_lock();
         g.tree
-            .scan_prefix(keys::history_prefix(bucket, key))
-            .map(|item| decode("entry", &item?.1))
+            .scan_prefix(&keys::history_prefix(bucket, key))
+            .map(|(_, v)| decode("entry", v))
             .collect()
     }
 
@@ -255,9 +327,8 @@ impl StateMachineStore {
     pub fn buckets(&self) -> Result<Vec<String>, StoreError> {
         let g = self.read_lock();
         let mut out = Vec::new();
-        for item in g.tree.scan_prefix(keys::BUCKETS) {
-            let (k, _) = item?;
-            let name = keys::bucket_name(&k)
+        for (k, _) in g.tree.scan_prefix(keys::BUCKETS) {
+            let name = keys::bucket_name(k)
                 .ok_or_else(|| StoreError::Corrupt("bucket key is not UTF-8".into()))?;
             out.push(name.to_string());
         }
@@ -280,18 +351,18 @@ impl StateMachineStore {
         };
         let counters: BucketCounters = g
             .tree
-            .get(keys::counters(bucket))?
+            .get(&keys::counters(bucket))
             .map(|v| decode("bucket counters", &v))
             .transpose()?
             .unwrap_or_default();
         let first = match g
             .tree
-            .scan_prefix(keys::revisions_prefix(bucket))
-            .keys()
+            .scan_prefix(&keys::revisions_prefix(bucket))
+            .map(|(k, _)| k)
             .next()
         {
             Some(k) => Some(
-                keys::history_revision(&k?)
+                keys::history_revision(k)
                     .ok_or_else(|| StoreError::Corrupt("short revision key".into()))?,
             ),
             None => None,
@@ -308,34 +379,28 @@ impl StateMachineStore {
         }))
     }
 
-    /// Builds the bucket counters and revision index of a database written before they existed
+    /// Builds the bucket counters and revision index of a state written before they existed
     /// (one scan, once: afterwards every apply keeps them).
-    pub(crate) fn build_counters_if_missing(&self) -> Result<(), StoreError> {
-        let g = self.write_lock();
-        if g.tree.contains_key(keys::COUNTERS_BUILT)? {
+    pub(crate) fn build_counters_if_missing(tree: &mut MemTree) -> Result<(), StoreError> {
+        if tree.contains_key(keys::COUNTERS_BUILT) {
             return Ok(());
         }
         let mut batch = PendingBatch::default();
         for prefix in [keys::COUNTERS, keys::REVISIONS] {
-            for k in g.tree.scan_prefix(prefix).keys() {
-                batch.remove(k?.to_vec());
+            for (k, _) in tree.scan_prefix(prefix) {
+                batch.remove(k.to_vec());
             }
         }
-        for item in g.tree.scan_prefix(keys::BUCKETS) {
-            let (k, _) = item?;
-            let name = keys::bucket_name(&k)
+        for (k, _) in tree.scan_prefix(keys::BUCKETS) {
+            let name = keys::bucket_name(k)
                 .ok_or_else(|| StoreError::Corrupt("bucket key is not UTF-8".into()))?;
-            let stored = g
-                .tree
-                .scan_prefix(keys::history_bucket_prefix(name))
-                .values()
-                .map(|v| decode::<Entry>("entry", &v?))
+            let stored = tree
+                .scan_prefix(&keys::history_bucket_prefix(name))
+                .map(|(_, v)| decode::<Entry>("entry", v))
                 .collect::<Result<Vec<_>, _>>()?;
-            let latest = g
-                .tree
-                .scan_prefix(keys::latest_prefix(name))
-                .values()
-                .map(|v| decode::<Entry>("entry", &v?))
+            let latest = tree
+                .scan_prefix(&keys::latest_prefix(name))
+                .map(|(_, v)| decode::<Entry>("entry", v))
                 .collect::<Result<Vec<_>, _>>()?;
             for e in &stored {
                 batch.put(keys::revision(name, e.revision), sled::IVec::default());
@@ -344,21 +409,21 @@ impl StateMachineStore {
             batch.put(keys::counters(name), encode("bucket counters", &counters)?);
         }
         batch.put(keys::COUNTERS_BUILT.to_vec(), sled::IVec::default());
-        g.tree.apply_batch(batch.into_batch()?)?;
+        tree.apply(batch.into_ops()?);
         Ok(())
     }
 
     // ---- apply ----
 
     fn applied_state_inner(
-        tree: &sled::Tree,
+        tree: &MemTree,
     ) -> Result<(Option<LogId<NodeId>>, Membership), StoreError> {
         let last_applied = tree
-            .get(keys::LAST_APPLIED)?
+            .get(keys::LAST_APPLIED)
             .map(|v| decode("last applied log id", &v))
             .transpose()?;
         let membership = tree
-            .get(keys::LAST_MEMBERSHIP)?
+            .get(keys::LAST_MEMBERSHIP)
             .map(|v| decode("last membership", &v))
             .transpose()?
             .unwrap_or_default();
@@ -369,7 +434,7 @@ impl StateMachineStore {
     /// in the same apply call, not yet in the tree: reads see them first); returns the result
     /// and the events to publish once the batch is applied.
     fn plan_entry(
-        tree: &sled::Tree,
+        tree: &MemTree,
         batch: &mut PendingBatch,
         entry: &LogEntry,
     ) -> Result<(TxnResult, Vec<KvEvent>), StoreError> {
@@ -408,7 +473,7 @@ impl StateMachineStore {
     /// `last_applied`; a replay after a snapshot or a re-apply answers each member's first
     /// outcome (remembered by id) and changes nothing.
     fn plan_group(
-        tree: &sled::Tree,
+        tree: &MemTree,
         batch: &mut PendingBatch,
         entry: &LogEntry,
         members: &[Txn],
@@ -465,17 +530,16 @@ impl StateMachineStore {
     /// Records, while a dump runs, the value before this batch of every dumped key it changes
     /// that no earlier batch since the cut changed. Called under the write lock, before the
     /// batch is applied.
-    fn keep_pre_images(&self, tree: &sled::Tree, batch: &PendingBatch) -> Result<(), StoreError> {
+    fn keep_pre_images(&self, tree: &MemTree, ops: &Ops) {
         let mut cut = self.cut();
         let Some(pre) = cut.as_mut() else {
-            return Ok(());
+            return;
         };
-        for k in batch.ops.keys() {
+        for k in ops.keys() {
             if DUMPED.iter().any(|p| k.starts_with(p)) && !pre.contains_key(k) {
-                pre.insert(k.clone(), tree.get(k)?);
+                pre.insert(k.clone(), tree.get(k));
             }
         }
-        Ok(())
     }
 
     fn cut(&self) -> std::sync::MutexGuard<'_, Option<PreImages>> {
@@ -485,17 +549,22 @@ impl StateMachineStore {
     /// Streams the state at `cut` to a new snapshot file (record by record, never whole in
     /// memory) while applies go on; returns the file's pointer and size.
     ///
-    /// Consistent cut: the tree is read in key order while applies change it, and every key is
-    /// written with its value at the cut. An apply records a key's old value before it first
-    /// changes it after the cut (under the write lock, so a value the dump reads is either
-    /// from before the batch, or the batch's pre-image is already recorded). The dump uses the
+    /// Consistent cut: the tree is read in key order, a chunk at a time under the read lock,
+    /// while applies change it between chunks, and every key is written with its value at the
+    /// cut. An apply records a key's old value before it first changes it after the cut (under
+    /// the write lock, so a value the dump reads is either from before the batch, or the
+    /// batch's pre-image is already recorded). The dump uses the
     /// recorded value for any key that has one (skipping keys absent at the cut), and also
     /// writes recorded keys the tree no longer holds, in order. Keys no apply touched since the
     /// cut are read as they were at the cut.
     fn dump(&self, cut: Cut) -> Result<Built, StoreError> {
-        let started = std::time::Instant::now();
         let _dumping = self.shared.dumping.blocking_lock();
-        let tree = self.read_lock().tree.clone();
+        self.dump_locked(cut)
+    }
+
+    /// [`Self::dump`], with `dumping` held by the caller.
+    fn dump_locked(&self, cut: Cut) -> Result<Built, StoreError> {
+        let started = std::time::Instant::now();
         let path = self.shared.snap_dir.join(&cut.file);
         let pre_between = |from: &[u8], to: Option<&[u8]>| -> Vec<(Vec<u8>, sled::IVec)> {
             let cut = self.cut();
@@ -524,21 +593,31 @@ impl StateMachineStore {
             for prefix in DUMPED {
                 // Just below every key with `prefix`.
                 let mut last: Vec<u8> = prefix[..prefix.len() - 1].to_vec();
-                for item in tree.scan_prefix(prefix) {
-                    let (k, live) = item?;
-                    for (pk, pv) in pre_between(&last, Some(&k)) {
-                        if pk.starts_with(prefix) {
-                            emit(&mut w, &pk, &pv)?;
-                        }
-                    }
-                    let at_cut = match self.cut().as_ref().and_then(|p| p.get(&*k)) {
-                        Some(recorded) => recorded.clone(),
-                        None => Some(live),
+                let mut after: Option<Vec<u8>> = None;
+                loop {
+                    let chunk = self
+                        .read_lock()
+                        .tree
+                        .chunk(prefix, after.as_deref(), DUMP_CHUNK);
+                    let Some((end, _)) = chunk.last() else {
+                        break;
                     };
-                    if let Some(v) = at_cut {
-                        emit(&mut w, &k, &v)?;
+                    after = Some(end.clone());
+                    for (k, live) in chunk {
+                        for (pk, pv) in pre_between(&last, Some(&k)) {
+                            if pk.starts_with(prefix) {
+                                emit(&mut w, &pk, &pv)?;
+                            }
+                        }
+                        let at_cut = match self.cut().as_ref().and_then(|p| p.get(&k)) {
+                            Some(recorded) => recorded.clone(),
+                            None => Some(live),
+                        };
+                        if let Some(v) = at_cut {
+                            emit(&mut w, &k, &v)?;
+                        }
+                        last = k;
                     }
-                    last = k.to_vec();
                 }
                 for (pk, pv) in pre_between(&last, None) {
                     if pk.starts_with(prefix) {
@@ -610,8 +689,9 @@ impl StateMachineStore {
     }
 
     /// Installs a snapshot: streams it into a fresh tree, then swaps that tree in and makes the
-    /// file the current snapshot, in one atomic database write (see [`open`](super::open) for
-    /// what a crash in between leaves).
+    /// file the current snapshot (flushed before this returns, so before openraft purges the
+    /// log it covers; a crash before the flush leaves the previous snapshot current, and the
+    /// log after it).
     async fn install(&self, meta: &Meta, file: tokio::fs::File) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
         let _no_dump = self.shared.dumping.lock().await;
@@ -637,10 +717,8 @@ impl StateMachineStore {
             .and_then(|n| n.to_str())
             .ok_or_else(|| StoreError::Corrupt("snapshot file name is not UTF-8".into()))?
             .to_string();
-        let name = format!("{}.{}", super::SM_TREE, self.generate_id()?);
-        let this = self.clone();
-        let (meta2, path2, name2) = (meta.clone(), path.clone(), name.clone());
-        let filled = tokio::task::spawn_blocking(move || this.fill(&meta2, &path2, &name2))
+        let (meta2, path2) = (meta.clone(), path.clone());
+        let filled = tokio::task::spawn_blocking(move || Self::fill(&meta2, &path2))
             .await
             .unwrap_or_else(|e| {
                 Err(StoreError::Corrupt(format!(
@@ -650,31 +728,26 @@ impl StateMachineStore {
         let (tree, records) = match filled {
             Ok(t) => t,
             Err(e) => {
-                let _ = self.handle.db.drop_tree(name.as_bytes());
                 let _ = std::fs::remove_file(&path);
                 return Err(e);
             }
         };
-        self.flush().await?;
         let pointer = SnapshotPointer {
             file: file_name,
             meta: meta.clone(),
         };
-        let (old_tree, old_file) = {
+        let (old, old_file) = {
             let mut g = self.write_lock();
             let old_file = self.current_pointer()?.map(|p| p.file);
-            let mut batch = sled::Batch::default();
-            batch.insert(keys::SM_TREE_NAME, name.as_bytes());
-            batch.insert(
+            self.handle.db.insert(
                 keys::CURRENT_SNAPSHOT,
                 encode("current snapshot", &pointer)?,
-            );
-            self.handle.db.apply_batch(batch)?;
-            let old = std::mem::replace(&mut *g, SmTree { name, tree });
-            (old.name, old_file)
+            )?;
+            (std::mem::replace(&mut *g, SmTree { tree }), old_file)
         };
         self.flush().await?;
-        self.handle.db.drop_tree(old_tree.as_bytes())?;
+        // The replaced state can be large: freed off the async runtime.
+        tokio::task::spawn_blocking(move || drop(old));
         if let Some(f) = old_file.filter(|f| *f != pointer.file) {
             self.remove_snapshot_file(&f);
         }
@@ -688,17 +761,17 @@ impl StateMachineStore {
         Ok(())
     }
 
-    /// Streams the snapshot file at `path` into a new tree `name` and flushes it; returns the
-    /// tree and how many records it read. The file is read to its end (count and CRC
-    /// checked) before this returns, so a damaged file leaves nothing to swap in.
-    fn fill(&self, meta: &Meta, path: &Path, name: &str) -> Result<(sled::Tree, u64), StoreError> {
+    /// Streams the snapshot file at `path` into a new tree; returns the tree and how many
+    /// records it read. The file is read to its end (count and CRC checked) before this
+    /// returns, so a damaged file leaves nothing to swap in.
+    pub(crate) fn fill(meta: &Meta, path: &Path) -> Result<(MemTree, u64), StoreError> {
         let mut file = std::fs::File::open(path).map_err(StoreError::Io)?;
         file.sync_all().map_err(StoreError::Io)?;
         let mut head = [0u8; 8];
         let n = file.read(&mut head).map_err(StoreError::Io)?;
         file.seek(SeekFrom::Start(0)).map_err(StoreError::Io)?;
-        let tree = self.handle.db.open_tree(name)?;
-        let mut filler = Filler::new(&tree);
+        let mut tree = MemTree::default();
+        let mut filler = Filler::new(&mut tree);
         let mut records = 0;
         if snapshot::is_binary(&head[..n]) {
             let (mut reader, file_meta) = snapshot::Reader::open(file)?;
@@ -780,26 +853,20 @@ struct Built {
     took: std::time::Duration,
 }
 
-/// Writes snapshot records into a fresh tree in batches, deriving what the snapshot leaves
-/// out: the latest entry of each key (the last of its adjacent entries), the revision index,
-/// the bucket counters, the remembered ids' time index.
+/// Writes snapshot records into a fresh tree, deriving what the snapshot leaves out: the
+/// latest entry of each key (the last of its adjacent entries), the revision index, the
+/// bucket counters, the remembered ids' time index.
 struct Filler<'a> {
-    tree: &'a sled::Tree,
-    batch: sled::Batch,
-    pending: usize,
+    tree: &'a mut MemTree,
     records: u64,
     buckets: BTreeMap<String, BucketCounters>,
     latest: Option<Entry>,
 }
 
 impl<'a> Filler<'a> {
-    const BATCH: usize = 8192;
-
-    fn new(tree: &'a sled::Tree) -> Self {
+    fn new(tree: &'a mut MemTree) -> Self {
         Filler {
             tree,
-            batch: sled::Batch::default(),
-            pending: 0,
             records: 0,
             buckets: BTreeMap::new(),
             latest: None,
@@ -807,12 +874,7 @@ impl<'a> Filler<'a> {
     }
 
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
-        self.batch.insert(key, value);
-        self.pending += 1;
-        if self.pending >= Self::BATCH {
-            self.tree.apply_batch(std::mem::take(&mut self.batch))?;
-            self.pending = 0;
-        }
+        self.tree.insert(key, value);
         Ok(())
     }
 
@@ -895,24 +957,23 @@ impl<'a> Filler<'a> {
             keys::LAST_MEMBERSHIP.to_vec(),
             encode("last membership", &meta.last_membership)?,
         )?;
-        self.tree.apply_batch(std::mem::take(&mut self.batch))?;
         Ok(())
     }
 }
 
 /// Reads the committed state for [`kv::plan`], seen through the writes pending in a batch of
 /// the same apply call (they win over the tree).
-struct SledView<'a> {
-    tree: &'a sled::Tree,
+struct TreeView<'a> {
+    tree: &'a MemTree,
     pending: Option<&'a PendingBatch>,
 }
 
-impl SledView<'_> {
+impl TreeView<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
         if let Some(v) = self.pending.and_then(|p| p.ops.get(key)) {
             return Ok(v.clone());
         }
-        Ok(self.tree.get(key)?)
+        Ok(self.tree.get(key))
     }
 
     /// Keys in `[start, end)` (`end = None`: every key with prefix `start`), in order.
@@ -922,11 +983,17 @@ impl SledView<'_> {
             None => k.starts_with(start),
         };
         let mut out: std::collections::BTreeSet<Vec<u8>> = match end {
-            Some(end) => self.tree.range(start..end).keys(),
-            None => self.tree.scan_prefix(start).keys(),
-        }
-        .map(|k| k.map(|k| k.to_vec()))
-        .collect::<Result<_, _>>()?;
+            Some(end) => self
+                .tree
+                .range_keys(start, end)
+                .map(<[u8]>::to_vec)
+                .collect(),
+            None => self
+                .tree
+                .scan_prefix(start)
+                .map(|(k, _)| k.to_vec())
+                .collect(),
+        };
         if let Some(p) = self.pending {
             for (k, v) in p.ops.range(start.to_vec()..) {
                 if !in_range(k) {
@@ -942,7 +1009,7 @@ impl SledView<'_> {
     }
 }
 
-impl KvView for SledView<'_> {
+impl KvView for TreeView<'_> {
     type Error = StoreError;
 
     fn applied_txn(&self, id: &str) -> Result<Option<AppliedTxn>, StoreError> {
@@ -996,7 +1063,7 @@ impl KvView for SledView<'_> {
 /// (`buckets`, `counters`) and encodes each once, when sealed, instead of once per put.
 #[derive(Default)]
 struct PendingBatch {
-    ops: BTreeMap<Vec<u8>, Option<sled::IVec>>,
+    ops: Ops,
     /// Bucket records this batch writes (`None`: removes); not in `ops` until [`Self::seal`].
     buckets: BTreeMap<String, Option<BucketState>>,
     /// Bucket counters this batch writes (`None`: removes); not in `ops` until [`Self::seal`].
@@ -1013,7 +1080,7 @@ impl PendingBatch {
     }
 
     /// Removes every key with `prefix`, both in the tree and pending in this batch.
-    fn remove_prefix(&mut self, tree: &sled::Tree, prefix: &[u8]) -> Result<(), StoreError> {
+    fn remove_prefix(&mut self, tree: &MemTree, prefix: &[u8]) -> Result<(), StoreError> {
         for k in self
             .ops
             .keys()
@@ -1023,14 +1090,14 @@ impl PendingBatch {
         {
             self.ops.insert(k, None);
         }
-        for k in tree.scan_prefix(prefix).keys() {
-            self.ops.insert(k?.to_vec(), None);
+        for (k, _) in tree.scan_prefix(prefix) {
+            self.ops.insert(k.to_vec(), None);
         }
         Ok(())
     }
 
     /// Adds a plan's writes: its mutations, the remembered ids it forgets, its own outcome.
-    fn plan(&mut self, tree: &sled::Tree, plan: &kv::Plan) -> Result<(), StoreError> {
+    fn plan(&mut self, tree: &MemTree, plan: &kv::Plan) -> Result<(), StoreError> {
         for m in &plan.mutations {
             self.execute(tree, m)?;
         }
@@ -1052,19 +1119,19 @@ impl PendingBatch {
     }
 
     /// `key`'s value as this batch leaves it (not for bucket records or counters).
-    fn get(&self, tree: &sled::Tree, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
+    fn get(&self, tree: &MemTree, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
         match self.ops.get(key) {
             Some(v) => Ok(v.clone()),
-            None => Ok(tree.get(key)?),
+            None => Ok(tree.get(key)),
         }
     }
 
     /// A bucket's record as this batch leaves it.
-    fn bucket(&self, tree: &sled::Tree, bucket: &str) -> Result<Option<BucketState>, StoreError> {
+    fn bucket(&self, tree: &MemTree, bucket: &str) -> Result<Option<BucketState>, StoreError> {
         match self.buckets.get(bucket) {
             Some(state) => Ok(*state),
             None => tree
-                .get(keys::bucket(bucket))?
+                .get(&keys::bucket(bucket))
                 .map(|v| decode("bucket", &v))
                 .transpose(),
         }
@@ -1073,12 +1140,12 @@ impl PendingBatch {
     /// A bucket's counters as this batch leaves them, read into the batch.
     fn counters_mut(
         &mut self,
-        tree: &sled::Tree,
+        tree: &MemTree,
         bucket: &str,
     ) -> Result<&mut Option<BucketCounters>, StoreError> {
         if !self.counters.contains_key(bucket) {
             let stored = tree
-                .get(keys::counters(bucket))?
+                .get(&keys::counters(bucket))
                 .map(|v| decode("bucket counters", &v))
                 .transpose()?;
             self.counters.insert(bucket.to_string(), stored);
@@ -1089,7 +1156,7 @@ impl PendingBatch {
     /// Changes a bucket's counters as this batch leaves them (absent ones start at zero).
     fn count(
         &mut self,
-        tree: &sled::Tree,
+        tree: &MemTree,
         bucket: &str,
         change: impl FnOnce(&mut BucketCounters),
     ) -> Result<(), StoreError> {
@@ -1100,7 +1167,7 @@ impl PendingBatch {
         Ok(())
     }
 
-    fn execute(&mut self, tree: &sled::Tree, m: &Mutation) -> Result<(), StoreError> {
+    fn execute(&mut self, tree: &MemTree, m: &Mutation) -> Result<(), StoreError> {
         match m {
             Mutation::PutBucket { bucket, state } => {
                 self.buckets.insert(bucket.clone(), Some(*state));
@@ -1179,16 +1246,9 @@ impl PendingBatch {
         Ok(())
     }
 
-    fn into_batch(mut self) -> Result<sled::Batch, StoreError> {
+    fn into_ops(mut self) -> Result<Ops, StoreError> {
         self.seal()?;
-        let mut batch = sled::Batch::default();
-        for (k, v) in self.ops {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
-        Ok(batch)
+        Ok(self.ops)
     }
 }
 
@@ -1215,34 +1275,32 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut results = Vec::new();
         let mut events = Vec::new();
         {
-            // Every committed entry of this call in one sled batch, under one write lock.
-            let g = self.write_lock();
+            // Every committed entry of this call planned into one batch under the read lock
+            // (this task is the only writer: nothing changes the state until the write lock
+            // below), then applied at once under the write lock.
             let mut batch = PendingBatch::default();
             let mut last = None;
-            for entry in entries {
-                let (result, evs) = Self::plan_entry(&g.tree, &mut batch, &entry)
-                    .map_err(|e| StorageIOError::apply(entry.log_id, AnyError::new(&e)))?;
-                events.extend(evs);
-                results.push(result);
-                last = Some(entry.log_id);
+            {
+                let g = self.read_lock();
+                for entry in entries {
+                    let (result, evs) = Self::plan_entry(&g.tree, &mut batch, &entry)
+                        .map_err(|e| StorageIOError::apply(entry.log_id, AnyError::new(&e)))?;
+                    events.extend(evs);
+                    results.push(result);
+                    last = Some(entry.log_id);
+                }
             }
             if let Some(last) = last {
-                let seal = |batch: &mut PendingBatch| -> Result<(), StoreError> {
-                    batch.put(
-                        keys::LAST_APPLIED.to_vec(),
-                        encode("last applied log id", &last)?,
-                    );
-                    batch.seal()?;
-                    self.keep_pre_images(&g.tree, batch)
-                };
-                seal(&mut batch).map_err(|e| StorageIOError::apply(last, AnyError::new(&e)))?;
-                g.tree
-                    .apply_batch(
-                        batch
-                            .into_batch()
-                            .map_err(|e| StorageIOError::apply(last, AnyError::new(&e)))?,
-                    )
-                    .map_err(|e| StorageIOError::apply(last, AnyError::new(&e)))?;
+                let apply_err = |e: StoreError| StorageIOError::apply(last, AnyError::new(&e));
+                batch.put(
+                    keys::LAST_APPLIED.to_vec(),
+                    encode("last applied log id", &last).map_err(apply_err)?,
+                );
+                batch.seal().map_err(apply_err)?;
+                let ops = batch.into_ops().map_err(apply_err)?;
+                let mut g = self.write_lock();
+                self.keep_pre_images(&g.tree, &ops);
+                g.tree.apply(ops);
             }
         }
         for ev in events {
@@ -1393,10 +1451,12 @@ mod tests {
         }
     }
 
-    /// A database from before the counters (no `c:`, `r:` keys, no marker) gets them built at
-    /// open, equal to what applying keeps.
+    /// A database of a release that kept the state machine in a sled tree, from before the
+    /// counters (no `c:`, `r:` keys, no marker): the first open writes the tree out as the
+    /// current snapshot, with the counters built, equal to what applying keeps; drops the tree;
+    /// and a second open loads the same state from that snapshot.
     #[tokio::test]
-    async fn counters_missing_from_an_older_database_are_built_at_open() {
+    async fn a_legacy_sled_tree_is_migrated_to_a_snapshot_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = BucketConfig {
             history: 2,
@@ -1415,18 +1475,42 @@ mod tests {
         let kept = sm.bucket_info("a").unwrap().unwrap();
         assert_eq!((kept.entries, kept.live_keys, kept.bytes), (4, 1, 9));
         assert_eq!(kept.first_seq, 2);
+        let history = sm.history("a", "x").unwrap();
 
-        for prefix in [keys::COUNTERS, keys::REVISIONS] {
+        // The same state as an older release's tree, without the counters.
+        {
             let g = sm.read_lock();
-            for k in g.tree.scan_prefix(prefix).keys() {
-                g.tree.remove(k.unwrap()).unwrap();
+            let legacy = sm.handle.db.open_tree(super::super::SM_TREE).unwrap();
+            for (k, v) in g.tree.scan_prefix(b"") {
+                if ![keys::COUNTERS, keys::REVISIONS, keys::COUNTERS_BUILT]
+                    .iter()
+                    .any(|p| k.starts_with(p))
+                {
+                    legacy.insert(k, v.clone()).unwrap();
+                }
             }
         }
-        sm.read_lock().tree.remove(keys::COUNTERS_BUILT).unwrap();
         sm.flush().await.unwrap();
+        assert!(sm.current_pointer().unwrap().is_none());
         drop((log, sm));
+
+        let (log, mut sm) = super::super::open(dir.path()).unwrap();
+        assert_eq!(sm.bucket_info("a").unwrap().unwrap(), kept);
+        assert_eq!(sm.history("a", "x").unwrap(), history);
+        let (applied, _) = sm.applied_state().await.unwrap();
+        assert_eq!(applied.unwrap().index, 4);
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta.last_log_id.unwrap().index, 4);
+        assert!(!sm
+            .handle
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n.starts_with(super::super::SM_TREE.as_bytes())));
+        drop((log, sm, current));
 
         let (_log, sm) = super::super::open(dir.path()).unwrap();
         assert_eq!(sm.bucket_info("a").unwrap().unwrap(), kept);
+        assert_eq!(sm.history("a", "x").unwrap(), history);
     }
 }
