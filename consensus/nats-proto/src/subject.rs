@@ -58,20 +58,27 @@ pub fn is_valid_publish_subject(subject: &str) -> bool {
 /// Whether the literal `subject` matches `filter` (which may contain
 /// wildcards). Invalid inputs never match.
 pub fn subject_matches(filter: &str, subject: &str) -> bool {
-    if subject.split('.').any(str::is_empty) {
-        return false;
-    }
-    let mut f = filter.split('.');
-    let mut s = subject.split('.');
+    // Token by token, leaving at the first difference: a permission check runs every filter
+    // of a user's lists against every message, and most differ in their first tokens.
+    let (f, s) = (filter.as_bytes(), subject.as_bytes());
+    let (mut fi, mut si) = (0, 0);
     loop {
-        match (f.next(), s.next()) {
-            (None, None) => return true,
-            (Some(FWC), Some(_)) => return f.next().is_none(),
-            (Some(ft), Some(st)) => {
-                if ft.is_empty() || (ft != PWC && ft != st) {
-                    return false;
-                }
-            }
+        let fe = f[fi..].iter().position(|&b| b == b'.').map_or(f.len(), |p| fi + p);
+        let se = s[si..].iter().position(|&b| b == b'.').map_or(s.len(), |p| si + p);
+        let (ft, st) = (&f[fi..fe], &s[si..se]);
+        if st.is_empty() || ft.is_empty() {
+            return false;
+        }
+        if ft == FWC.as_bytes() {
+            // `>` only as the filter's last token; the rest of the subject must be valid.
+            return fe == f.len() && s[si..].split(|&b| b == b'.').all(|t| !t.is_empty());
+        }
+        if ft != PWC.as_bytes() && ft != st {
+            return false;
+        }
+        match (fe == f.len(), se == s.len()) {
+            (true, true) => return true,
+            (false, false) => (fi, si) = (fe + 1, se + 1),
             _ => return false,
         }
     }
@@ -460,6 +467,21 @@ mod tests {
             ("foo*", "foo", false),
             ("foo", "foo..bar", false),
             ("foo..bar", "foo..bar", false),
+            ("foo.>", "foo.bar.", false),
+            ("foo.>", "foo..bar", false),
+            ("foo.>", "foo.", false),
+            ("*", "", false),
+            (">", "", false),
+            ("", "", false),
+            ("a.b", "a.b.", false),
+            ("a.*", "a.", false),
+            (">.a", "x.a", false),
+            ("a.>.b", "a.x.b", false),
+            ("a.*.c", "a.b.c", true),
+            ("a.*.c", "a.b.d", false),
+            ("$KV.machines.>", "$KV.machines.m1", true),
+            ("$KV.machines.>", "$KV.machine.m1", false),
+            ("a.b.c", "a.b", false),
         ];
         for (f, s, want) in cases {
             assert_eq!(subject_matches(f, s), want, "{f} vs {s}");
