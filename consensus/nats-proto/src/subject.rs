@@ -63,8 +63,14 @@ pub fn subject_matches(filter: &str, subject: &str) -> bool {
     let (f, s) = (filter.as_bytes(), subject.as_bytes());
     let (mut fi, mut si) = (0, 0);
     loop {
-        let fe = f[fi..].iter().position(|&b| b == b'.').map_or(f.len(), |p| fi + p);
-        let se = s[si..].iter().position(|&b| b == b'.').map_or(s.len(), |p| si + p);
+        let fe = f[fi..]
+            .iter()
+            .position(|&b| b == b'.')
+            .map_or(f.len(), |p| fi + p);
+        let se = s[si..]
+            .iter()
+            .position(|&b| b == b'.')
+            .map_or(s.len(), |p| si + p);
         let (ft, st) = (&f[fi..fe], &s[si..se]);
         if st.is_empty() || ft.is_empty() {
             return false;
