@@ -15,7 +15,6 @@ use crate::engine::handler::following_handler::FollowingHandler;
 use crate::engine::handler::leader_handler::LeaderHandler;
 use crate::engine::handler::log_handler::LogHandler;
 use crate::engine::handler::replication_handler::ReplicationHandler;
-use crate::engine::handler::replication_handler::SendNone;
 use crate::engine::handler::server_state_handler::ServerStateHandler;
 use crate::engine::handler::snapshot_handler::SnapshotHandler;
 use crate::engine::handler::vote_handler::VoteHandler;
@@ -154,18 +153,25 @@ where C: RaftTypeConfig
             self.state.membership_state.effective().is_voter(&self.config.id)
         );
 
-        // Previously it is a leader. restore it as leader at once
+        // Ployz patch: a node that led before it stopped does not take its leadership back
+        // (openraft restores it, in the same term). Its vote is kept, uncommitted in memory, so it
+        // starts as a follower and an election in a new term picks the leader. Two reasons:
+        // - the leader replicates while its own append flushes (the other Ployz patch), so a
+        //   majority of followers may have committed entries the leader had not flushed when it
+        //   died; restored in the same term, it would append different entries at those same log
+        //   ids, and followers that hold the old ones would keep them (same log id): divergence.
+        //   In a new term the election restriction keeps it from leading with a shorter log.
+        // - a restored leader's read index is its saved committed id, which is not flushed on
+        //   every commit: a linearizable read right after the restart could miss acknowledged
+        //   writes. A new term's leader reads after its own blank entry, which commits them all.
         if self.state.is_leader(&self.config.id) {
-            self.vote_handler().update_internal_server_state();
-
-            let mut rh = self.replication_handler();
-
-            // Restore the progress about the local log
-            rh.update_local_progress(rh.state.last_log_id().cloned());
-
-            rh.initiate_replication(SendNone::False);
-
-            return;
+            tracing::info!(
+                vote = display(self.state.vote_ref()),
+                "led before the restart: starting as a follower, an election in a new term picks the leader"
+            );
+            let mut vote = self.state.vote_ref().clone();
+            vote.committed = false;
+            self.state.vote.update(C::now(), vote);
         }
 
         let server_state = if self.state.membership_state.effective().is_voter(&self.config.id) {
