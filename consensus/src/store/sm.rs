@@ -860,7 +860,7 @@ struct Filler<'a> {
     tree: &'a mut MemTree,
     records: u64,
     buckets: BTreeMap<String, BucketCounters>,
-    latest: Option<Entry>,
+    latest: Option<(Entry, sled::IVec)>,
 }
 
 impl<'a> Filler<'a> {
@@ -873,7 +873,7 @@ impl<'a> Filler<'a> {
         }
     }
 
-    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
+    fn put(&mut self, key: Vec<u8>, value: impl Into<sled::IVec>) -> Result<(), StoreError> {
         self.tree.insert(key, value);
         Ok(())
     }
@@ -907,7 +907,7 @@ impl<'a> Filler<'a> {
                 c.entries += 1;
                 c.bytes += e.value.len() as u64;
                 match &self.latest {
-                    Some(prev) if prev.bucket == e.bucket && prev.key == e.key => {
+                    Some((prev, _)) if prev.bucket == e.bucket && prev.key == e.key => {
                         if e.revision <= prev.revision {
                             return Err(StoreError::Corrupt(
                                 "snapshot entries of a key are not in revision order".into(),
@@ -916,12 +916,11 @@ impl<'a> Filler<'a> {
                     }
                     _ => self.close_latest()?,
                 }
-                self.put(
-                    keys::history(&e.bucket, &e.key, e.revision),
-                    encode("entry", &e)?,
-                )?;
+                // One buffer for the entry, shared with its `l:` key if it is the latest.
+                let bytes = sled::IVec::from(encode("entry", &e)?);
+                self.put(keys::history(&e.bucket, &e.key, e.revision), bytes.clone())?;
                 self.put(keys::revision(&e.bucket, e.revision), Vec::new())?;
-                self.latest = Some(e);
+                self.latest = Some((e, bytes));
                 Ok(())
             }
         }
@@ -929,13 +928,13 @@ impl<'a> Filler<'a> {
 
     /// Writes the latest entry of the key whose entries were just read.
     fn close_latest(&mut self) -> Result<(), StoreError> {
-        if let Some(e) = self.latest.take() {
+        if let Some((e, bytes)) = self.latest.take() {
             if e.is_live() {
                 if let Some(c) = self.buckets.get_mut(&e.bucket) {
                     c.live_keys += 1;
                 }
             }
-            self.put(keys::latest(&e.bucket, &e.key), encode("entry", &e)?)?;
+            self.put(keys::latest(&e.bucket, &e.key), bytes)?;
         }
         Ok(())
     }
