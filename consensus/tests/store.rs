@@ -1,5 +1,5 @@
-//! The sled state machine executes plans exactly like the in-memory reference, and a snapshot
-//! carries the whole state.
+//! The state machine executes plans exactly like the reference executor (`MemState`), and a
+//! snapshot carries the whole state.
 
 use openraft::storage::RaftStateMachine;
 use openraft::CommittedLeaderId;
@@ -582,4 +582,56 @@ async fn snapshot_is_the_state_at_its_cut_while_applies_go_on() {
         .await
         .unwrap();
     assert!(third.buckets().unwrap().is_empty());
+}
+
+/// A dump reads the state a chunk at a time and lets applies in between: a store larger than
+/// many chunks, changed by applies running while the dump runs (updates, deletes, new keys,
+/// across every chunk), still gives exactly the state at the cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dump_across_many_chunks_is_the_state_at_its_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = store::open(&dir.path().join("a")).unwrap();
+    let mut index = 1;
+    sm.apply([entry(
+        index,
+        Txn::new(vec![Op::create_bucket("a", cfg(1))], 0),
+    )])
+    .await
+    .unwrap();
+    const KEYS: usize = 8_000;
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(500) {
+        index += 1;
+        let ops = chunk
+            .iter()
+            .map(|i| Op::put("a", format!("k{i:05}"), format!("v{i}")))
+            .collect();
+        sm.apply([entry(index, Txn::new(ops, 0))]).await.unwrap();
+    }
+    let at_cut = sm.list("a").unwrap();
+    let cut_index = index;
+    let mut builder = sm.get_snapshot_builder().await;
+    let build = tokio::spawn(async move { builder.build_snapshot().await.unwrap() });
+    let mut round = 0;
+    while !build.is_finished() && round < 2_000 {
+        round += 1;
+        index += 1;
+        // Spread over the whole key range: keys the dump has read and keys it has not.
+        let i = (round * 7_919) % KEYS;
+        let ops = vec![
+            Op::put("a", format!("k{i:05}"), format!("changed {round}")),
+            Op::delete("a", format!("k{:05}", (i + 1) % KEYS)),
+            Op::put("a", format!("new{round:05}"), "n"),
+        ];
+        sm.apply([entry(index, Txn::new(ops, 0))]).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let snap = build.await.unwrap();
+    assert!(round > 0, "no apply ran during the dump");
+    assert_eq!(snap.meta.last_log_id.unwrap().index, cut_index);
+    let (_log2, mut other) = store::open(&dir.path().join("b")).unwrap();
+    other
+        .install_snapshot(&snap.meta, snap.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(other.list("a").unwrap(), at_cut);
 }

@@ -1,4 +1,5 @@
-//! Key layout of the `state_machine` tree.
+//! Key layout of the state machine's key space (`store/tree.rs`, in memory; the sled
+//! `state_machine` tree of older releases had the same, see `store/mod.rs`).
 //!
 //! Bucket names never contain `\0` or `:`, keys never contain `\0`, so the separators are
 //! unambiguous and a prefix scan never crosses into another bucket or key.
@@ -29,8 +30,8 @@ pub const COUNTERS: &[u8] = b"c:";
 pub const REVISIONS: &[u8] = b"r:";
 pub const COUNTERS_BUILT: &[u8] = b"m:counters";
 
-/// In the database's default tree: the name of the current state-machine tree (absent:
-/// `state_machine`).
+/// In the database's default tree, written by older releases: the name of their state-machine
+/// tree (absent: `state_machine`); read at open to migrate it, then removed.
 pub const SM_TREE_NAME: &[u8] = b"ployz:sm_tree";
 /// In the database's default tree: the current snapshot's file name and meta (JSON).
 pub const CURRENT_SNAPSHOT: &[u8] = b"ployz:snapshot";

@@ -73,7 +73,7 @@ struct Shared {
     /// The state. Writers (apply, install's swap, snapshot publish) take it exclusively;
     /// readers shared, so a read never observes half of an applied transaction. Installing a
     /// snapshot fills a fresh tree and swaps it in here.
-    lock: RwLock<SmTree>,
+    lock: RwLock<MemTree>,
     events: broadcast::Sender<KvEvent>,
     /// Snapshot files live here, beside the database.
     snap_dir: PathBuf,
@@ -96,17 +96,6 @@ const DUMPED: [&[u8]; 3] = [keys::BUCKETS, keys::HISTORY, keys::TXNS];
 
 /// Keys a dump reads per hold of the read lock (applies wait at most one chunk).
 const DUMP_CHUNK: usize = 1024;
-
-/// The state machine's key space.
-pub(crate) struct SmTree {
-    tree: MemTree,
-}
-
-impl SmTree {
-    pub(crate) fn new(tree: MemTree) -> Self {
-        SmTree { tree }
-    }
-}
 
 fn view(tree: &MemTree) -> TreeView<'_> {
     TreeView {
@@ -189,7 +178,7 @@ impl StateMachineStore {
                 Some(p) => from_snapshot(p)?,
                 None => MemTree::default(),
             };
-            return Ok(Self::new(handle, SmTree::new(tree), snap_dir));
+            return Ok(Self::new(handle, tree, snap_dir));
         };
         let mut tree = MemTree::default();
         for item in legacy.iter() {
@@ -204,17 +193,13 @@ impl StateMachineStore {
             Some(p) if p.meta.last_log_id > legacy_applied => from_snapshot(p)?,
             _ => tree,
         };
-        let sm = Self::new(handle, SmTree::new(tree), snap_dir);
-        let (applied, _) = Self::applied_state_inner(&sm.read_lock().tree)?;
+        let sm = Self::new(handle, tree, snap_dir);
+        let (applied, _) = Self::applied_state_inner(&sm.read_lock())?;
         if pointer
             .as_ref()
             .is_none_or(|p| p.meta.last_log_id < applied)
         {
-            let _dumping = sm
-                .shared
-                .dumping
-                .try_lock()
-                .map_err(|_| StoreError::Corrupt("snapshot dump running at open".into()))?;
+            // Nothing else holds this store yet: no install can run, no `dumping` to take.
             let built = sm.dump_locked(sm.mark_cut()?)?;
             sm.handle.db.insert(
                 keys::CURRENT_SNAPSHOT,
@@ -233,7 +218,7 @@ impl StateMachineStore {
         Ok(sm)
     }
 
-    pub(crate) fn new(handle: Arc<DbHandle>, tree: SmTree, snap_dir: PathBuf) -> Self {
+    pub(crate) fn new(handle: Arc<DbHandle>, tree: MemTree, snap_dir: PathBuf) -> Self {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Self {
             handle,
@@ -274,13 +259,13 @@ impl StateMachineStore {
         self.shared.events.subscribe()
     }
 
-    fn read_lock(&self) -> RwLockReadGuard<'_, SmTree> {
+    fn read_lock(&self) -> RwLockReadGuard<'_, MemTree> {
         // A poisoned lock still holds a whole state: an apply computes its writes first and
         // only then applies them, with nothing in between that can panic.
         self.shared.lock.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write_lock(&self) -> RwLockWriteGuard<'_, SmTree> {
+    fn write_lock(&self) -> RwLockWriteGuard<'_, MemTree> {
         self.shared.lock.write().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -289,14 +274,14 @@ impl StateMachineStore {
     /// The key's latest entry, tombstones included.
     pub fn get(&self, bucket: &str, key: &str) -> Result<Option<Entry>, StoreError> {
         let g = self.read_lock();
-        view(&g.tree).latest(bucket, key)
+        view(&g).latest(bucket, key)
     }
 
     /// Latest entry per key, live keys only, sorted by key.
     pub fn list(&self, bucket: &str) -> Result<Vec<Entry>, StoreError> {
         let g = self.read_lock();
         let mut out = Vec::new();
-        for (_, v) in g.tree.scan_prefix(&keys::latest_prefix(bucket)) {
+        for (_, v) in g.scan_prefix(&keys::latest_prefix(bucket)) {
             let e: Entry = decode("entry", v)?;
             if !e.is_tombstone() {
                 out.push(e);
@@ -308,8 +293,7 @@ impl StateMachineStore {
     /// Latest entry of every key of a bucket, tombstones included, sorted by key.
     pub fn list_all(&self, bucket: &str) -> Result<Vec<Entry>, StoreError> {
         let g = self.read_lock();
-        g.tree
-            .scan_prefix(&keys::latest_prefix(bucket))
+        g.scan_prefix(&keys::latest_prefix(bucket))
             .map(|(_, v)| decode("entry", v))
             .collect()
     }
@@ -317,8 +301,7 @@ impl StateMachineStore {
     /// Stored entries of a key, oldest first.
     pub fn history(&self, bucket: &str, key: &str) -> Result<Vec<Entry>, StoreError> {
         let g = self.read_lock();
-        g.tree
-            .scan_prefix(&keys::history_prefix(bucket, key))
+        g.scan_prefix(&keys::history_prefix(bucket, key))
             .map(|(_, v)| decode("entry", v))
             .collect()
     }
@@ -327,7 +310,7 @@ impl StateMachineStore {
     pub fn buckets(&self) -> Result<Vec<String>, StoreError> {
         let g = self.read_lock();
         let mut out = Vec::new();
-        for (k, _) in g.tree.scan_prefix(keys::BUCKETS) {
+        for (k, _) in g.scan_prefix(keys::BUCKETS) {
             let name = keys::bucket_name(k)
                 .ok_or_else(|| StoreError::Corrupt("bucket key is not UTF-8".into()))?;
             out.push(name.to_string());
@@ -339,24 +322,22 @@ impl StateMachineStore {
     /// Whether `bucket` exists: one lookup ([`Self::bucket_info`] counts every entry).
     pub fn has_bucket(&self, bucket: &str) -> Result<bool, StoreError> {
         let g = self.read_lock();
-        Ok(view(&g.tree).bucket(bucket)?.is_some())
+        Ok(view(&g).bucket(bucket)?.is_some())
     }
 
     /// Bucket statistics: the bucket record, its counters and its first stored revision, three
     /// lookups whatever the bucket's size.
     pub fn bucket_info(&self, bucket: &str) -> Result<Option<BucketInfo>, StoreError> {
         let g = self.read_lock();
-        let Some(state) = view(&g.tree).bucket(bucket)? else {
+        let Some(state) = view(&g).bucket(bucket)? else {
             return Ok(None);
         };
         let counters: BucketCounters = g
-            .tree
             .get(&keys::counters(bucket))
             .map(|v| decode("bucket counters", &v))
             .transpose()?
             .unwrap_or_default();
         let first = match g
-            .tree
             .scan_prefix(&keys::revisions_prefix(bucket))
             .map(|(k, _)| k)
             .next()
@@ -499,7 +480,7 @@ impl StateMachineStore {
     /// The remembered outcome of the transaction with idempotency key `id`.
     pub fn applied_txn(&self, id: &str) -> Result<Option<AppliedTxn>, StoreError> {
         let g = self.read_lock();
-        view(&g.tree).applied_txn(id)
+        view(&g).applied_txn(id)
     }
 
     // ---- snapshots ----
@@ -511,7 +492,7 @@ impl StateMachineStore {
     fn mark_cut(&self) -> Result<Cut, StoreError> {
         let id = self.generate_id()?;
         let g = self.read_lock();
-        let (last_applied, last_membership) = Self::applied_state_inner(&g.tree)?;
+        let (last_applied, last_membership) = Self::applied_state_inner(&g)?;
         *self.cut() = Some(PreImages::new());
         let snapshot_id = match &last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, id),
@@ -595,10 +576,7 @@ impl StateMachineStore {
                 let mut last: Vec<u8> = prefix[..prefix.len() - 1].to_vec();
                 let mut after: Option<Vec<u8>> = None;
                 loop {
-                    let chunk = self
-                        .read_lock()
-                        .tree
-                        .chunk(prefix, after.as_deref(), DUMP_CHUNK);
+                    let chunk = self.read_lock().chunk(prefix, after.as_deref(), DUMP_CHUNK);
                     let Some((end, _)) = chunk.last() else {
                         break;
                     };
@@ -743,7 +721,7 @@ impl StateMachineStore {
                 keys::CURRENT_SNAPSHOT,
                 encode("current snapshot", &pointer)?,
             )?;
-            (std::mem::replace(&mut *g, SmTree { tree }), old_file)
+            (std::mem::replace(&mut *g, tree), old_file)
         };
         self.flush().await?;
         // The replaced state can be large: freed off the async runtime.
@@ -764,7 +742,7 @@ impl StateMachineStore {
     /// Streams the snapshot file at `path` into a new tree; returns the tree and how many
     /// records it read. The file is read to its end (count and CRC checked) before this
     /// returns, so a damaged file leaves nothing to swap in.
-    pub(crate) fn fill(meta: &Meta, path: &Path) -> Result<(MemTree, u64), StoreError> {
+    fn fill(meta: &Meta, path: &Path) -> Result<(MemTree, u64), StoreError> {
         let mut file = std::fs::File::open(path).map_err(StoreError::Io)?;
         file.sync_all().map_err(StoreError::Io)?;
         let mut head = [0u8; 8];
@@ -1262,7 +1240,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         &mut self,
     ) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
         let g = self.read_lock();
-        Self::applied_state_inner(&g.tree).map_err(sm_read_err)
+        Self::applied_state_inner(&g).map_err(sm_read_err)
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<TxnResult>, StorageError<NodeId>>
@@ -1282,7 +1260,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             {
                 let g = self.read_lock();
                 for entry in entries {
-                    let (result, evs) = Self::plan_entry(&g.tree, &mut batch, &entry)
+                    let (result, evs) = Self::plan_entry(&g, &mut batch, &entry)
                         .map_err(|e| StorageIOError::apply(entry.log_id, AnyError::new(&e)))?;
                     events.extend(evs);
                     results.push(result);
@@ -1298,8 +1276,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 batch.seal().map_err(apply_err)?;
                 let ops = batch.into_ops().map_err(apply_err)?;
                 let mut g = self.write_lock();
-                self.keep_pre_images(&g.tree, &ops);
-                g.tree.apply(ops);
+                self.keep_pre_images(&g, &ops);
+                g.apply(ops);
             }
         }
         for ev in events {
@@ -1480,7 +1458,7 @@ mod tests {
         {
             let g = sm.read_lock();
             let legacy = sm.handle.db.open_tree(super::super::SM_TREE).unwrap();
-            for (k, v) in g.tree.scan_prefix(b"") {
+            for (k, v) in g.scan_prefix(b"") {
                 if ![keys::COUNTERS, keys::REVISIONS, keys::COUNTERS_BUILT]
                     .iter()
                     .any(|p| k.starts_with(p))
