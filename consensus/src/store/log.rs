@@ -1,8 +1,9 @@
-//! The Raft log and vote on sled.
+//! The Raft log (segment files, `store/wal.rs`) and its vote, committed and purge points (sled).
 
 use std::fmt::Debug;
 use std::ops::Bound;
 use std::ops::RangeBounds;
+use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use openraft::Vote;
 
 use super::decode;
 use super::encode;
+use super::wal::Wal;
 use super::DbHandle;
 use super::StoreError;
 use crate::NodeId;
@@ -32,14 +34,15 @@ const VOTE: &[u8] = b"vote";
 const LAST_PURGED: &[u8] = b"last_purged";
 const COMMITTED: &[u8] = b"committed";
 
-/// Raft log storage: entries, vote, last purged log id and committed log id.
+/// Raft log storage: entries (in segment files), vote, last purged log id and committed log id
+/// (in sled).
 ///
-/// Cloning is cheap; clones share the database (the log reader is a clone).
+/// Cloning is cheap; clones share the files and database (the log reader is a clone).
 #[derive(Clone)]
 pub struct LogStore {
     handle: Arc<DbHandle>,
-    log: sled::Tree,
     meta: sled::Tree,
+    wal: Arc<Mutex<Wal>>,
     flushes: Arc<GroupFlush>,
     tail: Arc<Mutex<Tail>>,
 }
@@ -48,14 +51,14 @@ pub struct LogStore {
 const TAIL_ENTRIES: usize = 4096;
 const TAIL_BYTES: usize = 8 << 20;
 
-/// The newest log entries, decoded, exactly as they are in the `log` tree: a contiguous run of
-/// indexes ending at the last appended entry. A leader's replication streams and every node's
-/// apply read the entries just appended; from here that is a clone, not a sled range scan and
+/// The newest log entries, decoded, exactly as they are in the segment files: a contiguous run
+/// of indexes ending at the last appended entry. A leader's replication streams and every
+/// node's apply read the entries just appended; from here that is a clone, not a file read and
 /// a JSON decode per entry and per reader.
 ///
-/// Invariant: every entry held here is the entry the `log` tree holds at its index. `append`
-/// adds after writing sled, `truncate` and `purge` drop before changing sled; a read the tail
-/// does not wholly cover goes to sled.
+/// Invariant: every entry held here is the entry the files hold at its index. `append` adds
+/// after writing the files, `truncate` and `purge` drop before changing them; a read the tail
+/// does not wholly cover goes to the files.
 #[derive(Default)]
 struct Tail {
     entries: std::collections::VecDeque<(LogEntry, usize)>,
@@ -87,6 +90,10 @@ impl Tail {
                 None => break,
             }
         }
+    }
+
+    fn last_log_id(&self) -> Option<LogId<NodeId>> {
+        self.entries.back().map(|(e, _)| e.log_id)
     }
 
     fn clear(&mut self) {
@@ -129,27 +136,68 @@ impl Tail {
     }
 }
 
-/// Group commit of the log's flushes: at most one sled flush runs at a time, and a flush
-/// covers every write made before it started, so the writes that arrive while one flush runs
-/// share the next one. (Many concurrent `flush_async` calls can also exhaust sled 0.34's IO
-/// thread pool while a batch waits for its global lock, and hang.)
+/// Group commit of the log's syncs: at most one `fdatasync` runs at a time, and a sync covers
+/// every write made before it started, so the writes that arrive while one sync runs share the
+/// next one.
 #[derive(Default)]
 struct GroupFlush {
-    /// Writes made so far (a write takes its number once sled has it).
+    /// Writes made so far (a write takes its number once the file has it).
     written: AtomicU64,
     /// Held while flushing; the number of the last write known durable.
     durable: tokio::sync::Mutex<u64>,
 }
 
+/// Where the segment files live, inside the database directory.
+pub(crate) const WAL_DIR: &str = "raft-wal";
+
 impl LogStore {
-    pub(crate) fn new(handle: Arc<DbHandle>, log: sled::Tree, meta: sled::Tree) -> Self {
-        Self {
+    /// Opens the log in `dir`'s [`WAL_DIR`]. A log an older release kept in sled's `legacy`
+    /// tree is first copied into the files (synced), then the tree is dropped; a copy a crash
+    /// interrupted is started over, since the tree goes only once the copy is whole.
+    pub(crate) fn open(
+        handle: Arc<DbHandle>,
+        dir: &Path,
+        meta: sled::Tree,
+        legacy: Option<sled::Tree>,
+    ) -> Result<Self, StoreError> {
+        let last_purged: Option<LogId<NodeId>> = meta
+            .get(LAST_PURGED)?
+            .map(|v| decode("last purged log id", &v))
+            .transpose()?;
+        let floor = last_purged.map_or(0, |p| p.index.saturating_add(1));
+        let mut wal = Wal::open(&dir.join(WAL_DIR), super::wal::SEGMENT_BYTES, floor)?;
+        if let Some(tree) = legacy {
+            wal.clear()?;
+            let mut batch: Vec<(u64, sled::IVec)> = Vec::new();
+            for item in tree.range(floor.to_be_bytes()..) {
+                let (k, v) = item?;
+                batch.push((index_of(&k)?, v));
+                if batch.len() == 1024 {
+                    wal.append(batch.iter().map(|(i, v)| (*i, v.as_ref())))?;
+                    batch.clear();
+                }
+            }
+            wal.append(batch.iter().map(|(i, v)| (*i, v.as_ref())))?;
+            if let Some(file) = wal.active() {
+                file.sync_data()?;
+            }
+            let name = tree.name();
+            drop(tree);
+            handle.db.drop_tree(name)?;
+            handle.db.flush()?;
+        }
+        Ok(Self {
             handle,
-            log,
             meta,
+            wal: Arc::new(Mutex::new(wal)),
             flushes: Arc::default(),
             tail: Arc::default(),
-        }
+        })
+    }
+
+    fn wal(&self) -> MutexGuard<'_, Wal> {
+        // A failed write leaves the files as open would find them: a poisoned guard is usable.
+        self.wal.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn tail(&self) -> MutexGuard<'_, Tail> {
@@ -171,7 +219,14 @@ impl LogStore {
         }
         let covers = self.flushes.written.load(Ordering::SeqCst);
         let started = std::time::Instant::now();
-        self.handle.db.flush_async().await?;
+        // Taken after `covers`: a write counted there is in this file, or in one synced when
+        // the next segment was started.
+        let active = self.wal().active();
+        if let Some(file) = active {
+            tokio::task::spawn_blocking(move || file.sync_data())
+                .await
+                .map_err(std::io::Error::other)??;
+        }
         self.handle
             .timings
             .fsync
@@ -180,10 +235,15 @@ impl LogStore {
         Ok(())
     }
 
-    /// Makes every write made so far durable.
-    async fn flush(&self) -> Result<(), StoreError> {
-        let seq = self.written();
-        self.flush_upto(seq).await
+    /// Makes the vote, committed and purge points written so far durable.
+    async fn flush_meta(&self) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        self.handle.db.flush_async().await?;
+        self.handle
+            .timings
+            .fsync
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(
@@ -198,11 +258,19 @@ impl LogStore {
         self.read_meta(LAST_PURGED, "last purged log id")
     }
 
-    fn last_entry(&self) -> Result<Option<LogEntry>, StoreError> {
-        self.log
-            .last()?
-            .map(|(_, v)| decode("log entry", &v))
-            .transpose()
+    fn last_log_id(&self) -> Result<Option<LogId<NodeId>>, StoreError> {
+        if let Some(id) = self.tail().last_log_id() {
+            return Ok(Some(id));
+        }
+        let wal = self.wal();
+        let Some(last) = wal.last_index() else {
+            return Ok(None);
+        };
+        let mut bytes = wal.read_any(last)?;
+        drop(wal);
+        Ok(Some(
+            decode::<LogEntry>("log entry", &bytes.swap_remove(0))?.log_id,
+        ))
     }
 
     fn entries(&self, start: u64, end: Option<u64>) -> Result<Vec<LogEntry>, StoreError> {
@@ -211,30 +279,18 @@ impl LogStore {
                 return Ok(hit);
             }
         }
-        let mut out = Vec::new();
-        for item in self.log.range(start.to_be_bytes()..) {
-            let (k, v) = item?;
-            let index = index_of(&k)?;
-            if end.is_some_and(|end| index >= end) {
-                break;
-            }
-            out.push(decode::<LogEntry>("log entry", &v)?);
-        }
-        Ok(out)
-    }
-
-    /// Removes every entry with index `>= from` (`None` = up to the end) and `< to`.
-    fn remove_range(&self, from: u64, to: Option<u64>) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(from.to_be_bytes()..) {
-            let (k, _) = item?;
-            if to.is_some_and(|to| index_of(&k).is_ok_and(|i| i >= to)) {
-                break;
-            }
-            batch.remove(k);
-        }
-        self.log.apply_batch(batch)?;
-        Ok(())
+        let payloads = {
+            let wal = self.wal();
+            let Some((_, last)) = wal.bounds() else {
+                return Ok(Vec::new());
+            };
+            let end = end.map_or(last + 1, |end| end.min(last + 1));
+            wal.read(start, end)?
+        };
+        payloads
+            .iter()
+            .map(|p| decode::<LogEntry>("log entry", p))
+            .collect()
     }
 }
 
@@ -280,9 +336,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
         let last_purged_log_id = self.last_purged().map_err(read_err)?;
-        let last_log_id = match self.last_entry().map_err(read_err)? {
-            Some(e) => Some(e.log_id),
-            None => last_purged_log_id,
+        let last_log_id = match self.last_log_id().map_err(read_err)? {
+            Some(id) if last_purged_log_id.is_none_or(|p| id.index > p.index) => Some(id),
+            _ => last_purged_log_id,
         };
         Ok(LogState {
             last_purged_log_id,
@@ -297,7 +353,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
         let res: Result<(), StoreError> = async {
             self.meta.insert(VOTE, encode("vote", vote)?)?;
-            self.flush().await
+            self.flush_meta().await
         }
         .await;
         res.map_err(|e| StorageIOError::write_vote(AnyError::new(&e)).into())
@@ -338,28 +394,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let started = std::time::Instant::now();
-        let mut batch = sled::Batch::default();
-        let mut decoded = Vec::new();
+        let mut encoded = Vec::new();
         for entry in entries {
             let bytes = encode("log entry", &entry).map_err(write_err)?;
-            batch.insert(&entry.log_id.index.to_be_bytes(), bytes.as_slice());
-            decoded.push((entry, bytes.len()));
+            encoded.push((entry, bytes));
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| write_err(e.into()))?;
+        let seq = {
+            let mut wal = self.wal();
+            wal.append(encoded.iter().map(|(e, b)| (e.log_id.index, b.as_slice())))
+                .map_err(write_err)?;
+            self.written()
+        };
         {
             let mut tail = self.tail();
-            for (entry, size) in decoded {
-                tail.push(entry, size);
+            for (entry, bytes) in encoded {
+                tail.push(entry, bytes.len());
             }
         }
         // The entries are readable now (a leader's replication streams send them from here), but
-        // durable only once sled has flushed; only then is Raft told, through the callback, and
-        // only then may it count this node's ack. The flush runs in the background: a leader's
-        // core goes on (our openraft patch, `consensus/vendor/README.md`) while a follower's core
-        // waits for the callback before it answers. Flushes that overlap share sled's fsyncs.
-        let (store, seq) = (self.clone(), self.written());
+        // durable only once synced; only then is Raft told, through the callback, and only then
+        // may it count this node's ack. The sync runs in the background: a leader's core goes
+        // on (our openraft patch, `consensus/vendor/README.md`) while a follower's core waits
+        // for the callback before it answers. Appends that overlap share one sync.
+        let store = self.clone();
         tokio::spawn(async move {
             match store.flush_upto(seq).await {
                 Ok(()) => {
@@ -378,12 +435,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         self.tail().truncate(log_id.index);
-        let res: Result<(), StoreError> = async {
-            self.remove_range(log_id.index, None)?;
-            self.flush().await
-        }
-        .await;
-        res.map_err(write_err)
+        self.wal().truncate(log_id.index).map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
@@ -393,8 +445,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.tail().purge(log_id.index);
             self.meta
                 .insert(LAST_PURGED, encode("last purged log id", &log_id)?)?;
-            self.remove_range(0, log_id.index.checked_add(1))?;
-            self.flush().await
+            self.flush_meta().await?;
+            self.wal().purge(log_id.index)
         }
         .await;
         res.map_err(write_err)
@@ -458,5 +510,84 @@ mod tests {
         t.push(entry(TAIL_ENTRIES as u64 + 11), TAIL_BYTES);
         assert_eq!(t.entries.len(), 1, "one big entry evicts the rest");
         assert_eq!(t.bytes, TAIL_BYTES);
+    }
+}
+
+#[cfg(test)]
+mod migration {
+    use openraft::CommittedLeaderId;
+    use openraft::EntryPayload;
+
+    use super::*;
+
+    fn entry(index: u64) -> LogEntry {
+        openraft::Entry {
+            log_id: LogId::new(CommittedLeaderId::new(2, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    /// Writes a log the way releases before the segment files did: JSON entries in sled's
+    /// `raft_log` tree under big-endian indexes, the purge point in `raft_meta`.
+    fn legacy_log(dir: &Path, entries: std::ops::RangeInclusive<u64>, purged: Option<u64>) {
+        let db = sled::open(dir).unwrap();
+        let log = db.open_tree(super::super::LOG_TREE).unwrap();
+        for i in entries {
+            log.insert(i.to_be_bytes(), encode("log entry", &entry(i)).unwrap())
+                .unwrap();
+        }
+        let meta = db.open_tree(super::super::META_TREE).unwrap();
+        if let Some(p) = purged {
+            let id = LogId::new(CommittedLeaderId::new(2, 1), p);
+            meta.insert(LAST_PURGED, encode("last purged", &id).unwrap())
+                .unwrap();
+        }
+        meta.insert(VOTE, encode("vote", &Vote::new(2, 1)).unwrap())
+            .unwrap();
+        db.flush().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_sled_log_of_an_older_release_moves_into_the_segment_files() {
+        let dir = tempfile::tempdir().unwrap();
+        // Entries 1..=3 are at or below the purge point (a crash left them): not copied.
+        legacy_log(dir.path(), 1..=3000, Some(3));
+        let (mut log, _sm) = super::super::open(dir.path()).unwrap();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(3));
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(3000));
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(2, 1)));
+        let got = log.try_get_log_entries(0..).await.unwrap();
+        assert_eq!(
+            got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            (4..=3000).collect::<Vec<_>>()
+        );
+        let names = log.handle.db.tree_names();
+        assert!(
+            !names.iter().any(|n| n == super::super::LOG_TREE.as_bytes()),
+            "the sled log tree is dropped"
+        );
+        drop((log, _sm));
+
+        // Reopened: the files alone hold the log.
+        let (mut log, _sm) = super::super::open(dir.path()).unwrap();
+        let got = log.try_get_log_entries(2990..).await.unwrap();
+        assert_eq!(got.len(), 11);
+        assert_eq!(got[0], entry(2990));
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_migration_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        legacy_log(dir.path(), 0..=50, None);
+        // A crash mid-copy left part of the log in the files, the tree still whole.
+        {
+            let mut wal = Wal::open(&dir.path().join(WAL_DIR), 4096, 0).unwrap();
+            let bytes = encode("log entry", &entry(0)).unwrap();
+            wal.append([(0, bytes.as_slice())]).unwrap();
+        }
+        let (mut log, _sm) = super::super::open(dir.path()).unwrap();
+        let got = log.try_get_log_entries(0..).await.unwrap();
+        assert_eq!(got, (0..=50).map(entry).collect::<Vec<_>>());
     }
 }

@@ -21,6 +21,7 @@ mod log;
 mod sm;
 mod snapshot;
 mod tree;
+mod wal;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -173,8 +174,17 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
         db,
         timings: Timings::default(),
     });
-    let log = handle.db.open_tree(LOG_TREE)?;
     let meta = handle.db.open_tree(META_TREE)?;
+    let legacy_log = match handle
+        .db
+        .tree_names()
+        .iter()
+        .any(|n| n == LOG_TREE.as_bytes())
+    {
+        true => Some(handle.db.open_tree(LOG_TREE)?),
+        false => None,
+    };
+    let log = LogStore::open(handle.clone(), dir, meta, legacy_log)?;
     let migrated = legacy.is_some();
     let sm = StateMachineStore::load(handle.clone(), snap_dir, legacy)?;
     if migrated {
@@ -183,5 +193,5 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
         handle.db.remove(keys::SM_TREE_NAME)?;
         handle.db.flush()?;
     }
-    Ok((LogStore::new(handle, log, meta), sm))
+    Ok((log, sm))
 }
