@@ -1,4 +1,5 @@
-//! Ployz's Raft-replicated key-value store: openraft over sled.
+//! Ployz's Raft-replicated key-value store: openraft over our own log files, an in-memory
+//! state machine and snapshot files.
 //!
 //! # Data model ([`kv`])
 //!
@@ -11,7 +12,7 @@
 //! ([`kv::Expect::Revision`]) and create-if-absent ([`kv::Expect::Absent`]) preconditions.
 //! A refused op is a normal replicated outcome ([`kv::TxnResult::Rejected`]) that changes
 //! nothing. The rules are a pure function ([`kv::plan`]) from a read-only view to a list of
-//! mutations; the sled state machine only executes them.
+//! mutations; the state machine only executes them.
 //!
 //! A transaction may carry an idempotency key ([`kv::Txn::id`]): the state machine remembers
 //! the outcome of each id for ten minutes of proposer time, and a transaction whose id it
@@ -21,9 +22,10 @@
 //!
 //! # Durability invariant
 //!
-//! * A log append or vote is reported durable to Raft only after `sled::Db::flush_async`
-//!   returned, so an acknowledged entry survives a crash (sled alone would flush every 500 ms).
-//!   Appends are flushed in groups (one flush at a time, covering every append before it).
+//! * A log append is reported durable to Raft only after an `fdatasync` of its segment file
+//!   (`store/wal.rs`) that started after its write returned, a vote only after sled's flush,
+//!   so an acknowledged entry survives a crash. Appends are synced in groups (one sync at a
+//!   time, covering every append before it).
 //!   The leader sends AppendEntries while its own flush runs (openraft patched in
 //!   `consensus/vendor/openraft`), but counts itself towards the commit quorum only once that
 //!   flush is done; followers flush before they answer.
@@ -45,7 +47,7 @@
 //!
 //! # Layout
 //!
-//! [`kv`] (pure rules), [`store`] (the log in sled, the state machine in memory and snapshot
+//! [`kv`] (pure rules), [`store`] (the log in segment files, the state machine in memory and snapshot
 //! files, implementing openraft's v2 storage traits),
 //! [`network`] (length-prefixed JSON over TCP), [`Node`] (the facade the daemon uses).
 

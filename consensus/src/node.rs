@@ -61,7 +61,7 @@ pub struct NodeConfig {
     /// what [`Node::initialize_single`] or the leader's [`Node::add_learner`] were given, and
     /// peers dial that `addr`.
     pub node: PloyzNode,
-    /// The sled database lives here.
+    /// The store lives here: sled database, `raft-wal/` log segments, `raft-snapshots/`.
     pub dir: PathBuf,
     /// Snapshot policy (`SnapshotPolicy::LogsSinceLast`): build a snapshot once this many logs
     /// were applied since the last one; the log is then purged up to the snapshot, keeping

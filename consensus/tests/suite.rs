@@ -1,4 +1,4 @@
-//! openraft's storage conformance suite against the sled store.
+//! openraft's storage conformance suite against our store (segment-file log, in-memory state).
 
 use openraft::testing::StoreBuilder;
 use openraft::testing::Suite;

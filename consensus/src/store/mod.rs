@@ -1,11 +1,12 @@
-//! Storage implementing openraft's v2 storage traits: the log in sled, the state machine in
-//! memory, snapshot files.
+//! Storage implementing openraft's v2 storage traits: the log in segment files, the state
+//! machine in memory, snapshot files; sled for the few small records beside them.
 //!
-//! One sled database per node, two trees, and snapshot files beside it:
+//! In the store's directory:
 //!
-//! * `raft_log`: log entries keyed by big-endian `u64` index (JSON values);
-//! * `raft_meta`: `vote`, `last_purged`, `committed`;
-//! * the default tree: which file is the current snapshot;
+//! * `raft-wal/{first}.wal`: the Raft log's segment files (format and crash rules in
+//!   `store/wal.rs`);
+//! * sled's database: the `raft_meta` tree (`vote`, `last_purged`, `committed`) and, in the
+//!   default tree, which file is the current snapshot;
 //! * `raft-snapshots/{n}.snap`: snapshot files (format in `store/snapshot.rs`). Only the one
 //!   the default tree names is current; any other is an unfinished build or receive, removed
 //!   at open.
@@ -13,8 +14,10 @@
 //! The state machine (the key-value state, `last_applied`, `last_membership`; key layout in
 //! `store/keys.rs`) is held in memory (`store/tree.rs`) and loaded at open from the current
 //! snapshot; openraft re-applies the committed log after it. Releases before kept it in a sled
-//! tree (`state_machine`, or `state_machine.{n}` after an install, named in the default tree);
-//! the first open by this release writes that tree out as a snapshot and drops it.
+//! tree (`state_machine`, or `state_machine.{n}` after an install, named in the default tree),
+//! and the log in a sled tree (`raft_log`, JSON entries under big-endian indexes); the first
+//! open by this release writes the state tree out as a snapshot and copies the log into the
+//! segment files, then drops both trees.
 
 pub(crate) mod keys;
 mod log;
