@@ -98,6 +98,52 @@ pub struct Entry {
     pub op: EntryOp,
 }
 
+/// What the rules need of a key's latest entry to plan a write: not its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryMeta {
+    pub revision: u64,
+    /// The value's length in bytes.
+    pub value_len: u64,
+    pub op: EntryOp,
+}
+
+impl EntryMeta {
+    pub fn of(entry: &Entry) -> Self {
+        EntryMeta {
+            revision: entry.revision,
+            value_len: entry.value.len() as u64,
+            op: entry.op,
+        }
+    }
+
+    /// `true` for puts: the key holds a value.
+    pub fn is_live(&self) -> bool {
+        self.op == EntryOp::Put
+    }
+
+    /// `true` for delete and purge markers.
+    pub fn is_tombstone(&self) -> bool {
+        self.op != EntryOp::Put
+    }
+
+    /// Reads the meta of an [`Entry`] stored as JSON without decoding its (base64) value.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        #[derive(serde::Deserialize)]
+        struct Repr<'a> {
+            #[serde(borrow)]
+            value: std::borrow::Cow<'a, str>,
+            revision: u64,
+            op: EntryOp,
+        }
+        let r: Repr<'_> = serde_json::from_slice(bytes)?;
+        Ok(EntryMeta {
+            revision: r.revision,
+            value_len: base64_bytes::decoded_len(&r.value),
+            op: r.op,
+        })
+    }
+}
+
 impl Entry {
     /// `true` for delete and purge markers.
     pub fn is_tombstone(&self) -> bool {
@@ -430,8 +476,14 @@ pub(crate) mod base64_bytes {
         s.serialize_str(&STANDARD.encode(bytes))
     }
 
+    /// The length of what the (well-formed, standard alphabet) base64 text `s` decodes to.
+    pub fn decoded_len(s: &str) -> u64 {
+        let pad = s.bytes().rev().take_while(|&b| b == b'=').count();
+        ((s.len() - pad) * 3 / 4) as u64
+    }
+
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
         STANDARD
             .decode(s.as_bytes())
             .map_err(serde::de::Error::custom)

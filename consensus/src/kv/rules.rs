@@ -17,6 +17,7 @@ use super::AppliedTxn;
 use super::BucketConfig;
 use super::BucketState;
 use super::Entry;
+use super::EntryMeta;
 use super::EntryOp;
 use super::Expect;
 use super::KvEvent;
@@ -44,6 +45,12 @@ pub trait KvView {
 
     /// The key's latest entry (a put or a tombstone), if the key has any entry.
     fn latest(&self, bucket: &str, key: &str) -> Result<Option<Entry>, Self::Error>;
+
+    /// What planning a write needs of the key's latest entry. Views that store entries encoded
+    /// answer it without decoding the value.
+    fn latest_meta(&self, bucket: &str, key: &str) -> Result<Option<EntryMeta>, Self::Error> {
+        Ok(self.latest(bucket, key)?.as_ref().map(EntryMeta::of))
+    }
 
     /// Revisions of the key's stored entries, ascending (the last one is the latest).
     fn revisions(&self, bucket: &str, key: &str) -> Result<Vec<u64>, Self::Error>;
@@ -154,7 +161,7 @@ struct Output {
 
 #[derive(Debug, Clone, Default)]
 struct KeyState {
-    latest: Option<Entry>,
+    latest: Option<EntryMeta>,
     /// Revisions of the key's stored entries, ascending; `None` until a write needs them.
     revisions: Option<Vec<u64>>,
 }
@@ -190,7 +197,7 @@ impl<V: KvView> Overlay<'_, V> {
                 }
             } else {
                 KeyState {
-                    latest: self.view.latest(bucket, key)?,
+                    latest: self.view.latest_meta(bucket, key)?,
                     revisions: None,
                 }
             };
@@ -361,7 +368,7 @@ fn write_entry<V: KvView>(
     let previous = ks
         .latest
         .as_ref()
-        .map(|e| (e.revision, e.value.len() as u64, e.is_live()));
+        .map(|e| (e.revision, e.value_len, e.is_live()));
     let entry = Entry {
         bucket: w.bucket.to_string(),
         key: w.key.to_string(),
@@ -381,7 +388,7 @@ fn write_entry<V: KvView>(
         let excess = revisions.len() - limit;
         dropped.extend(revisions.drain(..excess));
     }
-    ks.latest = Some(entry.clone());
+    ks.latest = Some(EntryMeta::of(&entry));
 
     for old in dropped {
         out.mutations.push(Mutation::RemoveHistory {
@@ -406,7 +413,7 @@ fn write_entry<V: KvView>(
     Ok(Ok(revision))
 }
 
-fn check_expect(expect: Expect, latest: Option<&Entry>) -> Result<(), Rejection> {
+fn check_expect(expect: Expect, latest: Option<&EntryMeta>) -> Result<(), Rejection> {
     match expect {
         Expect::Any => Ok(()),
         Expect::Absent => match latest {

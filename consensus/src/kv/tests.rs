@@ -535,3 +535,25 @@ fn a_group_entry_cannot_be_decoded_by_a_binary_from_before_groups() {
     let old: PreGroupTxn = serde_json::from_str(&single).unwrap();
     assert_eq!((old.ops, old.now_ms, old.id), (a.ops, a.now_ms, a.id));
 }
+
+#[test]
+fn entry_meta_from_json_matches_the_decoded_entry() {
+    for len in 0..=13usize {
+        for op in [EntryOp::Put, EntryOp::Delete, EntryOp::Purge] {
+            let entry = Entry {
+                bucket: "b".into(),
+                key: "k\"\\é".into(),
+                value: (0..len).map(|i| (i * 37) as u8).collect(),
+                revision: 7 + len as u64,
+                created_ms: 1,
+                op,
+            };
+            let json = serde_json::to_vec(&entry).unwrap();
+            assert_eq!(
+                EntryMeta::from_json(&json).unwrap(),
+                EntryMeta::of(&entry),
+                "{len} bytes, {op:?}"
+            );
+        }
+    }
+}

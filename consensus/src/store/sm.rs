@@ -43,6 +43,7 @@ use crate::kv::AppliedTxn;
 use crate::kv::BucketInfo;
 use crate::kv::BucketState;
 use crate::kv::Entry;
+use crate::kv::EntryMeta;
 use crate::kv::KvEvent;
 use crate::kv::KvView;
 use crate::kv::Mutation;
@@ -1020,6 +1021,17 @@ impl KvView for TreeView<'_> {
     fn latest(&self, bucket: &str, key: &str) -> Result<Option<Entry>, StoreError> {
         self.get(&keys::latest(bucket, key))?
             .map(|v| decode("entry", &v))
+            .transpose()
+    }
+
+    fn latest_meta(&self, bucket: &str, key: &str) -> Result<Option<EntryMeta>, StoreError> {
+        self.get(&keys::latest(bucket, key))?
+            .map(|v| {
+                EntryMeta::from_json(&v).map_err(|source| StoreError::Decode {
+                    what: "entry",
+                    source,
+                })
+            })
             .transpose()
     }
 
