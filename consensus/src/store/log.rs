@@ -205,7 +205,7 @@ impl LogStore {
         self.tail.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Numbers a write sled already holds, for [`LogStore::flush_upto`].
+    /// Numbers a write the segment files already hold, for [`LogStore::flush_upto`].
     fn written(&self) -> u64 {
         self.flushes.written.fetch_add(1, Ordering::SeqCst) + 1
     }
