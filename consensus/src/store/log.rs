@@ -266,11 +266,9 @@ impl LogStore {
         let Some(last) = wal.last_index() else {
             return Ok(None);
         };
-        let mut bytes = wal.read_any(last)?;
+        let bytes = wal.read_any(last)?;
         drop(wal);
-        Ok(Some(
-            decode::<LogEntry>("log entry", &bytes.swap_remove(0))?.log_id,
-        ))
+        Ok(Some(decode::<LogEntry>("log entry", &bytes)?.log_id))
     }
 
     fn entries(&self, start: u64, end: Option<u64>) -> Result<Vec<LogEntry>, StoreError> {

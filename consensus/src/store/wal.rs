@@ -106,6 +106,14 @@ fn crc(index: u64, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
+/// A record header's `(len, crc, index)`; `h` holds at least [`HEADER`] bytes.
+fn header(h: &[u8]) -> (usize, u32, u64) {
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+    let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    let index = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+    (len as usize, crc, index)
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -198,13 +206,11 @@ impl Wal {
         let mut at = START as usize;
         let mut damaged = None;
         while at + HEADER <= bytes.len() {
-            let header = &bytes[at..at + HEADER];
-            if header.iter().all(|&b| b == 0) {
+            let head = &bytes[at..at + HEADER];
+            if head.iter().all(|&b| b == 0) {
                 break;
             }
-            let len = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default()) as usize;
-            let sum = u32::from_le_bytes(header[4..8].try_into().unwrap_or_default());
-            let index = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+            let (len, sum, index) = header(head);
             let expected = first + offsets.len() as u64;
             let body = at + HEADER;
             let problem = if len == 0 || body + len > bytes.len() {
@@ -255,7 +261,7 @@ impl Wal {
     /// The lowest readable index and the highest, if any record is readable.
     pub(crate) fn bounds(&self) -> Option<(u64, u64)> {
         let first = self.segments.first()?.first.max(self.floor);
-        let last = self.segments.iter().rev().find_map(Segment::last_index)?;
+        let last = self.last_index()?;
         (first <= last).then_some((first, last))
     }
 
@@ -411,12 +417,10 @@ impl Wal {
     }
 
     /// The payload of record `index`, purged or not.
-    pub(crate) fn read_any(&self, index: u64) -> Result<Vec<Vec<u8>>, StoreError> {
-        let out = self.read_raw(index, index.saturating_add(1))?;
-        if out.is_empty() {
-            return Err(StoreError::Corrupt(format!("log has no record {index}")));
-        }
-        Ok(out)
+    pub(crate) fn read_any(&self, index: u64) -> Result<Vec<u8>, StoreError> {
+        self.read_raw(index, index.saturating_add(1))?
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt(format!("log has no record {index}")))
     }
 
     fn read_raw(&self, start: u64, end: u64) -> Result<Vec<Vec<u8>>, StoreError> {
@@ -435,12 +439,10 @@ impl Wal {
             seg.file.read_exact_at(&mut bytes, from)?;
             let mut at = 0usize;
             for index in s..e {
-                let header = bytes
+                let head = bytes
                     .get(at..at + HEADER)
                     .ok_or_else(|| corrupt(&seg.path, format_args!("record {index} is cut")))?;
-                let len = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default()) as usize;
-                let sum = u32::from_le_bytes(header[4..8].try_into().unwrap_or_default());
-                let got = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+                let (len, sum, got) = header(head);
                 let payload = bytes
                     .get(at + HEADER..at + HEADER + len)
                     .ok_or_else(|| corrupt(&seg.path, format_args!("record {index} is cut")))?;
