@@ -483,7 +483,7 @@ pub(crate) mod base64_bytes {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        let s = String::deserialize(d)?;
         STANDARD
             .decode(s.as_bytes())
             .map_err(serde::de::Error::custom)
