@@ -509,21 +509,6 @@ mod tests {
         assert_eq!(t.entries.len(), 1, "one big entry evicts the rest");
         assert_eq!(t.bytes, TAIL_BYTES);
     }
-}
-
-#[cfg(test)]
-mod migration {
-    use openraft::CommittedLeaderId;
-    use openraft::EntryPayload;
-
-    use super::*;
-
-    fn entry(index: u64) -> LogEntry {
-        openraft::Entry {
-            log_id: LogId::new(CommittedLeaderId::new(2, 1), index),
-            payload: EntryPayload::Blank,
-        }
-    }
 
     /// Writes a log the way releases before the segment files did: JSON entries in sled's
     /// `raft_log` tree under big-endian indexes, the purge point in `raft_meta`.
@@ -536,7 +521,7 @@ mod migration {
         }
         let meta = db.open_tree(super::super::META_TREE).unwrap();
         if let Some(p) = purged {
-            let id = LogId::new(CommittedLeaderId::new(2, 1), p);
+            let id = LogId::new(CommittedLeaderId::new(1, 1), p);
             meta.insert(LAST_PURGED, encode("last purged", &id).unwrap())
                 .unwrap();
         }
