@@ -822,6 +822,10 @@ pub struct StoreStatus {
     /// replica cannot serve them (all of them on a compute machine).
     #[serde(default)]
     pub storage_peers: Vec<String>,
+    /// The storage machine whose change events this machine follows (a
+    /// machine without a replica of its own); none on a storage machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_from: Option<String>,
     /// Why the store could not be asked (then `network` and `machine` are
     /// this machine's last known copies).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -204,7 +204,7 @@ impl Daemon {
         );
         reg.register_with_unit(
             "ployz_store_fsync_duration",
-            "fsyncs of this machine's Raft log (sled flush)",
+            "fdatasyncs of this machine's Raft log segment files (and sled flushes of its vote and purge point)",
             prometheus_client::registry::Unit::Seconds,
             t.fsync,
         );

@@ -49,6 +49,16 @@ fn three_machines_join_by_invite_and_promote_to_three_replicas() {
         }
     }
     assert_eq!(ips.len(), 3, "distinct overlay IPs");
+    // Without a replica, a machine follows the founder's change events.
+    let relayed = eventually(Duration::from_secs(15), || {
+        let s = c.machines[1].ctl_json(&["mesh", "status"]);
+        (s["store"]["events_from"] == ids[0].as_str()).then_some(())
+    });
+    assert!(
+        relayed.is_some(),
+        "machine 1 never followed the founder's events: {}",
+        c.machines[1].ctl_json(&["mesh", "status"])
+    );
     c.promote_all();
     for m in &c.machines {
         for x in m.machines() {
@@ -56,6 +66,20 @@ fn three_machines_join_by_invite_and_promote_to_three_replicas() {
         }
         let s = m.ctl_json(&["mesh", "status"]);
         assert_eq!(s["network"]["storage_replicas"], 3);
+    }
+    // Once promoted, each has its own replica's events and drops the relay
+    // (a storage machine would otherwise send it every change, forever).
+    for m in &c.machines {
+        let dropped = eventually(Duration::from_secs(15), || {
+            try_invite(&c.machines[0]);
+            let s = m.ctl_json(&["mesh", "status"]);
+            s["store"]["events_from"].is_null().then_some(())
+        });
+        assert!(
+            dropped.is_some(),
+            "a promoted machine still relays events: {}",
+            m.ctl_json(&["mesh", "status"])
+        );
     }
     // Lifecycle commands work from any machine on any machine.
     let r = c.machines[2].ctl_json(&["machine", "drain", &ids[0]]);

@@ -39,13 +39,20 @@ impl Store {
             let (Some(secret), Some(file)) = (self.local.secret().get(), self.local.get()) else {
                 continue;
             };
-            for (_, addr) in file.storage_peers {
+            for (id, addr) in file.storage_peers {
                 let Ok(mut conn) =
                     peer::dial(&addr, peer::Service::Watch, &secret, &self.machine_id).await
                 else {
                     continue;
                 };
+                self.set_events_from(Some(id));
                 let _ = self.remote_events.send(KvEvent::Reset);
+                // A machine promoted to storage while relaying has its own replica's events
+                // from then on: stop relaying (the storage machine would otherwise send it
+                // every change for as long as the stream lives), checked at most once a second
+                // as events arrive (`recv` is not cancel-safe, so no timeout around it; an idle
+                // stream costs nothing).
+                let mut checked = tokio::time::Instant::now();
                 while let Ok(Some(frame)) = conn.recv().await {
                     match serde_json::from_slice::<KvEvent>(&frame) {
                         Ok(ev) => {
@@ -53,13 +60,32 @@ impl Store {
                         }
                         Err(_) => break,
                     }
+                    if checked.elapsed() >= Duration::from_secs(1) {
+                        if self.has_replica() {
+                            break;
+                        }
+                        checked = tokio::time::Instant::now();
+                    }
                 }
+                self.set_events_from(None);
                 let _ = self.remote_events.send(KvEvent::Reset);
                 if self.has_replica() {
                     break;
                 }
             }
         }
+    }
+
+    /// The storage machine whose events are relayed here, while they are.
+    pub(crate) fn events_from(&self) -> Option<String> {
+        self.events_from
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_events_from(&self, id: Option<String>) {
+        *self.events_from.lock().unwrap_or_else(|e| e.into_inner()) = id;
     }
 
     /// Wake `changed` on every change to `bucket` (from the local replica,

@@ -55,6 +55,8 @@ pub struct Store {
     /// Store change events relayed from a storage machine, for a machine
     /// without a replica of its own.
     remote_events: tokio::sync::broadcast::Sender<ployz_consensus::KvEvent>,
+    /// The storage machine `remote_events` are relayed from, while relaying.
+    events_from: std::sync::Mutex<Option<String>>,
     /// How long this machine's writes and reads took, end to end.
     latency: Latency,
 }
@@ -120,6 +122,7 @@ impl Store {
             node_id: cfg.node_id,
             local,
             remote_events,
+            events_from: std::sync::Mutex::default(),
             latency: Latency::new(),
         })
     }
@@ -472,6 +475,7 @@ impl Store {
                 .get()
                 .map(|f| f.storage_peers.into_iter().map(|(id, _)| id).collect())
                 .unwrap_or_default(),
+            events_from: self.events_from(),
             error: None,
         }
     }
