@@ -57,6 +57,8 @@ pub struct Store {
     remote_events: tokio::sync::broadcast::Sender<ployz_consensus::KvEvent>,
     /// The storage machine `remote_events` are relayed from, while relaying.
     events_from: std::sync::Mutex<Option<String>>,
+    /// Who [`Store::watch_bucket`] wakes, by bucket.
+    bucket_watchers: std::sync::Arc<events::BucketWatchers>,
     /// How long this machine's writes and reads took, end to end.
     latency: Latency,
 }
@@ -123,6 +125,7 @@ impl Store {
             local,
             remote_events,
             events_from: std::sync::Mutex::default(),
+            bucket_watchers: std::sync::Arc::default(),
             latency: Latency::new(),
         })
     }
