@@ -145,7 +145,23 @@ where
     /// Appropriate number of entries to send.
     /// This is only used by AppendEntries RPC.
     entries_hint: ReplicationHint,
+
+    /// Ployz patch: `committed` advanced past what the follower was last sent, and no RPC is
+    /// queued to carry it. See [`COMMIT_NOTICE_DELAY`].
+    commit_unsent: bool,
 }
+
+/// Ployz patch: how long a commit alone waits before it is sent in a heartbeat of its own.
+///
+/// 0.9.25 sends a heartbeat for every advance of `committed` when nothing else is queued. With
+/// one AppendEntries in flight per follower, that heartbeat then holds up the next write's
+/// entries for a whole round trip: under a client that writes one key after another, every
+/// write waited for the previous write's commit notice. Within this delay a new write's
+/// entries carry the commit index instead (every AppendEntries carries it); only when none
+/// comes is the heartbeat sent. Followers thus learn of a commit at most this much later; no
+/// write waits for that (a write is acknowledged by the leader, and linearizable reads are
+/// served by the leader), only a follower's local state, watches included, lags by it.
+pub(crate) const COMMIT_NOTICE_DELAY: Duration = Duration::from_millis(1);
 
 impl<C, N, LS> ReplicationCore<C, N, LS>
 where
@@ -198,6 +214,7 @@ where
             weak_tx_event: tx_event.downgrade(),
             next_action: None,
             entries_hint: Default::default(),
+            commit_unsent: false,
         };
 
         let join_handle = C::AsyncRuntime::spawn(this.main().instrument(span));
@@ -436,6 +453,9 @@ where
 
         let leader_time = C::now();
 
+        // Ployz patch: this request carries `committed` (see COMMIT_NOTICE_DELAY).
+        self.commit_unsent = false;
+
         // Build the heartbeat frame to be sent to the follower.
         let payload = AppendEntriesRequest {
             vote: self.session_id.vote_ref().clone(),
@@ -630,9 +650,25 @@ where
         // If there is next action to run, do not block waiting for events,
         // instead, just try the best to drain all events.
         if self.next_action.is_none() {
-            let event =
-                self.rx_event.recv().await.ok_or(ReplicationClosed::new("rx_repl is closed in drain_event()"))?;
-            self.process_event(event);
+            // Ployz patch: a commit waiting to be sent waits at most COMMIT_NOTICE_DELAY for
+            // entries to ride along with.
+            if self.commit_unsent {
+                let sleep = C::sleep(COMMIT_NOTICE_DELAY);
+                let recv = self.rx_event.recv();
+                select! {
+                    _ = sleep => {
+                        self.next_action = Some(Data::new_heartbeat());
+                    }
+                    recv_res = recv => {
+                        let event = recv_res.ok_or(ReplicationClosed::new("rx_repl is closed in drain_event()"))?;
+                        self.process_event(event);
+                    }
+                }
+            } else {
+                let event =
+                    self.rx_event.recv().await.ok_or(ReplicationClosed::new("rx_repl is closed in drain_event()"))?;
+                self.process_event(event);
+            }
         }
 
         // Returning from process_event(), next_action is never None.
@@ -679,9 +715,11 @@ where
 
                 self.committed = c;
 
-                // If there is no action, fill in an heartbeat action to send committed index.
+                // Ployz patch: if there is no action, the committed index is sent in the next
+                // AppendEntries, a heartbeat of its own if nothing else comes within
+                // COMMIT_NOTICE_DELAY (see `drain_events`).
                 if self.next_action.is_none() {
-                    self.next_action = Some(Data::new_heartbeat());
+                    self.commit_unsent = true;
                 }
             }
             Replicate::Heartbeat => {
