@@ -4,8 +4,6 @@ use std::fmt::Debug;
 use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::MutexGuard;
@@ -43,7 +41,7 @@ pub struct LogStore {
     handle: Arc<DbHandle>,
     meta: sled::Tree,
     wal: Arc<Mutex<Wal>>,
-    flushes: Arc<GroupFlush>,
+    syncer: Arc<SyncerHandle>,
     tail: Arc<Mutex<Tail>>,
 }
 
@@ -136,15 +134,101 @@ impl Tail {
     }
 }
 
-/// Group commit of the log's syncs: at most one `fdatasync` runs at a time, and a sync covers
-/// every write made before it started, so the writes that arrive while one sync runs share the
-/// next one.
+/// A sync's completion: told whether the writes before it are durable.
+type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// Group commit of the log's syncs, on a thread of its own: an append, once its records are in
+/// the files, queues what to do when they are durable; the thread takes everything queued,
+/// syncs the active segment once (a sync covers every write made before it started, and a
+/// segment is synced before the next one is started), and completes all of it. Appends that
+/// arrive while one sync runs thus share the next one. A thread rather than a task per append:
+/// the sync is one handoff from the appender, with no async task and blocking-pool thread in
+/// between, which a follower pays on every AppendEntries it answers.
+struct Syncer {
+    queue: Mutex<SyncQueue>,
+    ready: std::sync::Condvar,
+}
+
 #[derive(Default)]
-struct GroupFlush {
-    /// Writes made so far (a write takes its number once the file has it).
-    written: AtomicU64,
-    /// Held while flushing; the number of the last write known durable.
-    durable: tokio::sync::Mutex<u64>,
+struct SyncQueue {
+    waiting: Vec<Done>,
+    closed: bool,
+}
+
+impl Syncer {
+    fn queue(&self) -> MutexGuard<'_, SyncQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn submit(&self, done: Done) {
+        self.queue().waiting.push(done);
+        self.ready.notify_one();
+    }
+
+    /// The thread's loop: until closed and drained.
+    fn run(&self, wal: &Mutex<Wal>, fsync: &prometheus_client::metrics::histogram::Histogram) {
+        loop {
+            let waiting = {
+                let mut q = self.queue();
+                while q.waiting.is_empty() && !q.closed {
+                    q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+                if q.waiting.is_empty() {
+                    return;
+                }
+                std::mem::take(&mut q.waiting)
+            };
+            let started = std::time::Instant::now();
+            // Taken after the queue: every write whose completion was queued is in this file,
+            // or in one synced when the next segment was started.
+            let active = wal.lock().unwrap_or_else(|e| e.into_inner()).active();
+            let res = match active {
+                Some(file) => file.sync_data().map_err(|e| e.to_string()),
+                None => Ok(()),
+            };
+            fsync.observe(started.elapsed().as_secs_f64());
+            for done in waiting {
+                done(res.clone());
+            }
+        }
+    }
+}
+
+/// Owns the [`Syncer`]'s thread: dropping the last clone of the log store closes the queue and
+/// waits for the thread, which completes what was queued first.
+struct SyncerHandle {
+    syncer: Arc<Syncer>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SyncerHandle {
+    fn start(
+        wal: Arc<Mutex<Wal>>,
+        fsync: prometheus_client::metrics::histogram::Histogram,
+    ) -> Result<Self, StoreError> {
+        let syncer = Arc::new(Syncer {
+            queue: Mutex::default(),
+            ready: std::sync::Condvar::new(),
+        });
+        let s = syncer.clone();
+        let thread = std::thread::Builder::new()
+            .name("raft-log-sync".into())
+            .spawn(move || s.run(&wal, &fsync))?;
+        Ok(SyncerHandle {
+            syncer,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for SyncerHandle {
+    fn drop(&mut self) {
+        self.syncer.queue().closed = true;
+        self.syncer.ready.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Where the segment files live, inside the database directory.
@@ -186,11 +270,16 @@ impl LogStore {
             handle.db.drop_tree(name)?;
             handle.db.flush()?;
         }
+        let wal = Arc::new(Mutex::new(wal));
+        let syncer = Arc::new(SyncerHandle::start(
+            wal.clone(),
+            handle.timings.fsync.clone(),
+        )?);
         Ok(Self {
             handle,
             meta,
-            wal: Arc::new(Mutex::new(wal)),
-            flushes: Arc::default(),
+            wal,
+            syncer,
             tail: Arc::default(),
         })
     }
@@ -203,36 +292,6 @@ impl LogStore {
     fn tail(&self) -> MutexGuard<'_, Tail> {
         // Every change to the tail completes before its guard drops: a poisoned one is whole.
         self.tail.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Numbers a write the segment files already hold, for [`LogStore::flush_upto`].
-    fn written(&self) -> u64 {
-        self.flushes.written.fetch_add(1, Ordering::SeqCst) + 1
-    }
-
-    /// Returns once write number `seq` is durable: at once when a flush that started after it
-    /// has completed, else after a flush of its own (one at a time).
-    async fn flush_upto(&self, seq: u64) -> Result<(), StoreError> {
-        let mut durable = self.flushes.durable.lock().await;
-        if *durable >= seq {
-            return Ok(());
-        }
-        let covers = self.flushes.written.load(Ordering::SeqCst);
-        let started = std::time::Instant::now();
-        // Taken after `covers`: a write counted there is in this file, or in one synced when
-        // the next segment was started.
-        let active = self.wal().active();
-        if let Some(file) = active {
-            tokio::task::spawn_blocking(move || file.sync_data())
-                .await
-                .map_err(std::io::Error::other)??;
-        }
-        self.handle
-            .timings
-            .fsync
-            .observe(started.elapsed().as_secs_f64());
-        *durable = covers;
-        Ok(())
     }
 
     /// Makes the vote, committed and purge points written so far durable.
@@ -397,12 +456,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let bytes = encode("log entry", &entry).map_err(write_err)?;
             encoded.push((entry, bytes));
         }
-        let seq = {
+        {
             let mut wal = self.wal();
             wal.append(encoded.iter().map(|(e, b)| (e.log_id.index, b.as_slice())))
                 .map_err(write_err)?;
-            self.written()
-        };
+        }
         {
             let mut tail = self.tail();
             for (entry, bytes) in encoded {
@@ -411,23 +469,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // The entries are readable now (a leader's replication streams send them from here), but
         // durable only once synced; only then is Raft told, through the callback, and only then
-        // may it count this node's ack. The sync runs in the background: a leader's core goes
-        // on (our openraft patch, `consensus/vendor/README.md`) while a follower's core waits
-        // for the callback before it answers. Appends that overlap share one sync.
-        let store = self.clone();
-        tokio::spawn(async move {
-            match store.flush_upto(seq).await {
-                Ok(()) => {
-                    store
-                        .handle
-                        .timings
-                        .append
-                        .observe(started.elapsed().as_secs_f64());
-                    callback.log_io_completed(Ok(()));
-                }
-                Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+        // may it count this node's ack. The sync runs on the syncer's thread: a leader's core
+        // goes on (our openraft patch, `consensus/vendor/README.md`) while a follower's core
+        // waits for the callback before it answers. Appends that overlap share one sync.
+        let append = self.handle.timings.append.clone();
+        self.syncer.syncer.submit(Box::new(move |res| match res {
+            Ok(()) => {
+                append.observe(started.elapsed().as_secs_f64());
+                callback.log_io_completed(Ok(()));
             }
-        });
+            Err(e) => callback.log_io_completed(Err(std::io::Error::other(e))),
+        }));
         Ok(())
     }
 
@@ -528,6 +580,29 @@ mod tests {
         meta.insert(VOTE, encode("vote", &Vote::new(2, 1)).unwrap())
             .unwrap();
         db.flush().unwrap();
+    }
+
+    #[test]
+    fn the_syncer_completes_every_append_once_in_order_also_when_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), super::super::wal::SEGMENT_BYTES, 0).unwrap();
+        let wal = Arc::new(Mutex::new(wal));
+        let fsync = prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 4),
+        );
+        let syncer = SyncerHandle::start(wal.clone(), fsync).unwrap();
+        let done = Arc::new(Mutex::new(Vec::new()));
+        for i in 1..=200u64 {
+            wal.lock().unwrap().append([(i, b"x".as_slice())]).unwrap();
+            let done = done.clone();
+            syncer.syncer.submit(Box::new(move |res| {
+                assert_eq!(res, Ok(()));
+                done.lock().unwrap().push(i);
+            }));
+        }
+        // Dropped with completions still queued: the thread syncs and completes them first.
+        drop(syncer);
+        assert_eq!(*done.lock().unwrap(), (1..=200).collect::<Vec<_>>());
     }
 
     #[tokio::test]
