@@ -8,7 +8,10 @@
 # Standard clients only: async-nats JetStream KV against ployzd machine 1 (the founder, the
 # Raft leader), etcd's v3 gRPC API against the etcd leader. 128-byte values, each client on its
 # own connection, puts for SECS then linearizable gets for SECS/2 (benches/src/bin/kvbench.rs).
-# Prints every run, then medians per client count and the ratio ployzd/etcd.
+# Prints every run, then medians per client count and the ratio ployzd/etcd, and what a put
+# costs the servers: CPU µs and context switches per put, summed over the three ployzd
+# processes or the three etcd members during the put phase (kvbench, KVBENCH_PIDS). On this
+# shared 2-CPU box latency moves with the neighbours' load; the cost per put hardly does.
 # Needs root (namespaces) and etcd-server (installed here with apt if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,12 +70,14 @@ export NATS_USER NATS_PASSWORD
 NATS_USER=$(field user)
 NATS_PASSWORD=$(field password)
 
-echo "# system clients puts/s put_p50_us put_p99_us gets/s get_p50_us get_p99_us" | tee "$OUT"
+ployzd_pids=$(cat /var/lib/ployz-local/m{1,2,3}.pid | paste -sd,)
+etcd_pid_list=$(IFS=,; echo "${etcd_pids[*]}")
+echo "# system clients puts/s put_p50_us put_p99_us gets/s get_p50_us get_p99_us cpu_us_per_put switches_per_put" | tee "$OUT"
 for run in $(seq "$RUNS"); do
   for n in $CLIENTS; do
     ./scripts/local-cluster sh 1 env NATS_USER="$NATS_USER" NATS_PASSWORD="$NATS_PASSWORD" \
-      "$BIN/kvbench" nats "$nats_server" "$n" "$SECS" | tee -a "$OUT"
-    "$BIN/kvbench" etcd "$etcd_leader" "$n" "$SECS" | tee -a "$OUT"
+      KVBENCH_PIDS="$ployzd_pids" "$BIN/kvbench" nats "$nats_server" "$n" "$SECS" | tee -a "$OUT"
+    KVBENCH_PIDS="$etcd_pid_list" "$BIN/kvbench" etcd "$etcd_leader" "$n" "$SECS" | tee -a "$OUT"
   done
 done
 
@@ -83,7 +88,7 @@ import statistics, sys
 rows = [l.split() for l in open(sys.argv[1]) if not l.startswith('#') and l.strip()]
 by = {}
 for r in rows:
-    by.setdefault((r[0], int(r[1])), []).append([float(x) for x in r[2:]])
+    by.setdefault((r[0], int(r[1])), []).append([float('nan') if x == '-' else float(x) for x in r[2:]])
 def med(k):
     runs = by.get(k, [])
     return [statistics.median(c) for c in zip(*runs)] if runs else None
@@ -93,4 +98,12 @@ for n in sorted({k[1] for k in by}):
     if not p or not e:
         continue
     print(f"{n:>7} | {p[0]:>13.0f} {p[1]:>7.0f} {p[2]:>7.0f} {p[4]:>7.0f} | {e[0]:>11.0f} {e[1]:>7.0f} {e[2]:>7.0f} {e[4]:>7.0f} | {p[0]/e[0]:>6.2f} {p[1]/e[1]:>6.2f}")
+print()
+print("servers' cost per put, medians (CPU µs and context switches, all three processes)")
+print(f"{'clients':>7} | {'ployzd cpu µs':>13} {'switches':>8} | {'etcd cpu µs':>11} {'switches':>8} | {'cpu ×':>6}")
+for n in sorted({k[1] for k in by}):
+    p, e = med(('nats', n)), med(('etcd', n))
+    if not p or not e or len(p) < 8 or len(e) < 8:
+        continue
+    print(f"{n:>7} | {p[6]:>13.0f} {p[7]:>8.1f} | {e[6]:>11.0f} {e[7]:>8.1f} | {p[6]/e[6]:>6.2f}")
 PY

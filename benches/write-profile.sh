@@ -22,8 +22,11 @@ TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 BIN=$TARGET/x86_64-unknown-linux-musl/release
 WORK=$(mktemp -d /tmp/ployz-write-profile.XXXXXX)
 
-cargo build --locked --release -p ployzd -p ployzctl
-cargo build --locked --release -p ployz-benches --bin kvbench
+# NO_BUILD=1 profiles the binaries already in $BIN (A/B of two builds, each in its own target dir).
+if [ "${NO_BUILD:-}" != 1 ]; then
+  cargo build --locked --release -p ployzd -p ployzctl
+  cargo build --locked --release -p ployz-benches --bin kvbench
+fi
 
 cleanup() {
   rm -rf "$WORK"

@@ -654,6 +654,7 @@ impl Node {
             source,
         })?;
         let probe = network.clone();
+        log.set_node_id(cfg.node_id);
         let raft = Raft::new(cfg.node_id, Arc::new(config), network, log, sm.clone())
             .await
             .map_err(|f| OpenError::Raft(Box::new(f)))?;

@@ -5,7 +5,12 @@
 //!                                         (credentials in NATS_USER / NATS_PASSWORD)
 //!   kvbench etcd HOST:PORT CLIENTS SECS   etcd v3 gRPC (KV/Put, KV/Range, linearizable)
 //!
-//! Output (one line): `system clients puts/s put_p50_us put_p99_us gets/s get_p50_us get_p99_us`.
+//! Output (one line): `system clients puts/s put_p50_us put_p99_us gets/s get_p50_us get_p99_us
+//! cpu_us_per_put switches_per_put`. The last two are the servers' cost of a put, summed over
+//! the processes listed in `KVBENCH_PIDS` (comma-separated) during the put phase: CPU time
+//! (user + system, from `/proc/PID/stat`) and context switches (voluntary and not, of every
+//! thread, from `/proc/PID/task/*/status`); `-` without `KVBENCH_PIDS`. Unlike latency, they
+//! hardly move with the load of a shared, noisy box.
 //! Values are 128 bytes; client `c` writes keys `c{c}-{0..19}` round robin.
 
 use std::time::Duration;
@@ -151,6 +156,42 @@ async fn connect(system: &str, target: &str, first: bool) -> Result<Conn, Error>
     }
 }
 
+/// CPU time in µs and context switches so far of `pids`, all threads; threads that already
+/// exited count only in the CPU time.
+fn server_cost(pids: &[u32]) -> Result<(f64, u64), Error> {
+    // /proc reports CPU time in USER_HZ ticks, 100 per second on Linux.
+    const TICK_US: f64 = 10_000.0;
+    let (mut cpu_us, mut switches) = (0.0, 0u64);
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // The fields after the command name (which may hold spaces) start with the state.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| -> Result<f64, Error> {
+            Ok(fields
+                .get(i)
+                .ok_or_else(|| format!("/proc/{pid}/stat has no field {}", i + 3))?
+                .parse::<f64>()?)
+        };
+        // utime and stime: fields 14 and 15 of the line.
+        cpu_us += (ticks(11)? + ticks(12)?) * TICK_US;
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+                continue; // the thread exited meanwhile
+            };
+            for line in status.lines() {
+                if let Some(v) = line
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    switches += v.trim().parse::<u64>()?;
+                }
+            }
+        }
+    }
+    Ok((cpu_us, switches))
+}
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -220,10 +261,29 @@ async fn main() -> Result<(), Error> {
     while let Some(res) = fill.join_next().await {
         res??;
     }
+    let pids: Vec<u32> = match std::env::var("KVBENCH_PIDS") {
+        Ok(list) => list
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(|p| p.trim().parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("KVBENCH_PIDS must be comma-separated process ids: {e}"))?,
+        Err(_) => Vec::new(),
+    };
+    let before = server_cost(&pids)?;
     let (puts, put_secs) = phase(&conns, secs, false).await?;
+    let after = server_cost(&pids)?;
+    let cost = match (pids.is_empty(), puts.len()) {
+        (false, n) if n > 0 => format!(
+            "{:.0} {:.1}",
+            (after.0 - before.0) / n as f64,
+            after.1.saturating_sub(before.1) as f64 / n as f64
+        ),
+        _ => "- -".to_string(),
+    };
     let (gets, get_secs) = phase(&conns, secs / 2.0, true).await?;
     println!(
-        "{system} {clients} {:.0} {} {} {:.0} {} {}",
+        "{system} {clients} {:.0} {} {} {:.0} {} {} {cost}",
         puts.len() as f64 / put_secs,
         percentile(&puts, 0.5),
         percentile(&puts, 0.99),

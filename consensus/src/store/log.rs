@@ -43,6 +43,9 @@ pub struct LogStore {
     wal: Arc<Mutex<Wal>>,
     syncer: Arc<SyncerHandle>,
     tail: Arc<Mutex<Tail>>,
+    /// This node's Raft id, once known ([`LogStore::set_node_id`]): entries another node's
+    /// leadership made are a follower's, whose sync may run inline.
+    me: Arc<std::sync::OnceLock<NodeId>>,
 }
 
 /// Entries kept decoded in [`Tail`] at most, and their encoded bytes at most.
@@ -144,14 +147,24 @@ type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
 /// arrive while one sync runs thus share the next one. A thread rather than a task per append:
 /// the sync is one handoff from the appender, with no async task and blocking-pool thread in
 /// between, which a follower pays on every AppendEntries it answers.
+///
+/// A follower's append that finds nothing queued or syncing is synced on the caller's thread
+/// instead ([`Syncer::try_inline`]): its core waits for that sync before it answers the
+/// leader anyway, and two thread wake-ups (to the syncer and back) cost more than the
+/// handoff saves.
 struct Syncer {
     queue: Mutex<SyncQueue>,
     ready: std::sync::Condvar,
+    wal: Arc<Mutex<Wal>>,
+    fsync: prometheus_client::metrics::histogram::Histogram,
 }
 
 #[derive(Default)]
 struct SyncQueue {
     waiting: Vec<Done>,
+    /// A sync and its completions are running (on the thread or inline). Completions run in
+    /// the order their writes were made: one sync with its completions at a time.
+    busy: bool,
     closed: bool,
 }
 
@@ -165,31 +178,59 @@ impl Syncer {
         self.ready.notify_one();
     }
 
+    /// Syncs the active segment: every write made before this call is durable when it
+    /// returns `Ok`.
+    fn sync(&self) -> Result<(), String> {
+        let started = std::time::Instant::now();
+        let active = self.wal.lock().unwrap_or_else(|e| e.into_inner()).active();
+        let res = match active {
+            Some(file) => file.sync_data().map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        self.fsync.observe(started.elapsed().as_secs_f64());
+        res
+    }
+
+    /// Syncs and completes `done` on the caller's thread when no sync is queued or running;
+    /// gives `done` back otherwise (queue it: it must complete after those).
+    fn try_inline(&self, done: Done) -> Option<Done> {
+        {
+            let mut q = self.queue();
+            if q.busy || q.closed || !q.waiting.is_empty() {
+                return Some(done);
+            }
+            q.busy = true;
+        }
+        done(self.sync());
+        let mut q = self.queue();
+        q.busy = false;
+        if !q.waiting.is_empty() || q.closed {
+            self.ready.notify_one();
+        }
+        None
+    }
+
     /// The thread's loop: until closed and drained.
-    fn run(&self, wal: &Mutex<Wal>, fsync: &prometheus_client::metrics::histogram::Histogram) {
+    fn run(&self) {
         loop {
             let waiting = {
                 let mut q = self.queue();
-                while q.waiting.is_empty() && !q.closed {
+                while q.busy || (q.waiting.is_empty() && !q.closed) {
                     q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
                 if q.waiting.is_empty() {
                     return;
                 }
+                q.busy = true;
                 std::mem::take(&mut q.waiting)
             };
-            let started = std::time::Instant::now();
-            // Taken after the queue: every write whose completion was queued is in this file,
-            // or in one synced when the next segment was started.
-            let active = wal.lock().unwrap_or_else(|e| e.into_inner()).active();
-            let res = match active {
-                Some(file) => file.sync_data().map_err(|e| e.to_string()),
-                None => Ok(()),
-            };
-            fsync.observe(started.elapsed().as_secs_f64());
+            // Synced after the queue was taken: every write whose completion was queued is in
+            // the active file, or in one synced when the next segment was started.
+            let res = self.sync();
             for done in waiting {
                 done(res.clone());
             }
+            self.queue().busy = false;
         }
     }
 }
@@ -209,11 +250,13 @@ impl SyncerHandle {
         let syncer = Arc::new(Syncer {
             queue: Mutex::default(),
             ready: std::sync::Condvar::new(),
+            wal,
+            fsync,
         });
         let s = syncer.clone();
         let thread = std::thread::Builder::new()
             .name("raft-log-sync".into())
-            .spawn(move || s.run(&wal, &fsync))?;
+            .spawn(move || s.run())?;
         Ok(SyncerHandle {
             syncer,
             thread: Some(thread),
@@ -281,7 +324,14 @@ impl LogStore {
             wal,
             syncer,
             tail: Arc::default(),
+            me: Arc::default(),
         })
+    }
+
+    /// Tells the log which Raft node it belongs to (once; later calls change nothing). Until
+    /// then every sync runs on the syncer's thread.
+    pub(crate) fn set_node_id(&self, id: NodeId) {
+        let _ = self.me.set(id);
     }
 
     fn wal(&self) -> MutexGuard<'_, Wal> {
@@ -452,7 +502,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let started = std::time::Instant::now();
         let mut encoded = Vec::new();
+        let mut leader = None;
         for entry in entries {
+            leader = Some(entry.log_id.leader_id.node_id);
             let bytes = encode("log entry", &entry).map_err(write_err)?;
             encoded.push((entry, bytes));
         }
@@ -469,17 +521,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // The entries are readable now (a leader's replication streams send them from here), but
         // durable only once synced; only then is Raft told, through the callback, and only then
-        // may it count this node's ack. The sync runs on the syncer's thread: a leader's core
-        // goes on (our openraft patch, `consensus/vendor/README.md`) while a follower's core
-        // waits for the callback before it answers. Appends that overlap share one sync.
+        // may it count this node's ack. A leader's sync runs on the syncer's thread: its core
+        // goes on to send the entries (our openraft patch, `consensus/vendor/README.md`).
+        // A follower's core waits for the callback before it answers, so its sync runs right
+        // here when none is queued or running. Appends that overlap share one sync.
         let append = self.handle.timings.append.clone();
-        self.syncer.syncer.submit(Box::new(move |res| match res {
+        let done: Done = Box::new(move |res| match res {
             Ok(()) => {
                 append.observe(started.elapsed().as_secs_f64());
                 callback.log_io_completed(Ok(()));
             }
             Err(e) => callback.log_io_completed(Err(std::io::Error::other(e))),
-        }));
+        });
+        let follower = matches!((leader, self.me.get()), (Some(l), Some(me)) if l != *me);
+        let queued = match follower {
+            true => self.syncer.syncer.try_inline(done),
+            false => Some(done),
+        };
+        if let Some(done) = queued {
+            self.syncer.syncer.submit(done);
+        }
         Ok(())
     }
 
@@ -603,6 +664,48 @@ mod tests {
         // Dropped with completions still queued: the thread syncs and completes them first.
         drop(syncer);
         assert_eq!(*done.lock().unwrap(), (1..=200).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn an_inline_sync_runs_only_when_nothing_is_queued_and_keeps_the_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), super::super::wal::SEGMENT_BYTES, 0).unwrap();
+        let wal = Arc::new(Mutex::new(wal));
+        let fsync = prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 4),
+        );
+        let syncer = SyncerHandle::start(wal.clone(), fsync).unwrap();
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let completion = |i: u64| -> Done {
+            let done = done.clone();
+            Box::new(move |res| {
+                assert_eq!(res, Ok(()));
+                done.lock().unwrap().push(i);
+            })
+        };
+        // Idle: synced and completed before `try_inline` returns, on this thread.
+        wal.lock().unwrap().append([(1, b"x".as_slice())]).unwrap();
+        assert!(syncer.syncer.try_inline(completion(1)).is_none());
+        assert_eq!(*done.lock().unwrap(), vec![1]);
+        // Something queued: handed back, to be queued behind it.
+        {
+            let mut q = syncer.syncer.queue();
+            q.busy = true; // hold the thread off while we queue
+        }
+        wal.lock().unwrap().append([(2, b"x".as_slice())]).unwrap();
+        syncer.syncer.submit(completion(2));
+        wal.lock().unwrap().append([(3, b"x".as_slice())]).unwrap();
+        let back = syncer.syncer.try_inline(completion(3));
+        assert!(back.is_some(), "a busy syncer must not be bypassed");
+        syncer.syncer.submit(back.unwrap());
+        {
+            let mut q = syncer.syncer.queue();
+            q.busy = false;
+            assert_eq!(q.waiting.len(), 2);
+        }
+        syncer.syncer.ready.notify_one();
+        drop(syncer);
+        assert_eq!(*done.lock().unwrap(), vec![1, 2, 3]);
     }
 
     #[tokio::test]
