@@ -363,9 +363,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ = leave.changed() => { tracing::warn!("removed from the network: stopping and deleting this machine's state"); true }
     };
     let _ = stop_tx.send(true);
+    let stopping = std::time::Instant::now();
     let _ = server.await;
     let _ = peers.await;
     let _ = background.await;
+    tracing::info!(elapsed = ?stopping.elapsed(), "servers and background tasks stopped");
     for task in [metrics, ui].into_iter().flatten() {
         task.abort();
     }

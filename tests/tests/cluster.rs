@@ -432,7 +432,11 @@ fn removing_a_storage_machine_from_a_compute_machine_changes_the_voter_set() {
     // Machine 3 holds no replica: the voter change must run on the leader.
     let r = c.machines[3].ctl_json(&["machine", "rm", &ids[2]]);
     assert_eq!(r["left_storage"], true, "{r}");
-    assert!(c.machines[2].wait_exit(Duration::from_secs(10)).is_some());
+    assert!(
+        c.machines[2].wait_exit(Duration::from_secs(10)).is_some(),
+        "the removed machine did not exit; its log:\n{}",
+        c.machines[2].log()
+    );
     let s = c.machines[0].ctl_json(&["mesh", "status"]);
     let voters = s["store"]["voters"].as_array().unwrap();
     assert_eq!(voters.len(), 2, "{s}");

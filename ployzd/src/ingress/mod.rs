@@ -93,8 +93,15 @@ impl Ingress {
             .collect();
         let resolver = tokio::spawn(self.clone().serve_dns());
         loop {
-            self.refresh().await;
+            // A refresh waits on the store (up to its timeout, again after each change while
+            // the store has no leader, as on a machine just removed): a stop must not wait.
             tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                _ = self.refresh() => {}
+            }
+            tokio::select! {
+                biased;
                 _ = stop.changed() => break,
                 _ = changed.notified() => {
                     // Let a burst of changes (a deploy) settle into one pass.
