@@ -643,8 +643,8 @@ mod tests {
         db.flush().unwrap();
     }
 
-    #[test]
-    fn the_syncer_completes_every_append_once_in_order_also_when_closed() {
+    /// An empty log in a temporary directory and its syncer thread.
+    fn syncer_on_a_fresh_log() -> (tempfile::TempDir, Arc<Mutex<Wal>>, SyncerHandle) {
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(dir.path(), super::super::wal::SEGMENT_BYTES, 0).unwrap();
         let wal = Arc::new(Mutex::new(wal));
@@ -652,6 +652,12 @@ mod tests {
             prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 4),
         );
         let syncer = SyncerHandle::start(wal.clone(), fsync).unwrap();
+        (dir, wal, syncer)
+    }
+
+    #[test]
+    fn the_syncer_completes_every_append_once_in_order_also_when_closed() {
+        let (_dir, wal, syncer) = syncer_on_a_fresh_log();
         let done = Arc::new(Mutex::new(Vec::new()));
         for i in 1..=200u64 {
             wal.lock().unwrap().append([(i, b"x".as_slice())]).unwrap();
@@ -668,13 +674,7 @@ mod tests {
 
     #[test]
     fn an_inline_sync_runs_only_when_nothing_is_queued_and_keeps_the_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(dir.path(), super::super::wal::SEGMENT_BYTES, 0).unwrap();
-        let wal = Arc::new(Mutex::new(wal));
-        let fsync = prometheus_client::metrics::histogram::Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 4),
-        );
-        let syncer = SyncerHandle::start(wal.clone(), fsync).unwrap();
+        let (_dir, wal, syncer) = syncer_on_a_fresh_log();
         let done = Arc::new(Mutex::new(Vec::new()));
         let completion = |i: u64| -> Done {
             let done = done.clone();
